@@ -1,0 +1,1 @@
+"""gradlab's benchmark suites (a repository folder, not installed). Run ``python -m benchmarks``."""

@@ -1,0 +1,1 @@
+"""Benchmark suites: each module defines ``SUITE = benchmarks._core.Suite(...)``."""

@@ -1,0 +1,1 @@
+"""gradlab.hooks (see ../shared/API.md)."""

@@ -1,0 +1,1 @@
+"""gradlab.penalties (see ../shared/API.md)."""

@@ -1,0 +1,89 @@
+"""The benchmark machinery itself: a tiny suite runs, the JSON has the documented schema, --list,
+--suite and compare work. The real suites are not timed here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import _cli
+from benchmarks._core import Context, Suite, Table, peak_memory, time_interleaved
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tiny_suite() -> Suite:
+    def run(ctx: Context) -> list[Table]:
+        x = torch.randn(8, device=ctx.device)
+        timings, ratios = time_interleaved(
+            {"sum": lambda: x.sum(), "mul": lambda: x * 2}, ctx=ctx, number=5, rounds=2
+        )
+        t = Table("tiny", ["variant", "median_s", "ratio_vs_sum"])
+        for name in timings:
+            t.add(variant=name, median_s=timings[name].median, ratio_vs_sum=ratios[name])
+        return [t]
+
+    return Suite(name="tiny", description="a tiny test suite", run=run)
+
+
+@pytest.fixture()
+def tiny(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_cli, "discover", lambda: {"tiny": _tiny_suite()})
+
+
+def test_tiny_suite_writes_documented_schema(tiny: None, tmp_path: Path) -> None:
+    assert _cli.main(["--quick", "--suite", "tiny", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results-cpu.json").read_text())
+    assert result["schema"] == "gradlab-bench/1"
+    assert result["size"] == "quick"
+    for key in ("torch", "device", "threads", "cpu"):
+        assert key in result["environment"]
+    (table,) = result["suites"]["tiny"]["tables"]
+    assert table["columns"] == ["variant", "median_s", "ratio_vs_sum"]
+    assert [r["variant"] for r in table["rows"]] == ["sum", "mul"]
+    assert table["rows"][0]["ratio_vs_sum"] == 1.0
+    assert all(r["median_s"] > 0 for r in table["rows"])
+    assert "| variant | median_s | ratio_vs_sum |" in (tmp_path / "results-cpu.md").read_text()
+
+
+def test_unknown_suite_is_refused(tiny: None, tmp_path: Path, capsys) -> None:
+    assert _cli.main(["--suite", "nope", "--out", str(tmp_path)]) == 2
+    assert "available: ['tiny']" in capsys.readouterr().err
+
+
+def test_list_names_real_suites() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--list"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "grad_vs_backward" in out
+
+
+def test_compare_two_runs(tiny: None, tmp_path: Path, capsys) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _cli.main(["--quick", "--suite", "tiny", "--out", str(a)]) == 0
+    assert _cli.main(["--quick", "--suite", "tiny", "--out", str(b)]) == 0
+    capsys.readouterr()
+    assert _cli.main(["compare", str(a / "results-cpu.json"), str(b / "results-cpu.json")]) == 0
+    out = capsys.readouterr().out
+    assert "tiny: tiny (B/A)" in out
+    assert "median_s" in out
+
+
+def test_peak_memory_counts_live_tensors() -> None:
+    def alloc() -> None:
+        a = torch.empty(1024, dtype=torch.float32)  # 4 KiB
+        b = torch.empty(2048, dtype=torch.float32)  # 8 KiB, both alive
+        del a, b
+
+    peak, method = peak_memory(alloc, torch.device("cpu"))
+    assert peak == 12 * 1024
+    assert "TorchDispatchMode" in method
