@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 
+from gradlab._errors import GraphError
 from gradlab.testing._common import (
     METHODS,
     NOISE_FACTOR,
@@ -715,14 +716,12 @@ def check_gradients(
     problem = _second_order_problem(fn, xs, st.seed)
     try:
         acc = _compare(problem, xs, st)
-    except RuntimeError as e:
-        if isinstance(e, (GradientCheckError, NonDifferentiablePointError)):
-            raise
-        from gradlab._errors import GraphError
-
+    except (GradientCheckError, NonDifferentiablePointError):
+        raise
+    except Exception as e:
         raise GraphError(
             f"{_CALLER}: order=2 needs fn's backward to be differentiable, but double backward "
-            f"failed: {e}. Make the backward of fn differentiable (no @once_differentiable, "
+            f"failed with {type(e).__name__}: {e}. Make the backward of fn differentiable (no @once_differentiable, "
             "no .detach()) or check with order=1."
         ) from None
     return _report(acc, st, xs, report)

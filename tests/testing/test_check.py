@@ -1,0 +1,395 @@
+"""Tests of gradlab.testing.check_gradients (gradlab/testing/check.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gradlab
+from gradlab.testing import (
+    GradientCheckError,
+    GradientCheckReport,
+    Location,
+    NonDifferentiablePointError,
+    check_gradients,
+)
+from gradlab.testing import check as check_module
+from tests.testing._functions import problem, tanh_affine
+
+MODES = ["full", "fast"]
+STYLES = ["old", "new"]
+
+
+# ----------------------------------------------------------------------------- Done means
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", [16, 128, 512])
+def test_catches_one_entry_wrong_by_1e_3(n: int, mode: str, style: str, device) -> None:
+    A, x = problem(n, device=device)
+    i, j = n // 3, (2 * n) // 3
+    fn = tanh_affine(A, style=style, wrong=(i, j), delta=1e-3)
+    with pytest.raises(GradientCheckError, match=rf"d output 0\[{i}\] / d input 0\[{j}\]") as err:
+        check_gradients(fn, x, mode=mode)
+    e = err.value
+    assert e.location == Location(0, 0, (i,), (j,))
+    assert e.analytical - e.numerical == pytest.approx(1e-3, rel=1e-3)
+    assert e.mismatches == 1
+    assert "tolerance" in str(e) and "analytical value" in str(e)
+
+
+@pytest.mark.parametrize("n", [16, 128, 512])
+def test_fast_probes_alone_catch_1e_3(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the localising full comparison, the random signed probes must see the error.
+    monkeypatch.setattr(check_module, "_LOCALIZE_LIMIT", 0)
+    A, x = problem(n)
+    fn = tanh_affine(A, style="new", wrong=(1, n - 2), delta=1e-3)
+    for seed in range(3):
+        with pytest.raises(GradientCheckError, match="along random signed directions") as err:
+            check_gradients(fn, x, mode="fast", seed=seed)
+        assert err.value.location == Location(0, 0, None, None)
+        # Rademacher directions: u^T E w = +-1e-3 * w_j exactly in every probe, where the
+        # direction w = v * max(1, |x|) is scaled like the finite-difference steps.
+        seen = 1e-3 * max(1.0, abs(float(x[n - 2])))
+        assert abs(err.value.analytical - err.value.numerical) == pytest.approx(seen, rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", [16, 128, 512])
+def test_correct_function_passes(n: int, mode: str, style: str, dtype, device) -> None:
+    A, x = problem(n, dtype=dtype, device=device)
+    report = check_gradients(tanh_affine(A, style=style), x, mode=mode)
+    assert isinstance(report, GradientCheckReport)
+    assert report.margin < 1.0 and report.mode == mode and report.order == 1
+    assert report.compared == (n * n if mode == "full" else report.probes)
+    assert (report.atol, report.rtol) == ((1e-7, 1e-5) if dtype == torch.float64 else (1e-3, 1e-2))
+
+
+def test_fast_catches_planted_1_0_error_that_torch_fast_gradcheck_is_said_to_miss() -> None:
+    A, x = problem(128)
+    fn = tanh_affine(A, style="new", wrong=(5, 77), delta=1.0)
+    with pytest.raises(GradientCheckError, match=r"output 0\[5\] / d input 0\[77\]"):
+        check_gradients(fn, x, mode="fast")
+
+
+def test_gaussian_directions_catch_a_planted_error() -> None:
+    A, x = problem(64)
+    fn = tanh_affine(A, style="new", wrong=(3, 4), delta=1e-2)
+    with pytest.raises(GradientCheckError, match=r"output 0\[3\] / d input 0\[4\]"):
+        check_gradients(fn, x, mode="fast", directions="gaussian", seed=0)
+    check_gradients(tanh_affine(A, style="new"), x, mode="fast", directions="gaussian", seed=0)
+
+
+def test_report_fields_against_a_direct_computation() -> None:
+    A, x = problem(8)
+    fn = lambda v: torch.tanh(A @ v)  # noqa: E731
+    report = check_gradients(fn, x, method="richardson")
+    jac = torch.func.jacrev(fn)(x)
+    assert report.max_abs_error < 1e-9 and report.method == "richardson"
+    assert report.eps == (1e-3,) and report.probes == 0 and report.seed is None
+    assert report.worst is not None and report.worst.output == 0
+    assert report.compared == jac.numel()
+    assert "gradients OK" in str(report)
+
+
+# ----------------------------------------------------------------------------- several tensors
+
+
+def test_several_inputs_and_outputs_name_the_right_pair(device) -> None:
+    x = torch.randn(3, 2, dtype=torch.float64, device=device)
+    y = torch.randn(2, dtype=torch.float64, device=device)
+
+    class WrongInSecond(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            ctx.save_for_backward(a, b)
+            return a * b
+
+        @staticmethod
+        def backward(ctx, g):
+            a, b = ctx.saved_tensors
+            gb = (g * a).sum(0)
+            return g * b, gb + 1e-2 * (torch.arange(2, device=gb.device) == 1) * g[2, 1]
+
+    def fn(a, b):
+        return (a.sin().sum(), WrongInSecond.apply(a, b))
+
+    report = check_gradients(lambda a, b: (a.sin().sum(), a * b), x, y)
+    assert report.compared == 1 * 6 + 1 * 2 + 6 * 6 + 6 * 2
+    with pytest.raises(GradientCheckError, match=r"d output 1\[2, 1\] / d input 1\[1\]") as err:
+        check_gradients(fn, x, y)
+    assert err.value.location == Location(1, 1, (2, 1), (1,))
+
+
+def test_non_contiguous_inputs(device) -> None:
+    base = torch.randn(4, 6, dtype=torch.float64, device=device)
+    x = base.T[:, ::2]  # (6, 2) view, not contiguous
+    assert not x.is_contiguous()
+    seen = []
+
+    def fn(a):
+        seen.append(a.is_contiguous())
+        return a.exp() @ torch.ones(2, dtype=a.dtype, device=a.device)
+
+    assert check_gradients(fn, x).margin < 1
+    assert seen[0] is False  # fn saw the caller's layout
+
+
+def test_inputs_are_left_untouched() -> None:
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, dtype=torch.float64)
+    x_before, w_before = x.detach().clone(), w.clone()
+    check_gradients(lambda a, b: (a * b).tanh(), x, w, order=2)
+    check_gradients(lambda a, b: (a * b).tanh(), x, w, mode="fast")
+    assert x.requires_grad and not w.requires_grad
+    assert x.grad is None and w.grad is None
+    assert torch.equal(x.detach(), x_before) and torch.equal(w, w_before)
+
+
+def test_works_under_no_grad() -> None:
+    x = torch.randn(4, dtype=torch.float64)
+    with torch.no_grad():
+        report = check_gradients(torch.sin, x, order=2)
+    assert report.order == 2 and report.first_order is not None
+
+
+def test_output_independent_of_input_has_zero_jacobian() -> None:
+    x = torch.randn(3, dtype=torch.float64)
+    c = torch.ones(2, dtype=torch.float64)
+    assert check_gradients(lambda a: (a.sum(), c * 2), x).max_abs_error < 1e-9
+
+
+# ----------------------------------------------------------------------------- order 2
+
+
+class _Cube(torch.autograd.Function):
+    """x**3 whose first derivative is right and whose second is right unless ``delta``."""
+
+    delta = 0.0
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _CubeGrad.apply(x, g)
+
+
+class _CubeGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, g):
+        ctx.save_for_backward(x, g)
+        return 3 * x**2 * g
+
+    @staticmethod
+    def backward(ctx, gg):
+        x, g = ctx.saved_tensors
+        return gg * 6 * x * g * (1 + _Cube.delta), gg * 3 * x**2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_order_2_catches_a_wrong_double_backward(mode: str, monkeypatch) -> None:
+    x = torch.tensor([0.5, -1.5, 2.0], dtype=torch.float64)
+    report = check_gradients(_Cube.apply, x, order=2, mode=mode)
+    assert report.order == 2 and report.first_order is not None
+    assert report.first_order.order == 1
+    monkeypatch.setattr(_Cube, "delta", 1e-3)
+    assert check_gradients(_Cube.apply, x, order=1, mode=mode).order == 1  # first order fine
+    with pytest.raises(GradientCheckError, match=r"wrong second derivative d grad\[input 0\]\[2\]"):
+        check_gradients(_Cube.apply, x, order=2, mode=mode)
+
+
+def test_order_2_of_a_once_differentiable_function_is_wrong() -> None:
+    # once_differentiable makes the double backward silently zero: a wrong second derivative.
+    class Once(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.sin()
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * x.cos()
+
+    x = torch.randn(3, dtype=torch.float64)
+    assert check_gradients(Once.apply, x).order == 1
+    with pytest.raises(GradientCheckError, match=r"wrong second derivative .* analytical value 0 "):
+        check_gradients(Once.apply, x, order=2)
+
+
+def test_order_2_when_double_backward_fails_is_a_graph_error() -> None:
+    class NoDouble(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            raise NotImplementedError("no double backward here")
+
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x**2
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return NoDouble.apply(g * x)
+
+    x = torch.randn(3, dtype=torch.float64)
+    assert check_gradients(Twice.apply, x).order == 1
+    with pytest.raises(gradlab.GraphError, match="order=2 needs fn's backward.*no double backward"):
+        check_gradients(Twice.apply, x, order=2)
+
+
+# ----------------------------------------------------------------------------- kinks
+
+
+def test_relu_at_zero_is_a_non_differentiable_point(device) -> None:
+    x = torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64, device=device)
+    with pytest.raises(NonDifferentiablePointError, match="non-differentiable") as err:
+        check_gradients(torch.relu, x)
+    assert err.value.kinks == (Location(0, 0, (0,), (0,)),)
+    assert not isinstance(err.value, GradientCheckError)
+    report = check_gradients(torch.relu, x, kinks="skip")
+    assert report.kinks == (Location(0, 0, (0,), (0,)),) and report.compared == 8
+    with pytest.raises(NonDifferentiablePointError):
+        check_gradients(torch.relu, x, mode="fast")
+
+
+@pytest.mark.parametrize(
+    ("fn", "x"),
+    [
+        (torch.abs, [1e-9, 1.0]),
+        (lambda v: v.max(0).values, [1.0, 1.0, -1.0]),
+    ],
+    ids=["abs-near-0", "max-ties"],
+)
+def test_other_kinks(fn, x) -> None:
+    with pytest.raises(NonDifferentiablePointError):
+        check_gradients(fn, torch.tensor(x, dtype=torch.float64))
+
+
+def test_tie_with_averaged_gradient_passes() -> None:
+    # torch.maximum splits the gradient 0.5/0.5 at a tie: equal to the central difference.
+    v = torch.tensor([0.3, 0.3], dtype=torch.float64)
+    assert check_gradients(lambda a: torch.maximum(a[0], a[1]), v).margin < 1
+
+
+def test_wrong_gradient_at_a_kink_is_not_blamed_on_the_kink() -> None:
+    class BadRelu(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.clamp(min=0)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * torch.where(x > 0, 1.0, 5.0).to(g.dtype)  # 5 left of and at 0
+
+    x = torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64)
+    with pytest.raises(GradientCheckError, match=r"d output 0\[2\] / d input 0\[2\]") as err:
+        check_gradients(BadRelu.apply, x)
+    assert err.value.mismatches == 2  # at 0 and at -2
+    assert err.value.location == Location(0, 0, (2,), (2,))  # the larger error, at -2
+
+
+def test_wrong_gradient_of_a_curved_function_is_not_a_kink() -> None:
+    # exp(5x) at 1: one-sided differences at eps=1e-4 straddle the analytical value, but their
+    # gap shrinks with the step (curvature), so this is a wrong gradient, not a kink.
+    class BadExp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            y = torch.exp(5 * x)
+            ctx.save_for_backward(y)
+            return y
+
+        @staticmethod
+        def backward(ctx, g):
+            (y,) = ctx.saved_tensors
+            return g * 5 * y + 0.03
+
+    x = torch.tensor([1.0], dtype=torch.float64)
+    with pytest.raises(GradientCheckError):
+        check_gradients(BadExp.apply, x, eps=1e-4)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_non_tensor_input() -> None:
+    with pytest.raises(TypeError, match=r"check_gradients: input 1 is a float.*functools.partial"):
+        check_gradients(lambda a, b: a * b, torch.ones(2, dtype=torch.float64), 2.0)
+
+
+def test_integer_input() -> None:
+    with pytest.raises(TypeError, match=r"input 0 has integer/bool dtype torch.int64.*double"):
+        check_gradients(torch.sin, torch.arange(3))
+
+
+def test_half_and_complex_inputs() -> None:
+    with pytest.raises(TypeError, match=r"input 0 has dtype torch.float16.*x.double\(\)"):
+        check_gradients(torch.sin, torch.ones(2, dtype=torch.float16))
+    with pytest.raises(TypeError, match="input 0 is complex.*view_as_real"):
+        check_gradients(torch.sin, torch.ones(2, dtype=torch.complex128))
+
+
+def test_fn_returning_a_non_tensor() -> None:
+    x = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"check_gradients: fn returned a float, not a tensor"):
+        check_gradients(lambda a: float(a.sum()), x)
+    with pytest.raises(TypeError, match=r"output 1 of fn is a int, not a tensor"):
+        check_gradients(lambda a: (a, 3), x)
+    with pytest.raises(TypeError, match=r"output 0 of fn has dtype torch.int64"):
+        check_gradients(lambda a: a.argmax(), x)
+    with pytest.raises(TypeError, match=r"fn returned an empty tuple"):
+        check_gradients(lambda a: (), x)
+
+
+def test_inputs_on_different_devices() -> None:
+    a = torch.ones(2, dtype=torch.float64)
+    b = torch.ones(2, dtype=torch.float64, device="meta")
+    with pytest.raises(ValueError, match=r"different devices \(input 0: cpu, input 1: meta\)"):
+        check_gradients(lambda u, v: u * v, a, b)
+
+
+def test_no_inputs_and_non_callable() -> None:
+    with pytest.raises(TypeError, match="no input tensors given"):
+        check_gradients(torch.sin)
+    with pytest.raises(TypeError, match="fn must be a callable"):
+        check_gradients(torch.ones(2), torch.ones(2))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"order": 3}, "order must be one of 1, 2, got 3"),
+        ({"mode": "quick"}, "mode must be one of 'full', 'fast', got 'quick'"),
+        ({"method": "forward"}, "method must be one of 'central', 'richardson'"),
+        ({"directions": "uniform"}, "directions must be one of"),
+        ({"kinks": "ignore"}, "kinks must be one of 'raise', 'skip'"),
+        ({"probes": 0}, "probes must be a positive int, got 0"),
+        ({"eps": -1e-3}, "eps must be a finite number > 0, got -0.001"),
+        ({"atol": float("nan")}, "atol must be a finite number >= 0"),
+        ({"rtol": -1.0}, "rtol must be a finite number >= 0"),
+    ],
+)
+def test_bad_options(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        check_gradients(torch.sin, torch.ones(2, dtype=torch.float64), **kwargs)
+
+
+def test_bad_seed() -> None:
+    with pytest.raises(TypeError, match="seed must be an int or None, got str"):
+        check_gradients(torch.sin, torch.ones(2, dtype=torch.float64), seed="0")  # type: ignore[arg-type]
