@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,13 +14,13 @@ __all__ = [
     "NOISE_FACTOR",
     "STEP_SIZES",
     "as_outputs",
+    "check_choice",
     "check_fn",
     "check_inputs",
     "check_positive",
-    "check_choice",
-    "least_precise",
     "default_step",
     "default_tolerances",
+    "least_precise",
     "machine_eps",
 ]
 
@@ -131,8 +131,7 @@ def check_choice(value: Any, name: str, choices: Sequence[Any], caller: str) -> 
     """Raise ValueError unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(
-            f"{caller}: {name} must be one of {', '.join(repr(c) for c in choices)}, "
-            f"got {value!r}"
+            f"{caller}: {name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
         )
 
 
@@ -159,4 +158,3 @@ def default_tolerances(tensors: Sequence[torch.Tensor]) -> tuple[float, float]:
     """``(atol, rtol)`` for the least precise dtype among ``tensors``."""
     dtype = least_precise(tensors)
     return DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES[torch.float32])
-

@@ -158,8 +158,14 @@ class _Acc:
     compared: int = 0
     kinks: list[Location] = field(default_factory=list)
 
-    def add(self, diff: torch.Tensor, tol: torch.Tensor, num: torch.Tensor, atol: float,
-            where: Callable[[int], Location]) -> None:
+    def add(
+        self,
+        diff: torch.Tensor,
+        tol: torch.Tensor,
+        num: torch.Tensor,
+        atol: float,
+        where: Callable[[int], Location],
+    ) -> None:
         if diff.numel() == 0:
             return
         self.compared += diff.numel()
@@ -171,6 +177,10 @@ class _Acc:
         if bool(big.any()):
             self.max_rel = max(self.max_rel, float((diff[big] / num.abs()[big]).max()))
         self.margin = max(self.margin, float((diff / tol).max()))
+
+
+def _constant(loc: Location) -> Callable[[int], Location]:
+    return lambda k: loc
 
 
 def _unravel(k: int, shape: torch.Size) -> tuple[int, ...]:
@@ -191,7 +201,7 @@ def _fmt(x: float) -> str:
 def _vjp_rows(
     out: torch.Tensor, xs_req: tuple[torch.Tensor, ...], cot: torch.Tensor
 ) -> list[torch.Tensor]:
-    """``cot[b]^T J`` for each row ``b`` of ``cot`` (``[B, *out.shape]``), per input ``[B, n_j]``."""
+    """``cot[b]^T J`` for each row of ``cot`` (``[B, *out.shape]``): per input ``[B, n_j]``."""
     b = cot.shape[0]
     if not out.requires_grad:
         return [x.new_zeros(b, x.numel()) for x in xs_req]
@@ -209,7 +219,9 @@ def _vjp_rows(
         per_row = []
         for c in cot:
             gs = torch.autograd.grad(out, xs_req, c, retain_graph=True, allow_unused=True)
-            per_row.append([g if g is not None else torch.zeros_like(x) for g, x in zip(gs, xs_req)])
+            per_row.append(
+                [g if g is not None else torch.zeros_like(x) for g, x in zip(gs, xs_req)]
+            )
         rows = [torch.stack([r[j].reshape(-1) for r in per_row]) for j in range(len(xs_req))]
     return rows
 
@@ -250,8 +262,7 @@ def _compare(problem: _Problem, xs: tuple[torch.Tensor, ...], st: _Settings) -> 
         outs = as_outputs(problem.graph_fn(*xs_req), _CALLER)
     unit = max(st.unit, machine_eps(least_precise(list(ev.f0) + list(xs))))
     steps = [
-        steps_for(x, st.eps if st.eps is not None else default_step(st.method, x.dtype))
-        for x in xs
+        steps_for(x, st.eps if st.eps is not None else default_step(st.method, x.dtype)) for x in xs
     ]
     if st.mode == "full":
         analytical = [_analytical_jacobian(o, xs_req) for o in outs]
@@ -314,15 +325,30 @@ def _check_block(
             k = int(torch.argmax(torch.nan_to_num(d, nan=math.inf)))
             r, c = int(rows[k]), int(cols[k])
             loc = where(r * n.shape[1] + c)
-            _raise_wrong(loc, float(a[r, c]), float(n[r, c]), float(diff[r, c]),
-                         float(tol[r, c]), float(n[r, c].abs()), int(wrong.sum()), n.numel(), st,
-                         kinks=int(is_kink.sum()))
+            _raise_wrong(
+                loc,
+                float(a[r, c]),
+                float(n[r, c]),
+                float(diff[r, c]),
+                float(tol[r, c]),
+                float(n[r, c].abs()),
+                int(wrong.sum()),
+                n.numel(),
+                st,
+                kinks=int(is_kink.sum()),
+            )
         kink_locs = [where(int(r) * n.shape[1] + int(c)) for r, c in zip(rows, cols)]
         if st.kinks == "raise":
             _raise_kink(kink_locs, ev, i, j, rows, cols, a, n, step, st)
         acc.kinks.extend(kink_locs)
         keep = ~bad
-        acc.add(diff[keep], tol[keep], n[keep], st.atol, lambda k: where(int(keep.reshape(-1).nonzero()[k])))
+        acc.add(
+            diff[keep],
+            tol[keep],
+            n[keep],
+            st.atol,
+            lambda k: where(int(keep.reshape(-1).nonzero()[k])),
+        )
         return
     acc.add(diff, tol, n, st.atol, where)
 
@@ -431,7 +457,8 @@ def _raise_kink(
     raise NonDifferentiablePointError(
         f"{_CALLER}: {len(locs)} Jacobian "
         f"{'entry is' if len(locs) == 1 else 'entries are'} at non-differentiable points "
-        f"(kinks), first {locs[0]}: one-sided differences disagree (left {_fmt(float(bs[i][r, 0]))}, "
+        f"(kinks), first {locs[0]}: one-sided differences disagree "
+        f"(left {_fmt(float(bs[i][r, 0]))}, "
         f"right {_fmt(float(fs[i][r, 0]))}; analytical {_fmt(float(a[r, c]))} lies between, "
         f"central difference {_fmt(float(n[r, c]))}). The gradient is not wrong, the point is "
         "not differentiable: move it away from the kink (e.g. strategies.tensors(avoid=..., "
@@ -444,8 +471,9 @@ def _raise_kink(
 # ----------------------------------------------------------------------------- fast mode
 
 
-def _directions(n: int, shape: tuple[int, ...], st: _Settings, gen: torch.Generator,
-                like: torch.Tensor) -> torch.Tensor:
+def _directions(
+    n: int, shape: tuple[int, ...], st: _Settings, gen: torch.Generator, like: torch.Tensor
+) -> torch.Tensor:
     if st.directions == "rademacher":
         d = torch.randint(0, 2, (n, *shape), generator=gen).mul(2).sub(1)
     else:
@@ -486,15 +514,18 @@ def _fast(
             num = (u * jv).sum(1)
             ana = (jtu[i][j].to(w.dtype) * w).sum(1).to(num.dtype)
             scale = jv.norm(dim=1)
-            noise = NOISE_FACTOR[st.method] * unit * (u * ev.f0[i].reshape(1, -1)).abs().sum(1) / base
+            noise = (
+                NOISE_FACTOR[st.method] * unit * (u * ev.f0[i].reshape(1, -1)).abs().sum(1) / base
+            )
             tol = st.atol + st.rtol * scale + noise
             diff = (ana - num).abs()
             bad = ~(diff <= tol)
             if bool(bad.any()):
-                _localize(ev, i, j, o, xs_req, steps[j], st, unit, acc, diff, tol, ana, num,
-                          scale, bad)
+                _localize(
+                    ev, i, j, o, xs_req, steps[j], st, unit, acc, diff, tol, ana, num, scale, bad
+                )
                 continue
-            acc.add(diff, tol, num, st.atol, lambda k, i=i, j=j: Location(i, j, None, None, st.order))
+            acc.add(diff, tol, num, st.atol, _constant(Location(i, j, None, None, st.order)))
 
 
 def _localize(
@@ -561,8 +592,11 @@ def _second_order_problem(
         if not pairs:
             return tuple(torch.zeros_like(x) for x in xr)
         gs = torch.autograd.grad(
-            [o for o, _ in pairs], xr, [v for _, v in pairs],
-            create_graph=create_graph, allow_unused=True,
+            [o for o, _ in pairs],
+            xr,
+            [v for _, v in pairs],
+            create_graph=create_graph,
+            allow_unused=True,
         )
         return tuple(g if g is not None else torch.zeros_like(x) for g, x in zip(gs, xr))
 
@@ -570,7 +604,10 @@ def _second_order_problem(
         return grad_of(xr, True)
 
     def num_fn(*xv: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        _, vjp_fn = torch.func.vjp(lambda *a: tuple(as_outputs(fn(*a), _CALLER)), *xv)
+        def outputs(*a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return as_outputs(fn(*a), _CALLER)
+
+        vjp_fn = torch.func.vjp(outputs, *xv)[1]
         return tuple(vjp_fn(vs))
 
     def loop_fn(*xv: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -676,7 +713,7 @@ def check_gradients(
         ...         (x,) = ctx.saved_tensors
         ...         return g * 2.002 * x  # 0.1 % too large
         >>> try:
-        ...     check_gradients(BadSquare.apply, torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64))
+        ...     check_gradients(BadSquare.apply, torch.tensor([0.5, -2.0, 1.0]).double())
         ... except GradientCheckError as e:
         ...     print(e.location)
         d output 0[1] / d input 0[1]
@@ -721,7 +758,8 @@ def check_gradients(
     except Exception as e:
         raise GraphError(
             f"{_CALLER}: order=2 needs fn's backward to be differentiable, but double backward "
-            f"failed with {type(e).__name__}: {e}. Make the backward of fn differentiable (no @once_differentiable, "
+            f"failed with {type(e).__name__}: {e}. Make the backward of fn differentiable "
+            "(no @once_differentiable, "
             "no .detach()) or check with order=1."
         ) from None
     return _report(acc, st, xs, report)
@@ -730,9 +768,7 @@ def check_gradients(
 def _report(
     acc: _Acc, st: _Settings, xs: tuple[torch.Tensor, ...], first: GradientCheckReport | None
 ) -> GradientCheckReport:
-    eps = tuple(
-        st.eps if st.eps is not None else default_step(st.method, x.dtype) for x in xs
-    )
+    eps = tuple(st.eps if st.eps is not None else default_step(st.method, x.dtype) for x in xs)
     return GradientCheckReport(
         order=st.order,
         mode=st.mode,

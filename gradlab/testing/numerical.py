@@ -63,7 +63,7 @@ class Evaluator:
         return max(1, _BATCH_BUDGET // max(1, width))
 
     def displaced(self, j: int, disp: torch.Tensor) -> list[torch.Tensor]:
-        """``fn`` at ``xs`` with ``xs[j] += disp[b]`` for each row ``b``: per output ``[B, m_i]``."""
+        """``fn`` at ``xs`` with ``xs[j] += disp[b]`` for each row ``b``: per output [B, m_i]."""
         chunk = self.rows_per_chunk(j)
         parts = [self._batch(j, disp[s : s + chunk]) for s in range(0, disp.shape[0], chunk)]
         return [torch.cat([p[i] for p in parts]) for i in range(len(self.f0))]
@@ -137,7 +137,10 @@ def fd_columns(
     c = len(cols)
     result = []
     for fi in f:
-        est = [(fi[2 * k * c : (2 * k + 1) * c] - fi[(2 * k + 1) * c : (2 * k + 2) * c]) for k in range(len(levels))]
+        est = [
+            (fi[2 * k * c : (2 * k + 1) * c] - fi[(2 * k + 1) * c : (2 * k + 2) * c])
+            for k in range(len(levels))
+        ]
         d1 = est[0] / denoms[0].unsqueeze(1)
         if method == "richardson":
             d2 = est[1] / denoms[1].unsqueeze(1)
@@ -146,7 +149,9 @@ def fd_columns(
     return result
 
 
-def fd_jacobian(ev: Evaluator, eps: float | None, method: str) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+def fd_jacobian(
+    ev: Evaluator, eps: float | None, method: str
+) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
     """All finite-difference blocks ``[i][j]`` (``[m_i, n_j]``) and the nominal steps per input."""
     blocks: list[list[torch.Tensor]] = [[] for _ in ev.f0]
     steps = []

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -50,7 +51,9 @@ def dtypes(
     """
     include = tuple(include)
     if not include or not all(isinstance(d, torch.dtype) for d in include):
-        raise ValueError(f"dtypes: include must be a non-empty sequence of torch dtypes, got {include!r}")
+        raise ValueError(
+            f"dtypes: include must be a non-empty sequence of torch dtypes, got {include!r}"
+        )
     return st.sampled_from(include)
 
 
@@ -170,7 +173,7 @@ def tensors(
     if layout not in _LAYOUTS:
         raise ValueError(f"tensors: layout must be one of {_LAYOUTS}, got {layout!r}")
     spaced = sorted(avoid)
-    if any(b - a < 2 * margin for a, b in zip(spaced, spaced[1:])):
+    if any(b - a < 2 * margin for a, b in itertools.pairwise(spaced)):
         raise ValueError(
             f"tensors: avoid points {spaced} are closer than 2 * margin = {2 * margin}; "
             "use a smaller margin"

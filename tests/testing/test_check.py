@@ -85,7 +85,7 @@ def test_gaussian_directions_catch_a_planted_error() -> None:
 
 def test_report_fields_against_a_direct_computation() -> None:
     A, x = problem(8)
-    fn = lambda v: torch.tanh(A @ v)  # noqa: E731
+    fn = lambda v: torch.tanh(A @ v)
     report = check_gradients(fn, x, method="richardson")
     jac = torch.func.jacrev(fn)(x)
     assert report.max_abs_error < 1e-9 and report.method == "richardson"
@@ -248,7 +248,9 @@ def test_order_2_when_double_backward_fails_is_a_graph_error() -> None:
 
     x = torch.randn(3, dtype=torch.float64)
     assert check_gradients(Twice.apply, x).order == 1
-    with pytest.raises(gradlab.GraphError, match="order=2 needs fn's backward.*no double backward"):
+    with pytest.raises(
+        gradlab.GraphError, match=r"order=2 needs fn's backward.*no double backward"
+    ):
         check_gradients(Twice.apply, x, order=2)
 
 
@@ -341,7 +343,7 @@ def test_integer_input() -> None:
 def test_half_and_complex_inputs() -> None:
     with pytest.raises(TypeError, match=r"input 0 has dtype torch.float16.*x.double\(\)"):
         check_gradients(torch.sin, torch.ones(2, dtype=torch.float16))
-    with pytest.raises(TypeError, match="input 0 is complex.*view_as_real"):
+    with pytest.raises(TypeError, match=r"input 0 is complex.*view_as_real"):
         check_gradients(torch.sin, torch.ones(2, dtype=torch.complex128))
 
 
