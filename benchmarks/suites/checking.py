@@ -1,0 +1,155 @@
+"""checking: gradlab.testing.check_gradients vs torch.autograd.gradcheck.
+
+1. Time: checking ``tanh(A @ x)`` (float64, ``A`` n x n) at several n, every Jacobian entry
+   (``gradlab full`` vs ``gradcheck(fast_mode=False)``) and by random directions (``gradlab
+   fast`` vs ``gradcheck(fast_mode=True)``), measured interleaved. ``speedup_ratio`` on a torch
+   row is how many times faster the gradlab check of the same kind is; the goal is >= 10x for
+   the full check against ``gradcheck(fast_mode=False)``.
+2. Power: a custom ``autograd.Function`` computing ``tanh(A @ x)`` whose backward is wrong in a
+   single Jacobian entry (by 1.0 and by 1e-3) is given to each checker; ``caught`` records
+   whether it raised/returned a failure (measured, not assumed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from benchmarks._core import Context, Suite, Table, time_interleaved
+from gradlab.testing import GradientCheckError, check_gradients
+
+
+def _planted(A: torch.Tensor, wrong: tuple[int, int], delta: float) -> Callable[..., torch.Tensor]:
+    """``tanh(A @ x)`` whose vjp adds ``delta * g[i]`` to ``grad[j]`` (Jacobian entry (i, j))."""
+    i, j = wrong
+    onehot = torch.zeros(A.shape[1], dtype=A.dtype, device=A.device)
+    onehot[j] = 1.0
+
+    class Planted(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):  # type: ignore[override]
+            return torch.tanh(A @ x)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):  # type: ignore[override]
+            ctx.save_for_backward(output)
+
+        @staticmethod
+        def backward(ctx, g):  # type: ignore[override]
+            (y,) = ctx.saved_tensors
+            return (g * (1 - y * y)) @ A + delta * g[..., i : i + 1] * onehot
+
+    return Planted.apply
+
+
+def _problem(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(n)
+    A = torch.randn(n, n, generator=gen, dtype=torch.float64) / n**0.5
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    return A.to(device), x.to(device)
+
+
+def _caught_gradlab(fn: Callable[..., torch.Tensor], x: torch.Tensor, mode: str) -> bool:
+    try:
+        check_gradients(fn, x, mode=mode)  # type: ignore[arg-type]
+    except GradientCheckError:
+        return True
+    return False
+
+
+def _caught_torch(fn: Callable[..., torch.Tensor], x: torch.Tensor, fast: bool) -> bool:
+    ok = torch.autograd.gradcheck(
+        fn, (x.detach().requires_grad_(True),), fast_mode=fast, raise_exception=False
+    )
+    return not ok
+
+
+def _variants(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> dict[str, Callable[[], object]]:
+    xr = x.detach().requires_grad_(True)
+    return {
+        "gradlab full": lambda: check_gradients(fn, x, mode="full"),
+        "torch gradcheck": lambda: torch.autograd.gradcheck(fn, (xr,), fast_mode=False),
+        "gradlab fast": lambda: check_gradients(fn, x, mode="fast", seed=0),
+        "torch gradcheck fast": lambda: torch.autograd.gradcheck(fn, (xr,), fast_mode=True),
+    }
+
+
+def run(ctx: Context) -> list[Table]:
+    dev = ctx.device
+    sizes = ctx.pick((32, 64), (128, 256, 512), (128, 256, 512, 1024))
+    t1 = Table(
+        "Checking tanh(A @ x), float64: time per check",
+        ["n", "variant", "median_s", "iqr_s", "speedup_ratio", "checks"],
+        notes=[
+            "speedup_ratio: how many times faster gradlab is. torch gradcheck: median over "
+            "interleaved rounds of time(torch gradcheck) / time(gradlab full); torch gradcheck "
+            "fast: the same ratio for torch fast divided by that for gradlab fast (i.e. "
+            "time(torch fast) / time(gradlab fast), from the same rounds).",
+            "checks: Jacobian entries compared (full) or random direction pairs (fast).",
+        ],
+    )
+    for n in sizes:
+        A, x = _problem(n, dev)
+
+        def fn(v: torch.Tensor, A: torch.Tensor = A) -> torch.Tensor:
+            return torch.tanh(A @ v)
+
+        variants = _variants(fn, x)
+        ctx.progress(f"n={n}: timing {list(variants)}")
+        timings, ratios = time_interleaved(variants, ctx=ctx, baseline="gradlab full")
+        probes = check_gradients(fn, x, mode="fast", seed=0).probes
+        for name, tm in timings.items():
+            speedup = {
+                "gradlab full": 1.0,
+                "torch gradcheck": ratios[name],
+                "gradlab fast": 1.0,
+                "torch gradcheck fast": ratios[name] / ratios["gradlab fast"],
+            }[name]
+            t1.add(
+                n=n,
+                variant=name,
+                median_s=tm.median,
+                iqr_s=tm.iqr,
+                speedup_ratio=speedup,
+                checks=n * n if name.endswith("full") or name == "torch gradcheck" else probes,
+            )
+
+    t2 = Table(
+        "Catching one wrong Jacobian entry in tanh(A @ x), float64",
+        ["case", "checker", "caught"],
+        notes=[
+            "caught: the checker raised (gradlab: GradientCheckError) or returned False "
+            "(torch: raise_exception=False); measured on this run, not assumed.",
+        ],
+    )
+    cases = ctx.pick(
+        ((128, 1.0), (128, 1e-3)),
+        ((128, 1.0), (128, 1e-3), (512, 1.0), (512, 1e-3)),
+        ((128, 1.0), (128, 1e-3), (512, 1.0), (512, 1e-3)),
+    )
+    for n, delta in cases:
+        A, x = _problem(n, dev)
+        bad = _planted(A, (n // 3, (2 * n) // 3), delta)
+        label = f"n={n}, entry ({n // 3}, {(2 * n) // 3}) off by {delta:g}"
+        ctx.progress(label)
+        caught = {
+            "torch gradcheck(fast_mode=True)": _caught_torch(bad, x, True),
+            "torch gradcheck(fast_mode=False)": _caught_torch(bad, x, False),
+            "gradlab check_gradients fast": _caught_gradlab(bad, x, "fast"),
+            "gradlab check_gradients full": _caught_gradlab(bad, x, "full"),
+        }
+        for name, yes in caught.items():
+            t2.add(case=label, checker=name, caught="yes" if yes else "no")
+    return [t1, t2]
+
+
+SUITE = Suite(
+    name="checking",
+    description="check_gradients vs torch.autograd.gradcheck: speed (full/fast) and power",
+    run=run,
+)
