@@ -226,20 +226,75 @@ def _vjp_rows(
     return rows
 
 
-def _analytical_jacobian(out: torch.Tensor, xs_req: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    """Rows of the Jacobian of ``out`` w.r.t. every input: per input ``[out.numel(), n_j]``."""
+class _Analytic:
+    """Vector-Jacobian products of the checked function, batched over cotangents.
+
+    First choice: :func:`torch.func.vjp` vmapped over the cotangents (one batched backward).
+    If ``fn`` cannot be transformed by torch.func (old-style ``autograd.Function``, a backward
+    without a vmap rule, ``torch.autograd.grad`` inside), the ordinary autograd graph is built and
+    differentiated with ``is_grads_batched=True``, or one cotangent at a time.
+    """
+
+    def __init__(
+        self, problem: _Problem, xs: tuple[torch.Tensor, ...], f0: tuple[torch.Tensor, ...]
+    ):
+        self.problem = problem
+        self.xs = xs
+        self.f0 = f0
+        self.vjp_fn: Callable[..., Any] | None = None
+        self._graph: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None
+        try:
+            with torch.enable_grad():
+                res = torch.func.vjp(self._outputs, *xs)
+            outs, self.vjp_fn = res[0], res[1]
+            if len(outs) != len(f0):
+                self.vjp_fn = None
+        except Exception:
+            self.vjp_fn = None
+
+    def _outputs(self, *a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return as_outputs(self.problem.num_fn(*a), _CALLER)
+
+    def graph(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        if self._graph is None:
+            with torch.enable_grad():
+                xs_req = tuple(x.clone().requires_grad_(True) for x in self.xs)
+                outs = as_outputs(self.problem.graph_fn(*xs_req), _CALLER)
+            self._graph = (outs, xs_req)
+        return self._graph
+
+    def rows(self, i: int, cot: torch.Tensor) -> list[torch.Tensor]:
+        """``cot[b]^T J_i`` for output ``i``: per input ``[B, n_j]``."""
+        b = cot.shape[0]
+        if self.vjp_fn is not None:
+            try:
+                cots = tuple(cot if k == i else torch.zeros_like(o) for k, o in enumerate(self.f0))
+                dims = tuple(0 if k == i else None for k in range(len(self.f0)))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    res = torch.func.vmap(self.vjp_fn, in_dims=(dims,))(cots)
+                return [r.reshape(b, -1).detach() for r in res]
+            except Exception:
+                self.vjp_fn = None  # fall back to the autograd graph from now on
+        outs, xs_req = self.graph()
+        return _vjp_rows(outs[i], xs_req, cot)
+
+
+def _analytical_jacobian(an: _Analytic, i: int) -> list[torch.Tensor]:
+    """Rows of the Jacobian of output ``i`` w.r.t. every input: per input ``[m_i, n_j]``."""
+    out = an.f0[i]
     m = out.numel()
-    width = sum(x.numel() for x in xs_req) + m
+    width = sum(x.numel() for x in an.xs) + m
     chunk = max(1, _ROWS_BUDGET // max(1, width))
     parts = []
     for s in range(0, m, chunk):
         rows = min(m, s + chunk) - s
         basis = torch.zeros(rows, m, dtype=out.dtype, device=out.device)
         basis[torch.arange(rows), torch.arange(s, s + rows)] = 1
-        parts.append(_vjp_rows(out, xs_req, basis.view(rows, *out.shape)))
+        parts.append(an.rows(i, basis.view(rows, *out.shape)))
     if not parts:
-        return [x.new_zeros(0, x.numel()) for x in xs_req]
-    return [torch.cat([p[j] for p in parts]) for j in range(len(xs_req))]
+        return [x.new_zeros(0, x.numel()) for x in an.xs]
+    return [torch.cat([p[j] for p in parts]) for j in range(len(an.xs))]
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -257,21 +312,19 @@ class _Problem:
 def _compare(problem: _Problem, xs: tuple[torch.Tensor, ...], st: _Settings) -> _Acc:
     acc = _Acc()
     ev = Evaluator(problem.num_fn, xs, _CALLER, loop_fn=problem.loop_fn)
-    with torch.enable_grad():
-        xs_req = tuple(x.clone().requires_grad_(True) for x in xs)
-        outs = as_outputs(problem.graph_fn(*xs_req), _CALLER)
+    an = _Analytic(problem, xs, ev.f0)
     unit = max(st.unit, machine_eps(least_precise(list(ev.f0) + list(xs))))
     steps = [
         steps_for(x, st.eps if st.eps is not None else default_step(st.method, x.dtype)) for x in xs
     ]
     if st.mode == "full":
-        analytical = [_analytical_jacobian(o, xs_req) for o in outs]
+        analytical = [_analytical_jacobian(an, i) for i in range(len(ev.f0))]
         for j in range(len(xs)):
             numerical = _fd_all(ev, j, steps[j], st.method)
-            for i in range(len(outs)):
+            for i in range(len(ev.f0)):
                 _check_block(ev, i, j, analytical[i][j], numerical[i], steps[j], st, unit, acc)
     else:
-        _fast(ev, outs, xs_req, steps, st, unit, acc)
+        _fast(ev, an, steps, st, unit, acc)
     return acc
 
 
@@ -483,8 +536,7 @@ def _directions(
 
 def _fast(
     ev: Evaluator,
-    outs: tuple[torch.Tensor, ...],
-    xs_req: tuple[torch.Tensor, ...],
+    an: _Analytic,
     steps: list[torch.Tensor],
     st: _Settings,
     unit: float,
@@ -492,10 +544,11 @@ def _fast(
 ) -> None:
     p = st.probes
     gen = torch.Generator().manual_seed(st.seed)
+    outs = ev.f0
     us = [_directions(p, tuple(o.shape), st, gen, o) for o in outs]
     vs = [_directions(p, (x.numel(),), st, gen, x) for x in ev.xs]
     # u^T J for every probe, output and input: jtu[i][j] is [p, n_j].
-    jtu = [_vjp_rows(o, xs_req, u) for o, u in zip(outs, us)]
+    jtu = [an.rows(i, u) for i, u in enumerate(us)]
     for j, x in enumerate(ev.xs):
         if x.numel() == 0:
             continue
@@ -504,7 +557,7 @@ def _fast(
         levels = [1.0] if st.method == "central" else [1.0, 0.5]
         disp = torch.cat([s * lv * base * w for lv in levels for s in (1.0, -1.0)])
         f = ev.displaced(j, disp)
-        for i, o in enumerate(outs):
+        for i in range(len(outs)):
             fi = f[i]
             jv = (fi[:p] - fi[p : 2 * p]) / (2 * base)
             if st.method == "richardson":
@@ -521,9 +574,7 @@ def _fast(
             diff = (ana - num).abs()
             bad = ~(diff <= tol)
             if bool(bad.any()):
-                _localize(
-                    ev, i, j, o, xs_req, steps[j], st, unit, acc, diff, tol, ana, num, scale, bad
-                )
+                _localize(ev, i, j, an, steps[j], st, unit, acc, diff, tol, ana, num, scale, bad)
                 continue
             acc.add(diff, tol, num, st.atol, _constant(Location(i, j, None, None, st.order)))
 
@@ -532,8 +583,7 @@ def _localize(
     ev: Evaluator,
     i: int,
     j: int,
-    out: torch.Tensor,
-    xs_req: tuple[torch.Tensor, ...],
+    an: _Analytic,
     step: torch.Tensor,
     st: _Settings,
     unit: float,
@@ -546,11 +596,11 @@ def _localize(
     bad: torch.Tensor,
 ) -> None:
     """A probe failed: compare the block in full to name the element (or raise on the probe)."""
-    m, n = out.numel(), ev.xs[j].numel()
+    m, n = ev.f0[i].numel(), ev.xs[j].numel()
     if m * n <= _LOCALIZE_LIMIT:
         # Raises on a wrong entry or a kink; returns when every entry passes (then the full
         # comparison, the stricter one per entry, is the verdict) or kinks were skipped.
-        a = _analytical_jacobian(out, xs_req)[j]
+        a = _analytical_jacobian(an, i)[j]
         _check_block(ev, i, j, a, _fd_all(ev, j, step, st.method)[i], step, st, unit, acc)
         return
     k = int(torch.argmax(torch.where(bad, diff / tol, torch.zeros_like(diff))))
