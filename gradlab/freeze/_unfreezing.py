@@ -59,13 +59,20 @@ def _check_scheduler(scheduler: _Scheduler, optimizer: Optimizer) -> None:
             )
 
 
-def _one_cycle(scheduler: _Scheduler | None) -> lr_scheduler.OneCycleLR | None:
+def _cyclic(scheduler: _Scheduler | None) -> _Scheduler | None:
+    """The OneCycleLR / CyclicLR driving the optimizer, if any (their stage lr is the peak)."""
     if scheduler is None:
         return None
     for leaf in _leaves(scheduler):
-        if isinstance(leaf, lr_scheduler.OneCycleLR):
+        if isinstance(leaf, lr_scheduler.OneCycleLR | lr_scheduler.CyclicLR):
             return leaf
     return None
+
+
+def _peak(leaf: _Scheduler, group: dict[str, Any]) -> float:
+    if isinstance(leaf, lr_scheduler.OneCycleLR):
+        return float(group["max_lr"])
+    return float(leaf.max_lrs[0])
 
 
 class GradualUnfreezing:
@@ -85,8 +92,10 @@ class GradualUnfreezing:
     point of the schedule, with ``lr = base * (current lr / base lr)`` of the first group, and the
     scheduler moves it from there as if it had been in the optimizer from the start. The first
     group's base lr is its ``initial_lr`` (set by torch's schedulers) or else its lr when
-    GradualUnfreezing was built. With OneCycleLR the base is the peak: the new group gets
-    ``max_lr = base`` and OneCycleLR's ``div_factor``/``final_div_factor`` and momentum range.
+    GradualUnfreezing was built. With OneCycleLR and CyclicLR the stage lr is the new group's
+    peak (``max_lr``, the number those schedulers are given); its lower bounds keep the first
+    group's ratios (OneCycleLR's ``div_factor``/``final_div_factor``, CyclicLR's
+    ``base_lr/max_lr``) and its momentum range is the first group's.
 
     **Schedulers** (``scheduler=``): every torch scheduler built on ``base_lrs`` (StepLR,
     MultiStepLR, ExponentialLR, CosineAnnealingLR, CosineAnnealingWarmRestarts, LinearLR,
@@ -238,8 +247,9 @@ class GradualUnfreezing:
         if given is not None:
             return given
         first = self.optimizer.param_groups[0]
-        if _one_cycle(self.scheduler) is not None:
-            reference = float(first["max_lr"])
+        cyclic = _cyclic(self.scheduler)
+        if cyclic is not None:
+            reference = _peak(cyclic, first)
         else:
             reference = float(first.get("initial_lr", self._reference_lr))
         return reference * self._decay ** (k + 1)
@@ -273,14 +283,17 @@ class GradualUnfreezing:
         first = self.optimizer.param_groups[0]
         base = self._base_lr(k)
         group: dict[str, Any] = {"params": params}
-        cycle = _one_cycle(self.scheduler)
-        if cycle is not None:
+        cyclic = _cyclic(self.scheduler)
+        if isinstance(cyclic, lr_scheduler.OneCycleLR):
             div = float(first["max_lr"]) / float(first["initial_lr"])
             final = float(first["initial_lr"]) / float(first["min_lr"])
             group["max_lr"] = base
             group["initial_lr"] = base / div
             group["min_lr"] = group["initial_lr"] / final
-            group["lr"] = base * float(first["lr"]) / float(first["max_lr"])
+        elif cyclic is not None:
+            group["initial_lr"] = base * float(cyclic.base_lrs[0]) / float(cyclic.max_lrs[0])
+        if cyclic is not None:
+            group["lr"] = base * float(first["lr"]) / _peak(cyclic, first)
             for key in ("max_momentum", "base_momentum", "momentum", "betas"):
                 if key in first:
                     group[key] = first[key]
@@ -301,9 +314,8 @@ class GradualUnfreezing:
             elif isinstance(leaf, lr_scheduler.OneCycleLR):
                 pass  # reads the group's own keys, set in _unfreeze_stage
             elif isinstance(leaf, lr_scheduler.CyclicLR):
-                ratio = float(leaf.max_lrs[0]) / float(leaf.base_lrs[0])
-                leaf.base_lrs.append(base)
-                leaf.max_lrs.append(base * ratio)
+                leaf.base_lrs.append(group["initial_lr"])
+                leaf.max_lrs.append(base)
                 if getattr(leaf, "cycle_momentum", False):
                     leaf.base_momentums.append(leaf.base_momentums[0])
                     leaf.max_momentums.append(leaf.max_momentums[0])
