@@ -82,10 +82,12 @@ def test_new_groups_follow_the_scheduler_like_groups_present_from_the_start(name
         assert got == pytest.approx(expected[epoch][: len(got)], rel=1e-9, abs=1e-12), epoch
 
 
-def test_reduce_on_plateau_extends_min_lrs_and_reduces_new_groups() -> None:
+@pytest.mark.parametrize("min_lr", [1e-3, [1e-3]], ids=["float", "list"])
+def test_reduce_on_plateau_extends_min_lrs_and_reduces_new_groups(min_lr: object) -> None:
     model = TinyResNet()
     opt = torch.optim.Adam(model.fc.parameters(), lr=0.1)
-    sched = lrs.ReduceLROnPlateau(opt, factor=0.5, patience=0, min_lr=1e-3)
+    # with a list, torch itself raises on added groups (Lightning #8720)
+    sched = lrs.ReduceLROnPlateau(opt, factor=0.5, patience=0, min_lr=min_lr)
     unfreezer = GradualUnfreezing(
         model, opt, ["layer2", "layer1"], lr=0.04, scheduler=sched, milestones=[1, 1]
     )
