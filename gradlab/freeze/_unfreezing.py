@@ -283,6 +283,9 @@ class GradualUnfreezing:
         first = self.optimizer.param_groups[0]
         base = self._base_lr(k)
         group: dict[str, Any] = {"params": params}
+        if "param_names" in first:  # torch >= 2.6 optimizers built from named_parameters()
+            names = {id(p): n for n, p in net.named_parameters()}
+            group["param_names"] = [names[id(p)] for p in params]
         cyclic = _cyclic(self.scheduler)
         if isinstance(cyclic, lr_scheduler.OneCycleLR):
             div = float(first["max_lr"]) / float(first["initial_lr"])

@@ -23,6 +23,12 @@ SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], object]] = {
     "linear": lambda o: lrs.LinearLR(o, start_factor=0.25, total_iters=4),
     "onecycle": lambda o: lrs.OneCycleLR(o, max_lr=o.param_groups[0]["lr"], total_steps=10),
     "cyclic": lambda o: lrs.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=3),
+    "warm-restarts": lambda o: lrs.CosineAnnealingWarmRestarts(o, T_0=3),
+    "polynomial": lambda o: lrs.PolynomialLR(o, total_iters=5, power=2.0),
+    "constant": lambda o: lrs.ConstantLR(o, factor=0.5, total_iters=3),
+    "chained": lambda o: lrs.ChainedScheduler(
+        [lrs.ExponentialLR(o, gamma=0.9), lrs.StepLR(o, step_size=2, gamma=0.5)]
+    ),
     "sequential": lambda o: lrs.SequentialLR(
         o,
         [lrs.LinearLR(o, start_factor=0.5, total_iters=2), lrs.ExponentialLR(o, gamma=0.9)],
@@ -142,6 +148,17 @@ def test_default_lr_is_the_first_groups_base_with_layer_decay() -> None:
     # base lrs 0.2 * 0.5 and 0.2 * 0.25, joining at the current factor 0.5 of the schedule
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.05, 0.025])
     assert sched.base_lrs == pytest.approx([0.2, 0.1, 0.05])
+
+
+def test_optimizer_built_from_named_parameters() -> None:
+    model = TinyResNet()
+    opt = torch.optim.SGD(model.fc.named_parameters(), lr=0.1)
+    if "param_names" not in opt.param_groups[0]:
+        pytest.skip("this torch has no named param groups")
+    unfreezer = GradualUnfreezing(model, opt, ["layer2"], milestones=[1])
+    unfreezer.step()
+    assert opt.param_groups[1]["param_names"][0] == "layer2.0.conv1.weight"
+    assert len(opt.param_groups[1]["param_names"]) == len(opt.param_groups[1]["params"])
 
 
 def test_bad_input() -> None:
