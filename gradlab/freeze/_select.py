@@ -33,7 +33,6 @@ __all__ = [
     "name_matches",
     "parents_of",
     "select",
-    "unique_named_parameters",
 ]
 
 
@@ -60,11 +59,6 @@ def check_model(model: object, fn: str) -> nn.Module:
             "itself (for a parameter list use requires_grad_ directly)"
         )
     return model
-
-
-def unique_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``named_parameters`` with each parameter once, under its first name."""
-    return list(model.named_parameters())
 
 
 def close_names(name: str, candidates: Iterable[str], *, n: int = 5) -> str:
