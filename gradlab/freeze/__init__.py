@@ -1,0 +1,55 @@
+"""gradlab.freeze: freezing and fine-tuning where frozen really means frozen.
+
+``freeze`` sets ``requires_grad=False`` and ``.grad = None`` (so no optimizer created earlier can
+move a frozen parameter through momentum, weight decay or Adam state) and keeps frozen BatchNorm
+layers from updating their statistics; ``frozen`` does it temporarily; ``param_groups`` builds
+optimizer groups with real learning rates (discriminative rates, layer decay, no decay on biases
+and norms); ``GradualUnfreezing`` unfreezes stage by stage into a running optimizer and scheduler.
+See API.md, section "Freezing and fine-tuning".
+"""
+
+from __future__ import annotations
+
+from gradlab.freeze._batchnorm import (
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+)
+from gradlab.freeze._freeze import (
+    freeze,
+    frozen,
+    trainable_parameters,
+    unfreeze,
+)
+from gradlab.freeze._groups import (
+    param_groups,
+)
+from gradlab.freeze._replace import (
+    replace_module,
+)
+from gradlab.freeze._summary import (
+    ParameterSummary,
+    SummaryRow,
+    parameter_summary,
+)
+from gradlab.freeze._unfreezing import (
+    GradualUnfreezing,
+)
+
+__all__ = [
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GradualUnfreezing",
+    "ParameterSummary",
+    "SummaryRow",
+    "freeze",
+    "frozen",
+    "param_groups",
+    "parameter_summary",
+    "replace_module",
+    "trainable_parameters",
+    "unfreeze",
+]

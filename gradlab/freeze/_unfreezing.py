@@ -1,0 +1,341 @@
+"""GradualUnfreezing: unfreeze stage by stage into an existing optimizer and LR scheduler.
+
+Adding a param group to an optimizer behind a running scheduler breaks torch's schedulers in
+several ways: ReduceLROnPlateau indexes ``min_lrs`` per group (IndexError / RuntimeError, Lightning
+#8720), OneCycleLR reads per-group ``initial_lr``/``max_lr``/``min_lr`` keys (KeyError,
+transformers#20029), and the closed-form schedulers zip ``base_lrs`` with the groups (silently
+skipping, or with ``strict=True`` failing on, the new group). GradualUnfreezing extends each
+scheduler's per-group state along with the optimizer, and refuses, when it is built, a scheduler
+it does not know how to extend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer, lr_scheduler
+
+from gradlab._typing import FreezeTarget
+from gradlab.freeze._freeze import _check_batchnorm, freeze, unfreeze
+from gradlab.freeze._select import check_model, select
+from gradlab.freeze._wrappers import unwrap
+
+__all__ = ["GradualUnfreezing"]
+
+_FN = "GradualUnfreezing"
+_Scheduler = Any  # torch's LRScheduler / ReduceLROnPlateau (a subclass only in newer torch)
+
+
+def _leaves(scheduler: _Scheduler) -> list[_Scheduler]:
+    """The schedulers that hold per-group state (SequentialLR / ChainedScheduler opened up)."""
+    if isinstance(scheduler, lr_scheduler.SequentialLR | lr_scheduler.ChainedScheduler):
+        return [leaf for s in scheduler._schedulers for leaf in _leaves(s)]
+    return [scheduler]
+
+
+def _check_scheduler(scheduler: _Scheduler, optimizer: Optimizer) -> None:
+    known = (lr_scheduler.LRScheduler, lr_scheduler.ReduceLROnPlateau)
+    if not isinstance(scheduler, known):
+        raise TypeError(
+            f"{_FN}: scheduler must be a torch.optim.lr_scheduler scheduler, got "
+            f"{type(scheduler).__name__}"
+        )
+    for leaf in _leaves(scheduler):
+        if leaf.optimizer is not optimizer:
+            raise ValueError(f"{_FN}: scheduler {type(leaf).__name__} drives another optimizer")
+        lambdas = getattr(leaf, "lr_lambdas", None)
+        if lambdas is not None and any(f is not lambdas[0] for f in lambdas):
+            raise ValueError(
+                f"{_FN}: {type(leaf).__name__} has a different lr_lambda per param group, so the "
+                "lambda for a new group is unknown; use a single lr_lambda"
+            )
+        min_lrs = getattr(leaf, "min_lrs", None)
+        if isinstance(leaf, lr_scheduler.ReduceLROnPlateau) and len(set(min_lrs or [0])) > 1:
+            raise ValueError(
+                f"{_FN}: ReduceLROnPlateau has a different min_lr per param group, so the min_lr "
+                "for a new group is unknown; pass a single min_lr"
+            )
+
+
+def _cyclic(scheduler: _Scheduler | None) -> _Scheduler | None:
+    """The OneCycleLR / CyclicLR driving the optimizer, if any (their stage lr is the peak)."""
+    if scheduler is None:
+        return None
+    for leaf in _leaves(scheduler):
+        if isinstance(leaf, lr_scheduler.OneCycleLR | lr_scheduler.CyclicLR):
+            return leaf
+    return None
+
+
+def _peak(leaf: _Scheduler, group: dict[str, Any]) -> float:
+    if isinstance(leaf, lr_scheduler.OneCycleLR):
+        return float(group["max_lr"])
+    return float(leaf.max_lrs[0])
+
+
+class GradualUnfreezing:
+    r"""Unfreeze a model stage by stage (ULMFiT / Lightning ``BackboneFinetuning`` style).
+
+    On construction every stage is frozen (with :func:`freeze`, ``batchnorm`` as given); the rest
+    of the model (the head) trains from the start with the optimizer you built over it. Call
+    :meth:`step` once per epoch (or per step: the unit is yours), like an LR scheduler; when the
+    count reaches ``milestones[k]``, stage ``k`` is unfrozen and its parameters join the optimizer
+    as a new param group, and the scheduler's per-group state is extended so that it drives the new
+    group too.
+
+    **Learning rates.** Stage ``k`` has a base lr: ``lr[k]`` (a sequence), or ``lr`` (a float),
+    or, when ``lr`` is None, the base lr of the optimizer's first group; times
+    ``layer_decay**(k + 1)`` (ULMFiT's discriminative rates: stage 0 is the one next to the head).
+    A base lr means what the ``lr`` given to an optimizer means: the group joins at the current
+    point of the schedule, with ``lr = base * (current lr / base lr)`` of the first group, and the
+    scheduler moves it from there as if it had been in the optimizer from the start. The first
+    group's base lr is its ``initial_lr`` (set by torch's schedulers) or else its lr when
+    GradualUnfreezing was built. With OneCycleLR and CyclicLR the stage lr is the new group's
+    peak (``max_lr``, the number those schedulers are given); its lower bounds keep the first
+    group's ratios (OneCycleLR's ``div_factor``/``final_div_factor``, CyclicLR's
+    ``base_lr/max_lr``) and its momentum range is the first group's.
+
+    **Schedulers** (``scheduler=``): every torch scheduler built on ``base_lrs`` (StepLR,
+    MultiStepLR, ExponentialLR, CosineAnnealingLR, CosineAnnealingWarmRestarts, LinearLR,
+    ConstantLR, PolynomialLR, LambdaLR / MultiplicativeLR with a single lambda), OneCycleLR,
+    CyclicLR, ReduceLROnPlateau (with a single ``min_lr``), and SequentialLR / ChainedScheduler of
+    those. Anything else is refused when GradualUnfreezing is built.
+
+    New groups get the optimizer's defaults for everything but ``lr`` (weight decay included).
+    Stages may not share parameters, and the optimizer may not already hold a stage's parameters
+    (it could not take them as a new group): build it over the head, e.g. over
+    :func:`trainable_parameters` after :func:`freeze` of the stages.
+
+    Args:
+        model: the network.
+        optimizer: the optimizer over the parameters that train from the start.
+        stages: what each stage unfreezes, in unfreezing order: a target, or a sequence of
+            targets (name globs, module types, modules, parameters, as for :func:`freeze`).
+        milestones: the :meth:`step` count at which each stage unfreezes, non-decreasing ints >= 1;
+            default ``1, 2, ..., len(stages)`` (one stage per epoch, ULMFiT).
+        lr: base lr per stage (a float for all, a sequence for each), or None (see above).
+        layer_decay: stage ``k`` gets ``lr * layer_decay**(k + 1)``; None for 1. Only with a
+            float or None ``lr``.
+        scheduler: the LR scheduler driving ``optimizer``, if any.
+        batchnorm: what freezing does to the stages' BatchNorm layers (see :func:`freeze`).
+
+    Raises:
+        TypeError: wrong argument types, an unsupported scheduler.
+        ValueError: bad milestones or rates, overlapping stages, stage parameters already in the
+            optimizer, a stage that matches nothing.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+        >>> opt = torch.optim.SGD(net[2].parameters(), lr=0.1)
+        >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        >>> unfreezer = GradualUnfreezing(net, opt, ["1", "0"], lr=0.1, layer_decay=0.5,
+        ...                               scheduler=sched)
+        >>> for epoch in range(3):
+        ...     opt.step(); sched.step()
+        ...     print(epoch, unfreezer.step(), [round(g["lr"], 5) for g in opt.param_groups])
+        0 (0,) [0.05, 0.025]
+        1 (1,) [0.025, 0.0125, 0.00625]
+        2 () [0.0125, 0.00625, 0.00313]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        stages: Sequence[FreezeTarget | Sequence[FreezeTarget]],
+        *,
+        milestones: Sequence[int] | None = None,
+        lr: float | Sequence[float] | None = None,
+        layer_decay: float | None = None,
+        scheduler: _Scheduler | None = None,
+        batchnorm: str = "eval",
+    ) -> None:
+        check_model(model, _FN)
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"{_FN}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        _check_batchnorm(batchnorm, _FN)
+        if isinstance(stages, str | nn.Module | type) or not isinstance(stages, Sequence):
+            raise TypeError(
+                f"{_FN}: stages must be a sequence of stages (each a target or a sequence of "
+                f"targets), got {type(stages).__name__}; e.g. ['layer4', 'layer3']"
+            )
+        if not stages:
+            raise ValueError(f"{_FN}: stages is empty; give at least one stage to unfreeze")
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.stages: tuple[tuple[FreezeTarget, ...], ...] = tuple(
+            (s,)
+            if isinstance(s, str | nn.Module | type) or not isinstance(s, Sequence)
+            else tuple(s)
+            for s in stages
+        )
+        n = len(self.stages)
+        self.milestones = self._check_milestones(milestones, n)
+        self._stage_lrs = self._check_lrs(lr, layer_decay, n)
+        self._decay = 1.0 if layer_decay is None else float(layer_decay)
+        if scheduler is not None:
+            _check_scheduler(scheduler, optimizer)
+        net, _ = unwrap(model)
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        seen: dict[int, int] = {}
+        for k, stage in enumerate(self.stages):
+            for p in select(net, stage, fn=_FN).params:
+                if id(p) in in_optimizer:
+                    raise ValueError(
+                        f"{_FN}: the optimizer already holds parameters of stage {k} {stage!r}; "
+                        "build it over the parameters that train from the start (e.g. "
+                        "trainable_parameters(model) after freeze(model, *stages))"
+                    )
+                if seen.setdefault(id(p), k) != k:
+                    raise ValueError(
+                        f"{_FN}: stages {seen[id(p)]} and {k} share parameters; each parameter "
+                        "may unfreeze in one stage only"
+                    )
+        first = optimizer.param_groups[0]
+        self._reference_lr = float(first["lr"])
+        for stage in self.stages:
+            freeze(model, *stage, batchnorm=batchnorm)
+        self.count = 0
+        self.unfrozen: list[bool] = [False] * n
+
+    @staticmethod
+    def _check_milestones(milestones: Sequence[int] | None, n: int) -> tuple[int, ...]:
+        if milestones is None:
+            return tuple(range(1, n + 1))
+        values = tuple(milestones)
+        ok = all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in values)
+        if len(values) != n or not ok or list(values) != sorted(values):
+            raise ValueError(
+                f"{_FN}: milestones must be {n} non-decreasing ints >= 1 (one per stage), got "
+                f"{milestones!r}"
+            )
+        return values
+
+    @staticmethod
+    def _check_lrs(
+        lr: float | Sequence[float] | None, layer_decay: float | None, n: int
+    ) -> list[float | None]:
+        def number(x: object) -> bool:
+            return isinstance(x, int | float) and not isinstance(x, bool) and x >= 0  # type: ignore[operator]
+
+        if layer_decay is not None and not (number(layer_decay) and 0 < layer_decay <= 1):
+            raise ValueError(f"{_FN}: layer_decay must be in (0, 1], got {layer_decay!r}")
+        decay = 1.0 if layer_decay is None else float(layer_decay)
+        if lr is None or number(lr):
+            return [None if lr is None else float(lr) * decay ** (k + 1) for k in range(n)]  # type: ignore[arg-type]
+        if isinstance(lr, Sequence) and not isinstance(lr, str):
+            if layer_decay is not None:
+                raise ValueError(
+                    f"{_FN}: pass either one lr per stage or layer_decay, not both; a sequence "
+                    "of lrs already sets each stage's rate"
+                )
+            if len(lr) != n or not all(number(x) for x in lr):
+                raise ValueError(
+                    f"{_FN}: lr must hold {n} numbers >= 0 (one per stage), got {lr!r}"
+                )
+            return [float(x) for x in lr]
+        raise TypeError(f"{_FN}: lr must be a float, a sequence of floats or None, got {lr!r}")
+
+    def _base_lr(self, k: int) -> float:
+        given = self._stage_lrs[k]
+        if given is not None:
+            return given
+        first = self.optimizer.param_groups[0]
+        cyclic = _cyclic(self.scheduler)
+        if cyclic is not None:
+            reference = _peak(cyclic, first)
+        else:
+            reference = float(first.get("initial_lr", self._reference_lr))
+        return reference * self._decay ** (k + 1)
+
+    def step(self) -> tuple[int, ...]:
+        """Advance the count by one and unfreeze the stages whose milestone is reached.
+
+        Returns:
+            The indices of the stages unfrozen by this call (often empty).
+        """
+        self.count += 1
+        done = []
+        for k, milestone in enumerate(self.milestones):
+            if not self.unfrozen[k] and milestone <= self.count:
+                self._unfreeze_stage(k)
+                done.append(k)
+        return tuple(done)
+
+    def _unfreeze_stage(self, k: int) -> None:
+        net, _ = unwrap(self.model)
+        unfreeze(self.model, *self.stages[k])
+        in_optimizer = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        params = [
+            p
+            for p in select(net, self.stages[k], fn=_FN).params
+            if p.requires_grad and id(p) not in in_optimizer
+        ]
+        self.unfrozen[k] = True
+        if not params:
+            return
+        first = self.optimizer.param_groups[0]
+        base = self._base_lr(k)
+        group: dict[str, Any] = {"params": params}
+        if "param_names" in first:  # torch >= 2.6 optimizers built from named_parameters()
+            names = {id(p): n for n, p in net.named_parameters()}
+            group["param_names"] = [names[id(p)] for p in params]
+        cyclic = _cyclic(self.scheduler)
+        if isinstance(cyclic, lr_scheduler.OneCycleLR):
+            div = float(first["max_lr"]) / float(first["initial_lr"])
+            final = float(first["initial_lr"]) / float(first["min_lr"])
+            group["max_lr"] = base
+            group["initial_lr"] = base / div
+            group["min_lr"] = group["initial_lr"] / final
+        elif cyclic is not None:
+            group["initial_lr"] = base * float(cyclic.base_lrs[0]) / float(cyclic.max_lrs[0])
+        if cyclic is not None:
+            group["lr"] = base * float(first["lr"]) / _peak(cyclic, first)
+            for key in ("max_momentum", "base_momentum", "momentum", "betas"):
+                if key in first:
+                    group[key] = first[key]
+        else:
+            reference = float(first.get("initial_lr", self._reference_lr))
+            scale = float(first["lr"]) / reference if reference else 1.0
+            group["lr"] = base * scale
+            if "initial_lr" in first:
+                group["initial_lr"] = base
+        self.optimizer.add_param_group(group)
+        if self.scheduler is not None:
+            self._extend(self.scheduler, group, base)
+
+    def _extend(self, scheduler: _Scheduler, group: dict[str, Any], base: float) -> None:
+        for leaf in _leaves(scheduler):
+            if isinstance(leaf, lr_scheduler.ReduceLROnPlateau):
+                leaf.min_lrs.append(leaf.min_lrs[0])
+            elif isinstance(leaf, lr_scheduler.OneCycleLR):
+                pass  # reads the group's own keys, set in _unfreeze_stage
+            elif isinstance(leaf, lr_scheduler.CyclicLR):
+                leaf.base_lrs.append(group["initial_lr"])
+                leaf.max_lrs.append(base)
+                if getattr(leaf, "cycle_momentum", False):
+                    leaf.base_momentums.append(leaf.base_momentums[0])
+                    leaf.max_momentums.append(leaf.max_momentums[0])
+            if hasattr(leaf, "base_lrs") and not isinstance(leaf, lr_scheduler.CyclicLR):
+                if len(leaf.base_lrs) < len(self.optimizer.param_groups):
+                    leaf.base_lrs.append(group.get("initial_lr", base))
+            lambdas = getattr(leaf, "lr_lambdas", None)
+            if lambdas is not None:
+                lambdas.append(lambdas[0])
+        for s in {id(s): s for s in [scheduler, *_leaves(scheduler)]}.values():
+            last = getattr(s, "_last_lr", None)
+            if isinstance(last, list) and len(last) < len(self.optimizer.param_groups):
+                last.append(group["lr"])
+
+    def __repr__(self) -> str:
+        done = sum(self.unfrozen)
+        return (
+            f"GradualUnfreezing(stages={len(self.stages)}, unfrozen={done}, count={self.count}, "
+            f"milestones={list(self.milestones)})"
+        )
