@@ -7,8 +7,49 @@ curvature and freezing helpers live at the top level.
 
 from __future__ import annotations
 
+from gradlab._autotune import (
+    autotune,
+    autotune_choices,
+    clear_autotune_cache,
+    is_autotune_enabled,
+    set_autotune,
+)
 from gradlab._errors import GradlabError, GraphError
+from gradlab._functional import (
+    HVP,
+    JVP,
+    VJP,
+    FunctionalModule,
+    functional,
+    hessian,
+    hvp,
+    jacobian,
+    jvp,
+    vjp,
+)
+from gradlab._grad import backward, grad
 
 __version__ = "0.1.0"
 
-__all__ = ["GradlabError", "GraphError", "__version__"]
+__all__ = [
+    "HVP",
+    "JVP",
+    "VJP",
+    "FunctionalModule",
+    "GradlabError",
+    "GraphError",
+    "__version__",
+    "autotune",
+    "autotune_choices",
+    "backward",
+    "clear_autotune_cache",
+    "functional",
+    "grad",
+    "hessian",
+    "hvp",
+    "is_autotune_enabled",
+    "jacobian",
+    "jvp",
+    "set_autotune",
+    "vjp",
+]
