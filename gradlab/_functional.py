@@ -9,6 +9,7 @@ measures them once per function and input signature (see :mod:`gradlab._autotune
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -336,7 +337,7 @@ def jacobian(
             f,
             (_autotune.signature(args), argnums, chunk_size, torch.is_grad_enabled()),
             {
-                s: (lambda s=s: _jacobian_impl(f, args, argnums, nums, s, chunk_size))
+                s: functools.partial(_jacobian_impl, f, args, argnums, nums, s, chunk_size)
                 for s in JACOBIAN_STRATEGIES
             },
             _jacobian_heuristic(f, args, nums),
@@ -450,7 +451,7 @@ def hessian(
             f,
             (_autotune.signature(args), argnums, chunk_size, torch.is_grad_enabled()),
             {
-                s: (lambda s=s: _hessian_impl(f, args, argnums, nums, s, chunk_size))
+                s: functools.partial(_hessian_impl, f, args, argnums, nums, s, chunk_size)
                 for s in HESSIAN_STRATEGIES
             },
             "rev-rev",
@@ -505,12 +506,12 @@ def _hvp_impl(f: TensorFn, primals: tuple, tangents: tuple, strategy: str) -> tu
     sf = _scalar("hvp", f)
     nums = tuple(range(len(primals)))
     if strategy == "fwd-rev":
-        (_, value), (hv, _) = torch.func.jvp(torch.func.grad_and_value(sf, nums), primals, tangents)
+        res: Any = torch.func.jvp(torch.func.grad_and_value(sf, nums), primals, tangents)
+        (_, value), (hv, _) = res
         return value, hv
     if strategy == "rev-rev":
-        _, vjp_fn, value = torch.func.vjp(
-            torch.func.grad_and_value(sf, nums), *primals, has_aux=True
-        )
+        res = torch.func.vjp(torch.func.grad_and_value(sf, nums), *primals, has_aux=True)
+        _, vjp_fn, value = res
         return value, vjp_fn(tangents)
     # double-backward
     flat_t = pytree.tree_leaves(tangents)
@@ -585,7 +586,7 @@ def hvp(f: TensorFn, args: Any, v: Any, *, strategy: str = "auto") -> HVP:
             "hvp",
             f,
             (_autotune.signature(primals), torch.is_grad_enabled()),
-            {s: (lambda s=s: _hvp_impl(f, primals, tangents, s)) for s in HVP_STRATEGIES},
+            {s: functools.partial(_hvp_impl, f, primals, tangents, s) for s in HVP_STRATEGIES},
             "double-backward",
             _devices(primals),
         )
@@ -614,7 +615,8 @@ def vjp(f: TensorFn, args: Any, v: Any) -> VJP:
     """
     primals, single = _primals("vjp", args)
     _check_call("vjp", f, primals, tuple(range(len(primals))), None)
-    value, vjp_fn = torch.func.vjp(f, *primals)
+    res: Any = torch.func.vjp(f, *primals)
+    value, vjp_fn = res
     _check_like("vjp", "v", v, value, "f's output")
     cot = vjp_fn(v)
     return VJP(value, cot[0] if single else tuple(cot))
@@ -642,7 +644,8 @@ def jvp(f: TensorFn, args: Any, v: Any) -> JVP:
     tangents = (v,) if single else _primals("jvp", v)[0]
     _check_call("jvp", f, primals, tuple(range(len(primals))), None)
     _check_like("jvp", "v", tangents, primals, "args")
-    value, out = torch.func.jvp(f, primals, tangents)
+    res: Any = torch.func.jvp(f, primals, tangents)
+    value, out = res
     return JVP(value, out)
 
 

@@ -10,7 +10,7 @@ import torch
 def fd_jacobian(
     f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float = 1e-6
 ) -> torch.Tensor:
-    """Central differences in float64: ``J[i..., j...] = (f(x + eps e_j) - f(x - eps e_j)) / 2eps``."""
+    """Central differences in float64: ``J[..., j] = (f(x + eps e_j) - f(x - eps e_j)) / 2eps``."""
     x = x.detach().to(torch.float64)
     flat = x.reshape(-1)
     cols = []

@@ -191,7 +191,7 @@ def test_vjp_and_jvp_match_jacobian(device):
     torch.testing.assert_close(vj, u @ J, atol=1e-7, rtol=1e-6)
     value, jv = gl.jvp(f, x, v)
     torch.testing.assert_close(jv, J @ v, atol=1e-7, rtol=1e-6)
-    _, (va, vb) = gl.vjp(lambda a, b: a * b, (x, x), torch.ones_like(x))
+    _, (va, _vb) = gl.vjp(lambda a, b: a * b, (x, x), torch.ones_like(x))
     torch.testing.assert_close(va, x)
 
 

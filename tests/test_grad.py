@@ -103,7 +103,7 @@ def test_works_under_no_grad(fn, device):
 def test_unused_modes(fn, device):
     x = torch.randn(3, device=device, requires_grad=True)
     z = torch.randn(2, device=device, requires_grad=True)
-    gx, gz = fn((x**2).sum(), [x, z], retain_graph=True)
+    _gx, gz = fn((x**2).sum(), [x, z], retain_graph=True)
     torch.testing.assert_close(gz, torch.zeros(2, device=device))
     _, gz = fn((x**2).sum(), [x, z], unused="none", retain_graph=True)
     assert gz is None
