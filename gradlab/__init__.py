@@ -14,6 +14,7 @@ from gradlab._autotune import (
     is_autotune_enabled,
     set_autotune,
 )
+from gradlab._derivative import derivative
 from gradlab._errors import GradlabError, GraphError
 from gradlab._functional import (
     HVP,
@@ -43,6 +44,7 @@ __all__ = [
     "autotune_choices",
     "backward",
     "clear_autotune_cache",
+    "derivative",
     "functional",
     "grad",
     "hessian",
