@@ -464,7 +464,8 @@ def _check_shape(out: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def _taylor(f: Callable[[Any], Any], x: torch.Tensor, order: int) -> torch.Tensor:
-    jet = Jet([x, 1.0] + [None] * (order - 1))
+    coefs: list[Coef] = [x, 1.0] + [None] * (order - 1)
+    jet = Jet(coefs)
     out = f(jet)
     if not isinstance(out, Jet):
         raise UnsupportedOp(f"f returned a {type(out).__name__}")
