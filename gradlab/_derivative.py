@@ -464,7 +464,8 @@ def _check_shape(out: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def _taylor(f: Callable[[Any], Any], x: torch.Tensor, order: int) -> torch.Tensor:
-    coefs: list[Coef] = [x, 1.0] + [None] * (order - 1)
+    coefs: list[Coef] = [x, 1.0]
+    coefs += [None] * (order - 1)
     jet = Jet(coefs)
     out = f(jet)
     if not isinstance(out, Jet):
