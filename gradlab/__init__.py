@@ -29,6 +29,14 @@ from gradlab._functional import (
     vjp,
 )
 from gradlab._grad import backward, grad
+from gradlab.curvature import (
+    Eigenpairs,
+    Spectrum,
+    hessian_diagonal,
+    hessian_eigenvalues,
+    hessian_spectrum,
+    hessian_trace,
+)
 
 __version__ = "0.1.0"
 
@@ -36,9 +44,11 @@ __all__ = [
     "HVP",
     "JVP",
     "VJP",
+    "Eigenpairs",
     "FunctionalModule",
     "GradlabError",
     "GraphError",
+    "Spectrum",
     "__version__",
     "autotune",
     "autotune_choices",
@@ -48,6 +58,10 @@ __all__ = [
     "functional",
     "grad",
     "hessian",
+    "hessian_diagonal",
+    "hessian_eigenvalues",
+    "hessian_spectrum",
+    "hessian_trace",
     "hvp",
     "is_autotune_enabled",
     "jacobian",
