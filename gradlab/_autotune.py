@@ -104,7 +104,7 @@ def autotune_choices() -> dict[tuple, str]:
 
 def _leaf_sig(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
-        return (tuple(x.shape), x.dtype, x.device.type, x.device.index, x.requires_grad)
+        return (tuple(x.shape), x.dtype, x.device, x.requires_grad)
     if isinstance(x, (int, float, bool, str, type(None))):
         return (type(x).__name__, x)
     return type(x).__name__
@@ -112,6 +112,10 @@ def _leaf_sig(x: Any) -> Any:
 
 def signature(tree: Any) -> tuple:
     """Hashable description of a pytree of inputs: its structure and per-leaf shape/dtype/device."""
+    if isinstance(tree, torch.Tensor):  # fast paths: the look-up runs on every "auto" call
+        return ("tensor", _leaf_sig(tree))
+    if isinstance(tree, tuple) and all(isinstance(t, torch.Tensor) for t in tree):
+        return ("tuple", tuple(_leaf_sig(t) for t in tree))
     leaves, spec = pytree.tree_flatten(tree)
     return (str(spec), tuple(_leaf_sig(x) for x in leaves))
 
