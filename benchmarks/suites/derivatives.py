@@ -208,12 +208,12 @@ def run(ctx: Context) -> list[Table]:
         ],
     )
     xd = torch.randn(size, device=dev)
-    quick = dataclasses.replace(ctx, size="quick")  # short blocks: 8 orders x 5 variants
+    quick = dataclasses.replace(ctx, size="quick")  # short blocks (8 orders x 5 variants) ...
     first: dict[str, float] = {}
     for k in range(1, 9):
         ctx.progress(f"derivative order {k}")
         fns = _derivative_variants(xd, k)
-        timings, ratios = time_interleaved(fns, ctx=quick)
+        timings, ratios = time_interleaved(fns, ctx=quick, rounds=ctx.rounds)  # ... full rounds
         best = min(ratios.values())
         for name in fns:
             first.setdefault(name, timings[name].median)
