@@ -7,7 +7,36 @@ curvature and freezing helpers live at the top level.
 
 from __future__ import annotations
 
+from gradlab._autotune import (
+    autotune,
+    autotune_choices,
+    clear_autotune_cache,
+    is_autotune_enabled,
+    set_autotune,
+)
+from gradlab._derivative import derivative
 from gradlab._errors import GradlabError, GraphError
+from gradlab._functional import (
+    HVP,
+    JVP,
+    VJP,
+    FunctionalModule,
+    functional,
+    hessian,
+    hvp,
+    jacobian,
+    jvp,
+    vjp,
+)
+from gradlab._grad import backward, grad
+from gradlab.curvature import (
+    Eigenpairs,
+    Spectrum,
+    hessian_diagonal,
+    hessian_eigenvalues,
+    hessian_spectrum,
+    hessian_trace,
+)
 from gradlab.freeze import (
     GradualUnfreezing,
     freeze,
@@ -21,14 +50,40 @@ from gradlab.freeze import (
 
 __version__ = "0.1.0"
 
-__all__ = ["GradlabError", "GraphError", "__version__"]
-__all__ += [
+__all__ = [
+    "HVP",
+    "JVP",
+    "VJP",
+    "Eigenpairs",
+    "FunctionalModule",
+    "GradlabError",
     "GradualUnfreezing",
+    "GraphError",
+    "Spectrum",
+    "__version__",
+    "autotune",
+    "autotune_choices",
+    "backward",
+    "clear_autotune_cache",
+    "derivative",
     "freeze",
     "frozen",
+    "functional",
+    "grad",
+    "hessian",
+    "hessian_diagonal",
+    "hessian_eigenvalues",
+    "hessian_spectrum",
+    "hessian_trace",
+    "hvp",
+    "is_autotune_enabled",
+    "jacobian",
+    "jvp",
     "param_groups",
     "parameter_summary",
     "replace_module",
+    "set_autotune",
     "trainable_parameters",
     "unfreeze",
+    "vjp",
 ]

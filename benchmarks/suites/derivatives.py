@@ -1,0 +1,246 @@
+"""derivatives: every strategy of gradlab's derivative functions, "auto", and torch's own functions.
+
+Each row times one way of computing the same derivative, interleaved in rounds with the others of
+its case (``benchmarks._core.time_interleaved``); ``ratio_to_best`` is the median per-round time
+ratio to the fastest variant of the case. Cases (the matrix of issue 3):
+
+* Hessian of a 2-layer tanh network ``sum(W2 tanh(W1 x + b1))`` with n inputs, written with
+  ``F.linear`` and with ``W @ x``;
+* Jacobians 512 -> 16 and 16 -> 512 of ``tanh(W x)``;
+* HVP of an MLP (784-128-10) cross-entropy loss w.r.t. its ~100k parameters at batch 64 and 512;
+* k-th derivative of ``tanh`` (elementwise) for k = 1..8: cost per strategy and growth per order.
+
+``auto`` is timed after its one-time measurement (which happens in the warm-up call), i.e. at its
+steady-state cost: cache look-up plus the chosen strategy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradlab as gl
+from benchmarks._core import Context, Suite, Table, time_interleaved
+
+# Variants that are references, not ways of computing the derivative (not counted as "best").
+_REFERENCE = ("gradient (reference)",)
+
+
+def _rows(
+    table: Table,
+    case: str,
+    fns: dict[str, Callable[[], object]],
+    ctx: Context,
+    *,
+    rounds: int | None = None,
+    extra: dict[str, dict[str, float]] | None = None,
+) -> dict[str, float]:
+    timings, ratios = time_interleaved(fns, ctx=ctx, rounds=rounds)
+    best = min(r for n, r in ratios.items() if n not in _REFERENCE)
+    out = {}
+    for name in fns:
+        row = {
+            "case": case,
+            "variant": name,
+            "median_s": timings[name].median,
+            "ratio_to_best": ratios[name] / best,
+        }
+        if extra and name in extra:
+            row.update(extra[name])
+        table.add(**row)
+        out[name] = ratios[name] / best
+    return out
+
+
+def _tanh_net(n: int, hidden: int, dev: torch.device):
+    g = torch.Generator().manual_seed(0)
+    W1 = (torch.randn(hidden, n, generator=g) / n**0.5).to(dev)
+    b1 = torch.randn(hidden, generator=g).to(dev)
+    W2 = (torch.randn(1, hidden, generator=g) / hidden**0.5).to(dev)
+    b2 = torch.randn(1, generator=g).to(dev)
+
+    def f_linear(x: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.tanh(F.linear(x, W1, b1)), W2, b2).sum()
+
+    def f_matmul(x: torch.Tensor) -> torch.Tensor:
+        return (W2 @ torch.tanh(W1 @ x + b1) + b2).sum()
+
+    return f_linear, f_matmul
+
+
+def _hessian_variants(f: Callable, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    fns: dict[str, Callable[[], object]] = {
+        s: (lambda s=s: gl.hessian(f, x, strategy=s)) for s in ("rev-rev", "fwd-rev", "loop")
+    }
+    fns["auto"] = lambda: gl.hessian(f, x)
+    fns["torch.func.hessian"] = lambda: torch.func.hessian(f)(x)
+    fns["autograd.functional.hessian"] = lambda: torch.autograd.functional.hessian(f, x)
+    fns["autograd.functional.hessian(vectorize)"] = lambda: torch.autograd.functional.hessian(
+        f, x, vectorize=True
+    )
+    return fns
+
+
+def _jacobian_variants(f: Callable, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    fns: dict[str, Callable[[], object]] = {
+        s: (lambda s=s: gl.jacobian(f, x, strategy=s)) for s in ("reverse", "forward", "loop")
+    }
+    fns["auto"] = lambda: gl.jacobian(f, x)
+    fns["torch.func.jacrev"] = lambda: torch.func.jacrev(f)(x)
+    fns["torch.func.jacfwd"] = lambda: torch.func.jacfwd(f)(x)
+    fns["autograd.functional.jacobian"] = lambda: torch.autograd.functional.jacobian(f, x)
+    fns["autograd.functional.jacobian(vectorize)"] = lambda: torch.autograd.functional.jacobian(
+        f, x, vectorize=True
+    )
+    return fns
+
+
+def _hvp_variants(batch: int, dev: torch.device) -> dict[str, Callable[[], object]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 128), nn.Tanh(), nn.Linear(128, 10)).to(dev)
+    fm = gl.functional(model)
+    params = fm.params
+    x = torch.randn(batch, 784, device=dev)
+    y = torch.randint(0, 10, (batch,), device=dev)
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(fm(p, x), y)
+
+    names = list(params)
+
+    def loss_tuple(*ps: torch.Tensor) -> torch.Tensor:
+        return loss(dict(zip(names, ps)))
+
+    p_tuple = tuple(params.values())
+    v_tuple = tuple(v.values())
+
+    def gradient_only() -> object:
+        return torch.func.grad(loss)(params)
+
+    fns: dict[str, Callable[[], object]] = {
+        s: (lambda s=s: gl.hvp(loss, params, v, strategy=s))
+        for s in ("double-backward", "fwd-rev", "rev-rev")
+    }
+    fns["auto"] = lambda: gl.hvp(loss, params, v)
+    fns["autograd.functional.hvp"] = lambda: torch.autograd.functional.hvp(
+        loss_tuple, p_tuple, v_tuple
+    )
+    fns["gradient (reference)"] = gradient_only
+    return fns
+
+
+def _derivative_variants(x: torch.Tensor, k: int) -> dict[str, Callable[[], object]]:
+    f = torch.tanh
+    strategies = ["taylor", "reverse"] + (["forward"] if k <= 4 else [])
+    fns: dict[str, Callable[[], object]] = {
+        s: (lambda s=s: gl.derivative(f, x, order=k, strategy=s)) for s in strategies
+    }
+    fns["auto"] = lambda: gl.derivative(f, x, order=k)
+
+    def nested_autograd() -> torch.Tensor:
+        z = x.detach().requires_grad_(True)
+        y = f(z)
+        for _ in range(k):
+            (y,) = torch.autograd.grad(y.sum(), z, create_graph=True)
+        return y.detach()
+
+    fns["nested autograd.grad"] = nested_autograd
+    return fns
+
+
+def run(ctx: Context) -> list[Table]:
+    dev = ctx.device
+    auto_worst: list[tuple[float, str]] = []
+
+    def track(case: str, ratios: dict[str, float]) -> None:
+        auto_worst.append((ratios["auto"], case))
+
+    # 1. Hessians
+    n = ctx.pick(64, 256, 256)
+    hidden = ctx.pick(64, 256, 512)
+    t_h = Table(
+        f"Hessian of sum(W2 tanh(W1 x + b1)), n={n} inputs, hidden={hidden}",
+        ["case", "variant", "median_s", "ratio_to_best"],
+    )
+    f_linear, f_matmul = _tanh_net(n, hidden, dev)
+    x = torch.randn(n, device=dev)
+    for label, f in (("F.linear form", f_linear), ("W @ x form", f_matmul)):
+        ctx.progress(f"hessian {label}")
+        track(f"hessian {label}", _rows(t_h, label, _hessian_variants(f, x), ctx))
+
+    # 2. Jacobians
+    t_j = Table("Jacobian of tanh(W x)", ["case", "variant", "median_s", "ratio_to_best"])
+    big = ctx.pick(128, 512, 512)
+    for n_in, n_out in ((big, 16), (16, big)):
+        W = torch.randn(n_out, n_in, device=dev) / n_in**0.5
+        xj = torch.randn(n_in, device=dev)
+
+        def fj(z: torch.Tensor, W: torch.Tensor = W) -> torch.Tensor:
+            return torch.tanh(W @ z)
+
+        label = f"{n_in} -> {n_out}"
+        ctx.progress(f"jacobian {label}")
+        track(f"jacobian {label}", _rows(t_j, label, _jacobian_variants(fj, xj), ctx))
+
+    # 3. HVPs
+    t_v = Table(
+        "HVP of an MLP 784-128-10 cross-entropy loss w.r.t. its 101,770 parameters",
+        ["case", "variant", "median_s", "ratio_to_best"],
+        notes=["gradient (reference): one gradient of the loss, for scale; not a candidate."],
+    )
+    for batch in (ctx.pick(16, 64, 64), ctx.pick(64, 512, 512)):
+        ctx.progress(f"hvp batch {batch}")
+        track(f"hvp batch {batch}", _rows(t_v, f"batch {batch}", _hvp_variants(batch, dev), ctx))
+
+    # 4. k-th derivatives
+    size = ctx.pick(4096, 65536, 262144)
+    t_d = Table(
+        f"k-th derivative of tanh, x with {size} elements",
+        ["case", "variant", "median_s", "ratio_to_best", "growth_vs_k1"],
+        notes=[
+            "growth_vs_k1: time at order k / time of the same variant at k = 1.",
+            "forward (nested jvp) is timed up to k = 4 only: it costs seconds at k = 8.",
+        ],
+    )
+    xd = torch.randn(size, device=dev)
+    quick = dataclasses.replace(ctx, size="quick")  # short blocks (8 orders x 5 variants) ...
+    first: dict[str, float] = {}
+    for k in range(1, 9):
+        ctx.progress(f"derivative order {k}")
+        fns = _derivative_variants(xd, k)
+        timings, ratios = time_interleaved(fns, ctx=quick, rounds=ctx.rounds)  # ... full rounds
+        best = min(ratios.values())
+        for name in fns:
+            first.setdefault(name, timings[name].median)
+            t_d.add(
+                case=f"k={k}",
+                variant=name,
+                median_s=timings[name].median,
+                ratio_to_best=ratios[name] / best,
+                growth_vs_k1=timings[name].median / first[name],
+            )
+        track(f"derivative k={k}", {"auto": ratios["auto"] / best})
+
+    worst, where = max(auto_worst)
+    t_auto = Table("auto versus the best variant, per case", ["case", "auto_ratio_to_best"])
+    for r, case in auto_worst:
+        t_auto.add(case=case, auto_ratio_to_best=r)
+    t_auto.notes.append(f"worst: {worst:.3f}x ({where}); target <= 1.1x")
+    t_auto.notes.append(f"auto's cached choices: {_choices()}")
+    return [t_h, t_j, t_v, t_d, t_auto]
+
+
+def _choices() -> str:
+    return ", ".join(f"{k[0]}={v}" for k, v in gl.autotune_choices().items())
+
+
+SUITE = Suite(
+    name="derivatives",
+    description="Hessian / Jacobian / HVP / k-th derivative: every strategy, auto, torch's own",
+    run=run,
+)

@@ -1,0 +1,658 @@
+"""Hessian analysis of a loss: trace, diagonal, top eigenvalues and spectral density.
+
+Every function takes ``loss_fn``, a zero-argument callable returning a scalar loss, and
+``params``, the tensors to take the Hessian with respect to: a tensor, a sequence of tensors, or a
+module (its parameters with ``requires_grad``; pass a submodule for one layer or block). They
+call ``loss_fn`` once, build the gradient with ``create_graph=True`` and then use Hessian-vector
+products of that one graph (double backward, batched with ``is_grads_batched`` where the ops
+allow), so the cost is one forward/backward plus one double-backward per probe.
+
+Nothing is left behind: ``.grad`` is never written (only ``torch.autograd.grad`` is used), and
+when ``params`` is a module its train/eval flags and buffers (BatchNorm running statistics) are
+restored afterwards. BatchNorm: with a module, ``mode="eval"`` (the default) puts the whole module
+in eval mode for the computation, so the Hessian is that of the deterministic eval-mode loss (what
+PyHessian asks for); ``mode="train"`` uses batch statistics (the Hessian then includes the
+coupling through the batch statistics, and the running statistics updated by the single forward
+pass are restored afterwards); ``mode=None`` leaves the module as it is. With tensors or a
+sequence, ``loss_fn`` runs as is and is called exactly once.
+
+Randomness: probes come from ``generator`` (a ``torch.Generator`` or an int seed); without it,
+from the global RNG.
+
+References:
+    Hutchinson, *A stochastic estimator of the trace of the influence matrix* (1989);
+    Meyer, Musco, Musco, Woodruff, *Hutch++: Optimal Stochastic Trace Estimation* (SOSA 2021);
+    Bekas, Kokiopoulou, Saad, *An estimator for the diagonal of a matrix* (2007);
+    Ubaru, Chen, Saad, *Fast estimation of tr(f(A)) via stochastic Lanczos quadrature* (2017);
+    Yao, Gholami, Keutzer, Mahoney, *PyHessian* (2020); curvlinops (Dangel et al.).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from gradlab._errors import GraphError
+
+__all__ = [
+    "Eigenpairs",
+    "Spectrum",
+    "hessian_diagonal",
+    "hessian_eigenvalues",
+    "hessian_spectrum",
+    "hessian_trace",
+]
+
+ParamsArg = torch.Tensor | Sequence[torch.Tensor] | nn.Module
+GeneratorArg = torch.Generator | int | None
+_MODES = ("eval", "train", None)
+
+
+class Eigenpairs(NamedTuple):
+    """Top-k eigenpairs by magnitude, largest first.
+
+    ``values``: shape ``(k,)``. ``vectors``: shape ``(k, n)``, row ``i`` the unit eigenvector of
+    ``values[i]`` flattened over ``params`` in order (``torch.cat([p.flatten() ...])``).
+    """
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+
+
+class Spectrum(NamedTuple):
+    """Spectral density estimate by stochastic Lanczos quadrature.
+
+    ``grid`` and ``density`` (same length; ``torch.trapezoid(density, grid) == 1``), and the
+    quadrature the density is smoothed from: ``nodes`` (Ritz values) and ``weights`` of shape
+    ``(probes, steps)``, each probe's weights summing to 1.
+    """
+
+    grid: torch.Tensor
+    density: torch.Tensor
+    nodes: torch.Tensor
+    weights: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# arguments
+
+
+def _params(fn: str, params: ParamsArg) -> tuple[list[torch.Tensor], Any]:
+    """The list of tensors, and how to give per-parameter results back (structure)."""
+    if isinstance(params, nn.Module):
+        named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(
+                f"{fn}: the module has no parameters with requires_grad; unfreeze some or pass "
+                f"tensors"
+            )
+        return [p for _, p in named], [n for n, _ in named]
+    if isinstance(params, torch.Tensor):
+        tensors, structure = [params], "tensor"
+    elif isinstance(params, Sequence) and not isinstance(params, str):
+        tensors, structure = list(params), "sequence"
+        if not tensors:
+            raise ValueError(f"{fn}: params is empty; pass at least one tensor")
+    else:
+        raise TypeError(
+            f"{fn}: params is a {type(params).__name__}; pass a tensor, a sequence of tensors "
+            f"or an nn.Module"
+        )
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: params[{i}] is a {type(t).__name__}, expected a tensor")
+        if not t.is_floating_point():
+            raise TypeError(f"{fn}: params[{i}] has dtype {t.dtype}; pass floating-point tensors")
+        if not t.requires_grad:
+            raise ValueError(
+                f"{fn}: params[{i}] (shape {tuple(t.shape)}) does not require grad; call "
+                f".requires_grad_() on it"
+            )
+    return tensors, structure
+
+
+def _generator(fn: str, generator: GeneratorArg) -> torch.Generator | None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return torch.Generator().manual_seed(generator)
+    raise TypeError(
+        f"{fn}: generator is a {type(generator).__name__}; pass a torch.Generator, an int "
+        f"seed or None"
+    )
+
+
+def _positive(fn: str, name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{fn}: {name}={value!r}; pass an int >= {minimum}")
+    return value
+
+
+def _method(fn: str, method: str, valid: Sequence[str]) -> None:
+    if method not in valid:
+        raise ValueError(
+            f"{fn}: unknown method {method!r}; valid methods are "
+            f"{', '.join(repr(m) for m in valid)}"
+        )
+
+
+@contextlib.contextmanager
+def _model_state(fn: str, params: ParamsArg, mode: str | None) -> Iterator[None]:
+    """With a module: set the mode, restore flags and buffers afterwards."""
+    if mode not in _MODES:
+        raise ValueError(f"{fn}: mode={mode!r} is not one of {list(_MODES)}")
+    if not isinstance(params, nn.Module) or (
+        mode is None and not any(True for _ in params.buffers())
+    ):
+        yield
+        return
+    flags = [(m, m.training) for m in params.modules()]
+    buffers = [(b, b.detach().clone()) for b in params.buffers()]
+    try:
+        if mode is not None:
+            params.train(mode == "train")
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
+class _Hessian:
+    """Hessian-vector products of one double-backward graph, on flat vectors."""
+
+    def __init__(self, fn: str, loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor]):
+        if not callable(loss_fn):
+            raise TypeError(f"{fn}: loss_fn is a {type(loss_fn).__name__}, expected a callable")
+        self.fn = fn
+        self.params = params
+        self.shapes = [p.shape for p in params]
+        self.sizes = [p.numel() for p in params]
+        self.n = sum(self.sizes)
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self.batched: bool | None = None
+        with torch.enable_grad():
+            loss = loss_fn()
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(
+                    f"{fn}: loss_fn must return a scalar tensor, got {got}; reduce the loss "
+                    f"(e.g. .mean())"
+                )
+            if not loss.requires_grad:
+                raise GraphError(
+                    f"{fn}: the loss does not depend on params (no grad_fn); check that loss_fn "
+                    f"uses the parameters you passed, with grad enabled"
+                )
+            grads = torch.autograd.grad(
+                loss.reshape(()), params, create_graph=True, allow_unused=True
+            )
+        self.loss = loss.detach()
+        self.pairs = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        self.grads = [grads[i] for i in self.pairs]
+
+    def _split(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """(n, ...) -> per-parameter pieces shaped (..., *param.shape) for the used params."""
+        pieces = torch.split(v, self.sizes, dim=0)
+        extra = v.shape[1:]
+        out = []
+        for i in self.pairs:
+            piece = pieces[i].movedim(0, -1) if extra else pieces[i]
+            out.append(piece.reshape(*extra, *self.shapes[i]).to(self.params[i].dtype))
+        return out
+
+    def _join(self, hv: Sequence[torch.Tensor | None], extra: tuple[int, ...]) -> torch.Tensor:
+        full: list[torch.Tensor] = [
+            torch.zeros(*extra, s, dtype=self.dtype, device=self.device) for s in self.sizes
+        ]
+        for i, h in zip(self.pairs, hv):
+            if h is not None:
+                full[i] = h.reshape(*extra, self.sizes[i]).to(self.dtype)
+        return torch.cat(full, dim=-1)
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        """H v for a flat vector v of length n."""
+        if not self.pairs:
+            return torch.zeros_like(v)
+        hv = torch.autograd.grad(
+            self.grads,
+            [self.params[i] for i in self.pairs],
+            grad_outputs=self._split(v),
+            retain_graph=True,
+            allow_unused=True,
+        )
+        return self._join(hv, ())
+
+    def _batched(self, block: torch.Tensor) -> torch.Tensor:
+        hv = torch.autograd.grad(
+            self.grads,
+            [self.params[i] for i in self.pairs],
+            grad_outputs=self._split(block),
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        return self._join(hv, (block.shape[1],)).T
+
+    def _looped(self, block: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.mv(block[:, j]) for j in range(block.shape[1])], 1)
+
+    def _choose_batching(self, V: torch.Tensor) -> None:
+        """Batched double backward (vmap) is much faster for most ops, but some backward ops
+        have no batching rule and fall back to a slow per-sample loop (log_softmax's, measured
+        here ~15x slower than plain products). Time both on a few columns once and keep the
+        faster."""
+        probe = V[:, : min(8, V.shape[1])]
+        try:
+            self._batched(probe)  # warm-up
+            t0 = time.perf_counter()
+            self._batched(probe)
+            t_batched = time.perf_counter() - t0
+        except RuntimeError:  # an op that cannot be batched at all
+            self.batched = False
+            return
+        t0 = time.perf_counter()
+        self._looped(probe)
+        self.batched = t_batched <= time.perf_counter() - t0
+
+    def mm(self, V: torch.Tensor) -> torch.Tensor:
+        """H V for V of shape (n, m): batched double backward in chunks, or one at a time.
+
+        Chunks hold about 2^20 vector entries (512 columns for small models, one column for
+        models with a million parameters), bounding the extra memory of the batched backward.
+        """
+        if not self.pairs:
+            return torch.zeros_like(V)
+        if self.batched is None:
+            self._choose_batching(V)
+        chunk = max(1, min(512, 2**20 // max(self.n, 1)))
+        cols = []
+        for start in range(0, V.shape[1], chunk):
+            block = V[:, start : start + chunk]
+            cols.append(self._batched(block) if self.batched else self._looped(block))
+        return torch.cat(cols, dim=1)
+
+    def rademacher(self, m: int, generator: torch.Generator | None) -> torch.Tensor:
+        dev = generator.device if generator is not None else self.device
+        z = torch.randint(0, 2, (self.n, m), generator=generator, device=dev)
+        return (2 * z - 1).to(dtype=self.dtype, device=self.device)
+
+    def gaussian(self, m: int, generator: torch.Generator | None) -> torch.Tensor:
+        dev = generator.device if generator is not None else self.device
+        z = torch.randn((self.n, m), generator=generator, device=dev, dtype=self.dtype)
+        return z.to(self.device)
+
+    def structure(self, flat: torch.Tensor, structure: Any) -> Any:
+        pieces = [p.reshape(s) for p, s in zip(torch.split(flat, self.sizes), self.shapes)]
+        if structure == "tensor":
+            return pieces[0]
+        if structure == "sequence":
+            return tuple(pieces)
+        return dict(zip(structure, pieces))
+
+
+def _exact_diagonal(H: _Hessian, chunk: int = 64) -> torch.Tensor:
+    diag = []
+    for start in range(0, H.n, chunk):
+        stop = min(H.n, start + chunk)
+        E = torch.zeros(H.n, stop - start, dtype=H.dtype, device=H.device)
+        E[torch.arange(start, stop), torch.arange(stop - start)] = 1
+        diag.append(H.mm(E)[torch.arange(start, stop), torch.arange(stop - start)])
+    return torch.cat(diag)
+
+
+# --------------------------------------------------------------------------------------------
+# trace and diagonal
+
+
+def hessian_trace(
+    loss_fn: Callable[[], torch.Tensor],
+    params: ParamsArg,
+    *,
+    samples: int = 100,
+    method: str = "hutchinson",
+    generator: GeneratorArg = None,
+    mode: str | None = "eval",
+) -> torch.Tensor:
+    r"""Trace of the Hessian of the loss w.r.t. ``params``.
+
+    ``"hutchinson"``: :math:`\operatorname{tr} H \approx \frac1m \sum_i z_i^\top H z_i` with
+    Rademacher probes :math:`z_i` (unbiased; standard error
+    :math:`\sqrt{2\|H\|_F^2 - 2\sum_i H_{ii}^2}/\sqrt m`).
+    ``"hutch++"``: Hutch++ with ``samples`` Hessian-vector products in all: a third sketch
+    :math:`Q = \operatorname{orth}(H S)`, the exact trace of :math:`Q^\top H Q`, and Hutchinson on
+    the deflated rest (far lower variance when a few eigenvalues dominate).
+    ``"exact"``: :math:`\sum_i e_i^\top H e_i` (n products; small models).
+
+    Args:
+        loss_fn: zero-argument callable returning a scalar loss.
+        params: a tensor, a sequence of tensors, or a module (its trainable parameters).
+        samples: number of probes (``"hutch++"``: total products, at least 3).
+        method: ``"hutchinson"``, ``"hutch++"`` or ``"exact"``.
+        generator: a ``torch.Generator`` or an int seed for the probes.
+        mode: with a module, ``"eval"``, ``"train"`` or ``None`` (see the module docs).
+
+    Returns:
+        A 0-dim tensor in the parameters' dtype.
+
+    Raises:
+        ValueError: unknown method, bad ``samples``, non-scalar loss, params without grad.
+        GraphError: the loss does not depend on ``params``.
+
+    Example:
+        >>> import gradlab as gl
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> gl.hessian_trace(lambda: (w**4).sum(), w, method="exact")  # 12 w^2
+        tensor(60.)
+    """
+    fn = "hessian_trace"
+    _method(fn, method, ("hutchinson", "hutch++", "exact"))
+    _positive(fn, "samples", samples, 3 if method == "hutch++" else 1)
+    tensors, _ = _params(fn, params)
+    gen = _generator(fn, generator)
+    with _model_state(fn, params, mode):
+        H = _Hessian(fn, loss_fn, tensors)
+        if method == "exact":
+            return _exact_diagonal(H).sum()
+        if method == "hutchinson":
+            Z = H.rademacher(samples, gen)
+            return (Z * H.mm(Z)).sum() / samples
+        k = samples // 3
+        rest = samples - 2 * k
+        S = H.rademacher(k, gen)
+        Q, _ = torch.linalg.qr(H.mm(S))
+        G = H.rademacher(rest, gen)
+        G = G - Q @ (Q.T @ G)
+        return (Q * H.mm(Q)).sum() + (G * H.mm(G)).sum() / rest
+
+
+def hessian_diagonal(
+    loss_fn: Callable[[], torch.Tensor],
+    params: ParamsArg,
+    *,
+    samples: int = 100,
+    method: str = "hutchinson",
+    generator: GeneratorArg = None,
+    mode: str | None = "eval",
+) -> Any:
+    r"""Diagonal of the Hessian of the loss w.r.t. ``params``.
+
+    ``"hutchinson"``: :math:`\operatorname{diag} H \approx \frac1m \sum_i z_i \odot H z_i` with
+    Rademacher probes (Bekas et al. 2007; unbiased, the error of entry j falls as
+    :math:`\sqrt{\sum_{k\ne j} H_{jk}^2 / m}`). ``"exact"``: :math:`H_{jj} = e_j^\top H e_j`
+    (n products).
+
+    Args:
+        loss_fn: zero-argument callable returning a scalar loss.
+        params: a tensor, a sequence of tensors, or a module (its trainable parameters).
+        samples: number of probes for ``"hutchinson"``.
+        method: ``"hutchinson"`` or ``"exact"``.
+        generator: a ``torch.Generator`` or an int seed for the probes.
+        mode: with a module, ``"eval"``, ``"train"`` or ``None``.
+
+    Returns:
+        Structured like ``params``: a tensor for a tensor, a tuple for a sequence, a dict
+        ``{name: diagonal}`` for a module; each entry has its parameter's shape.
+
+    Example:
+        >>> import gradlab as gl
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> gl.hessian_diagonal(lambda: (w**4).sum(), w, method="exact")
+        tensor([12., 48.])
+    """
+    fn = "hessian_diagonal"
+    _method(fn, method, ("hutchinson", "exact"))
+    _positive(fn, "samples", samples)
+    tensors, structure = _params(fn, params)
+    gen = _generator(fn, generator)
+    with _model_state(fn, params, mode):
+        H = _Hessian(fn, loss_fn, tensors)
+        if method == "exact":
+            diag = _exact_diagonal(H)
+        else:
+            Z = H.rademacher(samples, gen)
+            diag = (Z * H.mm(Z)).mean(dim=1)
+    return H.structure(diag, structure)
+
+
+# --------------------------------------------------------------------------------------------
+# eigenvalues and spectrum
+
+
+def _lanczos(
+    H: _Hessian, v0: torch.Tensor, steps: int, k: int | None = None, tol: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lanczos with full reorthogonalisation; returns (alpha, beta, V) with V of shape (n, m).
+
+    With ``k``, stops early once the top-k Ritz values (by magnitude) have residual bounds below
+    ``tol`` times their size.
+    """
+    V = torch.zeros(H.n, steps, dtype=H.dtype, device=H.device)
+    alpha: list[float] = []
+    beta: list[float] = []
+    v = v0 / v0.norm()
+    for j in range(steps):
+        V[:, j] = v
+        w = H.mv(v)
+        a = float(w @ v)
+        alpha.append(a)
+        basis = V[:, : j + 1]
+        for _ in range(2):  # twice is enough (Kahan-Parlett)
+            w = w - basis @ (basis.T @ w)
+        b = float(w.norm())
+        if j == steps - 1 or b <= 1e-10 * max(1.0, abs(a)):
+            break
+        if k is not None and j + 1 >= k and (j + 1) % 5 == 0:
+            T = _tridiag(alpha, beta)
+            theta, S = torch.linalg.eigh(T)
+            top = torch.argsort(theta.abs(), descending=True)[:k]
+            resid = b * S[-1, top].abs()
+            if bool((resid <= tol * theta[top].abs().clamp_min(1e-30)).all()):
+                break
+        beta.append(b)
+        v = w / b
+    m = len(alpha)
+    return (
+        torch.tensor(alpha, dtype=torch.float64),
+        torch.tensor(beta[: m - 1], dtype=torch.float64),
+        V[:, :m],
+    )
+
+
+def _tridiag(alpha: Sequence[float] | torch.Tensor, beta: Sequence[float] | torch.Tensor):  # type: ignore[no-untyped-def]
+    a = torch.as_tensor(alpha, dtype=torch.float64)
+    b = torch.as_tensor(beta, dtype=torch.float64)[: len(a) - 1]
+    return torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
+
+
+def hessian_eigenvalues(
+    loss_fn: Callable[[], torch.Tensor],
+    params: ParamsArg,
+    *,
+    k: int = 1,
+    method: str = "lanczos",
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    generator: GeneratorArg = None,
+    mode: str | None = "eval",
+) -> Eigenpairs:
+    r"""Top-k eigenvalues of the Hessian by magnitude, largest first, and their eigenvectors.
+
+    ``"lanczos"``: Lanczos with full reorthogonalisation from one random start, at most
+    ``max_iter`` Hessian-vector products (capped at n, where it is exact), stopping when the top-k
+    Ritz pairs have residual :math:`\|H x - \theta x\| \le` ``tol`` :math:`|\theta|`.
+    ``"power"``: power iteration with deflation (PyHessian's method), one eigenpair after the
+    other, each for at most ``max_iter`` products or until the Rayleigh quotient changes by less
+    than ``tol`` relatively (slow when eigenvalues are close in magnitude).
+
+    Args:
+        loss_fn: zero-argument callable returning a scalar loss.
+        params: a tensor, a sequence of tensors, or a module (its trainable parameters).
+        k: how many eigenvalues.
+        method: ``"lanczos"`` or ``"power"``.
+        max_iter: Hessian-vector products at most (per eigenpair for ``"power"``).
+        tol: relative tolerance (see above).
+        generator: a ``torch.Generator`` or an int seed for the start vectors.
+        mode: with a module, ``"eval"``, ``"train"`` or ``None``.
+
+    Returns:
+        :class:`Eigenpairs` ``(values, vectors)``: ``values`` of shape ``(k,)`` sorted by
+        decreasing magnitude, ``vectors`` of shape ``(k, n)``.
+
+    Example:
+        >>> import gradlab as gl
+        >>> w = torch.tensor([1.0, 2.0, 0.5], requires_grad=True)
+        >>> gl.hessian_eigenvalues(lambda: (w**4).sum(), w, k=2).values.round()  # 12 w^2
+        tensor([48., 12.])
+    """
+    fn = "hessian_eigenvalues"
+    _method(fn, method, ("lanczos", "power"))
+    _positive(fn, "k", k)
+    _positive(fn, "max_iter", max_iter)
+    tensors, _ = _params(fn, params)
+    gen = _generator(fn, generator)
+    with _model_state(fn, params, mode):
+        H = _Hessian(fn, loss_fn, tensors)
+        if k > H.n:
+            raise ValueError(f"{fn}: k={k} but the Hessian is only {H.n}x{H.n}; pass k <= {H.n}")
+        if method == "lanczos":
+            steps = min(H.n, max(max_iter, k))
+            alpha, beta, V = _lanczos(H, H.gaussian(1, gen)[:, 0], steps, k=k, tol=tol)
+            theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
+            top = torch.argsort(theta.abs(), descending=True)[:k]
+            if len(top) < k:
+                raise GraphError(
+                    f"{fn}: Lanczos found an invariant subspace of dimension {len(top)} < k={k} "
+                    f"(the start vector missed part of the spectrum); try another generator"
+                )
+            vectors = (V @ S[:, top].to(H.dtype)).T
+            return Eigenpairs(theta[top].to(H.dtype), vectors)
+        values: list[torch.Tensor] = []
+        found: list[torch.Tensor] = []
+        for _ in range(k):
+            v = H.gaussian(1, gen)[:, 0]
+            lam = torch.tensor(0.0, dtype=H.dtype, device=H.device)
+            for _ in range(max_iter):
+                for u in found:
+                    v = v - (u @ v) * u
+                v = v / v.norm()
+                hv = H.mv(v)
+                for u in found:
+                    hv = hv - (u @ hv) * u
+                new = v @ hv
+                v = hv
+                converged = (new - lam).abs() <= tol * new.abs()
+                lam = new
+                if bool(converged):
+                    break
+            for u in found:
+                v = v - (u @ v) * u
+            v = v / v.norm()
+            values.append(lam)
+            found.append(v)
+        vals = torch.stack(values)
+        order = torch.argsort(vals.abs(), descending=True)
+        return Eigenpairs(vals[order], torch.stack(found)[order])
+
+
+def _slq_nodes(H: _Hessian, V0: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lanczos on all probes at once (block of columns); Gauss quadrature nodes and weights."""
+    P = V0.shape[1]
+    Q = torch.zeros(P, m, H.n, dtype=H.dtype, device=H.device)
+    alpha = torch.zeros(P, m, dtype=torch.float64)
+    beta = torch.zeros(P, m, dtype=torch.float64)
+    v = (V0 / V0.norm(dim=0, keepdim=True)).T  # (P, n)
+    alive = torch.ones(P, dtype=torch.bool, device=H.device)
+    for j in range(m):
+        Q[:, j] = v
+        w = H.mm(v.T).T  # (P, n)
+        a = (w * v).sum(1)
+        alpha[:, j] = a.double().cpu()
+        basis = Q[:, : j + 1]  # (P, j+1, n)
+        for _ in range(2):
+            w = w - torch.einsum("pk,pkn->pn", torch.einsum("pkn,pn->pk", basis, w), basis)
+        b = w.norm(dim=1)
+        if j == m - 1:
+            break
+        # a probe whose Krylov space is exhausted stops: zero coupling, zero further vectors
+        alive = alive & (b > 1e-10 * a.abs().clamp_min(1.0))
+        b = torch.where(alive, b, torch.zeros_like(b))
+        beta[:, j] = b.double().cpu()
+        v = torch.where(alive[:, None], w / b.clamp_min(1e-300)[:, None], torch.zeros_like(w))
+    T = torch.diag_embed(alpha) + torch.diag_embed(beta[:, : m - 1], 1)
+    T = T + torch.diag_embed(beta[:, : m - 1], -1)
+    theta, S = torch.linalg.eigh(T)
+    return theta, S[:, 0, :] ** 2
+
+
+def hessian_spectrum(
+    loss_fn: Callable[[], torch.Tensor],
+    params: ParamsArg,
+    *,
+    probes: int = 10,
+    steps: int = 80,
+    grid_size: int = 1000,
+    sigma: float | None = None,
+    generator: GeneratorArg = None,
+    mode: str | None = "eval",
+) -> Spectrum:
+    r"""Spectral density of the Hessian by stochastic Lanczos quadrature (SLQ).
+
+    For each of ``probes`` random unit vectors :math:`v` (Rademacher, scaled), ``steps`` Lanczos
+    steps give a Gauss quadrature :math:`v^\top f(H) v \approx \sum_i w_i f(\theta_i)` with nodes
+    :math:`\theta_i` (Ritz values) and weights :math:`w_i` (squared first components of the
+    eigenvectors of the tridiagonal matrix; they sum to 1). The density is the average over probes
+    of :math:`\sum_i w_i\, \mathcal N(t; \theta_i, \sigma^2)` on a grid spanning the nodes
+    :math:`\pm 6\sigma`, renormalised so its trapezoidal integral is exactly 1. Its mean
+    :math:`\int t\,\rho(t)\,dt` estimates :math:`\operatorname{tr}(H)/n` (the quadrature is exact
+    for :math:`f(t) = t`: each probe contributes :math:`v^\top H v`).
+
+    Args:
+        loss_fn: zero-argument callable returning a scalar loss.
+        params: a tensor, a sequence of tensors, or a module (its trainable parameters).
+        probes: number of random start vectors.
+        steps: Lanczos steps per probe (capped at n).
+        grid_size: number of grid points.
+        sigma: Gaussian smoothing width (default: 1% of the node range, or 1e-3 if that is 0).
+        generator: a ``torch.Generator`` or an int seed.
+        mode: with a module, ``"eval"``, ``"train"`` or ``None``.
+
+    Returns:
+        :class:`Spectrum` ``(grid, density, nodes, weights)``.
+
+    Example:
+        >>> import gradlab as gl
+        >>> w = torch.tensor([1.0, 2.0, 0.5], requires_grad=True)
+        >>> s = gl.hessian_spectrum(lambda: (w**4).sum(), w, probes=4, generator=0)
+        >>> round(torch.trapezoid(s.density, s.grid).item(), 4)
+        1.0
+    """
+    fn = "hessian_spectrum"
+    _positive(fn, "probes", probes)
+    _positive(fn, "steps", steps)
+    _positive(fn, "grid_size", grid_size, 2)
+    if sigma is not None and not sigma > 0:
+        raise ValueError(f"{fn}: sigma={sigma!r}; pass a positive width or None")
+    tensors, _ = _params(fn, params)
+    gen = _generator(fn, generator)
+    with _model_state(fn, params, mode):
+        H = _Hessian(fn, loss_fn, tensors)
+        m = min(steps, H.n)
+        nodes, weights = _slq_nodes(H, H.rademacher(probes, gen), m)
+    used = weights > 0
+    lo, hi = float(nodes[used].min()), float(nodes[used].max())
+    width = sigma if sigma is not None else (0.01 * (hi - lo) or 1e-3)
+    grid = torch.linspace(lo - 6 * width, hi + 6 * width, grid_size, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * ((grid[:, None] - nodes.reshape(1, -1)) / width) ** 2)
+    density = (kernel * weights.reshape(1, -1)).sum(1) / (probes * width * math.sqrt(2 * math.pi))
+    density = density / torch.trapezoid(density, grid)
+    return Spectrum(grid.to(H.dtype), density.to(H.dtype), nodes.to(H.dtype), weights.to(H.dtype))

@@ -1,0 +1,307 @@
+"""jacobian / hessian / hvp / vjp / jvp / functional: every strategy against torch.func, float64
+finite differences and a dense-Hessian product; structures; errors; the auto measurement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gradlab as gl
+from gradlab._functional import HESSIAN_STRATEGIES, HVP_STRATEGIES, JACOBIAN_STRATEGIES
+from tests._reference import fd_hessian, fd_jacobian
+
+fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=10)
+CHUNKS = [None, 2]
+
+
+def assert_tree_close(a, b, **kw):
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    assert sa == sb, f"structure {sa} != {sb}"
+    for x, y in zip(la, lb):
+        torch.testing.assert_close(x, y, **kw)
+
+
+def _net(n: int, m: int, g: torch.Generator, device):
+    W1 = torch.randn(m, n, generator=g, dtype=torch.float64).to(device) / n**0.5
+    W2 = torch.randn(3, m, generator=g, dtype=torch.float64).to(device) / m**0.5
+    return lambda x: W2 @ torch.tanh(W1 @ x)
+
+
+@fixture_ok
+@given(n=st.integers(1, 5), m=st.integers(1, 4), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("strategy", [*JACOBIAN_STRATEGIES, "auto"])
+@pytest.mark.parametrize("chunk_size", CHUNKS, ids=["whole", "chunk2"])
+def test_jacobian_matches_torch_func_and_fd(strategy, chunk_size, n, m, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    f = _net(n, m, g, device)
+    x = torch.randn(n, generator=g, dtype=torch.float64).to(device)
+    J = gl.jacobian(f, x, strategy=strategy, chunk_size=chunk_size)
+    torch.testing.assert_close(J, torch.func.jacrev(f)(x))
+    torch.testing.assert_close(J, fd_jacobian(f, x), atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", [*JACOBIAN_STRATEGIES, "auto"])
+@pytest.mark.parametrize("chunk_size", CHUNKS, ids=["whole", "chunk2"])
+def test_jacobian_structure_multi_arg_multi_output(strategy, chunk_size, device):
+    a = torch.randn(3, 2, dtype=torch.float64, device=device)
+    b = {"u": torch.randn(2, dtype=torch.float64, device=device)}
+
+    def f(a, b):
+        return {"s": (a * b["u"]).sum(0), "t": (a.sin(), b["u"].exp())}
+
+    for argnums in [0, 1, (0, 1), (1,), -1]:
+        got = gl.jacobian(f, a, b, argnums=argnums, strategy=strategy, chunk_size=chunk_size)
+        assert_tree_close(got, torch.func.jacrev(f, argnums)(a, b))
+
+
+@fixture_ok
+@given(n=st.integers(1, 5), m=st.integers(1, 4), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("strategy", [*HESSIAN_STRATEGIES, "auto"])
+@pytest.mark.parametrize("chunk_size", CHUNKS, ids=["whole", "chunk2"])
+def test_hessian_matches_torch_func_and_fd(strategy, chunk_size, n, m, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    net = _net(n, m, g, device)
+
+    def f(x):
+        return net(x).pow(2).sum() + x.sin().sum()
+
+    x = torch.randn(n, generator=g, dtype=torch.float64).to(device)
+    H = gl.hessian(f, x, strategy=strategy, chunk_size=chunk_size)
+    torch.testing.assert_close(H, torch.func.hessian(f)(x))
+    torch.testing.assert_close(H, fd_hessian(f, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", [*HESSIAN_STRATEGIES, "auto"])
+def test_hessian_structures(strategy, device):
+    a = torch.randn(3, dtype=torch.float64, device=device)
+    b = torch.randn(2, 2, dtype=torch.float64, device=device)
+
+    def f(a, b):
+        return (a.sin().sum() * b.cos()).sum() + (a**3).sum()
+
+    for argnums in [0, 1, (0, 1)]:
+        got = gl.hessian(f, a, b, argnums=argnums, strategy=strategy)
+        assert_tree_close(got, torch.func.hessian(f, argnums)(a, b))
+
+
+def _model(device):
+    torch.manual_seed(0)
+    return (
+        nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+        .double()
+        .to(device)
+    )
+
+
+@pytest.mark.parametrize("strategy", [*HESSIAN_STRATEGIES, "auto"])
+def test_hessian_wrt_parameter_dict_with_eval_batchnorm(strategy, device):
+    model = _model(device).eval()
+    fm = gl.functional(model)
+    x = torch.randn(5, 3, dtype=torch.float64, device=device)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loss(p):
+        return fm(p, x).pow(2).mean()
+
+    H = gl.hessian(loss, fm.params, strategy=strategy)
+    assert_tree_close(H, torch.func.hessian(loss)(fm.params))
+    assert set(H) == set(fm.params) and set(H["0.weight"]) == set(fm.params)
+    assert H["0.weight"]["3.bias"].shape == (4, 3, 2)
+    assert_tree_close(dict(model.state_dict()), state)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert not model.training
+
+
+def test_functional_train_mode_batchnorm(device):
+    model = _model(device).train()
+    x = torch.randn(5, 3, dtype=torch.float64, device=device)
+    fm = gl.functional(model)
+    with pytest.raises(ValueError, match=r"functional: module '1' \(BatchNorm1d\) is in training"):
+        gl.jacobian(lambda p: fm(p, x), fm.params)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fb = gl.functional(model, batchnorm="batch-stats")
+    J = gl.jacobian(lambda p: fb(p, x).sum(), fb.params, strategy="reverse")
+    # reference: the same network with a BatchNorm that never tracks running statistics
+    ref_model = _model(device).train()
+    ref_model[1].track_running_stats = False
+    ref_model[1].running_mean = ref_model[1].running_var = None
+    fr = gl.functional(ref_model)
+    assert_tree_close(J, torch.func.jacrev(lambda p: fr(p, x).sum())(fr.params))
+    assert_tree_close(dict(model.state_dict()), state)
+    assert model.training and model[1].track_running_stats
+
+
+@fixture_ok
+@given(n=st.integers(1, 5), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("strategy", [*HVP_STRATEGIES, "auto"])
+def test_hvp_matches_dense_hessian(strategy, n, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    net = _net(n, 3, g, device)
+
+    def f(x, y):
+        return net(x).pow(2).sum() * y.tanh().sum() + (x**3).sum()
+
+    x = torch.randn(n, generator=g, dtype=torch.float64).to(device)
+    y = torch.randn(2, generator=g, dtype=torch.float64).to(device)
+    vx = torch.randn(n, generator=g, dtype=torch.float64).to(device)
+    vy = torch.randn(2, generator=g, dtype=torch.float64).to(device)
+    value, (hx, hy) = gl.hvp(f, (x, y), (vx, vy), strategy=strategy)
+    H = torch.func.hessian(f, (0, 1))(x, y)
+    torch.testing.assert_close(value, f(x, y))
+    torch.testing.assert_close(hx, H[0][0] @ vx + H[0][1] @ vy)
+    torch.testing.assert_close(hy, H[1][0] @ vx + H[1][1] @ vy)
+    single = gl.hvp(lambda x: f(x, y), x, vx, strategy=strategy)
+    assert isinstance(single, gl.HVP) and isinstance(single.hvp, torch.Tensor)
+    torch.testing.assert_close(single.hvp, H[0][0] @ vx)
+
+
+@pytest.mark.parametrize("strategy", [*HVP_STRATEGIES, "auto"])
+def test_hvp_parameter_dict_and_unused_input(strategy, device):
+    model = _model(device).eval()
+    fm = gl.functional(model)
+    x = torch.randn(5, 3, dtype=torch.float64, device=device)
+    v = {k: torch.randn_like(t) for k, t in fm.params.items()}
+
+    def loss(p):
+        return fm(p, x).pow(2).mean()
+
+    _, hv = gl.hvp(loss, fm.params, v, strategy=strategy)
+    _, ref = torch.func.jvp(torch.func.grad(loss), (fm.params,), (v,))
+    assert_tree_close(hv, ref)
+    # an argument the loss ignores gets a zero product
+    _, (h0, h1) = gl.hvp(lambda a, b: (a**3).sum(), (x, x), (x, x), strategy=strategy)
+    torch.testing.assert_close(h1, torch.zeros_like(x))
+    torch.testing.assert_close(h0, 6 * x * x)
+
+
+def test_vjp_and_jvp_match_jacobian(device):
+    g = torch.Generator().manual_seed(3)
+    f = _net(4, 3, g, device)
+    x = torch.randn(4, generator=g, dtype=torch.float64).to(device)
+    J = fd_jacobian(f, x)
+    u = torch.randn(3, dtype=torch.float64, device=device)
+    v = torch.randn(4, dtype=torch.float64, device=device)
+    value, vj = gl.vjp(f, x, u)
+    torch.testing.assert_close(value, f(x))
+    torch.testing.assert_close(vj, u @ J, atol=1e-7, rtol=1e-6)
+    value, jv = gl.jvp(f, x, v)
+    torch.testing.assert_close(jv, J @ v, atol=1e-7, rtol=1e-6)
+    _, (va, _vb) = gl.vjp(lambda a, b: a * b, (x, x), torch.ones_like(x))
+    torch.testing.assert_close(va, x)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: gl.jacobian(torch.sin, x),
+        lambda x: gl.hessian(lambda z: z.pow(3).sum(), x),
+        lambda x: gl.hvp(lambda z: z.pow(3).sum(), x, torch.ones_like(x)),
+        lambda x: gl.jvp(torch.sin, x, torch.ones_like(x)),
+        lambda x: gl.vjp(torch.sin, x, torch.ones_like(x)),
+    ],
+    ids=["jacobian", "hessian", "hvp", "jvp", "vjp"],
+)
+def test_works_under_no_grad(call, device):
+    x = torch.randn(3, device=device)
+    with torch.enable_grad():
+        expected = call(x)
+    with torch.no_grad():
+        got = call(x)
+    assert_tree_close(got, expected)
+
+
+def test_errors():
+    x = torch.randn(3)
+    with pytest.raises(ValueError, match=r"hessian: f must return a scalar .*shape \(3,\)"):
+        gl.hessian(torch.sin, x, strategy="rev-rev")
+    for s in HESSIAN_STRATEGIES:
+        with pytest.raises(ValueError, match=r"hessian: f must return a scalar"):
+            gl.hessian(torch.sin, x, strategy=s)
+    with pytest.raises(ValueError, match=r"hvp: f must return a scalar"):
+        gl.hvp(torch.sin, x, x, strategy="double-backward")
+    with pytest.raises(ValueError, match=r"jacobian: unknown strategy 'fast'; valid .*'reverse'"):
+        gl.jacobian(torch.sin, x, strategy="fast")
+    with pytest.raises(ValueError, match=r"hessian: unknown strategy .*'rev-rev', 'fwd-rev'"):
+        gl.hessian(torch.sin, x, strategy="reverse")
+    with pytest.raises(ValueError, match=r"hvp: unknown strategy .*'double-backward'"):
+        gl.hvp(torch.sin, x, x, strategy="loop")
+    with pytest.raises(ValueError, match=r"jacobian: argnums=2 is out of range for 2"):
+        gl.jacobian(torch.add, x, x, argnums=2)
+    with pytest.raises(ValueError, match=r"hessian: argnums=\(0, 5\) is out of range"):
+        gl.hessian(lambda a, b: (a * b).sum(), x, x, argnums=(0, 5))
+    with pytest.raises(TypeError, match=r"jacobian: x has a tensor of dtype torch.int64"):
+        gl.jacobian(lambda z: z * 2, torch.arange(3))
+    with pytest.raises(TypeError, match=r"hvp: .*dtype torch.int64"):
+        gl.hvp(lambda z: z.sum(), torch.arange(3), torch.arange(3))
+    with pytest.raises(ValueError, match=r"hvp: v leaf 0 has shape \(2,\) but args has \(3,\)"):
+        gl.hvp(lambda z: z.pow(3).sum(), x, torch.ones(2))
+    with pytest.raises(TypeError, match=r"hvp: v leaf 0 has dtype torch.float64 but args has"):
+        gl.hvp(lambda z: z.pow(3).sum(), x, torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"hvp: v has structure"):
+        gl.hvp(lambda a, b: (a * b).sum(), (x, x), (x,))
+    with pytest.raises(ValueError, match=r"jvp: v leaf 0 has shape"):
+        gl.jvp(torch.sin, x, torch.ones(4))
+    with pytest.raises(ValueError, match=r"vjp: v leaf 0 has shape \(4,\) but f's output"):
+        gl.vjp(torch.sin, x, torch.ones(4))
+    with pytest.raises(ValueError, match=r"jacobian: chunk_size=0"):
+        gl.jacobian(torch.sin, x, chunk_size=0)
+    with pytest.raises(TypeError, match=r"functional: module is a"):
+        gl.functional(torch.sin)  # type: ignore[arg-type]
+
+
+def test_auto_measures_once_and_caches():
+    gl.clear_autotune_cache()
+    x = torch.randn(6)
+    W = torch.randn(4, 6)
+
+    def f(z):
+        return torch.tanh(W @ z)
+
+    with gl.autotune(True):
+        J = gl.jacobian(f, x)
+        choices = gl.autotune_choices()
+        assert len(choices) == 1
+        (chosen,) = choices.values()
+        assert chosen in JACOBIAN_STRATEGIES
+        torch.testing.assert_close(J, torch.func.jacrev(f)(x))
+        gl.jacobian(f, torch.randn(6))  # same signature: no new measurement
+        assert len(gl.autotune_choices()) == 1
+        gl.jacobian(f, torch.randn(6, dtype=torch.float64).float()[:5].repeat(2)[:6])
+        assert len(gl.autotune_choices()) == 1
+    with gl.autotune(False):
+        assert not gl.is_autotune_enabled()
+        gl.jacobian(f, torch.randn(7)[:6])
+        gl.hessian(lambda z: z.pow(3).sum(), x)
+    assert len(gl.autotune_choices()) == 1
+    gl.clear_autotune_cache()
+    assert gl.autotune_choices() == {}
+
+
+def test_auto_measurement_leaves_rng_stream_as_one_call():
+    gl.clear_autotune_cache()
+    x = torch.randn(5)
+
+    def noisy(z):
+        return torch.sin(z * torch.rand(5)).sum()
+
+    torch.manual_seed(7)
+    ref = gl.hessian(noisy, x, strategy="loop")
+    after_ref = torch.rand(3)
+    torch.manual_seed(7)
+    with gl.autotune(True):
+        got = gl.hessian(noisy, x)
+    after_got = torch.rand(3)
+    assert len(gl.autotune_choices()) == 1
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(after_got, after_ref)
+    gl.clear_autotune_cache()
+
+
+def test_autotune_switch_errors():
+    with pytest.raises(TypeError, match=r"set_autotune: enabled is a str"):
+        gl.set_autotune("no")  # type: ignore[arg-type]
