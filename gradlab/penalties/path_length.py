@@ -28,7 +28,8 @@ class PathLengthResult(NamedTuple):
     Attributes:
         penalty: the scalar penalty (differentiable w.r.t. the generator).
         lengths: per-sample path lengths :math:`\\|J_w^T y\\|_2`, shape ``(B,)``, detached.
-        mean: the updated running mean, a detached 0-d float32 tensor; pass it back next time.
+        mean: the updated running mean, a detached 0-d tensor (float32, or float64 for float64
+            latents); pass it back next time.
     """
 
     penalty: torch.Tensor
@@ -129,8 +130,12 @@ def path_length_penalty(
                 "were computed from (with requires_grad=True set before the forward pass)"
             ) from None
         lengths = sample_norms(grads)
-        prev = torch.as_tensor(mean, dtype=torch.float32, device=lengths.device).detach()
-        new_mean = prev + decay * (lengths.float().mean() - prev)
+        dtype = torch.promote_types(lengths.dtype, torch.float32)  # no float16 running mean
+        if isinstance(mean, torch.Tensor):
+            prev = mean.detach().to(device=lengths.device, dtype=dtype)
+        else:
+            prev = torch.tensor(float(mean), device=lengths.device, dtype=dtype)
+        new_mean = prev + decay * (lengths.to(dtype).mean() - prev)
         penalty = (lengths - new_mean).square().mean() * weight
         penalty = _ZeroGradToOutputs.apply(penalty, images)
     return PathLengthResult(penalty, lengths.detach(), new_mean.detach())
