@@ -104,6 +104,11 @@ def path_length_penalty(
     if decay > 1:
         raise ValueError(f"{fn}: decay must be in [0, 1], got {decay!r}")
     weight = check_nonnegative(fn, "weight", weight)
+    if isinstance(mean, bool) or not isinstance(mean, (int, float, torch.Tensor)):
+        raise TypeError(
+            f"{fn}: mean must be a float or a 0-d tensor (the running mean returned by the "
+            f"previous call, 0.0 at the start), got {type(mean).__name__}"
+        )
     (w,) = as_tensors(fn, "latents", latents)
     check_requires_grad(fn, "latents", (w,))
     check_outputs(fn, images, w.shape[0], arg="images")

@@ -105,5 +105,7 @@ def test_errors():
         path_length_penalty(g(wl), wl, mean=0.0, decay=2.0)
     with pytest.raises(ValueError, match=r"weight must be a finite number >= 0"):
         PathLengthPenalty(weight=-2.0)
+    with pytest.raises(TypeError, match=r"path_length_penalty: mean must be a float or a 0-d"):
+        path_length_penalty(g(wl), wl, mean=None)  # type: ignore[arg-type]
     with pytest.raises(GraphError, match=r"images do not depend on latents"):
         path_length_penalty(g(wl), wl.clone().detach().requires_grad_(True), mean=0.0)
