@@ -69,7 +69,7 @@ def plot(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, path: Path) 
 
 
 def main(
-    steps: int = 2000,
+    steps: int = 1000,
     out: str | Path = DEFAULT_OUT,
     *,
     seed: int = 0,
@@ -78,6 +78,8 @@ def main(
     critic_iters: int = 5,
     log_every: int = 250,
     threads: int | None = 1,
+    lr: float = 1e-3,
+    gp_weight: float = 0.1,
 ) -> dict[str, float]:
     """Train for ``steps`` generator steps and save the plot; return the last step's metrics.
 
@@ -92,20 +94,27 @@ def main(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _train(steps, Path(out), seed, width, batch, critic_iters, log_every)
+        return _train(steps, Path(out), seed, width, batch, critic_iters, log_every, lr, gp_weight)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _train(
-    steps: int, out: Path, seed: int, width: int, batch: int, critic_iters: int, log_every: int
+    steps: int,
+    out: Path,
+    seed: int,
+    width: int,
+    batch: int,
+    critic_iters: int,
+    log_every: int,
+    lr: float,
+    gp_weight: float,
 ) -> dict[str, float]:
     torch.manual_seed(seed)
     rng = torch.Generator().manual_seed(seed)
     gen, critic = mlp(2, 2, width), mlp(2, 1, width)
-    # Adam with the paper's hyperparameters (lr 1e-4, betas 0.5/0.9)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-4, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(critic.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    opt_g = torch.optim.Adam(gen.parameters(), lr=lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(critic.parameters(), lr=lr, betas=(0.5, 0.9))
     metrics: dict[str, float] = {}
     start = time.perf_counter()
     for step in range(steps):
@@ -114,7 +123,9 @@ def _train(
             with torch.no_grad():
                 fake = gen(torch.randn(batch, 2, generator=rng))
             d_real, d_fake = critic(real).mean(), critic(fake).mean()
-            gp, norms = gradient_penalty_and_norms(critic, real, fake, weight=10.0, generator=rng)
+            gp, norms = gradient_penalty_and_norms(
+                critic, real, fake, weight=gp_weight, generator=rng
+            )
             loss_d = d_fake - d_real + gp
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
@@ -147,7 +158,7 @@ def _train(
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000, help="generator steps")
+    parser.add_argument("--steps", type=int, default=1000, help="generator steps")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the plot")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -32,14 +32,27 @@ def per_sample_uniform(
 def lerp_per_sample(
     real: tuple[torch.Tensor, ...], fake: tuple[torch.Tensor, ...], a: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
-    """``real + a * (fake - real)`` with ``a`` of shape ``(B,)`` broadcast to each input."""
+    """``real + a * (fake - real)`` with ``a`` of shape ``(B,)`` broadcast to each input.
+
+    Differentiable w.r.t. ``real`` and ``fake`` (callers detach them when they must not be).
+    """
+    return tuple(
+        r if f is r else torch.lerp(r, f, a.to(r.dtype).view((-1,) + (1,) * (r.ndim - 1)))
+        for r, f in zip(real, fake)
+    )
+
+
+def detached_interpolate_leaves(
+    real: tuple[torch.Tensor, ...], fake: tuple[torch.Tensor, ...], a: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Fresh leaves (``requires_grad=True``) at ``real + a (fake - real)``, with no graph to
+    ``real``/``fake``. Where ``fake is real`` the leaf shares ``real``'s data (no arithmetic)."""
     out = []
     for r, f in zip(real, fake):
-        if f is r:  # the interpolate is r itself for any a; skip the arithmetic
-            out.append(r)
-            continue
-        w = a.to(r.dtype).reshape((-1,) + (1,) * (r.ndim - 1))
-        out.append(torch.lerp(r, f, w))
+        x = r.detach()
+        if f is not r:
+            x = torch.lerp(x, f.detach(), a.to(r.dtype).view((-1,) + (1,) * (r.ndim - 1)))
+        out.append(x.requires_grad_(True))
     return tuple(out)
 
 

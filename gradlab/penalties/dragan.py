@@ -15,15 +15,13 @@ from gradlab.penalties._checks import (
     check_nonnegative,
     check_scaler,
 )
-from gradlab.penalties._critic import (
-    PenaltyWithNorms,
-    critic_gradients,
-    fresh_leaves,
-    with_ddp_zero_term,
+from gradlab.penalties._critic import PenaltyWithNorms
+from gradlab.penalties._interpolate import (
+    detached_interpolate_leaves,
+    per_sample_uniform,
+    uniform_like,
 )
-from gradlab.penalties._interpolate import lerp_per_sample, per_sample_uniform, uniform_like
-from gradlab.penalties._norms import sample_norms
-from gradlab.penalties.gradient_penalty import norm_penalty
+from gradlab.penalties.gradient_penalty import _penalty
 
 __all__ = ["dragan_penalty", "dragan_penalty_and_norms", "perturb"]
 
@@ -68,15 +66,10 @@ def dragan_penalty_and_norms(
     check_critic(fn, critic)
     with torch.no_grad():
         xs = tuple(x.detach() for x in xs)
-        x_hat = lerp_per_sample(
-            xs, perturb(xs, noise_scale, generator), per_sample_uniform(xs, generator)
-        )
+        perturbed = perturb(xs, noise_scale, generator)
+        leaves = detached_interpolate_leaves(xs, perturbed, per_sample_uniform(xs, generator))
     with torch.enable_grad():
-        outputs, grads = critic_gradients(fn, critic, fresh_leaves(x_hat), kwargs, scaler)
-        norms = sample_norms(grads)
-        penalty = norm_penalty(norms, weight=weight, center=center, one_sided=False)
-        penalty = with_ddp_zero_term(penalty, outputs, critic)
-    return PenaltyWithNorms(penalty, norms.detach())
+        return _penalty(fn, critic, leaves, kwargs, scaler, weight, center, False)
 
 
 def dragan_penalty(

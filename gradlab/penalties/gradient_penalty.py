@@ -15,13 +15,8 @@ from gradlab.penalties._checks import (
     check_pair,
     check_scaler,
 )
-from gradlab.penalties._critic import (
-    PenaltyWithNorms,
-    critic_gradients,
-    fresh_leaves,
-    with_ddp_zero_term,
-)
-from gradlab.penalties._interpolate import lerp_per_sample, per_sample_uniform
+from gradlab.penalties._critic import PenaltyWithNorms, critic_gradients, with_ddp_zero_term
+from gradlab.penalties._interpolate import detached_interpolate_leaves, per_sample_uniform
 from gradlab.penalties._norms import sample_norms
 
 __all__ = ["gradient_penalty", "gradient_penalty_and_norms", "norm_penalty"]
@@ -69,14 +64,28 @@ def gradient_penalty_and_norms(
     kwargs = check_critic_kwargs(fn, critic_kwargs)
     scaler = check_scaler(fn, scaler)
     check_critic(fn, critic)
-    with torch.no_grad():
-        x_hat = lerp_per_sample(r, f, per_sample_uniform(r, generator))
-    with torch.enable_grad():
-        outputs, grads = critic_gradients(fn, critic, fresh_leaves(x_hat), kwargs, scaler)
-        norms = sample_norms(grads)
-        penalty = norm_penalty(norms, weight=weight, center=center, one_sided=one_sided)
-        penalty = with_ddp_zero_term(penalty, outputs, critic)
-    return PenaltyWithNorms(penalty, norms.detach())
+    leaves = detached_interpolate_leaves(r, f, per_sample_uniform(r, generator))
+    if not torch.is_grad_enabled():
+        with torch.enable_grad():
+            return _penalty(fn, critic, leaves, kwargs, scaler, weight, center, one_sided)
+    return _penalty(fn, critic, leaves, kwargs, scaler, weight, center, one_sided)
+
+
+def _penalty(
+    fn: str,
+    critic: TensorFn,
+    leaves: tuple[torch.Tensor, ...],
+    kwargs: Mapping[str, Any],
+    scaler: torch.amp.GradScaler | None,
+    weight: float,
+    center: float,
+    one_sided: bool,
+) -> PenaltyWithNorms:
+    """The norm penalty of the critic's input gradients at ``leaves`` (grad mode enabled)."""
+    outputs, grads = critic_gradients(fn, critic, leaves, kwargs, scaler)
+    norms = sample_norms(grads)
+    penalty = norm_penalty(norms, weight=weight, center=center, one_sided=one_sided)
+    return PenaltyWithNorms(with_ddp_zero_term(penalty, outputs, critic), norms.detach())
 
 
 def gradient_penalty(
