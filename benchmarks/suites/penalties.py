@@ -164,8 +164,8 @@ def run(ctx: Context) -> list[Table]:
     tables = []
 
     size = ctx.pick(32, 32, 64)
-    batch = ctx.pick(8, 16, 64)
-    width = ctx.pick(16, 32, 64)
+    batch = ctx.pick(4, 16, 64)
+    width = ctx.pick(8, 32, 64)
     critic = _dcgan_critic(width, size).to(dev)
     real = torch.randn(batch, 3, size, size, device=dev)
     fake = torch.randn(batch, 3, size, size, device=dev)
