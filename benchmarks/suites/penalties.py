@@ -1,0 +1,252 @@
+"""penalties: what gradlab's GAN penalties cost in a training step, and against hand-written code.
+
+Tables:
+
+1. *Penalty step cost*: one critic training step (adversarial loss + penalty, backward,
+   zero_grad) for each penalty, relative to the plain critic step without a penalty, on a
+   DCGAN-style conv critic; ``r1 (outputs=)`` reuses the adversarial forward pass on the reals
+   (StyleGAN2's way); ``lazy r1 (every 16)`` runs 16 steps with R1 (gain 16) on the first, and is
+   reported per step (amortized). A generator row does the same for the path length penalty.
+2. *gradient_penalty vs hand-written*: the GP part of a step (interpolate, critic forward,
+   ``torch.autograd.grad`` with ``create_graph``, norm, backward) written by hand the best way
+   (one ``torch.rand`` per sample, ``torch.autograd.grad``, ``vector_norm`` over the sample
+   dimensions) against ``gradlab.penalties.gradient_penalty``. Target: ratio <= 1.03.
+
+The ``backward(create_graph=True)`` vs ``autograd.grad`` experiment, with peak memory, is the
+``grad_vs_backward`` suite, which includes ``gradient_penalty`` as its ``gradlab`` row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from benchmarks._core import Context, Suite, Table, time_interleaved
+from gradlab.penalties import (
+    LazyRegularizer,
+    PathLengthPenalty,
+    dragan_penalty,
+    gradient_penalty,
+    r1_penalty,
+    r2_penalty,
+)
+
+
+def _dcgan_critic(width: int, size: int) -> nn.Module:
+    """DCGAN discriminator without BatchNorm for size x size RGB (size 32 or 64)."""
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+    w, s = width, size // 2
+    while s > 4:
+        layers += [nn.Conv2d(w, 2 * w, 4, 2, 1), nn.LeakyReLU(0.2)]
+        w, s = 2 * w, s // 2
+    layers += [nn.Conv2d(w, 1, 4, 1, 0), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(784, 512),
+        nn.LeakyReLU(0.2),
+        nn.Linear(512, 512),
+        nn.LeakyReLU(0.2),
+        nn.Linear(512, 1),
+    )
+
+
+def _critic_steps(
+    critic: nn.Module, real: torch.Tensor, fake: torch.Tensor
+) -> dict[str, Callable[[], None]]:
+    def adversarial() -> torch.Tensor:
+        return critic(fake).mean() - critic(real).mean()
+
+    def step(penalty: Callable[[], torch.Tensor] | None) -> Callable[[], None]:
+        def run() -> None:
+            loss = adversarial()
+            if penalty is not None:
+                loss = loss + penalty()
+            loss.backward()
+            critic.zero_grad(set_to_none=True)
+
+        return run
+
+    def r1_reuse() -> None:
+        x = real.detach().requires_grad_(True)
+        d_real = critic(x)
+        loss = critic(fake).mean() - d_real.mean() + r1_penalty(critic, x, outputs=d_real)
+        loss.backward()
+        critic.zero_grad(set_to_none=True)
+
+    lazy = LazyRegularizer(every=16)
+
+    def lazy_r1_16() -> None:
+        for i in range(lazy.every):
+            loss = adversarial()
+            if lazy.is_due(i):
+                loss = loss + lazy.gain * r1_penalty(critic, real)
+            loss.backward()
+            critic.zero_grad(set_to_none=True)
+
+    plain = step(None)
+
+    def plain_16() -> None:
+        for _ in range(lazy.every):
+            plain()
+
+    return {
+        "plain": plain,
+        "wgan-gp": step(lambda: gradient_penalty(critic, real, fake)),
+        "wgan-lp (one_sided)": step(lambda: gradient_penalty(critic, real, fake, one_sided=True)),
+        "zero-centred gp": step(lambda: gradient_penalty(critic, real, fake, center=0.0)),
+        "r1": step(lambda: r1_penalty(critic, real)),
+        "r1 (outputs=)": r1_reuse,
+        "r2": step(lambda: r2_penalty(critic, fake)),
+        "dragan": step(lambda: dragan_penalty(critic, real)),
+        "_plain x16": plain_16,
+        "_lazy r1 x16": lazy_r1_16,
+    }
+
+
+def _generator_steps(batch: int, device: torch.device) -> dict[str, Callable[[], None]]:
+    synthesis = nn.Sequential(
+        nn.Linear(64, 128 * 4 * 4),
+        nn.Unflatten(1, (128, 4, 4)),
+        nn.LeakyReLU(0.2),
+        nn.ConvTranspose2d(128, 64, 4, 2, 1),
+        nn.LeakyReLU(0.2),
+        nn.ConvTranspose2d(64, 32, 4, 2, 1),
+        nn.LeakyReLU(0.2),
+        nn.ConvTranspose2d(32, 3, 4, 2, 1),
+        nn.Tanh(),
+    ).to(device)
+    pl = PathLengthPenalty().to(device)
+    z = torch.randn(batch, 64, device=device)
+
+    def plain() -> None:
+        synthesis(z).square().mean().backward()
+        synthesis.zero_grad(set_to_none=True)
+
+    def with_pl() -> None:
+        w = z.detach().requires_grad_(True)
+        images = synthesis(w)
+        (images.square().mean() + pl(images, w)).backward()
+        synthesis.zero_grad(set_to_none=True)
+
+    return {"plain": plain, "path length": with_pl}
+
+
+def _gp_pair(
+    critic: nn.Module, real: torch.Tensor, fake: torch.Tensor
+) -> dict[str, Callable[[], None]]:
+    b = real.shape[0]
+    view = (b,) + (1,) * (real.ndim - 1)
+    dims = tuple(range(1, real.ndim))
+
+    def hand() -> None:
+        a = torch.rand(view, device=real.device)
+        x_hat = (real + a * (fake - real)).requires_grad_(True)
+        out = critic(x_hat)
+        (g,) = torch.autograd.grad(out, x_hat, torch.ones_like(out), create_graph=True)
+        gp = 10.0 * ((torch.linalg.vector_norm(g, dim=dims) - 1.0) ** 2).mean()
+        gp.backward()
+        critic.zero_grad(set_to_none=True)
+
+    def gradlab() -> None:
+        gradient_penalty(critic, real, fake).backward()
+        critic.zero_grad(set_to_none=True)
+
+    return {"hand-written (autograd.grad)": hand, "gradlab gradient_penalty": gradlab}
+
+
+def run(ctx: Context) -> list[Table]:
+    dev = ctx.device
+    tables = []
+
+    size = ctx.pick(32, 32, 64)
+    batch = ctx.pick(4, 16, 64)
+    width = ctx.pick(8, 32, 64)
+    critic = _dcgan_critic(width, size).to(dev)
+    real = torch.randn(batch, 3, size, size, device=dev)
+    fake = torch.randn(batch, 3, size, size, device=dev)
+    steps = _critic_steps(critic, real, fake)
+    ctx.progress(f"penalty step cost: DCGAN critic {size}x{size} width {width} batch {batch}")
+    timings, ratios = time_interleaved(steps, ctx=ctx, baseline="plain")
+    t1 = Table(
+        f"Critic training step with each penalty vs a plain step (DCGAN critic {size}x{size}, "
+        f"width {width}, batch {batch})",
+        ["penalty", "step_s", "iqr_s", "ratio_vs_plain"],
+        notes=[
+            "ratio_vs_plain: median over interleaved rounds of time(step) / time(plain step).",
+            "lazy r1: 16 steps with R1 (gain 16) on the first, per step; ratio against 16 plain "
+            "steps.",
+        ],
+    )
+    for name in steps:
+        if name.startswith("_"):
+            continue
+        t1.add(
+            penalty=name,
+            step_s=timings[name].median,
+            iqr_s=timings[name].iqr,
+            ratio_vs_plain=ratios[name],
+        )
+    lazy_ratio = ratios["_lazy r1 x16"] / ratios["_plain x16"]
+    t1.add(
+        penalty="lazy r1 (every 16), amortized",
+        step_s=timings["_lazy r1 x16"].median / 16,
+        iqr_s=timings["_lazy r1 x16"].iqr / 16,
+        ratio_vs_plain=lazy_ratio,
+    )
+    gsteps = _generator_steps(batch, dev)
+    ctx.progress("path length: generator step")
+    gt, gr = time_interleaved(gsteps, ctx=ctx, baseline="plain")
+    t1.add(
+        penalty="path length (generator step)",
+        step_s=gt["path length"].median,
+        iqr_s=gt["path length"].iqr,
+        ratio_vs_plain=gr["path length"],
+    )
+    t1.notes.append(
+        "path length: a DCGAN-style generator 64 -> 3x32x32, plain step = a loss on its output; "
+        f"plain generator step {gt['plain'].median * 1e3:.2f} ms."
+    )
+    tables.append(t1)
+
+    cases = [
+        ("Linear(3,2) b=4", nn.Linear(3, 2), (4, 3)),
+        ("MLP 784-512-512-1 b=64", _mlp(), (64, 784)),
+        (
+            f"DCGAN critic {size}x{size} b={batch}",
+            _dcgan_critic(width, size),
+            (batch, 3, size, size),
+        ),
+    ]
+    t2 = Table(
+        "gradient_penalty vs the best hand-written GP (autograd.grad)",
+        ["case", "variant", "median_s", "iqr_s", "ratio_vs_hand"],
+        notes=["ratio_vs_hand: median over interleaved rounds; target <= 1.03."],
+    )
+    for label, model, shape in cases:
+        model = model.to(dev)
+        r, f = torch.randn(shape, device=dev), torch.randn(shape, device=dev)
+        pair = _gp_pair(model, r, f)
+        ctx.progress(f"gradient_penalty vs hand-written: {label}")
+        timings, ratios = time_interleaved(pair, ctx=ctx, baseline="hand-written (autograd.grad)")
+        for name in pair:
+            t2.add(
+                case=label,
+                variant=name,
+                median_s=timings[name].median,
+                iqr_s=timings[name].iqr,
+                ratio_vs_hand=ratios[name],
+            )
+    tables.append(t2)
+    return tables
+
+
+SUITE = Suite(
+    name="penalties",
+    description="GAN penalties: step cost vs a plain critic step; gradient_penalty vs hand-written",
+    run=run,
+)

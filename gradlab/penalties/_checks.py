@@ -1,0 +1,235 @@
+"""Validation shared by every penalty: one ``_check_*`` helper per concern (STYLE.md #7).
+
+Every helper takes the public function's name as ``fn`` so that its message names the function the
+user called, the argument, what was received and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradlab._errors import GraphError
+from gradlab._typing import TensorOrTensors
+
+__all__ = [
+    "as_tensors",
+    "check_critic",
+    "check_critic_kwargs",
+    "check_nonnegative",
+    "check_outputs",
+    "check_pair",
+    "check_requires_grad",
+    "check_scaler",
+    "is_ddp",
+]
+
+# BatchNorm modules already warned about (once per module object, see check_critic).
+_WARNED_BATCHNORM: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"{type(x).__name__} {x!r}"[:120]
+
+
+def as_tensors(fn: str, arg: str, x: TensorOrTensors) -> tuple[torch.Tensor, ...]:
+    """``x`` as a non-empty tuple of floating-point tensors with one shared batch size."""
+    if isinstance(x, torch.Tensor):
+        tensors: tuple[torch.Tensor, ...] = (x,)
+    elif isinstance(x, Sequence) and not isinstance(x, str) and len(x) > 0:
+        tensors = tuple(x)
+    else:
+        raise TypeError(
+            f"{fn}: {arg} must be a tensor or a non-empty tuple of tensors, got {_describe(x)}"
+        )
+    for i, t in enumerate(tensors):
+        name = arg if len(tensors) == 1 and isinstance(x, torch.Tensor) else f"{arg}[{i}]"
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a tensor, got {_describe(t)}")
+        if not t.is_floating_point():
+            raise TypeError(
+                f"{fn}: {name} has dtype {t.dtype}; critic inputs must be floating point. Pass "
+                "integer inputs such as class labels through critic_kwargs instead"
+            )
+        if t.ndim == 0:
+            raise ValueError(
+                f"{fn}: {name} is a 0-d tensor; inputs need a leading batch dimension, e.g. "
+                "x.unsqueeze(0)"
+            )
+        if t.shape[0] != tensors[0].shape[0]:
+            raise ValueError(
+                f"{fn}: {name} has batch size {t.shape[0]} but {arg}[0] has "
+                f"{tensors[0].shape[0]}; every input of a sample must share the batch dimension"
+            )
+    return tensors
+
+
+def check_pair(
+    fn: str, real: TensorOrTensors, fake: TensorOrTensors
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """``real`` and ``fake`` as tuples with the same structure, shapes, dtypes and devices."""
+    if (  # fast path for the common case (the checks below would all pass)
+        isinstance(real, torch.Tensor)
+        and isinstance(fake, torch.Tensor)
+        and real.shape == fake.shape
+        and real.ndim > 0
+        and real.dtype == fake.dtype
+        and real.is_floating_point()
+        and real.device == fake.device
+    ):
+        return (real,), (fake,)
+    r = as_tensors(fn, "real", real)
+    f = as_tensors(fn, "fake", fake)
+    if isinstance(real, torch.Tensor) != isinstance(fake, torch.Tensor) or len(r) != len(f):
+        raise ValueError(
+            f"{fn}: real has {len(r)} input(s) ({type(real).__name__}) but fake has {len(f)} "
+            f"({type(fake).__name__}); pass both as tensors or both as tuples of the same length"
+        )
+    for i, (a, b) in enumerate(zip(r, f)):
+        where = "" if isinstance(real, torch.Tensor) else f"[{i}]"
+        if a.shape != b.shape:
+            raise ValueError(
+                f"{fn}: real{where} has shape {tuple(a.shape)} but fake{where} has "
+                f"{tuple(b.shape)}; both must match (same batch size and sample shape)"
+            )
+        if a.dtype != b.dtype or a.device != b.device:
+            raise ValueError(
+                f"{fn}: real{where} is {a.dtype} on {a.device} but fake{where} is {b.dtype} on "
+                f"{b.device}; convert one with .to(other)"
+            )
+    return r, f
+
+
+def check_nonnegative(fn: str, arg: str, value: float) -> float:
+    """A finite number >= 0 (weights, gamma, center, noise scale, decay)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {arg} must be a float, got {_describe(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{fn}: {arg} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_critic_kwargs(fn: str, critic_kwargs: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    if critic_kwargs is None:
+        return {}
+    if not isinstance(critic_kwargs, Mapping):
+        raise TypeError(
+            f"{fn}: critic_kwargs must be a dict of keyword arguments for the critic, e.g. "
+            f"{{'labels': y}}, got {_describe(critic_kwargs)}"
+        )
+    return critic_kwargs
+
+
+def check_scaler(fn: str, scaler: Any) -> torch.amp.GradScaler | None:
+    """``None`` for no scaler or a disabled one; the scaler otherwise."""
+    if scaler is None:
+        return None
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(
+            f"{fn}: scaler must be a torch.amp.GradScaler (or None), got {_describe(scaler)}"
+        )
+    return scaler if scaler.is_enabled() else None
+
+
+def is_ddp(module: Any) -> bool:
+    return isinstance(module, nn.parallel.DistributedDataParallel)
+
+
+def _is_compiled(obj: Any) -> bool:
+    # torch.compile imports torch._dynamo; if that never happened nothing can be compiled, and we
+    # avoid importing dynamo (about a second) ourselves.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None and isinstance(obj, eval_frame.OptimizedModule):
+        return True
+    if isinstance(obj, nn.Module):
+        return obj.__dict__.get("_compiled_call_impl") is not None  # nn.Module.compile()
+    return hasattr(obj, "_torchdynamo_orig_callable")  # torch.compile(function)
+
+
+def _compiled_error(fn: str, where: str) -> GraphError:
+    return GraphError(
+        f"{fn}: {where} is compiled with torch.compile; a gradient penalty differentiates the "
+        "critic twice and torch.compile (aot_autograd) does not support double backward. Fix: "
+        "pass the uncompiled critic (for a module compiled with torch.compile(m), that is "
+        "m._orig_mod); you can still compile the generator and the rest of the training step"
+    )
+
+
+def check_critic(fn: str, critic: Any) -> None:
+    """Refuse compiled critics and static-graph DDP; warn once per BatchNorm in training mode."""
+    if not callable(critic):
+        raise TypeError(
+            f"{fn}: critic must be a callable (an nn.Module or a function), got {_describe(critic)}"
+        )
+    if _is_compiled(critic):
+        raise _compiled_error(fn, "critic")
+    if not isinstance(critic, nn.Module):
+        return
+    if is_ddp(critic) and getattr(critic, "static_graph", False):
+        raise ValueError(
+            f"{fn}: critic is a DistributedDataParallel with static_graph=True. A penalty-only "
+            "backward touches a different set of parameters than an adversarial one, and with a "
+            "static graph DDP then silently skips the all-reduce, so ranks drift apart. Fix: "
+            "wrap the critic with static_graph=False (the default); gradlab adds a zero-weighted "
+            "term over the critic's outputs so that every parameter takes part in every backward"
+        )
+    for m in critic.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.training and m not in _WARNED_BATCHNORM:
+                _WARNED_BATCHNORM.add(m)
+                name = next(n for n, s in critic.named_modules() if s is m) or "<critic itself>"
+                warnings.warn(
+                    f"{fn}: the critic's module {name!r} ({type(m).__name__}) is in training "
+                    "mode; batch normalization couples the samples of a batch, so the per-sample "
+                    "input gradients the penalty constrains are not per-sample any more. The "
+                    "WGAN-GP paper (Gulrajani et al. 2017) uses layer normalization in the "
+                    "critic: use nn.LayerNorm/nn.GroupNorm/no normalization, or call .eval() on "
+                    "the module. (Shown once per module.)",
+                    UserWarning,
+                    stacklevel=4,
+                )
+        elif m is not critic and _is_compiled(m):
+            name = next(n for n, s in critic.named_modules() if s is m)
+            raise _compiled_error(fn, f"the critic's submodule {name!r}")
+
+
+def check_outputs(fn: str, outputs: Any, batch: int, arg: str = "the critic's output") -> None:
+    """Outputs must be a floating tensor whose first dimension is the batch."""
+    if not isinstance(outputs, torch.Tensor):
+        raise TypeError(
+            f"{fn}: {arg} must be a tensor with one score per sample, got {_describe(outputs)}"
+        )
+    if outputs.ndim == 0 or outputs.shape[0] != batch:
+        raise ValueError(
+            f"{fn}: {arg} has shape {tuple(outputs.shape)} but the batch has {batch} samples; "
+            f"it must keep the batch dimension, shape ({batch},) or ({batch}, ...). Do not "
+            "reduce over the batch (e.g. .mean()) inside the critic"
+        )
+    if not outputs.is_floating_point():
+        raise TypeError(f"{fn}: {arg} has dtype {outputs.dtype}; it must be floating point")
+    if outputs.grad_fn is None and not outputs.requires_grad:
+        raise GraphError(
+            f"{fn}: {arg} does not require grad, so it has no gradient with respect to the "
+            "inputs. Fix: compute it with gradients enabled (not under torch.no_grad()) from "
+            "inputs that require grad, and do not detach it"
+        )
+
+
+def check_requires_grad(fn: str, arg: str, inputs: tuple[torch.Tensor, ...]) -> None:
+    for i, t in enumerate(inputs):
+        if not t.requires_grad:
+            name = arg if len(inputs) == 1 else f"{arg}[{i}]"
+            raise ValueError(
+                f"{fn}: {name} does not require grad; the inputs must be the very tensors the "
+                "outputs were computed from, with requires_grad=True set "
+                "before the forward pass (x = x.detach().requires_grad_(True); out = critic(x))"
+            )

@@ -1,0 +1,141 @@
+"""DRAGAN: the gradient penalty around perturbed real samples."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from gradlab._typing import TensorFn, TensorOrTensors
+from gradlab.penalties._checks import (
+    as_tensors,
+    check_critic,
+    check_critic_kwargs,
+    check_nonnegative,
+    check_scaler,
+)
+from gradlab.penalties._critic import PenaltyWithNorms
+from gradlab.penalties._interpolate import (
+    detached_interpolate_leaves,
+    per_sample_uniform,
+    uniform_like,
+)
+from gradlab.penalties.gradient_penalty import _penalty
+
+__all__ = ["dragan_penalty", "dragan_penalty_and_norms", "perturb"]
+
+
+def perturb(
+    xs: tuple[torch.Tensor, ...], noise_scale: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, ...]:
+    """DRAGAN's perturbed points ``x + noise_scale * std(x) * U[0, 1)`` (std over the batch)."""
+    out = []
+    for x in xs:
+        std = x.std() if x.numel() > 1 else torch.zeros((), dtype=x.dtype, device=x.device)
+        out.append(x + (noise_scale * std) * uniform_like(x, tuple(x.shape), generator))
+    return tuple(out)
+
+
+def dragan_penalty_and_norms(
+    critic: TensorFn,
+    real: TensorOrTensors,
+    *,
+    weight: float = 10.0,
+    center: float = 1.0,
+    noise_scale: float = 0.5,
+    critic_kwargs: Mapping[str, Any] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    generator: torch.Generator | None = None,
+) -> PenaltyWithNorms:
+    """:func:`dragan_penalty` and the per-sample gradient norms (detached, for logging).
+
+    Example:
+        >>> from gradlab.penalties import dragan_penalty_and_norms
+        >>> penalty, norms = dragan_penalty_and_norms(torch.nn.Linear(3, 1), torch.randn(4, 3))
+        >>> penalty.shape, norms.shape
+        (torch.Size([]), torch.Size([4]))
+    """
+    fn = "dragan_penalty"
+    weight = check_nonnegative(fn, "weight", weight)
+    center = check_nonnegative(fn, "center", center)
+    noise_scale = check_nonnegative(fn, "noise_scale", noise_scale)
+    xs = as_tensors(fn, "real", real)
+    kwargs = check_critic_kwargs(fn, critic_kwargs)
+    scaler = check_scaler(fn, scaler)
+    check_critic(fn, critic)
+    with torch.no_grad():
+        xs = tuple(x.detach() for x in xs)
+        perturbed = perturb(xs, noise_scale, generator)
+        leaves = detached_interpolate_leaves(xs, perturbed, per_sample_uniform(xs, generator))
+    with torch.enable_grad():
+        return _penalty(fn, critic, leaves, kwargs, scaler, weight, center, False)
+
+
+def dragan_penalty(
+    critic: TensorFn,
+    real: TensorOrTensors,
+    *,
+    weight: float = 10.0,
+    center: float = 1.0,
+    noise_scale: float = 0.5,
+    critic_kwargs: Mapping[str, Any] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""The DRAGAN gradient penalty: WGAN-GP's penalty in a noisy neighbourhood of the real data.
+
+    .. math::
+
+        x^p = x + s\,\sigma(x)\,u,\quad u \sim U[0,1)^{\text{shape}(x)},\qquad
+        \hat x_i = x_i + a_i (x^p_i - x_i),\quad a_i \sim U[0, 1),
+
+    .. math::
+
+        \mathrm{DRAGAN} = \lambda\,\frac1B\sum_i \big(\|\nabla_{\hat x} D(\hat x_i)\|_2 - c\big)^2,
+
+    with :math:`s` = ``noise_scale``, :math:`\sigma(x)` the standard deviation of ``real`` over
+    the whole batch (as in the authors' code; per tensor for tuple inputs), the noise :math:`u`
+    drawn per element and :math:`a_i` once per sample. The perturbation is drawn first, then the
+    coefficients, both from ``generator``. The norm, leaf copies, DDP and AMP handling are those of
+    :func:`gradient_penalty`; :func:`dragan_penalty_and_norms` also returns the norms.
+
+    Args:
+        critic: the critic, called as ``critic(*x_hat, **critic_kwargs)``.
+        real: real samples ``(B, ...)``, or a tuple of tensors for a critic with several inputs.
+        weight: :math:`\lambda \ge 0`.
+        center: :math:`c \ge 0`.
+        noise_scale: :math:`s \ge 0` (0.5 in the paper's code).
+        critic_kwargs: extra keyword arguments for the critic.
+        scaler: a :class:`torch.amp.GradScaler` for mixed precision.
+        generator: a :class:`torch.Generator` for the noise and the coefficients.
+
+    Returns:
+        The scalar penalty.
+
+    Raises:
+        ValueError: negative ``weight``, ``center`` or ``noise_scale``; a critic output without the
+            batch dimension.
+        GraphError: a ``torch.compile``\ d critic.
+
+    Example:
+        >>> from gradlab.penalties import dragan_penalty
+        >>> critic = torch.nn.Linear(2, 1)
+        >>> with torch.no_grad():
+        ...     _ = critic.weight.copy_(torch.tensor([[0.6, 0.8]]))
+        >>> dragan_penalty(critic, torch.randn(5, 2))  # ||w|| = 1 everywhere: no penalty
+        tensor(0., grad_fn=<MulBackward0>)
+
+    References:
+        Kodali et al., "On Convergence and Stability of GANs", arXiv:1705.07215, 2017.
+    """
+    return dragan_penalty_and_norms(
+        critic,
+        real,
+        weight=weight,
+        center=center,
+        noise_scale=noise_scale,
+        critic_kwargs=critic_kwargs,
+        scaler=scaler,
+        generator=generator,
+    ).penalty

@@ -1,0 +1,207 @@
+"""StyleGAN2's path length regularizer, as a function and as a stateful module."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from gradlab._errors import GraphError
+from gradlab.penalties._checks import (
+    as_tensors,
+    check_nonnegative,
+    check_outputs,
+    check_requires_grad,
+    check_scaler,
+)
+from gradlab.penalties._critic import _ZeroGradToOutputs
+from gradlab.penalties._norms import input_gradients, sample_norms
+
+__all__ = ["PathLengthPenalty", "PathLengthResult", "path_length_penalty"]
+
+
+class PathLengthResult(NamedTuple):
+    """What :func:`path_length_penalty` returns.
+
+    Attributes:
+        penalty: the scalar penalty (differentiable w.r.t. the generator).
+        lengths: per-sample path lengths :math:`\\|J_w^T y\\|_2`, shape ``(B,)``, detached.
+        mean: the updated running mean, a detached 0-d tensor (float32, or float64 for float64
+            latents); pass it back next time.
+    """
+
+    penalty: torch.Tensor
+    lengths: torch.Tensor
+    mean: torch.Tensor
+
+
+def path_length_penalty(
+    images: torch.Tensor,
+    latents: torch.Tensor,
+    *,
+    mean: float | torch.Tensor,
+    decay: float = 0.01,
+    weight: float = 2.0,
+    generator: torch.Generator | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> PathLengthResult:
+    r"""StyleGAN2's path length penalty, stateless (the running mean goes in and comes out).
+
+    .. math::
+
+        \ell_i = \big\|J_{w_i}^{\top} y_i\big\|_2
+               = \big\|\nabla_{w_i} \langle g(w_i), y_i\rangle\big\|_2,\qquad
+        y \sim \mathcal N(0, I)/\sqrt{HW},
+
+    .. math::
+
+        \bar a \leftarrow \bar a + \beta\,(\tfrac1B \textstyle\sum_i \ell_i - \bar a),\qquad
+        \mathrm{PL} = \lambda\,\frac1B \sum_i (\ell_i - \bar a)^2,
+
+    with :math:`\beta` = ``decay``, :math:`\lambda` = ``weight`` and :math:`HW` =
+    ``prod(images.shape[2:])``, the pixels per channel. As in the official implementation the
+    penalty uses the *updated* mean, which is not detached inside this call (the gradient flows
+    through the batch mean with factor :math:`\beta`); the mean returned is detached. The norm
+    runs over every non-batch dimension of ``latents`` and is zero-safe. (StyleGAN2's code, for
+    ``w`` broadcast to ``(B, num_ws, w_dim)``, averages the squared norm over ``num_ws``; pass the
+    un-broadcast ``(B, w_dim)`` latents, or expect lengths larger by :math:`\sqrt{num\_ws}`.)
+
+    A zero gradient is also sent into ``images``, so that under DistributedDataParallel a
+    penalty-only backward reaches every parameter of the generator (StyleGAN2-ADA does the same).
+
+    Args:
+        images: generator output ``(B, C, H, W)`` (at least 3-D), computed from ``latents``.
+        latents: the latents ``w`` that produced ``images``, batch first, ``requires_grad=True``.
+        mean: the running mean of the path length :math:`\bar a` so far (0 at the start).
+        decay: :math:`\beta \in [0, 1]` (0.01 in StyleGAN2).
+        weight: :math:`\lambda \ge 0` (2 in StyleGAN2).
+        generator: a :class:`torch.Generator` for :math:`y`.
+        scaler: a :class:`torch.amp.GradScaler` for mixed precision.
+
+    Returns:
+        A :class:`PathLengthResult` ``(penalty, lengths, mean)``.
+
+    Raises:
+        ValueError: ``images`` below 3-D or with another batch size, latents that do not require
+            grad, ``decay`` outside [0, 1], negative ``weight``.
+        GraphError: ``images`` that do not depend on ``latents``.
+
+    Example:
+        >>> from gradlab.penalties import path_length_penalty
+        >>> w = torch.randn(4, 8, requires_grad=True)
+        >>> images = torch.nn.Linear(8, 3 * 4 * 4)(w).view(4, 3, 4, 4)
+        >>> out = path_length_penalty(images, w, mean=0.0)
+        >>> out.penalty.shape, out.lengths.shape, out.mean.shape
+        (torch.Size([]), torch.Size([4]), torch.Size([]))
+
+    References:
+        Karras et al., "Analyzing and Improving the Image Quality of StyleGAN", CVPR 2020.
+    """
+    fn = "path_length_penalty"
+    decay = check_nonnegative(fn, "decay", decay)
+    if decay > 1:
+        raise ValueError(f"{fn}: decay must be in [0, 1], got {decay!r}")
+    weight = check_nonnegative(fn, "weight", weight)
+    if isinstance(mean, bool) or not isinstance(mean, (int, float, torch.Tensor)):
+        raise TypeError(
+            f"{fn}: mean must be a float or a 0-d tensor (the running mean returned by the "
+            f"previous call, 0.0 at the start), got {type(mean).__name__}"
+        )
+    (w,) = as_tensors(fn, "latents", latents)
+    check_requires_grad(fn, "latents", (w,))
+    check_outputs(fn, images, w.shape[0], arg="images")
+    if images.ndim < 3:
+        raise ValueError(
+            f"{fn}: images has shape {tuple(images.shape)}; it must be (B, C, H, W) (at least "
+            "3-D: y is scaled by 1/sqrt(prod(images.shape[2:])))"
+        )
+    scaler = check_scaler(fn, scaler)
+    if generator is None:
+        y = torch.randn(images.shape, dtype=images.dtype, device=images.device)
+    else:
+        y = torch.randn(
+            images.shape, dtype=images.dtype, device=generator.device, generator=generator
+        )
+        y = y.to(images.device)
+    y = y / math.sqrt(math.prod(images.shape[2:]))
+    with torch.enable_grad():
+        try:
+            grads = input_gradients(fn, images * y, (w,), create_graph=True, scaler=scaler)
+        except GraphError:
+            raise GraphError(
+                f"{fn}: images do not depend on latents; pass the latents w that the images "
+                "were computed from (with requires_grad=True set before the forward pass)"
+            ) from None
+        lengths = sample_norms(grads)
+        dtype = torch.promote_types(lengths.dtype, torch.float32)  # no float16 running mean
+        if isinstance(mean, torch.Tensor):
+            prev = mean.detach().to(device=lengths.device, dtype=dtype)
+        else:
+            prev = torch.tensor(float(mean), device=lengths.device, dtype=dtype)
+        new_mean = prev + decay * (lengths.to(dtype).mean() - prev)
+        penalty = (lengths - new_mean).square().mean() * weight
+        penalty = _ZeroGradToOutputs.apply(penalty, images)
+    return PathLengthResult(penalty, lengths.detach(), new_mean.detach())
+
+
+class PathLengthPenalty(nn.Module):
+    r"""StyleGAN2's path length regularizer with its running mean as state.
+
+    Calling it computes :func:`path_length_penalty` with the stored mean, stores the updated mean
+    (a buffer named ``mean``, so it is in :meth:`state_dict` and follows ``.to(device)``) and
+    keeps the last per-sample lengths in :attr:`last_lengths` (detached) for logging.
+
+    Args:
+        decay: EMA decay :math:`\beta` of the mean path length (0.01 in StyleGAN2).
+        weight: :math:`\lambda` (2 in StyleGAN2).
+
+    Example:
+        >>> from gradlab.penalties import PathLengthPenalty
+        >>> pl = PathLengthPenalty()
+        >>> w = torch.randn(4, 8, requires_grad=True)
+        >>> images = torch.nn.Linear(8, 3 * 4 * 4)(w).view(4, 3, 4, 4)
+        >>> penalty = pl(images, w)
+        >>> pl.last_lengths.shape, sorted(pl.state_dict())
+        (torch.Size([4]), ['mean'])
+    """
+
+    mean: torch.Tensor
+    last_lengths: torch.Tensor | None
+
+    def __init__(self, *, decay: float = 0.01, weight: float = 2.0) -> None:
+        super().__init__()
+        fn = "PathLengthPenalty"
+        self.decay = check_nonnegative(fn, "decay", decay)
+        if self.decay > 1:
+            raise ValueError(f"{fn}: decay must be in [0, 1], got {decay!r}")
+        self.weight = check_nonnegative(fn, "weight", weight)
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float32))
+        self.last_lengths = None
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        latents: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> torch.Tensor:
+        """The penalty for ``images`` computed from ``latents``; updates the running mean."""
+        out = path_length_penalty(
+            images,
+            latents,
+            mean=self.mean,
+            decay=self.decay,
+            weight=self.weight,
+            generator=generator,
+            scaler=scaler,
+        )
+        with torch.no_grad():
+            self.mean.copy_(out.mean)
+        self.last_lengths = out.lengths
+        return out.penalty
+
+    def extra_repr(self) -> str:
+        return f"decay={self.decay}, weight={self.weight}"
