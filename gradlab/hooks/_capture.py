@@ -87,11 +87,15 @@ class CapturedGrads(Mapping[str, torch.Tensor]):
         self._seq += 1
         return self._seq
 
-    def _hook_tensors(self, tensors: list[Any], name: str) -> None:
-        tens = [t for t in tensors if isinstance(t, torch.Tensor)]
-        if not tens:
+    def _hook_tensors(self, value: Any, name: str) -> None:
+        if not torch.is_grad_enabled():
             return
         seq = self._next_call()
+        if isinstance(value, torch.Tensor):  # fast path: one tensor
+            if value.requires_grad:
+                self._bag.tensor(value.register_hook(_tensor_hook(self._ref, name, seq)))
+            return
+        tens = [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
         ref = self._ref
         for pos, t in enumerate(tens):
             if not t.requires_grad:
@@ -161,7 +165,7 @@ def _output_hook(ref: weakref.ref[CapturedGrads], name: str) -> Any:
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         store = ref()
         if store is not None:
-            store._hook_tensors(tree_flatten(output)[0], name)
+            store._hook_tensors(output, name)
 
     return hook
 
@@ -172,7 +176,7 @@ def _input_hook(ref: weakref.ref[CapturedGrads], name: str) -> Any:
     def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
         store = ref()
         if store is not None:
-            store._hook_tensors(tree_flatten((args, kwargs))[0], name)
+            store._hook_tensors((args, kwargs) if kwargs else args[0] if len(args) == 1 else args, name)
 
     return hook
 

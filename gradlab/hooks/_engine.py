@@ -88,9 +88,7 @@ class HandleBag:
         self._tensor.clear()
 
 
-def _task_id() -> int:
-    fn = getattr(torch._C, "_current_graph_task_id", None)
-    return -1 if fn is None else int(fn())
+_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 def _alive(handle: Any) -> bool:

@@ -87,23 +87,56 @@ class _Pending:
     step: int
     slots: list[_Slot]
     numels: list[int]
-    stats: torch.Tensor  # (3, R): L2, L1, Linf; on the CPU once ``event`` has completed
+    stats: torch.Tensor  # (4, R): L2, L1, min, max; on the CPU once ``event`` has completed
     event: Any
 
 
-_FOREACH_DTYPE: list[bool] = []  # whether _foreach_norm takes dtype= (probed once)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_SCRATCH_MAX = 2**20  # elements: larger CPU gradients use a fresh buffer for |g|
 
 
-def _norms(grads: list[torch.Tensor], ord: float, dtype: torch.dtype) -> list[torch.Tensor]:
-    if not _FOREACH_DTYPE:
-        try:
-            torch._foreach_norm([torch.ones(1)], 2, dtype=torch.float64)
-            _FOREACH_DTYPE.append(True)
-        except (TypeError, RuntimeError):
-            _FOREACH_DTYPE.append(False)
-    if _FOREACH_DTYPE[0]:
-        return list(torch._foreach_norm(grads, ord, dtype=dtype))
-    return [g.to(dtype) for g in torch._foreach_norm(grads, ord)]
+def _stats_fused(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
+    """(L2, L1, min, max) of each gradient with three fused ``_foreach_norm`` launches.
+
+    The Linf norm stands for both ``-min`` and ``max`` (only ``max |g|`` is reported); it
+    propagates NaN, so a gradient is finite exactly when its Linf norm is.
+    """
+    l2 = list(torch._foreach_norm(grads, 2))
+    l1 = list(torch._foreach_norm(grads, 1))
+    hi = list(torch._foreach_norm(grads, math.inf))
+    return l2, l1, list(torch._foreach_neg(hi)), hi
+
+
+class _CpuStats:
+    """Per-tensor statistics for CPU gradients, computed at once in the hook.
+
+    On CPU the L1/Linf foreach kernels are not vectorised (measured 6x / 17x slower than L2),
+    and holding gradients until a fused call costs page faults, so each gradient gets
+    ``vector_norm``, ``aminmax`` (NaN-propagating; max |g| = max(-min, max)) and ``abs`` into a
+    reused scratch buffer followed by ``sum``: four reductions, no copy kept.
+    """
+
+    __slots__ = ("_scratch",)
+
+    def __init__(self) -> None:
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}
+
+    def __call__(self, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        flat = g.reshape(-1)
+        n = flat.numel()
+        if n == 0:
+            zero = flat.new_zeros(())
+            return zero, zero, zero, zero
+        lo, hi = torch.aminmax(flat)
+        if n <= _SCRATCH_MAX:
+            buf = self._scratch.get(flat.dtype)
+            if buf is None or buf.numel() < n:
+                buf = self._scratch[flat.dtype] = torch.empty(max(n, 2**16), dtype=flat.dtype)
+            a = torch.abs(flat, out=buf[:n])
+        else:
+            a = flat.abs()
+        l1 = a.sum(dtype=torch.float32) if a.dtype in _LOW_PRECISION else a.sum()
+        return torch.linalg.vector_norm(flat), l1, lo, hi
 
 
 class GradientMonitor:
@@ -207,11 +240,8 @@ class GradientMonitor:
         self._buf_bytes = 0
         self._slots: list[_Slot] = []
         self._numels: list[int] = []
-        self._stats: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = (
-            [],
-            [],
-            [],
-        )
+        self._stats: tuple[list[torch.Tensor], ...] = ([], [], [], [])
+        self._cpu_stats = _CpuStats()
         self._pending: list[_Pending] = []
         self._history: list[StepStats] = []
         self._source: NonfiniteSource | None = None
@@ -258,7 +288,9 @@ class GradientMonitor:
         self._open_calls.setdefault(name, []).append(seq)
         if not torch.is_grad_enabled():
             return
-        for t in tree_flatten(args)[0]:
+        a0 = args[0] if len(args) == 1 else None
+        flat = [a0] if isinstance(a0, torch.Tensor) else tree_flatten(args)[0]
+        for t in flat:
             if not (isinstance(t, torch.Tensor) and t.requires_grad):
                 continue
             hit = self._produced.get(id(t))
@@ -289,10 +321,16 @@ class GradientMonitor:
     def _add(self, slot: _Slot, grad: torch.Tensor) -> None:
         self._clock.touch()
         g = grad.detach() if grad.requires_grad else grad
-        self._buf.append(g)
         self._slots.append(slot)
         n = g.numel()
         self._numels.append(n)
+        if g.device.type == "cpu":
+            if self._buf:  # keep the statistics in firing order
+                self._flush()
+            for out, v in zip(self._stats, self._cpu_stats(g)):
+                out.append(v)
+            return
+        self._buf.append(g)
         self._buf_bytes += n * g.element_size()
         if self._buf_bytes > self.buffer_bytes:
             self._flush()
@@ -301,10 +339,9 @@ class GradientMonitor:
         buf = self._buf
         if not buf:
             return
-        dtype = torch.float64 if any(g.dtype == torch.float64 for g in buf) else torch.float32
         with torch.no_grad():
-            for out, ord in zip(self._stats, (2.0, 1.0, math.inf)):
-                out.extend(_norms(buf, ord, dtype))
+            for out, vals in zip(self._stats, _stats_fused(buf)):
+                out.extend(vals)
         self._buf = []
         self._buf_bytes = 0
 
@@ -321,19 +358,19 @@ class GradientMonitor:
 
     def _finish_pass(self) -> None:
         self._flush()
-        l2, l1, linf = self._stats
+        l2, l1, lo, hi = self._stats
         slots, numels = self._slots, self._numels
-        self._slots, self._numels, self._stats = [], [], ([], [], [])
+        self._slots, self._numels, self._stats = [], [], ([], [], [], [])
         if not slots:
             return
         step = len(self._history) + len(self._pending)
         with torch.no_grad():
-            flat = l2 + l1 + linf
+            flat = l2 + l1 + lo + hi
             device = flat[0].device
             if any(t.device != device for t in flat):
                 flat = [t.cpu() for t in flat]
                 device = torch.device("cpu")
-            stats = torch.stack([t.to(flat[0].dtype) for t in flat]).view(3, len(slots))
+            stats = torch.stack(flat).view(4, len(slots))
             event = None
             if device.type == "cuda":
                 host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
@@ -362,7 +399,8 @@ class GradientMonitor:
     def _analyse(self, p: _Pending) -> StepStats:
         r = len(p.slots)
         vals = p.stats.tolist()
-        l2, l1, linf = vals[0], vals[1], vals[2]
+        l2, l1 = vals[0], vals[1]
+        linf = [_max_abs(a, b) for a, b in zip(vals[2], vals[3])]
         outs: dict[str, list[float]] = {}  # name -> [sum of squares, L1, Linf, numel, count, L2]
         params: dict[str, LayerStats] = {}
         bad_calls: set[tuple[str, int]] = set()
@@ -468,6 +506,12 @@ class GradientMonitor:
         )
 
 
+def _max_abs(lo: float, hi: float) -> float:
+    if math.isnan(lo) or math.isnan(hi):
+        return math.nan
+    return max(-lo, hi)
+
+
 def _mean(total: float, n: int) -> float:
     return total / n if n else 0.0
 
@@ -476,7 +520,7 @@ def _pre_hook(ref: weakref.ref[GradientMonitor], name: str) -> Any:
     def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
         mon = ref()
         if mon is not None:
-            mon._on_inputs(name, (args, kwargs) if kwargs else args)
+            mon._on_inputs(name, (args, kwargs) if kwargs else args)  # args: a tuple
 
     return hook
 
