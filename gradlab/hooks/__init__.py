@@ -10,6 +10,8 @@ from gradlab.hooks._monitor import GradientMonitor
 from gradlab.hooks._monitor import LayerStats
 from gradlab.hooks._monitor import NonfiniteSource
 from gradlab.hooks._monitor import StepStats
+from gradlab.hooks._plot import grad_flow_table
+from gradlab.hooks._plot import plot_grad_flow
 from gradlab.hooks._retain import RetainedGrads
 from gradlab.hooks._retain import retain_grads
 
@@ -21,5 +23,7 @@ __all__ = [
     "RetainedGrads",
     "StepStats",
     "capture_grads",
+    "grad_flow_table",
+    "plot_grad_flow",
     "retain_grads",
 ]

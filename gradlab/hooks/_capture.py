@@ -38,15 +38,15 @@ class CapturedGrads(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, model: nn.Module, patterns: tuple[str, ...], of: Of) -> None:
-        self._selected = (
-            [] if of == "parameter" else select_modules("capture_grads", model, patterns)
-        )
-        self._params = _select_params(model, patterns) if of == "parameter" else []
+        # Held weakly: the result must not keep the model (or its layers) alive.
+        selected = [] if of == "parameter" else select_modules("capture_grads", model, patterns)
+        self._selected = [(n, weakref.ref(m)) for n, m in selected]
+        params = _select_params(model, patterns) if of == "parameter" else []
+        self._params = [(n, weakref.ref(p)) for n, p in params]
         self._of = of
-        self._model_ref = weakref.ref(model)
         self._data: dict[str, dict[int, torch.Tensor]] = {}
         self._seq = 0
-        self._clock = PassClock(on_start=self._data.clear)
+        self._clock = PassClock(on_start=self._start_pass)
         self._bag = HandleBag()
         self._active = False
         self._ref = weakref.ref(self)
@@ -58,13 +58,15 @@ class CapturedGrads(Mapping[str, torch.Tensor]):
         self._active = True
         ref = self._ref
         try:
-            for name, module in self._selected:
+            for name, module_ref in self._selected:
+                module = _alive("capture_grads", module_ref, name)
                 if self._of == "output":
                     h = module.register_forward_hook(_output_hook(ref, name))
                 else:
                     h = module.register_forward_pre_hook(_input_hook(ref, name), with_kwargs=True)
                 self._bag.module(h)
-            for i, (pname, p) in enumerate(self._params):
+            for i, (pname, p_ref) in enumerate(self._params):
+                p = _alive("capture_grads", p_ref, pname)
                 hook = _param_hook(ref, pname, i)
                 self._bag.module(p.register_post_accumulate_grad_hook(hook))
         except BaseException:
@@ -83,6 +85,9 @@ class CapturedGrads(Mapping[str, torch.Tensor]):
         self._active = False
 
     # -- recording (called from hooks) ----------------------------------------------------
+    def _start_pass(self) -> None:
+        self._data.clear()
+
     def _next_call(self) -> int:
         self._seq += 1
         return self._seq
@@ -198,6 +203,13 @@ def _param_hook(ref: weakref.ref[CapturedGrads], name: str, index: int) -> Any:
             store._data[name] = {-len(store._params) + index: p.grad.detach().clone()}
 
     return hook
+
+
+def _alive(fn: str, ref: weakref.ref[Any], name: str) -> Any:
+    obj = ref()
+    if obj is None:
+        raise RuntimeError(f"{fn}: {name!r} no longer exists (its model was deleted)")
+    return obj
 
 
 def _select_params(model: nn.Module, patterns: tuple[str, ...]) -> list[tuple[str, nn.Parameter]]:

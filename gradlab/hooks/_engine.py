@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+import weakref
 from typing import Any
 
 import torch
@@ -31,8 +32,9 @@ class PassClock:
         on_start: Callable[[], None] | None = None,
         on_end: Callable[[], None] | None = None,
     ) -> None:
-        self._on_start = on_start
-        self._on_end = on_end
+        # Bound methods are held weakly: the owner holds the clock, not the other way round.
+        self._on_start = _weak(on_start)
+        self._on_end = _weak(on_end)
         self.count = 0
         self.open = False
         self._task = -1
@@ -45,16 +47,18 @@ class PassClock:
         self.open = True
         self._task = task
         self.count += 1
-        if self._on_start is not None:
-            self._on_start()
+        fn = self._on_start()
+        if fn is not None:
+            fn()
         torch.autograd.Variable._execution_engine.queue_callback(partial(self._end, self.count))
 
     def _end(self, count: int) -> None:
         if count != self.count:  # a later pass already started: nothing to close
             return
         self.open = False
-        if self._on_end is not None:
-            self._on_end()
+        fn = self._on_end()
+        if fn is not None:
+            fn()
 
 
 class HandleBag:
@@ -86,6 +90,14 @@ class HandleBag:
             h.remove()
         self._module.clear()
         self._tensor.clear()
+
+
+def _weak(fn: Callable[[], None] | None) -> Callable[[], Callable[[], None] | None]:
+    if fn is None:
+        return lambda: None
+    if hasattr(fn, "__self__"):
+        return weakref.WeakMethod(fn)  # type: ignore[arg-type]
+    return lambda: fn
 
 
 _task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)

@@ -196,7 +196,7 @@ class GradientMonitor:
         >>> len(monitor.history), sorted(monitor.history[-1].outputs)
         (3, ['0', '1', '2'])
         >>> round(monitor.history[0].params["2.bias"].norm, 4), monitor.first_nonfinite
-        (0.4795, None)
+        (0.2144, None)
     """
 
     def __init__(
@@ -224,8 +224,11 @@ class GradientMonitor:
         self.exploding = float(exploding)
         self.trace_nonfinite = trace_nonfinite
         self.buffer_bytes = int(buffer_bytes)
-        self._modules = select_modules("GradientMonitor", model, patterns)
-        self._params = _select_params(model, self._modules, patterns) if params else []
+        modules = select_modules("GradientMonitor", model, patterns)
+        chosen = _select_params(model, modules, patterns) if params else []
+        # Held weakly: the monitor must not keep the model (or its layers) alive.
+        self._modules = [(n, weakref.ref(m)) for n, m in modules]
+        self._params = [(n, owner, weakref.ref(p)) for n, owner, p in chosen]
         names = [n for n, _ in self._modules] + [n for n, _, _ in self._params]
         self._order = {n: i for i, n in enumerate(names)}  # forward (registration) order
         self._ref = weakref.ref(self)
@@ -253,12 +256,14 @@ class GradientMonitor:
         self._active = True
         ref = self._ref
         try:
-            for name, module in self._modules:
+            for name, module_ref in self._modules:
+                module = _alive(module_ref, name)
                 if self.trace_nonfinite:
                     pre = _pre_hook(ref, name)
                     self._bag.module(module.register_forward_pre_hook(pre, with_kwargs=True))
                 self._bag.module(module.register_forward_hook(_fwd_hook(ref, name)))
-            for pname, owner, p in self._params:
+            for pname, owner, p_ref in self._params:
+                p = _alive(p_ref, pname)
                 slot = _Slot(_PARAM, pname, 0, owner)
                 self._bag.module(p.register_post_accumulate_grad_hook(_param_hook(ref, slot)))
         except BaseException:
@@ -504,6 +509,13 @@ class GradientMonitor:
             f"GradientMonitor({len(self._modules)} modules, {len(self._params)} parameters, "
             f"{self.steps} steps, first_nonfinite={self._source.module if self._source else None!r})"
         )
+
+
+def _alive(ref: weakref.ref[Any], name: str) -> Any:
+    obj = ref()
+    if obj is None:
+        raise RuntimeError(f"GradientMonitor: {name!r} no longer exists (its model was deleted)")
+    return obj
 
 
 def _max_abs(lo: float, hi: float) -> float:

@@ -112,8 +112,8 @@ def retain_grads(*tensors: torch.Tensor) -> RetainedGrads:
         >>> y2 = -x**2
         >>> with retain_grads(y1, y2) as grads:
         ...     (y1 * y2).backward()
-        >>> grads[0].item(), grads[1].item(), y1.grad is None
-        (-4.0, 4.0, True)
+        >>> grads[0].item(), grads[1].item(), y1.retains_grad
+        (-4.0, 4.0, False)
     """
     if not tensors:
         raise ValueError(
