@@ -133,7 +133,8 @@ def run(ctx: Context) -> list[Table]:
         notes=[
             "overhead_ratio: median over interleaved rounds of time(variant) / time(plain).",
             "Goals: capture_all <= 1.10x and monitor <= 1.3x on the MLP and CNN cases.",
-            "monitor/nan_trace enter the monitor and read first_nonfinite every step (one sync per step).",
+            "monitor/nan_trace: enter the monitor and read first_nonfinite every step "
+            "(one sync per step).",
         ],
     )
     for label, model, inp in cases:

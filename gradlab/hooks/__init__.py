@@ -4,16 +4,10 @@ Every tool is a context manager that removes all of its hooks on exit (exception
 keeps no reference to the model. See ../shared/API.md (gradlab.hooks).
 """
 
-from gradlab.hooks._capture import CapturedGrads
-from gradlab.hooks._capture import capture_grads
-from gradlab.hooks._monitor import GradientMonitor
-from gradlab.hooks._monitor import LayerStats
-from gradlab.hooks._monitor import NonfiniteSource
-from gradlab.hooks._monitor import StepStats
-from gradlab.hooks._plot import grad_flow_table
-from gradlab.hooks._plot import plot_grad_flow
-from gradlab.hooks._retain import RetainedGrads
-from gradlab.hooks._retain import retain_grads
+from gradlab.hooks._capture import CapturedGrads, capture_grads
+from gradlab.hooks._monitor import GradientMonitor, LayerStats, NonfiniteSource, StepStats
+from gradlab.hooks._plot import grad_flow_table, plot_grad_flow
+from gradlab.hooks._retain import RetainedGrads, retain_grads
 
 __all__ = [
     "CapturedGrads",

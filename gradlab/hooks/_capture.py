@@ -181,7 +181,9 @@ def _input_hook(ref: weakref.ref[CapturedGrads], name: str) -> Any:
     def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
         store = ref()
         if store is not None:
-            store._hook_tensors((args, kwargs) if kwargs else args[0] if len(args) == 1 else args, name)
+            store._hook_tensors(
+                (args, kwargs) if kwargs else args[0] if len(args) == 1 else args, name
+            )
 
     return hook
 

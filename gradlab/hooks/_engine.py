@@ -11,9 +11,9 @@ calls, each of which counts as its own pass; use ``use_reentrant=False``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from functools import partial
-import weakref
 from typing import Any
 
 import torch

@@ -505,9 +505,10 @@ class GradientMonitor:
         return None if src is None else src.step
 
     def __repr__(self) -> str:
+        src = self._source.module if self._source else None
         return (
             f"GradientMonitor({len(self._modules)} modules, {len(self._params)} parameters, "
-            f"{self.steps} steps, first_nonfinite={self._source.module if self._source else None!r})"
+            f"{self.steps} steps, first_nonfinite={src!r})"
         )
 
 
@@ -524,7 +525,7 @@ def _max_abs(lo: float, hi: float) -> float:
     return max(-lo, hi)
 
 
-def _mean(total: float, n: int) -> float:
+def _mean(total: float, n: float) -> float:
     return total / n if n else 0.0
 
 

@@ -1,4 +1,4 @@
-"""retain_grads: gradients of arbitrary tensors, ``retain_grad``-style, without touching ``.grad``."""
+"""retain_grads: gradients of any tensors, ``retain_grad``-style, without touching ``.grad``."""
 
 from __future__ import annotations
 

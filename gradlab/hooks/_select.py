@@ -12,7 +12,7 @@ _SHOWN = 8  # module names listed in a "no match" error
 
 
 def check_model(fn_name: str, model: object) -> nn.Module:
-    """Return ``model`` if it is an :class:`torch.nn.Module`, else raise a TypeError naming the fix."""
+    """Return ``model`` if it is a :class:`torch.nn.Module`, else raise a TypeError with the fix."""
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"{fn_name}: model must be a torch.nn.Module, received {type(model).__name__}; "

@@ -198,7 +198,9 @@ def test_exploding_flags(device: torch.device) -> None:
     norms = {n: s.norm for n, s in rec.outputs.items()}  # output grad of layer i: 5^(5-i) sqrt 6
     for i in range(6):
         assert norms[str(i)] == pytest.approx(5 ** (5 - i) * math.sqrt(6))
-    assert set(rec.exploding) == {n for n, s in {**rec.outputs, **rec.params}.items() if s.norm > 100}
+    assert set(rec.exploding) == {
+        n for n, s in {**rec.outputs, **rec.params}.items() if s.norm > 100
+    }
     assert {"0", "1", "2"} <= set(rec.exploding) and "5" not in rec.exploding
     assert rec.nonfinite == ()
 
@@ -294,5 +296,5 @@ def test_bad_arguments() -> None:
         GradientMonitor(mlp(), vanishing=10.0, exploding=1.0)
     with pytest.raises(ValueError, match="GradientMonitor: pattern 'dec' matches no module"):
         GradientMonitor(mlp(), "dec")
-    with pytest.raises(TypeError, match="GradientMonitor: model must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"GradientMonitor: model must be a torch\.nn\.Module"):
         GradientMonitor("model")  # type: ignore[arg-type]

@@ -103,9 +103,13 @@ def test_nothing_kept_alive(device: torch.device) -> None:
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(TypeError, match="retain_grads: argument 1 must be a torch.Tensor, received list"):
+    with pytest.raises(
+        TypeError, match=r"retain_grads: argument 1 must be a torch\.Tensor, received list"
+    ):
         retain_grads(torch.ones(1, requires_grad=True), [1.0])  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"retain_grads: argument 0 \(shape \(2,\)\) does not require grad"):
+    with pytest.raises(
+        ValueError, match=r"retain_grads: argument 0 \(shape \(2,\)\) does not require grad"
+    ):
         retain_grads(torch.ones(2))
     with pytest.raises(ValueError, match="retain_grads: tensors is empty"):
         retain_grads()
