@@ -298,3 +298,31 @@ def test_bad_arguments() -> None:
         GradientMonitor(mlp(), "dec")
     with pytest.raises(TypeError, match=r"GradientMonitor: model must be a torch\.nn\.Module"):
         GradientMonitor("model")  # type: ignore[arg-type]
+
+
+class InplaceBetween(nn.Module):
+    """An in-place op outside any module, between two modules, whose backward makes Inf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.act = nn.Hardtanh()  # saves its input, not its output: sqrt_ below is allowed
+        self.fc2 = nn.Linear(4, 1)
+        with torch.no_grad():
+            self.fc1.weight.zero_()  # act outputs zeros: d sqrt(h) / dh = Inf there
+            self.fc1.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))
+        h.sqrt_()
+        return self.fc2(h)
+
+
+def test_inplace_op_between_modules_is_not_blamed_on_the_consumer(device: torch.device) -> None:
+    model = InplaceBetween().to(device)
+    with GradientMonitor(model) as monitor:
+        model(torch.randn(2, 3, device=device)).sum().backward()
+    # fc2 received the modified tensor: its input gradient is finite, it is not the source.
+    # The Inf was made by sqrt_ (no module) and arrived at act's output: "incoming" there.
+    assert monitor.nonfinite_source == NonfiniteSource("act", 0, "incoming")
+    assert "act" in monitor.history[0].nonfinite and "fc2" not in monitor.history[0].nonfinite
