@@ -148,12 +148,15 @@ class GradientMonitor:
     w.r.t. its output, and the same for every parameter's ``.grad`` after the pass.
 
     How it stays cheap: forward hooks put tensor hooks on module outputs (and, for NaN tracing,
-    on inputs that no other monitored module produced); the tensor hooks only keep a reference to
-    the gradient. The reductions run fused (``torch._foreach_norm``, three calls for the whole
-    buffer) when the pass ends or when the buffered gradients exceed ``buffer_bytes``, and the
-    statistics of a pass are stacked into one tensor that stays on the device, copied to the
-    CPU without blocking and read when you access :attr:`history` / :attr:`first_nonfinite` or
-    leave the context: at most one synchronisation per step, none during backward.
+    on inputs that no other monitored module produced: in a chain a module's input gradient is
+    its producer's output gradient and is not hooked twice). On CUDA the tensor hooks only keep a
+    reference to the gradient; the reductions run fused (``torch._foreach_norm``, three launches
+    for the whole buffer) when the pass ends or when the buffered gradients exceed
+    ``buffer_bytes``. On CPU each gradient is reduced at once in its hook (four reductions,
+    nothing retained). The statistics of a pass are stacked into one tensor that stays on the
+    device, is copied to pinned host memory without blocking, and is read when you access
+    :attr:`history` / :attr:`first_nonfinite` or leave the context: at most one synchronisation
+    per step, none during backward.
 
     **NaN/Inf tracing.** With ``trace_nonfinite=True`` (default) the monitor names the
     *source*: the first module in backward order whose backward turned finite gradients into
@@ -179,8 +182,8 @@ class GradientMonitor:
         trace_nonfinite: hook module inputs to name the source of NaN/Inf (default True).
         vanishing: L2-norm threshold below which a gradient is flagged as vanishing.
         exploding: L2-norm threshold above which a gradient is flagged as exploding.
-        buffer_bytes: gradients buffered before a fused reduction runs (default 64 MiB); the
-            extra memory the monitor holds during backward.
+        buffer_bytes: CUDA gradients buffered before a fused reduction runs (default 64 MiB):
+            the extra memory the monitor may hold during backward.
 
     Raises:
         TypeError: ``model`` is not a module or a pattern is not a string.
