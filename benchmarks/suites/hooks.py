@@ -10,7 +10,8 @@ forward, ``loss.backward()``) with a different kind of instrumentation:
                     of the model) and ``first_nonfinite`` read every step (so each step pays
                     its synchronisation and its analysis);
 ``nan_trace``       ``GradientMonitor(params=False)``: what NaN tracing needs, stats included;
-``retain_grad``     ``retain_grad()`` on every leaf module's output (forward hooks);
+``retain_grad``     ``retain_grad()`` on every leaf module's output (forward hooks), the outputs
+                    kept until the step ends so that their ``.grad`` can be read;
 ``full_backward``   ``register_full_backward_hook`` on every leaf module (not in-place safe:
                     the models here use ``ReLU(inplace=False)`` so that it can run);
 ``anomaly``         ``torch.autograd.set_detect_anomaly(True)``.
@@ -87,8 +88,11 @@ def make_steps(
         return run
 
     def retain_grad() -> None:
+        kept: list[torch.Tensor] = []  # a user keeps the outputs to read their .grad afterwards
+
         def keep(module: nn.Module, args: object, out: torch.Tensor) -> None:
             out.retain_grad()
+            kept.append(out)
 
         handles = [m.register_forward_hook(keep) for m in _leaves(model)]
         try:
