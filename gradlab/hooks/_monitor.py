@@ -92,6 +92,7 @@ class _Pending:
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_IMMEDIATE_DEVICES = ("cpu",)  # reduced in the hook; other devices are buffered and fused
 _SCRATCH_MAX = 2**20  # elements: larger CPU gradients use a fresh buffer for |g|
 
 
@@ -332,7 +333,7 @@ class GradientMonitor:
         self._slots.append(slot)
         n = g.numel()
         self._numels.append(n)
-        if g.device.type == "cpu":
+        if g.device.type in _IMMEDIATE_DEVICES:
             if self._buf:  # keep the statistics in firing order
                 self._flush()
             for out, v in zip(self._stats, self._cpu_stats(g)):

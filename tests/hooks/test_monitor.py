@@ -326,3 +326,34 @@ def test_inplace_op_between_modules_is_not_blamed_on_the_consumer(device: torch.
     # The Inf was made by sqrt_ (no module) and arrived at act's output: "incoming" there.
     assert monitor.nonfinite_source == NonfiniteSource("act", 0, "incoming")
     assert "act" in monitor.history[0].nonfinite and "fc2" not in monitor.history[0].nonfinite
+
+
+@pytest.fixture(params=["immediate", "fused", "fused-small-buffer"])
+def stats_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run a test through the CPU path (reduce in the hook) and through the CUDA path (buffer,
+    reduce with fused _foreach_norm at the end of the pass or when the buffer is full), which
+    otherwise only runs on a GPU. Returns the buffer_bytes to use."""
+    if request.param != "immediate":
+        monkeypatch.setattr("gradlab.hooks._monitor._IMMEDIATE_DEVICES", ())
+    return 1 if request.param == "fused-small-buffer" else 64 * 2**20
+
+
+def test_both_statistics_paths_match_references(stats_path: int, device: torch.device) -> None:
+    model = cnn(inplace=True).to(device)
+    x = input_for(model, device)
+    ref_out, _ = reference_grads(model, x)
+    with GradientMonitor(model, buffer_bytes=stats_path) as monitor:
+        model(x).pow(2).sum().backward()
+    rec = monitor.history[0]
+    for i, ref in enumerate(ref_out):
+        _close(rec.outputs[str(i)], _stats(ref))
+    for n, p in model.named_parameters():
+        _close(rec.params[n], _stats(p.grad))
+
+
+def test_both_statistics_paths_trace_nan(stats_path: int, device: torch.device) -> None:
+    model = _nan_net(device)
+    with GradientMonitor(model, buffer_bytes=stats_path) as monitor:
+        model(torch.randn(4, 5, device=device)).pow(2).mean().backward()
+    assert monitor.nonfinite_source == NonfiniteSource("4", 0, "backward")
+    assert "0.weight" in monitor.history[0].nonfinite
