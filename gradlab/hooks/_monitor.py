@@ -325,6 +325,8 @@ class GradientMonitor:
             self._bag.tensor(t.register_hook(_tensor_hook(self._ref, slot)))
             if self.trace_nonfinite:
                 self._produced[id(t)] = (weakref.ref(t), t._version, slot)
+                if len(self._produced) > 4096:  # forwards without backward: drop dead entries
+                    self._prune_produced()
 
     # -- backward side --------------------------------------------------------------------
     def _add(self, slot: _Slot, grad: torch.Tensor) -> None:
@@ -363,6 +365,9 @@ class GradientMonitor:
     def _end_pass(self) -> None:
         self._finish_pass()
         self._bag.prune()
+        self._prune_produced()
+
+    def _prune_produced(self) -> None:
         self._produced = {k: v for k, v in self._produced.items() if v[0]() is not None}
 
     def _finish_pass(self) -> None:
