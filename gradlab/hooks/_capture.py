@@ -249,7 +249,9 @@ def capture_grads(model: nn.Module, *patterns: str, of: Of = "output") -> Captur
     * **Several backward passes**: the last pass wins. A pass (one ``backward()`` or
       ``autograd.grad()`` run) that fires any hook of this context first clears what the
       previous one stored, so the mapping always describes one pass. Use
-      :func:`retain_grads` for ``.grad``-style accumulation.
+      :func:`retain_grads` for ``.grad``-style accumulation. Activation checkpointing works
+      with ``use_reentrant=False``; reentrant checkpointing runs nested engine passes, each of
+      which counts as a pass of its own.
     * **Double backward** (``autograd.grad(..., create_graph=True)`` then ``penalty.backward()``,
       as in a gradient penalty): the second pass fires the hooks again, so afterwards the mapping
       holds the gradients of the second pass. Stored gradients are always detached, so they never

@@ -144,7 +144,8 @@ class GradientMonitor:
     r"""Record per-layer gradient statistics for every backward pass and trace NaN/Inf sources.
 
     A context manager; wrap one step or a whole training run. Each backward pass (one
-    ``backward()`` or ``autograd.grad()`` run that reaches a monitored module) is one step in
+    ``backward()`` or ``autograd.grad()`` run that reaches a monitored module; a double backward
+    is two; reentrant checkpointing adds one per checkpointed segment) is one step in
     :attr:`history` with, per module, the L2 norm, max and mean absolute value of the gradient
     w.r.t. its output, and the same for every parameter's ``.grad`` after the pass.
 
