@@ -100,11 +100,37 @@ def _stats_fused(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
     """(L2, L1, min, max) of each gradient with three fused ``_foreach_norm`` launches.
 
     The Linf norm stands for both ``-min`` and ``max`` (only ``max |g|`` is reported); it
-    propagates NaN, so a gradient is finite exactly when its Linf norm is.
+    propagates NaN, so a gradient is finite exactly when its Linf norm is. float16/bfloat16
+    gradients are reduced in float32 (their L1 norm overflows float16 for 66k entries of 1).
     """
-    l2 = list(torch._foreach_norm(grads, 2))
-    l1 = list(torch._foreach_norm(grads, 1))
-    hi = list(torch._foreach_norm(grads, math.inf))
+    low = [i for i, g in enumerate(grads) if g.dtype in _LOW_PRECISION]
+    if not low:
+        return _fused(grads, None)
+    if len(low) == len(grads):
+        return _fused(grads, torch.float32)
+    rest = [i for i, g in enumerate(grads) if g.dtype not in _LOW_PRECISION]
+    parts = (
+        (low, _fused([grads[i] for i in low], torch.float32)),
+        (rest, _fused([grads[i] for i in rest], None)),
+    )
+    out: tuple[list[Any], ...] = tuple([None] * len(grads) for _ in range(4))
+    for idx, stats in parts:
+        for column, values in zip(out, stats):
+            for i, v in zip(idx, values):
+                column[i] = v
+    return out
+
+
+def _fused(grads: list[torch.Tensor], dtype: torch.dtype | None) -> tuple[list[torch.Tensor], ...]:
+    if dtype is not None:
+        try:
+            norms = [list(torch._foreach_norm(grads, o, dtype=dtype)) for o in (2, 1, math.inf)]
+        except TypeError:  # torch without dtype= on _foreach_norm: upcast
+            grads = [g.to(dtype) for g in grads]
+            norms = [list(torch._foreach_norm(grads, o)) for o in (2, 1, math.inf)]
+    else:
+        norms = [list(torch._foreach_norm(grads, o)) for o in (2, 1, math.inf)]
+    l2, l1, hi = norms
     return l2, l1, list(torch._foreach_neg(hi)), hi
 
 
@@ -136,8 +162,8 @@ class _CpuStats:
             a = torch.abs(flat, out=buf[:n])
         else:
             a = flat.abs()
-        l1 = a.sum(dtype=torch.float32) if a.dtype in _LOW_PRECISION else a.sum()
-        return torch.linalg.vector_norm(flat), l1, lo, hi
+        acc = torch.float32 if a.dtype in _LOW_PRECISION else None
+        return torch.linalg.vector_norm(flat, dtype=acc), a.sum(dtype=acc), lo, hi
 
 
 class GradientMonitor:

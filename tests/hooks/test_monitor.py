@@ -357,3 +357,22 @@ def test_both_statistics_paths_trace_nan(stats_path: int, device: torch.device) 
         model(torch.randn(4, 5, device=device)).pow(2).mean().backward()
     assert monitor.nonfinite_source == NonfiniteSource("4", 0, "backward")
     assert "0.weight" in monitor.history[0].nonfinite
+
+
+class Scale(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_statistics_do_not_overflow(
+    dtype: torch.dtype, stats_path: int, device: torch.device
+) -> None:
+    model = nn.Sequential(Scale(), Scale())
+    x = torch.ones(100, 100, dtype=dtype, device=device, requires_grad=True)
+    with GradientMonitor(model, buffer_bytes=stats_path) as monitor:
+        (model(x) * 64).sum().backward()  # d/d out = 64 on 10^4 entries: L1 = 640000 > 65504
+    rec = monitor.history[0]
+    assert rec.outputs["1"] == LayerStats(6400.0, 64.0, 64.0)
+    assert rec.outputs["0"] == LayerStats(12800.0, 128.0, 128.0)
+    assert rec.nonfinite == () and rec.exploding == ("0", "1")
