@@ -87,13 +87,16 @@ class _Pending:
     step: int
     slots: list[_Slot]
     numels: list[int]
+    columns: list[int]  # record index of each column of ``stats``
     stats: torch.Tensor  # (4, R): L2, L1, min, max; on the CPU once ``event`` has completed
     event: Any
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_IMMEDIATE_DEVICES = ("cpu",)  # reduced in the hook; other devices are buffered and fused
+_GROUPED_DEVICES = ("cpu",)  # grouped row-wise reductions; other devices: fused foreach
 _SCRATCH_MAX = 2**20  # elements: larger CPU gradients use a fresh buffer for |g|
+_CPU_BUFFER_BYTES = 4 * 2**20  # default buffer_bytes on CPU
+_DEVICE_BUFFER_BYTES = 64 * 2**20  # default buffer_bytes on GPUs
 
 
 def _stats_fused(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
@@ -135,12 +138,14 @@ def _fused(grads: list[torch.Tensor], dtype: torch.dtype | None) -> tuple[list[t
 
 
 class _CpuStats:
-    """Per-tensor statistics for CPU gradients, computed at once in the hook.
+    """Statistics of CPU gradients, grouped by size to save per-op dispatch.
 
-    On CPU the L1/Linf foreach kernels are not vectorised (measured 6x / 17x slower than L2),
-    and holding gradients until a fused call costs page faults, so each gradient gets
-    ``vector_norm``, ``aminmax`` (NaN-propagating; max |g| = max(-min, max)) and ``abs`` into a
-    reused scratch buffer followed by ``sum``: four reductions, no copy kept.
+    On CPU the L1/Linf foreach kernels are not vectorised (measured 6x / 17x slower than L2) and
+    every op costs microseconds of dispatch, so gradients of equal size and dtype (the layers of
+    an MLP, a stage of a CNN, their biases) are copied into rows of one reused scratch matrix and
+    reduced row-wise: ``vector_norm``, ``amax``, ``amin`` (both NaN-propagating; max |g| is
+    ``max(-min, max)``), ``abs_`` and ``sum``. A lone gradient gets ``vector_norm``, ``aminmax``
+    and ``abs`` into the scratch buffer followed by ``sum``.
     """
 
     __slots__ = ("_scratch",)
@@ -148,22 +153,44 @@ class _CpuStats:
     def __init__(self) -> None:
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
 
-    def __call__(self, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        flat = g.reshape(-1)
-        n = flat.numel()
-        if n == 0:
-            zero = flat.new_zeros(())
-            return zero, zero, zero, zero
-        lo, hi = torch.aminmax(flat)
-        if n <= _SCRATCH_MAX:
-            buf = self._scratch.get(flat.dtype)
-            if buf is None or buf.numel() < n:
-                buf = self._scratch[flat.dtype] = torch.empty(max(n, 2**16), dtype=flat.dtype)
-            a = torch.abs(flat, out=buf[:n])
-        else:
-            a = flat.abs()
-        acc = torch.float32 if a.dtype in _LOW_PRECISION else None
-        return torch.linalg.vector_norm(flat, dtype=acc), a.sum(dtype=acc), lo, hi
+    def _buffer(self, dtype: torch.dtype, n: int) -> torch.Tensor:
+        buf = self._scratch.get(dtype)
+        if buf is None or buf.numel() < n:
+            buf = self._scratch[dtype] = torch.empty(max(n, 2**16), dtype=dtype)
+        return buf[:n]
+
+    def __call__(self, grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+        """(4, k) chunks of (L2, L1, min, max) columns, and the gradients' order in them."""
+        groups: dict[tuple[int, torch.dtype], list[int]] = {}
+        for i, g in enumerate(grads):
+            groups.setdefault((g.numel(), g.dtype), []).append(i)
+        chunks, order = [], []
+        for (n, dtype), idx in groups.items():
+            acc = torch.float32 if dtype in _LOW_PRECISION else None
+            k = len(idx)
+            if n == 0:
+                chunks.append(torch.zeros(4, k, dtype=acc or dtype))
+            elif k == 1:
+                flat = grads[idx[0]].reshape(-1)
+                lo, hi = torch.aminmax(flat)
+                if n <= _SCRATCH_MAX:
+                    a = torch.abs(flat, out=self._buffer(dtype, n))
+                else:
+                    a = flat.abs()
+                l2 = torch.linalg.vector_norm(flat, dtype=acc)
+                chunks.append(torch.stack([l2, a.sum(dtype=acc), lo, hi]).view(4, 1))
+            else:
+                rows = [grads[i].reshape(-1) for i in idx]
+                if k * n <= _SCRATCH_MAX:
+                    m = torch.stack(rows, out=self._buffer(dtype, k * n).view(k, n))
+                else:
+                    m = torch.stack(rows)
+                l2 = torch.linalg.vector_norm(m, dim=1, dtype=acc)
+                lo, hi = m.amin(dim=1), m.amax(dim=1)
+                l1 = m.abs_().sum(dim=1, dtype=acc)
+                chunks.append(torch.stack([l2, l1, lo, hi]))
+            order.extend(idx)
+        return chunks, order
 
 
 class GradientMonitor:
@@ -177,11 +204,11 @@ class GradientMonitor:
 
     How it stays cheap: forward hooks put tensor hooks on module outputs (and, for NaN tracing,
     on inputs that no other monitored module produced: in a chain a module's input gradient is
-    its producer's output gradient and is not hooked twice). On CUDA the tensor hooks only keep a
-    reference to the gradient; the reductions run fused (``torch._foreach_norm``, three launches
-    for the whole buffer) when the pass ends or when the buffered gradients exceed
-    ``buffer_bytes``. On CPU each gradient is reduced at once in its hook (four reductions,
-    nothing retained). The statistics of a pass are stacked into one tensor that stays on the
+    its producer's output gradient and is not hooked twice). The tensor hooks only keep a
+    reference to the gradient; the reductions run when the pass ends or when the buffered
+    gradients exceed ``buffer_bytes``: on CUDA fused (``torch._foreach_norm``, three launches for
+    the whole buffer), on CPU row-wise over groups of equal-sized gradients (about six ops per
+    group). The statistics of a pass are stacked into one tensor that stays on the
     device, is copied to pinned host memory without blocking, and is read when you access
     :attr:`history` / :attr:`first_nonfinite` or leave the context: at most one synchronisation
     per step, none during backward.
@@ -210,8 +237,8 @@ class GradientMonitor:
         trace_nonfinite: hook module inputs to name the source of NaN/Inf (default True).
         vanishing: L2-norm threshold below which a gradient is flagged as vanishing.
         exploding: L2-norm threshold above which a gradient is flagged as exploding.
-        buffer_bytes: CUDA gradients buffered before a fused reduction runs (default 64 MiB):
-            the extra memory the monitor may hold during backward.
+        buffer_bytes: gradient bytes buffered before a fused reduction runs: the extra memory
+            the monitor may hold during backward (default: 4 MiB on CPU, 64 MiB on GPUs).
 
     Raises:
         TypeError: ``model`` is not a module or a pattern is not a string.
@@ -238,7 +265,7 @@ class GradientMonitor:
         trace_nonfinite: bool = True,
         vanishing: float = 1e-7,
         exploding: float = 1e3,
-        buffer_bytes: int = 64 * 2**20,
+        buffer_bytes: int | None = None,
     ) -> None:
         check_model("GradientMonitor", model)
         if not (vanishing >= 0 and exploding > 0 and vanishing < exploding):
@@ -247,14 +274,14 @@ class GradientMonitor:
                 f"vanishing={vanishing!r}, exploding={exploding!r}; e.g. vanishing=1e-7, "
                 "exploding=1e3"
             )
-        if buffer_bytes < 0:
+        if buffer_bytes is not None and buffer_bytes < 0:
             raise ValueError(
                 f"GradientMonitor: buffer_bytes must be >= 0, received {buffer_bytes!r}"
             )
         self.vanishing = float(vanishing)
         self.exploding = float(exploding)
         self.trace_nonfinite = trace_nonfinite
-        self.buffer_bytes = int(buffer_bytes)
+        self.buffer_bytes = buffer_bytes
         modules = select_modules("GradientMonitor", model, patterns)
         chosen = _select_params(model, modules, patterns) if params else []
         # Held weakly: the monitor must not keep the model (or its layers) alive.
@@ -272,9 +299,11 @@ class GradientMonitor:
         # the pass in progress
         self._buf: list[torch.Tensor] = []
         self._buf_bytes = 0
+        self._buf_cpu = False
         self._slots: list[_Slot] = []
         self._numels: list[int] = []
-        self._stats: tuple[list[torch.Tensor], ...] = ([], [], [], [])
+        self._chunks: list[torch.Tensor] = []  # (4, k) statistics of the pass so far
+        self._columns: list[int] = []  # record index of each of their columns
         self._cpu_stats = _CpuStats()
         self._pending: list[_Pending] = []
         self._history: list[StepStats] = []
@@ -362,24 +391,32 @@ class GradientMonitor:
         self._slots.append(slot)
         n = g.numel()
         self._numels.append(n)
-        if g.device.type in _IMMEDIATE_DEVICES:
-            if self._buf:  # keep the statistics in firing order
-                self._flush()
-            for out, v in zip(self._stats, self._cpu_stats(g)):
-                out.append(v)
-            return
+        grouped = g.device.type in _GROUPED_DEVICES
+        if grouped != self._buf_cpu and self._buf:
+            self._flush()
+        self._buf_cpu = grouped
         self._buf.append(g)
         self._buf_bytes += n * g.element_size()
-        if self._buf_bytes > self.buffer_bytes:
+        limit = self.buffer_bytes
+        if limit is None:
+            limit = _CPU_BUFFER_BYTES if grouped else _DEVICE_BUFFER_BYTES
+        if self._buf_bytes > limit:
             self._flush()
 
     def _flush(self) -> None:
         buf = self._buf
         if not buf:
             return
+        start = len(self._slots) - len(buf)
         with torch.no_grad():
-            for out, vals in zip(self._stats, _stats_fused(buf)):
-                out.extend(vals)
+            if self._buf_cpu:
+                chunks, order = self._cpu_stats(buf)
+                self._chunks.extend(chunks)
+                self._columns.extend(start + i for i in order)
+            else:
+                l2, l1, lo, hi = _stats_fused(buf)
+                self._chunks.append(torch.stack([torch.stack(c) for c in (l2, l1, lo, hi)]))
+                self._columns.extend(range(start, start + len(buf)))
         self._buf = []
         self._buf_bytes = 0
 
@@ -399,19 +436,18 @@ class GradientMonitor:
 
     def _finish_pass(self) -> None:
         self._flush()
-        l2, l1, lo, hi = self._stats
+        chunks, columns = self._chunks, self._columns
         slots, numels = self._slots, self._numels
-        self._slots, self._numels, self._stats = [], [], ([], [], [], [])
+        self._slots, self._numels, self._chunks, self._columns = [], [], [], []
         if not slots:
             return
         step = len(self._history) + len(self._pending)
         with torch.no_grad():
-            flat = l2 + l1 + lo + hi
-            device = flat[0].device
-            if any(t.device != device for t in flat):
-                flat = [t.cpu() for t in flat]
+            device = chunks[0].device
+            if any(t.device != device for t in chunks):
+                chunks = [t.cpu() for t in chunks]
                 device = torch.device("cpu")
-            stats = torch.stack(flat).view(4, len(slots))
+            stats = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
             event = None
             if device.type == "cuda":
                 host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
@@ -421,7 +457,7 @@ class GradientMonitor:
                 stats = host
             elif device.type != "cpu":
                 stats = stats.cpu()
-        self._pending.append(_Pending(step, slots, numels, stats, event))
+        self._pending.append(_Pending(step, slots, numels, columns, stats, event))
 
     # -- results --------------------------------------------------------------------------
     def _materialize(self, *, only_ready: bool = False) -> None:
@@ -440,8 +476,10 @@ class GradientMonitor:
     def _analyse(self, p: _Pending) -> StepStats:
         r = len(p.slots)
         vals = p.stats.tolist()
-        l2, l1 = vals[0], vals[1]
-        linf = [_max_abs(a, b) for a, b in zip(vals[2], vals[3])]
+        l2, l1, lo, hi = ([0.0] * r for _ in range(4))
+        for col, i in enumerate(p.columns):
+            l2[i], l1[i], lo[i], hi[i] = vals[0][col], vals[1][col], vals[2][col], vals[3][col]
+        linf = [_max_abs(a, b) for a, b in zip(lo, hi)]
         outs: dict[str, list[float]] = {}  # name -> [sum of squares, L1, Linf, numel, count, L2]
         params: dict[str, LayerStats] = {}
         bad_calls: set[tuple[str, int]] = set()

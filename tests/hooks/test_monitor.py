@@ -328,17 +328,20 @@ def test_inplace_op_between_modules_is_not_blamed_on_the_consumer(device: torch.
     assert "act" in monitor.history[0].nonfinite and "fc2" not in monitor.history[0].nonfinite
 
 
-@pytest.fixture(params=["immediate", "fused", "fused-small-buffer"])
-def stats_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
-    """Run a test through the CPU path (reduce in the hook) and through the CUDA path (buffer,
-    reduce with fused _foreach_norm at the end of the pass or when the buffer is full), which
-    otherwise only runs on a GPU. Returns the buffer_bytes to use."""
-    if request.param != "immediate":
-        monkeypatch.setattr("gradlab.hooks._monitor._IMMEDIATE_DEVICES", ())
-    return 1 if request.param == "fused-small-buffer" else 64 * 2**20
+@pytest.fixture(params=["grouped", "grouped-small-buffer", "fused", "fused-small-buffer"])
+def stats_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int | None:
+    """Run a test through the CPU path (row-wise reductions over groups of equal-sized
+    gradients) and through the CUDA path (fused _foreach_norm), which otherwise only runs on a
+    GPU; each with the default buffer and with a 1-byte buffer (a reduction per gradient).
+    Returns the buffer_bytes to use."""
+    if request.param.startswith("fused"):
+        monkeypatch.setattr("gradlab.hooks._monitor._GROUPED_DEVICES", ())
+    return 1 if request.param.endswith("small-buffer") else None
 
 
-def test_both_statistics_paths_match_references(stats_path: int, device: torch.device) -> None:
+def test_both_statistics_paths_match_references(
+    stats_path: int | None, device: torch.device
+) -> None:
     model = cnn(inplace=True).to(device)
     x = input_for(model, device)
     ref_out, _ = reference_grads(model, x)
@@ -351,7 +354,7 @@ def test_both_statistics_paths_match_references(stats_path: int, device: torch.d
         _close(rec.params[n], _stats(p.grad))
 
 
-def test_both_statistics_paths_trace_nan(stats_path: int, device: torch.device) -> None:
+def test_both_statistics_paths_trace_nan(stats_path: int | None, device: torch.device) -> None:
     model = _nan_net(device)
     with GradientMonitor(model, buffer_bytes=stats_path) as monitor:
         model(torch.randn(4, 5, device=device)).pow(2).mean().backward()
@@ -366,7 +369,7 @@ class Scale(nn.Module):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_statistics_do_not_overflow(
-    dtype: torch.dtype, stats_path: int, device: torch.device
+    dtype: torch.dtype, stats_path: int | None, device: torch.device
 ) -> None:
     model = nn.Sequential(Scale(), Scale())
     x = torch.ones(100, 100, dtype=dtype, device=device, requires_grad=True)
