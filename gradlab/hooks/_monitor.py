@@ -305,8 +305,10 @@ class GradientMonitor:
         self._chunks: list[torch.Tensor] = []  # (4, k) statistics of the pass so far
         self._columns: list[int] = []  # record index of each of their columns
         self._cpu_stats = _CpuStats()
-        self._pending: list[_Pending] = []
+        self._pending: list[_Pending] = []  # on their way to the host
+        self._synced: list[_Pending] = []  # on the host, not yet turned into StepStats
         self._history: list[StepStats] = []
+        self._count = 0  # backward passes recorded
         self._source: NonfiniteSource | None = None
 
     # -- context --------------------------------------------------------------------------
@@ -441,7 +443,8 @@ class GradientMonitor:
         self._slots, self._numels, self._chunks, self._columns = [], [], [], []
         if not slots:
             return
-        step = len(self._history) + len(self._pending)
+        step = self._count
+        self._count += 1
         with torch.no_grad():
             device = chunks[0].device
             if any(t.device != device for t in chunks):
@@ -468,10 +471,11 @@ class GradientMonitor:
                     return
                 p.event.synchronize()
             self._pending.pop(0)
-            rec = self._analyse(p)
-            self._history.append(rec)
-            if rec.source is not None and self._source is None:
-                self._source = rec.source
+            self._synced.append(p)
+            # One vectorised check per step; the full analysis only for a step with NaN/Inf.
+            if self._source is None and self.trace_nonfinite:
+                if not bool(torch.isfinite(p.stats[2:]).all()):
+                    self._source = self._analyse(p).source
 
     def _analyse(self, p: _Pending) -> StepStats:
         r = len(p.slots)
@@ -547,14 +551,20 @@ class GradientMonitor:
 
     @property
     def history(self) -> list[StepStats]:
-        """One :class:`StepStats` per backward pass so far (reading it synchronises once)."""
+        """One :class:`StepStats` per backward pass so far (reading it synchronises once).
+
+        The monitor's own list, extended as steps are recorded (do not modify it).
+        """
         self._materialize()
-        return list(self._history)
+        for p in self._synced:
+            self._history.append(self._analyse(p))
+        self._synced.clear()
+        return self._history
 
     @property
     def steps(self) -> int:
         """Number of backward passes recorded so far (no synchronisation)."""
-        return len(self._history) + len(self._pending)
+        return self._count
 
     @property
     def nonfinite_source(self) -> NonfiniteSource | None:
