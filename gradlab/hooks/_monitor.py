@@ -453,10 +453,13 @@ class GradientMonitor:
             stats = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
             event = None
             if device.type == "cuda":
-                host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
-                host.copy_(stats, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
+                # The engine may finish a pass on another thread/device: pin the copy and its
+                # event to the statistics' device and that device's current stream.
+                with torch.cuda.device(device):
+                    host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+                    host.copy_(stats, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(torch.cuda.current_stream(device))
                 stats = host
             elif device.type != "cpu":
                 stats = stats.cpu()
