@@ -39,6 +39,15 @@ def stats_fused(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
 
 
 def _fused(grads: list[torch.Tensor], dtype: torch.dtype | None) -> tuple[list[torch.Tensor], ...]:
+    if any(g.numel() == 0 for g in grads):  # the Linf norm of an empty tensor is undefined
+        full = [i for i, g in enumerate(grads) if g.numel()]
+        stats = _fused([grads[i] for i in full], dtype) if full else ([], [], [], [])
+        zero = grads[0].new_zeros((), dtype=dtype or grads[0].dtype)
+        out: tuple[list[torch.Tensor], ...] = tuple([zero] * len(grads) for _ in range(4))
+        for column, values in zip(out, stats):
+            for i, v in zip(full, values):
+                column[i] = v
+        return out
     if dtype is not None:
         try:
             norms = [list(torch._foreach_norm(grads, o, dtype=dtype)) for o in (2, 1, math.inf)]

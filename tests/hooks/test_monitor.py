@@ -379,3 +379,13 @@ def test_low_precision_statistics_do_not_overflow(
     assert rec.outputs["1"] == LayerStats(6400.0, 64.0, 64.0)
     assert rec.outputs["0"] == LayerStats(12800.0, 128.0, 128.0)
     assert rec.nonfinite == () and rec.exploding == ("0", "1")
+
+
+def test_empty_batch(stats_path: int | None, device: torch.device) -> None:
+    model = mlp().to(device)
+    with GradientMonitor(model, buffer_bytes=stats_path) as monitor:
+        model(torch.randn(0, 5, dtype=torch.float64, device=device)).sum().backward()
+    rec = monitor.history[0]
+    assert rec.outputs["4"] == LayerStats(0.0, 0.0, 0.0)  # empty gradients: zeros, no crash
+    assert rec.params["4.bias"] == LayerStats(0.0, 0.0, 0.0)  # d sum / d b over 0 rows
+    assert monitor.first_nonfinite is None
