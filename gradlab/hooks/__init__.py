@@ -1,1 +1,23 @@
-"""gradlab.hooks (see ../shared/API.md)."""
+"""gradlab.hooks: capture non-leaf gradients, monitor every layer, trace a NaN to its source.
+
+Every tool is a context manager that removes all of its hooks on exit (exceptions included) and
+keeps no reference to the model. See ../shared/API.md (gradlab.hooks).
+"""
+
+from gradlab.hooks._capture import CapturedGrads, capture_grads
+from gradlab.hooks._monitor import GradientMonitor, LayerStats, NonfiniteSource, StepStats
+from gradlab.hooks._plot import grad_flow_table, plot_grad_flow
+from gradlab.hooks._retain import RetainedGrads, retain_grads
+
+__all__ = [
+    "CapturedGrads",
+    "GradientMonitor",
+    "LayerStats",
+    "NonfiniteSource",
+    "RetainedGrads",
+    "StepStats",
+    "capture_grads",
+    "grad_flow_table",
+    "plot_grad_flow",
+    "retain_grads",
+]

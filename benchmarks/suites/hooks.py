@@ -1,0 +1,179 @@
+"""hooks: overhead of gradient capture and monitoring vs a plain forward + backward.
+
+Each variant runs one training step's forward and backward (``zero_grad(set_to_none=True)``,
+forward, ``loss.backward()``) with a different kind of instrumentation:
+
+``plain``           no instrumentation (the baseline of every ratio);
+``capture_all``     :func:`gradlab.hooks.capture_grads` on every leaf module's output;
+``monitor``         :class:`gradlab.hooks.GradientMonitor` with defaults (output and parameter
+                    statistics, NaN tracing), entered once for the whole run (on its own copy
+                    of the model) and ``first_nonfinite`` read every step (so each step pays
+                    its synchronisation and its analysis);
+``nan_trace``       ``GradientMonitor(params=False)``: what NaN tracing needs, stats included;
+``retain_grad``     ``retain_grad()`` on every leaf module's output (forward hooks), the outputs
+                    kept until the step ends so that their ``.grad`` can be read;
+``full_backward``   ``register_full_backward_hook`` on every leaf module (not in-place safe:
+                    the models here use ``ReLU(inplace=False)`` so that it can run);
+``anomaly``         ``torch.autograd.set_detect_anomaly(True)``.
+
+Models: a 10-layer ``Linear(256)`` MLP at batch 64, a 10-layer ``Conv2d(16, 3x3)`` CNN on
+8x3x32x32, and an overhead-bound MLP (4 layers of width 16, batch 8) where per-hook Python cost
+dominates. Goals: ``capture_all`` <= 1.10x and ``monitor`` <= 1.3x on the first two.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from benchmarks._core import Context, Suite, Table, time_interleaved
+from gradlab.hooks import GradientMonitor, capture_grads
+
+
+def _mlp(depth: int, width: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _cnn(depth: int, channels: int) -> nn.Module:
+    layers: list[nn.Module] = [nn.Conv2d(3, channels, 3, padding=1), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _leaves(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if next(m.children(), None) is None]
+
+
+def make_steps(
+    model: nn.Module, inp: torch.Tensor, monitors: list[GradientMonitor]
+) -> dict[str, Callable[[], None]]:
+    """The instrumented step variants for one model and batch.
+
+    The monitor variants run on their own copies of the model with the monitor entered once,
+    as in a training loop (``monitors`` collects them; the caller exits them).
+    """
+
+    def make_step(net: nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            net.zero_grad(set_to_none=True)
+            net(inp).square().mean().backward()
+
+        return step
+
+    step = make_step(model)
+
+    def capture_all() -> None:
+        with capture_grads(model):
+            step()
+
+    def monitored(**kw: bool) -> Callable[[], None]:
+        net = copy.deepcopy(model)
+        monitor = GradientMonitor(net, **kw)
+        monitor.__enter__()  # the caller exits it after timing
+        monitors.append(monitor)
+        net_step = make_step(net)
+
+        def run() -> None:
+            net_step()
+            _ = monitor.first_nonfinite  # reads the step: pays its synchronisation
+
+        return run
+
+    def retain_grad() -> None:
+        kept: list[torch.Tensor] = []  # a user keeps the outputs to read their .grad afterwards
+
+        def keep(module: nn.Module, args: object, out: torch.Tensor) -> None:
+            out.retain_grad()
+            kept.append(out)
+
+        handles = [m.register_forward_hook(keep) for m in _leaves(model)]
+        try:
+            step()
+        finally:
+            for h in handles:
+                h.remove()
+
+    def full_backward() -> None:
+        seen: list[torch.Tensor] = []
+
+        def keep(module: nn.Module, gin: object, gout: tuple[torch.Tensor, ...]) -> None:
+            seen.append(gout[0])
+
+        handles = [m.register_full_backward_hook(keep) for m in _leaves(model)]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "no inputs require gradients" at layer 0
+                step()
+        finally:
+            for h in handles:
+                h.remove()
+
+    def anomaly() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autograd.set_detect_anomaly(True):
+                step()
+
+    return {
+        "plain": step,
+        "capture_all": capture_all,
+        "monitor": monitored(),
+        "nan_trace": monitored(params=False),
+        "retain_grad": retain_grad,
+        "full_backward": full_backward,
+        "anomaly": anomaly,
+    }
+
+
+def run(ctx: Context) -> list[Table]:
+    dev = ctx.device
+    cases = [
+        ("MLP 10x Linear(256), b=64", _mlp(10, 256), torch.randn(64, 256)),
+        ("CNN 10x Conv(16), 8x3x32x32", _cnn(10, 16), torch.randn(8, 3, 32, 32)),
+        ("tiny MLP 4x Linear(16), b=8", _mlp(4, 16), torch.randn(8, 16)),
+    ]
+    table = Table(
+        "Hook overhead per training step (forward + backward), ratio to plain",
+        ["case", "variant", "median_s", "iqr_s", "overhead_ratio"],
+        notes=[
+            "overhead_ratio: median over interleaved rounds of time(variant) / time(plain).",
+            "Goals: capture_all <= 1.10x and monitor <= 1.3x on the MLP and CNN cases.",
+            "monitor/nan_trace: entered once for the run (own model copy), first_nonfinite "
+            "read every step (one sync per step).",
+        ],
+    )
+    for label, model, inp in cases:
+        model, inp = model.to(dev), inp.to(dev)
+        monitors: list[GradientMonitor] = []
+        steps = make_steps(model, inp, monitors)
+        ctx.progress(f"{label}: timing {list(steps)}")
+        try:
+            timings, ratios = time_interleaved(steps, ctx=ctx, baseline="plain")
+        finally:
+            for monitor in monitors:
+                monitor.__exit__(None, None, None)
+        for name in steps:
+            table.add(
+                case=label,
+                variant=name,
+                median_s=timings[name].median,
+                iqr_s=timings[name].iqr,
+                overhead_ratio=ratios[name],
+            )
+    return [table]
+
+
+SUITE = Suite(
+    name="hooks",
+    description="Overhead of gradlab.hooks capture/monitoring vs retain_grad, full-backward "
+    "hooks and anomaly mode",
+    run=run,
+)

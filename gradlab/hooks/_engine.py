@@ -1,0 +1,108 @@
+"""Plumbing shared by the hook contexts: backward-pass boundaries and handle bookkeeping.
+
+A *backward pass* is one run of the autograd engine: one ``Tensor.backward()`` or one
+``torch.autograd.grad()`` call (a double backward is two passes). A hook that fires while no pass
+is open opens one and queues a callback on the engine that closes it when the engine finishes
+(``Variable._execution_engine.queue_callback``, the mechanism DistributedDataParallel uses).
+The engine's graph-task id is remembered too, so a pass that died with an exception (its callback
+never runs) does not swallow the next one. Reentrant activation checkpointing runs nested engine
+calls, each of which counts as its own pass; use ``use_reentrant=False``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["HandleBag", "PassClock"]
+
+
+class PassClock:
+    """Tells hooks when a new backward pass starts and runs ``on_end`` when it finishes."""
+
+    __slots__ = ("_on_end", "_on_start", "_task", "count", "open")
+
+    def __init__(
+        self,
+        on_start: Callable[[], None] | None = None,
+        on_end: Callable[[], None] | None = None,
+    ) -> None:
+        # Bound methods are held weakly: the owner holds the clock, not the other way round.
+        self._on_start = _weak(on_start)
+        self._on_end = _weak(on_end)
+        self.count = 0
+        self.open = False
+        self._task = -1
+
+    def touch(self) -> None:
+        """Called first thing in every hook during backward."""
+        task = _task_id()
+        if self.open and task == self._task:
+            return
+        self.open = True
+        self._task = task
+        self.count += 1
+        fn = self._on_start()
+        if fn is not None:
+            fn()
+        torch.autograd.Variable._execution_engine.queue_callback(partial(self._end, self.count))
+
+    def _end(self, count: int) -> None:
+        if count != self.count:  # a later pass already started: nothing to close
+            return
+        self.open = False
+        fn = self._on_end()
+        if fn is not None:
+            fn()
+
+
+class HandleBag:
+    """Hook handles to remove on exit; tensor-hook handles of dead tensors are pruned."""
+
+    __slots__ = ("_module", "_tensor")
+
+    def __init__(self) -> None:
+        self._module: list[RemovableHandle] = []
+        self._tensor: list[RemovableHandle] = []
+
+    def module(self, handle: RemovableHandle) -> None:
+        self._module.append(handle)
+
+    def tensor(self, handle: RemovableHandle) -> None:
+        self._tensor.append(handle)
+        if len(self._tensor) >= 4096:
+            self.prune()
+
+    def prune(self) -> None:
+        """Forget handles whose tensor is gone (their hook dict died with it)."""
+        self._tensor = [h for h in self._tensor if _alive(h)]
+
+    def remove_all(self) -> None:
+        """Remove every handle, module and tensor hooks alike; safe to call twice."""
+        for h in self._module:
+            h.remove()
+        for h in self._tensor:
+            h.remove()
+        self._module.clear()
+        self._tensor.clear()
+
+
+def _weak(fn: Callable[[], None] | None) -> Callable[[], Callable[[], None] | None]:
+    if fn is None:
+        return lambda: None
+    if hasattr(fn, "__self__"):
+        return weakref.WeakMethod(fn)  # type: ignore[arg-type]
+    return lambda: fn
+
+
+_task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def _alive(handle: Any) -> bool:
+    ref = getattr(handle, "hooks_dict_ref", None)
+    return ref is None or ref() is not None

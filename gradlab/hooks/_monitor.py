@@ -1,0 +1,582 @@
+"""GradientMonitor: per-layer gradient statistics for every backward pass, and NaN/Inf tracing."""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from gradlab.hooks._engine import HandleBag, PassClock
+from gradlab.hooks._select import check_model, select_modules
+from gradlab.hooks._stats import CpuStats, stats_fused
+
+__all__ = ["GradientMonitor", "LayerStats", "NonfiniteSource", "StepStats"]
+
+_OUT, _IN, _PARAM = 0, 1, 2
+
+
+class LayerStats(NamedTuple):
+    """Statistics of one gradient: L2 norm, largest and mean absolute entry."""
+
+    norm: float
+    max_abs: float
+    mean_abs: float
+
+
+class NonfiniteSource(NamedTuple):
+    """Where a NaN/Inf gradient came from.
+
+    ``origin == "backward"``: ``module``'s backward received finite output gradients and produced
+    a non-finite input or parameter gradient: the source. ``origin == "incoming"``: the gradient
+    already arrived non-finite at the output of ``module`` (the first monitored module in backward
+    order), so it was made by the loss or by code outside every monitored module.
+    """
+
+    module: str
+    step: int
+    origin: Literal["backward", "incoming"]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What :class:`GradientMonitor` recorded for one backward pass.
+
+    Attributes:
+        step: index of the backward pass (0 = the first one seen by the monitor).
+        outputs: module name -> statistics of the gradient w.r.t. its output(s), over every call
+            and every output tensor of that module in the pass (norm of the concatenation).
+        params: parameter name -> statistics of its ``.grad`` right after this pass accumulated
+            into it.
+        vanishing: names (modules and parameters) whose gradient L2 norm is below the monitor's
+            ``vanishing`` threshold.
+        exploding: names whose gradient L2 norm is above ``exploding`` (finite entries, possibly
+            an overflowing norm).
+        nonfinite: names whose gradient holds a NaN or Inf.
+        source: where the non-finite values came from, or ``None`` when everything is finite.
+    """
+
+    step: int
+    outputs: dict[str, LayerStats]
+    params: dict[str, LayerStats]
+    vanishing: tuple[str, ...]
+    exploding: tuple[str, ...]
+    nonfinite: tuple[str, ...]
+    source: NonfiniteSource | None
+
+
+class _Slot:
+    """One hooked gradient: a module's output or input tensor, or a parameter."""
+
+    __slots__ = ("consumers", "kind", "name", "owner", "seq")
+
+    def __init__(self, kind: int, name: str, seq: int, owner: str = "") -> None:
+        self.kind = kind
+        self.name = name
+        self.seq = seq
+        self.owner = owner
+        self.consumers: list[tuple[str, int]] = []  # calls that take this output as input
+
+
+@dataclass
+class _Pending:
+    step: int
+    slots: list[_Slot]
+    numels: list[int]
+    columns: list[int]  # record index of each column of ``stats``
+    stats: torch.Tensor  # (4, R): L2, L1, min, max; on the CPU once ``event`` has completed
+    event: Any
+
+
+_GROUPED_DEVICES = ("cpu",)  # grouped row-wise reductions; other devices: fused foreach
+_CPU_BUFFER_BYTES = 4 * 2**20  # default buffer_bytes on CPU
+_DEVICE_BUFFER_BYTES = 64 * 2**20  # default buffer_bytes on GPUs
+
+
+class GradientMonitor:
+    r"""Record per-layer gradient statistics for every backward pass and trace NaN/Inf sources.
+
+    A context manager; wrap one step or a whole training run. Each backward pass (one
+    ``backward()`` or ``autograd.grad()`` run that reaches a monitored module; a double backward
+    is two; reentrant checkpointing adds one per checkpointed segment) is one step in
+    :attr:`history` with, per module, the L2 norm, max and mean absolute value of the gradient
+    w.r.t. its output, and the same for every parameter's ``.grad`` after the pass.
+
+    How it stays cheap: forward hooks put tensor hooks on module outputs (and, for NaN tracing,
+    on inputs that no other monitored module produced: in a chain a module's input gradient is
+    its producer's output gradient and is not hooked twice). The tensor hooks only keep a
+    reference to the gradient; the reductions run when the pass ends or when the buffered
+    gradients exceed ``buffer_bytes``: on CUDA fused (``torch._foreach_norm``, three launches for
+    the whole buffer), on CPU row-wise over groups of equal-sized gradients (about six ops per
+    group). The statistics of a pass are stacked into one tensor that stays on the
+    device, is copied to pinned host memory without blocking, and is read when you access
+    :attr:`history` / :attr:`first_nonfinite` or leave the context: at most one synchronisation
+    per step, none during backward.
+
+    **NaN/Inf tracing.** With ``trace_nonfinite=True`` (default) the monitor names the
+    *source*: the first module in backward order whose backward turned finite gradients into
+    non-finite ones, i.e. whose output gradient (for that call) was finite while its input
+    gradient, or its parameters' gradient, was not. Modules after it in backward order, where
+    the NaN merely shows up, are not blamed. If the gradient already arrives non-finite at the
+    last monitored module (a NaN made by the loss), the source is reported with
+    ``origin="incoming"`` at that module. NaNs produced in the *forward* pass show up as
+    non-finite parameter gradients of the module that consumed them.
+
+    **Flags.** A module or parameter is *vanishing* when its gradient's L2 norm is below
+    ``vanishing`` (default ``1e-7``) and *exploding* when it is above ``exploding`` (default
+    ``1e3``); both are keyword arguments, compared per step.
+
+    Every hook is removed in ``__exit__`` (exceptions included). The monitor keeps no reference
+    to the model, and gradients only until the end of the pass that produced them.
+
+    Args:
+        model: the network.
+        *patterns: module-name globs selecting the modules to monitor (see
+            :func:`capture_grads`); none selects every leaf module.
+        params: also record parameter gradients (post-accumulate-grad hooks; default True).
+        trace_nonfinite: hook module inputs to name the source of NaN/Inf (default True).
+        vanishing: L2-norm threshold below which a gradient is flagged as vanishing.
+        exploding: L2-norm threshold above which a gradient is flagged as exploding.
+        buffer_bytes: gradient bytes buffered before a fused reduction runs: the extra memory
+            the monitor may hold during backward (default: 4 MiB on CPU, 64 MiB on GPUs).
+
+    Raises:
+        TypeError: ``model`` is not a module or a pattern is not a string.
+        ValueError: a pattern matches no module, or a threshold is not positive / ordered.
+
+    Example:
+        >>> torch.manual_seed(0)
+        <torch._C.Generator object at ...>
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> with GradientMonitor(net) as monitor:
+        ...     for _ in range(3):
+        ...         net(torch.randn(16, 4)).pow(2).mean().backward()
+        >>> len(monitor.history), sorted(monitor.history[-1].outputs)
+        (3, ['0', '1', '2'])
+        >>> round(monitor.history[0].params["2.bias"].norm, 4), monitor.first_nonfinite
+        (0.2144, None)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *patterns: str,
+        params: bool = True,
+        trace_nonfinite: bool = True,
+        vanishing: float = 1e-7,
+        exploding: float = 1e3,
+        buffer_bytes: int | None = None,
+    ) -> None:
+        check_model("GradientMonitor", model)
+        if not (vanishing >= 0 and exploding > 0 and vanishing < exploding):
+            raise ValueError(
+                f"GradientMonitor: need 0 <= vanishing < exploding, received "
+                f"vanishing={vanishing!r}, exploding={exploding!r}; e.g. vanishing=1e-7, "
+                "exploding=1e3"
+            )
+        if buffer_bytes is not None and buffer_bytes < 0:
+            raise ValueError(
+                f"GradientMonitor: buffer_bytes must be >= 0, received {buffer_bytes!r}"
+            )
+        self.vanishing = float(vanishing)
+        self.exploding = float(exploding)
+        self.trace_nonfinite = trace_nonfinite
+        self.buffer_bytes = buffer_bytes
+        modules = select_modules("GradientMonitor", model, patterns)
+        chosen = _select_params(model, modules, patterns) if params else []
+        # Held weakly: the monitor must not keep the model (or its layers) alive.
+        self._modules = [(n, weakref.ref(m)) for n, m in modules]
+        self._params = [(n, owner, weakref.ref(p)) for n, owner, p in chosen]
+        names = [n for n, _ in self._modules] + [n for n, _, _ in self._params]
+        self._order = {n: i for i, n in enumerate(names)}  # forward (registration) order
+        self._ref = weakref.ref(self)
+        self._bag = HandleBag()
+        self._clock = PassClock(on_start=self._start_pass, on_end=self._end_pass)
+        self._active = False
+        self._seq = 0
+        self._open_calls: dict[str, list[int]] = {}
+        self._produced: dict[int, tuple[Any, int, _Slot]] = {}
+        # the pass in progress
+        self._buf: list[torch.Tensor] = []
+        self._buf_bytes = 0
+        self._buf_cpu = False
+        self._slots: list[_Slot] = []
+        self._numels: list[int] = []
+        self._chunks: list[torch.Tensor] = []  # (4, k) statistics of the pass so far
+        self._columns: list[int] = []  # record index of each of their columns
+        self._cpu_stats = CpuStats()
+        self._pending: list[_Pending] = []  # on their way to the host
+        self._synced: list[_Pending] = []  # on the host, not yet turned into StepStats
+        self._history: list[StepStats] = []
+        self._count = 0  # backward passes recorded
+        self._source: NonfiniteSource | None = None
+
+    # -- context --------------------------------------------------------------------------
+    def __enter__(self) -> GradientMonitor:
+        if self._active:
+            raise RuntimeError("GradientMonitor: this monitor is already active")
+        self._active = True
+        ref = self._ref
+        try:
+            for name, module_ref in self._modules:
+                module = _alive(module_ref, name)
+                if self.trace_nonfinite:
+                    pre = _pre_hook(ref, name)
+                    self._bag.module(module.register_forward_pre_hook(pre, with_kwargs=True))
+                self._bag.module(module.register_forward_hook(_fwd_hook(ref, name)))
+            for pname, owner, p_ref in self._params:
+                p = _alive(p_ref, pname)
+                slot = _Slot(_PARAM, pname, 0, owner)
+                self._bag.module(p.register_post_accumulate_grad_hook(_param_hook(ref, slot)))
+        except BaseException:
+            self._bag.remove_all()
+            self._active = False
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._bag.remove_all()
+        self._active = False
+        self._produced.clear()
+        self._open_calls.clear()
+        if self._slots:  # a pass whose end callback never ran (it raised)
+            self._finish_pass()
+        self._materialize()
+
+    # -- forward side ---------------------------------------------------------------------
+    def _on_inputs(self, name: str, args: Any) -> None:
+        self._seq += 1
+        seq = self._seq
+        self._open_calls.setdefault(name, []).append(seq)
+        if not torch.is_grad_enabled():
+            return
+        a0 = args[0] if len(args) == 1 else None
+        flat = [a0] if isinstance(a0, torch.Tensor) else tree_flatten(args)[0]
+        for t in flat:
+            if not (isinstance(t, torch.Tensor) and t.requires_grad):
+                continue
+            hit = self._produced.get(id(t))
+            if hit is not None and hit[0]() is t and hit[1] == t._version:
+                hit[2].consumers.append((name, seq))  # same gradient as that output: reuse it
+            else:
+                self._bag.tensor(t.register_hook(_tensor_hook(self._ref, _Slot(_IN, name, seq))))
+
+    def _on_outputs(self, name: str, output: Any) -> None:
+        stack = self._open_calls.get(name)
+        if stack:
+            seq = stack.pop()
+        else:
+            self._seq += 1
+            seq = self._seq
+        if not torch.is_grad_enabled():
+            return
+        outs = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
+        for t in outs:
+            if not (isinstance(t, torch.Tensor) and t.requires_grad):
+                continue
+            slot = _Slot(_OUT, name, seq)
+            self._bag.tensor(t.register_hook(_tensor_hook(self._ref, slot)))
+            if self.trace_nonfinite:
+                self._produced[id(t)] = (weakref.ref(t), t._version, slot)
+                if len(self._produced) > 4096:  # forwards without backward: drop dead entries
+                    self._prune_produced()
+
+    # -- backward side --------------------------------------------------------------------
+    def _add(self, slot: _Slot, grad: torch.Tensor) -> None:
+        self._clock.touch()
+        g = grad.detach() if grad.requires_grad else grad
+        self._slots.append(slot)
+        n = g.numel()
+        self._numels.append(n)
+        grouped = g.device.type in _GROUPED_DEVICES
+        if grouped != self._buf_cpu and self._buf:
+            self._flush()
+        self._buf_cpu = grouped
+        self._buf.append(g)
+        self._buf_bytes += n * g.element_size()
+        limit = self.buffer_bytes
+        if limit is None:
+            limit = _CPU_BUFFER_BYTES if grouped else _DEVICE_BUFFER_BYTES
+        if self._buf_bytes > limit:
+            self._flush()
+
+    def _flush(self) -> None:
+        buf = self._buf
+        if not buf:
+            return
+        start = len(self._slots) - len(buf)
+        with torch.no_grad():
+            if self._buf_cpu:
+                chunks, order = self._cpu_stats(buf)
+                self._chunks.extend(chunks)
+                self._columns.extend(start + i for i in order)
+            else:
+                l2, l1, lo, hi = stats_fused(buf)
+                self._chunks.append(torch.stack([torch.stack(c) for c in (l2, l1, lo, hi)]))
+                self._columns.extend(range(start, start + len(buf)))
+        self._buf = []
+        self._buf_bytes = 0
+
+    def _start_pass(self) -> None:
+        if self._slots:  # the previous pass raised before its end callback
+            self._finish_pass()
+        if len(self._pending) >= 64:
+            self._materialize(only_ready=True)
+
+    def _end_pass(self) -> None:
+        self._finish_pass()
+        self._bag.prune()
+        self._prune_produced()
+
+    def _prune_produced(self) -> None:
+        self._produced = {k: v for k, v in self._produced.items() if v[0]() is not None}
+
+    def _finish_pass(self) -> None:
+        self._flush()
+        chunks, columns = self._chunks, self._columns
+        slots, numels = self._slots, self._numels
+        self._slots, self._numels, self._chunks, self._columns = [], [], [], []
+        if not slots:
+            return
+        step = self._count
+        self._count += 1
+        with torch.no_grad():
+            device = chunks[0].device
+            if any(t.device != device for t in chunks):
+                chunks = [t.cpu() for t in chunks]
+                device = torch.device("cpu")
+            stats = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+            event = None
+            if device.type == "cuda":
+                # The engine may finish a pass on another thread/device: pin the copy and its
+                # event to the statistics' device and that device's current stream.
+                with torch.cuda.device(device):
+                    host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+                    host.copy_(stats, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(torch.cuda.current_stream(device))
+                stats = host
+            elif device.type != "cpu":
+                stats = stats.cpu()
+        self._pending.append(_Pending(step, slots, numels, columns, stats, event))
+
+    # -- results --------------------------------------------------------------------------
+    def _materialize(self, *, only_ready: bool = False) -> None:
+        while self._pending:
+            p = self._pending[0]
+            if p.event is not None:
+                if only_ready and not p.event.query():
+                    return
+                p.event.synchronize()
+            self._pending.pop(0)
+            self._synced.append(p)
+            # One vectorised check per step; the full analysis only for a step with NaN/Inf.
+            if self._source is None and self.trace_nonfinite:
+                if not bool(torch.isfinite(p.stats[2:]).all()):
+                    self._source = self._analyse(p).source
+
+    def _analyse(self, p: _Pending) -> StepStats:
+        r = len(p.slots)
+        vals = p.stats.tolist()
+        l2, l1, lo, hi = ([0.0] * r for _ in range(4))
+        for col, i in enumerate(p.columns):
+            l2[i], l1[i], lo[i], hi[i] = vals[0][col], vals[1][col], vals[2][col], vals[3][col]
+        linf = [_max_abs(a, b) for a, b in zip(lo, hi)]
+        outs: dict[str, list[float]] = {}  # name -> [sum of squares, L1, Linf, numel, count, L2]
+        params: dict[str, LayerStats] = {}
+        bad_calls: set[tuple[str, int]] = set()
+        bad_modules: set[str] = set()
+        for i in range(r):
+            s = p.slots[i]
+            if s.kind == _OUT:
+                a = outs.setdefault(s.name, [0.0, 0.0, 0.0, 0, 0, 0.0])
+                a[0] += l2[i] * l2[i]
+                a[1] += l1[i]
+                a[2] = math.nan if math.isnan(linf[i]) or math.isnan(a[2]) else max(a[2], linf[i])
+                a[3] += p.numels[i]
+                a[4] += 1
+                a[5] = l2[i]
+                if not math.isfinite(linf[i]):
+                    bad_calls.add((s.name, s.seq))
+                    bad_modules.add(s.name)
+            elif s.kind == _PARAM:
+                params[s.name] = LayerStats(l2[i], linf[i], _mean(l1[i], p.numels[i]))
+        outputs = {
+            n: LayerStats(a[5] if a[4] == 1 else math.sqrt(a[0]), a[2], _mean(a[1], a[3]))
+            for n, a in sorted(outs.items(), key=lambda kv: self._order.get(kv[0], 0))
+        }
+        params = dict(sorted(params.items(), key=lambda kv: self._order.get(kv[0], 0)))
+        source = None
+        if self.trace_nonfinite:
+            source = self._trace(p, linf, bad_calls, bad_modules)
+        named = list(outputs.items()) + list(params.items())
+        return StepStats(
+            step=p.step,
+            outputs=outputs,
+            params=params,
+            vanishing=tuple(n for n, s in named if s.norm < self.vanishing),
+            exploding=tuple(
+                n for n, s in named if math.isfinite(s.max_abs) and s.norm > self.exploding
+            ),
+            nonfinite=tuple(n for n, s in named if not math.isfinite(s.max_abs)),
+            source=source,
+        )
+
+    @staticmethod
+    def _trace(
+        p: _Pending,
+        linf: list[float],
+        bad_calls: set[tuple[str, int]],
+        bad_modules: set[str],
+    ) -> NonfiniteSource | None:
+        first_bad_out: str | None = None
+        for i, s in enumerate(p.slots):  # backward (firing) order
+            if math.isfinite(linf[i]):
+                continue
+            if s.kind == _PARAM:
+                if s.owner not in bad_modules:
+                    return NonfiniteSource(s.owner, p.step, "backward")
+                continue
+            calls = [(s.name, s.seq)] if s.kind == _IN else s.consumers
+            for c in calls:
+                if c not in bad_calls:
+                    return NonfiniteSource(c[0], p.step, "backward")
+            if s.kind == _OUT and first_bad_out is None:
+                first_bad_out = s.name
+        if first_bad_out is not None:
+            return NonfiniteSource(first_bad_out, p.step, "incoming")
+        return None
+
+    @property
+    def history(self) -> list[StepStats]:
+        """One :class:`StepStats` per backward pass so far (reading it synchronises once).
+
+        The monitor's own list, extended as steps are recorded (do not modify it).
+        """
+        self._materialize()
+        for p in self._synced:
+            self._history.append(self._analyse(p))
+        self._synced.clear()
+        return self._history
+
+    @property
+    def steps(self) -> int:
+        """Number of backward passes recorded so far (no synchronisation)."""
+        return self._count
+
+    @property
+    def nonfinite_source(self) -> NonfiniteSource | None:
+        """The first NaN/Inf source seen (module, step, origin), or ``None`` while all finite."""
+        self._materialize()
+        return self._source
+
+    @property
+    def first_nonfinite(self) -> str | None:
+        """Name of the module whose backward first turned finite gradients into NaN/Inf.
+
+        ``None`` while every recorded gradient is finite. See :attr:`nonfinite_source` for the
+        step and the origin.
+        """
+        src = self.nonfinite_source
+        return None if src is None else src.module
+
+    @property
+    def first_nonfinite_step(self) -> int | None:
+        """The step (backward-pass index) of :attr:`first_nonfinite`, or ``None``."""
+        src = self.nonfinite_source
+        return None if src is None else src.step
+
+    def __repr__(self) -> str:
+        src = self._source.module if self._source else None
+        return (
+            f"GradientMonitor({len(self._modules)} modules, {len(self._params)} parameters, "
+            f"{self.steps} steps, first_nonfinite={src!r})"
+        )
+
+
+def _alive(ref: weakref.ref[Any], name: str) -> Any:
+    obj = ref()
+    if obj is None:
+        raise RuntimeError(f"GradientMonitor: {name!r} no longer exists (its model was deleted)")
+    return obj
+
+
+def _max_abs(lo: float, hi: float) -> float:
+    if math.isnan(lo) or math.isnan(hi):
+        return math.nan
+    return max(-lo, hi)
+
+
+def _mean(total: float, n: float) -> float:
+    return total / n if n else 0.0
+
+
+def _pre_hook(ref: weakref.ref[GradientMonitor], name: str) -> Any:
+    def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+        mon = ref()
+        if mon is not None:
+            mon._on_inputs(name, (args, kwargs) if kwargs else args)  # args: a tuple
+
+    return hook
+
+
+def _fwd_hook(ref: weakref.ref[GradientMonitor], name: str) -> Any:
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        mon = ref()
+        if mon is not None:
+            mon._on_outputs(name, output)
+
+    return hook
+
+
+def _tensor_hook(ref: weakref.ref[GradientMonitor], slot: _Slot) -> Any:
+    def hook(grad: torch.Tensor) -> None:
+        mon = ref()
+        if mon is not None:
+            mon._add(slot, grad)
+
+    return hook
+
+
+def _param_hook(ref: weakref.ref[GradientMonitor], slot: _Slot) -> Any:
+    def hook(p: torch.Tensor) -> None:
+        mon = ref()
+        if mon is not None and p.grad is not None:
+            mon._add(slot, p.grad)
+
+    return hook
+
+
+def _select_params(
+    model: nn.Module, modules: list[tuple[str, nn.Module]], patterns: tuple[str, ...]
+) -> list[tuple[str, str, nn.Parameter]]:
+    """(parameter name, owning monitored module, parameter) for the parameters to record."""
+    names = sorted((n for n, _ in modules), key=len, reverse=True)
+    if patterns:
+        chosen: dict[int, str] = {}
+        for mname, m in modules:
+            prefix = f"{mname}." if mname else ""
+            for pname, p in m.named_parameters():
+                chosen.setdefault(id(p), prefix + pname)
+        pool = [(n, p) for n, p in model.named_parameters() if id(p) in chosen]
+    else:
+        pool = list(model.named_parameters())
+    out = []
+    for pname, p in pool:
+        if not p.requires_grad:
+            continue
+        owner = next((n for n in names if n == "" or pname.startswith(n + ".")), None)
+        if owner is None:
+            owner = pname.rpartition(".")[0]
+        out.append((pname, owner, p))
+    return out

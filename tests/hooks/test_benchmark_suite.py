@@ -1,0 +1,33 @@
+"""The `hooks` benchmark suite's step variants run and leave no hooks behind (not timed here)."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.suites.hooks import SUITE, _cnn, _mlp, make_steps
+from gradlab.hooks import GradientMonitor
+from tests.hooks._helpers import hook_counts
+
+
+def test_every_variant_runs_and_cleans_up() -> None:
+    assert SUITE.name == "hooks"
+    for model, inp in ((_mlp(2, 8), torch.randn(4, 8)), (_cnn(2, 4), torch.randn(2, 3, 8, 8))):
+        before = hook_counts(model)
+        monitors: list[GradientMonitor] = []
+        steps = make_steps(model, inp, monitors)
+        assert set(steps) == {
+            "plain",
+            "capture_all",
+            "monitor",
+            "nan_trace",
+            "retain_grad",
+            "full_backward",
+            "anomaly",
+        }
+        for step in steps.values():
+            step()
+        assert hook_counts(model) == before  # the monitors run on their own copies
+        for monitor in monitors:
+            monitor.__exit__(None, None, None)
+            assert monitor.steps == 1 and monitor.first_nonfinite is None
+        assert not torch.is_anomaly_enabled()
