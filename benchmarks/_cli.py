@@ -191,15 +191,27 @@ def _plot(result: dict[str, Any], path: Path, progress: Progress) -> None:
     ]
     if not tables:
         return
-    fig, axes = plt.subplots(len(tables), 1, figsize=(8, 2.6 * len(tables)), squeeze=False)
+    heights = [max(1.6, 0.22 * len(t["rows"]) + 0.8) for _, t in tables]
+    fig, axes = plt.subplots(
+        len(tables), 1, figsize=(9, sum(heights)), squeeze=False, height_ratios=heights
+    )
     for ax, (suite, t) in zip(axes[:, 0], tables):
-        key = t["columns"][0]
         rcol = next(c for c in t["columns"] if "ratio" in c)
-        labels = [str(r[key]) for r in t["rows"]]
-        ax.barh(labels, [r.get(rcol) or 0 for r in t["rows"]])
+        key = t["columns"][0]
+        text_cols = [key] + [
+            c for c in t["columns"][1:] if all(isinstance(r.get(c), str) for r in t["rows"])
+        ]
+        labels = [" / ".join(str(r[c]) for c in text_cols) for r in t["rows"]]
+        values = [r.get(rcol) or 0.0 for r in t["rows"]]
+        ax.barh(range(len(values)), values)
+        ax.set_yticks(range(len(values)), labels, fontsize=7)
+        ax.invert_yaxis()
+        positive = [v for v in values if v > 0]
+        if positive and max(positive) / min(positive) > 20:
+            ax.set_xscale("log")
         ax.axvline(1.0, color="k", lw=0.8)
-        ax.set_title(f"{suite}: {t['title']}", fontsize=9)
-        ax.set_xlabel(rcol)
+        ax.set_title(f"{suite}: {t['title']}", fontsize=8)
+        ax.set_xlabel(rcol, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     progress(f"wrote {path}")

@@ -87,3 +87,10 @@ def test_peak_memory_counts_live_tensors() -> None:
     peak, method = peak_memory(alloc, torch.device("cpu"))
     assert peak == 12 * 1024
     assert "TorchDispatchMode" in method
+
+
+def test_plot_writes_a_png(tiny: None, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    assert _cli.main(["--quick", "--suite", "tiny", "--out", str(tmp_path), "--plot"]) == 0
+    png = tmp_path / "results-cpu.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
