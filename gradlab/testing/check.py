@@ -336,9 +336,14 @@ class _Problem:
     loop_fn: Callable[..., Any]  # evaluated point by point when vmap fails
 
 
-def _compare(problem: _Problem, xs: tuple[torch.Tensor, ...], st: _Settings) -> _Acc:
+def _compare(
+    problem: _Problem,
+    xs: tuple[torch.Tensor, ...],
+    st: _Settings,
+    f0: tuple[torch.Tensor, ...] | None = None,
+) -> _Acc:
     acc = _Acc()
-    ev = Evaluator(problem.num_fn, xs, _CALLER, loop_fn=problem.loop_fn)
+    ev = Evaluator(problem.num_fn, xs, _CALLER, loop_fn=problem.loop_fn, f0=f0)
     an = _Analytic(problem, xs, ev.f0)
     unit = max(st.unit, machine_eps(least_precise(list(ev.f0) + list(xs))))
     steps = [
@@ -831,7 +836,7 @@ def check_gradients(
         order=1,
         unit=machine_eps(least_precise(list(xs) + list(f0))),
     )
-    report = _report(_compare(_first_order_problem(fn), xs, st), st, xs, None)
+    report = _report(_compare(_first_order_problem(fn), xs, st, f0), st, xs, None)
     if order == 1:
         return report
     st.order = 2

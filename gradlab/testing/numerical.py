@@ -45,6 +45,7 @@ class Evaluator:
         *,
         loop_fn: Callable[..., Any] | None = None,
         chunk_size: int | None = None,
+        f0: tuple[torch.Tensor, ...] | None = None,
     ) -> None:
         self.fn = fn
         self.loop_fn = loop_fn or fn
@@ -53,7 +54,9 @@ class Evaluator:
         self.chunk_size = chunk_size
         self.use_vmap = True
         self.calls = 0
-        self.f0 = tuple(o.detach() for o in as_outputs(self.loop_fn(*xs), caller))
+        if f0 is None:  # fn's outputs at xs, unless the caller has them already
+            f0 = as_outputs(self.loop_fn(*xs), caller)
+        self.f0 = tuple(o.detach() for o in f0)
         self.out_sizes = [o.numel() for o in self.f0]
 
     def rows_per_chunk(self, j: int) -> int:
