@@ -45,6 +45,7 @@ class Evaluator:
         *,
         loop_fn: Callable[..., Any] | None = None,
         chunk_size: int | None = None,
+        f0: tuple[torch.Tensor, ...] | None = None,
     ) -> None:
         self.fn = fn
         self.loop_fn = loop_fn or fn
@@ -53,7 +54,9 @@ class Evaluator:
         self.chunk_size = chunk_size
         self.use_vmap = True
         self.calls = 0
-        self.f0 = tuple(o.detach() for o in as_outputs(self.loop_fn(*xs), caller))
+        if f0 is None:  # fn's outputs at xs, unless the caller has them already
+            f0 = as_outputs(self.loop_fn(*xs), caller)
+        self.f0 = tuple(o.detach() for o in f0)
         self.out_sizes = [o.numel() for o in self.f0]
 
     def rows_per_chunk(self, j: int) -> int:
@@ -64,37 +67,43 @@ class Evaluator:
 
     def displaced(self, j: int, disp: torch.Tensor) -> list[torch.Tensor]:
         """``fn`` at ``xs`` with ``xs[j] += disp[b]`` for each row ``b``: per output [B, m_i]."""
+        return self.points(j, self.xs[j].reshape(1, -1) + disp)
+
+    def points(self, j: int, pts: torch.Tensor) -> list[torch.Tensor]:
+        """``fn`` with ``xs[j]`` replaced by each row of ``pts`` ([B, n_j]): per output [B, m_i]."""
         chunk = self.rows_per_chunk(j)
-        parts = [self._batch(j, disp[s : s + chunk]) for s in range(0, disp.shape[0], chunk)]
+        if pts.shape[0] <= chunk:
+            return self._batch(j, pts)
+        parts = [self._batch(j, pts[s : s + chunk]) for s in range(0, pts.shape[0], chunk)]
         return [torch.cat([p[i] for p in parts]) for i in range(len(self.f0))]
 
-    def _batch(self, j: int, disp: torch.Tensor) -> list[torch.Tensor]:
+    def _batch(self, j: int, pts: torch.Tensor) -> list[torch.Tensor]:
         if self.use_vmap:
             try:
-                return self._vmapped(j, disp)
+                return self._vmapped(j, pts)
             except Exception:
                 self.use_vmap = False  # e.g. no vmap rule, .item(), data-dependent control flow
-        return self._looped(j, disp)
+        return self._looped(j, pts)
 
-    def _vmapped(self, j: int, disp: torch.Tensor) -> list[torch.Tensor]:
-        x = self.xs[j]
+    def _vmapped(self, j: int, pts: torch.Tensor) -> list[torch.Tensor]:
+        shape = self.xs[j].shape
 
-        def one(d: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        def one(p: torch.Tensor) -> tuple[torch.Tensor, ...]:
             args = list(self.xs)
-            args[j] = x + d.view(x.shape)
+            args[j] = p.view(shape)
             outs = as_outputs(self.fn(*args), self.caller)
             return tuple(o.detach().reshape(-1) for o in outs)
 
         self.calls += 1
-        outs = torch.func.vmap(one)(disp)
-        return [o.reshape(disp.shape[0], -1) for o in outs]
+        outs = torch.func.vmap(one)(pts)
+        return [o.reshape(pts.shape[0], -1) for o in outs]
 
-    def _looped(self, j: int, disp: torch.Tensor) -> list[torch.Tensor]:
+    def _looped(self, j: int, pts: torch.Tensor) -> list[torch.Tensor]:
         rows: list[list[torch.Tensor]] = [[] for _ in self.f0]
-        for d in disp:
+        for p in pts:
             args = list(self.xs)
             xj = self.xs[j].clone()  # keeps the caller's strides (non-contiguous layouts)
-            xj.add_(d.view(xj.shape))
+            xj.copy_(p.view(xj.shape))
             args[j] = xj
             self.calls += 1
             for i, o in enumerate(as_outputs(self.loop_fn(*args), self.caller)):
@@ -113,40 +122,44 @@ def exact_delta(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return (flat + step) - flat
 
 
-def fd_columns(
-    ev: Evaluator, j: int, cols: torch.Tensor, step: torch.Tensor, method: str
+def fd_block(
+    ev: Evaluator, j: int, start: int, stop: int, step: torch.Tensor, method: str
 ) -> list[torch.Tensor]:
-    """Finite-difference derivative of every output w.r.t. elements ``cols`` of input ``j``.
+    """Finite-difference derivatives w.r.t. elements ``start:stop`` of input ``j``.
 
-    Returns, per output ``i``, a ``[m_i, len(cols)]`` block.
+    All perturbed points (``+h`` and ``-h``, and ``h/2`` for Richardson) are built in one
+    ``[levels * 2 * c, n_j]`` batch (the input repeated, then one diagonal add per sign) and
+    evaluated in one call. Returns, per output ``i``, the transposed block ``[c, m_i]``: row
+    ``k`` is the column ``start + k`` of the Jacobian.
     """
-    x = ev.xs[j]
-    n = x.numel()
+    x = ev.xs[j].reshape(-1)
+    c, n = stop - start, x.numel()
     levels = [1.0] if method == "central" else [1.0, 0.5]
-    disp_rows, denoms = [], []
-    for level in levels:
-        h = step[cols] * level
-        plus = exact_delta(x.reshape(-1)[cols], h)
-        minus = exact_delta(x.reshape(-1)[cols], -h)
-        for delta in (plus, minus):
-            d = torch.zeros(len(cols), n, dtype=x.dtype, device=x.device)
-            d[torch.arange(len(cols), device=x.device), cols] = delta
-            disp_rows.append(d)
-        denoms.append(plus - minus)
-    f = ev.displaced(j, torch.cat(disp_rows))
-    c = len(cols)
+    xc = x[start:stop]
+    pts = x.expand(2 * len(levels) * c, n).clone().view(2 * len(levels), c, n)
+    denoms = []
+    for k, level in enumerate(levels):
+        h = step[start:stop] * level
+        plus, minus = exact_delta(xc, h), exact_delta(xc, -h)
+        pts[2 * k, :, start:stop].diagonal().add_(plus)
+        pts[2 * k + 1, :, start:stop].diagonal().add_(minus)
+        denoms.append((plus - minus).unsqueeze(1))
+    f = ev.points(j, pts.view(-1, n))
     result = []
     for fi in f:
-        est = [
-            (fi[2 * k * c : (2 * k + 1) * c] - fi[(2 * k + 1) * c : (2 * k + 2) * c])
-            for k in range(len(levels))
-        ]
-        d1 = est[0] / denoms[0].unsqueeze(1)
+        # Contiguous [c, m_i] results whatever layout fn's batched output has.
+        d1 = _sub(fi[:c], fi[c : 2 * c]).div_(denoms[0])
         if method == "richardson":
-            d2 = est[1] / denoms[1].unsqueeze(1)
-            d1 = (4.0 * d2 - d1) / 3.0
-        result.append(d1.T)
+            d2 = _sub(fi[2 * c : 3 * c], fi[3 * c :]).div_(denoms[1])
+            d1 = d2.mul_(4.0).sub_(d1).div_(3.0)
+        result.append(d1)
     return result
+
+
+def _sub(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    # p - q in the operands' layout, then one copy if that is not row-major (a 2-D transpose
+    # copy is much faster than a subtraction that writes transposed).
+    return (p - q).contiguous()
 
 
 def fd_jacobian(
@@ -158,19 +171,21 @@ def fd_jacobian(
     for j, x in enumerate(ev.xs):
         step = steps_for(x, eps if eps is not None else default_step(method, x.dtype))
         steps.append(step)
-        n = x.numel()
-        per_out: list[list[torch.Tensor]] = [[] for _ in ev.f0]
-        chunk = max(1, ev.rows_per_chunk(j) // METHODS[method])
-        for s in range(0, n, chunk):
-            cols = torch.arange(s, min(n, s + chunk), device=x.device)
-            for i, b in enumerate(fd_columns(ev, j, cols, step, method)):
-                per_out[i].append(b)
-        for i, o in enumerate(ev.f0):
-            if n == 0:
-                blocks[i].append(o.new_zeros(o.numel(), 0))
-            else:
-                blocks[i].append(torch.cat(per_out[i], dim=1).to(o.dtype))
+        for i, b in enumerate(fd_transposed(ev, j, step, method)):
+            blocks[i].append(b.T.contiguous().to(ev.f0[i].dtype))
     return blocks, steps
+
+
+def fd_transposed(ev: Evaluator, j: int, step: torch.Tensor, method: str) -> list[torch.Tensor]:
+    """Every finite-difference column w.r.t. input ``j``: per output the ``[n_j, m_i]`` block."""
+    n = ev.xs[j].numel()
+    if n == 0:
+        return [o.new_zeros(0, o.numel()) for o in ev.f0]
+    chunk = max(1, ev.rows_per_chunk(j) // METHODS[method])
+    parts = [fd_block(ev, j, s, min(n, s + chunk), step, method) for s in range(0, n, chunk)]
+    if len(parts) == 1:
+        return parts[0]
+    return [torch.cat([p[i] for p in parts]) for i in range(len(ev.f0))]
 
 
 def numerical_jacobian(
