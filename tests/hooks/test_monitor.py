@@ -328,14 +328,17 @@ def test_inplace_op_between_modules_is_not_blamed_on_the_consumer(device: torch.
     assert "act" in monitor.history[0].nonfinite and "fc2" not in monitor.history[0].nonfinite
 
 
-@pytest.fixture(params=["grouped", "grouped-small-buffer", "fused", "fused-small-buffer"])
+@pytest.fixture(params=["grouped", "grouped-small-buffer", "eager", "fused", "fused-small-buffer"])
 def stats_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int | None:
-    """Run a test through the CPU path (row-wise reductions over groups of equal-sized
+    """Run a test through the CPU paths (row-wise reductions over groups of equal-sized
+    gradients; "eager": every non-empty gradient reduced in its hook, the path of large CPU
     gradients) and through the CUDA path (fused _foreach_norm), which otherwise only runs on a
     GPU; each with the default buffer and with a 1-byte buffer (a reduction per gradient).
     Returns the buffer_bytes to use."""
     if request.param.startswith("fused"):
         monkeypatch.setattr("gradlab.hooks._monitor._GROUPED_DEVICES", ())
+    if request.param == "eager":
+        monkeypatch.setattr("gradlab.hooks._monitor._EAGER_MIN", 1)
     return 1 if request.param.endswith("small-buffer") else None
 
 
