@@ -108,18 +108,22 @@ class GradientMonitor:
     :attr:`history` with, per module, the L2 norm, max and mean absolute value of the gradient
     w.r.t. its output, and the same for every parameter's ``.grad`` after the pass.
 
-    How it stays cheap: forward hooks put tensor hooks on module outputs (and, for NaN tracing,
-    on inputs that no other monitored module produced: in a chain a module's input gradient is
-    its producer's output gradient and is not hooked twice). Each gradient gives three numbers,
-    its sum of squares, sum and maximum of absolute values (the maximum doubles as the NaN/Inf
-    detector). On CUDA the tensor hooks only keep a reference to the gradient and the reductions
-    run fused (``torch._foreach_norm``, three launches) when the pass ends or the buffered
-    gradients exceed ``buffer_bytes``. On CPU a gradient of at least 32768 entries is reduced in
-    its hook (four ops, while it is still in cache, no reference kept), smaller ones are buffered
-    and reduced row-wise in groups of equal size (five ops per group). The statistics of a pass
-    are stacked into one tensor that stays on the device, is copied to pinned host memory
-    without blocking, and is read when you access :attr:`history` / :attr:`first_nonfinite` or
-    leave the context: at most one synchronisation per step, none during backward.
+    How it stays cheap: one forward hook per module puts tensor hooks on its outputs (and, for NaN
+    tracing, on inputs that no other monitored module produced: in a chain a module's input gradient
+    is its producer's output gradient and is not hooked twice). Inputs are hooked after the call,
+    except for modules that may overwrite them, i.e. with an ``inplace=True`` attribute
+    (``nn.ReLU(inplace=True)``, ``nn.Dropout(inplace=True)``, ...), which get a forward pre-hook as
+    well; a custom module that modifies its input in place without such an attribute has the
+    gradient of the modified input recorded as its input gradient. Each gradient gives three
+    numbers, its sum of squares, sum and maximum of absolute values (the maximum doubles as the
+    NaN/Inf detector). On CUDA the tensor hooks only keep a reference to the gradient and the
+    reductions run fused (``torch._foreach_norm``, three launches) when the pass ends or the
+    buffered gradients exceed ``buffer_bytes``. On CPU a gradient of at least 32768 entries is
+    reduced in its hook (four ops, while it is still in cache, no reference kept), smaller ones are
+    buffered and reduced row-wise in groups of equal size (five ops per group). The statistics of a
+    pass are stacked into one tensor that stays on the device, is copied to pinned host memory
+    without blocking, and is read when you access :attr:`history` / :attr:`first_nonfinite` or leave
+    the context: at most one synchronisation per step, none during backward.
 
     **NaN/Inf tracing.** With ``trace_nonfinite=True`` (default) the monitor names the
     *source*: the first module in backward order whose backward turned finite gradients into
@@ -216,6 +220,7 @@ class GradientMonitor:
         self._chunks: list[torch.Tensor] = []  # (ROWS, k) statistics of the pass so far
         self._columns: list[int] = []  # record index of each of their columns
         self._cpu_stats = CpuStats()
+        self._eager_min = _EAGER_MIN
         self._pending: list[_Pending] = []  # on their way to the host
         self._synced: list[_Pending] = []  # on the host, not yet turned into StepStats
         self._history: list[StepStats] = []
@@ -231,10 +236,16 @@ class GradientMonitor:
         try:
             for name, module_ref in self._modules:
                 module = _alive(module_ref, name)
-                if self.trace_nonfinite:
+                if not self.trace_nonfinite:
+                    h = module.register_forward_hook(_fwd_hook(ref, name))
+                elif getattr(module, "inplace", False) is True:
+                    # It may overwrite its input: hook the input before it runs.
                     pre = _pre_hook(ref, name)
                     self._bag.module(module.register_forward_pre_hook(pre, with_kwargs=True))
-                self._bag.module(module.register_forward_hook(_fwd_hook(ref, name)))
+                    h = module.register_forward_hook(_fwd_hook(ref, name))
+                else:  # inputs are hooked after the call, in the same forward hook
+                    h = module.register_forward_hook(_fwd_in_hook(ref, name), with_kwargs=True)
+                self._bag.module(h)
             for pname, owner, p_ref in self._params:
                 p = _alive(p_ref, pname)
                 slot = _Slot(_PARAM, pname, 0, owner)
@@ -264,8 +275,18 @@ class GradientMonitor:
         self._seq += 1
         seq = self._seq
         self._open_calls.setdefault(name, []).append(seq)
-        if not torch.is_grad_enabled():
-            return
+        if torch.is_grad_enabled():
+            self._hook_inputs(name, seq, args)
+
+    def _on_call(self, name: str, args: Any, output: Any) -> None:
+        """Inputs and outputs of a call, seen after it (modules that do not run in place)."""
+        self._seq += 1
+        seq = self._seq
+        if torch.is_grad_enabled():
+            self._hook_inputs(name, seq, args)
+            self._hook_outputs(name, seq, output)
+
+    def _hook_inputs(self, name: str, seq: int, args: Any) -> None:
         a0 = args[0] if len(args) == 1 else None
         flat = [a0] if isinstance(a0, torch.Tensor) else tree_flatten(args)[0]
         for t in flat:
@@ -284,8 +305,10 @@ class GradientMonitor:
         else:
             self._seq += 1
             seq = self._seq
-        if not torch.is_grad_enabled():
-            return
+        if torch.is_grad_enabled():
+            self._hook_outputs(name, seq, output)
+
+    def _hook_outputs(self, name: str, seq: int, output: Any) -> None:
         outs = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
         for t in outs:
             if not (isinstance(t, torch.Tensor) and t.requires_grad):
@@ -306,7 +329,7 @@ class GradientMonitor:
         n = g.numel()
         self._numels.append(n)
         grouped = g.device.type in _GROUPED_DEVICES
-        if grouped and n >= _EAGER_MIN:
+        if grouped and n >= self._eager_min:
             # Large: reduce now, while the gradient is in cache, and keep no reference to it
             # (held gradients cannot be reused by the allocator: fresh pages, cache misses).
             self._eager += self._cpu_stats.one(g)
@@ -544,6 +567,15 @@ def _fwd_hook(ref: weakref.ref[GradientMonitor], name: str) -> Any:
         mon = ref()
         if mon is not None:
             mon._on_outputs(name, output)
+
+    return hook
+
+
+def _fwd_in_hook(ref: weakref.ref[GradientMonitor], name: str) -> Any:
+    def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        mon = ref()
+        if mon is not None:
+            mon._on_call(name, (args, kwargs) if kwargs else args, output)
 
     return hook
 

@@ -132,6 +132,18 @@ def test_nan_in_a_parametrised_layer(device: torch.device) -> None:
     assert "2.weight" not in monitor.history[0].nonfinite
 
 
+def test_nan_in_the_gradient_of_the_model_input(device: torch.device) -> None:
+    # The first layer's input is no monitored module's output: it is hooked after the call
+    # (Linear cannot run in place), and only that gradient turns NaN.
+    model = nn.Sequential(NaNInputGradLinear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(device)
+    x = torch.randn(2, 3, device=device, requires_grad=True)
+    with GradientMonitor(model) as monitor:
+        model(x).sum().backward()
+    assert monitor.nonfinite_source == NonfiniteSource("0", 0, "backward")
+    assert monitor.history[0].nonfinite == ()  # inputs have no statistics of their own
+    assert x.grad is not None and x.grad.isnan().all()
+
+
 def test_forward_nan_is_blamed_on_the_consumer(device: torch.device) -> None:
     class Log(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
