@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 
 from gradlab.hooks._engine import HandleBag, PassClock
 from gradlab.hooks._select import check_model, select_modules
-from gradlab.hooks._stats import CpuStats, stats_fused
+from gradlab.hooks._stats import ROWS, CpuStats, stats_fused
 
 __all__ = ["GradientMonitor", "LayerStats", "NonfiniteSource", "StepStats"]
 
@@ -89,11 +89,12 @@ class _Pending:
     slots: list[_Slot]
     numels: list[int]
     columns: list[int]  # record index of each column of ``stats``
-    stats: torch.Tensor  # (4, R): L2, L1, min, max; on the CPU once ``event`` has completed
+    stats: torch.Tensor  # (3, R): sum of squares, L1, max |g|; on the host once ``event`` is done
     event: Any
 
 
 _GROUPED_DEVICES = ("cpu",)  # grouped row-wise reductions; other devices: fused foreach
+_EAGER_MIN = 2**15  # elements: larger gradients on _GROUPED_DEVICES are reduced in the hook
 _CPU_BUFFER_BYTES = 4 * 2**20  # default buffer_bytes on CPU
 _DEVICE_BUFFER_BYTES = 64 * 2**20  # default buffer_bytes on GPUs
 
@@ -107,16 +108,22 @@ class GradientMonitor:
     :attr:`history` with, per module, the L2 norm, max and mean absolute value of the gradient
     w.r.t. its output, and the same for every parameter's ``.grad`` after the pass.
 
-    How it stays cheap: forward hooks put tensor hooks on module outputs (and, for NaN tracing,
-    on inputs that no other monitored module produced: in a chain a module's input gradient is
-    its producer's output gradient and is not hooked twice). The tensor hooks only keep a
-    reference to the gradient; the reductions run when the pass ends or when the buffered
-    gradients exceed ``buffer_bytes``: on CUDA fused (``torch._foreach_norm``, three launches for
-    the whole buffer), on CPU row-wise over groups of equal-sized gradients (about six ops per
-    group). The statistics of a pass are stacked into one tensor that stays on the
-    device, is copied to pinned host memory without blocking, and is read when you access
-    :attr:`history` / :attr:`first_nonfinite` or leave the context: at most one synchronisation
-    per step, none during backward.
+    How it stays cheap: one forward hook per module puts tensor hooks on its outputs (and, for NaN
+    tracing, on inputs that no other monitored module produced: in a chain a module's input gradient
+    is its producer's output gradient and is not hooked twice). Inputs are hooked after the call,
+    except for modules that may overwrite them, i.e. with an ``inplace=True`` attribute
+    (``nn.ReLU(inplace=True)``, ``nn.Dropout(inplace=True)``, ...), which get a forward pre-hook as
+    well; a custom module that modifies its input in place without such an attribute has the
+    gradient of the modified input recorded as its input gradient. Each gradient gives three
+    numbers, its sum of squares, sum and maximum of absolute values (the maximum doubles as the
+    NaN/Inf detector). On CUDA the tensor hooks only keep a reference to the gradient and the
+    reductions run fused (``torch._foreach_norm``, three launches) when the pass ends or the
+    buffered gradients exceed ``buffer_bytes``. On CPU a gradient of at least 32768 entries is
+    reduced in its hook (four ops, while it is still in cache, no reference kept), smaller ones are
+    buffered and reduced row-wise in groups of equal size (five ops per group). The statistics of a
+    pass are stacked into one tensor that stays on the device, is copied to pinned host memory
+    without blocking, and is read when you access :attr:`history` / :attr:`first_nonfinite` or leave
+    the context: at most one synchronisation per step, none during backward.
 
     **NaN/Inf tracing.** With ``trace_nonfinite=True`` (default) the monitor names the
     *source*: the first module in backward order whose backward turned finite gradients into
@@ -203,13 +210,17 @@ class GradientMonitor:
         self._produced: dict[int, tuple[Any, int, _Slot]] = {}
         # the pass in progress
         self._buf: list[torch.Tensor] = []
+        self._buf_idx: list[int] = []  # record index of each buffered gradient
         self._buf_bytes = 0
+        self._eager: list[torch.Tensor] = []  # ROWS 0-dim statistics per large CPU gradient
+        self._eager_idx: list[int] = []  # record index of each of them
         self._buf_cpu = False
         self._slots: list[_Slot] = []
         self._numels: list[int] = []
-        self._chunks: list[torch.Tensor] = []  # (4, k) statistics of the pass so far
+        self._chunks: list[torch.Tensor] = []  # (ROWS, k) statistics of the pass so far
         self._columns: list[int] = []  # record index of each of their columns
         self._cpu_stats = CpuStats()
+        self._eager_min = _EAGER_MIN
         self._pending: list[_Pending] = []  # on their way to the host
         self._synced: list[_Pending] = []  # on the host, not yet turned into StepStats
         self._history: list[StepStats] = []
@@ -225,10 +236,16 @@ class GradientMonitor:
         try:
             for name, module_ref in self._modules:
                 module = _alive(module_ref, name)
-                if self.trace_nonfinite:
+                if not self.trace_nonfinite:
+                    h = module.register_forward_hook(_fwd_hook(ref, name))
+                elif getattr(module, "inplace", False) is True:
+                    # It may overwrite its input: hook the input before it runs.
                     pre = _pre_hook(ref, name)
                     self._bag.module(module.register_forward_pre_hook(pre, with_kwargs=True))
-                self._bag.module(module.register_forward_hook(_fwd_hook(ref, name)))
+                    h = module.register_forward_hook(_fwd_hook(ref, name))
+                else:  # inputs are hooked after the call, in the same forward hook
+                    h = module.register_forward_hook(_fwd_in_hook(ref, name), with_kwargs=True)
+                self._bag.module(h)
             for pname, owner, p_ref in self._params:
                 p = _alive(p_ref, pname)
                 slot = _Slot(_PARAM, pname, 0, owner)
@@ -258,8 +275,18 @@ class GradientMonitor:
         self._seq += 1
         seq = self._seq
         self._open_calls.setdefault(name, []).append(seq)
-        if not torch.is_grad_enabled():
-            return
+        if torch.is_grad_enabled():
+            self._hook_inputs(name, seq, args)
+
+    def _on_call(self, name: str, args: Any, output: Any) -> None:
+        """Inputs and outputs of a call, seen after it (modules that do not run in place)."""
+        self._seq += 1
+        seq = self._seq
+        if torch.is_grad_enabled():
+            self._hook_inputs(name, seq, args)
+            self._hook_outputs(name, seq, output)
+
+    def _hook_inputs(self, name: str, seq: int, args: Any) -> None:
         a0 = args[0] if len(args) == 1 else None
         flat = [a0] if isinstance(a0, torch.Tensor) else tree_flatten(args)[0]
         for t in flat:
@@ -278,8 +305,10 @@ class GradientMonitor:
         else:
             self._seq += 1
             seq = self._seq
-        if not torch.is_grad_enabled():
-            return
+        if torch.is_grad_enabled():
+            self._hook_outputs(name, seq, output)
+
+    def _hook_outputs(self, name: str, seq: int, output: Any) -> None:
         outs = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
         for t in outs:
             if not (isinstance(t, torch.Tensor) and t.requires_grad):
@@ -295,14 +324,22 @@ class GradientMonitor:
     def _add(self, slot: _Slot, grad: torch.Tensor) -> None:
         self._clock.touch()
         g = grad.detach() if grad.requires_grad else grad
+        index = len(self._slots)
         self._slots.append(slot)
         n = g.numel()
         self._numels.append(n)
         grouped = g.device.type in _GROUPED_DEVICES
+        if grouped and n >= self._eager_min:
+            # Large: reduce now, while the gradient is in cache, and keep no reference to it
+            # (held gradients cannot be reused by the allocator: fresh pages, cache misses).
+            self._eager += self._cpu_stats.one(g)
+            self._eager_idx.append(index)
+            return
         if grouped != self._buf_cpu and self._buf:
             self._flush()
         self._buf_cpu = grouped
         self._buf.append(g)
+        self._buf_idx.append(index)
         self._buf_bytes += n * g.element_size()
         limit = self.buffer_bytes
         if limit is None:
@@ -314,17 +351,17 @@ class GradientMonitor:
         buf = self._buf
         if not buf:
             return
-        start = len(self._slots) - len(buf)
+        idx = self._buf_idx
         with torch.no_grad():
             if self._buf_cpu:
                 chunks, order = self._cpu_stats(buf)
                 self._chunks.extend(chunks)
-                self._columns.extend(start + i for i in order)
+                self._columns.extend(idx[i] for i in order)
             else:
-                l2, l1, lo, hi = stats_fused(buf)
-                self._chunks.append(torch.stack([torch.stack(c) for c in (l2, l1, lo, hi)]))
-                self._columns.extend(range(start, start + len(buf)))
+                self._chunks.append(torch.stack([torch.stack(c) for c in stats_fused(buf)]))
+                self._columns.extend(idx)
         self._buf = []
+        self._buf_idx = []
         self._buf_bytes = 0
 
     def _start_pass(self) -> None:
@@ -344,8 +381,12 @@ class GradientMonitor:
     def _finish_pass(self) -> None:
         self._flush()
         chunks, columns = self._chunks, self._columns
+        if self._eager:
+            chunks.append(torch.stack(self._eager).view(-1, ROWS).t())
+            columns.extend(self._eager_idx)
         slots, numels = self._slots, self._numels
         self._slots, self._numels, self._chunks, self._columns = [], [], [], []
+        self._eager, self._eager_idx = [], []
         if not slots:
             return
         step = self._count
@@ -382,37 +423,34 @@ class GradientMonitor:
             self._synced.append(p)
             # One vectorised check per step; the full analysis only for a step with NaN/Inf.
             if self._source is None and self.trace_nonfinite:
-                if not bool(torch.isfinite(p.stats[2:]).all()):
+                if not bool(torch.isfinite(p.stats[2]).all()):  # max |g|: NaN/Inf detector
                     self._source = self._analyse(p).source
 
     def _analyse(self, p: _Pending) -> StepStats:
         r = len(p.slots)
         vals = p.stats.tolist()
-        l2, l1, lo, hi = ([0.0] * r for _ in range(4))
+        sq, l1, linf = ([0.0] * r for _ in range(ROWS))
         for col, i in enumerate(p.columns):
-            l2[i], l1[i], lo[i], hi[i] = vals[0][col], vals[1][col], vals[2][col], vals[3][col]
-        linf = [_max_abs(a, b) for a, b in zip(lo, hi)]
-        outs: dict[str, list[float]] = {}  # name -> [sum of squares, L1, Linf, numel, count, L2]
+            sq[i], l1[i], linf[i] = vals[0][col], vals[1][col], vals[2][col]
+        outs: dict[str, list[float]] = {}  # name -> [sum of squares, L1, Linf, numel]
         params: dict[str, LayerStats] = {}
         bad_calls: set[tuple[str, int]] = set()
         bad_modules: set[str] = set()
         for i in range(r):
             s = p.slots[i]
             if s.kind == _OUT:
-                a = outs.setdefault(s.name, [0.0, 0.0, 0.0, 0, 0, 0.0])
-                a[0] += l2[i] * l2[i]
+                a = outs.setdefault(s.name, [0.0, 0.0, 0.0, 0])
+                a[0] += sq[i]
                 a[1] += l1[i]
                 a[2] = math.nan if math.isnan(linf[i]) or math.isnan(a[2]) else max(a[2], linf[i])
                 a[3] += p.numels[i]
-                a[4] += 1
-                a[5] = l2[i]
                 if not math.isfinite(linf[i]):
                     bad_calls.add((s.name, s.seq))
                     bad_modules.add(s.name)
             elif s.kind == _PARAM:
-                params[s.name] = LayerStats(l2[i], linf[i], _mean(l1[i], p.numels[i]))
+                params[s.name] = LayerStats(math.sqrt(sq[i]), linf[i], _mean(l1[i], p.numels[i]))
         outputs = {
-            n: LayerStats(a[5] if a[4] == 1 else math.sqrt(a[0]), a[2], _mean(a[1], a[3]))
+            n: LayerStats(math.sqrt(a[0]), a[2], _mean(a[1], a[3]))
             for n, a in sorted(outs.items(), key=lambda kv: self._order.get(kv[0], 0))
         }
         params = dict(sorted(params.items(), key=lambda kv: self._order.get(kv[0], 0)))
@@ -511,12 +549,6 @@ def _alive(ref: weakref.ref[Any], name: str) -> Any:
     return obj
 
 
-def _max_abs(lo: float, hi: float) -> float:
-    if math.isnan(lo) or math.isnan(hi):
-        return math.nan
-    return max(-lo, hi)
-
-
 def _mean(total: float, n: float) -> float:
     return total / n if n else 0.0
 
@@ -535,6 +567,15 @@ def _fwd_hook(ref: weakref.ref[GradientMonitor], name: str) -> Any:
         mon = ref()
         if mon is not None:
             mon._on_outputs(name, output)
+
+    return hook
+
+
+def _fwd_in_hook(ref: weakref.ref[GradientMonitor], name: str) -> Any:
+    def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        mon = ref()
+        if mon is not None:
+            mon._on_call(name, (args, kwargs) if kwargs else args, output)
 
     return hook
 

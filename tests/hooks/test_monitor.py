@@ -132,6 +132,18 @@ def test_nan_in_a_parametrised_layer(device: torch.device) -> None:
     assert "2.weight" not in monitor.history[0].nonfinite
 
 
+def test_nan_in_the_gradient_of_the_model_input(device: torch.device) -> None:
+    # The first layer's input is no monitored module's output: it is hooked after the call
+    # (Linear cannot run in place), and only that gradient turns NaN.
+    model = nn.Sequential(NaNInputGradLinear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(device)
+    x = torch.randn(2, 3, device=device, requires_grad=True)
+    with GradientMonitor(model) as monitor:
+        model(x).sum().backward()
+    assert monitor.nonfinite_source == NonfiniteSource("0", 0, "backward")
+    assert monitor.history[0].nonfinite == ()  # inputs have no statistics of their own
+    assert x.grad is not None and x.grad.isnan().all()
+
+
 def test_forward_nan_is_blamed_on_the_consumer(device: torch.device) -> None:
     class Log(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -328,14 +340,17 @@ def test_inplace_op_between_modules_is_not_blamed_on_the_consumer(device: torch.
     assert "act" in monitor.history[0].nonfinite and "fc2" not in monitor.history[0].nonfinite
 
 
-@pytest.fixture(params=["grouped", "grouped-small-buffer", "fused", "fused-small-buffer"])
+@pytest.fixture(params=["grouped", "grouped-small-buffer", "eager", "fused", "fused-small-buffer"])
 def stats_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int | None:
-    """Run a test through the CPU path (row-wise reductions over groups of equal-sized
+    """Run a test through the CPU paths (row-wise reductions over groups of equal-sized
+    gradients; "eager": every non-empty gradient reduced in its hook, the path of large CPU
     gradients) and through the CUDA path (fused _foreach_norm), which otherwise only runs on a
     GPU; each with the default buffer and with a 1-byte buffer (a reduction per gradient).
     Returns the buffer_bytes to use."""
     if request.param.startswith("fused"):
         monkeypatch.setattr("gradlab.hooks._monitor._GROUPED_DEVICES", ())
+    if request.param == "eager":
+        monkeypatch.setattr("gradlab.hooks._monitor._EAGER_MIN", 1)
     return 1 if request.param.endswith("small-buffer") else None
 
 
