@@ -26,6 +26,7 @@ __all__ = [
     "check_nonnegative",
     "check_outputs",
     "check_pair",
+    "check_pair_is_simple",
     "check_requires_grad",
     "check_scaler",
     "is_ddp",
@@ -73,20 +74,25 @@ def as_tensors(fn: str, arg: str, x: TensorOrTensors) -> tuple[torch.Tensor, ...
     return tensors
 
 
-def check_pair(
-    fn: str, real: TensorOrTensors, fake: TensorOrTensors
-) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """``real`` and ``fake`` as tuples with the same structure, shapes, dtypes and devices."""
-    if (  # fast path for the common case (the checks below would all pass)
+def check_pair_is_simple(real: Any, fake: Any) -> bool:
+    """Whether ``real`` and ``fake`` are single tensors that pass every check of check_pair."""
+    return (
         isinstance(real, torch.Tensor)
         and isinstance(fake, torch.Tensor)
         and real.shape == fake.shape
         and real.ndim > 0
         and real.dtype == fake.dtype
         and real.is_floating_point()
-        and real.device == fake.device
-    ):
-        return (real,), (fake,)
+        and (fake is real or real.device == fake.device)
+    )
+
+
+def check_pair(
+    fn: str, real: TensorOrTensors, fake: TensorOrTensors
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """``real`` and ``fake`` as tuples with the same structure, shapes, dtypes and devices."""
+    if check_pair_is_simple(real, fake):  # the common case: the checks below would all pass
+        return (real,), (fake,)  # type: ignore[return-value]
     r = as_tensors(fn, "real", real)
     f = as_tensors(fn, "fake", fake)
     if isinstance(real, torch.Tensor) != isinstance(fake, torch.Tensor) or len(r) != len(f):
