@@ -26,7 +26,7 @@ from gradlab.penalties._interpolate import (
     per_sample_uniform,
     uniform_like,
 )
-from gradlab.penalties._norms import input_gradients, sample_norms
+from gradlab.penalties._norms import grad_error, sample_norms
 
 __all__ = ["gradient_penalty", "gradient_penalty_and_norms", "norm_penalty"]
 
@@ -132,7 +132,11 @@ def _gradient_penalty(
     # _penalty_raw, inline. a is drawn directly in the broadcast shape (B, 1, ..., 1): the same
     # numbers as the (B,) draw of per_sample_uniform.
     x, y = r[0], f[0]
-    a = uniform_like(x, (x.shape[0],) + _TRAILING_ONES[x.ndim - 1], generator)
+    shape = (x.shape[0],) + _TRAILING_ONES[x.ndim - 1]
+    if generator is None:
+        a = torch.rand(shape, dtype=x.dtype, device=x.device)
+    else:
+        a = uniform_like(x, shape, generator)
     if y is x:  # the interpolate is x itself whatever the draw (drawn anyway: same RNG stream)
         leaf = x.detach().requires_grad_(True)
     else:
@@ -165,7 +169,10 @@ def _single_penalty(
         and outputs.is_floating_point()
     ):
         check_outputs(fn, outputs, batch)  # raises the precise error
-    (g,) = input_gradients(fn, outputs, (leaf,), create_graph=True, scaler=None)
+    try:
+        g = torch.autograd.grad(outputs, leaf, torch.ones_like(outputs), create_graph=True)[0]
+    except RuntimeError as e:
+        raise grad_error(fn, e) from None
     norms = torch.linalg.vector_norm(g, dim=_SAMPLE_DIMS[g.ndim]) if g.ndim > 1 else g.abs()
     penalty = norm_penalty(norms, weight=weight, center=center, one_sided=one_sided)
     if is_ddp(critic):
