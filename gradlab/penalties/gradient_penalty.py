@@ -16,7 +16,6 @@ from gradlab.penalties._checks import (
     check_nonnegative,
     check_outputs,
     check_pair,
-    check_pair_is_simple,
     check_scaler,
     is_ddp,
 )
@@ -112,7 +111,18 @@ def _gradient_penalty(
         center = check_nonnegative(fn, "center", center)
     r: tuple[torch.Tensor, ...]
     f: tuple[torch.Tensor, ...]
-    single = check_pair_is_simple(real, fake)
+    # The common case, one tensor per sample with matching shape, dtype and device (what
+    # check_pair would accept), tested inline: each tensor attribute read here costs.
+    single = False
+    if isinstance(real, torch.Tensor) and isinstance(fake, torch.Tensor):
+        size = real.shape
+        single = (
+            0 < len(size) <= _MAX_FAST_NDIM
+            and size == fake.shape
+            and real.dtype == fake.dtype
+            and real.is_floating_point()
+            and (fake is real or real.device == fake.device)
+        )
     if single:
         r, f = (real,), (fake,)  # type: ignore[assignment]
     else:
@@ -121,7 +131,7 @@ def _gradient_penalty(
     if scaler is not None:
         scaler = check_scaler(fn, scaler)
     check_critic(fn, critic)
-    if not single or scaler is not None or r[0].ndim > _MAX_FAST_NDIM:
+    if not single or scaler is not None:
         leaves = detached_interpolate_leaves(r, f, per_sample_uniform(r, generator))
         if not torch.is_grad_enabled():
             with torch.enable_grad():
@@ -132,7 +142,8 @@ def _gradient_penalty(
     # _penalty_raw, inline. a is drawn directly in the broadcast shape (B, 1, ..., 1): the same
     # numbers as the (B,) draw of per_sample_uniform.
     x, y = r[0], f[0]
-    shape = (x.shape[0],) + _TRAILING_ONES[x.ndim - 1]
+    batch, ndim = size[0], len(size)
+    shape = (batch,) + _TRAILING_ONES[ndim - 1]
     if generator is None:
         a = torch.rand(shape, dtype=x.dtype, device=x.device)
     else:
@@ -145,22 +156,24 @@ def _gradient_penalty(
         leaf = torch.lerp(x, y, a).requires_grad_(True)
     if not torch.is_grad_enabled():
         with torch.enable_grad():
-            return _single_penalty(fn, critic, leaf, kwargs, weight, center, one_sided)
-    return _single_penalty(fn, critic, leaf, kwargs, weight, center, one_sided)
+            return _single_penalty(fn, critic, leaf, batch, ndim, kwargs, weight, center, one_sided)
+    return _single_penalty(fn, critic, leaf, batch, ndim, kwargs, weight, center, one_sided)
 
 
 def _single_penalty(
     fn: str,
     critic: TensorFn,
     leaf: torch.Tensor,
+    batch: int,
+    ndim: int,
     kwargs: Mapping[str, Any],
     weight: float,
     center: float,
     one_sided: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_penalty_raw` for one input tensor and no scaler (grad mode enabled)."""
+    """:func:`_penalty_raw` for one input tensor of shape ``(batch, ...)`` with ``ndim``
+    dimensions and no scaler (grad mode enabled)."""
     outputs = critic(leaf, **kwargs) if kwargs else critic(leaf)
-    batch = leaf.shape[0]
     if not (
         isinstance(outputs, torch.Tensor)
         and outputs.requires_grad
@@ -173,7 +186,7 @@ def _single_penalty(
         g = torch.autograd.grad(outputs, leaf, torch.ones_like(outputs), create_graph=True)[0]
     except RuntimeError as e:
         raise grad_error(fn, e) from None
-    norms = torch.linalg.vector_norm(g, dim=_SAMPLE_DIMS[g.ndim]) if g.ndim > 1 else g.abs()
+    norms = torch.linalg.vector_norm(g, dim=_SAMPLE_DIMS[ndim]) if ndim > 1 else g.abs()
     penalty = norm_penalty(norms, weight=weight, center=center, one_sided=one_sided)
     if is_ddp(critic):
         penalty = with_ddp_zero_term(penalty, outputs, critic)
