@@ -9,8 +9,9 @@ Tables:
    reported per step (amortized). A generator row does the same for the path length penalty.
 2. *gradient_penalty vs hand-written*: the GP part of a step (interpolate, critic forward,
    ``torch.autograd.grad`` with ``create_graph``, norm, backward) written by hand the best way
-   (one ``torch.rand`` per sample, ``torch.autograd.grad``, ``vector_norm`` over the sample
-   dimensions) against ``gradlab.penalties.gradient_penalty``. Target: ratio <= 1.03.
+   (one ``torch.rand`` per sample, one ``torch.lerp``, ``torch.autograd.grad``, ``vector_norm``
+   over the sample dimensions, ``weight * ((norm - 1) ** 2).mean()``, the formula as papers and
+   tutorials write it) against ``gradlab.penalties.gradient_penalty``. Target: ratio <= 1.03.
 
 The ``backward(create_graph=True)`` vs ``autograd.grad`` experiment, with peak memory, is the
 ``grad_vs_backward`` suite, which includes ``gradient_penalty`` as its ``gradlab`` row.
@@ -145,7 +146,7 @@ def _gp_pair(
 
     def hand() -> None:
         a = torch.rand(view, device=real.device)
-        x_hat = (real + a * (fake - real)).requires_grad_(True)
+        x_hat = torch.lerp(real, fake, a).requires_grad_(True)
         out = critic(x_hat)
         (g,) = torch.autograd.grad(out, x_hat, torch.ones_like(out), create_graph=True)
         gp = 10.0 * ((torch.linalg.vector_norm(g, dim=dims) - 1.0) ** 2).mean()

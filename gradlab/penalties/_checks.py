@@ -26,6 +26,7 @@ __all__ = [
     "check_nonnegative",
     "check_outputs",
     "check_pair",
+    "check_pair_is_simple",
     "check_requires_grad",
     "check_scaler",
     "is_ddp",
@@ -33,6 +34,7 @@ __all__ = [
 
 # BatchNorm modules already warned about (once per module object, see check_critic).
 _WARNED_BATCHNORM: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_BATCHNORM = nn.modules.batchnorm._BatchNorm
 
 
 def _describe(x: Any) -> str:
@@ -73,20 +75,25 @@ def as_tensors(fn: str, arg: str, x: TensorOrTensors) -> tuple[torch.Tensor, ...
     return tensors
 
 
-def check_pair(
-    fn: str, real: TensorOrTensors, fake: TensorOrTensors
-) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """``real`` and ``fake`` as tuples with the same structure, shapes, dtypes and devices."""
-    if (  # fast path for the common case (the checks below would all pass)
+def check_pair_is_simple(real: Any, fake: Any) -> bool:
+    """Whether ``real`` and ``fake`` are single tensors that pass every check of check_pair."""
+    return (
         isinstance(real, torch.Tensor)
         and isinstance(fake, torch.Tensor)
         and real.shape == fake.shape
         and real.ndim > 0
         and real.dtype == fake.dtype
         and real.is_floating_point()
-        and real.device == fake.device
-    ):
-        return (real,), (fake,)
+        and (fake is real or real.device == fake.device)
+    )
+
+
+def check_pair(
+    fn: str, real: TensorOrTensors, fake: TensorOrTensors
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """``real`` and ``fake`` as tuples with the same structure, shapes, dtypes and devices."""
+    if check_pair_is_simple(real, fake):  # the common case: the checks below would all pass
+        return (real,), (fake,)  # type: ignore[return-value]
     r = as_tensors(fn, "real", real)
     f = as_tensors(fn, "fake", fake)
     if isinstance(real, torch.Tensor) != isinstance(fake, torch.Tensor) or len(r) != len(f):
@@ -182,8 +189,56 @@ def check_critic(fn: str, critic: Any) -> None:
             "wrap the critic with static_graph=False (the default); gradlab adds a zero-weighted "
             "term over the critic's outputs so that every parameter takes part in every backward"
         )
+    if _needs_full_scan(critic):
+        _scan_modules(fn, critic)
+
+
+def _needs_full_scan(critic: nn.Module) -> bool:
+    """Whether the critic has a submodule to warn about or refuse (a BatchNorm in training mode
+    not warned about yet, a compiled submodule).
+
+    A plain walk over ``_modules``, several times cheaper than ``critic.modules()``: it runs on
+    every call of every penalty, so at small critics it is a visible part of the step.
+    :func:`_scan_modules` then reports, in ``critic.modules()`` order.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    optimized = eval_frame.OptimizedModule if eval_frame is not None else ()
+    stack = [critic]
+    seen = set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if isinstance(m, _BATCHNORM):
+            if m.training and m not in _WARNED_BATCHNORM:
+                return True
+        elif m is not critic and (
+            isinstance(m, optimized) or m.__dict__.get("_compiled_call_impl") is not None
+        ):
+            return True
+        children = m._modules
+        if children:
+            stack.extend(c for c in children.values() if c is not None)
+    return False
+
+
+def _user_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel, for its caller, of the first frame outside
+    gradlab.penalties (the user's call, whichever penalty and however deep)."""
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
+        "gradlab.penalties"
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _scan_modules(fn: str, critic: nn.Module) -> None:
+    """Warn about BatchNorms in training mode, refuse compiled submodules (critic.modules()
+    order)."""
     for m in critic.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, _BATCHNORM):
             if m.training and m not in _WARNED_BATCHNORM:
                 _WARNED_BATCHNORM.add(m)
                 name = next(n for n, s in critic.named_modules() if s is m) or "<critic itself>"
@@ -195,7 +250,7 @@ def check_critic(fn: str, critic: Any) -> None:
                     "critic: use nn.LayerNorm/nn.GroupNorm/no normalization, or call .eval() on "
                     "the module. (Shown once per module.)",
                     UserWarning,
-                    stacklevel=4,
+                    stacklevel=_user_stacklevel(),
                 )
         elif m is not critic and _is_compiled(m):
             name = next(n for n, s in critic.named_modules() if s is m)

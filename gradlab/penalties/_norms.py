@@ -13,7 +13,13 @@ from gradlab.penalties._checks import (
     check_scaler,
 )
 
-__all__ = ["input_gradient_norms", "input_gradients", "sample_norms", "sample_sq_norms"]
+__all__ = [
+    "grad_error",
+    "input_gradient_norms",
+    "input_gradients",
+    "sample_norms",
+    "sample_sq_norms",
+]
 
 
 def input_gradients(
@@ -39,17 +45,23 @@ def input_gradients(
             create_graph=create_graph,
         )
     except RuntimeError as e:
-        if "not have been used in the graph" in str(e) or "does not require grad" in str(e):
-            raise GraphError(
-                f"{fn}: the critic's output does not depend on (one of) its inputs ({e}). Fix: "
-                "the inputs must be the tensors the output was computed from; a critic that "
-                "ignores an input has no gradient with respect to it"
-            ) from None
-        raise
+        raise grad_error(fn, e) from None
     if scaler is not None:
         inv_scale = 1.0 / scaler.get_scale()
         grads = tuple(g * inv_scale for g in grads)
     return grads
+
+
+def grad_error(fn: str, e: RuntimeError) -> Exception:
+    """What to raise for ``torch.autograd.grad``'s error ``e``: a GraphError with the fix when the
+    outputs do not depend on an input, ``e`` itself otherwise."""
+    if "not have been used in the graph" in str(e) or "does not require grad" in str(e):
+        return GraphError(
+            f"{fn}: the critic's output does not depend on (one of) its inputs ({e}). Fix: "
+            "the inputs must be the tensors the output was computed from; a critic that "
+            "ignores an input has no gradient with respect to it"
+        )
+    return e
 
 
 def _sample_dims(g: torch.Tensor) -> tuple[int, ...]:

@@ -112,3 +112,33 @@ def test_bad_critic_and_inputs():
         r1_penalty(nn.Linear(3, 1), [[1.0, 2.0, 3.0]])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"labels through critic_kwargs"):
         r1_penalty(nn.Linear(3, 1), torch.ones(4, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("penalty", ["gradient_penalty", "r1_penalty", "dragan_penalty"])
+def test_batchnorm_warning_points_at_the_callers_line(penalty):
+    import gradlab.penalties as P
+
+    critic = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    x = torch.randn(5, 3)
+    fn = getattr(P, penalty)
+    args = (critic, x, x.clone()) if penalty == "gradient_penalty" else (critic, x)
+    with pytest.warns(UserWarning, match="training mode") as record:
+        fn(*args)
+    assert record[0].filename == __file__
+
+
+def test_module_walk_sees_nested_shared_and_none_submodules():
+    """The fast walk over _modules finds a BatchNorm however deep, through shared submodules and
+    None entries, and terminates on a module that contains itself."""
+    inner = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.BatchNorm1d(3)))
+    critic = nn.Sequential(inner, inner, nn.Linear(3, 1))
+    inner[0].register_module("empty", None)
+    with pytest.warns(UserWarning, match=r"'0\.1\.0'"):
+        gradient_penalty(critic, torch.randn(4, 3), torch.randn(4, 3))
+    loop = nn.Sequential(nn.Linear(3, 1))
+    loop[0].add_module("parent", loop)
+    from gradlab.penalties._checks import check_critic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_critic("gradient_penalty", loop)  # terminates, nothing to report

@@ -157,3 +157,46 @@ def test_grad_vs_backward_benchmark_call_stays_valid():
     gp = gradient_penalty(model, inp, inp, weight=1.0, center=1.0)
     g = model.weight.detach().sum(0)  # d/dx of sum over both outputs
     torch.testing.assert_close(gp, (g.norm() - 1) ** 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape", [(5,), (5, 3), (5, 2, 3, 3), (2, 1, 1, 1, 1, 1, 1, 1, 3)], ids=["1d", "2d", "4d", "9d"]
+)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_single_tensor_fast_path_equals_the_general_path(shape, dtype, variant, device):
+    """One tensor per sample takes an inlined path; a 1-tuple takes the general one. Same draw,
+    interpolate, norms, penalty and parameter gradients, bit for bit (9-D inputs fall back)."""
+    torch.manual_seed(0)
+    w = torch.randn(shape[1:], dtype=dtype, device=device, requires_grad=True)
+    lin = nn.Linear(1, 1).to(device=device, dtype=dtype)
+    params = [w, lin.weight]  # the bias has no effect on input gradients
+
+    def critic(x):
+        return lin(torch.tanh((x * w).reshape(x.shape[0], -1).sum(1, keepdim=True))).squeeze(1)
+
+    real = torch.randn(shape, dtype=dtype, device=device)
+    fake = torch.randn(shape, dtype=dtype, device=device).requires_grad_(True)
+    opts = VARIANTS[variant]
+    outs = [
+        gradient_penalty_and_norms(
+            critic, r, f, weight=3.0, generator=torch.Generator().manual_seed(4), **opts
+        )
+        for r, f in [(real, fake), ((real,), (fake,))]
+    ]
+    assert torch.equal(outs[0].norms, outs[1].norms)
+    assert torch.equal(outs[0].penalty, outs[1].penalty)
+    grads = [torch.autograd.grad(o.penalty, params) for o in outs]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    assert fake.grad is None
+
+
+def test_same_object_real_and_fake_still_draws_the_coefficients():
+    """real is fake skips the interpolation arithmetic but not the draw, so the generator's
+    stream (and anything drawn after) does not depend on whether the two are the same object."""
+    critic, real, _, _ = make_case("mlp")
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    gradient_penalty(critic, real[0], real[0], generator=g1)
+    torch.rand(real[0].shape[0], generator=g2)
+    assert torch.equal(g1.get_state(), g2.get_state())
