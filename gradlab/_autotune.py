@@ -216,12 +216,17 @@ def choose(
     kind: str,
     f: Callable[..., Any],
     key_extra: tuple,
-    candidates: dict[str, Callable[[], Any]],
+    candidates: Callable[[], dict[str, Callable[[], Any]]],
     heuristic: str,
-    devices: Sequence[torch.device],
+    devices: Callable[[], Sequence[torch.device]],
 ) -> str:
-    """The strategy for ``strategy="auto"``: cached, measured, or the heuristic when disabled."""
-    if not _ENABLED or len(candidates) == 1:
+    """The strategy for ``strategy="auto"``: cached, measured, or the heuristic when disabled.
+
+    ``candidates`` (strategy name -> zero-argument call) and ``devices`` are factories called
+    only on a cache miss (to synchronise and save the RNG state around the
+    measurement), so the cached path stays a dictionary look-up.
+    """
+    if not _ENABLED:
         return heuristic
     key = (kind, function_key(f), *key_extra)
     try:
@@ -231,9 +236,13 @@ def choose(
     if hit is not None:
         _CACHE.move_to_end(key)
         return hit
-    state = _rng_state(devices)
+    options = candidates()
+    if len(options) == 1:
+        return heuristic
+    devs = devices()
+    state = _rng_state(devs)
     try:
-        winner = _measure(candidates, devices, heuristic)
+        winner = _measure(options, devs, heuristic)
     finally:
         _set_rng_state(state)
     _CACHE[key] = winner

@@ -605,12 +605,12 @@ def derivative(
             "derivative",
             f,
             (_autotune.signature(x), order, create_graph, torch.is_grad_enabled()),
-            {
+            lambda: {
                 s: functools.partial(_run, f, x, order, s, create_graph)
                 for s in DERIVATIVE_STRATEGIES
                 if s != "forward" or order <= _FORWARD_MAX_ORDER
             },
             "taylor",
-            [x.device],
+            lambda: [x.device],
         )
     return _run(f, x, order, strategy, create_graph)

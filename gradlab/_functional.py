@@ -336,12 +336,12 @@ def jacobian(
             "jacobian",
             f,
             (_autotune.signature(args), argnums, chunk_size, torch.is_grad_enabled()),
-            {
+            lambda: {
                 s: functools.partial(_jacobian_impl, f, args, argnums, nums, s, chunk_size)
                 for s in JACOBIAN_STRATEGIES
             },
             _jacobian_heuristic(f, args, nums),
-            _devices(args),
+            lambda: _devices(args),
         )
     return _jacobian_impl(f, args, argnums, nums, strategy, chunk_size)
 
@@ -450,12 +450,12 @@ def hessian(
             "hessian",
             f,
             (_autotune.signature(args), argnums, chunk_size, torch.is_grad_enabled()),
-            {
+            lambda: {
                 s: functools.partial(_hessian_impl, f, args, argnums, nums, s, chunk_size)
                 for s in HESSIAN_STRATEGIES
             },
             "rev-rev",
-            _devices(args),
+            lambda: _devices(args),
         )
     return _hessian_impl(f, args, argnums, nums, strategy, chunk_size)
 
@@ -586,9 +586,11 @@ def hvp(f: TensorFn, args: Any, v: Any, *, strategy: str = "auto") -> HVP:
             "hvp",
             f,
             (_autotune.signature(primals), torch.is_grad_enabled()),
-            {s: functools.partial(_hvp_impl, f, primals, tangents, s) for s in HVP_STRATEGIES},
+            lambda: {
+                s: functools.partial(_hvp_impl, f, primals, tangents, s) for s in HVP_STRATEGIES
+            },
             "double-backward",
-            _devices(primals),
+            lambda: _devices(primals),
         )
     value, hv = _hvp_impl(f, primals, tangents, strategy)
     return HVP(value, hv[0] if single else tuple(hv))

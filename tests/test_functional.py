@@ -282,6 +282,28 @@ def test_auto_measures_once_and_caches():
     assert gl.autotune_choices() == {}
 
 
+def test_auto_cache_hit_runs_only_the_chosen_strategy():
+    gl.clear_autotune_cache()
+    W = torch.randn(4, 6)
+    calls = []
+
+    def f(z):
+        calls.append(1)
+        return torch.tanh(W @ z)
+
+    with gl.autotune(True):
+        gl.jacobian(f, torch.randn(6))  # cache miss: measures every strategy
+        measured = len(calls)
+        (chosen,) = gl.autotune_choices().values()
+        calls.clear()
+        gl.jacobian(f, torch.randn(6), strategy=chosen)
+        explicit = len(calls)
+        calls.clear()
+        gl.jacobian(f, torch.randn(6))  # cache hit
+    assert len(calls) == explicit < measured
+    gl.clear_autotune_cache()
+
+
 def test_auto_measurement_leaves_rng_stream_as_one_call():
     gl.clear_autotune_cache()
     x = torch.randn(5)
