@@ -404,3 +404,43 @@ def test_empty_batch(stats_path: int | None, device: torch.device) -> None:
     assert rec.outputs["4"] == LayerStats(0.0, 0.0, 0.0)  # empty gradients: zeros, no crash
     assert rec.params["4.bias"] == LayerStats(0.0, 0.0, 0.0)  # d sum / d b over 0 rows
     assert monitor.first_nonfinite is None
+
+
+def test_params_are_those_this_pass_accumulated(device: torch.device) -> None:
+    # Parameter gradients are read when the pass ends: a parameter counts only when this pass
+    # accumulates into its .grad, even though earlier passes left a .grad on every parameter.
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(device).double()
+    x = torch.randn(2, 3, device=device, dtype=torch.float64)
+    with GradientMonitor(model) as monitor:
+        model(x).sum().backward()
+        torch.autograd.grad(model(x).sum(), list(model.parameters()))
+        model[2](model[1](model[0](x)).detach()).sum().backward()
+        model(x).sum().backward(inputs=[model[0].bias])
+    hist = monitor.history
+    assert [list(h.params) for h in hist] == [
+        ["0.weight", "0.bias", "2.weight", "2.bias"],
+        [],
+        ["2.weight", "2.bias"],
+        ["0.bias"],
+    ]
+    # the recorded value is the accumulated .grad after the pass (no zero_grad in between)
+    assert model[0].bias.grad is not None
+    _close(hist[3].params["0.bias"], _stats(model[0].bias.grad))
+
+
+def test_parameter_nan_is_blamed_before_a_later_input_nan(device: torch.device) -> None:
+    # Layer "4" makes a NaN weight gradient only (its input holds a NaN made in forward by
+    # Log "3"); Log's backward then turns the finite gradient into NaN as well. In backward
+    # order "4" comes first, although its parameter gradients are read when the pass ends.
+    class Log(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.log(x)
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), Log(), nn.Linear(4, 1)).to(
+        device
+    )
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)
+    with GradientMonitor(model) as monitor:
+        model(torch.randn(2, 3, device=device)).sum().backward()
+    assert monitor.nonfinite_source == NonfiniteSource("4", 0, "backward")
