@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import HealthCheck, settings
-
 __all__ = ["default_profile", "register_hypothesis_profiles"]
-
-_SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
 
 def register_hypothesis_profiles() -> list[str]:
-    """Register gradlab's hypothesis profiles and return their names."""
+    """Register gradlab's hypothesis profiles and return their names (needs hypothesis)."""
+    from hypothesis import HealthCheck, settings  # the `test` extra; imported only when used
+
+    suppress = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
     settings.register_profile(
         "gradlab-ci",
         derandomize=True,
@@ -41,13 +40,13 @@ def register_hypothesis_profiles() -> list[str]:
         max_examples=20,
         database=None,
         print_blob=True,
-        suppress_health_check=_SUPPRESS,
+        suppress_health_check=suppress,
     )
     settings.register_profile(
-        "gradlab-dev", deadline=None, max_examples=50, suppress_health_check=_SUPPRESS
+        "gradlab-dev", deadline=None, max_examples=50, suppress_health_check=suppress
     )
     settings.register_profile(
-        "gradlab-thorough", deadline=None, max_examples=500, suppress_health_check=_SUPPRESS
+        "gradlab-thorough", deadline=None, max_examples=500, suppress_health_check=suppress
     )
     return ["gradlab-ci", "gradlab-dev", "gradlab-thorough"]
 
