@@ -36,6 +36,7 @@ from gradlab.curvature import (
     hessian_eigenvalues,
     hessian_spectrum,
     hessian_trace,
+    hessian_trace_by_block,
 )
 from gradlab.freeze import (
     GradualUnfreezing,
@@ -75,6 +76,7 @@ __all__ = [
     "hessian_eigenvalues",
     "hessian_spectrum",
     "hessian_trace",
+    "hessian_trace_by_block",
     "hvp",
     "is_autotune_enabled",
     "jacobian",

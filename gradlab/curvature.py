@@ -19,6 +19,17 @@ sequence, ``loss_fn`` runs as is and is called exactly once.
 Randomness: probes come from ``generator`` (a ``torch.Generator`` or an int seed); without it,
 from the global RNG.
 
+Progress: ``progress=True`` prints one status line to stderr, rewritten in place (``\\r``) at
+most ten times a second and ended by a newline, e.g. ``hessian_trace: 120/200 Hessian-vector
+products, 3.1 s, ETA 2.0 s``; a callable is called as ``progress(done, total)`` instead (for tqdm,
+wandb, a logger). Every function counts Hessian-vector products, the unit that dominates the cost
+(one Lanczos step is one product; the single forward/backward that builds the gradient comes
+before the count starts). Where a method stops early (Lanczos or power iteration converged), the
+last update is ``(done, done)``, so a bar ends full. Default ``False``: silent.
+
+Per layer or block: :func:`hessian_trace_by_block` gives :math:`\\operatorname{tr} H_{bb}` for
+each block of a dict (e.g. ``dict(model.named_children())``) from one graph.
+
 References:
     Hutchinson, *A stochastic estimator of the trace of the influence matrix* (1989);
     Meyer, Musco, Musco, Woodruff, *Hutch++: Optimal Stochastic Trace Estimation* (SOSA 2021);
@@ -31,8 +42,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -47,10 +59,13 @@ __all__ = [
     "hessian_eigenvalues",
     "hessian_spectrum",
     "hessian_trace",
+    "hessian_trace_by_block",
 ]
 
 ParamsArg = torch.Tensor | Sequence[torch.Tensor] | nn.Module
 GeneratorArg = torch.Generator | int | None
+ProgressArg = bool | Callable[[int, int], object]
+BlockArg = torch.Tensor | Sequence[torch.Tensor] | nn.Module
 _MODES = ("eval", "train", None)
 
 
@@ -166,6 +181,74 @@ def _model_state(fn: str, params: ParamsArg, mode: str | None) -> Iterator[None]
                 b.copy_(saved)
 
 
+class _Progress:
+    """Progress of a run counted in Hessian-vector products (the unit that dominates the cost).
+
+    ``progress=True``: one status line on stderr, rewritten in place with ``\\r`` at most ten
+    times a second (plus the first and the last update), ended by a newline. A callable: called
+    as ``progress(done, total)`` after every batch of products. When a method stops early
+    (converged), the last update reports ``(done, done)``, so a bar ends full.
+    """
+
+    interval = 0.1  # seconds between two printed updates
+
+    def __init__(self, fn: str, progress: ProgressArg):
+        if not isinstance(progress, bool) and not callable(progress):
+            raise TypeError(
+                f"{fn}: progress is a {type(progress).__name__}; pass True (a status line on "
+                f"stderr), False, or a callable progress(done, total)"
+            )
+        self.fn = fn
+        self.callback = None if isinstance(progress, bool) else progress
+        self.active = progress is True or self.callback is not None
+        self.total = 0
+        self.done = 0
+        self.start = 0.0
+        self.last = -math.inf
+        self.width = 0
+
+    @contextlib.contextmanager
+    def run(self, total: int) -> Iterator[None]:
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+        if self.active and self.callback is None:
+            self._print(final=False)
+        try:
+            yield
+        except BaseException:
+            if self.width:
+                sys.stderr.write("\n")
+                sys.stderr.flush()
+            raise
+        if self.active:
+            if self.done < self.total:  # stopped early (converged): the bar ends full
+                self.total = self.done
+                if self.callback is not None:
+                    self.callback(self.done, self.total)
+            if self.callback is None:
+                self._print(final=True)
+
+    def advance(self, n: int) -> None:
+        if not self.active:
+            return
+        self.done += n
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+            self.last = self.done
+        elif time.perf_counter() - self.last >= self.interval:
+            self._print(final=False)
+
+    def _print(self, *, final: bool) -> None:
+        now = time.perf_counter()
+        elapsed = now - self.start
+        line = f"{self.fn}: {self.done}/{self.total} Hessian-vector products, {elapsed:.1f} s"
+        if not final and self.done:
+            line += f", ETA {elapsed / self.done * (self.total - self.done):.1f} s"
+        sys.stderr.write("\r" + line.ljust(self.width) + ("\n" if final else ""))
+        sys.stderr.flush()
+        self.width = len(line)
+        self.last = now
+
+
 class _Hessian:
     """Hessian-vector products of one double-backward graph, on flat vectors."""
 
@@ -180,6 +263,7 @@ class _Hessian:
         self.dtype = params[0].dtype
         self.device = params[0].device
         self.batched: bool | None = None
+        self.count: Callable[[int], None] = lambda n: None  # progress, in products
         with torch.enable_grad():
             loss = loss_fn()
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -220,7 +304,12 @@ class _Hessian:
         return torch.cat(full, dim=-1)
 
     def mv(self, v: torch.Tensor) -> torch.Tensor:
-        """H v for a flat vector v of length n."""
+        """H v for a flat vector v of length n (one product counted for progress)."""
+        hv = self._mv(v)
+        self.count(1)
+        return hv
+
+    def _mv(self, v: torch.Tensor) -> torch.Tensor:
         if not self.pairs:
             return torch.zeros_like(v)
         hv = torch.autograd.grad(
@@ -244,7 +333,7 @@ class _Hessian:
         return self._join(hv, (block.shape[1],)).T
 
     def _looped(self, block: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.mv(block[:, j]) for j in range(block.shape[1])], 1)
+        return torch.stack([self._mv(block[:, j]) for j in range(block.shape[1])], 1)
 
     def _choose_batching(self, V: torch.Tensor) -> None:
         """Batched double backward (vmap) is much faster for most ops, but some backward ops
@@ -271,6 +360,7 @@ class _Hessian:
         models with a million parameters), bounding the extra memory of the batched backward.
         """
         if not self.pairs:
+            self.count(V.shape[1])
             return torch.zeros_like(V)
         if self.batched is None:
             self._choose_batching(V)
@@ -279,11 +369,16 @@ class _Hessian:
         for start in range(0, V.shape[1], chunk):
             block = V[:, start : start + chunk]
             cols.append(self._batched(block) if self.batched else self._looped(block))
+            self.count(block.shape[1])
         return torch.cat(cols, dim=1)
 
-    def rademacher(self, m: int, generator: torch.Generator | None) -> torch.Tensor:
+    def rademacher(
+        self, m: int, generator: torch.Generator | None, rows: int | None = None
+    ) -> torch.Tensor:
         dev = generator.device if generator is not None else self.device
-        z = torch.randint(0, 2, (self.n, m), generator=generator, device=dev)
+        z = torch.randint(
+            0, 2, (self.n if rows is None else rows, m), generator=generator, device=dev
+        )
         return (2 * z - 1).to(dtype=self.dtype, device=self.device)
 
     def gaussian(self, m: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -322,6 +417,7 @@ def hessian_trace(
     method: str = "hutchinson",
     generator: GeneratorArg = None,
     mode: str | None = "eval",
+    progress: ProgressArg = False,
 ) -> torch.Tensor:
     r"""Trace of the Hessian of the loss w.r.t. ``params``.
 
@@ -340,6 +436,9 @@ def hessian_trace(
         method: ``"hutchinson"``, ``"hutch++"`` or ``"exact"``.
         generator: a ``torch.Generator`` or an int seed for the probes.
         mode: with a module, ``"eval"``, ``"train"`` or ``None`` (see the module docs).
+        progress: ``True`` for a status line on stderr, or a callable ``progress(done, total)``
+            (see the module docs); counts Hessian-vector products (``samples``, or n for
+            ``"exact"``).
 
     Returns:
         A 0-dim tensor in the parameters' dtype.
@@ -359,20 +458,27 @@ def hessian_trace(
     _positive(fn, "samples", samples, 3 if method == "hutch++" else 1)
     tensors, _ = _params(fn, params)
     gen = _generator(fn, generator)
+    prog = _Progress(fn, progress)
     with _model_state(fn, params, mode):
         H = _Hessian(fn, loss_fn, tensors)
-        if method == "exact":
-            return _exact_diagonal(H).sum()
-        if method == "hutchinson":
-            Z = H.rademacher(samples, gen)
-            return (Z * H.mm(Z)).sum() / samples
-        k = samples // 3
-        rest = samples - 2 * k
-        S = H.rademacher(k, gen)
-        Q, _ = torch.linalg.qr(H.mm(S))
-        G = H.rademacher(rest, gen)
-        G = G - Q @ (Q.T @ G)
-        return (Q * H.mm(Q)).sum() + (G * H.mm(G)).sum() / rest
+        H.count = prog.advance
+        with prog.run(H.n if method == "exact" else samples):
+            return _trace(H, method, samples, gen)
+
+
+def _trace(H: _Hessian, method: str, samples: int, gen: torch.Generator | None) -> torch.Tensor:
+    if method == "exact":
+        return _exact_diagonal(H).sum()
+    if method == "hutchinson":
+        Z = H.rademacher(samples, gen)
+        return (Z * H.mm(Z)).sum() / samples
+    k = samples // 3
+    rest = samples - 2 * k
+    S = H.rademacher(k, gen)
+    Q, _ = torch.linalg.qr(H.mm(S))
+    G = H.rademacher(rest, gen)
+    G = G - Q @ (Q.T @ G)
+    return (Q * H.mm(Q)).sum() + (G * H.mm(G)).sum() / rest
 
 
 def hessian_diagonal(
@@ -383,6 +489,7 @@ def hessian_diagonal(
     method: str = "hutchinson",
     generator: GeneratorArg = None,
     mode: str | None = "eval",
+    progress: ProgressArg = False,
 ) -> Any:
     r"""Diagonal of the Hessian of the loss w.r.t. ``params``.
 
@@ -398,6 +505,8 @@ def hessian_diagonal(
         method: ``"hutchinson"`` or ``"exact"``.
         generator: a ``torch.Generator`` or an int seed for the probes.
         mode: with a module, ``"eval"``, ``"train"`` or ``None``.
+        progress: ``True`` for a status line on stderr, or a callable ``progress(done, total)``;
+            counts Hessian-vector products (``samples``, or n for ``"exact"``).
 
     Returns:
         Structured like ``params``: a tensor for a tensor, a tuple for a sequence, a dict
@@ -414,14 +523,168 @@ def hessian_diagonal(
     _positive(fn, "samples", samples)
     tensors, structure = _params(fn, params)
     gen = _generator(fn, generator)
+    prog = _Progress(fn, progress)
     with _model_state(fn, params, mode):
         H = _Hessian(fn, loss_fn, tensors)
-        if method == "exact":
-            diag = _exact_diagonal(H)
-        else:
-            Z = H.rademacher(samples, gen)
-            diag = (Z * H.mm(Z)).mean(dim=1)
+        H.count = prog.advance
+        with prog.run(H.n if method == "exact" else samples):
+            if method == "exact":
+                diag = _exact_diagonal(H)
+            else:
+                Z = H.rademacher(samples, gen)
+                diag = (Z * H.mm(Z)).mean(dim=1)
     return H.structure(diag, structure)
+
+
+def _blocks(
+    fn: str, blocks: Mapping[str, BlockArg] | nn.Module
+) -> tuple[list[str], list[list[torch.Tensor]], list[nn.Module]]:
+    """Block names, each block's tensors, and the modules among the blocks (for ``mode``)."""
+    if isinstance(blocks, nn.Module):
+        named = [(n, p) for n, p in blocks.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(
+                f"{fn}: the module has no parameters with requires_grad; unfreeze some or pass "
+                f"a dict of blocks"
+            )
+        return [n for n, _ in named], [[p] for _, p in named], [blocks]
+    if not isinstance(blocks, Mapping):
+        raise TypeError(
+            f"{fn}: blocks is a {type(blocks).__name__}; pass a dict name -> tensor, sequence of "
+            f"tensors or module (e.g. dict(model.named_children())), or a module (one block per "
+            f"parameter)"
+        )
+    if not blocks:
+        raise ValueError(f"{fn}: blocks is an empty dict; pass at least one block")
+    names, groups, modules = [], [], []
+    for name, block in blocks.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{fn}: blocks has a key {name!r}; block names must be strings")
+        if isinstance(block, nn.Module) and not any(p.requires_grad for p in block.parameters()):
+            # e.g. an activation among named_children(): an empty block, trace 0
+            tensors: list[torch.Tensor] = []
+        else:
+            tensors, _ = _params(f"{fn}: block {name!r}", block)
+        names.append(name)
+        groups.append(tensors)
+        if isinstance(block, nn.Module):
+            modules.append(block)
+    if not any(groups):
+        raise ValueError(
+            f"{fn}: no block has parameters with requires_grad; pass blocks that hold trainable "
+            f"parameters"
+        )
+    return names, groups, modules
+
+
+def hessian_trace_by_block(
+    loss_fn: Callable[[], torch.Tensor],
+    blocks: Mapping[str, BlockArg] | nn.Module,
+    *,
+    samples: int = 100,
+    method: str = "hutchinson",
+    generator: GeneratorArg = None,
+    mode: str | None = "eval",
+    progress: ProgressArg = False,
+) -> dict[str, torch.Tensor]:
+    r"""Trace of each diagonal block of the Hessian: :math:`\operatorname{tr} H_{bb}` per block.
+
+    Layer-wise curvature (PyHessian's per-layer trace): for a block :math:`b` of parameters,
+    :math:`H_{bb}` is the Hessian of the loss w.r.t. that block alone (the others held fixed).
+    One forward/backward builds the gradient of all the blocks' parameters; then
+    ``"hutchinson"`` estimates each :math:`\operatorname{tr} H_{bb} \approx \frac1m \sum_i
+    z_i^\top H_{bb} z_i` with ``samples`` Rademacher probes restricted to the block (zero
+    elsewhere), so the off-block couplings :math:`H_{bc}` add no variance (cost:
+    ``samples * len(blocks)`` Hessian-vector products). ``"exact"``: the sum of the exact
+    Hessian diagonal over each block (n products in all). When the blocks partition the
+    parameters, the block traces sum to :math:`\operatorname{tr} H`. A parameter may appear in
+    several blocks; each block's trace then counts it. A module block without trainable
+    parameters (an activation among ``named_children()``) is an empty block: trace 0.
+
+    The per-block diagonal is :func:`hessian_diagonal` (its entries do not depend on the
+    blocking): with a module it already returns ``{name: diagonal}`` per parameter.
+
+    Args:
+        loss_fn: zero-argument callable returning a scalar loss.
+        blocks: a dict ``name -> block``, each block a tensor, a sequence of tensors or a module
+            (its trainable parameters), e.g. ``dict(model.named_children())`` for one block per
+            layer; or a module, for one block per trainable parameter (keys: parameter names).
+        samples: number of probes per block for ``"hutchinson"``.
+        method: ``"hutchinson"`` or ``"exact"``.
+        generator: a ``torch.Generator`` or an int seed for the probes.
+        mode: ``"eval"``, ``"train"`` or ``None``, applied to the modules among the blocks (or to
+            ``blocks`` itself if it is a module), restored afterwards; with tensor blocks, set
+            the model's mode yourself.
+        progress: ``True`` for a status line on stderr, or a callable ``progress(done, total)``;
+            counts Hessian-vector products (``samples * len(blocks)``, or n for ``"exact"``).
+
+    Returns:
+        A dict with the keys of ``blocks`` (in order), each a 0-dim tensor in the parameters'
+        dtype.
+
+    Raises:
+        TypeError: ``blocks`` is not a dict or a module, a block is not a tensor, sequence or
+            module, or ``progress`` is not a bool or a callable.
+        ValueError: empty ``blocks``, unknown method, bad ``samples``, non-scalar loss, params
+            without grad.
+        GraphError: the loss does not depend on the parameters.
+
+    Example:
+        >>> import gradlab as gl
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> b = torch.tensor([3.0], requires_grad=True)
+        >>> loss_fn = lambda: (w**4).sum() + (b * w.sum()) ** 2
+        >>> gl.hessian_trace_by_block(loss_fn, {"w": w, "b": b}, method="exact")
+        {'w': tensor(96.), 'b': tensor(18.)}
+    """
+    fn = "hessian_trace_by_block"
+    _method(fn, method, ("hutchinson", "exact"))
+    _positive(fn, "samples", samples)
+    if mode not in _MODES:
+        raise ValueError(f"{fn}: mode={mode!r} is not one of {list(_MODES)}")
+    names, groups, modules = _blocks(fn, blocks)
+    gen = _generator(fn, generator)
+    prog = _Progress(fn, progress)
+    union: list[torch.Tensor] = []
+    position: dict[int, int] = {}
+    for group in groups:
+        for t in group:
+            if id(t) not in position:
+                position[id(t)] = len(union)
+                union.append(t)
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            stack.enter_context(_model_state(fn, module, mode))
+        H = _Hessian(fn, loss_fn, union)
+        offsets = [0]
+        for size in H.sizes:
+            offsets.append(offsets[-1] + size)
+        index = [
+            torch.cat(
+                [torch.zeros(0, dtype=torch.long)]
+                + [
+                    torch.arange(offsets[position[id(t)]], offsets[position[id(t)] + 1])
+                    for t in group
+                ]
+            ).to(H.device)
+            for group in groups
+        ]
+        nonempty = sum(1 for idx in index if len(idx))
+        H.count = prog.advance
+        traces = []
+        with prog.run(H.n if method == "exact" else samples * nonempty):
+            if method == "exact":
+                diag = _exact_diagonal(H)
+                traces = [diag[idx].sum() for idx in index]
+            else:
+                for idx in index:
+                    if not len(idx):
+                        traces.append(torch.zeros((), dtype=H.dtype, device=H.device))
+                        continue
+                    Z = torch.zeros(H.n, samples, dtype=H.dtype, device=H.device)
+                    Z[idx] = H.rademacher(samples, gen, rows=len(idx))
+                    traces.append((Z[idx] * H.mm(Z)[idx]).sum() / samples)
+    return dict(zip(names, traces))
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,6 +747,7 @@ def hessian_eigenvalues(
     tol: float = 1e-6,
     generator: GeneratorArg = None,
     mode: str | None = "eval",
+    progress: ProgressArg = False,
 ) -> Eigenpairs:
     r"""Top-k eigenvalues of the Hessian by magnitude, largest first, and their eigenvectors.
 
@@ -503,6 +767,9 @@ def hessian_eigenvalues(
         tol: relative tolerance (see above).
         generator: a ``torch.Generator`` or an int seed for the start vectors.
         mode: with a module, ``"eval"``, ``"train"`` or ``None``.
+        progress: ``True`` for a status line on stderr, or a callable ``progress(done, total)``;
+            counts Hessian-vector products (= Lanczos steps; total ``min(max_iter, n)``, or
+            ``k * max_iter`` for ``"power"``; an early stop ends with ``(done, done)``).
 
     Returns:
         :class:`Eigenpairs` ``(values, vectors)``: ``values`` of shape ``(k,)`` sorted by
@@ -520,48 +787,64 @@ def hessian_eigenvalues(
     _positive(fn, "max_iter", max_iter)
     tensors, _ = _params(fn, params)
     gen = _generator(fn, generator)
+    prog = _Progress(fn, progress)
     with _model_state(fn, params, mode):
         H = _Hessian(fn, loss_fn, tensors)
         if k > H.n:
             raise ValueError(f"{fn}: k={k} but the Hessian is only {H.n}x{H.n}; pass k <= {H.n}")
-        if method == "lanczos":
-            steps = min(H.n, max(max_iter, k))
-            alpha, beta, V = _lanczos(H, H.gaussian(1, gen)[:, 0], steps, k=k, tol=tol)
-            theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
-            top = torch.argsort(theta.abs(), descending=True)[:k]
-            if len(top) < k:
-                raise GraphError(
-                    f"{fn}: Lanczos found an invariant subspace of dimension {len(top)} < k={k} "
-                    f"(the start vector missed part of the spectrum); try another generator"
-                )
-            vectors = (V @ S[:, top].to(H.dtype)).T
-            return Eigenpairs(theta[top].to(H.dtype), vectors)
-        values: list[torch.Tensor] = []
-        found: list[torch.Tensor] = []
-        for _ in range(k):
-            v = H.gaussian(1, gen)[:, 0]
-            lam = torch.tensor(0.0, dtype=H.dtype, device=H.device)
-            for _ in range(max_iter):
-                for u in found:
-                    v = v - (u @ v) * u
-                v = v / v.norm()
-                hv = H.mv(v)
-                for u in found:
-                    hv = hv - (u @ hv) * u
-                new = v @ hv
-                v = hv
-                converged = (new - lam).abs() <= tol * new.abs()
-                lam = new
-                if bool(converged):
-                    break
+        total = min(H.n, max(max_iter, k)) if method == "lanczos" else k * max_iter
+        H.count = prog.advance
+        with prog.run(total):
+            return _top_eigenpairs(fn, H, method, k, max_iter, tol, gen)
+
+
+def _top_eigenpairs(
+    fn: str,
+    H: _Hessian,
+    method: str,
+    k: int,
+    max_iter: int,
+    tol: float,
+    gen: torch.Generator | None,
+) -> Eigenpairs:
+    if method == "lanczos":
+        steps = min(H.n, max(max_iter, k))
+        alpha, beta, V = _lanczos(H, H.gaussian(1, gen)[:, 0], steps, k=k, tol=tol)
+        theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
+        top = torch.argsort(theta.abs(), descending=True)[:k]
+        if len(top) < k:
+            raise GraphError(
+                f"{fn}: Lanczos found an invariant subspace of dimension {len(top)} < k={k} "
+                f"(the start vector missed part of the spectrum); try another generator"
+            )
+        vectors = (V @ S[:, top].to(H.dtype)).T
+        return Eigenpairs(theta[top].to(H.dtype), vectors)
+    values: list[torch.Tensor] = []
+    found: list[torch.Tensor] = []
+    for _ in range(k):
+        v = H.gaussian(1, gen)[:, 0]
+        lam = torch.tensor(0.0, dtype=H.dtype, device=H.device)
+        for _ in range(max_iter):
             for u in found:
                 v = v - (u @ v) * u
             v = v / v.norm()
-            values.append(lam)
-            found.append(v)
-        vals = torch.stack(values)
-        order = torch.argsort(vals.abs(), descending=True)
-        return Eigenpairs(vals[order], torch.stack(found)[order])
+            hv = H.mv(v)
+            for u in found:
+                hv = hv - (u @ hv) * u
+            new = v @ hv
+            v = hv
+            converged = (new - lam).abs() <= tol * new.abs()
+            lam = new
+            if bool(converged):
+                break
+        for u in found:
+            v = v - (u @ v) * u
+        v = v / v.norm()
+        values.append(lam)
+        found.append(v)
+    vals = torch.stack(values)
+    order = torch.argsort(vals.abs(), descending=True)
+    return Eigenpairs(vals[order], torch.stack(found)[order])
 
 
 def _slq_nodes(H: _Hessian, V0: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -604,6 +887,7 @@ def hessian_spectrum(
     sigma: float | None = None,
     generator: GeneratorArg = None,
     mode: str | None = "eval",
+    progress: ProgressArg = False,
 ) -> Spectrum:
     r"""Spectral density of the Hessian by stochastic Lanczos quadrature (SLQ).
 
@@ -625,6 +909,8 @@ def hessian_spectrum(
         sigma: Gaussian smoothing width (default: 1% of the node range, or 1e-3 if that is 0).
         generator: a ``torch.Generator`` or an int seed.
         mode: with a module, ``"eval"``, ``"train"`` or ``None``.
+        progress: ``True`` for a status line on stderr, or a callable ``progress(done, total)``;
+            counts Hessian-vector products (``probes * steps``).
 
     Returns:
         :class:`Spectrum` ``(grid, density, nodes, weights)``.
@@ -644,10 +930,13 @@ def hessian_spectrum(
         raise ValueError(f"{fn}: sigma={sigma!r}; pass a positive width or None")
     tensors, _ = _params(fn, params)
     gen = _generator(fn, generator)
+    prog = _Progress(fn, progress)
     with _model_state(fn, params, mode):
         H = _Hessian(fn, loss_fn, tensors)
         m = min(steps, H.n)
-        nodes, weights = _slq_nodes(H, H.rademacher(probes, gen), m)
+        H.count = prog.advance
+        with prog.run(probes * m):
+            nodes, weights = _slq_nodes(H, H.rademacher(probes, gen), m)
     used = weights > 0
     lo, hi = float(nodes[used].min()), float(nodes[used].max())
     width = sigma if sigma is not None else (0.01 * (hi - lo) or 1e-3)
