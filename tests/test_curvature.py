@@ -398,3 +398,30 @@ def test_progress_bad_type(bad):
         gl.hessian_spectrum(lambda: (w**4).sum(), w, progress=bad)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"hessian_trace_by_block: progress is a"):
         gl.hessian_trace_by_block(lambda: (w**4).sum(), {"w": w}, progress=bad)  # type: ignore[arg-type]
+
+
+def test_progress_line_is_ended_when_the_run_fails(capsys):
+    from gradlab import curvature
+
+    prog = curvature._Progress("f", True)
+    with pytest.raises(RuntimeError, match="boom"), prog.run(10):
+        prog.advance(3)
+        raise RuntimeError("boom")
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.count("\n") == 1  # the shell prompt starts on a new line
+
+
+def test_trace_by_block_overlapping_blocks_each_count_the_shared_parameter():
+    a = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def loss_fn():
+        return (a**4).sum() + (a.sum() * b).pow(2).sum()
+
+    H = torch.func.hessian(lambda t: (t[:3] ** 4).sum() + (t[:3].sum() * t[3:]).pow(2).sum())(
+        torch.cat([a, b]).detach()
+    )
+    tr = gl.hessian_trace_by_block(loss_fn, {"all": [a, b], "a": a, "b": (b,)}, method="exact")
+    torch.testing.assert_close(tr["all"], H.trace())
+    torch.testing.assert_close(tr["a"], H[:3, :3].trace())
+    torch.testing.assert_close(tr["b"], H[3:, 3:].trace())
