@@ -252,7 +252,13 @@ class _Progress:
 class _Hessian:
     """Hessian-vector products of one double-backward graph, on flat vectors."""
 
-    def __init__(self, fn: str, loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor]):
+    def __init__(
+        self,
+        fn: str,
+        loss_fn: Callable[[], torch.Tensor],
+        params: list[torch.Tensor],
+        count: Callable[[int], None] = lambda n: None,
+    ):
         if not callable(loss_fn):
             raise TypeError(f"{fn}: loss_fn is a {type(loss_fn).__name__}, expected a callable")
         self.fn = fn
@@ -263,7 +269,7 @@ class _Hessian:
         self.dtype = params[0].dtype
         self.device = params[0].device
         self.batched: bool | None = None
-        self.count: Callable[[int], None] = lambda n: None  # progress, in products
+        self.count = count  # progress, in Hessian-vector products
         with torch.enable_grad():
             loss = loss_fn()
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -460,8 +466,7 @@ def hessian_trace(
     gen = _generator(fn, generator)
     prog = _Progress(fn, progress)
     with _model_state(fn, params, mode):
-        H = _Hessian(fn, loss_fn, tensors)
-        H.count = prog.advance
+        H = _Hessian(fn, loss_fn, tensors, count=prog.advance)
         with prog.run(H.n if method == "exact" else samples):
             return _trace(H, method, samples, gen)
 
@@ -525,8 +530,7 @@ def hessian_diagonal(
     gen = _generator(fn, generator)
     prog = _Progress(fn, progress)
     with _model_state(fn, params, mode):
-        H = _Hessian(fn, loss_fn, tensors)
-        H.count = prog.advance
+        H = _Hessian(fn, loss_fn, tensors, count=prog.advance)
         with prog.run(H.n if method == "exact" else samples):
             if method == "exact":
                 diag = _exact_diagonal(H)
@@ -655,7 +659,7 @@ def hessian_trace_by_block(
     with contextlib.ExitStack() as stack:
         for module in modules:
             stack.enter_context(_model_state(fn, module, mode))
-        H = _Hessian(fn, loss_fn, union)
+        H = _Hessian(fn, loss_fn, union, count=prog.advance)
         offsets = [0]
         for size in H.sizes:
             offsets.append(offsets[-1] + size)
@@ -670,7 +674,6 @@ def hessian_trace_by_block(
             for group in groups
         ]
         nonempty = sum(1 for idx in index if len(idx))
-        H.count = prog.advance
         traces = []
         with prog.run(H.n if method == "exact" else samples * nonempty):
             if method == "exact":
@@ -789,11 +792,10 @@ def hessian_eigenvalues(
     gen = _generator(fn, generator)
     prog = _Progress(fn, progress)
     with _model_state(fn, params, mode):
-        H = _Hessian(fn, loss_fn, tensors)
+        H = _Hessian(fn, loss_fn, tensors, count=prog.advance)
         if k > H.n:
             raise ValueError(f"{fn}: k={k} but the Hessian is only {H.n}x{H.n}; pass k <= {H.n}")
         total = min(H.n, max(max_iter, k)) if method == "lanczos" else k * max_iter
-        H.count = prog.advance
         with prog.run(total):
             return _top_eigenpairs(fn, H, method, k, max_iter, tol, gen)
 
@@ -932,9 +934,8 @@ def hessian_spectrum(
     gen = _generator(fn, generator)
     prog = _Progress(fn, progress)
     with _model_state(fn, params, mode):
-        H = _Hessian(fn, loss_fn, tensors)
+        H = _Hessian(fn, loss_fn, tensors, count=prog.advance)
         m = min(steps, H.n)
-        H.count = prog.advance
         with prog.run(probes * m):
             nodes, weights = _slq_nodes(H, H.rademacher(probes, gen), m)
     used = weights > 0
