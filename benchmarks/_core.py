@@ -15,6 +15,7 @@ import gc
 import os
 import platform
 import statistics
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -146,6 +147,62 @@ def time_interleaved(
             per_round[n].append(m.median)
             blocks[n].extend(m.times)
     timings = {n: Timing.from_times(blocks[n]) for n in names}
+    ratios = {
+        n: statistics.median(a / b for a, b in zip(per_round[n], per_round[baseline]))
+        for n in names
+    }
+    return timings, ratios
+
+
+_clock = time.perf_counter  # time_alternating's clock (a test swaps it)
+
+
+def time_alternating(
+    fns: dict[str, Callable[[], object]],
+    *,
+    ctx: Context,
+    baseline: str | None = None,
+    rounds: int | None = None,
+) -> tuple[dict[str, Timing], dict[str, float]]:
+    """Time several variants call by call, alternating between them; timings and ratios.
+
+    Where :func:`time_interleaved` alternates blocks of about ``ctx.min_run_time`` seconds, this
+    alternates single calls (the order rotated every call), so that a variant and its baseline
+    are measured milliseconds apart: a slow drift of the machine's speed (other tenants of a
+    shared machine, frequency changes) cancels out of the ratios. Meant for CPU steps of
+    milliseconds; on CUDA it defers to :func:`time_interleaved`, whose blocks synchronise once.
+
+    Returns:
+        ``(timings, ratios)`` as :func:`time_interleaved`: per-call :class:`Timing` per variant
+        (over every call), and the median over rounds of the ratio of per-round medians.
+    """
+    if ctx.device.type != "cpu":
+        return time_interleaved(fns, ctx=ctx, baseline=baseline, rounds=rounds)
+    names = list(fns)
+    baseline = baseline or names[0]
+    clock = _clock
+    start = clock()
+    warm = 0
+    while warm < 3 or clock() - start < 0.1:  # warm-up, and an estimate of a call's duration
+        for f in fns.values():
+            f()
+        warm += 1
+    per_call = (clock() - start) / (warm * len(names))
+    calls = max(5, int(ctx.min_run_time / max(per_call, 1e-9)))
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds or ctx.rounds):
+        this_round: dict[str, list[float]] = {n: [] for n in names}
+        for i in range(calls):
+            for n in names[i % len(names) :] + names[: i % len(names)]:
+                f = fns[n]
+                t0 = clock()
+                f()
+                this_round[n].append(clock() - t0)
+        for n in names:
+            per_round[n].append(statistics.median(this_round[n]))
+            samples[n].extend(this_round[n])
+    timings = {n: Timing.from_times(samples[n]) for n in names}
     ratios = {
         n: statistics.median(a / b for a, b in zip(per_round[n], per_round[baseline]))
         for n in names

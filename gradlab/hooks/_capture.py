@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from gradlab.hooks._engine import HandleBag, PassClock
+from gradlab.hooks._engine import HandleBag, PassClock, on_grad, register_global_forward_hook
 from gradlab.hooks._select import check_model, select_modules
 
 __all__ = ["CapturedGrads", "capture_grads"]
@@ -41,6 +41,8 @@ class CapturedGrads(Mapping[str, torch.Tensor]):
         # Held weakly: the result must not keep the model (or its layers) alive.
         selected = [] if of == "parameter" else select_modules("capture_grads", model, patterns)
         self._selected = [(n, weakref.ref(m)) for n, m in selected]
+        # id(module) -> (name, weakref); the weakref guards against a recycled id.
+        self._by_id = {id(m): (n, r) for n, r in self._selected for m in (r(),)}
         params = _select_params(model, patterns) if of == "parameter" else []
         self._params = [(n, weakref.ref(p)) for n, p in params]
         self._of = of
@@ -58,12 +60,18 @@ class CapturedGrads(Mapping[str, torch.Tensor]):
         self._active = True
         ref = self._ref
         try:
-            for name, module_ref in self._selected:
+            if self._of == "output":
+                for name, module_ref in self._selected:
+                    _alive("capture_grads", module_ref, name)
+                # One process-wide forward hook instead of one per module: entering and leaving
+                # the context costs two registrations whatever the model's size. It ignores
+                # every module that was not selected.
+                if self._by_id:
+                    h = register_global_forward_hook(_output_hook(ref, self._by_id))
+                    self._bag.module(h)
+            for name, module_ref in self._selected if self._of == "input" else ():
                 module = _alive("capture_grads", module_ref, name)
-                if self._of == "output":
-                    h = module.register_forward_hook(_output_hook(ref, name))
-                else:
-                    h = module.register_forward_pre_hook(_input_hook(ref, name), with_kwargs=True)
+                h = module.register_forward_pre_hook(_input_hook(ref, name), with_kwargs=True)
                 self._bag.module(h)
             for i, (pname, p_ref) in enumerate(self._params):
                 p = _alive("capture_grads", p_ref, pname)
@@ -88,17 +96,14 @@ class CapturedGrads(Mapping[str, torch.Tensor]):
     def _start_pass(self) -> None:
         self._data.clear()
 
-    def _next_call(self) -> int:
-        self._seq += 1
-        return self._seq
-
     def _hook_tensors(self, value: Any, name: str) -> None:
         if not torch.is_grad_enabled():
             return
-        seq = self._next_call()
+        self._seq += 1
+        seq = self._seq
         if isinstance(value, torch.Tensor):  # fast path: one tensor
             if value.requires_grad:
-                self._bag.tensor(value.register_hook(_tensor_hook(self._ref, name, seq)))
+                self._bag.tensor(on_grad(value, _grad_hook(self._ref, name, seq)))
             return
         tens = [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
         ref = self._ref
@@ -106,7 +111,7 @@ class CapturedGrads(Mapping[str, torch.Tensor]):
             if not t.requires_grad:
                 continue
             key = name if len(tens) == 1 else f"{name}[{pos}]"
-            self._bag.tensor(t.register_hook(_tensor_hook(ref, key, seq)))
+            self._bag.tensor(on_grad(t, _grad_hook(ref, key, seq)))
 
     def _record(self, key: str, seq: int, grad: torch.Tensor) -> None:
         self._clock.touch()
@@ -166,11 +171,18 @@ class CapturedGrads(Mapping[str, torch.Tensor]):
         return f"CapturedGrads(of={self._of!r}, {{{shapes}}})"
 
 
-def _output_hook(ref: weakref.ref[CapturedGrads], name: str) -> Any:
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
+def _output_hook(
+    ref: weakref.ref[CapturedGrads], by_id: dict[int, tuple[str, weakref.ref[nn.Module]]]
+) -> Any:
+    get = by_id.get
+
+    def hook(module: nn.Module, args: Any, *rest: Any) -> None:  # rest: ([kwargs,] output)
+        hit = get(id(module))
+        if hit is None or hit[1]() is not module:
+            return
         store = ref()
         if store is not None:
-            store._hook_tensors(output, name)
+            store._hook_tensors(rest[-1], hit[0])
 
     return hook
 
@@ -188,7 +200,7 @@ def _input_hook(ref: weakref.ref[CapturedGrads], name: str) -> Any:
     return hook
 
 
-def _tensor_hook(ref: weakref.ref[CapturedGrads], key: str, seq: int) -> Any:
+def _grad_hook(ref: weakref.ref[CapturedGrads], key: str, seq: int) -> Any:
     def hook(grad: torch.Tensor) -> None:
         store = ref()
         if store is not None:
@@ -233,11 +245,18 @@ def capture_grads(model: nn.Module, *patterns: str, of: Of = "output") -> Captur
     r"""Capture gradients w.r.t. module outputs, inputs or parameters during backward.
 
     Use it as a context manager around the forward *and* backward pass: forward hooks on the
-    selected modules register a tensor hook on each output (``of="output"``) or input
+    selected modules register a gradient hook on each output (``of="output"``) or input
     (``of="input"``, from a forward pre-hook, so the value before any in-place op) that requires
-    grad, and the tensor hooks store :math:`\partial L / \partial y` when backward reaches it.
-    Tensor hooks instead of module full-backward hooks: cheaper, and they work with in-place
-    modules such as ``nn.ReLU(inplace=True)``. ``of="parameter"`` records each parameter's
+    grad, and the gradient hooks store :math:`\partial L / \partial y` when backward reaches it.
+    Gradient (tensor) hooks instead of module full-backward hooks: cheaper, and they work with
+    in-place modules such as ``nn.ReLU(inplace=True)``. For speed, ``of="output"`` uses one
+    process-wide forward hook (``register_module_forward_hook``) for the context's lifetime
+    instead of one per module, and puts each gradient hook on the output's ``grad_fn`` (a node
+    pre-hook, the same gradient as a tensor hook). Two consequences: the output recorded is the one
+    the module's ``forward`` returned, before any forward hook of yours replaces it; and while the
+    context is open every module call in the process (other models included) pays one dictionary
+    look-up, about a microsecond, so keep the context around the steps you want to capture.
+    ``of="parameter"`` records each parameter's
     ``.grad`` right after it is accumulated (``register_post_accumulate_grad_hook``), keyed by
     parameter name; it sees ``backward()`` only (``autograd.grad`` does not accumulate).
 

@@ -11,15 +11,17 @@ calls, each of which counts as its own pass; use ``use_reentrant=False``.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
+from torch.nn.modules import module as _module
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HandleBag", "PassClock"]
+__all__ = ["HandleBag", "PassClock", "on_grad", "register_global_forward_hook"]
 
 
 class PassClock:
@@ -106,3 +108,43 @@ _task_id: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda
 def _alive(handle: Any) -> bool:
     ref = getattr(handle, "hooks_dict_ref", None)
     return ref is None or ref() is not None
+
+
+def on_grad(t: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> RemovableHandle:
+    """Call ``hook(grad)`` when backward computes the gradient w.r.t. ``t``; return the handle.
+
+    The same as ``t.register_hook(hook)`` for a hook that returns nothing: the gradient w.r.t.
+    ``t`` *as it is now*, even if ``t`` is modified in place later, fired before ``t.grad_fn``
+    runs. For a non-leaf the hook goes straight onto ``t.grad_fn`` as a node pre-hook, which
+    costs less than half as much to register as a tensor hook (that one builds a Python
+    ``OrderedDict`` on the tensor and links it to the node). An output the pass does not reach
+    (an undefined gradient) does not call ``hook``, as with tensor hooks.
+    """
+    fn = t.grad_fn
+    if fn is None:  # a leaf
+        return t.register_hook(hook)
+    nr = t.output_nr
+
+    def prehook(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+        g = grad_outputs[nr]
+        if g is not None:
+            hook(g)
+
+    return fn.register_prehook(prehook)
+
+
+_GLOBAL_KWARGS = "with_kwargs" in inspect.signature(_module.register_module_forward_hook).parameters
+
+
+def register_global_forward_hook(hook: Callable[..., None]) -> RemovableHandle:
+    """Register a process-wide module forward hook; return its handle.
+
+    ``hook(module, args, kwargs, output)`` where this torch passes keyword arguments to global
+    hooks (2.6 and later), else ``hook(module, args, output)``; write it as
+    ``hook(module, args, *rest)`` with ``output = rest[-1]``. A global hook runs for every
+    module call in the process, before the module's own forward hooks, so it sees the output
+    the module returned, before any of the user's hooks replaces it.
+    """
+    if _GLOBAL_KWARGS:
+        return _module.register_module_forward_hook(hook, with_kwargs=True)
+    return _module.register_module_forward_hook(hook)

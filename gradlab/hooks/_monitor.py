@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from gradlab.hooks._engine import HandleBag, PassClock
+from gradlab.hooks._engine import HandleBag, PassClock, on_grad
 from gradlab.hooks._select import check_model, select_modules
-from gradlab.hooks._stats import ROWS, CpuStats, stats_fused
+from gradlab.hooks._stats import ROWS, CpuArena, stats_fused
 
 __all__ = ["GradientMonitor", "LayerStats", "NonfiniteSource", "StepStats"]
 
@@ -80,7 +80,9 @@ class _Slot:
         self.name = name
         self.seq = seq
         self.owner = owner
-        self.consumers: list[tuple[str, int]] = []  # calls that take this output as input
+        # Calls that take this output as input; a shared empty tuple until the first one (one
+        # fewer object per hooked tensor for the garbage collector to track).
+        self.consumers: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -93,8 +95,8 @@ class _Pending:
     event: Any
 
 
-_GROUPED_DEVICES = ("cpu",)  # grouped row-wise reductions; other devices: fused foreach
-_EAGER_MIN = 2**15  # elements: larger gradients on _GROUPED_DEVICES are reduced in the hook
+_GROUPED_DEVICES = ("cpu",)  # |g| rows reduced row-wise (CpuArena); other devices: fused foreach
+_ZERO = torch.zeros((), dtype=torch.float64)  # the statistics of an empty gradient
 _CPU_BUFFER_BYTES = 4 * 2**20  # default buffer_bytes on CPU
 _DEVICE_BUFFER_BYTES = 64 * 2**20  # default buffer_bytes on GPUs
 
@@ -118,9 +120,13 @@ class GradientMonitor:
     numbers, its sum of squares, sum and maximum of absolute values (the maximum doubles as the
     NaN/Inf detector). On CUDA the tensor hooks only keep a reference to the gradient and the
     reductions run fused (``torch._foreach_norm``, three launches) when the pass ends or the
-    buffered gradients exceed ``buffer_bytes``. On CPU a gradient of at least 32768 entries is
-    reduced in its hook (four ops, while it is still in cache, no reference kept), smaller ones are
-    buffered and reduced row-wise in groups of equal size (five ops per group). The statistics of a
+    buffered gradients exceed ``buffer_bytes``. On CPU the hook writes ``|g|`` into a row of a
+    buffer kept for gradients of that size (one op, while the gradient is still in cache, no
+    reference kept; gradients under 4096 entries are referenced and copied in one op later), and
+    the rows of each size are reduced together (three ops per size) when the pass ends or the rows
+    exceed ``buffer_bytes``; a gradient larger than ``buffer_bytes`` is reduced on its own in its
+    hook. The row buffers are kept between passes (at most about twice ``buffer_bytes``), so each
+    step writes into the same memory. The statistics of a
     pass are stacked into one tensor that stays on the device, is copied to pinned host memory
     without blocking, and is read when you access :attr:`history` / :attr:`first_nonfinite` or leave
     the context: at most one synchronisation per step, none during backward.
@@ -149,8 +155,9 @@ class GradientMonitor:
         trace_nonfinite: hook module inputs to name the source of NaN/Inf (default True).
         vanishing: L2-norm threshold below which a gradient is flagged as vanishing.
         exploding: L2-norm threshold above which a gradient is flagged as exploding.
-        buffer_bytes: gradient bytes buffered before a fused reduction runs: the extra memory
-            the monitor may hold during backward (default: 4 MiB on CPU, 64 MiB on GPUs).
+        buffer_bytes: gradient bytes buffered before a reduction runs: the extra memory the
+            monitor holds during backward (default: 4 MiB on CPU, where the row buffers stay
+            allocated between passes; 64 MiB on GPUs).
 
     Raises:
         TypeError: ``model`` is not a module or a pattern is not a string.
@@ -212,15 +219,13 @@ class GradientMonitor:
         self._buf: list[torch.Tensor] = []
         self._buf_idx: list[int] = []  # record index of each buffered gradient
         self._buf_bytes = 0
-        self._eager: list[torch.Tensor] = []  # ROWS 0-dim statistics per large CPU gradient
+        self._eager: list[torch.Tensor] = []  # ROWS 0-dim statistics per CPU gradient done alone
         self._eager_idx: list[int] = []  # record index of each of them
-        self._buf_cpu = False
         self._slots: list[_Slot] = []
         self._numels: list[int] = []
         self._chunks: list[torch.Tensor] = []  # (ROWS, k) statistics of the pass so far
         self._columns: list[int] = []  # record index of each of their columns
-        self._cpu_stats = CpuStats()
-        self._eager_min = _EAGER_MIN
+        self._arena = CpuArena()
         self._pending: list[_Pending] = []  # on their way to the host
         self._synced: list[_Pending] = []  # on the host, not yet turned into StepStats
         self._history: list[StepStats] = []
@@ -236,16 +241,12 @@ class GradientMonitor:
         try:
             for name, module_ref in self._modules:
                 module = _alive(module_ref, name)
-                if not self.trace_nonfinite:
-                    h = module.register_forward_hook(_fwd_hook(ref, name))
-                elif getattr(module, "inplace", False) is True:
-                    # It may overwrite its input: hook the input before it runs.
+                inplace = self.trace_nonfinite and getattr(module, "inplace", False) is True
+                if inplace:  # it may overwrite its input: hook the input before it runs
                     pre = _pre_hook(ref, name)
                     self._bag.module(module.register_forward_pre_hook(pre, with_kwargs=True))
-                    h = module.register_forward_hook(_fwd_hook(ref, name))
-                else:  # inputs are hooked after the call, in the same forward hook
-                    h = module.register_forward_hook(_fwd_in_hook(ref, name), with_kwargs=True)
-                self._bag.module(h)
+                hook = _fwd_hook(ref, name, self.trace_nonfinite and not inplace)
+                self._bag.module(module.register_forward_hook(hook, with_kwargs=True))
             for pname, owner, p_ref in self._params:
                 p = _alive(p_ref, pname)
                 slot = _Slot(_PARAM, pname, 0, owner)
@@ -294,9 +295,9 @@ class GradientMonitor:
                 continue
             hit = self._produced.get(id(t))
             if hit is not None and hit[0]() is t and hit[1] == t._version:
-                hit[2].consumers.append((name, seq))  # same gradient as that output: reuse it
+                hit[2].consumers += ((name, seq),)  # same gradient as that output: reuse it
             else:
-                self._bag.tensor(t.register_hook(_tensor_hook(self._ref, _Slot(_IN, name, seq))))
+                self._bag.tensor(on_grad(t, _grad_hook(self._ref, _Slot(_IN, name, seq))))
 
     def _on_outputs(self, name: str, output: Any) -> None:
         stack = self._open_calls.get(name)
@@ -314,7 +315,7 @@ class GradientMonitor:
             if not (isinstance(t, torch.Tensor) and t.requires_grad):
                 continue
             slot = _Slot(_OUT, name, seq)
-            self._bag.tensor(t.register_hook(_tensor_hook(self._ref, slot)))
+            self._bag.tensor(on_grad(t, _grad_hook(self._ref, slot)))
             if self.trace_nonfinite:
                 self._produced[id(t)] = (weakref.ref(t), t._version, slot)
                 if len(self._produced) > 4096:  # forwards without backward: drop dead entries
@@ -328,38 +329,38 @@ class GradientMonitor:
         self._slots.append(slot)
         n = g.numel()
         self._numels.append(n)
-        grouped = g.device.type in _GROUPED_DEVICES
-        if grouped and n >= self._eager_min:
-            # Large: reduce now, while the gradient is in cache, and keep no reference to it
-            # (held gradients cannot be reused by the allocator: fresh pages, cache misses).
-            self._eager += self._cpu_stats.one(g)
+        limit = self.buffer_bytes
+        if g.device.type in _GROUPED_DEVICES:
+            if limit is None:
+                limit = _CPU_BUFFER_BYTES
+            if n and n * g.element_size() <= limit:
+                # |g| into a row of a warm buffer now, while g is in cache; reduced with the
+                # other gradients of its size when the pass ends or the rows exceed the limit.
+                self._arena.add(g, index)
+                if self._arena.bytes > limit:
+                    self._flush()
+                return
+            self._eager += self._arena.one(g) if n else [_ZERO] * ROWS
             self._eager_idx.append(index)
             return
-        if grouped != self._buf_cpu and self._buf:
-            self._flush()
-        self._buf_cpu = grouped
         self._buf.append(g)
         self._buf_idx.append(index)
         self._buf_bytes += n * g.element_size()
-        limit = self.buffer_bytes
-        if limit is None:
-            limit = _CPU_BUFFER_BYTES if grouped else _DEVICE_BUFFER_BYTES
-        if self._buf_bytes > limit:
+        if self._buf_bytes > (_DEVICE_BUFFER_BYTES if limit is None else limit):
             self._flush()
 
     def _flush(self) -> None:
+        if self._arena.bytes:
+            with torch.no_grad():
+                chunks, order = self._arena.flush()
+            self._chunks.extend(chunks)
+            self._columns.extend(order)
         buf = self._buf
         if not buf:
             return
-        idx = self._buf_idx
         with torch.no_grad():
-            if self._buf_cpu:
-                chunks, order = self._cpu_stats(buf)
-                self._chunks.extend(chunks)
-                self._columns.extend(idx[i] for i in order)
-            else:
-                self._chunks.append(torch.stack([torch.stack(c) for c in stats_fused(buf)]))
-                self._columns.extend(idx)
+            self._chunks.append(torch.stack([torch.stack(c) for c in stats_fused(buf)]))
+        self._columns.extend(self._buf_idx)
         self._buf = []
         self._buf_idx = []
         self._buf_bytes = 0
@@ -562,25 +563,22 @@ def _pre_hook(ref: weakref.ref[GradientMonitor], name: str) -> Any:
     return hook
 
 
-def _fwd_hook(ref: weakref.ref[GradientMonitor], name: str) -> Any:
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
+def _fwd_hook(ref: weakref.ref[GradientMonitor], name: str, inputs: bool) -> Any:
+    """Forward hook: hooks the outputs' gradients, and the inputs' if ``inputs``."""
+
+    def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         mon = ref()
-        if mon is not None:
+        if mon is None:
+            return
+        if inputs:
+            mon._on_call(name, (args, kwargs) if kwargs else args, output)
+        else:
             mon._on_outputs(name, output)
 
     return hook
 
 
-def _fwd_in_hook(ref: weakref.ref[GradientMonitor], name: str) -> Any:
-    def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        mon = ref()
-        if mon is not None:
-            mon._on_call(name, (args, kwargs) if kwargs else args, output)
-
-    return hook
-
-
-def _tensor_hook(ref: weakref.ref[GradientMonitor], slot: _Slot) -> Any:
+def _grad_hook(ref: weakref.ref[GradientMonitor], slot: _Slot) -> Any:
     def hook(grad: torch.Tensor) -> None:
         mon = ref()
         if mon is not None:

@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["ROWS", "CpuStats", "stats_fused"]
+__all__ = ["ROWS", "CpuArena", "stats_fused"]
 
 ROWS = 3  # sum of squares, L1 norm, max |g|
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _SCRATCH_MAX = 2**20  # elements: larger CPU gradients use a fresh buffer for |g|
+_SMALL = 4096  # elements: smaller CPU gradients are kept by reference until the flush
 
 
 def stats_fused(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
@@ -66,23 +67,81 @@ def _fused(grads: list[torch.Tensor], dtype: torch.dtype | None) -> tuple[list[t
     return list(torch._foreach_mul(l2, l2)), l1, hi
 
 
-class CpuStats:
-    """Statistics of CPU gradients: one at a time, or grouped by size to save per-op dispatch.
+class CpuArena:
+    """Statistics of CPU gradients, collected as ``|g|`` rows and reduced row-wise in groups.
 
-    On CPU the L1/Linf foreach kernels are not vectorised (measured 6x / 17x slower than L2), so
-    the three numbers come from vectorised ops: ``|g|`` into a reused scratch buffer, then
-    ``vector_norm`` (or ``dot`` for one gradient), ``sum`` and ``amax`` of it.
+    On CPU the L1/Linf foreach kernels are not vectorised (measured 6x / 17x slower than L2), and
+    every op costs a few microseconds of dispatch, so the three numbers come from few vectorised
+    ops over many gradients at once:
 
-    * :meth:`one`: a single gradient, four ops and no copy; used for large gradients straight
-      from the tensor hook, while the gradient is still in cache and before the engine frees it.
-    * ``__call__``: gradients of equal size and dtype (the small layers of an MLP, their biases)
-      are copied into rows of one scratch matrix and reduced row-wise, five ops per group.
+    * :meth:`add` (called from the gradient hook, while the gradient is still in cache) writes
+      ``|g|`` into the next row of a buffer kept for gradients of that size and dtype: one op, and
+      no reference to the engine's tensor (which it can then free and reuse). A gradient of fewer
+      than 4096 entries (a bias, a small layer) is only referenced: its op would cost more than
+      its data, so the rows of small gradients are copied in one ``stack`` at the flush.
+    * :meth:`flush` reduces every group's rows at once: ``vector_norm`` (sum of squares), ``sum``
+      and ``amax`` along the rows, three ops per group whatever the number of gradients.
+
+    The row buffers are kept between flushes, so a training loop writes into the same warm
+    memory every step; they grow to the largest number of rows a group needed between two
+    flushes. A gradient larger than ``max_bytes`` is reduced on its own by :meth:`one`.
     """
 
-    __slots__ = ("_scratch",)
+    __slots__ = ("_groups", "_scratch", "bytes")
 
     def __init__(self) -> None:
+        # (numel, dtype) -> [rows buffer (capacity, numel), rows used, record index of each row]
+        self._groups: dict[tuple[int, torch.dtype], list[Any]] = {}
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
+        self.bytes = 0  # bytes held in rows since the last flush
+
+    def add(self, g: torch.Tensor, index: int) -> None:
+        """Store ``|g|`` (a non-empty CPU gradient) for the next :meth:`flush`, as ``index``."""
+        if g.is_complex():
+            g = g.abs()
+        n = g.numel()
+        key = (n, g.dtype)
+        group = self._groups.get(key)
+        if group is None:  # [rows buffer (capacity, n), rows used, record indices, small ones]
+            group = self._groups[key] = [torch.empty(4, n, dtype=g.dtype), 0, [], []]
+        rows, k, idx, small = group
+        if n < _SMALL:
+            # An op costs more than the copy: keep a reference, copy rows in one op at flush.
+            small.append(g.reshape(-1))
+        else:
+            if k == rows.shape[0]:  # full: double the capacity, keeping the rows written
+                grown = torch.empty(2 * k, n, dtype=g.dtype)
+                grown[:k] = rows
+                group[0] = rows = grown
+            torch.abs(g.reshape(-1), out=rows[k])
+        group[1] = k + 1
+        idx.append(index)
+        self.bytes += n * g.element_size()
+
+    def flush(self) -> tuple[list[torch.Tensor], list[int]]:
+        """(3, k) chunks of (sum of squares, L1, max |g|) columns, and their record indices."""
+        chunks: list[torch.Tensor] = []
+        order: list[int] = []
+        for group in self._groups.values():
+            rows, k, idx, small = group
+            if not k:
+                continue
+            if small:  # rows of small gradients: one copy, one abs for all of them
+                if k > rows.shape[0]:
+                    group[0] = rows = torch.empty(k, rows.shape[1], dtype=rows.dtype)
+                torch.stack(small, out=rows[:k]).abs_()
+            m = rows[:k]
+            acc = torch.float32 if m.dtype in _LOW_PRECISION else None
+            sq = torch.linalg.vector_norm(m, dim=1, dtype=acc).square_()
+            l1 = m.sum(dim=1, dtype=acc)
+            hi = m.amax(dim=1)
+            chunks.append(torch.stack([sq, l1, hi if acc is None else hi.to(acc)]))
+            order.extend(idx)
+            group[1] = 0
+            group[2] = []
+            group[3] = []
+        self.bytes = 0
+        return chunks, order
 
     def _buffer(self, dtype: torch.dtype, n: int) -> torch.Tensor:
         buf = self._scratch.get(dtype)
@@ -92,6 +151,8 @@ class CpuStats:
 
     def one(self, g: torch.Tensor) -> list[torch.Tensor]:
         """[sum of squares, L1, max |g|] of one non-empty CPU gradient, as 0-dim tensors."""
+        if g.is_complex():
+            g = g.abs()
         flat = g.reshape(-1)
         n = flat.numel()
         a = torch.abs(flat, out=self._buffer(g.dtype, n)) if n <= _SCRATCH_MAX else flat.abs()
@@ -99,30 +160,3 @@ class CpuStats:
             sq = torch.linalg.vector_norm(flat, dtype=torch.float32).square()
             return [sq, a.sum(dtype=torch.float32), a.amax().float()]
         return [torch.dot(flat, flat), a.sum(), a.amax()]
-
-    def __call__(self, grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
-        """(3, k) chunks of (sum of squares, L1, max |g|) columns, and the gradients' order."""
-        groups: dict[tuple[int, torch.dtype], list[int]] = {}
-        for i, g in enumerate(grads):
-            groups.setdefault((g.numel(), g.dtype), []).append(i)
-        chunks, order = [], []
-        for (n, dtype), idx in groups.items():
-            acc = torch.float32 if dtype in _LOW_PRECISION else None
-            k = len(idx)
-            if n == 0:
-                chunks.append(torch.zeros(ROWS, k, dtype=acc or dtype))
-            elif k == 1:
-                chunks.append(torch.stack(self.one(grads[idx[0]])).view(ROWS, 1))
-            else:
-                rows = [grads[i].reshape(-1) for i in idx]
-                if k * n <= _SCRATCH_MAX:
-                    m = torch.stack(rows, out=self._buffer(dtype, k * n).view(k, n))
-                else:
-                    m = torch.stack(rows)
-                m.abs_()
-                sq = torch.linalg.vector_norm(m, dim=1, dtype=acc).square_()
-                l1 = m.sum(dim=1, dtype=acc)
-                hi = m.amax(dim=1)
-                chunks.append(torch.stack([sq, l1, hi if acc is None else hi.to(acc)]))
-            order.extend(idx)
-        return chunks, order

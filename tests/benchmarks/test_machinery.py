@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import _cli
+from benchmarks import _core as core
 from benchmarks._core import Context, Suite, Table, peak_memory, time_interleaved
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,3 +97,26 @@ def test_plot_writes_a_png(tiny: None, tmp_path: Path) -> None:
     assert _cli.main(["--quick", "--suite", "tiny", "--out", str(tmp_path), "--plot"]) == 0
     png = tmp_path / "results-cpu.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_time_alternating_pairs_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ratios and per-call medians from call-by-call alternation, on a fake clock."""
+    now = [0.0]
+    monkeypatch.setattr(core, "_clock", lambda: now[0])
+    order: list[str] = []
+
+    def step(name: str, dt: float) -> Callable[[], None]:
+        def f() -> None:
+            order.append(name)
+            now[0] += dt
+
+        return f
+
+    fns = {"base": step("base", 1e-3), "slow": step("slow", 3e-3)}
+    ctx = core.Context(torch.device("cpu"), size="quick")
+    timings, ratios = core.time_alternating(fns, ctx=ctx, baseline="base")
+    assert ratios == {"base": 1.0, "slow": pytest.approx(3.0)}
+    assert timings["slow"].median == pytest.approx(3e-3)
+    assert timings["base"].blocks == timings["slow"].blocks >= 5 * ctx.rounds
+    # Alternating: never more than two calls of one variant in a row (where the order rotates).
+    assert max(len(list(run)) for _, run in itertools.groupby(order)) <= 2

@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_globals
 
 
 class NaNBackward(torch.autograd.Function):
@@ -90,8 +91,18 @@ def reference_grads(
 
 
 def hook_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Number of hooks of every kind on every module and parameter."""
-    counts: dict[str, tuple[int, ...]] = {}
+    """Number of hooks of every kind on every module and parameter, and process-wide ones."""
+    counts: dict[str, tuple[int, ...]] = {
+        "global": tuple(
+            len(getattr(module_globals, d))
+            for d in (
+                "_global_forward_hooks",
+                "_global_forward_pre_hooks",
+                "_global_backward_hooks",
+                "_global_backward_pre_hooks",
+            )
+        )
+    }
     for name, m in model.named_modules():
         counts[f"module {name}"] = (
             len(m._forward_hooks),

@@ -218,12 +218,12 @@ def test_hooks_removed_after_context_and_exception(device: torch.device) -> None
     before = hook_counts(model)
     x = input_for(model, device)
     for of in ("output", "input", "parameter"):
-        with capture_grads(model, of=of):  # type: ignore[arg-type]
+        with capture_grads(model, of=of) as grads:  # type: ignore[arg-type]
             assert hook_counts(model) != before
             y = model(x)
         assert hook_counts(model) == before
-        if of == "output":  # the tensor hook on the model's output is gone too
-            assert not y._backward_hooks
+        y.sum().backward()  # the gradient hooks of that forward are gone too
+        assert grads.backward_passes == 0 and len(grads) == 0
         with pytest.raises(RuntimeError, match="boom"), capture_grads(model, of=of):  # type: ignore[arg-type]
             model(x)
             raise RuntimeError("boom")
@@ -273,3 +273,56 @@ def test_bad_arguments() -> None:
         capture_grads(model, of="outputs")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"capture_grads: model must be a torch\.nn\.Module"):
         capture_grads(lambda x: x)  # type: ignore[arg-type]
+
+
+class Halves(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (x * 1.0).chunk(2, dim=1)  # two outputs of one autograd node
+
+
+def test_outputs_of_one_node_and_leaf_outputs(device: torch.device) -> None:
+    x = torch.randn(3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    model = nn.Sequential(nn.Identity(), Halves())
+    with capture_grads(model) as grads:
+        a, b = model(x)
+        (a.pow(2).sum() + 0 * b.sum()).backward()
+    # "0": nn.Identity returns the leaf x itself (a tensor hook on a leaf); "1": two outputs of
+    # one SplitBackward node, each keyed by position.
+    torch.testing.assert_close(grads["1[0]"], 2 * a.detach())
+    torch.testing.assert_close(grads["1[1]"], torch.zeros_like(b))
+    torch.testing.assert_close(grads["0"], torch.cat([2 * a.detach(), torch.zeros_like(b)], 1))
+    with capture_grads(model) as grads:
+        a, _ = model(x)
+        a.sum().backward()  # b's gradient is undefined: no entry, as with tensor hooks
+    assert sorted(grads) == ["0", "1[0]"]
+
+
+def test_other_models_and_nested_contexts(device: torch.device) -> None:
+    model, other = mlp().to(device), mlp().to(device)
+    x = input_for(model, device)
+    ref, _ = reference_grads(model, x)
+    with capture_grads(model) as outer, capture_grads(model, "2") as inner:
+        other(x).pow(2).sum().backward()  # another model in the process: not recorded
+        assert len(outer) == 0 and outer.backward_passes == 0
+        model(x).pow(2).sum().backward()
+    assert sorted(inner) == ["2"]
+    for i, g in enumerate(ref):
+        torch.testing.assert_close(outer[str(i)], g)
+    torch.testing.assert_close(inner["2"], ref[2])
+
+
+def test_output_is_the_modules_own_before_user_hooks(device: torch.device) -> None:
+    model = nn.Sequential(nn.Linear(3, 2)).double().to(device)
+    handle = model[0].register_forward_hook(lambda m, a, out: 3 * out)  # replaces the output
+    x = torch.randn(4, 3, dtype=torch.float64, device=device)
+    try:
+        with capture_grads(model) as grads:
+            model(x).sum().backward()
+    finally:
+        handle.remove()
+    # d(sum(3 y))/dy = 3 for the module's own output y (the documented choice).
+    torch.testing.assert_close(grads["0"], torch.full((4, 2), 3.0, **_like(x)))
+
+
+def _like(t: torch.Tensor) -> dict[str, object]:
+    return {"dtype": t.dtype, "device": t.device}

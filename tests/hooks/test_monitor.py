@@ -340,18 +340,19 @@ def test_inplace_op_between_modules_is_not_blamed_on_the_consumer(device: torch.
     assert "act" in monitor.history[0].nonfinite and "fc2" not in monitor.history[0].nonfinite
 
 
-@pytest.fixture(params=["grouped", "grouped-small-buffer", "eager", "fused", "fused-small-buffer"])
+@pytest.fixture(params=["grouped", "grouped-flushes", "alone", "fused", "fused-small-buffer"])
 def stats_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int | None:
-    """Run a test through the CPU paths (row-wise reductions over groups of equal-sized
-    gradients; "eager": every non-empty gradient reduced in its hook, the path of large CPU
-    gradients) and through the CUDA path (fused _foreach_norm), which otherwise only runs on a
-    GPU; each with the default buffer and with a 1-byte buffer (a reduction per gradient).
-    Returns the buffer_bytes to use."""
+    """Run a test through every statistics path and return the buffer_bytes to use.
+
+    CPU: "grouped" (|g| rows reduced per size group when the pass ends, the default),
+    "grouped-flushes" (a 2000-byte buffer: flushes during the pass, rows buffers that grow, and
+    gradients too large to buffer), "alone" (a 1-byte buffer: every gradient reduced on its own
+    in its hook). The CUDA path (references kept, fused _foreach_norm), which otherwise only runs
+    on a GPU: with the default buffer and with a 1-byte buffer (a reduction per gradient).
+    """
     if request.param.startswith("fused"):
         monkeypatch.setattr("gradlab.hooks._monitor._GROUPED_DEVICES", ())
-    if request.param == "eager":
-        monkeypatch.setattr("gradlab.hooks._monitor._EAGER_MIN", 1)
-    return 1 if request.param.endswith("small-buffer") else None
+    return {"grouped-flushes": 2000, "alone": 1, "fused-small-buffer": 1}.get(request.param)
 
 
 def test_both_statistics_paths_match_references(

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gradlab.hooks._stats import ROWS, CpuStats, stats_fused
+from gradlab.hooks._stats import ROWS, CpuArena, stats_fused
 
 
 def _grads(device: torch.device) -> list[torch.Tensor]:
@@ -44,22 +44,58 @@ def _check(columns: list[list[float]], grads: list[torch.Tensor]) -> None:
         assert got == pytest.approx(ref, rel=1e-5), i
 
 
-def test_cpu_grouped_statistics() -> None:
-    grads = _grads(torch.device("cpu"))
-    chunks, order = CpuStats()(grads)
-    assert all(c.shape[0] == ROWS for c in chunks)
-    stats = torch.cat([c.double() for c in chunks], dim=1).tolist()
+def _arena_columns(arena: CpuArena, grads: list[torch.Tensor]) -> list[list[float]]:
+    for i, g in enumerate(grads):
+        arena.add(g, i)
+    assert arena.bytes == sum(g.numel() * g.element_size() for g in grads)
+    chunks, order = arena.flush()
+    assert arena.bytes == 0 and all(c.shape[0] == ROWS for c in chunks)
     assert sorted(order) == list(range(len(grads)))
+    stats = torch.cat([c.double() for c in chunks], dim=1).tolist()
     columns = [[0.0] * len(grads) for _ in range(ROWS)]
     for col, i in enumerate(order):
         for k in range(ROWS):
             columns[k][i] = stats[k][col]
-    _check(columns, grads)
+    return columns
+
+
+def test_cpu_grouped_statistics() -> None:
+    grads = [g for g in _grads(torch.device("cpu")) if g.numel()]  # empty: handled by the caller
+    arena = CpuArena()
+    _check(_arena_columns(arena, grads), grads)
+    # The rows are reused: a second round (with more gradients of one size than the initial
+    # capacity, so that the rows buffer grows) gives fresh results, not accumulated ones.
+    more = grads + [torch.randn(3, 4) for _ in range(9)]
+    _check(_arena_columns(arena, more), more)
+    assert arena.flush() == ([], [])  # nothing left over
+
+
+def test_cpu_arena_copies_large_gradients_at_once() -> None:
+    # A gradient of >= 4096 entries is copied (as |g|) in the hook: the engine may reuse its
+    # memory right after. The gradient itself is never modified.
+    g = torch.randn(8192)
+    before = g.clone()
+    arena = CpuArena()
+    arena.add(g, 0)
+    assert torch.equal(g, before)
+    g.fill_(100.0)  # the engine reuses the gradient's memory after the hook
+    chunks, _ = arena.flush()
+    ref = _reference(before)
+    assert chunks[0].flatten().tolist() == pytest.approx(ref, rel=1e-5)
+
+
+def test_cpu_complex_gradient() -> None:
+    g = torch.tensor([3 + 4j, 0j, -1j], dtype=torch.complex64)
+    arena = CpuArena()
+    arena.add(g, 0)
+    chunks, _ = arena.flush()
+    assert chunks[0].flatten().tolist() == pytest.approx([26.0, 6.0, 5.0])
+    assert [v.item() for v in arena.one(g)] == pytest.approx([26.0, 6.0, 5.0])
 
 
 def test_cpu_single_gradient_statistics() -> None:
     grads = [g for g in _grads(torch.device("cpu")) if g.numel()]
-    stats = CpuStats()
+    stats = CpuArena()
     columns = [[0.0] * len(grads) for _ in range(ROWS)]
     for i, g in enumerate(grads):
         for k, v in enumerate(stats.one(g)):
