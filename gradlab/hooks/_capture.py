@@ -103,7 +103,7 @@ class CapturedGrads(Mapping[str, torch.Tensor]):
         seq = self._seq
         if isinstance(value, torch.Tensor):  # fast path: one tensor
             if value.requires_grad:
-                self._bag.tensor(on_grad(value, _grad_hook(self._ref, name, seq)))
+                self._bag.tensor(on_grad(value, self._ref, "_record", name, seq))
             return
         tens = [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
         ref = self._ref
@@ -111,7 +111,7 @@ class CapturedGrads(Mapping[str, torch.Tensor]):
             if not t.requires_grad:
                 continue
             key = name if len(tens) == 1 else f"{name}[{pos}]"
-            self._bag.tensor(on_grad(t, _grad_hook(ref, key, seq)))
+            self._bag.tensor(on_grad(t, ref, "_record", key, seq))
 
     def _record(self, key: str, seq: int, grad: torch.Tensor) -> None:
         self._clock.touch()
@@ -196,15 +196,6 @@ def _input_hook(ref: weakref.ref[CapturedGrads], name: str) -> Any:
             store._hook_tensors(
                 (args, kwargs) if kwargs else args[0] if len(args) == 1 else args, name
             )
-
-    return hook
-
-
-def _grad_hook(ref: weakref.ref[CapturedGrads], key: str, seq: int) -> Any:
-    def hook(grad: torch.Tensor) -> None:
-        store = ref()
-        if store is not None:
-            store._record(key, seq, grad)
 
     return hook
 

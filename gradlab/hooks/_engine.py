@@ -110,25 +110,36 @@ def _alive(handle: Any) -> bool:
     return ref is None or ref() is not None
 
 
-def on_grad(t: torch.Tensor, hook: Callable[[torch.Tensor], None]) -> RemovableHandle:
-    """Call ``hook(grad)`` when backward computes the gradient w.r.t. ``t``; return the handle.
+def on_grad(
+    t: torch.Tensor, ref: weakref.ref[Any], method: str, *args: Any
+) -> RemovableHandle:
+    """Call ``getattr(ref(), method)(*args, grad)`` with the gradient w.r.t. ``t`` in backward.
 
-    The same as ``t.register_hook(hook)`` for a hook that returns nothing: the gradient w.r.t.
+    The same as a tensor hook, ``t.register_hook``, that returns nothing: the gradient w.r.t.
     ``t`` *as it is now*, even if ``t`` is modified in place later, fired before ``t.grad_fn``
-    runs. For a non-leaf the hook goes straight onto ``t.grad_fn`` as a node pre-hook, which
-    costs less than half as much to register as a tensor hook (that one builds a Python
-    ``OrderedDict`` on the tensor and links it to the node). An output the pass does not reach
-    (an undefined gradient) does not call ``hook``, as with tensor hooks.
+    runs, and not fired for an output the pass does not reach. For a non-leaf the hook goes
+    straight onto ``t.grad_fn`` as a node pre-hook, which costs less than half as much to
+    register as a tensor hook (that one builds a Python ``OrderedDict`` on the tensor and links it
+    to the node). The receiver is held weakly (``ref``): the graph never keeps it alive, and once
+    it is gone the hook does nothing. Returns the handle.
     """
     fn = t.grad_fn
     if fn is None:  # a leaf
-        return t.register_hook(hook)
+
+        def tensor_hook(grad: torch.Tensor) -> None:
+            obj = ref()
+            if obj is not None:
+                getattr(obj, method)(*args, grad)
+
+        return t.register_hook(tensor_hook)
     nr = t.output_nr
 
     def prehook(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
         g = grad_outputs[nr]
         if g is not None:
-            hook(g)
+            obj = ref()
+            if obj is not None:
+                getattr(obj, method)(*args, g)
 
     return fn.register_prehook(prehook)
 

@@ -297,7 +297,7 @@ class GradientMonitor:
             if hit is not None and hit[0]() is t and hit[1] == t._version:
                 hit[2].consumers += ((name, seq),)  # same gradient as that output: reuse it
             else:
-                self._bag.tensor(on_grad(t, _grad_hook(self._ref, _Slot(_IN, name, seq))))
+                self._bag.tensor(on_grad(t, self._ref, "_add", _Slot(_IN, name, seq)))
 
     def _on_outputs(self, name: str, output: Any) -> None:
         stack = self._open_calls.get(name)
@@ -315,7 +315,7 @@ class GradientMonitor:
             if not (isinstance(t, torch.Tensor) and t.requires_grad):
                 continue
             slot = _Slot(_OUT, name, seq)
-            self._bag.tensor(on_grad(t, _grad_hook(self._ref, slot)))
+            self._bag.tensor(on_grad(t, self._ref, "_add", slot))
             if self.trace_nonfinite:
                 self._produced[id(t)] = (weakref.ref(t), t._version, slot)
                 if len(self._produced) > 4096:  # forwards without backward: drop dead entries
@@ -574,15 +574,6 @@ def _fwd_hook(ref: weakref.ref[GradientMonitor], name: str, inputs: bool) -> Any
             mon._on_call(name, (args, kwargs) if kwargs else args, output)
         else:
             mon._on_outputs(name, output)
-
-    return hook
-
-
-def _grad_hook(ref: weakref.ref[GradientMonitor], slot: _Slot) -> Any:
-    def hook(grad: torch.Tensor) -> None:
-        mon = ref()
-        if mon is not None:
-            mon._add(slot, grad)
 
     return hook
 
