@@ -110,9 +110,7 @@ def _alive(handle: Any) -> bool:
     return ref is None or ref() is not None
 
 
-def on_grad(
-    t: torch.Tensor, ref: weakref.ref[Any], method: str, *args: Any
-) -> RemovableHandle:
+def on_grad(t: torch.Tensor, ref: weakref.ref[Any], method: str, *args: Any) -> RemovableHandle:
     """Call ``getattr(ref(), method)(*args, grad)`` with the gradient w.r.t. ``t`` in backward.
 
     The same as a tensor hook, ``t.register_hook``, that returns nothing: the gradient w.r.t.
