@@ -147,11 +147,13 @@ def time_interleaved(
             per_round[n].append(m.median)
             blocks[n].extend(m.times)
     timings = {n: Timing.from_times(blocks[n]) for n in names}
-    ratios = {
-        n: statistics.median(a / b for a, b in zip(per_round[n], per_round[baseline]))
-        for n in names
-    }
-    return timings, ratios
+    return timings, _median_ratios(per_round, baseline)
+
+
+def _median_ratios(per_round: dict[str, list[float]], baseline: str) -> dict[str, float]:
+    """Per variant, the median over rounds of its round's time over the baseline's."""
+    base = per_round[baseline]
+    return {n: statistics.median(a / b for a, b in zip(t, base)) for n, t in per_round.items()}
 
 
 _clock = time.perf_counter  # time_alternating's clock (a test swaps it)
@@ -203,11 +205,7 @@ def time_alternating(
             per_round[n].append(statistics.median(this_round[n]))
             samples[n].extend(this_round[n])
     timings = {n: Timing.from_times(samples[n]) for n in names}
-    ratios = {
-        n: statistics.median(a / b for a, b in zip(per_round[n], per_round[baseline]))
-        for n in names
-    }
-    return timings, ratios
+    return timings, _median_ratios(per_round, baseline)
 
 
 class _LiveTensorBytes(TorchDispatchMode):

@@ -116,7 +116,7 @@ def on_grad(t: torch.Tensor, ref: weakref.ref[Any], method: str, *args: Any) -> 
     The same as a tensor hook, ``t.register_hook``, that returns nothing: the gradient w.r.t.
     ``t`` *as it is now*, even if ``t`` is modified in place later, fired before ``t.grad_fn``
     runs, and not fired for an output the pass does not reach. For a non-leaf the hook goes
-    straight onto ``t.grad_fn`` as a node pre-hook, which costs less than half as much to
+    straight onto ``t.grad_fn`` as a node pre-hook, which costs about half as much to
     register as a tensor hook (that one builds a Python ``OrderedDict`` on the tensor and links it
     to the node). The receiver is held weakly (``ref``): the graph never keeps it alive, and once
     it is gone the hook does nothing. Returns the handle.

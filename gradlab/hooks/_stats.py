@@ -67,6 +67,18 @@ def _fused(grads: list[torch.Tensor], dtype: torch.dtype | None) -> tuple[list[t
     return list(torch._foreach_mul(l2, l2)), l1, hi
 
 
+class _Group:
+    """The rows of one (numel, dtype) group between two flushes."""
+
+    __slots__ = ("idx", "k", "rows", "small")
+
+    def __init__(self, n: int, dtype: torch.dtype) -> None:
+        self.rows = torch.empty(4, n, dtype=dtype)  # |g| rows; capacity grows by doubling
+        self.k = 0  # rows used
+        self.idx: list[int] = []  # record index of each row
+        self.small: list[torch.Tensor] = []  # gradients under _SMALL entries, by reference
+
+
 class CpuArena:
     """Statistics of CPU gradients, collected as ``|g|`` rows and reduced row-wise in groups.
 
@@ -84,14 +96,14 @@ class CpuArena:
 
     The row buffers are kept between flushes, so a training loop writes into the same warm
     memory every step; they grow to the largest number of rows a group needed between two
-    flushes. A gradient larger than ``max_bytes`` is reduced on its own by :meth:`one`.
+    flushes. :meth:`one` reduces a single gradient on its own (the monitor's choice for one larger
+    than its ``buffer_bytes``).
     """
 
     __slots__ = ("_groups", "_scratch", "bytes")
 
     def __init__(self) -> None:
-        # (numel, dtype) -> [rows buffer (capacity, numel), rows used, record index of each row]
-        self._groups: dict[tuple[int, torch.dtype], list[Any]] = {}
+        self._groups: dict[tuple[int, torch.dtype], _Group] = {}
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
         self.bytes = 0  # bytes held in rows since the last flush
 
@@ -102,20 +114,20 @@ class CpuArena:
         n = g.numel()
         key = (n, g.dtype)
         group = self._groups.get(key)
-        if group is None:  # [rows buffer (capacity, n), rows used, record indices, small ones]
-            group = self._groups[key] = [torch.empty(4, n, dtype=g.dtype), 0, [], []]
-        rows, k, idx, small = group
+        if group is None:
+            group = self._groups[key] = _Group(n, g.dtype)
         if n < _SMALL:
             # An op costs more than the copy: keep a reference, copy rows in one op at flush.
-            small.append(g.reshape(-1))
+            group.small.append(g.reshape(-1))
         else:
-            if k == rows.shape[0]:  # full: double the capacity, keeping the rows written
+            k = group.k
+            if k == group.rows.shape[0]:  # full: double the capacity, keeping the rows written
                 grown = torch.empty(2 * k, n, dtype=g.dtype)
-                grown[:k] = rows
-                group[0] = rows = grown
-            torch.abs(g.reshape(-1), out=rows[k])
-        group[1] = k + 1
-        idx.append(index)
+                grown[:k] = group.rows
+                group.rows = grown
+            torch.abs(g.reshape(-1), out=group.rows[k])
+        group.k += 1
+        group.idx.append(index)
         self.bytes += n * g.element_size()
 
     def flush(self) -> tuple[list[torch.Tensor], list[int]]:
@@ -123,23 +135,23 @@ class CpuArena:
         chunks: list[torch.Tensor] = []
         order: list[int] = []
         for group in self._groups.values():
-            rows, k, idx, small = group
+            k = group.k
             if not k:
                 continue
-            if small:  # rows of small gradients: one copy, one abs for all of them
-                if k > rows.shape[0]:
-                    group[0] = rows = torch.empty(k, rows.shape[1], dtype=rows.dtype)
-                torch.stack(small, out=rows[:k]).abs_()
-            m = rows[:k]
+            if group.small:  # rows of small gradients: one copy, one abs for all of them
+                if k > group.rows.shape[0]:
+                    group.rows = torch.empty(k, group.rows.shape[1], dtype=group.rows.dtype)
+                torch.stack(group.small, out=group.rows[:k]).abs_()
+            m = group.rows[:k]
             acc = torch.float32 if m.dtype in _LOW_PRECISION else None
             sq = torch.linalg.vector_norm(m, dim=1, dtype=acc).square_()
             l1 = m.sum(dim=1, dtype=acc)
             hi = m.amax(dim=1)
             chunks.append(torch.stack([sq, l1, hi if acc is None else hi.to(acc)]))
-            order.extend(idx)
-            group[1] = 0
-            group[2] = []
-            group[3] = []
+            order.extend(group.idx)
+            group.k = 0
+            group.idx = []
+            group.small = []
         self.bytes = 0
         return chunks, order
 
