@@ -10,6 +10,9 @@ forward, ``loss.backward()``) with a different kind of instrumentation:
                     of the model) and ``first_nonfinite`` read every step (so each step pays
                     its synchronisation and its analysis);
 ``nan_trace``       ``GradientMonitor(params=False)``: what NaN tracing needs, stats included;
+``hook_floor``      a no-op forward hook on every leaf module that puts a no-op gradient hook
+                    (node pre-hook) on its output: the mechanism the capture and the monitor
+                    are built on, doing nothing; no implementation of them can cost less;
 ``retain_grad``     ``retain_grad()`` on every leaf module's output (forward hooks), the outputs
                     kept until the step ends so that their ``.grad`` can be read;
 ``full_backward``   ``register_full_backward_hook`` on every leaf module (not in-place safe:
@@ -29,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from benchmarks._core import Context, Suite, Table, Timing, time_alternating
 from gradlab.hooks import GradientMonitor, capture_grads
@@ -89,6 +93,22 @@ def make_steps(
 
         return run
 
+    def hook_floor() -> None:
+        def ignore(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+            return None
+
+        def hook(module: nn.Module, args: object, out: torch.Tensor) -> None:
+            if out.grad_fn is not None:
+                node_handles.append(out.grad_fn.register_prehook(ignore))
+
+        node_handles: list[RemovableHandle] = []
+        handles = [m.register_forward_hook(hook) for m in _leaves(model)]
+        try:
+            step()
+        finally:
+            for h in handles + node_handles:
+                h.remove()
+
     def retain_grad() -> None:
         kept: list[torch.Tensor] = []  # a user keeps the outputs to read their .grad afterwards
 
@@ -126,6 +146,7 @@ def make_steps(
 
     return {
         "plain": step,
+        "hook_floor": hook_floor,
         "capture_all": capture_all,
         "monitor": monitored(),
         "nan_trace": monitored(params=False),
@@ -150,6 +171,8 @@ def run(ctx: Context) -> list[Table]:
             "alternating call by call on CPU (time_alternating); the ratio is the median over "
             "rounds of median time(variant) / median time(plain). plain's row pools its pairs.",
             "Goals: capture_all <= 1.10x and monitor <= 1.3x on the MLP and CNN cases.",
+            "hook_floor: no-op forward hook + no-op gradient hook per leaf module, the least "
+            "any implementation on these hooks can cost.",
             "monitor/nan_trace: entered once for their pair (own model copy), "
             "first_nonfinite read every step (one sync per step).",
         ],

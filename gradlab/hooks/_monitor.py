@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import operator
 import weakref
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
@@ -158,10 +163,15 @@ class GradientMonitor:
         buffer_bytes: gradient bytes buffered before a reduction runs: the extra memory the
             monitor holds during backward (default: 4 MiB on CPU, where the row buffers stay
             allocated between passes; 64 MiB on GPUs).
+        history_size: keep only the statistics of the last ``history_size`` steps in
+            :attr:`history` (default ``None``: every step). A step costs about 32 bytes per
+            recorded gradient (module outputs, traced inputs, parameters) plus 200; set it for
+            very long runs of large models. :attr:`first_nonfinite` is kept regardless.
 
     Raises:
         TypeError: ``model`` is not a module or a pattern is not a string.
-        ValueError: a pattern matches no module, or a threshold is not positive / ordered.
+        ValueError: a pattern matches no module, a threshold is not positive / ordered, or
+            ``history_size`` is not a positive int.
 
     Example:
         >>> torch.manual_seed(0)
@@ -185,6 +195,7 @@ class GradientMonitor:
         vanishing: float = 1e-7,
         exploding: float = 1e3,
         buffer_bytes: int | None = None,
+        history_size: int | None = None,
     ) -> None:
         check_model("GradientMonitor", model)
         if not (vanishing >= 0 and exploding > 0 and vanishing < exploding):
@@ -197,6 +208,14 @@ class GradientMonitor:
             raise ValueError(
                 f"GradientMonitor: buffer_bytes must be >= 0, received {buffer_bytes!r}"
             )
+        if history_size is not None and (
+            isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1
+        ):
+            raise ValueError(
+                f"GradientMonitor: history_size must be a positive int or None (keep every "
+                f"step), received {history_size!r}"
+            )
+        self.history_size = history_size
         self.vanishing = float(vanishing)
         self.exploding = float(exploding)
         self.trace_nonfinite = trace_nonfinite
@@ -227,8 +246,8 @@ class GradientMonitor:
         self._columns: list[int] = []  # record index of each of their columns
         self._arena = CpuArena()
         self._pending: list[_Pending] = []  # on their way to the host
-        self._synced: list[_Pending] = []  # on the host, not yet turned into StepStats
-        self._history: list[StepStats] = []
+        self._records: deque[_Compact | StepStats] = deque(maxlen=history_size)
+        self._layouts: dict[tuple[tuple[int, ...], tuple[str, ...]], _Layout] = {}
         self._count = 0  # backward passes recorded
         self._source: NonfiniteSource | None = None
 
@@ -414,6 +433,12 @@ class GradientMonitor:
 
     # -- results --------------------------------------------------------------------------
     def _materialize(self, *, only_ready: bool = False) -> None:
+        """Turn steps whose statistics reached the host into records (no sync if ``only_ready``).
+
+        A finite step is kept compact: its layout (kind and name of each record, shared by every
+        step with the same structure) and one (4, R) float64 array. A step with a NaN/Inf is
+        analysed at once (its source needs the calls' bookkeeping, which is then dropped).
+        """
         while self._pending:
             p = self._pending[0]
             if p.event is not None:
@@ -421,46 +446,51 @@ class GradientMonitor:
                     return
                 p.event.synchronize()
             self._pending.pop(0)
-            self._synced.append(p)
-            # One vectorised check per step; the full analysis only for a step with NaN/Inf.
-            if self._source is None and self.trace_nonfinite:
-                if not bool(torch.isfinite(p.stats[2]).all()):  # max |g|: NaN/Inf detector
-                    self._source = self._analyse(p).source
+            vals = np.empty((ROWS + 1, len(p.slots)))
+            vals[:ROWS, p.columns] = p.stats.numpy()
+            vals[ROWS] = p.numels
+            if np.isfinite(vals[2]).all():  # max |g|: the NaN/Inf detector
+                self._records.append(_Compact(p.step, self._layout(p.slots), vals))
+                continue
+            rec = self._summarise(p.step, p.slots, vals)
+            if self.trace_nonfinite:
+                rec = dataclasses.replace(rec, source=_trace(p.step, p.slots, vals[2].tolist()))
+                if self._source is None:
+                    self._source = rec.source
+            self._records.append(rec)
 
-    def _analyse(self, p: _Pending) -> StepStats:
-        r = len(p.slots)
-        vals = p.stats.tolist()
-        sq, l1, linf = ([0.0] * r for _ in range(ROWS))
-        for col, i in enumerate(p.columns):
-            sq[i], l1[i], linf[i] = vals[0][col], vals[1][col], vals[2][col]
+    def _layout(self, slots: list[_Slot]) -> _Layout:
+        key = (tuple(map(_KIND, slots)), tuple(map(_NAME, slots)))
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = _Layout(*key)
+            if len(self._layouts) < _MAX_LAYOUTS:  # else a model whose structure keeps changing
+                self._layouts[key] = layout
+        return layout
+
+    def _summarise(self, step: int, slots: Sequence[Any], vals: np.ndarray) -> StepStats:
+        """StepStats (without a source) from per-record statistics; ``slots``: .kind, .name."""
+        sq, l1, linf, numel = vals.tolist()
         outs: dict[str, list[float]] = {}  # name -> [sum of squares, L1, Linf, numel]
         params: dict[str, LayerStats] = {}
-        bad_calls: set[tuple[str, int]] = set()
-        bad_modules: set[str] = set()
-        for i in range(r):
-            s = p.slots[i]
+        for i, s in enumerate(slots):
             if s.kind == _OUT:
-                a = outs.setdefault(s.name, [0.0, 0.0, 0.0, 0])
+                a = outs.setdefault(s.name, [0.0, 0.0, 0.0, 0.0])
                 a[0] += sq[i]
                 a[1] += l1[i]
                 a[2] = math.nan if math.isnan(linf[i]) or math.isnan(a[2]) else max(a[2], linf[i])
-                a[3] += p.numels[i]
-                if not math.isfinite(linf[i]):
-                    bad_calls.add((s.name, s.seq))
-                    bad_modules.add(s.name)
+                a[3] += numel[i]
             elif s.kind == _PARAM:
-                params[s.name] = LayerStats(math.sqrt(sq[i]), linf[i], _mean(l1[i], p.numels[i]))
+                params[s.name] = LayerStats(math.sqrt(sq[i]), linf[i], _mean(l1[i], numel[i]))
+        order = self._order
         outputs = {
             n: LayerStats(math.sqrt(a[0]), a[2], _mean(a[1], a[3]))
-            for n, a in sorted(outs.items(), key=lambda kv: self._order.get(kv[0], 0))
+            for n, a in sorted(outs.items(), key=lambda kv: order.get(kv[0], 0))
         }
-        params = dict(sorted(params.items(), key=lambda kv: self._order.get(kv[0], 0)))
-        source = None
-        if self.trace_nonfinite:
-            source = self._trace(p, linf, bad_calls, bad_modules)
+        params = dict(sorted(params.items(), key=lambda kv: order.get(kv[0], 0)))
         named = list(outputs.items()) + list(params.items())
         return StepStats(
-            step=p.step,
+            step=step,
             outputs=outputs,
             params=params,
             vanishing=tuple(n for n, s in named if s.norm < self.vanishing),
@@ -468,45 +498,27 @@ class GradientMonitor:
                 n for n, s in named if math.isfinite(s.max_abs) and s.norm > self.exploding
             ),
             nonfinite=tuple(n for n, s in named if not math.isfinite(s.max_abs)),
-            source=source,
+            source=None,
         )
 
-    @staticmethod
-    def _trace(
-        p: _Pending,
-        linf: list[float],
-        bad_calls: set[tuple[str, int]],
-        bad_modules: set[str],
-    ) -> NonfiniteSource | None:
-        first_bad_out: str | None = None
-        for i, s in enumerate(p.slots):  # backward (firing) order
-            if math.isfinite(linf[i]):
-                continue
-            if s.kind == _PARAM:
-                if s.owner not in bad_modules:
-                    return NonfiniteSource(s.owner, p.step, "backward")
-                continue
-            calls = [(s.name, s.seq)] if s.kind == _IN else s.consumers
-            for c in calls:
-                if c not in bad_calls:
-                    return NonfiniteSource(c[0], p.step, "backward")
-            if s.kind == _OUT and first_bad_out is None:
-                first_bad_out = s.name
-        if first_bad_out is not None:
-            return NonfiniteSource(first_bad_out, p.step, "incoming")
-        return None
+    def _expand(self, rec: _Compact | StepStats) -> StepStats:
+        if isinstance(rec, StepStats):
+            return rec
+        return self._summarise(rec.step, rec.layout.slots, rec.vals)
 
     @property
-    def history(self) -> list[StepStats]:
+    def history(self) -> Sequence[StepStats]:
         """One :class:`StepStats` per backward pass so far (reading it synchronises once).
 
-        The monitor's own list, extended as steps are recorded (do not modify it).
+        A read-only, live sequence (index, slice, iterate, ``len``): steps recorded later show
+        up in it once they are read (any access to :attr:`history` or :attr:`first_nonfinite`).
+        With ``history_size`` it holds the last ``history_size`` steps; ``StepStats.step``
+        keeps counting from the first pass. A finite step is stored compactly (32 bytes per
+        recorded gradient plus about 200 per step) and its :class:`StepStats` is built each
+        time you read it; keep the ones you use.
         """
         self._materialize()
-        for p in self._synced:
-            self._history.append(self._analyse(p))
-        self._synced.clear()
-        return self._history
+        return _History(self)
 
     @property
     def steps(self) -> int:
@@ -541,6 +553,96 @@ class GradientMonitor:
             f"GradientMonitor({len(self._modules)} modules, {len(self._params)} parameters, "
             f"{self.steps} steps, first_nonfinite={src!r})"
         )
+
+
+_KIND = operator.attrgetter("kind")
+_NAME = operator.attrgetter("name")
+_MAX_LAYOUTS = 256  # distinct step structures remembered (shared between steps)
+
+
+class _Layout:
+    """The kind and name of each record of a step: shared by the steps with that structure."""
+
+    __slots__ = ("slots",)
+
+    def __init__(self, kinds: tuple[int, ...], names: tuple[str, ...]) -> None:
+        self.slots = tuple(_Rec(k, n) for k, n in zip(kinds, names))
+
+
+class _Rec(NamedTuple):
+    kind: int
+    name: str
+
+
+class _Compact:
+    """A finite step: its layout and (sum of squares, L1, max |g|, numel) per record."""
+
+    __slots__ = ("layout", "step", "vals")
+
+    def __init__(self, step: int, layout: _Layout, vals: np.ndarray) -> None:
+        self.step = step
+        self.layout = layout
+        self.vals = vals
+
+
+class _History(Sequence[StepStats]):
+    """Read-only view of a monitor's records; builds each StepStats when it is read."""
+
+    __slots__ = ("_monitor",)
+
+    def __init__(self, monitor: GradientMonitor) -> None:
+        self._monitor = monitor
+
+    def __len__(self) -> int:
+        return len(self._monitor._records)
+
+    @overload
+    def __getitem__(self, i: int) -> StepStats: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[StepStats]: ...
+
+    def __getitem__(self, i: int | slice) -> StepStats | list[StepStats]:
+        records = self._monitor._records
+        expand = self._monitor._expand
+        if isinstance(i, slice):
+            return [expand(records[j]) for j in range(*i.indices(len(records)))]
+        return expand(records[i])
+
+    def __iter__(self) -> Iterator[StepStats]:
+        expand = self._monitor._expand
+        for rec in list(self._monitor._records):
+            yield expand(rec)
+
+    def __repr__(self) -> str:
+        return f"<GradientMonitor history: {len(self)} steps>"
+
+
+def _trace(step: int, slots: list[_Slot], linf: list[float]) -> NonfiniteSource | None:
+    """The source of the NaN/Inf in a step: see :class:`GradientMonitor`."""
+    bad_calls: set[tuple[str, int]] = set()
+    bad_modules: set[str] = set()
+    for s, v in zip(slots, linf):
+        if s.kind == _OUT and not math.isfinite(v):
+            bad_calls.add((s.name, s.seq))
+            bad_modules.add(s.name)
+    first_bad_out: str | None = None
+    for i, s in enumerate(slots):  # backward (firing) order
+        if math.isfinite(linf[i]):
+            continue
+        if s.kind == _PARAM:
+            if s.owner not in bad_modules:
+                return NonfiniteSource(s.owner, step, "backward")
+            continue
+        calls = [(s.name, s.seq)] if s.kind == _IN else s.consumers
+        for c in calls:
+            if c not in bad_calls:
+                return NonfiniteSource(c[0], step, "backward")
+        if s.kind == _OUT and first_bad_out is None:
+            first_bad_out = s.name
+    if first_bad_out is not None:
+        return NonfiniteSource(first_bad_out, step, "incoming")
+    return None
 
 
 def _alive(ref: weakref.ref[Any], name: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -245,7 +246,7 @@ def _draw_layers(
     ax.legend(fontsize=7, loc="best")
 
 
-def _draw_heat(fig: Any, ax: Any, history: list[StepStats], kind: str) -> None:
+def _draw_heat(fig: Any, ax: Any, history: Sequence[StepStats], kind: str) -> None:
     names: list[str] = []
     for rec in history:
         for n in rec.params if kind == "parameters" else rec.outputs:

@@ -17,6 +17,7 @@ def test_every_variant_runs_and_cleans_up() -> None:
         steps = make_steps(model, inp, monitors)
         assert set(steps) == {
             "plain",
+            "hook_floor",
             "capture_all",
             "monitor",
             "nan_trace",
