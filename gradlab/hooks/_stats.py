@@ -97,7 +97,7 @@ class CpuArena:
     The row buffers are kept between flushes, so a training loop writes into the same warm
     memory every step; they grow to the largest number of rows a group needed between two
     flushes. :meth:`one` reduces a single gradient on its own (the monitor's choice for one larger
-    than its ``buffer_bytes``).
+    than 64 KiB, or than its ``buffer_bytes``).
     """
 
     __slots__ = ("_groups", "_scratch", "bytes")

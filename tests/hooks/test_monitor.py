@@ -374,6 +374,22 @@ def test_both_statistics_paths_match_references(
         _close(rec.params[n], _stats(p.grad))
 
 
+def test_large_and_small_cpu_gradients_mix(device: torch.device) -> None:
+    # Gradients over 64 KiB are reduced alone in their hook, smaller ones in rows: one step
+    # with both (the 64 x 300 float64 outputs are 150 KiB; the biases and last output small).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 300), nn.Tanh(), nn.Linear(300, 3)).double().to(device)
+    x = torch.randn(64, 20, dtype=torch.float64, device=device)
+    ref_out, _ = reference_grads(model, x)
+    with GradientMonitor(model) as monitor:
+        model(x).pow(2).sum().backward()
+    rec = monitor.history[0]
+    for i, ref in enumerate(ref_out):
+        _close(rec.outputs[str(i)], _stats(ref))
+    for n, p in model.named_parameters():
+        _close(rec.params[n], _stats(p.grad))
+
+
 def test_both_statistics_paths_trace_nan(stats_path: int | None, device: torch.device) -> None:
     model = _nan_net(device)
     with GradientMonitor(model, buffer_bytes=stats_path) as monitor:
