@@ -151,7 +151,7 @@ def time_interleaved(
 
 
 def _median_ratios(per_round: dict[str, list[float]], baseline: str) -> dict[str, float]:
-    """Per variant, the median over rounds of its round's time over the baseline's."""
+    """Per variant, the median over rounds (or turns) of its time over the baseline's."""
     base = per_round[baseline]
     return {n: statistics.median(a / b for a, b in zip(t, base)) for n, t in per_round.items()}
 
@@ -165,19 +165,29 @@ def time_alternating(
     ctx: Context,
     baseline: str | None = None,
     rounds: int | None = None,
+    block: int = 1,
+    skip: int = 0,
 ) -> tuple[dict[str, Timing], dict[str, float]]:
-    """Time several variants call by call, alternating between them; timings and ratios.
+    """Time several variants in short alternating runs; timings and ratios.
 
     Where :func:`time_interleaved` alternates blocks of about ``ctx.min_run_time`` seconds, this
-    alternates single calls (the order rotated every call), so that a variant and its baseline
-    are measured milliseconds apart: a slow drift of the machine's speed (other tenants of a
-    shared machine, frequency changes) cancels out of the ratios. Meant for CPU steps of
-    milliseconds; on CUDA it defers to :func:`time_interleaved`, whose blocks synchronise once.
+    alternates runs of ``block`` consecutive calls (default 1: single calls; the order rotated
+    every turn), so that a variant and its baseline are measured milliseconds apart: a slow drift
+    of the machine's speed (other tenants of a shared machine, frequency changes) cancels out of
+    the ratios. The first ``skip`` calls of each run are not recorded: with ``block > skip``
+    each variant is measured in its steady state, as in a loop that calls it again and again,
+    not right after another variant has changed the caches and the allocator's state. Meant for
+    CPU steps of milliseconds; on CUDA it defers to :func:`time_interleaved`, whose blocks
+    synchronise once.
 
     Returns:
         ``(timings, ratios)`` as :func:`time_interleaved`: per-call :class:`Timing` per variant
-        (over every call), and the median over rounds of the ratio of per-round medians.
+        (over every recorded call), and the median over turns of the ratio of the variant's
+        run (its median call) to the baseline's run in the same turn: runs measured next to
+        each other, so that the machine's drift cancels out of each ratio.
     """
+    if not 0 <= skip < block:
+        raise ValueError(f"time_alternating: need 0 <= skip < block, received {skip=}, {block=}")
     if ctx.device.type != "cpu":
         return time_interleaved(fns, ctx=ctx, baseline=baseline, rounds=rounds)
     names = list(fns)
@@ -190,22 +200,22 @@ def time_alternating(
             f()
         warm += 1
     per_call = (clock() - start) / (warm * len(names))
-    calls = max(5, int(ctx.min_run_time / max(per_call, 1e-9)))
+    turns = max(5, int(ctx.min_run_time / max(per_call, 1e-9)) // (block - skip))
     samples: dict[str, list[float]] = {n: [] for n in names}
-    per_round: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(rounds or ctx.rounds):
-        this_round: dict[str, list[float]] = {n: [] for n in names}
-        for i in range(calls):
-            for n in names[i % len(names) :] + names[: i % len(names)]:
-                f = fns[n]
+    per_turn: dict[str, list[float]] = {n: [] for n in names}
+    for i in range((rounds or ctx.rounds) * turns):
+        for n in names[i % len(names) :] + names[: i % len(names)]:
+            f = fns[n]
+            times = []
+            for k in range(block):
                 t0 = clock()
                 f()
-                this_round[n].append(clock() - t0)
-        for n in names:
-            per_round[n].append(statistics.median(this_round[n]))
-            samples[n].extend(this_round[n])
+                if k >= skip:
+                    times.append(clock() - t0)
+            per_turn[n].append(statistics.median(times))
+            samples[n].extend(times)
     timings = {n: Timing.from_times(samples[n]) for n in names}
-    return timings, _median_ratios(per_round, baseline)
+    return timings, _median_ratios(per_turn, baseline)
 
 
 class _LiveTensorBytes(TorchDispatchMode):

@@ -120,3 +120,34 @@ def test_time_alternating_pairs_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     assert timings["base"].blocks == timings["slow"].blocks >= 5 * ctx.rounds
     # Alternating: never more than two calls of one variant in a row (where the order rotates).
     assert max(len(list(run)) for _, run in itertools.groupby(order)) <= 2
+
+
+def test_time_alternating_blocks_skip_the_first_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With block/skip, each run's first calls (cold after a switch) are not recorded."""
+    now = [0.0]
+    monkeypatch.setattr(core, "_clock", lambda: now[0])
+    order: list[str] = []
+
+    def step(name: str, dt: float) -> Callable[[], None]:
+        def f() -> None:
+            cold = not order or order[-1] != name
+            order.append(name)
+            now[0] += dt * (5 if cold else 1)  # the first call after a switch is slow
+
+        return f
+
+    fns = {"base": step("base", 1e-3), "slow": step("slow", 3e-3)}
+    ctx = core.Context(torch.device("cpu"), size="quick")
+    timings, ratios = core.time_alternating(fns, ctx=ctx, baseline="base", block=4, skip=1)
+    assert ratios == {"base": 1.0, "slow": pytest.approx(3.0)}
+    assert timings["slow"].median == pytest.approx(3e-3)
+    assert timings["slow"].iqr == pytest.approx(0.0)  # no cold call recorded
+    runs = [len(list(run)) for _, run in itertools.groupby(order)]
+    # warm-up: single calls; then runs of 4, two back to back where the order rotates
+    assert set(runs) - {1} <= {4, 8} and len(runs) - runs.count(1) >= 4
+    # call by call, the cold first calls are all that is measured
+    order.clear()
+    _, ratios = core.time_alternating(fns, ctx=ctx, baseline="base")
+    assert ratios["slow"] == pytest.approx(3.0)  # both cold every call: 15 ms / 5 ms
+    with pytest.raises(ValueError, match="need 0 <= skip < block"):
+        core.time_alternating(fns, ctx=ctx, block=2, skip=2)

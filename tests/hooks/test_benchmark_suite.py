@@ -18,6 +18,7 @@ def test_every_variant_runs_and_cleans_up() -> None:
         assert set(steps) == {
             "plain",
             "hook_floor",
+            "hold_floor",
             "capture_all",
             "monitor",
             "nan_trace",
