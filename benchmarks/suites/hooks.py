@@ -185,8 +185,8 @@ def run(ctx: Context) -> list[Table]:
             "overhead_ratio: each variant is timed against plain alone (a pair), the two "
             "alternating in runs of 8 steps on CPU, the first 2 of each run not recorded "
             "(time_alternating, block=8, skip=2: the steady state of a training loop); the ratio "
-            "is the median over rounds of median time(variant) / median time(plain). plain's "
-            "row pools its pairs.",
+            "is the median over turns of median time(variant) / median time(plain) in runs "
+            "measured next to each other. plain's row pools its pairs.",
             "Goals: capture_all <= 1.10x and monitor <= 1.3x on the MLP and CNN cases.",
             "hook_floor: no-op forward hook + no-op gradient hook per leaf module, the least "
             "any implementation on these hooks can cost; hold_floor: the same hooks keeping "
