@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator, Mapping
-from types import TracebackType
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from gradlab.hooks._engine import HandleBag, PassClock, on_grad, register_global_forward_hook
+from gradlab.hooks._engine import HookContext, PassClock, on_grad, register_global_forward_hook
 from gradlab.hooks._select import check_model, select_modules
 
 __all__ = ["CapturedGrads", "capture_grads"]
@@ -20,7 +19,7 @@ Of = Literal["output", "input", "parameter"]
 _OFS = ("output", "input", "parameter")
 
 
-class CapturedGrads(Mapping[str, torch.Tensor]):
+class CapturedGrads(HookContext, Mapping[str, torch.Tensor]):
     """The gradients seen by :func:`capture_grads`: a read-only mapping ``key -> Tensor``.
 
     Keys are module names (``of="output"`` / ``"input"``) or parameter names
@@ -37,7 +36,10 @@ class CapturedGrads(Mapping[str, torch.Tensor]):
     * ``grads.backward_passes``: how many backward passes fired a hook so far.
     """
 
+    _name = "capture_grads"
+
     def __init__(self, model: nn.Module, patterns: tuple[str, ...], of: Of) -> None:
+        super().__init__()
         # Held weakly: the result must not keep the model (or its layers) alive.
         selected = [] if of == "parameter" else select_modules("capture_grads", model, patterns)
         self._selected = [(n, weakref.ref(m)) for n, m in selected]
@@ -49,48 +51,26 @@ class CapturedGrads(Mapping[str, torch.Tensor]):
         self._data: dict[str, dict[int, torch.Tensor]] = {}
         self._seq = 0
         self._clock = PassClock(on_start=self._start_pass)
-        self._bag = HandleBag()
-        self._active = False
         self._ref = weakref.ref(self)
 
     # -- context --------------------------------------------------------------------------
-    def __enter__(self) -> CapturedGrads:
-        if self._active:
-            raise RuntimeError("capture_grads: this context is already active; create a new one")
-        self._active = True
+    def _install(self) -> None:
         ref = self._ref
-        try:
-            if self._of == "output":
-                for name, module_ref in self._selected:
-                    _alive("capture_grads", module_ref, name)
-                # One process-wide forward hook instead of one per module: entering and leaving
-                # the context costs two registrations whatever the model's size. It ignores
-                # every module that was not selected.
-                if self._by_id:
-                    h = register_global_forward_hook(_output_hook(ref, self._by_id))
-                    self._bag.module(h)
-            for name, module_ref in self._selected if self._of == "input" else ():
-                module = _alive("capture_grads", module_ref, name)
-                h = module.register_forward_pre_hook(_input_hook(ref, name), with_kwargs=True)
-                self._bag.module(h)
-            for i, (pname, p_ref) in enumerate(self._params):
-                p = _alive("capture_grads", p_ref, pname)
-                hook = _param_hook(ref, pname, i)
-                self._bag.module(p.register_post_accumulate_grad_hook(hook))
-        except BaseException:
-            self._bag.remove_all()
-            self._active = False
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._bag.remove_all()
-        self._active = False
+        if self._of == "output":
+            for name, module_ref in self._selected:
+                _alive("capture_grads", module_ref, name)
+            # One process-wide forward hook instead of one per module: entering and leaving
+            # the context costs two registrations whatever the model's size. It ignores
+            # every module that was not selected.
+            if self._by_id:
+                self._bag.module(register_global_forward_hook(_output_hook(ref, self._by_id)))
+        for name, module_ref in self._selected if self._of == "input" else ():
+            module = _alive("capture_grads", module_ref, name)
+            h = module.register_forward_pre_hook(_input_hook(ref, name), with_kwargs=True)
+            self._bag.module(h)
+        for i, (pname, p_ref) in enumerate(self._params):
+            p = _alive("capture_grads", p_ref, pname)
+            self._bag.module(p.register_post_accumulate_grad_hook(_param_hook(ref, pname, i)))
 
     # -- recording (called from hooks) ----------------------------------------------------
     def _start_pass(self) -> None:

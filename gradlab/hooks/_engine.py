@@ -15,13 +15,14 @@ import inspect
 import weakref
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
 
 import torch
 from torch.nn.modules import module as _module
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HandleBag", "PassClock", "on_grad", "register_global_forward_hook"]
+__all__ = ["HandleBag", "HookContext", "PassClock", "on_grad", "register_global_forward_hook"]
 
 
 class PassClock:
@@ -92,6 +93,56 @@ class HandleBag:
             h.remove()
         self._module.clear()
         self._tensor.clear()
+
+
+_C = TypeVar("_C", bound="HookContext")
+
+
+class HookContext:
+    """Base of the hook contexts: hooks go in on ``__enter__`` and all come out on ``__exit__``.
+
+    A subclass registers its hooks in :meth:`_install`, handing every handle to ``self._bag``;
+    if :meth:`_install` raises, the handles registered so far are removed before the error
+    propagates. ``__exit__`` removes every handle (exceptions included), then runs
+    :meth:`_after_exit`. :meth:`_check_enter` refuses a second entry while active.
+    """
+
+    _name = "context"  # the user-facing name, for messages
+
+    def __init__(self) -> None:
+        self._bag = HandleBag()
+        self._active = False
+
+    def _check_enter(self) -> None:
+        if self._active:
+            raise RuntimeError(f"{self._name}: this context is already active; create a new one")
+
+    def _install(self) -> None:
+        raise NotImplementedError
+
+    def _after_exit(self) -> None:
+        """Called at the end of ``__exit__``, after every hook was removed."""
+
+    def __enter__(self: _C) -> _C:
+        self._check_enter()
+        self._active = True
+        try:
+            self._install()
+        except BaseException:
+            self._bag.remove_all()
+            self._active = False
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._bag.remove_all()
+        self._active = False
+        self._after_exit()
 
 
 def _weak(fn: Callable[[], None] | None) -> Callable[[], Callable[[], None] | None]:

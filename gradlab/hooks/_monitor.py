@@ -9,7 +9,6 @@ import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Literal, NamedTuple, overload
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from gradlab.hooks._engine import HandleBag, PassClock, on_grad
+from gradlab.hooks._engine import HookContext, PassClock, on_grad
 from gradlab.hooks._select import check_model, select_modules
 from gradlab.hooks._stats import ROWS, CpuArena, stats_fused
 
@@ -111,7 +110,7 @@ _CPU_ALONE_BYTES = 2**16
 _DEVICE_BUFFER_BYTES = 64 * 2**20  # default buffer_bytes on GPUs
 
 
-class GradientMonitor:
+class GradientMonitor(HookContext):
     r"""Record per-layer gradient statistics for every backward pass and trace NaN/Inf sources.
 
     A context manager; wrap one step or a whole training run. Each backward pass (one
@@ -203,6 +202,7 @@ class GradientMonitor:
         buffer_bytes: int | None = None,
         history_size: int | None = None,
     ) -> None:
+        super().__init__()
         check_model("GradientMonitor", model)
         if not (vanishing >= 0 and exploding > 0 and vanishing < exploding):
             raise ValueError(
@@ -234,9 +234,7 @@ class GradientMonitor:
         names = [n for n, _ in self._modules] + [n for n, _, _ in self._params]
         self._order = {n: i for i, n in enumerate(names)}  # forward (registration) order
         self._ref = weakref.ref(self)
-        self._bag = HandleBag()
         self._clock = PassClock(on_start=self._start_pass, on_end=self._end_pass)
-        self._active = False
         self._seq = 0
         self._open_calls: dict[str, list[int]] = {}
         self._produced: dict[int, tuple[Any, int, _Slot]] = {}
@@ -258,38 +256,26 @@ class GradientMonitor:
         self._source: NonfiniteSource | None = None
 
     # -- context --------------------------------------------------------------------------
-    def __enter__(self) -> GradientMonitor:
+    def _check_enter(self) -> None:
         if self._active:
             raise RuntimeError("GradientMonitor: this monitor is already active")
-        self._active = True
-        ref = self._ref
-        try:
-            for name, module_ref in self._modules:
-                module = _alive(module_ref, name)
-                inplace = self.trace_nonfinite and getattr(module, "inplace", False) is True
-                if inplace:  # it may overwrite its input: hook the input before it runs
-                    pre = _pre_hook(ref, name)
-                    self._bag.module(module.register_forward_pre_hook(pre, with_kwargs=True))
-                hook = _fwd_hook(ref, name, self.trace_nonfinite and not inplace)
-                self._bag.module(module.register_forward_hook(hook, with_kwargs=True))
-            for pname, owner, p_ref in self._params:
-                p = _alive(p_ref, pname)
-                slot = _Slot(_PARAM, pname, 0, owner)
-                self._bag.module(p.register_post_accumulate_grad_hook(_param_hook(ref, slot)))
-        except BaseException:
-            self._bag.remove_all()
-            self._active = False
-            raise
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._bag.remove_all()
-        self._active = False
+    def _install(self) -> None:
+        ref = self._ref
+        for name, module_ref in self._modules:
+            module = _alive(module_ref, name)
+            inplace = self.trace_nonfinite and getattr(module, "inplace", False) is True
+            if inplace:  # it may overwrite its input: hook the input before it runs
+                pre = _pre_hook(ref, name)
+                self._bag.module(module.register_forward_pre_hook(pre, with_kwargs=True))
+            hook = _fwd_hook(ref, name, self.trace_nonfinite and not inplace)
+            self._bag.module(module.register_forward_hook(hook, with_kwargs=True))
+        for pname, owner, p_ref in self._params:
+            p = _alive(p_ref, pname)
+            slot = _Slot(_PARAM, pname, 0, owner)
+            self._bag.module(p.register_post_accumulate_grad_hook(_param_hook(ref, slot)))
+
+    def _after_exit(self) -> None:
         self._produced.clear()
         self._open_calls.clear()
         if self._slots:  # a pass whose end callback never ran (it raised)

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator, Sequence
-from types import TracebackType
 from typing import Any, overload
 
 import torch
 
-from gradlab.hooks._engine import HandleBag
+from gradlab.hooks._engine import HookContext
 
 __all__ = ["RetainedGrads", "retain_grads"]
 
 
-class RetainedGrads(Sequence["torch.Tensor | None"]):
+class RetainedGrads(HookContext, Sequence["torch.Tensor | None"]):
     """Gradients of the tensors given to :func:`retain_grads`, in the order they were given.
 
     ``grads[i]`` is the gradient accumulated into the i-th tensor so far (exactly what
@@ -22,32 +21,25 @@ class RetainedGrads(Sequence["torch.Tensor | None"]):
     backward pass has reached it, as ``.grad`` would be.
     """
 
+    _name = "retain_grads"
+
     def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        super().__init__()
         self._tensors: list[torch.Tensor] | None = list(tensors)
         self._grads: list[torch.Tensor | None] = [None] * len(tensors)
-        self._bag = HandleBag()
 
-    def __enter__(self) -> RetainedGrads:
+    def _check_enter(self) -> None:
         if self._tensors is None:
             raise RuntimeError("retain_grads: this context was already used; create a new one")
+
+    def _install(self) -> None:
+        assert self._tensors is not None  # _check_enter
         ref = weakref.ref(self)
         try:
             for i, t in enumerate(self._tensors):
                 self._bag.tensor(t.register_hook(_hook(ref, i)))
-        except BaseException:
-            self._bag.remove_all()
-            raise
         finally:
             self._tensors = None  # the context does not keep the caller's tensors alive
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._bag.remove_all()
 
     def _add(self, i: int, grad: torch.Tensor) -> None:
         g = grad.detach() if grad.requires_grad else grad

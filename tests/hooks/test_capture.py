@@ -326,3 +326,20 @@ def test_output_is_the_modules_own_before_user_hooks(device: torch.device) -> No
 
 def _like(t: torch.Tensor) -> dict[str, object]:
     return {"dtype": t.dtype, "device": t.device}
+
+
+def test_enter_rolls_back_when_a_module_is_gone_and_refuses_reentry() -> None:
+    model = mlp()
+    before = hook_counts(model)
+    grads = capture_grads(model, of="input")
+    model[4] = nn.Linear(8, 3).double()
+    gc.collect()
+    with pytest.raises(RuntimeError, match="capture_grads: '4' no longer exists"):
+        grads.__enter__()
+    assert hook_counts(model) == before
+    fresh = capture_grads(model)
+    with fresh:
+        with pytest.raises(RuntimeError, match="capture_grads: this context is already active"):
+            fresh.__enter__()
+        model(torch.randn(2, 5, dtype=torch.float64)).sum().backward()
+    assert sorted(fresh) == [str(i) for i in range(5)] and hook_counts(model) == before

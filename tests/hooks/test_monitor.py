@@ -557,3 +557,20 @@ def test_history_memory_per_step_is_small() -> None:
             tracemalloc.stop()
     per_step = grown / 300
     assert per_step < 32 * records + 400, (per_step, records)
+
+
+def test_enter_rolls_back_when_a_module_is_gone_and_refuses_reentry() -> None:
+    model = mlp()
+    before = hook_counts(model)
+    monitor = GradientMonitor(model)
+    model[4] = nn.Linear(8, 3).double()  # the monitored layer "4" no longer exists
+    gc.collect()
+    with pytest.raises(RuntimeError, match="GradientMonitor: '4' no longer exists"):
+        monitor.__enter__()
+    assert hook_counts(model) == before  # the hooks put on layers 0-3 were removed again
+    fresh = GradientMonitor(model)
+    with fresh:
+        with pytest.raises(RuntimeError, match="GradientMonitor: this monitor is already active"):
+            fresh.__enter__()
+        model(torch.randn(2, 5, dtype=torch.float64)).sum().backward()
+    assert fresh.steps == 1 and hook_counts(model) == before

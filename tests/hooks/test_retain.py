@@ -113,3 +113,16 @@ def test_bad_arguments() -> None:
         retain_grads(torch.ones(2))
     with pytest.raises(ValueError, match="retain_grads: tensors is empty"):
         retain_grads()
+
+
+def test_a_used_context_cannot_be_entered_again() -> None:
+    x = torch.randn(3, requires_grad=True)
+    y = x * 2
+    grads = retain_grads(y)
+    with grads:
+        with pytest.raises(RuntimeError, match="retain_grads: this context was already used"):
+            grads.__enter__()
+        y.sum().backward()
+    with pytest.raises(RuntimeError, match="retain_grads: this context was already used"):
+        grads.__enter__()
+    assert torch.equal(grads[0], torch.ones(3))
