@@ -10,16 +10,58 @@ in float32 (their L1 norm overflows float16 for 66k entries of 1).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["ROWS", "CpuArena", "stats_fused"]
+try:  # optional (the ``fast`` extra): BLAS level 1 through SciPy for CPU gradients
+    from scipy.linalg import blas as _blas
+except ImportError:  # pragma: no cover - depends on the environment
+    _blas = None
+
+__all__ = ["ROWS", "CpuArena", "blas_stats", "stats_fused"]
 
 ROWS = 3  # sum of squares, L1 norm, max |g|
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _SCRATCH_MAX = 2**20  # elements: larger CPU gradients use a fresh buffer for |g|
 _SMALL = 4096  # elements: smaller CPU gradients are kept by reference until the flush
+
+
+_BLAS: dict[torch.dtype, tuple[Callable[..., Any], ...]] = (
+    {
+        torch.float32: (_blas.sdot, _blas.sasum, _blas.isamax),
+        torch.float64: (_blas.ddot, _blas.dasum, _blas.idamax),
+    }
+    if _blas is not None
+    else {}
+)
+_BLAS_MAX = 2**31 - 1  # entries: SciPy's BLAS wrappers take 32-bit sizes
+
+
+def blas_stats(g: torch.Tensor) -> tuple[float, float, float] | None:
+    """(sum of squares, L1, max |g|) of a CPU gradient by three BLAS level-1 calls, or None.
+
+    ``dot(g, g)``, ``asum(g)`` and ``g[iamax(g)]``: three reads of ``g`` while it is in cache,
+    no write, no temporary and no torch op, about 3x faster than the fastest sequence of torch
+    ops (which must write ``|g|`` somewhere: no torch op reads ``|g|`` without materialising it,
+    except slow ones). ``iamax`` skips NaN, the dot does not, so a NaN anywhere makes max |g| NaN
+    as ``amax`` would. Accumulation is in the gradient's precision (float32 for float32), like
+    the torch ops'. Needs SciPy (``pip install gradlab[fast]``); returns ``None`` without it, or
+    when ``g`` is not a contiguous, plain (no conjugate/negative bit) float32/float64 CPU tensor
+    with 1 to 2**31 - 1 entries.
+    """
+    fns = _BLAS.get(g.dtype)
+    if fns is None or g.device.type != "cpu" or not g.is_contiguous():
+        return None
+    n = g.numel()
+    if not 0 < n <= _BLAS_MAX or g.is_conj() or g.is_neg():
+        return None
+    dot, asum, iamax = fns
+    a = g.detach().view(-1).numpy()
+    sq = float(dot(a, a))
+    hi = abs(float(a[iamax(a)])) if sq == sq else math.nan
+    return sq, float(asum(a)), hi
 
 
 def stats_fused(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:

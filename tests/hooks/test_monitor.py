@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from gradlab.hooks import GradientMonitor, LayerStats, NonfiniteSource
+from gradlab.hooks import _stats as _stats_module
 from tests.hooks._helpers import (
     NaNBackward,
     NaNLayer,
@@ -344,16 +345,25 @@ def test_inplace_op_between_modules_is_not_blamed_on_the_consumer(device: torch.
     assert "act" in monitor.history[0].nonfinite and "fc2" not in monitor.history[0].nonfinite
 
 
-@pytest.fixture(params=["grouped", "grouped-flushes", "alone", "fused", "fused-small-buffer"])
+@pytest.fixture(
+    params=["blas", "grouped", "grouped-flushes", "alone", "fused", "fused-small-buffer"]
+)
 def stats_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int | None:
     """Run a test through every statistics path and return the buffer_bytes to use.
 
-    CPU: "grouped" (|g| rows reduced per size group when the pass ends, the default),
+    CPU: "blas" (three BLAS level-1 calls per gradient in its hook, the default where SciPy is
+    installed; float16/bfloat16 and non-contiguous gradients take the torch paths below). The
+    torch paths, SciPy hidden: "grouped" (|g| rows reduced per size group when the pass ends),
     "grouped-flushes" (a 2000-byte buffer: flushes during the pass, rows buffers that grow, and
     gradients too large to buffer), "alone" (a 1-byte buffer: every gradient reduced on its own
     in its hook). The CUDA path (references kept, fused _foreach_norm), which otherwise only runs
     on a GPU: with the default buffer and with a 1-byte buffer (a reduction per gradient).
     """
+    if request.param == "blas":
+        if not _stats_module._BLAS:
+            pytest.skip("SciPy is not installed (the `fast` extra)")
+    else:
+        monkeypatch.setattr(_stats_module, "_BLAS", {})
     if request.param.startswith("fused"):
         monkeypatch.setattr("gradlab.hooks._monitor._GROUPED_DEVICES", ())
     return {"grouped-flushes": 2000, "alone": 1, "fused-small-buffer": 1}.get(request.param)
@@ -374,9 +384,12 @@ def test_both_statistics_paths_match_references(
         _close(rec.params[n], _stats(p.grad))
 
 
-def test_large_and_small_cpu_gradients_mix(device: torch.device) -> None:
-    # Gradients over 64 KiB are reduced alone in their hook, smaller ones in rows: one step
-    # with both (the 64 x 300 float64 outputs are 150 KiB; the biases and last output small).
+def test_large_and_small_cpu_gradients_mix(
+    device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without SciPy, gradients over 64 KiB are reduced alone in their hook, smaller ones in
+    # rows: one step with both (the 64 x 300 float64 outputs are 150 KiB; biases etc. small).
+    monkeypatch.setattr(_stats_module, "_BLAS", {})
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 300), nn.Tanh(), nn.Linear(300, 3)).double().to(device)
     x = torch.randn(64, 20, dtype=torch.float64, device=device)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from gradlab.hooks._stats import ROWS, CpuArena, stats_fused
+from gradlab.hooks import _stats as _stats_module
+from gradlab.hooks._stats import ROWS, CpuArena, blas_stats, stats_fused
 
 
 def _grads(device: torch.device) -> list[torch.Tensor]:
@@ -110,3 +111,34 @@ def test_fused_statistics(device: torch.device) -> None:
     columns = [[t.double().item() for t in c] for c in stats_fused(grads)]
     assert len(columns) == ROWS
     _check(columns, grads)
+
+
+needs_scipy = pytest.mark.skipif(
+    not _stats_module._BLAS, reason="SciPy is not installed (the `fast` extra)"
+)
+
+
+@needs_scipy
+def test_blas_statistics() -> None:
+    torch.manual_seed(0)
+    grads = [g for g in _grads(torch.device("cpu")) if g.numel()]
+    grads += [torch.randn(70000), torch.arange(-5.0, 6.0, dtype=torch.float64)]  # max: 1st, last
+    grads[-2][-1] = 100.0  # the largest entry at the very end
+    grads.append(torch.tensor([float("nan"), float("inf"), 1.0]))  # NaN with Inf: NaN
+    done = {i: blas_stats(g) for i, g in enumerate(grads)}
+    for i, g in enumerate(grads):
+        plain = g.dtype in (torch.float32, torch.float64) and g.is_contiguous()
+        assert (done[i] is not None) == plain, i  # float16 and non-contiguous: not BLAS
+    used = [i for i in done if done[i] is not None]
+    columns = [[done[i][k] for i in used] for k in range(ROWS)]  # type: ignore[index]
+    _check(columns, [grads[i] for i in used])
+
+
+@needs_scipy
+def test_blas_statistics_decline() -> None:
+    assert blas_stats(torch.empty(0)) is None
+    assert blas_stats(torch.randn(3, dtype=torch.complex64)) is None
+    assert blas_stats(torch.randn(3)._neg_view()) is None
+    assert blas_stats(torch.randn(4, 4)[:, 1]) is None  # strided
+    g = torch.randn(3, requires_grad=True) * 2  # a gradient that requires grad (create_graph)
+    assert blas_stats(g) == pytest.approx(_reference(g.detach()), rel=1e-6)
