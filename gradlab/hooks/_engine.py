@@ -81,9 +81,13 @@ class HandleBag:
         if len(self._tensor) >= 4096:
             self.prune()
 
-    def prune(self) -> None:
-        """Forget handles whose tensor is gone (their hook dict died with it)."""
-        self._tensor = [h for h in self._tensor if _alive(h)]
+    def prune(self, above: int = 0) -> None:
+        """Forget handles whose tensor is gone (their hook dict died with it).
+
+        With ``above``, only when more than that many tensor handles are held.
+        """
+        if len(self._tensor) > above:
+            self._tensor = [h for h in self._tensor if _alive(h)]
 
     def remove_all(self) -> None:
         """Remove every handle, module and tensor hooks alike; safe to call twice."""

@@ -52,13 +52,15 @@ def blas_stats(g: torch.Tensor) -> tuple[float, float, float] | None:
     with 1 to 2**31 - 1 entries.
     """
     fns = _BLAS.get(g.dtype)
-    if fns is None or g.device.type != "cpu" or not g.is_contiguous():
+    if fns is None or not g.is_contiguous():
         return None
-    n = g.numel()
-    if not 0 < n <= _BLAS_MAX or g.is_conj() or g.is_neg():
+    try:  # numpy() refuses what BLAS cannot take: CUDA, a conjugate or negative bit
+        a = (g.detach() if g.requires_grad else g).view(-1).numpy()
+    except (RuntimeError, TypeError):
+        return None
+    if not 0 < a.size <= _BLAS_MAX:
         return None
     dot, asum, iamax = fns
-    a = g.detach().view(-1).numpy()
     sq = float(dot(a, a))
     hi = abs(float(a[iamax(a)])) if sq == sq else math.nan
     return sq, float(asum(a)), hi
