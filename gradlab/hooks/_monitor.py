@@ -196,6 +196,8 @@ class GradientMonitor(HookContext):
         (0.2144, None)
     """
 
+    _name = "GradientMonitor"
+
     def __init__(
         self,
         model: nn.Module,
@@ -263,10 +265,6 @@ class GradientMonitor(HookContext):
         self._source: NonfiniteSource | None = None
 
     # -- context --------------------------------------------------------------------------
-    def _check_enter(self) -> None:
-        if self._active:
-            raise RuntimeError("GradientMonitor: this monitor is already active")
-
     def _install(self) -> None:
         ref = self._ref
         for name, module_ref in self._modules:

@@ -584,7 +584,7 @@ def test_enter_rolls_back_when_a_module_is_gone_and_refuses_reentry() -> None:
     assert hook_counts(model) == before  # the hooks put on layers 0-3 were removed again
     fresh = GradientMonitor(model)
     with fresh:
-        with pytest.raises(RuntimeError, match="GradientMonitor: this monitor is already active"):
+        with pytest.raises(RuntimeError, match="GradientMonitor: this context is already active"):
             fresh.__enter__()
         model(torch.randn(2, 5, dtype=torch.float64)).sum().backward()
     assert fresh.steps == 1 and hook_counts(model) == before
