@@ -58,18 +58,18 @@ class CapturedGrads(HookContext, Mapping[str, torch.Tensor]):
         ref = self._ref
         if self._of == "output":
             for name, module_ref in self._selected:
-                _alive("capture_grads", module_ref, name)
+                self._deref(module_ref, name)
             # One process-wide forward hook instead of one per module: entering and leaving
             # the context costs two registrations whatever the model's size. It ignores
             # every module that was not selected.
             if self._by_id:
                 self._bag.module(register_global_forward_hook(_output_hook(ref, self._by_id)))
         for name, module_ref in self._selected if self._of == "input" else ():
-            module = _alive("capture_grads", module_ref, name)
+            module = self._deref(module_ref, name)
             h = module.register_forward_pre_hook(_input_hook(ref, name), with_kwargs=True)
             self._bag.module(h)
         for i, (pname, p_ref) in enumerate(self._params):
-            p = _alive("capture_grads", p_ref, pname)
+            p = self._deref(p_ref, pname)
             self._bag.module(p.register_post_accumulate_grad_hook(_param_hook(ref, pname, i)))
 
     # -- recording (called from hooks) ----------------------------------------------------
@@ -188,13 +188,6 @@ def _param_hook(ref: weakref.ref[CapturedGrads], name: str, index: int) -> Any:
             store._data[name] = {-len(store._params) + index: p.grad.detach().clone()}
 
     return hook
-
-
-def _alive(fn: str, ref: weakref.ref[Any], name: str) -> Any:
-    obj = ref()
-    if obj is None:
-        raise RuntimeError(f"{fn}: {name!r} no longer exists (its model was deleted)")
-    return obj
 
 
 def _select_params(model: nn.Module, patterns: tuple[str, ...]) -> list[tuple[str, nn.Parameter]]:

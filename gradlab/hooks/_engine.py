@@ -124,6 +124,13 @@ class HookContext:
     def _install(self) -> None:
         raise NotImplementedError
 
+    def _deref(self, ref: weakref.ref[Any], name: str) -> Any:
+        """The object behind ``ref`` (a module or parameter held weakly), or a clear error."""
+        obj = ref()
+        if obj is None:
+            raise RuntimeError(f"{self._name}: {name!r} no longer exists (its model was deleted)")
+        return obj
+
     def _after_exit(self) -> None:
         """Called at the end of ``__exit__``, after every hook was removed."""
 

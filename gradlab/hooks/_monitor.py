@@ -268,7 +268,7 @@ class GradientMonitor(HookContext):
     def _install(self) -> None:
         ref = self._ref
         for name, module_ref in self._modules:
-            module = _alive(module_ref, name)
+            module = self._deref(module_ref, name)
             inplace = self.trace_nonfinite and getattr(module, "inplace", False) is True
             if inplace:  # it may overwrite its input: hook the input before it runs
                 pre = _pre_hook(ref, name)
@@ -276,7 +276,7 @@ class GradientMonitor(HookContext):
             hook = _fwd_hook(ref, name, self.trace_nonfinite and not inplace)
             self._bag.module(module.register_forward_hook(hook, with_kwargs=True))
         for pname, owner, p_ref in self._params:
-            p = _alive(p_ref, pname)
+            p = self._deref(p_ref, pname)
             slot = _Slot(_PARAM, pname, 0, owner)
             self._bag.module(p.register_post_accumulate_grad_hook(_param_hook(ref, slot)))
 
@@ -653,13 +653,6 @@ def _trace(step: int, slots: list[_Slot], linf: list[float]) -> NonfiniteSource 
     if first_bad_out is not None:
         return NonfiniteSource(first_bad_out, step, "incoming")
     return None
-
-
-def _alive(ref: weakref.ref[Any], name: str) -> Any:
-    obj = ref()
-    if obj is None:
-        raise RuntimeError(f"GradientMonitor: {name!r} no longer exists (its model was deleted)")
-    return obj
 
 
 def _mean(total: float, n: float) -> float:
