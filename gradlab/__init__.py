@@ -7,16 +7,15 @@ curvature and freezing helpers live at the top level.
 
 from __future__ import annotations
 
-from gradlab._autotune import (
+from gradlab._derivatives._autotune import (
     autotune,
     autotune_choices,
     clear_autotune_cache,
     is_autotune_enabled,
     set_autotune,
 )
-from gradlab._derivative import derivative
-from gradlab._errors import GradlabError, GraphError
-from gradlab._functional import (
+from gradlab._derivatives._derivative import derivative
+from gradlab._derivatives._functional import (
     HVP,
     JVP,
     VJP,
@@ -28,7 +27,8 @@ from gradlab._functional import (
     jvp,
     vjp,
 )
-from gradlab._grad import backward, grad
+from gradlab._derivatives._grad import backward, grad
+from gradlab._errors import GradlabError, GraphError
 from gradlab.curvature import (
     Eigenpairs,
     Spectrum,

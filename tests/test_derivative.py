@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradlab as gl
-from gradlab._derivative import DERIVATIVE_STRATEGIES
+from gradlab._derivatives._derivative import DERIVATIVE_STRATEGIES
 
 STRATEGIES = [*DERIVATIVE_STRATEGIES, "auto"]
 fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=5)

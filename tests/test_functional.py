@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradlab as gl
-from gradlab._functional import HESSIAN_STRATEGIES, HVP_STRATEGIES, JACOBIAN_STRATEGIES
+from gradlab._derivatives._functional import HESSIAN_STRATEGIES, HVP_STRATEGIES, JACOBIAN_STRATEGIES
 from tests._reference import fd_hessian, fd_jacobian
 
 fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=10)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from gradlab import _autotune
+from gradlab._derivatives import _autotune
 
 __all__ = ["derivative"]
 

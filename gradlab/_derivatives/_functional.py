@@ -4,7 +4,7 @@ Each function takes a function and its arguments the way ``torch.func`` does (te
 dicts of tensors, ``argnums`` an int or a tuple) and returns ``torch.func``'s structure. The
 strategies are computed by different autograd paths and give the same numbers; they differ in
 speed and memory, which depend on the function, the shapes and the device. ``strategy="auto"``
-measures them once per function and input signature (see :mod:`gradlab._autotune`).
+measures them once per function and input signature (see :mod:`gradlab._derivatives._autotune`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from gradlab import _autotune
+from gradlab._derivatives import _autotune
+from gradlab._derivatives._hvp_engine import GradGraph
 from gradlab._typing import PyTree, TensorFn
 
 __all__ = [
@@ -513,23 +514,14 @@ def _hvp_impl(f: TensorFn, primals: tuple, tangents: tuple, strategy: str) -> tu
         res = torch.func.vjp(torch.func.grad_and_value(sf, nums), *primals, has_aux=True)
         _, vjp_fn, value = res
         return value, vjp_fn(tangents)
-    # double-backward
+    # double-backward: the shared engine (gradlab._derivatives._hvp_engine)
     flat_t = pytree.tree_leaves(tangents)
     with torch.enable_grad():
         full, req = _leaves_requiring_grad(primals, nums)
         value = sf(*full)
         out: list[torch.Tensor | None] = [None] * len(req)
         if value.requires_grad:
-            gs = torch.autograd.grad(value, req, create_graph=True, allow_unused=True)
-            keep = [i for i, g in enumerate(gs) if g is not None and g.requires_grad]
-            if keep:
-                hv = torch.autograd.grad(
-                    [gs[i] for i in keep],  # type: ignore[misc]
-                    req,
-                    grad_outputs=[flat_t[i] for i in keep],
-                    allow_unused=True,
-                )
-                out = list(hv)
+            out = list(GradGraph(value, req).hvp(flat_t, retain_graph=False))
     res = [torch.zeros_like(t) if h is None else h for h, t in zip(out, req)]
     spec = pytree.tree_flatten(primals)[1]
     return value.detach(), pytree.tree_unflatten(res, spec)

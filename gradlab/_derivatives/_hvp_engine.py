@@ -1,0 +1,64 @@
+"""The one Hessian-vector-product engine: double backward through a shared first-order graph.
+
+``gl.hvp(strategy="double-backward")`` and every curvature function use :class:`GradGraph`: the
+gradient of a scalar w.r.t. its inputs is taken once with ``create_graph=True``, then each product
+``H v`` is one ``autograd.grad(g, inputs, v)`` through that graph (what a hand-written
+PyHessian-style loop does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class GradGraph:
+    """First-order gradient graph of a scalar ``value`` w.r.t. ``inputs``, for many HVPs.
+
+    Attributes:
+        inputs: the tensors differentiated against.
+        used: indices of the inputs whose gradient depends on them again (a second derivative
+            exists); the others have a zero Hessian row/column block or are unused.
+        unused: indices of the inputs ``value`` does not depend on at all.
+        grads: the first-order gradients of the ``used`` inputs (with a graph).
+    """
+
+    def __init__(self, value: torch.Tensor, inputs: Sequence[torch.Tensor]) -> None:
+        self.inputs = list(inputs)
+        with torch.enable_grad():
+            gs = torch.autograd.grad(value, self.inputs, create_graph=True, allow_unused=True)
+        self.unused = [i for i, g in enumerate(gs) if g is None]
+        self.used = [i for i, g in enumerate(gs) if g is not None and g.requires_grad]
+        self.grads = [gs[i] for i in self.used]
+        self.first = list(gs)
+
+    def hvp(
+        self,
+        vs: Sequence[torch.Tensor],
+        *,
+        retain_graph: bool = True,
+        create_graph: bool = False,
+        batched: bool = False,
+    ) -> list[torch.Tensor]:
+        """``H v`` for ``vs`` shaped like ``inputs`` (one piece per input).
+
+        With ``batched=True`` each piece has a leading batch dimension and the products are
+        computed in one vmapped backward (``is_grads_batched``). Inputs without a second-order
+        path get zeros.
+        """
+        out: list[torch.Tensor | None] = [None] * len(self.inputs)
+        if self.used:
+            with torch.enable_grad():
+                hv = torch.autograd.grad(
+                    self.grads,  # type: ignore[arg-type]
+                    [self.inputs[i] for i in self.used],
+                    grad_outputs=[vs[i] for i in self.used],
+                    retain_graph=retain_graph or create_graph,
+                    create_graph=create_graph,
+                    allow_unused=True,
+                    is_grads_batched=batched,
+                )
+            for i, h in zip(self.used, hv):
+                out[i] = h
+        return [torch.zeros_like(v) if h is None else h for h, v in zip(out, vs)]
