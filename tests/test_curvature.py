@@ -317,7 +317,7 @@ def test_progress_true_prints_one_updating_line_to_stderr(capsys, device):
 
 
 def test_progress_is_throttled(capsys, monkeypatch):
-    from gradlab import curvature
+    from gradlab.curvature import _core as curvature
 
     clock = [0.0]
     monkeypatch.setattr(curvature.time, "perf_counter", lambda: clock[0])
@@ -401,7 +401,7 @@ def test_progress_bad_type(bad):
 
 
 def test_progress_line_is_ended_when_the_run_fails(capsys):
-    from gradlab import curvature
+    from gradlab.curvature import _core as curvature
 
     prog = curvature._Progress("f", True)
     with pytest.raises(RuntimeError, match="boom"), prog.run(10):
