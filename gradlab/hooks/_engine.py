@@ -214,8 +214,15 @@ def register_global_forward_hook(hook: Callable[..., None]) -> RemovableHandle:
     hooks (2.6 and later), else ``hook(module, args, output)``; write it as
     ``hook(module, args, *rest)`` with ``output = rest[-1]``. A global hook runs for every
     module call in the process, before the module's own forward hooks, so it sees the output
-    the module returned, before any of the user's hooks replaces it.
+    the module returned, before any of the user's hooks replaces it. Removing the handle
+    restores every global hook table of ``torch.nn.modules.module`` exactly.
     """
-    if _GLOBAL_KWARGS:
-        return _module.register_module_forward_hook(hook, with_kwargs=True)
-    return _module.register_module_forward_hook(hook)
+    if not _GLOBAL_KWARGS:
+        return _module.register_module_forward_hook(hook)
+    handle = _module.register_module_forward_hook(hook, with_kwargs=True)
+    # torch's handle forgets the ``with_kwargs`` entry on removal (each context would leave one
+    # behind in ``_global_forward_hooks_with_kwargs``): have it remove that one too.
+    kwargs_table = getattr(_module, "_global_forward_hooks_with_kwargs", None)
+    if isinstance(kwargs_table, dict):
+        handle.extra_dict_ref = (*handle.extra_dict_ref, weakref.ref(kwargs_table))
+    return handle

@@ -90,19 +90,24 @@ def reference_grads(
     return list(g_out), list(g_in)
 
 
+def global_tables() -> dict[str, dict]:  # type: ignore[type-arg]
+    """Every process-wide hook table of ``torch.nn.modules.module`` (``_global_*`` dicts)."""
+    tables = {
+        n: t
+        for n, t in vars(module_globals).items()
+        if n.startswith("_global_") and isinstance(t, dict)
+    }
+    return tables
+
+
+def global_snapshot() -> dict[str, dict]:  # type: ignore[type-arg]
+    """A copy of every global hook table (keys and values), to compare before and after."""
+    return {n: dict(t) for n, t in global_tables().items()}
+
+
 def hook_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """Number of hooks of every kind on every module and parameter, and process-wide ones."""
-    counts: dict[str, tuple[int, ...]] = {
-        "global": tuple(
-            len(getattr(module_globals, d))
-            for d in (
-                "_global_forward_hooks",
-                "_global_forward_pre_hooks",
-                "_global_backward_hooks",
-                "_global_backward_pre_hooks",
-            )
-        )
-    }
+    counts: dict[str, tuple[int, ...]] = {"global": tuple(map(len, global_tables().values()))}
     for name, m in model.named_modules():
         counts[f"module {name}"] = (
             len(m._forward_hooks),

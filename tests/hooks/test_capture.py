@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import pytest
 import torch
 from torch import nn
 
-from gradlab.hooks import capture_grads
+from gradlab.hooks import GradientMonitor, capture_grads
 from tests.hooks._helpers import (
     cnn,
+    global_snapshot,
+    global_tables,
     hook_counts,
     input_for,
     mlp,
@@ -343,3 +346,56 @@ def test_enter_rolls_back_when_a_module_is_gone_and_refuses_reentry() -> None:
             fresh.__enter__()
         model(torch.randn(2, 5, dtype=torch.float64)).sum().backward()
     assert sorted(fresh) == [str(i) for i in range(5)] and hook_counts(model) == before
+
+
+def test_thousand_contexts_leave_every_global_hook_table_unchanged() -> None:
+    # Each of_="output" context registers one process-wide forward hook (with kwargs); torch's
+    # handle used to leave its entry in _global_forward_hooks_with_kwargs behind.
+    model = mlp()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    tables = global_tables()
+    assert "_global_forward_hooks_with_kwargs" in tables and "_global_backward_hooks" in tables
+    before = global_snapshot()
+    for i in range(1000):
+        with capture_grads(model, of=("output", "input", "parameter")[i % 3]) as grads:
+            if i % 100 == 0:
+                model(x).sum().backward()
+        if i % 100 == 0:
+            assert len(grads) > 0
+    assert global_snapshot() == before
+
+
+def test_nested_raising_and_threaded_contexts_restore_the_global_tables() -> None:
+    model, other = mlp(), mlp()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    before = global_snapshot()
+    with capture_grads(model) as outer:
+        with pytest.raises(ZeroDivisionError):
+            with capture_grads(model, "0"), GradientMonitor(other):
+                inner_tables = global_snapshot()
+                assert inner_tables != before  # the contexts are in
+                other(x).sum().backward()
+                1 / 0  # noqa: B018
+        model(x).sum().backward()
+    assert set(outer) == {"0", "1", "2", "3", "4"}
+    assert global_snapshot() == before
+
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            net = mlp()
+            for _ in range(100):
+                with capture_grads(net) as grads:
+                    net(x).sum().backward()
+                assert len(grads) == 5
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert global_snapshot() == before
