@@ -62,7 +62,12 @@ class StepStats:
         exploding: names whose gradient L2 norm is above ``exploding`` (finite entries, possibly
             an overflowing norm).
         nonfinite: names whose gradient holds a NaN or Inf.
-        source: where the non-finite values came from, or ``None`` when everything is finite.
+        source: where the non-finite values came from, or ``None`` when everything is finite
+            (and for a step the scaler skips).
+        scale: the loss scale the statistics were divided by (``1.0`` without a ``scaler``).
+        skipped: a step with a ``scaler`` whose gradients hold a NaN/Inf, which
+            ``GradScaler.step`` skips (an overflow of the scaled loss, not a layer's fault: no
+            ``source`` is named).
     """
 
     step: int
@@ -72,6 +77,27 @@ class StepStats:
     exploding: tuple[str, ...]
     nonfinite: tuple[str, ...]
     source: NonfiniteSource | None
+    scale: float = 1.0
+    skipped: bool = False
+
+    def __repr__(self) -> str:
+        def group(stats: dict[str, LayerStats], what: str) -> str:
+            norms = [s.norm for s in stats.values()]
+            if not norms:
+                return f"0 {what}"
+            return f"{len(norms)} {what}, norm {min(norms):.3g}..{max(norms):.3g}"
+
+        def names(t: tuple[str, ...]) -> str:
+            shown = ", ".join(map(repr, t[:3]))
+            return f"({shown}{', ...' if len(t) > 3 else ''}{',' if len(t) == 1 else ''})"
+
+        extra = f", scale={self.scale:g}, skipped={self.skipped}" if self.scale != 1.0 else ""
+        return (
+            f"StepStats(step={self.step}, outputs=<{group(self.outputs, 'modules')}>, "
+            f"params=<{group(self.params, 'parameters')}>, vanishing={names(self.vanishing)}, "
+            f"exploding={names(self.exploding)}, nonfinite={names(self.nonfinite)}, "
+            f"source={self.source!r}{extra})"
+        )
 
 
 class _Slot:
@@ -97,6 +123,7 @@ class _Pending:
     columns: list[int]  # record index of each column of ``stats``
     stats: torch.Tensor  # (3, R): sum of squares, L1, max |g|; on the host once ``event`` is done
     event: Any
+    scale: torch.Tensor | float | None  # the scaler's loss scale (None: no scaler or disabled)
 
 
 _GROUPED_DEVICES = ("cpu",)  # |g| rows reduced row-wise (CpuArena); other devices: fused foreach
@@ -109,6 +136,10 @@ _PRUNE_ABOVE = 128  # entries: dead hook handles / producer entries pruned when 
 # ones, no difference either way.
 _CPU_ALONE_BYTES = 2**16
 _DEVICE_BUFFER_BYTES = 64 * 2**20  # default buffer_bytes on GPUs
+# Default history_size: 1000 steps is ~0.7 MB on a small model (~740 B per step) and ~16 MB with
+# 500 recorded gradients; enough for a grad-flow heat map, bounded over a million-step run.
+HISTORY_SIZE = 1000
+_STATE_VERSION = 1
 
 
 class GradientMonitor(HookContext):
@@ -159,6 +190,30 @@ class GradientMonitor(HookContext):
     ``vanishing`` (default ``1e-7``) and *exploding* when it is above ``exploding`` (default
     ``1e3``); both are keyword arguments, compared per step.
 
+    **Mixed precision.** With ``scaler=`` (a ``torch.amp.GradScaler``) every statistic is of the
+    unscaled gradient: divided by the loss scale in force during that backward pass (read from the
+    scaler without synchronising; :attr:`StepStats.scale`), so norms and the vanishing/exploding
+    flags mean what they mean in float32. A step whose gradients hold a NaN/Inf is one
+    ``GradScaler.step`` skips (it skips exactly then) and is marked ``skipped=True``, with no
+    source named and :attr:`first_nonfinite` left alone: overflows of the scaled loss are
+    expected while the scale is calibrated. A NaN that every step makes (a real bug) shows as
+    every step skipped and a scale falling towards zero; trace it with a run without the scaler.
+
+    **Checkpoints and loggers.** :meth:`state_dict` / :meth:`load_state_dict` save and restore the
+    history, the step count, the NaN record and the thresholds (plain containers and tensors:
+    ``torch.save`` and ``torch.load(weights_only=True)``, pickle and deepcopy all work), so a
+    resumed run counts on. The monitor itself cannot be pickled or copied (it hooks a live
+    model). :meth:`scalars` gives a step as a flat ``{"grad/output/fc1/norm": ...}`` dict for
+    TensorBoard's ``add_scalar``, ``wandb.log`` or Lightning's ``log_dict``.
+
+    **DistributedDataParallel.** Wrap the DDP model (or its ``.module``): on each rank the monitor
+    sees that rank's *local* gradients, those of the rank's own batch, before the all-reduce:
+    output gradients always are, and parameter statistics are taken when backward accumulates
+    the local gradient into ``.grad`` (a post-accumulate-grad hook), before DDP writes the
+    averaged gradient there when backward finishes. So ranks report different numbers, and a
+    NaN is traced to the rank and layer that made it. For the averaged gradients (what the
+    optimizer uses) read ``.grad`` after backward, e.g. :func:`grad_flow_table` of the model.
+
     Every hook is removed in ``__exit__`` (exceptions included). The monitor keeps no reference
     to the model, and gradients only until the end of the pass that produced them.
 
@@ -173,13 +228,18 @@ class GradientMonitor(HookContext):
         buffer_bytes: gradient bytes buffered before a reduction runs: the extra memory the
             monitor holds during backward (default: 4 MiB on CPU, where the row buffers stay
             allocated between passes; 64 MiB on GPUs).
-        history_size: keep only the statistics of the last ``history_size`` steps in
-            :attr:`history` (default ``None``: every step). A step costs about 32 bytes per
-            recorded gradient (module outputs, traced inputs, parameters) plus 200; set it for
-            very long runs of large models. :attr:`first_nonfinite` is kept regardless.
+        history_size: keep the statistics of the last ``history_size`` steps in
+            :attr:`history` (default 1000; ``None`` keeps every step). A step costs about 32
+            bytes per recorded gradient (module outputs, traced inputs, parameters) plus 200, so
+            the default bounds the history at ~0.7 MB for a small MLP and ~16 MB for a model with
+            500 recorded gradients, however long the run; log :meth:`scalars` each step for a
+            full record. :attr:`steps` and :attr:`first_nonfinite` are kept regardless.
+        scaler: the ``torch.amp.GradScaler`` scaling the loss, if any: statistics are of the
+            unscaled gradients (see above).
 
     Raises:
-        TypeError: ``model`` is not a module or a pattern is not a string.
+        TypeError: ``model`` is not a module, a pattern is not a string, or ``scaler`` is not a
+            ``GradScaler``.
         ValueError: a pattern matches no module, a threshold is not positive / ordered, or
             ``history_size`` is not a positive int.
 
@@ -207,7 +267,8 @@ class GradientMonitor(HookContext):
         vanishing: float = 1e-7,
         exploding: float = 1e3,
         buffer_bytes: int | None = None,
-        history_size: int | None = None,
+        history_size: int | None = HISTORY_SIZE,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         super().__init__()
         check_model("GradientMonitor", model)
@@ -228,7 +289,13 @@ class GradientMonitor(HookContext):
                 f"GradientMonitor: history_size must be a positive int or None (keep every "
                 f"step), received {history_size!r}"
             )
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(
+                f"GradientMonitor: scaler must be a torch.amp.GradScaler or None, received "
+                f"{type(scaler).__name__}; pass the scaler whose scale(loss) you call backward on"
+            )
         self.history_size = history_size
+        self.scaler = scaler
         self.vanishing = float(vanishing)
         self.exploding = float(exploding)
         self.trace_nonfinite = trace_nonfinite
@@ -263,6 +330,9 @@ class GradientMonitor(HookContext):
         self._layouts: dict[tuple[tuple[int, ...], tuple[str, ...]], _Layout] = {}
         self._count = 0  # backward passes recorded
         self._source: NonfiniteSource | None = None
+        names_set = {n for n, _ in self._modules}
+        # scalars() key of the root module (a model that is itself a leaf, or matched by "*")
+        self._root_key = "model" if "model" not in names_set else "model(root)"
 
     # -- context --------------------------------------------------------------------------
     def _install(self) -> None:
@@ -421,6 +491,7 @@ class GradientMonitor(HookContext):
             return
         step = self._count
         self._count += 1
+        scale = self._scale_now()
         with torch.no_grad():
             device = chunks[0].device
             if any(t.device != device for t in chunks):
@@ -434,12 +505,26 @@ class GradientMonitor(HookContext):
                 with torch.cuda.device(device):
                     host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
                     host.copy_(stats, non_blocking=True)
+                    if isinstance(scale, torch.Tensor) and scale.device == device:
+                        pinned = torch.empty(scale.shape, dtype=scale.dtype, pin_memory=True)
+                        scale = pinned.copy_(scale, non_blocking=True)
                     event = torch.cuda.Event()
                     event.record(torch.cuda.current_stream(device))
                 stats = host
             elif device.type != "cpu":
                 stats = stats.cpu()
-        self._pending.append(_Pending(step, slots, numels, columns, stats, event))
+        self._pending.append(_Pending(step, slots, numels, columns, stats, event, scale))
+
+    def _scale_now(self) -> torch.Tensor | float | None:
+        """The scaler's current loss scale, without a sync (a copy: ``update()`` changes it)."""
+        scaler = self.scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        t = getattr(scaler, "_scale", None)
+        if isinstance(t, torch.Tensor):
+            with torch.no_grad():
+                return t.detach().clone()
+        return float(scaler.get_scale())
 
     # -- results --------------------------------------------------------------------------
     def _materialize(self, *, only_ready: bool = False) -> None:
@@ -459,11 +544,18 @@ class GradientMonitor(HookContext):
             vals = np.empty((ROWS + 1, len(p.slots)))
             vals[:ROWS, p.columns] = p.stats.numpy()
             vals[ROWS] = p.numels
+            scale = 1.0
+            if p.scale is not None:
+                scale = float(p.scale.cpu() if isinstance(p.scale, torch.Tensor) else p.scale)
+                vals[0] /= scale * scale  # sum of squares
+                vals[1:ROWS] /= scale  # L1, max |g|
             if np.isfinite(vals[2]).all():  # max |g|: the NaN/Inf detector
-                self._records.append(_Compact(p.step, self._layout(p.slots), vals))
+                self._records.append(_Compact(p.step, self._layout(p.slots), vals, scale))
                 continue
-            rec = self._summarise(p.step, p.slots, vals)
-            if self.trace_nonfinite:
+            rec = self._summarise(p.step, p.slots, vals, scale)
+            if p.scale is not None:  # GradScaler.step skips it: an overflow, nobody's fault
+                rec = dataclasses.replace(rec, skipped=True)
+            elif self.trace_nonfinite:
                 rec = dataclasses.replace(rec, source=_trace(p.step, p.slots, vals[2].tolist()))
                 if self._source is None:
                     self._source = rec.source
@@ -478,7 +570,9 @@ class GradientMonitor(HookContext):
                 self._layouts[key] = layout
         return layout
 
-    def _summarise(self, step: int, slots: Sequence[Any], vals: np.ndarray) -> StepStats:
+    def _summarise(
+        self, step: int, slots: Sequence[Any], vals: np.ndarray, scale: float = 1.0
+    ) -> StepStats:
         """StepStats (without a source) from per-record statistics; ``slots``: .kind, .name."""
         sq, l1, linf, numel = vals.tolist()
         outs: dict[str, list[float]] = {}  # name -> [sum of squares, L1, Linf, numel]
@@ -509,12 +603,13 @@ class GradientMonitor(HookContext):
             ),
             nonfinite=tuple(n for n, s in named if not math.isfinite(s.max_abs)),
             source=None,
+            scale=scale,
         )
 
     def _expand(self, rec: _Compact | StepStats) -> StepStats:
         if isinstance(rec, StepStats):
             return rec
-        return self._summarise(rec.step, rec.layout.slots, rec.vals)
+        return self._summarise(rec.step, rec.layout.slots, rec.vals, rec.scale)
 
     @property
     def history(self) -> Sequence[StepStats]:
@@ -557,6 +652,190 @@ class GradientMonitor(HookContext):
         src = self.nonfinite_source
         return None if src is None else src.step
 
+    # -- logging ---------------------------------------------------------------------------
+    def scalars(self, step: int = -1) -> dict[str, float]:
+        """One recorded step as a flat ``{key: float}`` dict for TensorBoard, W&B or Lightning.
+
+        Keys are stable, slash-separated and the same every step of a run:
+
+        * ``grad/output/<module>/norm``, ``.../max_abs``, ``.../mean_abs``: the statistics of
+          the gradient w.r.t. each monitored module's output (``<module>`` is its name as in
+          ``model.named_modules()``, e.g. ``grad/output/layer1.0.conv1/norm``; the root module
+          is ``model``);
+        * ``grad/param/<parameter>/norm``, ``.../max_abs``, ``.../mean_abs``: each parameter's
+          ``.grad``;
+        * ``grad/total_norm``: the L2 norm of all recorded parameter gradients together (what
+          ``clip_grad_norm_`` computes), when parameters are recorded;
+        * ``grad/vanishing``, ``grad/exploding``, ``grad/nonfinite``: how many gradients carry
+          each flag;
+        * ``grad/scale`` and ``grad/skipped`` (1.0 or 0.0) with a ``scaler``.
+
+        TensorBoard replaces characters other than letters, digits and ``-_./`` in a tag with
+        ``_``; module names from ``named_modules()`` never hold any.
+
+        Args:
+            step: index into :attr:`history` (default: the last step). The step's own number is
+                ``monitor.history[step].step``.
+
+        Raises:
+            ValueError: nothing recorded yet, or ``step`` out of range.
+
+        Example:
+            >>> torch.manual_seed(0)
+            <torch._C.Generator object at ...>
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+            >>> with GradientMonitor(net) as monitor:
+            ...     net(torch.randn(16, 4)).pow(2).mean().backward()
+            >>> logs = monitor.scalars()
+            >>> round(logs["grad/output/2/norm"], 4), round(logs["grad/param/2.bias/norm"], 4)
+            (0.0878, 0.2144)
+            >>> len(logs), logs["grad/nonfinite"]
+            (25, 0.0)
+        """
+        history = self.history
+        if not history:
+            raise ValueError(
+                "GradientMonitor.scalars: no backward pass recorded yet; call it after "
+                "loss.backward() inside `with GradientMonitor(model) as monitor:`"
+            )
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(
+                f"GradientMonitor.scalars: step must be an int, received {type(step).__name__}"
+            )
+        if not -len(history) <= step < len(history):
+            raise ValueError(
+                f"GradientMonitor.scalars: step={step} is out of range for {len(history)} "
+                f"recorded steps; use -1 (the last) or 0..{len(history) - 1}"
+            )
+        rec = history[step]
+        out: dict[str, float] = {}
+        for kind, stats in (("output", rec.outputs), ("param", rec.params)):
+            for name, st in stats.items():
+                prefix = f"grad/{kind}/{name or self._root_key}/"
+                out[prefix + "norm"] = st.norm
+                out[prefix + "max_abs"] = st.max_abs
+                out[prefix + "mean_abs"] = st.mean_abs
+        if self._params:
+            out["grad/total_norm"] = math.sqrt(math.fsum(st.norm**2 for st in rec.params.values()))
+        out["grad/vanishing"] = float(len(rec.vanishing))
+        out["grad/exploding"] = float(len(rec.exploding))
+        out["grad/nonfinite"] = float(len(rec.nonfinite))
+        if self.scaler is not None:
+            out["grad/scale"] = rec.scale
+            out["grad/skipped"] = float(rec.skipped)
+        return out
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The recorded run: history, step count, NaN record and thresholds, for a checkpoint.
+
+        Plain containers (dict, list, str, int, float, bool, None) and float64 tensors only, so
+        it goes through ``torch.save`` / ``torch.load(weights_only=True)``, pickle and
+        ``copy.deepcopy``; it is a snapshot (later steps do not change it). Statistics of steps
+        still on their way from the GPU are read first (one synchronisation). Call it between
+        steps; a backward pass in progress is not included.
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+            >>> with GradientMonitor(net) as monitor:
+            ...     net(torch.randn(16, 4)).pow(2).mean().backward()
+            >>> resumed = GradientMonitor(net)
+            >>> resumed.load_state_dict(monitor.state_dict())
+            >>> with resumed:
+            ...     net(torch.randn(16, 4)).pow(2).mean().backward()
+            >>> resumed.steps, [r.step for r in resumed.history]
+            (2, [0, 1])
+        """
+        self._materialize()
+        layouts: dict[int, int] = {}
+        layout_list: list[dict[str, Any]] = []
+        history: list[dict[str, Any]] = []
+        for rec in self._records:
+            if isinstance(rec, _Compact):
+                index = layouts.get(id(rec.layout))
+                if index is None:
+                    index = layouts[id(rec.layout)] = len(layout_list)
+                    layout_list.append(
+                        {
+                            "kinds": [r.kind for r in rec.layout.slots],
+                            "names": [r.name for r in rec.layout.slots],
+                        }
+                    )
+                history.append(
+                    {
+                        "step": rec.step,
+                        "layout": index,
+                        "vals": torch.tensor(rec.vals, dtype=torch.float64),
+                        "scale": rec.scale,
+                    }
+                )
+            else:
+                history.append(_step_to_dict(rec))
+        return {
+            "version": _STATE_VERSION,
+            "steps": self._count,
+            "vanishing": self.vanishing,
+            "exploding": self.exploding,
+            "nonfinite_source": None if self._source is None else list(self._source),
+            "layouts": layout_list,
+            "history": history,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; the next backward pass is step ``steps``.
+
+        Replaces the history, the step count, the NaN record and the ``vanishing`` /
+        ``exploding`` thresholds (the ones the run was recorded with). What to record
+        (patterns, ``params``, ``history_size``, ``scaler``, ...) stays as this monitor was
+        built: with a smaller ``history_size`` only the last steps are kept. Call it before
+        entering the context or between steps. The state dict is not modified.
+
+        Raises:
+            TypeError: ``state_dict`` is not a dict.
+            ValueError: it is not a GradientMonitor state dict (a key is missing or the
+                version is unknown).
+        """
+        fn = "GradientMonitor.load_state_dict"
+        if not isinstance(state_dict, dict):
+            raise TypeError(
+                f"{fn}: state_dict must be a dict from GradientMonitor.state_dict(), received "
+                f"{type(state_dict).__name__}"
+            )
+        keys = ("version", "steps", "vanishing", "exploding", "nonfinite_source", "layouts")
+        missing = [k for k in (*keys, "history") if k not in state_dict]
+        if missing:
+            raise ValueError(
+                f"{fn}: state_dict lacks {', '.join(map(repr, missing))}; pass the dict "
+                "returned by GradientMonitor.state_dict()"
+            )
+        if state_dict["version"] != _STATE_VERSION:
+            raise ValueError(
+                f"{fn}: state_dict has version {state_dict['version']!r}, this gradlab reads "
+                f"version {_STATE_VERSION}"
+            )
+        vanishing, exploding = float(state_dict["vanishing"]), float(state_dict["exploding"])
+        layouts = [_Layout(tuple(d["kinds"]), tuple(d["names"])) for d in state_dict["layouts"]]
+        records: deque[_Compact | StepStats] = deque(maxlen=self.history_size)
+        for d in state_dict["history"]:
+            if "layout" in d:
+                vals = d["vals"].detach().to(torch.float64).numpy().copy()
+                records.append(_Compact(int(d["step"]), layouts[d["layout"]], vals, d["scale"]))
+            else:
+                records.append(_step_from_dict(d))
+        src = state_dict["nonfinite_source"]
+        self._materialize()
+        self.vanishing, self.exploding = vanishing, exploding
+        self._records = records
+        self._count = int(state_dict["steps"])
+        self._source = None if src is None else NonfiniteSource(str(src[0]), int(src[1]), src[2])
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            "GradientMonitor: a monitor cannot be pickled or copied (it hooks a live model); "
+            "checkpoint monitor.state_dict() and restore it with "
+            "GradientMonitor(model, ...).load_state_dict(state)"
+        )
+
     def __repr__(self) -> str:
         src = self._source.module if self._source else None
         return (
@@ -587,12 +866,13 @@ class _Rec(NamedTuple):
 class _Compact:
     """A finite step: its layout and (sum of squares, L1, max |g|, numel) per record."""
 
-    __slots__ = ("layout", "step", "vals")
+    __slots__ = ("layout", "scale", "step", "vals")
 
-    def __init__(self, step: int, layout: _Layout, vals: np.ndarray) -> None:
+    def __init__(self, step: int, layout: _Layout, vals: np.ndarray, scale: float = 1.0) -> None:
         self.step = step
         self.layout = layout
         self.vals = vals
+        self.scale = scale
 
 
 class _History(Sequence[StepStats]):
@@ -653,6 +933,35 @@ def _trace(step: int, slots: list[_Slot], linf: list[float]) -> NonfiniteSource 
     if first_bad_out is not None:
         return NonfiniteSource(first_bad_out, step, "incoming")
     return None
+
+
+def _step_to_dict(rec: StepStats) -> dict[str, Any]:
+    return {
+        "step": rec.step,
+        "outputs": {n: list(s) for n, s in rec.outputs.items()},
+        "params": {n: list(s) for n, s in rec.params.items()},
+        "vanishing": list(rec.vanishing),
+        "exploding": list(rec.exploding),
+        "nonfinite": list(rec.nonfinite),
+        "source": None if rec.source is None else list(rec.source),
+        "scale": rec.scale,
+        "skipped": rec.skipped,
+    }
+
+
+def _step_from_dict(d: dict[str, Any]) -> StepStats:
+    src = d["source"]
+    return StepStats(
+        step=int(d["step"]),
+        outputs={n: LayerStats(*map(float, v)) for n, v in d["outputs"].items()},
+        params={n: LayerStats(*map(float, v)) for n, v in d["params"].items()},
+        vanishing=tuple(d["vanishing"]),
+        exploding=tuple(d["exploding"]),
+        nonfinite=tuple(d["nonfinite"]),
+        source=None if src is None else NonfiniteSource(str(src[0]), int(src[1]), src[2]),
+        scale=float(d["scale"]),
+        skipped=bool(d["skipped"]),
+    )
 
 
 def _mean(total: float, n: float) -> float:

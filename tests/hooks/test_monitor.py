@@ -551,7 +551,7 @@ def test_history_memory_per_step_is_small() -> None:
     # hook handles are pruned every few steps: 1200 steps average that sawtooth out.
     model = mlp()
     x = torch.randn(4, 5, dtype=torch.float64)
-    with GradientMonitor(model) as monitor:
+    with GradientMonitor(model, history_size=None) as monitor:
         # Warm up past Python's tuple free list (2000 per size), which tracemalloc would count.
         for _ in range(2100):
             model.zero_grad()
