@@ -263,15 +263,13 @@ def _draw_heat(fig: Any, ax: Any, history: Sequence[StepStats], kind: str) -> No
             ok = s is not None and math.isfinite(s.norm) and s.norm > 0
             row.append(math.log10(s.norm) if ok and s is not None else math.nan)
         grid.append(row)
-    # Rows are consecutive steps (a bounded history keeps the last ones): put the step numbers
-    # on the y axis through the extent, and let matplotlib choose integer ticks only.
-    first, last = history[0].step, history[-1].step
-    extent = (-0.5, len(names) - 0.5, first - 0.5 + len(grid), first - 0.5)
-    if last - first + 1 != len(grid):  # not consecutive (a loaded history): row numbers
-        extent = (-0.5, len(names) - 0.5, len(grid) - 0.5, -0.5)
+    # The rows are consecutive steps (a bounded history keeps the last ones): the extent puts
+    # each row at its step number, and the locator allows integer ticks only.
+    first = history[0].step
+    extent = (-0.5, len(names) - 0.5, first + len(grid) - 0.5, first - 0.5)
     im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis", extent=extent)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_ylabel("step" if extent[3] == first - 0.5 else "row of history")
+    ax.set_ylabel("step")
     ax.set_title("log10 L2 norm over steps (blank: none/NaN/0)")
     fig.colorbar(im, ax=ax)

@@ -88,3 +88,18 @@ def test_bad_arguments() -> None:
         model(torch.randn(2, 3)).sum().backward()
     with pytest.raises(ValueError, match="grad_flow_table: step=5 is out of range for 1"):
         grad_flow_table(monitor, step=5)
+
+
+def test_heat_map_ticks_are_the_integer_step_numbers() -> None:
+    model = _model()
+    with GradientMonitor(model, history_size=4) as monitor:
+        for _ in range(7):
+            model(torch.randn(5, 3)).sum().backward()
+    fig = plot_grad_flow(monitor)
+    heat = fig.axes[1]
+    ticks = [float(t) for t in heat.get_yticks()]
+    lo, hi = sorted(heat.get_ylim())
+    shown = [t for t in ticks if lo <= t <= hi]
+    assert shown and all(t == int(t) for t in ticks)
+    assert set(shown) <= {3.0, 4.0, 5.0, 6.0}  # the steps the bounded history kept
+    assert (lo, hi) == (2.5, 6.5)
