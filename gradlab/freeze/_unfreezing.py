@@ -333,6 +333,77 @@ class GradualUnfreezing:
             if isinstance(last, list) and len(last) < len(self.optimizer.param_groups):
                 last.append(group["lr"])
 
+    def state_dict(self) -> dict[str, Any]:
+        """The unfreezing progress, for a checkpoint: step count, unfrozen stages, milestones.
+
+        Plain ints, floats and lists: ``torch.save`` / ``torch.load(weights_only=True)``,
+        pickle and deepcopy all take it. See :meth:`load_state_dict` for the resume order.
+        """
+        return {
+            "count": self.count,
+            "unfrozen": list(self.unfrozen),
+            "milestones": list(self.milestones),
+            "reference_lr": self._reference_lr,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume: unfreeze the stages the saved run had unfrozen, and continue its count.
+
+        The stages are unfrozen in the order the saved run unfroze them, each joining the
+        optimizer as a param group and extending the scheduler, so the optimizer and the
+        scheduler then have the saved run's groups. Call it **before** their own
+        ``load_state_dict`` (which would otherwise fail with "loaded state dict has a different
+        number of parameter groups"); they then restore every group's lr, momentum buffers and
+        schedule, so the resumed run is bit-identical to an uninterrupted one::
+
+            model.load_state_dict(ckpt["model"])
+            unfreezer.load_state_dict(ckpt["unfreezer"])  # first: adds the param groups
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+
+        Build this GradualUnfreezing as the saved one was built (same stages and milestones).
+        The state dict is not modified.
+
+        Raises:
+            TypeError: ``state_dict`` is not a dict.
+            ValueError: a key is missing, the number of stages or the milestones differ from
+                the saved run's, or a stage unfrozen here is frozen in the saved state (a
+                stage cannot leave the optimizer again).
+        """
+        fn = f"{_FN}.load_state_dict"
+        if not isinstance(state_dict, dict):
+            raise TypeError(
+                f"{fn}: state_dict must be a dict from GradualUnfreezing.state_dict(), got "
+                f"{type(state_dict).__name__}"
+            )
+        missing = [
+            k for k in ("count", "unfrozen", "milestones", "reference_lr") if k not in state_dict
+        ]
+        if missing:
+            raise ValueError(
+                f"{fn}: state_dict lacks {', '.join(map(repr, missing))}; pass the dict returned "
+                "by GradualUnfreezing.state_dict()"
+            )
+        unfrozen = [bool(u) for u in state_dict["unfrozen"]]
+        milestones = tuple(int(m) for m in state_dict["milestones"])
+        if len(unfrozen) != len(self.stages) or milestones != self.milestones:
+            raise ValueError(
+                f"{fn}: this GradualUnfreezing has {len(self.stages)} stages with milestones "
+                f"{list(self.milestones)}, the saved one {len(unfrozen)} with "
+                f"{list(milestones)}; build it with the saved run's stages and milestones"
+            )
+        for k, (here, saved) in enumerate(zip(self.unfrozen, unfrozen)):
+            if here and not saved:
+                raise ValueError(
+                    f"{fn}: stage {k} is already unfrozen here but frozen in the saved state; "
+                    "load the state into a freshly built GradualUnfreezing"
+                )
+        self._reference_lr = float(state_dict["reference_lr"])
+        for k, saved in enumerate(unfrozen):  # milestones are non-decreasing: the saved order
+            if saved and not self.unfrozen[k]:
+                self._unfreeze_stage(k)
+        self.count = int(state_dict["count"])
+
     def __repr__(self) -> str:
         done = sum(self.unfrozen)
         return (

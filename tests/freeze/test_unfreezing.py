@@ -3,6 +3,9 @@ schedulers drive the new groups exactly as if they had been there from the start
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
 from collections.abc import Callable
 
 import pytest
@@ -186,3 +189,88 @@ def test_bad_input() -> None:
     with pytest.raises(TypeError, match="stages must be a sequence of stages"):
         GradualUnfreezing(model, opt, "layer1")  # type: ignore[arg-type]
     assert all(p.requires_grad for p in model.parameters())
+
+
+def _run_unfreezing(
+    epochs: range, parts: tuple | None = None, checkpoint: dict | None = None
+) -> tuple:
+    """Train TinyResNet with GradualUnfreezing, momentum SGD and a cosine schedule.
+
+    Builds fresh objects, restores ``checkpoint`` (a torch.load'ed dict) if given, trains the
+    ``epochs`` and returns (model, optimizer, scheduler, unfreezer).
+    """
+    torch.manual_seed(0)
+    model = TinyResNet()
+    opt = torch.optim.SGD(model.fc.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    sched = lrs.CosineAnnealingLR(opt, T_max=8)
+    unfreezer = GradualUnfreezing(
+        model, opt, ["layer2", ["layer1", "conv1", "bn1"]], milestones=[2, 4], scheduler=sched,
+        layer_decay=0.5,
+    )  # fmt: skip
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        unfreezer.load_state_dict(checkpoint["unfreezer"])  # first: adds the param groups
+        opt.load_state_dict(checkpoint["opt"])
+        sched.load_state_dict(checkpoint["sched"])
+    for epoch in epochs:
+        model.train()
+        for batch in range(2):
+            opt.zero_grad()
+            x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(10 * epoch + batch))
+            model(x).square().mean().backward()
+            opt.step()
+        sched.step()
+        unfreezer.step()
+    return model, opt, sched, unfreezer
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 5])
+def test_resumed_unfreezing_is_bit_identical_to_an_uninterrupted_run(cut: int) -> None:
+    full = _run_unfreezing(range(6))
+    model, opt, sched, unfreezer = _run_unfreezing(range(cut))
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "unfreezer": unfreezer.state_dict(),
+        },
+        buffer,
+    )
+    buffer.seek(0)
+    resumed = _run_unfreezing(range(cut, 6), checkpoint=torch.load(buffer, weights_only=True))
+    a, b = state(full[0]), state(resumed[0])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [g["lr"] for g in full[1].param_groups] == [g["lr"] for g in resumed[1].param_groups]
+    assert len(resumed[1].param_groups) == 3 and resumed[3].count == 6
+    assert resumed[3].unfrozen == [True, True]
+    momentum = [resumed[1].state[p]["momentum_buffer"] for p in resumed[0].conv1.parameters()]
+    assert momentum and all(
+        torch.equal(m, full[1].state[p]["momentum_buffer"])
+        for m, p in zip(momentum, full[0].conv1.parameters())
+    )
+
+
+def test_unfreezing_state_dict_survives_pickle_and_is_not_modified() -> None:
+    *_, unfreezer = _run_unfreezing(range(3))
+    state_dict = unfreezer.state_dict()
+    assert state_dict == {"count": 3, "unfrozen": [True, False], "milestones": [2, 4],
+                          "reference_lr": 0.1}  # fmt: skip
+    assert pickle.loads(pickle.dumps(state_dict)) == copy.deepcopy(state_dict) == state_dict
+    *_, fresh = _run_unfreezing(range(0))
+    fresh.load_state_dict(state_dict)
+    assert fresh.state_dict() == state_dict and state_dict["unfrozen"] == [True, False]
+
+
+def test_unfreezing_load_state_dict_errors() -> None:
+    *_, unfreezer = _run_unfreezing(range(3))
+    good = unfreezer.state_dict()
+    with pytest.raises(TypeError, match=r"GradualUnfreezing\.load_state_dict: state_dict must be"):
+        unfreezer.load_state_dict([3])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="state_dict lacks 'unfrozen', 'milestones'"):
+        unfreezer.load_state_dict({"count": 1, "reference_lr": 0.1})
+    with pytest.raises(ValueError, match=r"has 2 stages with milestones \[2, 4\], the saved one"):
+        unfreezer.load_state_dict({**good, "milestones": [1, 4]})
+    with pytest.raises(ValueError, match="stage 0 is already unfrozen here but frozen"):
+        unfreezer.load_state_dict({**good, "unfrozen": [False, False]})
