@@ -310,3 +310,70 @@ def test_step_stats_repr_is_short() -> None:
         repr(monitor)
         == "GradientMonitor(60 modules, 120 parameters, 1 steps, first_nonfinite=None)"
     )
+
+
+def _ddp_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+
+
+def _ddp_batch(rank: int) -> torch.Tensor:
+    return torch.randn(
+        3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + rank)
+    )
+
+
+def _ddp_worker(rank: int, world: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(_ddp_net())
+        with GradientMonitor(ddp) as monitor:
+            ddp(_ddp_batch(rank)).pow(2).sum().backward()
+        averaged = {n: p.grad.norm().item() for n, p in ddp.module.named_parameters()}
+        torch.save({"scalars": monitor.scalars(), "grad": averaged}, f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _local_reference(rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """d loss / d (output of each layer) and d loss / d (each parameter) on rank's own batch."""
+    net = _ddp_net()
+    h, outs = _ddp_batch(rank), []
+    for m in net:
+        h = m(h)
+        outs.append(h)
+    loss = h.pow(2).sum()
+    grads = torch.autograd.grad(loss, [*outs, *net.parameters()])
+    return list(grads[: len(outs)]), list(grads[len(outs) :])
+
+
+def test_ddp_rank_sees_its_local_gradients(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    # fork where there is one: no second import of torch in each child (seconds on a busy CI
+    # box); DDP imports torch._dynamo when first built: import it here, once, before the fork.
+    import torch._dynamo
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, start_method=method)
+    names = [n for n, _ in _ddp_net().named_parameters()]
+    refs = [_local_reference(r) for r in range(2)]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        outs, params = refs[rank]
+        for i, g in enumerate(outs):  # output gradients: this rank's own, before any reduction
+            assert got["scalars"][f"grad/output/module.{i}/norm"] == pytest.approx(
+                g.norm().item(), rel=1e-12
+            )
+        for n, g in zip(names, params):  # parameter statistics: the local gradient too
+            assert got["scalars"][f"grad/param/module.{n}/norm"] == pytest.approx(
+                g.norm().item(), rel=1e-12
+            )
+        for n, g0, g1 in zip(names, refs[0][1], refs[1][1]):  # .grad after backward: averaged
+            assert got["grad"][n] == pytest.approx(((g0 + g1) / 2).norm().item(), rel=1e-12)
+    assert refs[0][1][0].norm().item() != pytest.approx(refs[1][1][0].norm().item(), rel=1e-3)
