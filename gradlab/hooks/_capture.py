@@ -17,6 +17,7 @@ __all__ = ["CapturedGrads", "capture_grads"]
 
 Of = Literal["output", "input", "parameter"]
 _OFS = ("output", "input", "parameter")
+_REPR_KEYS = 8  # keys shown by repr: shapes only, never values
 
 
 class CapturedGrads(HookContext, Mapping[str, torch.Tensor]):
@@ -147,8 +148,11 @@ class CapturedGrads(HookContext, Mapping[str, torch.Tensor]):
         )
 
     def __repr__(self) -> str:
-        shapes = ", ".join(f"{k!r}: {tuple(self[k].shape)}" for k in self)
-        return f"CapturedGrads(of={self._of!r}, {{{shapes}}})"
+        keys = list(self)
+        shown = [f"{k!r}: {tuple(self[k].shape)}" for k in keys[:_REPR_KEYS]]
+        if len(keys) > _REPR_KEYS:
+            shown.append(f"... {len(keys) - _REPR_KEYS} more")
+        return f"CapturedGrads(of={self._of!r}, {{{', '.join(shown)}}})"
 
 
 def _output_hook(

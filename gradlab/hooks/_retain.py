@@ -64,8 +64,10 @@ class RetainedGrads(HookContext, Sequence["torch.Tensor | None"]):
         return iter(tuple(self._grads))
 
     def __repr__(self) -> str:
-        items = ", ".join("None" if g is None else f"Tensor{tuple(g.shape)}" for g in self._grads)
-        return f"RetainedGrads([{items}])"
+        items = ["None" if g is None else f"Tensor{tuple(g.shape)}" for g in self._grads[:8]]
+        if len(self._grads) > 8:
+            items.append(f"... {len(self._grads) - 8} more")
+        return f"RetainedGrads([{', '.join(items)}])"
 
 
 def _hook(ref: weakref.ref[RetainedGrads], i: int) -> Any:

@@ -377,3 +377,19 @@ def test_ddp_rank_sees_its_local_gradients(tmp_path) -> None:  # type: ignore[no
         for n, g0, g1 in zip(names, refs[0][1], refs[1][1]):  # .grad after backward: averaged
             assert got["grad"][n] == pytest.approx(((g0 + g1) / 2).norm().item(), rel=1e-12)
     assert refs[0][1][0].norm().item() != pytest.approx(refs[1][1][0].norm().item(), rel=1e-3)
+
+
+def test_result_reprs_show_shapes_not_values() -> None:
+    from gradlab.hooks import capture_grads, retain_grads
+
+    model = nn.Sequential(*[nn.Linear(30, 30) for _ in range(12)])
+    x = torch.randn(40, 30, requires_grad=True)
+    ys = [x * k for k in range(10)]
+    with capture_grads(model) as grads, retain_grads(*ys) as kept:
+        (model(sum(ys)).sum()).backward()
+    text = repr(grads)
+    assert text.startswith("CapturedGrads(of='output', {'0': (40, 30), '1': (40, 30)")
+    assert text.endswith("... 4 more})") and "tensor" not in text
+    text = repr(kept)
+    assert text.startswith("RetainedGrads([Tensor(40, 30), ") and text.endswith("... 2 more])")
+    assert "tensor" not in text and len(text) < 200
