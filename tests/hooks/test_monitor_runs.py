@@ -87,6 +87,9 @@ def test_state_dict_survives_pickle_and_deepcopy_and_is_a_snapshot() -> None:
         other.load_state_dict(copied)
         assert _same(other.history, monitor.history)
         assert other.nonfinite_source == monitor.nonfinite_source
+        again = GradientMonitor(model)  # a loaded monitor saves what it loaded
+        again.load_state_dict(other.state_dict())
+        assert _same(again.history, monitor.history) and again.steps == 4
     saved = copy.deepcopy(state)
     _train(model, monitor, range(4, 5), opt)  # later steps do not change the snapshot
     assert len(state["history"]) == 4 and state["steps"] == 4
