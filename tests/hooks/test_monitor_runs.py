@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import io
 import pickle
 from collections.abc import Sequence
@@ -329,7 +330,13 @@ def _ddp_batch(rank: int) -> torch.Tensor:
 def _ddp_worker(rank: int, world: int, tmp: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/store",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         ddp = nn.parallel.DistributedDataParallel(_ddp_net())
         with GradientMonitor(ddp) as monitor:
@@ -358,12 +365,27 @@ def test_ddp_rank_sees_its_local_gradients(tmp_path) -> None:  # type: ignore[no
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    # fork where there is one: no second import of torch in each child (seconds on a busy CI
-    # box); DDP imports torch._dynamo when first built: import it here, once, before the fork.
-    import torch._dynamo
-
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, start_method=method)
+    # Not a plain fork: this pytest process may hold gloo threads of an earlier test (a forked
+    # child then hangs on their locks). A fork server is a fresh process; it imports torch and
+    # torch._dynamo (which DDP imports when first built) once, instead of once per child.
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    if method == "forkserver":
+        mp.get_context(method).set_forkserver_preload(
+            ["torch", "torch._dynamo", "torch.distributed", __name__]
+        )
+    workers = mp.start_processes(
+        _ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=False, start_method=method
+    )
+    try:
+        for _ in range(30):  # fail (instead of hanging the suite) after 5 minutes
+            if workers.join(timeout=10):
+                break
+        else:
+            pytest.fail("the 2 gloo processes did not finish in 5 minutes")
+    finally:
+        for p in workers.processes:
+            if p.is_alive():
+                p.kill()
     names = [n for n, _ in _ddp_net().named_parameters()]
     refs = [_local_reference(r) for r in range(2)]
     for rank in range(2):
