@@ -9,7 +9,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, overload
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -17,87 +17,24 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from gradlab.hooks._engine import HookContext, PassClock, on_grad
+from gradlab.hooks._records import (
+    STATE_VERSION,
+    Compact,
+    LayerStats,
+    Layout,
+    NonfiniteSource,
+    StepStats,
+    check_state,
+    records_from_state,
+    records_to_state,
+    step_scalars,
+)
 from gradlab.hooks._select import check_model, select_modules
 from gradlab.hooks._stats import ROWS, CpuArena, blas_stats, stats_fused
 
 __all__ = ["GradientMonitor", "LayerStats", "NonfiniteSource", "StepStats"]
 
 _OUT, _IN, _PARAM = 0, 1, 2
-
-
-class LayerStats(NamedTuple):
-    """Statistics of one gradient: L2 norm, largest and mean absolute entry."""
-
-    norm: float
-    max_abs: float
-    mean_abs: float
-
-
-class NonfiniteSource(NamedTuple):
-    """Where a NaN/Inf gradient came from.
-
-    ``origin == "backward"``: ``module``'s backward received finite output gradients and produced
-    a non-finite input or parameter gradient: the source. ``origin == "incoming"``: the gradient
-    already arrived non-finite at the output of ``module`` (the first monitored module in backward
-    order), so it was made by the loss or by code outside every monitored module.
-    """
-
-    module: str
-    step: int
-    origin: Literal["backward", "incoming"]
-
-
-@dataclass(frozen=True)
-class StepStats:
-    """What :class:`GradientMonitor` recorded for one backward pass.
-
-    Attributes:
-        step: index of the backward pass (0 = the first one seen by the monitor).
-        outputs: module name -> statistics of the gradient w.r.t. its output(s), over every call
-            and every output tensor of that module in the pass (norm of the concatenation).
-        params: parameter name -> statistics of its ``.grad`` right after this pass accumulated
-            into it.
-        vanishing: names (modules and parameters) whose gradient L2 norm is below the monitor's
-            ``vanishing`` threshold.
-        exploding: names whose gradient L2 norm is above ``exploding`` (finite entries, possibly
-            an overflowing norm).
-        nonfinite: names whose gradient holds a NaN or Inf.
-        source: where the non-finite values came from, or ``None`` when everything is finite
-            (and for a step the scaler skips).
-        scale: the loss scale the statistics were divided by (``1.0`` without a ``scaler``).
-        skipped: a step with a ``scaler`` whose gradients hold a NaN/Inf, which
-            ``GradScaler.step`` skips (an overflow of the scaled loss, not a layer's fault: no
-            ``source`` is named).
-    """
-
-    step: int
-    outputs: dict[str, LayerStats]
-    params: dict[str, LayerStats]
-    vanishing: tuple[str, ...]
-    exploding: tuple[str, ...]
-    nonfinite: tuple[str, ...]
-    source: NonfiniteSource | None
-    scale: float = 1.0
-    skipped: bool = False
-
-    def __repr__(self) -> str:
-        def group(stats: dict[str, LayerStats], what: str) -> str:
-            norms = [s.norm for s in stats.values()]
-            if not norms:
-                return f"0 {what}"
-            return f"{len(norms)} {what}, norm {min(norms):.3g}..{max(norms):.3g}"
-
-        def names(t: tuple[str, ...]) -> str:
-            shown = ", ".join(map(repr, t[:3]))
-            return f"({shown}{', ...' if len(t) > 3 else ''}{',' if len(t) == 1 else ''})"
-
-        extra = f", scale={self.scale:g}, skipped={self.skipped}" if self.scale != 1.0 else ""
-        return (
-            f"StepStats(step={self.step}, outputs=<{group(self.outputs, 'modules')}>, "
-            f"params=<{group(self.params, 'parameters')}>, vanishing={names(self.vanishing)}, "
-            f"exploding={names(self.exploding)}, nonfinite={names(self.nonfinite)}, "
-            f"source={self.source!r}{extra})"
-        )
 
 
 class _Slot:
@@ -139,7 +76,6 @@ _DEVICE_BUFFER_BYTES = 64 * 2**20  # default buffer_bytes on GPUs
 # Default history_size: 1000 steps is ~0.7 MB on a small model (~740 B per step) and ~16 MB with
 # 500 recorded gradients; enough for a grad-flow heat map, bounded over a million-step run.
 HISTORY_SIZE = 1000
-_STATE_VERSION = 1
 
 
 class GradientMonitor(HookContext):
@@ -326,8 +262,8 @@ class GradientMonitor(HookContext):
         self._columns: list[int] = []  # record index of each of their columns
         self._arena = CpuArena()
         self._pending: list[_Pending] = []  # on their way to the host
-        self._records: deque[_Compact | StepStats] = deque(maxlen=history_size)
-        self._layouts: dict[tuple[tuple[int, ...], tuple[str, ...]], _Layout] = {}
+        self._records: deque[Compact | StepStats] = deque(maxlen=history_size)
+        self._layouts: dict[tuple[tuple[int, ...], tuple[str, ...]], Layout] = {}
         self._count = 0  # backward passes recorded
         self._source: NonfiniteSource | None = None
         names_set = {n for n, _ in self._modules}
@@ -550,7 +486,7 @@ class GradientMonitor(HookContext):
                 vals[0] /= scale * scale  # sum of squares
                 vals[1:ROWS] /= scale  # L1, max |g|
             if np.isfinite(vals[2]).all():  # max |g|: the NaN/Inf detector
-                self._records.append(_Compact(p.step, self._layout(p.slots), vals, scale))
+                self._records.append(Compact(p.step, self._layout(p.slots), vals, scale))
                 continue
             rec = self._summarise(p.step, p.slots, vals, scale)
             if p.scale is not None:  # GradScaler.step skips it: an overflow, nobody's fault
@@ -561,11 +497,11 @@ class GradientMonitor(HookContext):
                     self._source = rec.source
             self._records.append(rec)
 
-    def _layout(self, slots: list[_Slot]) -> _Layout:
+    def _layout(self, slots: list[_Slot]) -> Layout:
         key = (tuple(map(_KIND, slots)), tuple(map(_NAME, slots)))
         layout = self._layouts.get(key)
         if layout is None:
-            layout = _Layout(*key)
+            layout = Layout(*key)
             if len(self._layouts) < _MAX_LAYOUTS:  # else a model whose structure keeps changing
                 self._layouts[key] = layout
         return layout
@@ -606,7 +542,7 @@ class GradientMonitor(HookContext):
             scale=scale,
         )
 
-    def _expand(self, rec: _Compact | StepStats) -> StepStats:
+    def _expand(self, rec: Compact | StepStats) -> StepStats:
         if isinstance(rec, StepStats):
             return rec
         return self._summarise(rec.step, rec.layout.slots, rec.vals, rec.scale)
@@ -707,23 +643,12 @@ class GradientMonitor(HookContext):
                 f"GradientMonitor.scalars: step={step} is out of range for {len(history)} "
                 f"recorded steps; use -1 (the last) or 0..{len(history) - 1}"
             )
-        rec = history[step]
-        out: dict[str, float] = {}
-        for kind, stats in (("output", rec.outputs), ("param", rec.params)):
-            for name, st in stats.items():
-                prefix = f"grad/{kind}/{name or self._root_key}/"
-                out[prefix + "norm"] = st.norm
-                out[prefix + "max_abs"] = st.max_abs
-                out[prefix + "mean_abs"] = st.mean_abs
-        if self._params:
-            out["grad/total_norm"] = math.sqrt(math.fsum(st.norm**2 for st in rec.params.values()))
-        out["grad/vanishing"] = float(len(rec.vanishing))
-        out["grad/exploding"] = float(len(rec.exploding))
-        out["grad/nonfinite"] = float(len(rec.nonfinite))
-        if self.scaler is not None:
-            out["grad/scale"] = rec.scale
-            out["grad/skipped"] = float(rec.skipped)
-        return out
+        return step_scalars(
+            history[step],
+            root=self._root_key,
+            total=bool(self._params),
+            scaler=self.scaler is not None,
+        )
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -747,37 +672,14 @@ class GradientMonitor(HookContext):
             (2, [0, 1])
         """
         self._materialize()
-        layouts: dict[int, int] = {}
-        layout_list: list[dict[str, Any]] = []
-        history: list[dict[str, Any]] = []
-        for rec in self._records:
-            if isinstance(rec, _Compact):
-                index = layouts.get(id(rec.layout))
-                if index is None:
-                    index = layouts[id(rec.layout)] = len(layout_list)
-                    layout_list.append(
-                        {
-                            "kinds": [r.kind for r in rec.layout.slots],
-                            "names": [r.name for r in rec.layout.slots],
-                        }
-                    )
-                history.append(
-                    {
-                        "step": rec.step,
-                        "layout": index,
-                        "vals": torch.tensor(rec.vals, dtype=torch.float64),
-                        "scale": rec.scale,
-                    }
-                )
-            else:
-                history.append(_step_to_dict(rec))
+        layouts, history = records_to_state(self._records)
         return {
-            "version": _STATE_VERSION,
+            "version": STATE_VERSION,
             "steps": self._count,
             "vanishing": self.vanishing,
             "exploding": self.exploding,
             "nonfinite_source": None if self._source is None else list(self._source),
-            "layouts": layout_list,
+            "layouts": layouts,
             "history": history,
         }
 
@@ -795,33 +697,9 @@ class GradientMonitor(HookContext):
             ValueError: it is not a GradientMonitor state dict (a key is missing or the
                 version is unknown).
         """
-        fn = "GradientMonitor.load_state_dict"
-        if not isinstance(state_dict, dict):
-            raise TypeError(
-                f"{fn}: state_dict must be a dict from GradientMonitor.state_dict(), received "
-                f"{type(state_dict).__name__}"
-            )
-        keys = ("version", "steps", "vanishing", "exploding", "nonfinite_source", "layouts")
-        missing = [k for k in (*keys, "history") if k not in state_dict]
-        if missing:
-            raise ValueError(
-                f"{fn}: state_dict lacks {', '.join(map(repr, missing))}; pass the dict "
-                "returned by GradientMonitor.state_dict()"
-            )
-        if state_dict["version"] != _STATE_VERSION:
-            raise ValueError(
-                f"{fn}: state_dict has version {state_dict['version']!r}, this gradlab reads "
-                f"version {_STATE_VERSION}"
-            )
+        check_state("GradientMonitor.load_state_dict", state_dict)
         vanishing, exploding = float(state_dict["vanishing"]), float(state_dict["exploding"])
-        layouts = [_Layout(tuple(d["kinds"]), tuple(d["names"])) for d in state_dict["layouts"]]
-        records: deque[_Compact | StepStats] = deque(maxlen=self.history_size)
-        for d in state_dict["history"]:
-            if "layout" in d:
-                vals = d["vals"].detach().to(torch.float64).numpy().copy()
-                records.append(_Compact(int(d["step"]), layouts[d["layout"]], vals, d["scale"]))
-            else:
-                records.append(_step_from_dict(d))
+        records = records_from_state(state_dict, self.history_size)
         src = state_dict["nonfinite_source"]
         self._materialize()
         self.vanishing, self.exploding = vanishing, exploding
@@ -847,32 +725,6 @@ class GradientMonitor(HookContext):
 _KIND = operator.attrgetter("kind")
 _NAME = operator.attrgetter("name")
 _MAX_LAYOUTS = 256  # distinct step structures remembered (shared between steps)
-
-
-class _Layout:
-    """The kind and name of each record of a step: shared by the steps with that structure."""
-
-    __slots__ = ("slots",)
-
-    def __init__(self, kinds: tuple[int, ...], names: tuple[str, ...]) -> None:
-        self.slots = tuple(_Rec(k, n) for k, n in zip(kinds, names))
-
-
-class _Rec(NamedTuple):
-    kind: int
-    name: str
-
-
-class _Compact:
-    """A finite step: its layout and (sum of squares, L1, max |g|, numel) per record."""
-
-    __slots__ = ("layout", "scale", "step", "vals")
-
-    def __init__(self, step: int, layout: _Layout, vals: np.ndarray, scale: float = 1.0) -> None:
-        self.step = step
-        self.layout = layout
-        self.vals = vals
-        self.scale = scale
 
 
 class _History(Sequence[StepStats]):
@@ -933,35 +785,6 @@ def _trace(step: int, slots: list[_Slot], linf: list[float]) -> NonfiniteSource 
     if first_bad_out is not None:
         return NonfiniteSource(first_bad_out, step, "incoming")
     return None
-
-
-def _step_to_dict(rec: StepStats) -> dict[str, Any]:
-    return {
-        "step": rec.step,
-        "outputs": {n: list(s) for n, s in rec.outputs.items()},
-        "params": {n: list(s) for n, s in rec.params.items()},
-        "vanishing": list(rec.vanishing),
-        "exploding": list(rec.exploding),
-        "nonfinite": list(rec.nonfinite),
-        "source": None if rec.source is None else list(rec.source),
-        "scale": rec.scale,
-        "skipped": rec.skipped,
-    }
-
-
-def _step_from_dict(d: dict[str, Any]) -> StepStats:
-    src = d["source"]
-    return StepStats(
-        step=int(d["step"]),
-        outputs={n: LayerStats(*map(float, v)) for n, v in d["outputs"].items()},
-        params={n: LayerStats(*map(float, v)) for n, v in d["params"].items()},
-        vanishing=tuple(d["vanishing"]),
-        exploding=tuple(d["exploding"]),
-        nonfinite=tuple(d["nonfinite"]),
-        source=None if src is None else NonfiniteSource(str(src[0]), int(src[1]), src[2]),
-        scale=float(d["scale"]),
-        skipped=bool(d["skipped"]),
-    )
 
 
 def _mean(total: float, n: float) -> float:
