@@ -88,10 +88,10 @@ def _worker(rank: int, port: int, out: str) -> None:
             result["static_graph"] = str(e)
 
         # The failure the zero-weighted term prevents: the same R1 steps without it.
-        from gradlab.penalties import _critic as critic_module
+        from gradlab.penalties import _core as core_module
 
-        original = critic_module.is_ddp
-        critic_module.is_ddp = lambda module: False  # type: ignore[assignment]
+        original = core_module.is_ddp
+        core_module.is_ddp = lambda module: False  # type: ignore[assignment]
         try:
             plain = nn.parallel.DistributedDataParallel(_critic())
             r1_penalty(plain, real[0, mine], gamma=GAMMA).backward()
@@ -100,7 +100,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         except RuntimeError as e:
             result["without_zero_term"] = str(e)
         finally:
-            critic_module.is_ddp = original
+            core_module.is_ddp = original
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

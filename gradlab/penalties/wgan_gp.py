@@ -1,4 +1,4 @@
-"""WGAN-GP, WGAN-LP (one-sided) and the zero-centred gradient penalty."""
+"""WGAN-GP, WGAN-LP (one-sided) and the zero-centred gradient penalty on random interpolates."""
 
 from __future__ import annotations
 
@@ -13,47 +13,25 @@ from gradlab._typing import TensorFn, TensorOrTensors
 from gradlab.penalties._checks import (
     check_critic,
     check_critic_kwargs,
+    check_nonempty,
     check_nonnegative,
-    check_outputs,
     check_pair,
     check_scaler,
-    is_ddp,
 )
-from gradlab.penalties._critic import PenaltyWithNorms, critic_gradients, with_ddp_zero_term
+from gradlab.penalties._core import PenaltySpec, PenaltyWithNorms, exact_penalty
 from gradlab.penalties._interpolate import (
     detached_interpolate_leaves,
     per_sample_uniform,
     uniform_like,
 )
-from gradlab.penalties._norms import grad_error, sample_norms
 
-__all__ = ["gradient_penalty", "gradient_penalty_and_norms", "norm_penalty"]
+__all__ = ["gradient_penalty", "gradient_penalty_and_norms"]
 
 _INF = math.inf
-_DOT_DTYPES = (torch.float32, torch.float64)
 _NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
-# Shapes and dims precomputed for the fast path (inputs of up to 8 dimensions).
+# (B, 1, ..., 1) shapes for the per-sample coefficient of inputs of up to 8 dimensions.
 _MAX_FAST_NDIM = 8
 _TRAILING_ONES = tuple((1,) * k for k in range(_MAX_FAST_NDIM))
-_SAMPLE_DIMS = tuple(tuple(range(1, n)) for n in range(_MAX_FAST_NDIM + 1))
-
-
-def norm_penalty(
-    norms: torch.Tensor, *, weight: float, center: float, one_sided: bool
-) -> torch.Tensor:
-    """``weight * mean((norms - center)^2)``, or with ``max(0, norms - center)`` if one-sided.
-
-    In float32/float64 this is ``dot(dev, dev) * (weight / B)``: one reduction kernel and one
-    autograd node instead of ``square`` and ``mean`` (whose backward takes five kernels), which
-    is most of the penalty's cost at small critics. Reduced precision keeps ``square().mean()``,
-    whose reduction accumulates in float32.
-    """
-    dev = norms - center if center != 0.0 else norms
-    if one_sided:
-        dev = torch.relu(dev)
-    if dev.dtype in _DOT_DTYPES and dev.ndim == 1 and dev.shape[0] > 0:
-        return torch.dot(dev, dev) * (weight / dev.shape[0])
-    return dev.square().mean() * weight
 
 
 def gradient_penalty_and_norms(
@@ -98,9 +76,10 @@ def _gradient_penalty(
     scaler: torch.amp.GradScaler | None,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(penalty, norms)`` (norms not detached) with every check of the public functions.
+    """``(penalty, norms)`` (norms not detached): validate, interpolate, hand over to the core.
 
-    The common case (one tensor per sample, no scaler) runs inline with as few Python calls and
+    The arguments are those of the public signature, in its order. The common case (one tensor
+    per sample, no scaler) is validated and interpolated inline with as few Python calls and
     tensor operations as the hand-written step: this is the hot path of a WGAN-GP training loop,
     and at small critics its Python overhead is what the user measures.
     """
@@ -109,120 +88,42 @@ def _gradient_penalty(
         weight = check_nonnegative(fn, "weight", weight)
     if type(center) is not float or not 0.0 <= center < _INF:
         center = check_nonnegative(fn, "center", center)
-    r: tuple[torch.Tensor, ...]
-    f: tuple[torch.Tensor, ...]
-    # The common case, one tensor per sample with matching shape, dtype and device (what
-    # check_pair would accept), tested inline: each tensor attribute read here costs.
-    single = False
-    if isinstance(real, torch.Tensor) and isinstance(fake, torch.Tensor):
+    spec = PenaltySpec(fn, weight, center, bool(one_sided))
+    kwargs = _NO_KWARGS if critic_kwargs is None else check_critic_kwargs(fn, critic_kwargs)
+    # The common case, one non-empty tensor per sample with matching shape, dtype and device
+    # (what check_pair and check_nonempty would accept), tested inline.
+    if scaler is None and type(real) is torch.Tensor and type(fake) is torch.Tensor:
         size = real.shape
-        single = (
+        if (
             0 < len(size) <= _MAX_FAST_NDIM
+            and size[0] > 0
             and size == fake.shape
             and real.dtype == fake.dtype
             and real.is_floating_point()
             and (fake is real or real.device == fake.device)
-        )
-    if single:
-        r, f = (real,), (fake,)  # type: ignore[assignment]
-    else:
-        r, f = check_pair(fn, real, fake)
-    kwargs = _NO_KWARGS if critic_kwargs is None else check_critic_kwargs(fn, critic_kwargs)
-    if scaler is not None:
-        scaler = check_scaler(fn, scaler)
+        ):
+            check_critic(fn, critic)
+            # detached_interpolate_leaves, inline; a is drawn directly in the broadcast shape
+            # (B, 1, ..., 1): the same numbers as the (B,) draw of per_sample_uniform.
+            shape = (size[0],) + _TRAILING_ONES[len(size) - 1]
+            if generator is None:
+                a = torch.rand(shape, dtype=real.dtype, device=real.device)
+            else:
+                a = uniform_like(real, shape, generator)
+            if fake is real:  # the interpolate is real itself whatever the draw (drawn anyway)
+                leaf = real.detach().requires_grad_(True)
+            else:
+                x, y = real, fake
+                if x.requires_grad or y.requires_grad:
+                    x, y = x.detach(), y.detach()
+                leaf = torch.lerp(x, y, a).requires_grad_(True)
+            return exact_penalty(spec, critic, (leaf,), kwargs, None)
+    r, f = check_pair(fn, real, fake)
+    check_nonempty(fn, "real", r)
+    scaler = check_scaler(fn, scaler)
     check_critic(fn, critic)
-    if not single or scaler is not None:
-        leaves = detached_interpolate_leaves(r, f, per_sample_uniform(r, generator))
-        if not torch.is_grad_enabled():
-            with torch.enable_grad():
-                return _penalty_raw(fn, critic, leaves, kwargs, scaler, weight, center, one_sided)
-        return _penalty_raw(fn, critic, leaves, kwargs, scaler, weight, center, one_sided)
-
-    # One tensor per sample, no scaler: the steps of detached_interpolate_leaves and
-    # _penalty_raw, inline. a is drawn directly in the broadcast shape (B, 1, ..., 1): the same
-    # numbers as the (B,) draw of per_sample_uniform.
-    x, y = r[0], f[0]
-    batch, ndim = size[0], len(size)
-    shape = (batch,) + _TRAILING_ONES[ndim - 1]
-    if generator is None:
-        a = torch.rand(shape, dtype=x.dtype, device=x.device)
-    else:
-        a = uniform_like(x, shape, generator)
-    if y is x:  # the interpolate is x itself whatever the draw (drawn anyway: same RNG stream)
-        leaf = x.detach().requires_grad_(True)
-    else:
-        if x.requires_grad or y.requires_grad:
-            x, y = x.detach(), y.detach()
-        leaf = torch.lerp(x, y, a).requires_grad_(True)
-    if not torch.is_grad_enabled():
-        with torch.enable_grad():
-            return _single_penalty(fn, critic, leaf, batch, ndim, kwargs, weight, center, one_sided)
-    return _single_penalty(fn, critic, leaf, batch, ndim, kwargs, weight, center, one_sided)
-
-
-def _single_penalty(
-    fn: str,
-    critic: TensorFn,
-    leaf: torch.Tensor,
-    batch: int,
-    ndim: int,
-    kwargs: Mapping[str, Any],
-    weight: float,
-    center: float,
-    one_sided: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_penalty_raw` for one input tensor of shape ``(batch, ...)`` with ``ndim``
-    dimensions and no scaler (grad mode enabled)."""
-    outputs = critic(leaf, **kwargs) if kwargs else critic(leaf)
-    if not (
-        isinstance(outputs, torch.Tensor)
-        and outputs.requires_grad
-        and outputs.ndim > 0
-        and outputs.shape[0] == batch
-        and outputs.is_floating_point()
-    ):
-        check_outputs(fn, outputs, batch)  # raises the precise error
-    try:
-        g = torch.autograd.grad(outputs, leaf, torch.ones_like(outputs), create_graph=True)[0]
-    except RuntimeError as e:
-        raise grad_error(fn, e) from None
-    norms = torch.linalg.vector_norm(g, dim=_SAMPLE_DIMS[ndim]) if ndim > 1 else g.abs()
-    penalty = norm_penalty(norms, weight=weight, center=center, one_sided=one_sided)
-    if is_ddp(critic):
-        penalty = with_ddp_zero_term(penalty, outputs, critic)
-    return penalty, norms
-
-
-def _penalty_raw(
-    fn: str,
-    critic: TensorFn,
-    leaves: tuple[torch.Tensor, ...],
-    kwargs: Mapping[str, Any],
-    scaler: torch.amp.GradScaler | None,
-    weight: float,
-    center: float,
-    one_sided: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(penalty, norms)`` of the critic's input gradients at ``leaves`` (grad mode enabled)."""
-    outputs, grads = critic_gradients(fn, critic, leaves, kwargs, scaler)
-    norms = sample_norms(grads)
-    penalty = norm_penalty(norms, weight=weight, center=center, one_sided=one_sided)
-    return with_ddp_zero_term(penalty, outputs, critic), norms
-
-
-def _penalty(
-    fn: str,
-    critic: TensorFn,
-    leaves: tuple[torch.Tensor, ...],
-    kwargs: Mapping[str, Any],
-    scaler: torch.amp.GradScaler | None,
-    weight: float,
-    center: float,
-    one_sided: bool,
-) -> PenaltyWithNorms:
-    """The norm penalty of the critic's input gradients at ``leaves`` (grad mode enabled)."""
-    penalty, norms = _penalty_raw(fn, critic, leaves, kwargs, scaler, weight, center, one_sided)
-    return PenaltyWithNorms(penalty, norms.detach())
+    leaves = detached_interpolate_leaves(r, f, per_sample_uniform(r, generator))
+    return exact_penalty(spec, critic, leaves, kwargs, scaler)
 
 
 def gradient_penalty(
