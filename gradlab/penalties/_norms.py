@@ -52,7 +52,12 @@ def input_gradient_norms(
             penalty needs). With ``False`` the norms are detached, for logging.
         scaler: a :class:`torch.amp.GradScaler`: differentiate ``scaler.scale(outputs)`` and
             unscale the gradients out of place (PyTorch's AMP gradient-penalty recipe). Call this
-            inside the same ``torch.autocast`` region as the forward pass.
+            inside the same ``torch.autocast`` region as the forward pass. With the default
+            ``init_scale=2**16`` and float16 outputs, ``scaler.scale(outputs)`` overflows
+            (float16 ends at 65504) as soon as a score reaches 1 in magnitude, so the first
+            step(s) give inf norms and an inf penalty; that is expected: ``scaler.step`` skips
+            the step and ``scaler.update`` lowers the scale, as for any overflow. To skip none,
+            start lower, e.g. ``GradScaler("cuda", init_scale=2**10)``.
 
     Returns:
         The norms, shape ``(B,)``, in the gradients' dtype.

@@ -116,9 +116,9 @@ def dragan_penalty(
         The scalar penalty.
 
     Raises:
-        ValueError: negative ``weight``, ``center`` or ``noise_scale``; a critic output without the
-            batch dimension.
-        GraphError: a ``torch.compile``\ d critic.
+        ValueError: an empty batch; negative ``weight``, ``center`` or ``noise_scale``; a critic
+            output without the batch dimension.
+        GraphError: a ``torch.compile``\ d or FSDP critic (they cannot be differentiated twice).
 
     Example:
         >>> from gradlab.penalties import dragan_penalty

@@ -153,6 +153,13 @@ def gradient_penalty(
     inputs (see :func:`interpolate`); the norm runs over every non-batch dimension of every input
     and is zero-safe (see :func:`input_gradient_norms`).
 
+    Here :math:`a_i` weights the *fake* sample (``torch.lerp(real, fake, a)``). StudioGAN and the
+    WGAN-GP authors' toy code (``gan_toy.py``) write ``alpha * real + (1 - alpha) * fake``,
+    where the draw weights the *real* one: with :math:`a \sim U[0,1)` both give the same
+    distribution of :math:`\hat x` (the penalty's expectation is the same), but the same seed
+    gives different points; to reproduce such code draw for draw, pass ``real`` and ``fake``
+    swapped.
+
     The critic is evaluated on fresh leaf tensors (``real``/``fake`` are detached: the penalty is
     a function of the critic's parameters only) and differentiated with
     :func:`torch.autograd.grad`, so neither the caller's tensors nor any parameter's ``.grad`` is
@@ -162,8 +169,11 @@ def gradient_penalty(
 
     Under DistributedDataParallel a zero gradient is sent into the critic's outputs so that a
     penalty-only backward reaches every parameter (as StyleGAN2-ADA does); ``static_graph=True``
-    is refused. Under AMP pass ``scaler=`` and call inside the ``torch.autocast`` region; then
-    backpropagate ``scaler.scale(loss)`` as usual (see :func:`input_gradient_norms`).
+    is refused. FSDP (1 and 2) critics are refused: FSDP does not support double backward (wrap
+    the critic with DDP, or use ``r1_penalty(..., method="finite-difference")``). Under AMP pass
+    ``scaler=`` and call inside the ``torch.autocast`` region; then backpropagate
+    ``scaler.scale(loss)`` as usual (see :func:`input_gradient_norms`, which also says why the
+    first steps with a default ``GradScaler`` under float16 are skipped).
 
     Args:
         critic: the critic, called as ``critic(*x_hat, **critic_kwargs)``; it returns scores of
@@ -181,11 +191,11 @@ def gradient_penalty(
         The scalar penalty, to add to the critic's loss.
 
     Raises:
-        ValueError: mismatched ``real``/``fake`` shapes, a critic output without the batch
-            dimension, a negative weight or center, a ``static_graph=True`` DDP critic.
+        ValueError: an empty batch, mismatched ``real``/``fake`` shapes, a critic output without
+            the batch dimension, a negative weight or center, a ``static_graph=True`` DDP critic.
         TypeError: non-tensor or non-floating inputs, a ``scaler`` that is not a GradScaler.
-        GraphError: a critic compiled with ``torch.compile`` (it cannot be differentiated twice),
-            or a critic whose output does not depend on an input.
+        GraphError: a critic compiled with ``torch.compile`` or wrapped with FSDP (they cannot be
+            differentiated twice), or a critic whose output does not depend on an input.
 
     Example:
         >>> from gradlab.penalties import gradient_penalty
