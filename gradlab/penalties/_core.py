@@ -32,7 +32,6 @@ __all__ = [
     "norm_penalty",
     "penalty_of_outputs",
     "per_sample_norms",
-    "with_ddp_zero_term",
     "zero_grad_to",
 ]
 
@@ -182,22 +181,16 @@ class _ZeroGradToOutputs(torch.autograd.Function):
 
 
 def zero_grad_to(penalty: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-    """``penalty``, whose backward also sends a zero gradient into ``outputs``."""
-    out: torch.Tensor = _ZeroGradToOutputs.apply(penalty, outputs)
-    return out
+    """``penalty``, whose backward also sends a zero gradient into ``outputs``.
 
-
-def with_ddp_zero_term(penalty: torch.Tensor, outputs: torch.Tensor, critic: Any) -> torch.Tensor:
-    """Make every parameter of a DDP critic take part in a penalty-only backward.
-
-    The penalty's gradient does not reach every parameter (the last layer's bias never affects an
+    This makes every parameter of a DDP critic take part in a penalty-only backward. The
+    penalty's gradient does not reach every parameter (the last layer's bias never affects an
     input gradient), so DDP waits forever for those parameters' gradients and the next iteration
     fails with "Expected to have finished reduction in the prior iteration". A zero gradient into
     the critic's outputs reaches every parameter the forward used, as StyleGAN2-ADA does.
     """
-    if is_ddp(critic):
-        return zero_grad_to(penalty, outputs)
-    return penalty
+    out: torch.Tensor = _ZeroGradToOutputs.apply(penalty, outputs)
+    return out
 
 
 def penalty_of_outputs(
@@ -208,7 +201,8 @@ def penalty_of_outputs(
     scaler: torch.amp.GradScaler | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(penalty, norms)`` (norms not detached) of the critic's ``outputs`` computed from
-    ``inputs`` (grad mode enabled). ``critic`` is only looked at for DDP."""
+    ``inputs`` (grad mode enabled). ``critic`` is only looked at for DDP (see
+    :func:`zero_grad_to`)."""
     batch = inputs[0].shape[0]
     if not (  # the checks of check_outputs, inline: each attribute read costs at small critics
         type(outputs) is torch.Tensor

@@ -84,6 +84,8 @@ def path_length_penalty(
 
     A zero gradient is also sent into ``images``, so that under DistributedDataParallel a
     penalty-only backward reaches every parameter of the generator (StyleGAN2-ADA does the same).
+    The penalty differentiates the generator twice, which FSDP does not support: this function
+    sees only tensors and cannot refuse an FSDP generator, so wrap the generator with DDP.
 
     Args:
         images: generator output ``(B, C, H, W)`` (at least 3-D), computed from ``latents``.
