@@ -236,3 +236,17 @@ def test_errors():
         r1_penalty(critic, x, outputs=critic(x).detach(), **fd)
     with pytest.raises(ValueError, match=r"the critic's output has shape \(\)"):
         r1_penalty(lambda t: critic(t).mean(), x, **fd)
+
+
+def test_under_bfloat16_autocast_the_difference_is_taken_in_float32():
+    """The critic runs in bfloat16; the estimate is float32 and close to the float32 one for a
+    sigma large against bfloat16's rounding of D (the docstring's advice)."""
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.randn(256, 6)
+    kw = {"method": "finite-difference", "sigma": 0.5}
+    ref = r1_penalty(critic, x, generator=_gen(3), **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = r1_penalty(critic, x, generator=_gen(3), **kw)
+    assert low.dtype == torch.float32 and torch.isfinite(low)
+    assert abs(low.item() - ref.item()) < 0.1 * ref.item()
