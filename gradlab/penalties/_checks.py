@@ -208,15 +208,22 @@ def _compiled_error(fn: str, where: str) -> GraphError:
     )
 
 
+_FSDP_TYPES: tuple[type, ...] = ()
+
+
 def _fsdp_types() -> tuple[type, ...]:
     """FSDP 1 (``FullyShardedDataParallel``) and FSDP2 (``FSDPModule``, the class
-    ``fully_shard`` gives a module) where ``torch.distributed.fsdp`` is loaded; nothing can be
-    wrapped with FSDP before that, and we avoid importing it ourselves."""
-    mod = sys.modules.get("torch.distributed.fsdp")
-    if mod is None:
-        return ()
-    names = ("FullyShardedDataParallel", "FSDPModule")
-    return tuple(t for t in (getattr(mod, n, None) for n in names) if isinstance(t, type))
+    ``fully_shard`` gives a module) once ``torch.distributed.fsdp`` is loaded; nothing can be
+    wrapped with FSDP before that, and we avoid importing it ourselves. Found once, then kept
+    (a module-level tuple: a benign race between threads finds the same classes)."""
+    global _FSDP_TYPES
+    if not _FSDP_TYPES:
+        mod = sys.modules.get("torch.distributed.fsdp")
+        if mod is not None:
+            names = ("FullyShardedDataParallel", "FSDPModule")
+            found = (getattr(mod, n, None) for n in names)
+            _FSDP_TYPES = tuple(t for t in found if isinstance(t, type))
+    return _FSDP_TYPES
 
 
 def _fsdp_error(fn: str, where: str, module: nn.Module) -> GraphError:
@@ -271,7 +278,8 @@ def check_critic(fn: str, critic: Any, *, exact: bool = True) -> None:
     fsdp = _fsdp_types() if exact else ()
     if fsdp and isinstance(critic, fsdp):
         raise _fsdp_error(fn, "critic", critic)
-    if _needs_full_scan(critic, fsdp + _compiled_types(), exact):
+    refused = fsdp + _compiled_types() if exact else ()
+    if _needs_full_scan(critic, refused, exact):
         _scan_modules(fn, critic, fsdp, exact)
 
 

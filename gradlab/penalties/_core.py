@@ -14,6 +14,7 @@ leaves and a :class:`PenaltySpec`, and calls :func:`exact_penalty`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -29,6 +30,7 @@ __all__ = [
     "exact_penalty",
     "grad_error",
     "input_gradients",
+    "make_spec",
     "norm_penalty",
     "penalty_of_outputs",
     "per_sample_norms",
@@ -77,6 +79,15 @@ class PenaltySpec:
     center: float = 0.0
     one_sided: bool = False
     squared: bool = False
+
+
+@functools.lru_cache(maxsize=256)
+def make_spec(
+    fn: str, weight: float, center: float = 0.0, one_sided: bool = False, squared: bool = False
+) -> PenaltySpec:
+    """The :class:`PenaltySpec` of these values, made once (the spec is immutable): a call of a
+    penalty costs a cache lookup instead of a frozen dataclass's construction."""
+    return PenaltySpec(fn, weight, center, one_sided, squared)
 
 
 def grad_error(fn: str, e: RuntimeError) -> Exception:
@@ -128,9 +139,11 @@ def per_sample_norms(grads: tuple[torch.Tensor, ...], *, squared: bool = False) 
     """
     if len(grads) == 1:
         g = grads[0]
-        if squared:
-            return g.square().sum(dim=_dims(g)) if g.ndim > 1 else g.square()
-        return torch.linalg.vector_norm(g, dim=_dims(g)) if g.ndim > 1 else g.abs()
+        n = g.ndim
+        if n == 1:
+            return g.square() if squared else g.abs()
+        dims = _SAMPLE_DIMS[n] if n < len(_SAMPLE_DIMS) else tuple(range(1, n))
+        return g.square().sum(dim=dims) if squared else torch.linalg.vector_norm(g, dim=dims)
     sq = [per_sample_norms((g,), squared=True) for g in grads]
     if squared:
         return torch.stack(sq).sum(dim=0)

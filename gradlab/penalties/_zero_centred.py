@@ -3,6 +3,7 @@ estimator, with or without the caller's forward pass (``outputs=``)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,15 +22,12 @@ from gradlab.penalties._checks import (
     check_requires_grad,
     check_scaler,
 )
-from gradlab.penalties._core import (
-    PenaltySpec,
-    PenaltyWithNorms,
-    exact_penalty,
-    penalty_of_outputs,
-)
+from gradlab.penalties._core import exact_penalty, make_spec, penalty_of_outputs
 from gradlab.penalties._finite_difference import DEFAULT_SIGMA, finite_difference_penalty
 
-__all__ = ["ARGS_DOC", "zero_centred_penalty"]
+__all__ = ["ARGS_DOC", "FINITE_DIFFERENCE_DOC", "zero_centred_penalty"]
+
+_INF = math.inf
 
 
 def zero_centred_penalty(
@@ -45,22 +43,34 @@ def zero_centred_penalty(
     method: str,
     sigma: float | None,
     generator: torch.Generator | None,
-) -> PenaltyWithNorms:
-    """``gamma/2 * mean_i ||grad D(x_i)||^2`` for the public function ``fn`` whose input argument
-    is named ``arg``; the arguments are those of its signature."""
-    gamma = check_nonnegative(fn, "gamma", gamma)
-    method = check_method(fn, method)
-    xs = as_tensors(fn, arg, x)
-    check_nonempty(fn, arg, xs)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(penalty, squared_norms)`` (not detached; estimates for finite differences) of
+    ``gamma/2 * mean_i ||grad D(x_i)||^2`` for the public function ``fn`` whose input argument is
+    named ``arg``; the arguments are those of its signature.
+
+    The common case (a float ``gamma``, one non-empty floating tensor) is accepted inline: at
+    small critics the Python overhead of the checks is what the user measures.
+    """
+    if type(gamma) is not float or not 0.0 <= gamma < _INF:
+        gamma = check_nonnegative(fn, "gamma", gamma)
+    if method != "exact" and method != "finite-difference":
+        check_method(fn, method)
+    xs: tuple[torch.Tensor, ...]
+    if type(x) is torch.Tensor and x.ndim > 0 and x.shape[0] > 0 and x.is_floating_point():
+        xs = (x,)
+    else:
+        xs = as_tensors(fn, arg, x)
+        check_nonempty(fn, arg, xs)
     exact = method == "exact"
     if exact:
-        for name, value in (("sigma", sigma), ("generator", generator)):
-            if value is not None:
-                raise ValueError(
-                    f"{fn}: {name}= is used only by method='finite-difference' (the exact "
-                    f"method draws nothing); pass method='finite-difference' or drop {name}="
-                )
-        scaler = check_scaler(fn, scaler)
+        if sigma is not None or generator is not None:
+            name = "sigma" if sigma is not None else "generator"
+            raise ValueError(
+                f"{fn}: {name}= is used only by method='finite-difference' (the exact method "
+                f"draws nothing); pass method='finite-difference' or drop {name}="
+            )
+        if scaler is not None:
+            scaler = check_scaler(fn, scaler)
     else:
         sigma = DEFAULT_SIGMA if sigma is None else check_positive(fn, "sigma", sigma)
         if scaler is not None:
@@ -70,7 +80,7 @@ def zero_centred_penalty(
                 "scaler.scale(loss).backward() as usual"
             )
     check_critic(fn, critic, exact=exact)
-    spec = PenaltySpec(fn, gamma / 2, squared=True)
+    spec = make_spec(fn, gamma / 2, squared=True)
     if outputs is None:
         kwargs = check_critic_kwargs(fn, critic_kwargs)
         if exact:
@@ -81,7 +91,7 @@ def zero_centred_penalty(
             penalty, sq = finite_difference_penalty(
                 spec, critic, xs, kwargs=kwargs, outputs=None, sigma=sigma, generator=generator
             )
-        return PenaltyWithNorms(penalty, sq.detach().sqrt())
+        return penalty, sq
     if critic_kwargs is not None:
         raise ValueError(
             f"{fn}: critic_kwargs has no effect when outputs= is given (the critic is not "
@@ -98,7 +108,7 @@ def zero_centred_penalty(
         penalty, sq = finite_difference_penalty(
             spec, critic, xs, kwargs={}, outputs=outputs, sigma=sigma, generator=generator
         )
-    return PenaltyWithNorms(penalty, sq.detach().sqrt())
+    return penalty, sq
 
 
 ARGS_DOC = r"""

@@ -16,7 +16,7 @@ from gradlab.penalties._checks import (
     check_nonnegative,
     check_scaler,
 )
-from gradlab.penalties._core import PenaltySpec, PenaltyWithNorms, exact_penalty
+from gradlab.penalties._core import PenaltyWithNorms, exact_penalty, make_spec
 from gradlab.penalties._interpolate import (
     detached_interpolate_leaves,
     per_sample_uniform,
@@ -69,7 +69,7 @@ def dragan_penalty_and_norms(
         xs = tuple(x.detach() for x in xs)
         perturbed = perturb(xs, noise_scale, generator)
         leaves = detached_interpolate_leaves(xs, perturbed, per_sample_uniform(xs, generator))
-    spec = PenaltySpec(fn, weight, center)
+    spec = make_spec(fn, weight, center)
     penalty, norms = exact_penalty(spec, critic, leaves, kwargs, scaler)
     return PenaltyWithNorms(penalty, norms.detach())
 

@@ -37,7 +37,7 @@ def r1_penalty_and_norms(
         >>> penalty.shape, norms.shape
         (torch.Size([]), torch.Size([4]))
     """
-    return zero_centred_penalty(
+    penalty, squared_norms = zero_centred_penalty(
         "r1_penalty",
         "real",
         critic,
@@ -50,6 +50,7 @@ def r1_penalty_and_norms(
         sigma=sigma,
         generator=generator,
     )
+    return PenaltyWithNorms(penalty, squared_norms.detach().sqrt())
 
 
 def r1_penalty(
@@ -106,7 +107,9 @@ def r1_penalty(
         Lin et al., "Diffusion Adversarial Post-Training for One-Step Video Generation"
         (Seaweed-APT, approximated R1), arXiv:2501.08316, 2025.
     """
-    return r1_penalty_and_norms(
+    return zero_centred_penalty(
+        "r1_penalty",
+        "real",
         critic,
         real,
         gamma=gamma,
@@ -116,7 +119,7 @@ def r1_penalty(
         method=method,
         sigma=sigma,
         generator=generator,
-    ).penalty
+    )[0]
 
 
 if r1_penalty.__doc__:  # not under python -OO

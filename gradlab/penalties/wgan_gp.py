@@ -18,7 +18,7 @@ from gradlab.penalties._checks import (
     check_pair,
     check_scaler,
 )
-from gradlab.penalties._core import PenaltySpec, PenaltyWithNorms, exact_penalty
+from gradlab.penalties._core import PenaltyWithNorms, exact_penalty, make_spec
 from gradlab.penalties._interpolate import (
     detached_interpolate_leaves,
     per_sample_uniform,
@@ -60,7 +60,15 @@ def gradient_penalty_and_norms(
         (torch.Size([]), torch.Size([8]))
     """
     penalty, norms = _gradient_penalty(
-        critic, real, fake, weight, center, one_sided, critic_kwargs, scaler, generator
+        critic,
+        real,
+        fake,
+        weight=weight,
+        center=center,
+        one_sided=one_sided,
+        critic_kwargs=critic_kwargs,
+        scaler=scaler,
+        generator=generator,
     )
     return PenaltyWithNorms(penalty, norms.detach())
 
@@ -69,6 +77,7 @@ def _gradient_penalty(
     critic: TensorFn,
     real: TensorOrTensors,
     fake: TensorOrTensors,
+    *,
     weight: float,
     center: float,
     one_sided: bool,
@@ -78,7 +87,7 @@ def _gradient_penalty(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(penalty, norms)`` (norms not detached): validate, interpolate, hand over to the core.
 
-    The arguments are those of the public signature, in its order. The common case (one tensor
+    The arguments are those of the public signature. The common case (one tensor
     per sample, no scaler) is validated and interpolated inline with as few Python calls and
     tensor operations as the hand-written step: this is the hot path of a WGAN-GP training loop,
     and at small critics its Python overhead is what the user measures.
@@ -88,7 +97,7 @@ def _gradient_penalty(
         weight = check_nonnegative(fn, "weight", weight)
     if type(center) is not float or not 0.0 <= center < _INF:
         center = check_nonnegative(fn, "center", center)
-    spec = PenaltySpec(fn, weight, center, bool(one_sided))
+    spec = make_spec(fn, weight, center, bool(one_sided))
     kwargs = _NO_KWARGS if critic_kwargs is None else check_critic_kwargs(fn, critic_kwargs)
     # The common case, one non-empty tensor per sample with matching shape, dtype and device
     # (what check_pair and check_nonempty would accept), tested inline.
@@ -211,5 +220,13 @@ def gradient_penalty(
         Petzka et al., "On the regularization of Wasserstein GANs", ICLR 2018.
     """
     return _gradient_penalty(
-        critic, real, fake, weight, center, one_sided, critic_kwargs, scaler, generator
+        critic,
+        real,
+        fake,
+        weight=weight,
+        center=center,
+        one_sided=one_sided,
+        critic_kwargs=critic_kwargs,
+        scaler=scaler,
+        generator=generator,
     )[0]
