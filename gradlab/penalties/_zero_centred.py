@@ -92,29 +92,30 @@ def zero_centred_penalty(
                 spec, critic, xs, kwargs=kwargs, outputs=None, sigma=sigma, generator=generator
             )
         return penalty, sq
-    if critic_kwargs is not None:
-        raise ValueError(
-            f"{fn}: critic_kwargs has no effect when outputs= is given (the critic is not "
-            "called); pass the keyword arguments to the forward pass that made outputs"
-        )
     if exact:
+        if critic_kwargs is not None:
+            raise ValueError(
+                f"{fn}: critic_kwargs has no effect when outputs= is given with the exact method "
+                "(the critic is not called); pass the keyword arguments to the forward pass that "
+                "made outputs"
+            )
         check_requires_grad(fn, arg, xs)
     check_outputs(fn, outputs, xs[0].shape[0], arg="outputs")
     if exact:
         with torch.enable_grad():
             penalty, sq = penalty_of_outputs(spec, critic, outputs, xs, scaler)
-    else:
-        assert sigma is not None
-        penalty, sq = finite_difference_penalty(
-            spec, critic, xs, kwargs={}, outputs=outputs, sigma=sigma, generator=generator
-        )
-    return penalty, sq
+        return penalty, sq
+    assert sigma is not None
+    kwargs = check_critic_kwargs(fn, critic_kwargs)  # the perturbed forward needs them too
+    return finite_difference_penalty(
+        spec, critic, xs, kwargs=kwargs, outputs=outputs, sigma=sigma, generator=generator
+    )
 
 
 ARGS_DOC = r"""
     Args:
-        critic: the critic, called as ``critic(*x, **critic_kwargs)`` (unless ``outputs`` is
-            given); scores of shape ``(B,)`` or ``(B, ...)`` (several per sample are summed).
+        critic: the critic, called as ``critic(*x, **critic_kwargs)``; scores of shape ``(B,)``
+            or ``(B, ...)`` (several per sample are summed).
         {arg}: {what} samples ``(B, ...)``, or a tuple of tensors for a critic with several inputs.
         gamma: :math:`\gamma \ge 0`. StyleGAN2/StyleGAN2-ADA's ``r1_gamma`` is this
             :math:`\gamma` (their loss is ``r1_penalty * (r1_gamma / 2)``); GAN_stability's
@@ -127,8 +128,10 @@ ARGS_DOC = r"""
             critic(x)``); the critic is then called only on the perturbed samples (finite
             difference) or not at all (exact). Without it the critic is called on fresh leaf
             copies of ``{arg}``.
-        critic_kwargs: extra keyword arguments for the critic (e.g. ``{{"labels": y}}``); not
-            allowed with ``outputs``.
+        critic_kwargs: extra keyword arguments for the critic (e.g. ``{{"labels": y}}``). With
+            ``outputs``: refused for the exact method (the critic is not called); for finite
+            differences pass the ones ``outputs`` was computed with (the critic is called on the
+            perturbed samples).
         scaler: a :class:`torch.amp.GradScaler` for mixed precision (exact method only; see
             :func:`input_gradient_norms`).
         method: ``"exact"`` (default: one double backward) or ``"finite-difference"`` (the

@@ -82,9 +82,9 @@ def r1_penalty(
 
     Raises:
         ValueError: an empty batch, outputs without the batch dimension, negative ``gamma``,
-            ``outputs`` given with inputs that do not require grad (exact) or together with
-            ``critic_kwargs``, an unknown ``method``, ``sigma``/``generator`` with the exact
-            method, ``scaler`` with the finite-difference one.
+            ``outputs`` given with inputs that do not require grad or together with
+            ``critic_kwargs`` (exact method), an unknown ``method``, ``sigma``/``generator``
+            with the exact method, ``scaler`` with the finite-difference one.
         GraphError: for the exact method, a ``torch.compile``\ d or FSDP critic (they cannot be
             differentiated twice: use ``method="finite-difference"``); outputs that do not
             depend on ``real``.

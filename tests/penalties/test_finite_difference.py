@@ -84,6 +84,17 @@ def test_outputs_reuses_the_forward_and_gives_the_same_estimate():
     r1_penalty(critic, plain, outputs=critic(plain), **kw)
 
 
+@pytest.mark.parametrize("case", ["conditional", "two-input"])
+def test_outputs_with_critic_kwargs_and_tuples(case):
+    """With outputs= the critic is still called on the perturbed samples, with critic_kwargs."""
+    critic, real, _, kwargs = make_case(case, dtype=torch.float64)
+    kw = {"method": "finite-difference", "sigma": 0.01, "critic_kwargs": kwargs}
+    logits = critic(*real, **kwargs)
+    got = r1_penalty(critic, _arg(real), outputs=logits, generator=_gen(4), **kw)
+    want = r1_penalty(critic, _arg(real), generator=_gen(4), **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
 def test_linear_critic_is_unbiased_with_chi_square_variance():
     """D(x) = w.x + b: the estimate is (w.eps)^2 exactly, E = ||w||^2, Var = 2 ||w||^4."""
     torch.manual_seed(0)
