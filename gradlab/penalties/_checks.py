@@ -209,13 +209,14 @@ def _compiled_error(fn: str, where: str) -> GraphError:
 
 
 _FSDP_TYPES: tuple[type, ...] = ()
+_COMPILED_TYPES: tuple[type, ...] = ()
 
 
 def _fsdp_types() -> tuple[type, ...]:
     """FSDP 1 (``FullyShardedDataParallel``) and FSDP2 (``FSDPModule``, the class
     ``fully_shard`` gives a module) once ``torch.distributed.fsdp`` is loaded; nothing can be
     wrapped with FSDP before that, and we avoid importing it ourselves. Found once, then kept
-    (a module-level tuple: a benign race between threads finds the same classes)."""
+    (a module-level tuple: a race between threads finds the same classes)."""
     global _FSDP_TYPES
     if not _FSDP_TYPES:
         mod = sys.modules.get("torch.distributed.fsdp")
@@ -224,6 +225,16 @@ def _fsdp_types() -> tuple[type, ...]:
             found = (getattr(mod, n, None) for n in names)
             _FSDP_TYPES = tuple(t for t in found if isinstance(t, type))
     return _FSDP_TYPES
+
+
+def _compiled_types() -> tuple[type, ...]:
+    """``OptimizedModule`` once ``torch._dynamo`` is loaded (found once, then kept)."""
+    global _COMPILED_TYPES
+    if not _COMPILED_TYPES:
+        eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+        if eval_frame is not None:
+            _COMPILED_TYPES = (eval_frame.OptimizedModule,)
+    return _COMPILED_TYPES
 
 
 def _fsdp_error(fn: str, where: str, module: nn.Module) -> GraphError:
@@ -249,11 +260,6 @@ def _fsdp_error(fn: str, where: str, module: nn.Module) -> GraphError:
         "critic twice and FSDP does not support double backward: the parameter gradients come "
         "out silently wrong (FSDP 1) or backward fails (full sharding, FSDP2). Fix: " + fix
     )
-
-
-def _compiled_types() -> tuple[type, ...]:
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    return (eval_frame.OptimizedModule,) if eval_frame is not None else ()
 
 
 def check_critic(fn: str, critic: Any, *, exact: bool = True) -> None:

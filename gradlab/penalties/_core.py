@@ -9,12 +9,11 @@ best hand-written step; tuples of inputs and a scaler go through the same lines.
 :func:`per_sample_norms`, so per-sample norms are computed one way everywhere.
 
 Adding an exact penalty is a new front-end module that validates its arguments, builds its
-leaves and a :class:`PenaltySpec`, and calls :func:`exact_penalty`.
+leaves and a :class:`PenaltySpec` (:func:`make_spec`), and calls :func:`exact_penalty`.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -51,7 +50,7 @@ class PenaltyWithNorms(NamedTuple):
             detached: log them (mean, max, fraction near the target) at no extra cost. (For
             ``method="finite-difference"`` they are the per-sample estimates
             :math:`|D(x_i + \\sigma\\epsilon_i) - D(x_i)|/\\sigma`, whose squares estimate the
-            squared norms without bias to :math:`O(\\sigma^2)`.)
+            squared norms with a bias of order :math:`\\sigma^2`.)
     """
 
     penalty: torch.Tensor
@@ -81,13 +80,23 @@ class PenaltySpec:
     squared: bool = False
 
 
-@functools.lru_cache(maxsize=256)
+_SPECS: dict[tuple[str, float, float, bool, bool], PenaltySpec] = {}
+
+
 def make_spec(
     fn: str, weight: float, center: float = 0.0, one_sided: bool = False, squared: bool = False
 ) -> PenaltySpec:
-    """The :class:`PenaltySpec` of these values, made once (the spec is immutable): a call of a
-    penalty costs a cache lookup instead of a frozen dataclass's construction."""
-    return PenaltySpec(fn, weight, center, one_sided, squared)
+    """The :class:`PenaltySpec` of these values, made once and kept (specs are immutable): a
+    penalty call costs a dict lookup instead of a frozen dataclass's construction. (A plain dict:
+    its get and set are atomic, and two threads racing make equal specs. At most 1024 are kept.)
+    """
+    key = (fn, weight, center, one_sided, squared)
+    spec = _SPECS.get(key)
+    if spec is None:
+        if len(_SPECS) >= 1024:
+            _SPECS.clear()
+        spec = _SPECS[key] = PenaltySpec(fn, weight, center, one_sided, squared)
+    return spec
 
 
 def grad_error(fn: str, e: RuntimeError) -> Exception:
@@ -225,7 +234,15 @@ def penalty_of_outputs(
         and outputs.is_floating_point()
     ):
         check_outputs(spec.fn, outputs, batch)  # raises the precise error
-    grads = input_gradients(spec.fn, outputs, inputs, create_graph=True, scaler=scaler)
+    if scaler is None:  # input_gradients without a scaler, inline (the hot path)
+        try:
+            grads = torch.autograd.grad(
+                outputs, inputs, torch.ones_like(outputs), create_graph=True
+            )
+        except RuntimeError as e:
+            raise grad_error(spec.fn, e) from None
+    else:
+        grads = input_gradients(spec.fn, outputs, inputs, create_graph=True, scaler=scaler)
     norms = per_sample_norms(grads, squared=spec.squared)
     penalty = norm_penalty(norms, spec)
     if is_ddp(critic):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from gradlab.penalties._finite_difference import DEFAULT_SIGMA, finite_differenc
 __all__ = ["ARGS_DOC", "FINITE_DIFFERENCE_DOC", "zero_centred_penalty"]
 
 _INF = math.inf
+_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
 
 
 def zero_centred_penalty(
@@ -80,11 +82,14 @@ def zero_centred_penalty(
                 "scaler.scale(loss).backward() as usual"
             )
     check_critic(fn, critic, exact=exact)
-    spec = make_spec(fn, gamma / 2, squared=True)
+    spec = make_spec(fn, gamma / 2, 0.0, False, True)
     if outputs is None:
-        kwargs = check_critic_kwargs(fn, critic_kwargs)
+        kwargs = _NO_KWARGS if critic_kwargs is None else check_critic_kwargs(fn, critic_kwargs)
         if exact:
-            leaves = tuple(t.detach().requires_grad_(True) for t in xs)
+            if len(xs) == 1:
+                leaves: tuple[torch.Tensor, ...] = (xs[0].detach().requires_grad_(True),)
+            else:
+                leaves = tuple(t.detach().requires_grad_(True) for t in xs)
             penalty, sq = exact_penalty(spec, critic, leaves, kwargs, scaler)
         else:
             assert sigma is not None
