@@ -95,18 +95,16 @@ def test_outputs_with_critic_kwargs_and_tuples(case):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
-def test_linear_critic_is_unbiased_with_chi_square_variance():
+@pytest.mark.parametrize("which", ["r1", "r2"])
+def test_linear_critic_is_unbiased_with_chi_square_variance(which):
     """D(x) = w.x + b: the estimate is (w.eps)^2 exactly, E = ||w||^2, Var = 2 ||w||^4."""
     torch.manual_seed(0)
     critic = nn.Linear(5, 1).double()
     x = torch.randn(N, 5, dtype=torch.float64)
     sigma = 0.7  # no bias at any sigma for a linear critic
-    est = (
-        r1_penalty_and_norms(
-            critic, x, gamma=2.0, method="finite-difference", sigma=sigma, generator=_gen(0)
-        ).norms
-        ** 2
-    )
+    fn = r1_penalty_and_norms if which == "r1" else r2_penalty_and_norms
+    est = fn(critic, x, gamma=2.0, method="finite-difference", sigma=sigma, generator=_gen(0))
+    est = est.norms**2
     w2 = critic.weight.detach().square().sum()
     _within(est, w2)
     assert est.var().item() == pytest.approx(2 * w2.item() ** 2, rel=0.12)  # ~4 SE of s^2
