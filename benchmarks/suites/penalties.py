@@ -12,6 +12,11 @@ Tables:
    (one ``torch.rand`` per sample, one ``torch.lerp``, ``torch.autograd.grad``, ``vector_norm``
    over the sample dimensions, ``weight * ((norm - 1) ** 2).mean()``, the formula as papers and
    tutorials write it) against ``gradlab.penalties.gradient_penalty``. Target: ratio <= 1.03.
+3. *R1: exact vs finite-difference*: a full critic step (non-saturating loss on fake and real,
+   R1, backward) with exact R1 (double backward) and with ``method="finite-difference"`` (one
+   extra forward and a first-order backward), each without and with ``outputs=`` (R1 on the
+   adversarial forward pass), relative to the exact R1 step without ``outputs=``; on the DCGAN
+   critic and on an MLP critic.
 
 The ``backward(create_graph=True)`` vs ``autograd.grad`` experiment, with peak memory, is the
 ``grad_vs_backward`` suite, which includes ``gradient_penalty`` as its ``gradlab`` row.
@@ -79,6 +84,15 @@ def _critic_steps(
         loss.backward()
         critic.zero_grad(set_to_none=True)
 
+    gen = torch.Generator(device=real.device).manual_seed(0)
+
+    def r1_fd_reuse() -> None:
+        d_real = critic(real)
+        r1 = r1_penalty(critic, real, outputs=d_real, method="finite-difference", generator=gen)
+        loss = critic(fake).mean() - d_real.mean() + r1
+        loss.backward()
+        critic.zero_grad(set_to_none=True)
+
     lazy = LazyRegularizer(every=16)
 
     def lazy_r1_16() -> None:
@@ -102,6 +116,10 @@ def _critic_steps(
         "zero-centred gp": step(lambda: gradient_penalty(critic, real, fake, center=0.0)),
         "r1": step(lambda: r1_penalty(critic, real)),
         "r1 (outputs=)": r1_reuse,
+        "r1 finite-difference": step(
+            lambda: r1_penalty(critic, real, method="finite-difference", generator=gen)
+        ),
+        "r1 finite-difference (outputs=)": r1_fd_reuse,
         "r2": step(lambda: r2_penalty(critic, fake)),
         "dragan": step(lambda: dragan_penalty(critic, real)),
         "_plain x16": plain_16,
@@ -158,6 +176,44 @@ def _gp_pair(
         critic.zero_grad(set_to_none=True)
 
     return {"hand-written (autograd.grad)": hand, "gradlab gradient_penalty": gradlab}
+
+
+def _r1_steps(
+    critic: nn.Module, real: torch.Tensor, fake: torch.Tensor
+) -> dict[str, Callable[[], None]]:
+    """Critic steps with R1 computed exactly or by finite differences, with or without outputs=."""
+    softplus = nn.functional.softplus
+    gen = torch.Generator(device=real.device).manual_seed(0)
+
+    def step(method: str, reuse: bool) -> Callable[[], None]:
+        extra = {"sigma": 0.01, "generator": gen} if method == "finite-difference" else {}
+
+        def run() -> None:
+            if reuse:
+                x = real.detach().requires_grad_(True) if method == "exact" else real
+                d_real = critic(x)
+                r1 = r1_penalty(critic, x, outputs=d_real, method=method, **extra)
+            else:
+                d_real = critic(real)
+                r1 = r1_penalty(critic, real, method=method, **extra)
+            loss = softplus(critic(fake)).mean() + softplus(-d_real).mean() + r1
+            loss.backward()
+            critic.zero_grad(set_to_none=True)
+
+        return run
+
+    def plain() -> None:
+        loss = softplus(critic(fake)).mean() + softplus(-critic(real)).mean()
+        loss.backward()
+        critic.zero_grad(set_to_none=True)
+
+    return {
+        "exact": step("exact", False),
+        "exact (outputs=)": step("exact", True),
+        "finite-difference": step("finite-difference", False),
+        "finite-difference (outputs=)": step("finite-difference", True),
+        "no R1 (plain step)": plain,
+    }
 
 
 def run(ctx: Context) -> list[Table]:
@@ -243,11 +299,43 @@ def run(ctx: Context) -> list[Table]:
                 ratio_vs_hand=ratios[name],
             )
     tables.append(t2)
+
+    t3 = Table(
+        "R1 step: exact vs finite-difference, without and with outputs=",
+        ["critic", "r1", "step_s", "iqr_s", "ratio_vs_exact"],
+        notes=[
+            "A full critic step (non-saturating loss on fake and real + R1, backward); "
+            "ratio_vs_exact: median over interleaved rounds of time(step) / time(exact R1 step "
+            "without outputs=). finite-difference: sigma=0.01, one extra forward, no double "
+            "backward; outputs=: R1 reuses the adversarial forward on the reals.",
+        ],
+    )
+    r1_cases = [
+        (f"DCGAN {size}x{size} w{width} b{batch}", critic, (batch, 3, size, size)),
+        ("MLP 784-512-512-1 b64", _mlp().to(dev), (64, 784)),
+    ]
+    for label, model, shape in r1_cases:
+        r, f = torch.randn(shape, device=dev), torch.randn(shape, device=dev)
+        r1_steps = _r1_steps(model, r, f)
+        ctx.progress(f"R1 exact vs finite-difference: {label}")
+        timings, ratios = time_interleaved(r1_steps, ctx=ctx, baseline="exact")
+        for name in r1_steps:
+            t3.add(
+                critic=label,
+                r1=name,
+                step_s=timings[name].median,
+                iqr_s=timings[name].iqr,
+                ratio_vs_exact=ratios[name],
+            )
+    tables.append(t3)
     return tables
 
 
 SUITE = Suite(
     name="penalties",
-    description="GAN penalties: step cost vs a plain critic step; gradient_penalty vs hand-written",
+    description=(
+        "GAN penalties: step cost vs a plain critic step; gradient_penalty vs hand-written; "
+        "R1 exact vs finite-difference"
+    ),
     run=run,
 )

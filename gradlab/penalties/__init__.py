@@ -1,21 +1,21 @@
 """GAN gradient penalties: WGAN-GP, WGAN-LP, zero-centred GP, R1, R2, DRAGAN, path length.
 
-Every penalty is a thin function over one core, :func:`input_gradient_norms` (per-sample L2
-norms over every non-batch dimension, zero-safe, taken with ``torch.autograd.grad`` on fresh leaf
-copies). Each ``*_penalty`` returns a scalar; each ``*_penalty_and_norms`` returns
-``(penalty, norms)`` for logging without a second double-backward. See ``shared/API.md``.
+Every exact penalty is a thin front end over one core (``_core.py``: per-sample L2 norms of the
+critic's input gradients over every non-batch dimension, zero-safe, taken with
+``torch.autograd.grad`` on fresh leaf copies, then one reduction). R1/R2 also have a
+finite-difference estimator (``method="finite-difference"``) that needs no double backward.
+Each ``*_penalty`` returns a scalar; the one way to get the per-sample norms for logging is its
+``*_penalty_and_norms`` twin, which returns ``(penalty, norms)`` at no extra cost.
 """
 
 # ruff: noqa: I001  (one public name per import line, STYLE.md #1)
 from __future__ import annotations
 
-from gradlab.penalties._critic import PenaltyWithNorms
+from gradlab.penalties._core import PenaltyWithNorms
 from gradlab.penalties._interpolate import interpolate
 from gradlab.penalties._norms import input_gradient_norms
 from gradlab.penalties.dragan import dragan_penalty
 from gradlab.penalties.dragan import dragan_penalty_and_norms
-from gradlab.penalties.gradient_penalty import gradient_penalty
-from gradlab.penalties.gradient_penalty import gradient_penalty_and_norms
 from gradlab.penalties.lazy import AdamHyperparameters
 from gradlab.penalties.lazy import LazyRegularizer
 from gradlab.penalties.path_length import PathLengthPenalty
@@ -23,8 +23,10 @@ from gradlab.penalties.path_length import PathLengthResult
 from gradlab.penalties.path_length import path_length_penalty
 from gradlab.penalties.r1 import r1_penalty
 from gradlab.penalties.r1 import r1_penalty_and_norms
-from gradlab.penalties.r1 import r2_penalty
-from gradlab.penalties.r1 import r2_penalty_and_norms
+from gradlab.penalties.r2 import r2_penalty
+from gradlab.penalties.r2 import r2_penalty_and_norms
+from gradlab.penalties.wgan_gp import gradient_penalty
+from gradlab.penalties.wgan_gp import gradient_penalty_and_norms
 
 __all__ = [
     "AdamHyperparameters",

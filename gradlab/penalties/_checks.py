@@ -20,17 +20,24 @@ from gradlab._errors import GraphError
 from gradlab._typing import TensorOrTensors
 
 __all__ = [
+    "METHODS",
     "as_tensors",
     "check_critic",
     "check_critic_kwargs",
+    "check_method",
+    "check_nonempty",
     "check_nonnegative",
     "check_outputs",
     "check_pair",
     "check_pair_is_simple",
+    "check_positive",
     "check_requires_grad",
     "check_scaler",
     "is_ddp",
 ]
+
+#: The ways :func:`~gradlab.penalties.r1_penalty` / ``r2_penalty`` can compute the penalty.
+METHODS = ("exact", "finite-difference")
 
 # BatchNorm modules already warned about (once per module object, see check_critic).
 _WARNED_BATCHNORM: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -125,6 +132,36 @@ def check_nonnegative(fn: str, arg: str, value: float) -> float:
     return float(value)
 
 
+def check_positive(fn: str, arg: str, value: float) -> float:
+    """A finite number > 0 (the finite-difference step)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {arg} must be a float, got {_describe(value)}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{fn}: {arg} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_method(fn: str, method: Any) -> str:
+    """One of :data:`METHODS`."""
+    if method not in METHODS or not isinstance(method, str):
+        raise ValueError(
+            f"{fn}: method must be one of {', '.join(repr(m) for m in METHODS)}, got "
+            f"{_describe(method)}"
+        )
+    return method
+
+
+def check_nonempty(fn: str, arg: str, xs: tuple[torch.Tensor, ...]) -> None:
+    """Refuse a batch of 0 samples: a penalty is a mean over samples (NaN for none)."""
+    if xs[0].shape[0] == 0:
+        raise ValueError(
+            f"{fn}: {arg} is an empty batch (shape {tuple(xs[0].shape)}); the penalty is a mean "
+            "over samples and has no value for 0 samples. Fix: skip the penalty for this step "
+            f"(if {arg}.shape[0] > 0: ...), or drop the last incomplete batch "
+            "(DataLoader(..., drop_last=True))"
+        )
+
+
 def check_critic_kwargs(fn: str, critic_kwargs: Mapping[str, Any] | None) -> Mapping[str, Any]:
     if critic_kwargs is None:
         return {}
@@ -171,13 +208,68 @@ def _compiled_error(fn: str, where: str) -> GraphError:
     )
 
 
-def check_critic(fn: str, critic: Any) -> None:
-    """Refuse compiled critics and static-graph DDP; warn once per BatchNorm in training mode."""
+_FSDP_TYPES: tuple[type, ...] = ()
+_COMPILED_TYPES: tuple[type, ...] = ()
+
+
+def _fsdp_types() -> tuple[type, ...]:
+    """FSDP 1 (``FullyShardedDataParallel``) and FSDP2 (``FSDPModule``, the class
+    ``fully_shard`` gives a module) once ``torch.distributed.fsdp`` is loaded; nothing can be
+    wrapped with FSDP before that, and we avoid importing it ourselves. Found once, then kept
+    (a module-level tuple: a race between threads finds the same classes)."""
+    global _FSDP_TYPES
+    if not _FSDP_TYPES:
+        mod = sys.modules.get("torch.distributed.fsdp")
+        if mod is not None:
+            names = ("FullyShardedDataParallel", "FSDPModule")
+            found = (getattr(mod, n, None) for n in names)
+            _FSDP_TYPES = tuple(t for t in found if isinstance(t, type))
+    return _FSDP_TYPES
+
+
+def _compiled_types() -> tuple[type, ...]:
+    """``OptimizedModule`` once ``torch._dynamo`` is loaded (found once, then kept)."""
+    global _COMPILED_TYPES
+    if not _COMPILED_TYPES:
+        eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+        if eval_frame is not None:
+            _COMPILED_TYPES = (eval_frame.OptimizedModule,)
+    return _COMPILED_TYPES
+
+
+def _fsdp_error(fn: str, where: str, module: nn.Module) -> GraphError:
+    kind = (
+        "FullyShardedDataParallel (FSDP 1)"
+        if type(module).__name__ == "FullyShardedDataParallel"
+        else "fully_shard (FSDP2)"
+    )
+    if fn in ("r1_penalty", "r2_penalty"):
+        fix = (
+            f"use {fn}(..., method='finite-difference'), which needs only a first-order "
+            "backward and runs through FSDP, or wrap the critic with DistributedDataParallel "
+            "instead of FSDP (a critic usually fits on one device)"
+        )
+    else:
+        fix = (
+            "wrap the critic with DistributedDataParallel instead of FSDP (a critic usually "
+            "fits on one device), or use a zero-centred penalty with a first-order estimator: "
+            "r1_penalty(..., method='finite-difference')"
+        )
+    return GraphError(
+        f"{fn}: {where} is wrapped with {kind}. An exact gradient penalty differentiates the "
+        "critic twice and FSDP does not support double backward: the parameter gradients come "
+        "out silently wrong (FSDP 1) or backward fails (full sharding, FSDP2). Fix: " + fix
+    )
+
+
+def check_critic(fn: str, critic: Any, *, exact: bool = True) -> None:
+    """Refuse what cannot be differentiated twice (``exact``: compiled critics, FSDP critics)
+    and static-graph DDP; warn once per BatchNorm in training mode."""
     if not callable(critic):
         raise TypeError(
             f"{fn}: critic must be a callable (an nn.Module or a function), got {_describe(critic)}"
         )
-    if _is_compiled(critic):
+    if exact and _is_compiled(critic):
         raise _compiled_error(fn, "critic")
     if not isinstance(critic, nn.Module):
         return
@@ -189,20 +281,23 @@ def check_critic(fn: str, critic: Any) -> None:
             "wrap the critic with static_graph=False (the default); gradlab adds a zero-weighted "
             "term over the critic's outputs so that every parameter takes part in every backward"
         )
-    if _needs_full_scan(critic):
-        _scan_modules(fn, critic)
+    fsdp = _fsdp_types() if exact else ()
+    if fsdp and isinstance(critic, fsdp):
+        raise _fsdp_error(fn, "critic", critic)
+    refused = fsdp + _compiled_types() if exact else ()
+    if _needs_full_scan(critic, refused, exact):
+        _scan_modules(fn, critic, fsdp, exact)
 
 
-def _needs_full_scan(critic: nn.Module) -> bool:
+def _needs_full_scan(critic: nn.Module, refused: tuple[type, ...], exact: bool) -> bool:
     """Whether the critic has a submodule to warn about or refuse (a BatchNorm in training mode
-    not warned about yet, a compiled submodule).
+    not warned about yet; if ``exact``, a submodule of a ``refused`` type or compiled in
+    place).
 
     A plain walk over ``_modules``, several times cheaper than ``critic.modules()``: it runs on
     every call of every penalty, so at small critics it is a visible part of the step.
     :func:`_scan_modules` then reports, in ``critic.modules()`` order.
     """
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    optimized = eval_frame.OptimizedModule if eval_frame is not None else ()
     stack = [critic]
     seen = set()
     while stack:
@@ -213,10 +308,9 @@ def _needs_full_scan(critic: nn.Module) -> bool:
         if isinstance(m, _BATCHNORM):
             if m.training and m not in _WARNED_BATCHNORM:
                 return True
-        elif m is not critic and (
-            isinstance(m, optimized) or m.__dict__.get("_compiled_call_impl") is not None
-        ):
-            return True
+        elif exact and m is not critic:
+            if isinstance(m, refused) or m.__dict__.get("_compiled_call_impl") is not None:
+                return True
         children = m._modules
         if children:
             stack.extend(c for c in children.values() if c is not None)
@@ -234,9 +328,9 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _scan_modules(fn: str, critic: nn.Module) -> None:
-    """Warn about BatchNorms in training mode, refuse compiled submodules (critic.modules()
-    order)."""
+def _scan_modules(fn: str, critic: nn.Module, fsdp: tuple[type, ...], exact: bool) -> None:
+    """Warn about BatchNorms in training mode; if ``exact``, refuse compiled and FSDP
+    submodules (critic.modules() order)."""
     for m in critic.modules():
         if isinstance(m, _BATCHNORM):
             if m.training and m not in _WARNED_BATCHNORM:
@@ -252,9 +346,12 @@ def _scan_modules(fn: str, critic: nn.Module) -> None:
                     UserWarning,
                     stacklevel=_user_stacklevel(),
                 )
-        elif m is not critic and _is_compiled(m):
+        elif exact and m is not critic and (_is_compiled(m) or (fsdp and isinstance(m, fsdp))):
             name = next(n for n, s in critic.named_modules() if s is m)
-            raise _compiled_error(fn, f"the critic's submodule {name!r}")
+            where = f"the critic's submodule {name!r}"
+            if fsdp and isinstance(m, fsdp):
+                raise _fsdp_error(fn, where, m)
+            raise _compiled_error(fn, where)
 
 
 def check_outputs(fn: str, outputs: Any, batch: int, arg: str = "the critic's output") -> None:

@@ -1,10 +1,9 @@
-"""The core every penalty is built on: per-sample L2 norms of input gradients, zero-safe."""
+"""The public building block every penalty shares: per-sample input-gradient norms."""
 
 from __future__ import annotations
 
 import torch
 
-from gradlab._errors import GraphError
 from gradlab._typing import TensorOrTensors
 from gradlab.penalties._checks import (
     as_tensors,
@@ -12,84 +11,9 @@ from gradlab.penalties._checks import (
     check_requires_grad,
     check_scaler,
 )
+from gradlab.penalties._core import input_gradients, per_sample_norms
 
-__all__ = [
-    "grad_error",
-    "input_gradient_norms",
-    "input_gradients",
-    "sample_norms",
-    "sample_sq_norms",
-]
-
-
-def input_gradients(
-    fn: str,
-    outputs: torch.Tensor,
-    inputs: tuple[torch.Tensor, ...],
-    *,
-    create_graph: bool,
-    scaler: torch.amp.GradScaler | None,
-) -> tuple[torch.Tensor, ...]:
-    """Gradients of ``outputs.sum()`` w.r.t. each input (unscaled if a scaler is given).
-
-    With a scaler this is PyTorch's AMP gradient-penalty recipe: differentiate the scaled outputs
-    (so small float16 gradients do not underflow), then unscale out of place.
-    """
-    if scaler is not None:
-        outputs = scaler.scale(outputs)
-    try:
-        grads = torch.autograd.grad(
-            outputs,
-            inputs,
-            grad_outputs=torch.ones_like(outputs),
-            create_graph=create_graph,
-        )
-    except RuntimeError as e:
-        raise grad_error(fn, e) from None
-    if scaler is not None:
-        inv_scale = 1.0 / scaler.get_scale()
-        grads = tuple(g * inv_scale for g in grads)
-    return grads
-
-
-def grad_error(fn: str, e: RuntimeError) -> Exception:
-    """What to raise for ``torch.autograd.grad``'s error ``e``: a GraphError with the fix when the
-    outputs do not depend on an input, ``e`` itself otherwise."""
-    if "not have been used in the graph" in str(e) or "does not require grad" in str(e):
-        return GraphError(
-            f"{fn}: the critic's output does not depend on (one of) its inputs ({e}). Fix: "
-            "the inputs must be the tensors the output was computed from; a critic that "
-            "ignores an input has no gradient with respect to it"
-        )
-    return e
-
-
-def _sample_dims(g: torch.Tensor) -> tuple[int, ...]:
-    return tuple(range(1, g.ndim))
-
-
-def sample_norms(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Per-sample L2 norm over every non-batch dimension of every gradient; zero-safe.
-
-    ``torch.linalg.vector_norm``'s backward masks the division by the norm where the norm is 0, so
-    the derivative is the (sub)gradient 0 there instead of ``0 * inf = NaN``.
-    """
-    per_input = [
-        torch.linalg.vector_norm(g, dim=_sample_dims(g)) if g.ndim > 1 else g.abs() for g in grads
-    ]
-    if len(per_input) == 1:
-        return per_input[0]
-    return torch.linalg.vector_norm(torch.stack(per_input), dim=0)
-
-
-def sample_sq_norms(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Per-sample squared L2 norm (a plain sum of squares: smooth everywhere, no square root)."""
-    total = None
-    for g in grads:
-        sq = g.square().sum(dim=_sample_dims(g)) if g.ndim > 1 else g.square()
-        total = sq if total is None else total + sq
-    assert total is not None
-    return total
+__all__ = ["input_gradient_norms"]
 
 
 def input_gradient_norms(
@@ -128,7 +52,12 @@ def input_gradient_norms(
             penalty needs). With ``False`` the norms are detached, for logging.
         scaler: a :class:`torch.amp.GradScaler`: differentiate ``scaler.scale(outputs)`` and
             unscale the gradients out of place (PyTorch's AMP gradient-penalty recipe). Call this
-            inside the same ``torch.autocast`` region as the forward pass.
+            inside the same ``torch.autocast`` region as the forward pass. With the default
+            ``init_scale=2**16`` and float16 outputs, ``scaler.scale(outputs)`` overflows
+            (float16 ends at 65504) as soon as a score reaches 1 in magnitude, so the first
+            step(s) give inf norms and an inf penalty; that is expected: ``scaler.step`` skips
+            the step and ``scaler.update`` lowers the scale, as for any overflow. To skip none,
+            start lower, e.g. ``GradScaler("cuda", init_scale=2**10)``.
 
     Returns:
         The norms, shape ``(B,)``, in the gradients' dtype.
@@ -151,5 +80,5 @@ def input_gradient_norms(
     grads = input_gradients(
         fn, outputs, xs, create_graph=create_graph, scaler=check_scaler(fn, scaler)
     )
-    norms = sample_norms(grads)
+    norms = per_sample_norms(grads)
     return norms if create_graph else norms.detach()

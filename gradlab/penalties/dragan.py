@@ -12,16 +12,16 @@ from gradlab.penalties._checks import (
     as_tensors,
     check_critic,
     check_critic_kwargs,
+    check_nonempty,
     check_nonnegative,
     check_scaler,
 )
-from gradlab.penalties._critic import PenaltyWithNorms
+from gradlab.penalties._core import PenaltyWithNorms, exact_penalty, make_spec
 from gradlab.penalties._interpolate import (
     detached_interpolate_leaves,
     per_sample_uniform,
     uniform_like,
 )
-from gradlab.penalties.gradient_penalty import _penalty
 
 __all__ = ["dragan_penalty", "dragan_penalty_and_norms", "perturb"]
 
@@ -61,6 +61,7 @@ def dragan_penalty_and_norms(
     center = check_nonnegative(fn, "center", center)
     noise_scale = check_nonnegative(fn, "noise_scale", noise_scale)
     xs = as_tensors(fn, "real", real)
+    check_nonempty(fn, "real", xs)
     kwargs = check_critic_kwargs(fn, critic_kwargs)
     scaler = check_scaler(fn, scaler)
     check_critic(fn, critic)
@@ -68,8 +69,9 @@ def dragan_penalty_and_norms(
         xs = tuple(x.detach() for x in xs)
         perturbed = perturb(xs, noise_scale, generator)
         leaves = detached_interpolate_leaves(xs, perturbed, per_sample_uniform(xs, generator))
-    with torch.enable_grad():
-        return _penalty(fn, critic, leaves, kwargs, scaler, weight, center, False)
+    spec = make_spec(fn, weight, center)
+    penalty, norms = exact_penalty(spec, critic, leaves, kwargs, scaler)
+    return PenaltyWithNorms(penalty, norms.detach())
 
 
 def dragan_penalty(
@@ -114,9 +116,9 @@ def dragan_penalty(
         The scalar penalty.
 
     Raises:
-        ValueError: negative ``weight``, ``center`` or ``noise_scale``; a critic output without the
-            batch dimension.
-        GraphError: a ``torch.compile``\ d critic.
+        ValueError: an empty batch; negative ``weight``, ``center`` or ``noise_scale``; a critic
+            output without the batch dimension.
+        GraphError: a ``torch.compile``\ d or FSDP critic (they cannot be differentiated twice).
 
     Example:
         >>> from gradlab.penalties import dragan_penalty

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -11,13 +12,13 @@ from torch import nn
 from gradlab._errors import GraphError
 from gradlab.penalties._checks import (
     as_tensors,
+    check_nonempty,
     check_nonnegative,
     check_outputs,
     check_requires_grad,
     check_scaler,
 )
-from gradlab.penalties._critic import _ZeroGradToOutputs
-from gradlab.penalties._norms import input_gradients, sample_norms
+from gradlab.penalties._core import input_gradients, per_sample_norms, zero_grad_to
 
 __all__ = ["PathLengthPenalty", "PathLengthResult", "path_length_penalty"]
 
@@ -63,17 +64,33 @@ def path_length_penalty(
     with :math:`\beta` = ``decay``, :math:`\lambda` = ``weight`` and :math:`HW` =
     ``prod(images.shape[2:])``, the pixels per channel. As in the official implementation the
     penalty uses the *updated* mean, which is not detached inside this call (the gradient flows
-    through the batch mean with factor :math:`\beta`); the mean returned is detached. The norm
-    runs over every non-batch dimension of ``latents`` and is zero-safe. (StyleGAN2's code, for
-    ``w`` broadcast to ``(B, num_ws, w_dim)``, averages the squared norm over ``num_ws``; pass the
-    un-broadcast ``(B, w_dim)`` latents, or expect lengths larger by :math:`\sqrt{num\_ws}`.)
+    through the batch mean with factor :math:`\beta`); the mean returned is detached.
+
+    The length depends on the shape of ``latents``:
+
+    - 2-D ``(B, w_dim)`` (one ``w`` per sample, or 1-D ``(B,)``): the L2 norm of the gradient,
+      as above, zero-safe.
+    - 3-D ``(B, num_ws, w_dim)`` (``w`` broadcast to every synthesis layer, StyleGAN2-ADA's
+      ``ws``): StyleGAN2-ADA's ``pl_grads.square().sum(2).mean(1).sqrt()``, i.e.
+      :math:`\ell_i^2 = \frac{1}{num\_ws}\sum_k \|\nabla_{w_{ik}} \langle g, y\rangle\|^2`,
+      the mean over ``num_ws`` of the squared norm. Pass the broadcast ``ws`` the images were
+      computed from, not the un-broadcast ``(B, w_dim)`` latents: their gradient is the sum over
+      ``num_ws`` of the per-layer gradients, a different quantity.
+
+    A batch whose lengths are not all finite (an overflow under AMP, a NaN in the generator)
+    does not update the mean: the previous one is returned (and used in that batch's penalty,
+    which is then not finite either), so the next finite batch is unaffected. No host
+    synchronisation is needed for this.
 
     A zero gradient is also sent into ``images``, so that under DistributedDataParallel a
     penalty-only backward reaches every parameter of the generator (StyleGAN2-ADA does the same).
+    The penalty differentiates the generator twice, which FSDP does not support: this function
+    sees only tensors and cannot refuse an FSDP generator, so wrap the generator with DDP.
 
     Args:
         images: generator output ``(B, C, H, W)`` (at least 3-D), computed from ``latents``.
-        latents: the latents ``w`` that produced ``images``, batch first, ``requires_grad=True``.
+        latents: the latents ``w`` that produced ``images``, ``(B, w_dim)`` or
+            ``(B, num_ws, w_dim)``, ``requires_grad=True``.
         mean: the running mean of the path length :math:`\bar a` so far (0 at the start).
         decay: :math:`\beta \in [0, 1]` (0.01 in StyleGAN2).
         weight: :math:`\lambda \ge 0` (2 in StyleGAN2).
@@ -84,8 +101,9 @@ def path_length_penalty(
         A :class:`PathLengthResult` ``(penalty, lengths, mean)``.
 
     Raises:
-        ValueError: ``images`` below 3-D or with another batch size, latents that do not require
-            grad, ``decay`` outside [0, 1], negative ``weight``.
+        ValueError: an empty batch, ``images`` below 3-D or with another batch size, latents that
+            do not require grad or with more than 3 dimensions, ``decay`` outside [0, 1],
+            negative ``weight``.
         GraphError: ``images`` that do not depend on ``latents``.
 
     Example:
@@ -110,6 +128,12 @@ def path_length_penalty(
             f"previous call, 0.0 at the start), got {type(mean).__name__}"
         )
     (w,) = as_tensors(fn, "latents", latents)
+    check_nonempty(fn, "latents", (w,))
+    if w.ndim > 3:
+        raise ValueError(
+            f"{fn}: latents has shape {tuple(w.shape)}; it must be (B, w_dim) or StyleGAN2's "
+            "broadcast (B, num_ws, w_dim)"
+        )
     check_requires_grad(fn, "latents", (w,))
     check_outputs(fn, images, w.shape[0], arg="images")
     if images.ndim < 3:
@@ -134,15 +158,18 @@ def path_length_penalty(
                 f"{fn}: images do not depend on latents; pass the latents w that the images "
                 "were computed from (with requires_grad=True set before the forward pass)"
             ) from None
-        lengths = sample_norms(grads)
+        lengths = per_sample_norms(grads)
+        if w.ndim == 3:  # sqrt(mean over num_ws of the squared norm), zero-safe
+            lengths = lengths * (1.0 / math.sqrt(w.shape[1]))
         dtype = torch.promote_types(lengths.dtype, torch.float32)  # no float16 running mean
         if isinstance(mean, torch.Tensor):
             prev = mean.detach().to(device=lengths.device, dtype=dtype)
         else:
             prev = torch.tensor(float(mean), device=lengths.device, dtype=dtype)
-        new_mean = prev + decay * (lengths.to(dtype).mean() - prev)
+        batch_mean = lengths.to(dtype).mean()
+        new_mean = torch.where(batch_mean.isfinite(), prev + decay * (batch_mean - prev), prev)
         penalty = (lengths - new_mean).square().mean() * weight
-        penalty = _ZeroGradToOutputs.apply(penalty, images)
+        penalty = zero_grad_to(penalty, images)
     return PathLengthResult(penalty, lengths.detach(), new_mean.detach())
 
 
@@ -151,7 +178,13 @@ class PathLengthPenalty(nn.Module):
 
     Calling it computes :func:`path_length_penalty` with the stored mean, stores the updated mean
     (a buffer named ``mean``, so it is in :meth:`state_dict` and follows ``.to(device)``) and
-    keeps the last per-sample lengths in :attr:`last_lengths` (detached) for logging.
+    keeps the last per-sample lengths in :attr:`last_lengths` (detached) for logging. Latents
+    may be ``(B, w_dim)`` or StyleGAN2-ADA's broadcast ``(B, num_ws, w_dim)`` (see
+    :func:`path_length_penalty`).
+
+    A batch with a non-finite length leaves the stored mean as it was (the penalty returned for
+    it is not finite: skip that step, as GradScaler does) and warns, once per module. Telling
+    costs one host read of a flag per call.
 
     Args:
         decay: EMA decay :math:`\beta` of the mean path length (0.01 in StyleGAN2).
@@ -179,6 +212,7 @@ class PathLengthPenalty(nn.Module):
         self.weight = check_nonnegative(fn, "weight", weight)
         self.register_buffer("mean", torch.zeros((), dtype=torch.float32))
         self.last_lengths = None
+        self._warned_nonfinite = False
 
     def forward(
         self,
@@ -201,6 +235,16 @@ class PathLengthPenalty(nn.Module):
         with torch.no_grad():
             self.mean.copy_(out.mean)
         self.last_lengths = out.lengths
+        if not self._warned_nonfinite and not bool(out.lengths.isfinite().all()):
+            self._warned_nonfinite = True
+            warnings.warn(
+                "PathLengthPenalty: a batch had non-finite path lengths (NaN or inf: an overflow "
+                "under mixed precision, or a NaN in the generator); the running mean was not "
+                "updated from it and the penalty returned for it is not finite: skip that step "
+                "(GradScaler does so for inf/NaN gradients). (Shown once per module.)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return out.penalty
 
     def extra_repr(self) -> str:

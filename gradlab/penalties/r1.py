@@ -1,4 +1,4 @@
-"""R1 and R2: zero-centred squared gradient norms on real (R1) or fake (R2) samples."""
+"""R1: the zero-centred squared gradient norm on real samples (exact or finite-difference)."""
 
 from __future__ import annotations
 
@@ -8,76 +8,10 @@ from typing import Any
 import torch
 
 from gradlab._typing import TensorFn, TensorOrTensors
-from gradlab.penalties._checks import (
-    as_tensors,
-    check_critic,
-    check_critic_kwargs,
-    check_nonnegative,
-    check_outputs,
-    check_requires_grad,
-    check_scaler,
-)
-from gradlab.penalties._critic import (
-    PenaltyWithNorms,
-    critic_gradients,
-    fresh_leaves,
-    with_ddp_zero_term,
-)
-from gradlab.penalties._norms import input_gradients, sample_sq_norms
+from gradlab.penalties._core import PenaltyWithNorms
+from gradlab.penalties._zero_centred import ARGS_DOC, FINITE_DIFFERENCE_DOC, zero_centred_penalty
 
-__all__ = ["r1_penalty", "r1_penalty_and_norms", "r2_penalty", "r2_penalty_and_norms"]
-
-
-def _r_penalty(
-    fn: str,
-    arg: str,
-    critic: TensorFn,
-    x: TensorOrTensors,
-    gamma: float,
-    outputs: torch.Tensor | None,
-    critic_kwargs: Mapping[str, Any] | None,
-    scaler: torch.amp.GradScaler | None,
-) -> PenaltyWithNorms:
-    gamma = check_nonnegative(fn, "gamma", gamma)
-    xs = as_tensors(fn, arg, x)
-    scaler = check_scaler(fn, scaler)
-    check_critic(fn, critic)
-    if outputs is None:
-        kwargs = check_critic_kwargs(fn, critic_kwargs)
-        with torch.enable_grad():
-            outputs, grads = critic_gradients(fn, critic, fresh_leaves(xs), kwargs, scaler)
-    else:
-        if critic_kwargs is not None:
-            raise ValueError(
-                f"{fn}: critic_kwargs has no effect when outputs= is given (the critic is not "
-                "called); pass the keyword arguments to the forward pass that made outputs"
-            )
-        check_requires_grad(fn, arg, xs)
-        check_outputs(fn, outputs, xs[0].shape[0], arg="outputs")
-        with torch.enable_grad():
-            grads = input_gradients(fn, outputs, xs, create_graph=True, scaler=scaler)
-    with torch.enable_grad():
-        sq_norms = sample_sq_norms(grads)
-        penalty = with_ddp_zero_term(sq_norms.mean() * (gamma / 2), outputs, critic)
-    return PenaltyWithNorms(penalty, sq_norms.detach().sqrt())
-
-
-_ARGS_DOC = r"""
-    Args:
-        critic: the critic, called as ``critic(*x, **critic_kwargs)`` (unless ``outputs`` is
-            given); scores of shape ``(B,)`` or ``(B, ...)`` (several per sample are summed).
-        {arg}: {what} samples ``(B, ...)``, or a tuple of tensors for a critic with several inputs.
-        gamma: :math:`\gamma \ge 0`.
-        outputs: the critic's outputs on ``{arg}`` from a forward pass you already made (e.g. the
-            one of the adversarial loss, as StyleGAN2 does), to avoid a second forward. Then
-            ``{arg}`` must be the very tensors that produced ``outputs`` and must require grad
-            (``x = x.detach().requires_grad_(True); outputs = critic(x)``), and the critic is not
-            called. Without it the critic is called on fresh leaf copies of ``{arg}``.
-        critic_kwargs: extra keyword arguments for the critic (e.g. ``{{"labels": y}}``); not
-            allowed with ``outputs``.
-        scaler: a :class:`torch.amp.GradScaler` for mixed precision (see
-            :func:`input_gradient_norms`).
-"""
+__all__ = ["r1_penalty", "r1_penalty_and_norms"]
 
 
 def r1_penalty_and_norms(
@@ -88,8 +22,14 @@ def r1_penalty_and_norms(
     outputs: torch.Tensor | None = None,
     critic_kwargs: Mapping[str, Any] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    method: str = "exact",
+    sigma: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> PenaltyWithNorms:
     """:func:`r1_penalty` and the per-sample gradient norms (detached, for logging).
+
+    Same arguments and errors as :func:`r1_penalty`. With ``method="finite-difference"`` the
+    norms are the per-sample estimates :math:`|D(x_i + \\sigma\\epsilon_i) - D(x_i)|/\\sigma`.
 
     Example:
         >>> from gradlab.penalties import r1_penalty_and_norms
@@ -97,7 +37,20 @@ def r1_penalty_and_norms(
         >>> penalty.shape, norms.shape
         (torch.Size([]), torch.Size([4]))
     """
-    return _r_penalty("r1_penalty", "real", critic, real, gamma, outputs, critic_kwargs, scaler)
+    penalty, squared_norms = zero_centred_penalty(
+        "r1_penalty",
+        "real",
+        critic,
+        real,
+        gamma=gamma,
+        outputs=outputs,
+        critic_kwargs=critic_kwargs,
+        scaler=scaler,
+        method=method,
+        sigma=sigma,
+        generator=generator,
+    )
+    return PenaltyWithNorms(penalty, squared_norms.detach().sqrt())
 
 
 def r1_penalty(
@@ -108,6 +61,9 @@ def r1_penalty(
     outputs: torch.Tensor | None = None,
     critic_kwargs: Mapping[str, Any] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    method: str = "exact",
+    sigma: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     r"""The R1 regularizer: zero-centred squared gradient norm on real samples.
 
@@ -119,14 +75,19 @@ def r1_penalty(
     squares, smooth everywhere). No ``.grad`` is touched; works under ``torch.no_grad()``; safe
     for a penalty-only (lazy) backward under DistributedDataParallel. For the per-sample norms
     call :func:`r1_penalty_and_norms`.
+    {fd}
     {args}
     Returns:
         The scalar penalty.
 
     Raises:
-        ValueError: outputs without the batch dimension, negative ``gamma``, ``outputs`` given
-            with inputs that do not require grad or together with ``critic_kwargs``.
-        GraphError: a ``torch.compile``\ d critic, or outputs that do not depend on ``real``.
+        ValueError: an empty batch, outputs without the batch dimension, negative ``gamma``,
+            ``outputs`` given with inputs that do not require grad or together with
+            ``critic_kwargs`` (exact method), an unknown ``method``, ``sigma``/``generator``
+            with the exact method, ``scaler`` with the finite-difference one.
+        GraphError: for the exact method, a ``torch.compile``\ d or FSDP critic (they cannot be
+            differentiated twice: use ``method="finite-difference"``); outputs that do not
+            depend on ``real``.
 
     Example:
         >>> from gradlab.penalties import r1_penalty
@@ -135,80 +96,33 @@ def r1_penalty(
         ...     _ = critic.weight.copy_(torch.tensor([[3.0, 4.0]]))
         >>> r1_penalty(critic, torch.randn(6, 2), gamma=2.0)  # gamma/2 * ||w||^2 = 25
         tensor(25., grad_fn=<MulBackward0>)
+        >>> x = torch.randn(20000, 2)  # an unbiased estimate for a linear critic, sd 25*sqrt(2/B)
+        >>> fd = r1_penalty(critic, x, gamma=2.0, method="finite-difference",
+        ...                 generator=torch.Generator().manual_seed(0))
+        >>> abs(fd.item() - 25.0) < 4 * 25.0 * (2 / 20000) ** 0.5
+        True
 
     References:
         Mescheder et al., "Which Training Methods for GANs do actually Converge?", ICML 2018.
+        Lin et al., "Diffusion Adversarial Post-Training for One-Step Video Generation"
+        (Seaweed-APT, approximated R1), arXiv:2501.08316, 2025.
     """
-    return r1_penalty_and_norms(
-        critic, real, gamma=gamma, outputs=outputs, critic_kwargs=critic_kwargs, scaler=scaler
-    ).penalty
+    return zero_centred_penalty(
+        "r1_penalty",
+        "real",
+        critic,
+        real,
+        gamma=gamma,
+        outputs=outputs,
+        critic_kwargs=critic_kwargs,
+        scaler=scaler,
+        method=method,
+        sigma=sigma,
+        generator=generator,
+    )[0]
 
 
-def r2_penalty_and_norms(
-    critic: TensorFn,
-    fake: TensorOrTensors,
-    *,
-    gamma: float = 10.0,
-    outputs: torch.Tensor | None = None,
-    critic_kwargs: Mapping[str, Any] | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-) -> PenaltyWithNorms:
-    """:func:`r2_penalty` and the per-sample gradient norms (detached, for logging).
-
-    Example:
-        >>> from gradlab.penalties import r2_penalty_and_norms
-        >>> penalty, norms = r2_penalty_and_norms(torch.nn.Linear(3, 1), torch.randn(4, 3))
-        >>> penalty.shape, norms.shape
-        (torch.Size([]), torch.Size([4]))
-    """
-    return _r_penalty("r2_penalty", "fake", critic, fake, gamma, outputs, critic_kwargs, scaler)
-
-
-def r2_penalty(
-    critic: TensorFn,
-    fake: TensorOrTensors,
-    *,
-    gamma: float = 10.0,
-    outputs: torch.Tensor | None = None,
-    critic_kwargs: Mapping[str, Any] | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-) -> torch.Tensor:
-    r"""The R2 regularizer: zero-centred squared gradient norm on fake samples.
-
-    .. math::
-
-        R_2 = \frac{\gamma}{2}\,\frac1B \sum_{i=1}^{B} \|\nabla_{\tilde x} D(\tilde x_i)\|_2^2.
-
-    Identical to :func:`r1_penalty` but meant for generated samples (detached from the
-    generator: the penalty is a function of the critic only). For the norms call
-    :func:`r2_penalty_and_norms`.
-    {args}
-    Returns:
-        The scalar penalty.
-
-    Raises:
-        ValueError: as :func:`r1_penalty`.
-        GraphError: as :func:`r1_penalty`.
-
-    Example:
-        >>> from gradlab.penalties import r2_penalty
-        >>> critic = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
-        ...                              torch.nn.Linear(8, 1))
-        >>> r2_penalty(critic, torch.randn(4, 3)).shape
-        torch.Size([])
-
-    References:
-        Mescheder et al., "Which Training Methods for GANs do actually Converge?", ICML 2018.
-    """
-    return r2_penalty_and_norms(
-        critic, fake, gamma=gamma, outputs=outputs, critic_kwargs=critic_kwargs, scaler=scaler
-    ).penalty
-
-
-if r1_penalty.__doc__ and r2_penalty.__doc__:  # not under python -OO
-    r1_penalty.__doc__ = r1_penalty.__doc__.replace(
-        "{args}", _ARGS_DOC.format(arg="real", what="real")
-    )
-    r2_penalty.__doc__ = r2_penalty.__doc__.replace(
-        "{args}", _ARGS_DOC.format(arg="fake", what="fake (generated)")
+if r1_penalty.__doc__:  # not under python -OO
+    r1_penalty.__doc__ = r1_penalty.__doc__.replace("{fd}", FINITE_DIFFERENCE_DOC).replace(
+        "{args}", ARGS_DOC.format(arg="real", what="real")
     )

@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from gradlab import GraphError
-from gradlab.penalties import dragan_penalty, gradient_penalty, r1_penalty, r2_penalty
+from gradlab.penalties import (
+    PathLengthPenalty,
+    dragan_penalty,
+    gradient_penalty,
+    path_length_penalty,
+    r1_penalty,
+    r2_penalty,
+)
 
 
 def _bn_critic() -> nn.Module:
@@ -142,3 +149,33 @@ def test_module_walk_sees_nested_shared_and_none_submodules():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_critic("gradient_penalty", loop)  # terminates, nothing to report
+
+
+def _empty_batch_calls():
+    critic = nn.Linear(3, 1)
+    e = torch.zeros(0, 3)
+    el = e.clone().requires_grad_(True)
+    w = torch.zeros(0, 4, requires_grad=True)
+    images = nn.Linear(4, 12)(w).view(0, 3, 2, 2)
+    return {
+        "gradient_penalty": lambda: gradient_penalty(critic, e, e.clone()),
+        "gradient_penalty-same": lambda: gradient_penalty(critic, e, e),
+        "gradient_penalty-tuple": lambda: gradient_penalty(critic, (e,), (e,)),
+        "r1_penalty": lambda: r1_penalty(critic, e),
+        "r1_penalty-outputs": lambda: r1_penalty(critic, el, outputs=critic(el)),
+        "r1_penalty-fd": lambda: r1_penalty(critic, e, method="finite-difference"),
+        "r2_penalty": lambda: r2_penalty(critic, e),
+        "r2_penalty-fd": lambda: r2_penalty(critic, e, method="finite-difference"),
+        "dragan_penalty": lambda: dragan_penalty(critic, e),
+        "path_length_penalty": lambda: path_length_penalty(images, w, mean=0.0),
+        "PathLengthPenalty": lambda: PathLengthPenalty()(images, w),
+    }
+
+
+@pytest.mark.parametrize("name", list(_empty_batch_calls()))
+def test_empty_batch_is_a_value_error_naming_it(name):
+    fn = name.split("-")[0]
+    fn = "path_length_penalty" if fn == "PathLengthPenalty" else fn
+    arg = {"r2_penalty": "fake", "path_length_penalty": "latents"}.get(fn, "real")
+    with pytest.raises(ValueError, match=rf"{fn}: {arg} is an empty batch \(shape \(0, "):
+        _empty_batch_calls()[name]()

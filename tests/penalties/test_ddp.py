@@ -5,7 +5,8 @@ over the batch, so after the all-reduce each rank must hold the gradient of the 
 loss over the combined batch, computed below by hand (per-sample loop of autograd.grad). Phase 1 is
 3 penalty-only R1 steps (StyleGAN2's lazy R1 step: without gradlab's zero-weighted output term the
 second step fails with "Expected to have finished reduction"); phase 2 is 3 adversarial + GP
-steps. Parameters are updated by SGD between steps, so ranks that drifted apart would show.
+steps; phase 3 is 2 penalty-only finite-difference R1 steps (two forwards through DDP, one
+backward). Parameters are updated by SGD between steps, so ranks that drifted apart would show.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ HALF = 3  # samples per rank
 STEPS = 3
 LR = 0.05
 GAMMA = 4.0
+FD_STEPS = 2
+SIGMA = 0.05
 
 
 def _critic() -> nn.Module:
@@ -44,6 +47,12 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _gp_seed(step: int, rank: int) -> int:
     return 1000 + 10 * step + rank
+
+
+def _fd_eps(step: int) -> torch.Tensor:
+    """The epsilons of both ranks' halves, drawn as r1_penalty draws them."""
+    gens = [torch.Generator().manual_seed(_gp_seed(step, r)) for r in range(WORLD)]
+    return torch.cat([torch.randn(HALF, 4, dtype=torch.float64, generator=g) for g in gens])
 
 
 def _grads(model: nn.Module) -> list[torch.Tensor]:
@@ -77,6 +86,19 @@ def _worker(rank: int, port: int, out: str) -> None:
             loss.backward()
             steps.append(_grads(critic))
             opt.step()
+        for step in range(FD_STEPS):  # penalty-only finite-difference R1 steps
+            opt.zero_grad(set_to_none=True)
+            gen = torch.Generator().manual_seed(_gp_seed(step, rank))
+            r1_penalty(
+                ddp,
+                real[step, mine],
+                gamma=GAMMA,
+                method="finite-difference",
+                sigma=SIGMA,
+                generator=gen,
+            ).backward()
+            steps.append(_grads(critic))
+            opt.step()
         result["steps"] = steps
 
         # static_graph=True is refused with an explanation.
@@ -88,10 +110,10 @@ def _worker(rank: int, port: int, out: str) -> None:
             result["static_graph"] = str(e)
 
         # The failure the zero-weighted term prevents: the same R1 steps without it.
-        from gradlab.penalties import _critic as critic_module
+        from gradlab.penalties import _core as core_module
 
-        original = critic_module.is_ddp
-        critic_module.is_ddp = lambda module: False  # type: ignore[assignment]
+        original = core_module.is_ddp
+        core_module.is_ddp = lambda module: False  # type: ignore[assignment]
         try:
             plain = nn.parallel.DistributedDataParallel(_critic())
             r1_penalty(plain, real[0, mine], gamma=GAMMA).backward()
@@ -100,7 +122,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         except RuntimeError as e:
             result["without_zero_term"] = str(e)
         finally:
-            critic_module.is_ddp = original
+            core_module.is_ddp = original
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -130,6 +152,13 @@ def _reference() -> list[list[torch.Tensor]]:
         loss.backward()
         steps.append(_grads(critic))
         opt.step()
+    for step in range(FD_STEPS):
+        opt.zero_grad(set_to_none=True)
+        x = real[step]
+        diff = (critic(x + SIGMA * _fd_eps(step)) - critic(x)).squeeze(1)
+        (GAMMA / 2 * (diff**2 / SIGMA**2).mean()).backward()
+        steps.append(_grads(critic))
+        opt.step()
     return steps
 
 
@@ -145,7 +174,7 @@ def test_ddp_two_ranks_match_single_process_on_combined_batch(tmp_path: Path) ->
     reference = _reference()
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
-        assert len(result["steps"]) == 2 * STEPS
+        assert len(result["steps"]) == 2 * STEPS + FD_STEPS
         for step, (got, want) in enumerate(zip(result["steps"], reference)):
             for p, (g, w) in enumerate(zip(got, want)):
                 torch.testing.assert_close(

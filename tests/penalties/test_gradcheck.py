@@ -35,6 +35,9 @@ PENALTIES = {
     "r1": lambda c, r, f: r1_penalty(c, r, gamma=3.0),
     "r2": lambda c, r, f: r2_penalty(c, f, gamma=3.0),
     "dragan": lambda c, r, f: dragan_penalty(c, r, generator=_gen()),
+    "r1-finite-difference": lambda c, r, f: r1_penalty(
+        c, r, gamma=3.0, method="finite-difference", sigma=0.1, generator=_gen()
+    ),
 }
 
 

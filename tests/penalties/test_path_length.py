@@ -109,3 +109,113 @@ def test_errors():
         path_length_penalty(g(wl), wl, mean=None)  # type: ignore[arg-type]
     with pytest.raises(GraphError, match=r"images do not depend on latents"):
         path_length_penalty(g(wl), wl.clone().detach().requires_grad_(True), mean=0.0)
+
+
+class _StyleSynthesis(nn.Module):
+    """ws (B, num_ws, w_dim) -> images (B, 3, 4, 4): each layer k sees its own w_k (as
+    StyleGAN2's synthesis layers do), so the per-layer gradients differ."""
+
+    def __init__(self, num_ws: int = 3, w_dim: int = 5) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(w_dim, 48) for _ in range(num_ws))
+
+    def forward(self, ws):
+        x = sum(torch.tanh(layer(ws[:, k])) * (k + 1) for k, layer in enumerate(self.layers))
+        return x.view(-1, 3, 4, 4)
+
+
+def _stylegan2_ada_pl(images, ws, seed, pl_mean, pl_decay, pl_weight):
+    """StyleGAN2-ADA's loss.py (accumulate_gradients, phase Gpl), written out."""
+    gen = torch.Generator().manual_seed(seed)  # randn_like(gen_img), seeded
+    pl_noise = torch.randn(images.shape, generator=gen, dtype=images.dtype) / math.sqrt(
+        images.shape[2] * images.shape[3]
+    )
+    (pl_grads,) = torch.autograd.grad(
+        outputs=[(images * pl_noise).sum()], inputs=[ws], create_graph=True, only_inputs=True
+    )
+    pl_lengths = pl_grads.square().sum(2).mean(1).sqrt()
+    pl_mean = torch.as_tensor(pl_mean, dtype=pl_lengths.dtype).lerp(pl_lengths.mean(), pl_decay)
+    pl_penalty = (pl_lengths - pl_mean).square()
+    return (pl_penalty * pl_weight).mean(), pl_lengths, pl_mean
+
+
+def test_3d_latents_follow_stylegan2_ada_exactly():
+    torch.manual_seed(0)
+    synthesis = _StyleSynthesis().double()
+    w = torch.randn(4, 5, dtype=torch.float64)
+    ws = w.unsqueeze(1).repeat(1, 3, 1).requires_grad_(True)  # broadcast, as the mapping does
+    images = synthesis(ws)
+    out = path_length_penalty(
+        images, ws, mean=0.4, decay=0.01, weight=2.0, generator=torch.Generator().manual_seed(2)
+    )
+    want, lengths, mean = _stylegan2_ada_pl(synthesis(ws), ws, 2, 0.4, 0.01, 2.0)
+    torch.testing.assert_close(out.lengths, lengths.detach(), rtol=1e-13, atol=0)
+    torch.testing.assert_close(out.penalty, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.mean.double(), mean.detach(), rtol=1e-12, atol=0)
+    got = torch.autograd.grad(out.penalty, list(synthesis.parameters()))
+    ref = torch.autograd.grad(want, list(synthesis.parameters()))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the un-broadcast (B, w_dim) latents give a different quantity (documented)
+    wl = w.clone().requires_grad_(True)
+    other = path_length_penalty(
+        synthesis(wl.unsqueeze(1).repeat(1, 3, 1)),
+        wl,
+        mean=0.4,
+        generator=torch.Generator().manual_seed(2),
+    )
+    assert not torch.allclose(other.lengths, out.lengths, rtol=0.05)
+
+
+def test_2d_latents_unchanged_and_more_than_3d_refused():
+    g, w = _setup()
+    wl = w.clone().requires_grad_(True)
+    out = path_length_penalty(g(wl), wl, mean=0.0, generator=torch.Generator().manual_seed(1))
+    _, lengths, _ = _hand(g, w, 1, 0.0, 0.01, 2.0)
+    torch.testing.assert_close(out.lengths, lengths.detach())
+    w4 = torch.randn(2, 1, 2, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"latents has shape \(2, 1, 2, 8\); it must be"):
+        path_length_penalty(g(w4[:, 0, 0]), w4, mean=0.0)
+
+
+def test_nan_batch_leaves_the_mean_and_the_next_batch_finite():
+    g, w = _setup()
+    pl = PathLengthPenalty(decay=0.5)
+    wl = w.clone().requires_grad_(True)
+    pl(g(wl), wl, generator=torch.Generator().manual_seed(0))
+    mean_before = pl.mean.clone()
+    assert mean_before > 0
+    for bad in (float("nan"), float("inf")):
+        wl = w.clone().requires_grad_(True)
+        images = g(wl) * torch.tensor(bad, dtype=torch.float64)
+        with (
+            pytest.warns(RuntimeWarning, match="non-finite path lengths")
+            if bad != bad
+            else (_no_warning())
+        ):
+            penalty = pl(images, wl, generator=torch.Generator().manual_seed(1))
+        assert not torch.isfinite(penalty)
+        assert torch.equal(pl.mean, mean_before)  # not updated from the bad batch
+    wl = w.clone().requires_grad_(True)
+    penalty = pl(g(wl), wl, generator=torch.Generator().manual_seed(3))
+    want, _, mean = _hand(g, w, 3, mean_before.item(), 0.5, 2.0)
+    assert torch.isfinite(penalty)
+    torch.testing.assert_close(penalty, want, rtol=1e-6, atol=1e-9)
+    assert pl.mean.item() == pytest.approx(mean.item(), rel=1e-6)
+    # the functional form returns the previous mean for a non-finite batch
+    wl = w.clone().requires_grad_(True)
+    out = path_length_penalty(g(wl) * float("nan"), wl, mean=torch.tensor(0.25))
+    assert out.mean.item() == 0.25
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def cm():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once per module: the second bad batch is quiet
+            yield
+
+    return cm()

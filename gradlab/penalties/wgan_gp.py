@@ -1,0 +1,232 @@
+"""WGAN-GP, WGAN-LP (one-sided) and the zero-centred gradient penalty on random interpolates."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from gradlab._typing import TensorFn, TensorOrTensors
+from gradlab.penalties._checks import (
+    check_critic,
+    check_critic_kwargs,
+    check_nonempty,
+    check_nonnegative,
+    check_pair,
+    check_scaler,
+)
+from gradlab.penalties._core import PenaltyWithNorms, exact_penalty, make_spec
+from gradlab.penalties._interpolate import (
+    detached_interpolate_leaves,
+    per_sample_uniform,
+    uniform_like,
+)
+
+__all__ = ["gradient_penalty", "gradient_penalty_and_norms"]
+
+_INF = math.inf
+_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
+# (B, 1, ..., 1) shapes for the per-sample coefficient of inputs of up to 8 dimensions.
+_MAX_FAST_NDIM = 8
+_TRAILING_ONES = tuple((1,) * k for k in range(_MAX_FAST_NDIM))
+
+
+def gradient_penalty_and_norms(
+    critic: TensorFn,
+    real: TensorOrTensors,
+    fake: TensorOrTensors,
+    *,
+    weight: float = 10.0,
+    center: float = 1.0,
+    one_sided: bool = False,
+    critic_kwargs: Mapping[str, Any] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    generator: torch.Generator | None = None,
+) -> PenaltyWithNorms:
+    """:func:`gradient_penalty` and the per-sample gradient norms it was computed from.
+
+    Same arguments and errors as :func:`gradient_penalty`; returns a :class:`PenaltyWithNorms`
+    ``(penalty, norms)`` whose ``norms`` (shape ``(B,)``, detached) are for logging, at no extra
+    cost: :func:`gradient_penalty` is this function without the norms.
+
+    Example:
+        >>> from gradlab.penalties import gradient_penalty_and_norms
+        >>> critic = torch.nn.Linear(4, 1)
+        >>> out = gradient_penalty_and_norms(critic, torch.randn(8, 4), torch.randn(8, 4))
+        >>> out.penalty.shape, out.norms.shape
+        (torch.Size([]), torch.Size([8]))
+    """
+    penalty, norms = _gradient_penalty(
+        critic,
+        real,
+        fake,
+        weight=weight,
+        center=center,
+        one_sided=one_sided,
+        critic_kwargs=critic_kwargs,
+        scaler=scaler,
+        generator=generator,
+    )
+    return PenaltyWithNorms(penalty, norms.detach())
+
+
+def _gradient_penalty(
+    critic: TensorFn,
+    real: TensorOrTensors,
+    fake: TensorOrTensors,
+    *,
+    weight: float,
+    center: float,
+    one_sided: bool,
+    critic_kwargs: Mapping[str, Any] | None,
+    scaler: torch.amp.GradScaler | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(penalty, norms)`` (norms not detached): validate, interpolate, hand over to the core.
+
+    The arguments are those of the public signature. The common case (one tensor
+    per sample, no scaler) is validated and interpolated inline with as few Python calls and
+    tensor operations as the hand-written step: this is the hot path of a WGAN-GP training loop,
+    and at small critics its Python overhead is what the user measures.
+    """
+    fn = "gradient_penalty"
+    if type(weight) is not float or not 0.0 <= weight < _INF:  # fast accept; else full check
+        weight = check_nonnegative(fn, "weight", weight)
+    if type(center) is not float or not 0.0 <= center < _INF:
+        center = check_nonnegative(fn, "center", center)
+    spec = make_spec(fn, weight, center, bool(one_sided))
+    kwargs = _NO_KWARGS if critic_kwargs is None else check_critic_kwargs(fn, critic_kwargs)
+    # The common case, one non-empty tensor per sample with matching shape, dtype and device
+    # (what check_pair and check_nonempty would accept), tested inline.
+    if scaler is None and type(real) is torch.Tensor and type(fake) is torch.Tensor:
+        size = real.shape
+        if (
+            0 < len(size) <= _MAX_FAST_NDIM
+            and size[0] > 0
+            and size == fake.shape
+            and real.dtype == fake.dtype
+            and real.is_floating_point()
+            and (fake is real or real.device == fake.device)
+        ):
+            check_critic(fn, critic)
+            # detached_interpolate_leaves, inline; a is drawn directly in the broadcast shape
+            # (B, 1, ..., 1): the same numbers as the (B,) draw of per_sample_uniform.
+            shape = (size[0],) + _TRAILING_ONES[len(size) - 1]
+            if generator is None:
+                a = torch.rand(shape, dtype=real.dtype, device=real.device)
+            else:
+                a = uniform_like(real, shape, generator)
+            if fake is real:  # the interpolate is real itself whatever the draw (drawn anyway)
+                leaf = real.detach().requires_grad_(True)
+            else:
+                x, y = real, fake
+                if x.requires_grad or y.requires_grad:
+                    x, y = x.detach(), y.detach()
+                leaf = torch.lerp(x, y, a).requires_grad_(True)
+            return exact_penalty(spec, critic, (leaf,), kwargs, None)
+    r, f = check_pair(fn, real, fake)
+    check_nonempty(fn, "real", r)
+    scaler = check_scaler(fn, scaler)
+    check_critic(fn, critic)
+    leaves = detached_interpolate_leaves(r, f, per_sample_uniform(r, generator))
+    return exact_penalty(spec, critic, leaves, kwargs, scaler)
+
+
+def gradient_penalty(
+    critic: TensorFn,
+    real: TensorOrTensors,
+    fake: TensorOrTensors,
+    *,
+    weight: float = 10.0,
+    center: float = 1.0,
+    one_sided: bool = False,
+    critic_kwargs: Mapping[str, Any] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""The WGAN-GP gradient penalty (``one_sided=True``: WGAN-LP; ``center=0``: zero-centred GP).
+
+    .. math::
+
+        \mathrm{GP} = \lambda\,\frac1B \sum_{i=1}^{B}
+            \big(\|\nabla_{\hat x} D(\hat x_i)\|_2 - c\big)^2, \qquad
+        \hat x_i = x_i + a_i(\tilde x_i - x_i),\ a_i \sim U[0, 1),
+
+    with :math:`\lambda` = ``weight``, :math:`c` = ``center``, real :math:`x` and fake
+    :math:`\tilde x`. One-sided (WGAN-LP, Petzka et al. 2018) replaces the square by
+    :math:`\max(0, \|\cdot\|_2 - c)^2`; ``center=0`` is the zero-centred GP (Thanh-Tung et al.
+    2019). The coefficient :math:`a_i` is drawn once per sample and shared by all of a sample's
+    inputs (see :func:`interpolate`); the norm runs over every non-batch dimension of every input
+    and is zero-safe (see :func:`input_gradient_norms`).
+
+    Here :math:`a_i` weights the *fake* sample (``torch.lerp(real, fake, a)``). StudioGAN and the
+    WGAN-GP authors' toy code (``gan_toy.py``) write ``alpha * real + (1 - alpha) * fake``,
+    where the draw weights the *real* one: with :math:`a \sim U[0,1)` both give the same
+    distribution of :math:`\hat x` (the penalty's expectation is the same), but the same seed
+    gives different points; to reproduce such code draw for draw, pass ``real`` and ``fake``
+    swapped.
+
+    The critic is evaluated on fresh leaf tensors (``real``/``fake`` are detached: the penalty is
+    a function of the critic's parameters only) and differentiated with
+    :func:`torch.autograd.grad`, so neither the caller's tensors nor any parameter's ``.grad`` is
+    touched, and no ``backward(create_graph=True)`` reference cycle is made. Works under
+    ``torch.no_grad()`` (gradients are enabled inside). For per-sample norms to log, call
+    :func:`gradient_penalty_and_norms`.
+
+    Under DistributedDataParallel a zero gradient is sent into the critic's outputs so that a
+    penalty-only backward reaches every parameter (as StyleGAN2-ADA does); ``static_graph=True``
+    is refused. FSDP (1 and 2) critics are refused: FSDP does not support double backward (wrap
+    the critic with DDP, or use ``r1_penalty(..., method="finite-difference")``). Under AMP pass
+    ``scaler=`` and call inside the ``torch.autocast`` region; then backpropagate
+    ``scaler.scale(loss)`` as usual (see :func:`input_gradient_norms`, which also says why the
+    first steps with a default ``GradScaler`` under float16 are skipped).
+
+    Args:
+        critic: the critic, called as ``critic(*x_hat, **critic_kwargs)``; it returns scores of
+            shape ``(B,)`` or ``(B, ...)`` (several scores per sample are summed).
+        real: real samples ``(B, ...)``, or a tuple of tensors for a critic with several inputs.
+        fake: fake samples with the same structure, shapes, dtypes and devices as ``real``.
+        weight: :math:`\lambda \ge 0` (10 in the WGAN-GP paper).
+        center: :math:`c \ge 0`, the target norm (1 for WGAN-GP, 0 for the zero-centred GP).
+        one_sided: penalise only norms above ``center`` (WGAN-LP).
+        critic_kwargs: extra keyword arguments for the critic (e.g. ``{"labels": y}``).
+        scaler: a :class:`torch.amp.GradScaler` for mixed precision.
+        generator: a :class:`torch.Generator` for the interpolation coefficients.
+
+    Returns:
+        The scalar penalty, to add to the critic's loss.
+
+    Raises:
+        ValueError: an empty batch, mismatched ``real``/``fake`` shapes, a critic output without
+            the batch dimension, a negative weight or center, a ``static_graph=True`` DDP critic.
+        TypeError: non-tensor or non-floating inputs, a ``scaler`` that is not a GradScaler.
+        GraphError: a critic compiled with ``torch.compile`` or wrapped with FSDP (they cannot be
+            differentiated twice), or a critic whose output does not depend on an input.
+
+    Example:
+        >>> from gradlab.penalties import gradient_penalty
+        >>> critic = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+        ...                              torch.nn.Linear(4 * 6 * 6, 1))
+        >>> real, fake = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)
+        >>> gp = gradient_penalty(critic, real, fake)
+        >>> gp.shape, bool(gp > 0)
+        (torch.Size([]), True)
+
+    References:
+        Gulrajani et al., "Improved Training of Wasserstein GANs", NeurIPS 2017.
+        Petzka et al., "On the regularization of Wasserstein GANs", ICLR 2018.
+    """
+    return _gradient_penalty(
+        critic,
+        real,
+        fake,
+        weight=weight,
+        center=center,
+        one_sided=one_sided,
+        critic_kwargs=critic_kwargs,
+        scaler=scaler,
+        generator=generator,
+    )[0]
