@@ -35,6 +35,8 @@ class Evaluator:
 
     ``loop_fn`` (default ``fn``) is used for the loop fallback; it may differ from ``fn`` when the
     vmappable formulation of a function is not the one that works without vmap (order 2 checks).
+    ``check_base(j, outputs)``, if given, receives ``fn``'s vmapped outputs at the unperturbed
+    point, evaluated as one extra row of the first vmapped batch for input ``j`` (and may raise).
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class Evaluator:
         loop_fn: Callable[..., Any] | None = None,
         chunk_size: int | None = None,
         f0: tuple[torch.Tensor, ...] | None = None,
+        check_base: Callable[[int, list[torch.Tensor]], None] | None = None,
     ) -> None:
         self.fn = fn
         self.loop_fn = loop_fn or fn
@@ -54,6 +57,8 @@ class Evaluator:
         self.chunk_size = chunk_size
         self.use_vmap = True
         self.calls = 0
+        self.check_base = check_base
+        self._based: set[int] = set()
         if f0 is None:  # fn's outputs at xs, unless the caller has them already
             f0 = as_outputs(self.loop_fn(*xs), caller)
         self.f0 = tuple(o.detach() for o in f0)
@@ -79,10 +84,20 @@ class Evaluator:
 
     def _batch(self, j: int, pts: torch.Tensor) -> list[torch.Tensor]:
         if self.use_vmap:
+            base = self.check_base is not None and j not in self._based
             try:
-                return self._vmapped(j, pts)
+                if base:
+                    pts = torch.cat([pts, self.xs[j].reshape(1, -1)])
+                out = self._vmapped(j, pts)
             except Exception:
                 self.use_vmap = False  # e.g. no vmap rule, .item(), data-dependent control flow
+                return self._looped(j, pts[:-1] if base else pts)
+            if base:
+                assert self.check_base is not None
+                self._based.add(j)
+                self.check_base(j, [o[-1] for o in out])
+                out = [o[:-1] for o in out]
+            return out
         return self._looped(j, pts)
 
     def _vmapped(self, j: int, pts: torch.Tensor) -> list[torch.Tensor]:
