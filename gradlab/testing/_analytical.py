@@ -125,6 +125,25 @@ class Analytic:
         outs, xs_req = self.graph()
         return vjp_rows(outs, xs_req, cots)
 
+    def graph_vjp(self, cots: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor]:
+        """One plain vjp through the autograd graph (no vmap): per input, flattened ``[n_j]``;
+        ``None`` cotangents stay undefined."""
+        outs, xs_req = self.graph()
+        pairs = [(o, c) for o, c in zip(outs, cots) if c is not None and o.requires_grad]
+        if not pairs:
+            return [x.new_zeros(x.numel()) for x in xs_req]
+        gs = torch.autograd.grad(
+            [o for o, _ in pairs],
+            xs_req,
+            [c for _, c in pairs],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        return [
+            g.detach().reshape(-1) if g is not None else x.new_zeros(x.numel())
+            for g, x in zip(gs, xs_req)
+        ]
+
     def rows(self, i: int, cot: torch.Tensor) -> list[torch.Tensor]:
         """``cot[b]^T J_i`` for output ``i`` (zero grad_outputs for the others): per input
         ``[B, n_j]``."""

@@ -105,24 +105,18 @@ def check_inputs(inputs: Sequence[Any], caller: str) -> tuple[torch.Tensor, ...]
 
 def same_layout(x: torch.Tensor) -> torch.Tensor:
     """A detached copy of ``x`` with the same sizes and strides (a strided slice, a transpose,
-    an expanded view stay so), in fresh memory; gaps between elements hold NaN (0 for integer
-    dtypes), so a kernel that reads memory it does not own gives visibly wrong results.
+    an expanded view stay so), in fresh memory.
 
-    Overlapping layouts other than expanded (stride 0) dimensions are copied densely.
+    The whole stretch of the caller's storage that ``x`` spans is copied, gaps included, so a
+    kernel that reads memory outside ``x`` (e.g. a backward that assumes contiguity) reads what
+    it would read in the caller's tensor.
     """
     x = x.detach()
     if x.is_contiguous() or x.numel() == 0:
         return x.clone(memory_format=torch.contiguous_format)
-    stride = x.stride()
-    src = x[tuple(slice(0, 1) if st == 0 else slice(None) for st in stride)]
-    span = 1 + sum((s - 1) * st for s, st in zip(src.shape, stride))
-    fill = float("nan") if (x.is_floating_point() or x.is_complex()) else 0
-    flat = torch.full((span,), fill, dtype=x.dtype, device=x.device)
-    view = flat.as_strided(src.shape, stride)
-    if torch._debug_has_internal_overlap(view) == 1:  # exotic as_strided layouts
-        return x.clone(memory_format=torch.contiguous_format)
-    view.copy_(src)
-    return view.expand(x.shape)
+    span = 1 + sum((s - 1) * st for s, st in zip(x.shape, x.stride()))
+    flat = x.as_strided((span,), (1,), x.storage_offset()).clone()
+    return flat.as_strided(x.shape, x.stride(), 0)
 
 
 def as_outputs(out: Any, caller: str) -> tuple[torch.Tensor, ...]:

@@ -1,17 +1,18 @@
 """Contract checks of a backward that a Jacobian comparison alone cannot see.
 
-Run on a few random Rademacher cotangents ``u`` per output (the fast-mode probes, or
-:data:`CONTRACT_PROBES` of them in full mode), so they cost a few small batched backward passes,
-not another Jacobian:
+Run with plain ``torch.autograd.grad`` calls through the autograd graph on one or two random
+Rademacher cotangents per output, so they cost a few vector-Jacobian products, not another
+Jacobian:
 
-* **reentrant**: the backward run twice with the same inputs and grad_outputs gives the same
-  result to ``nondet_tol`` (``gradcheck``'s "Backward is not reentrant").
-* **grad_output scaling**: ``vjp(-2 u) = -2 vjp(u)`` and ``vjp(0) = 0``: a backward that ignores
-  or offsets ``grad_output`` is invisible to a scalar-output Jacobian, whose only cotangent is 1
-  (``gradcheck``'s "backward not multiplied by grad_output").
-* **undefined grad_outputs**: with several outputs, ``u_i^T J_i`` is computed again through the
-  autograd graph with the other outputs' grad_outputs undefined (``None``, what a backward sees
-  under ``ctx.set_materialize_grads(False)``) and compared with the all-defined result, which the
+* **reentrant**: the backward run twice with the same inputs and grad_output ``u`` gives the
+  same result to ``nondet_tol`` (``gradcheck``'s "Backward is not reentrant").
+* **grad_output scaling**: ``vjp(-2 u) = -2 vjp(u)``: a backward that ignores grad_output, or
+  adds a constant to it, is invisible to a scalar-output Jacobian, whose only cotangent is 1
+  (``gradcheck``'s "backward not multiplied by grad_output"; for a backward affine in
+  grad_output, ``vjp(g) = L g + b``, the two sides differ by ``3 b``).
+* **undefined grad_outputs**: with several outputs, ``u_i^T J_i`` is computed with the other
+  outputs' grad_outputs undefined (``None``, what a backward sees under
+  ``ctx.set_materialize_grads(False)``) and compared with the all-defined ``u_i^T J_i`` that the
   Jacobian comparison has verified.
 """
 
@@ -23,10 +24,10 @@ from gradlab.testing._analytical import Analytic
 from gradlab.testing._errors import GradientCheckError
 from gradlab.testing._report import CALLER, Settings, fmt
 
-__all__ = ["CONTRACT_PROBES", "check_undefined", "probe_rows"]
+__all__ = ["UNDEFINED_PROBES", "check_backward", "check_undefined"]
 
-#: Random cotangents per output for the contract checks in full mode.
-CONTRACT_PROBES = 4
+#: Cotangents per output for the undefined-grad_output check.
+UNDEFINED_PROBES = 2
 
 
 def _worst(diff: torch.Tensor, tol: torch.Tensor) -> tuple[int, float, float] | None:
@@ -39,16 +40,19 @@ def _worst(diff: torch.Tensor, tol: torch.Tensor) -> tuple[int, float, float] | 
     return k, float(diff.reshape(-1)[k]), float(tol.reshape(-1)[k])
 
 
-def probe_rows(an: Analytic, us: list[torch.Tensor], st: Settings) -> list[list[torch.Tensor]]:
-    """``u^T J_i`` per output ``i`` (per input ``[p, n_j]``), after checking that the backward
-    is reentrant and linear in grad_output."""
-    result = []
+def _vjp(an: Analytic, i: int, u: torch.Tensor) -> list[torch.Tensor]:
+    """``u^T J_i`` with the other outputs' grad_outputs zero."""
+    cots = tuple(u if k == i else torch.zeros_like(o) for k, o in enumerate(an.f0))
+    return an.graph_vjp(cots)
+
+
+def check_backward(an: Analytic, us: list[torch.Tensor], st: Settings) -> None:
+    """Reentrancy and grad_output scaling, on the first cotangent of ``us[i]`` per output."""
     for i, u in enumerate(us):
-        p = u.shape[0]
-        batch = torch.cat([u, -2 * u, torch.zeros_like(u[:1])])
-        first = an.rows(i, batch)
-        second = an.rows(i, batch)
-        for j, (r1, r2) in enumerate(zip(first, second)):
+        if u.numel() == 0:
+            continue
+        first, second, scaled = _vjp(an, i, u[0]), _vjp(an, i, u[0]), _vjp(an, i, -2 * u[0])
+        for j, (r1, r2, r3) in enumerate(zip(first, second, scaled)):
             if r1.numel() == 0:
                 continue
             same = (r1 == r2) | (r1.isnan() & r2.isnan())
@@ -58,52 +62,43 @@ def probe_rows(an: Analytic, us: list[torch.Tensor], st: Settings) -> list[list[
                 k, d, _ = bad
                 raise GradientCheckError(
                     f"{CALLER}: backward is not reentrant: run twice with the same inputs and "
-                    f"grad_outputs it gave {fmt(float(r1.reshape(-1)[k]))} and then "
-                    f"{fmt(float(r2.reshape(-1)[k]))} for {st.loc(i, j)} "
-                    f"(|difference| {d:.3e} > nondet_tol {st.nondet_tol:g}). {st.tag()} Make "
-                    "the backward deterministic (no randomness, no state changed by a call, no "
-                    "in-place change of saved tensors); if it is nondeterministic on purpose "
-                    "(e.g. atomic adds on a GPU), pass nondet_tol=<largest expected difference>.",
+                    f"grad_outputs it gave {fmt(float(r1[k]))} and then {fmt(float(r2[k]))} "
+                    f"for {st.loc(i, j)} (|difference| {d:.3e} > nondet_tol "
+                    f"{st.nondet_tol:g}). {st.tag()} Make the backward deterministic (no "
+                    "randomness, no state changed by a call, no in-place change of saved "
+                    "tensors); if it is nondeterministic on purpose (e.g. atomic adds on a GPU), "
+                    "pass nondet_tol=<largest expected difference>.",
                     location=st.loc(i, j),
-                    analytical=float(r2.reshape(-1)[k]),
-                    numerical=float(r1.reshape(-1)[k]),
+                    analytical=float(r2[k]),
+                    numerical=float(r1[k]),
                     tolerance=st.nondet_tol,
                 )
-            base, scaled, zero = r1[:p], r1[p : 2 * p], r1[2 * p :]
-            expect = -2 * base
+            expect = -2 * r1
             tol = st.atol + st.rtol * expect.abs() + 3 * st.nondet_tol
-            bad = _worst((scaled - expect).abs(), tol)
-            zbad = _worst(zero.abs(), torch.full_like(zero, st.nondet_tol))
-            if bad is not None or zbad is not None:
-                if zbad is not None:
-                    k, d, t = zbad
-                    got, want, how = float(zero.reshape(-1)[k]), 0.0, "grad_output = 0"
-                else:
-                    assert bad is not None
-                    k, d, t = bad
-                    got, want = float(scaled.reshape(-1)[k]), float(expect.reshape(-1)[k])
-                    how = "grad_output -2 u (expected -2 times the result for u)"
+            bad = _worst((r3 - expect).abs(), tol)
+            if bad is not None:
+                k, d, t = bad
                 raise GradientCheckError(
-                    f"{CALLER}: backward not multiplied by grad_output for {st.loc(i, j)}: with "
-                    f"{how} it gives {fmt(got)}, expected {fmt(want)} (|difference| {d:.3e} > "
+                    f"{CALLER}: backward not multiplied by grad_output for {st.loc(i, j)}: "
+                    f"with grad_output -2 u it gives {fmt(float(r3[k]))}, but -2 times the "
+                    f"result for u is {fmt(float(expect[k]))} (|difference| {d:.3e} > "
                     f"tolerance {t:.3e}). {st.tag()} A backward must be linear in grad_output: "
                     "multiply the local derivative by grad_output (and add no constant).",
                     location=st.loc(i, j),
-                    analytical=got,
-                    numerical=want,
+                    analytical=float(r3[k]),
+                    numerical=float(expect[k]),
                     tolerance=t,
                 )
-        result.append([r[:p] for r in first])
     st.ran("reentrant")
     st.ran("grad_output scaling")
-    return result
 
 
 def check_undefined(
     an: Analytic, us: list[torch.Tensor], rows: list[list[torch.Tensor]], st: Settings
 ) -> None:
     """Backpropagate through each output alone (the others' grad_outputs undefined) and compare
-    with ``rows`` (the all-defined ``u_i^T J_i``). Only for several differentiable outputs."""
+    with ``rows[i][j]`` (``[p, n_j]``, the verified all-defined ``u^T J_ij`` for the first
+    probes of ``us[i]``). Only when several outputs are differentiable."""
     if len(an.f0) < 2:
         return
     outs, _ = an.graph()
@@ -111,34 +106,37 @@ def check_undefined(
     if len(live) < 2:
         return
     for i in live:
-        cots = tuple(us[i] if k == i else None for k in range(len(outs)))
         others = ", ".join(str(st.outputs[k]) for k in live if k != i)
-        try:
-            alone = an.graph_rows(cots)
-        except Exception as e:
-            raise GradientCheckError(
-                f"{CALLER}: backward fails when only output {st.outputs[i]} has a grad_output "
-                f"and those of outputs {others} are undefined (None): {type(e).__name__}: {e}. "
-                f"{st.tag()} Handle None grad_outputs in the backward (they are None under "
-                "ctx.set_materialize_grads(False) for outputs that do not reach the loss).",
-                location=st.loc(i, 0),
-            ) from None
-        for j, (a, b) in enumerate(zip(alone, rows[i])):
-            tol = st.atol + st.rtol * b.abs() + 2 * st.nondet_tol
-            bad = _worst((a - b).abs(), tol)
-            if bad is not None:
-                k, d, t = bad
-                probe, el = divmod(k, a.shape[1])
+        for probe in range(min(UNDEFINED_PROBES, us[i].shape[0])):
+            cots = tuple(us[i][probe] if k == i else None for k in range(len(outs)))
+            try:
+                alone = an.graph_vjp(cots)
+            except Exception as e:
                 raise GradientCheckError(
-                    f"{CALLER}: wrong derivative {st.loc(i, j)} when the grad_outputs of outputs "
-                    f"{others} are undefined (None): u^T J is {fmt(float(a.reshape(-1)[k]))} "
-                    f"(probe {probe + 1}, flat input element {el}), but "
-                    f"{fmt(float(b.reshape(-1)[k]))} with them defined as zeros, which matches "
-                    f"the finite differences (|difference| {d:.3e} > tolerance {t:.3e}). "
-                    f"{st.tag()} Fix the branch of the backward that handles None grad_outputs.",
-                    location=st.loc(i, j),
-                    analytical=float(a.reshape(-1)[k]),
-                    numerical=float(b.reshape(-1)[k]),
-                    tolerance=t,
-                )
+                    f"{CALLER}: backward fails when only output {st.outputs[i]} has a "
+                    f"grad_output and those of outputs {others} are undefined (None): "
+                    f"{type(e).__name__}: {e}. {st.tag()} Handle None grad_outputs in the "
+                    "backward (they are None under ctx.set_materialize_grads(False) for "
+                    "outputs that do not reach the loss).",
+                    location=st.loc(i, 0),
+                ) from None
+            for j, a in enumerate(alone):
+                b = rows[i][j][probe].to(a.dtype)
+                tol = st.atol + st.rtol * b.abs() + 2 * st.nondet_tol
+                bad = _worst((a - b).abs(), tol)
+                if bad is not None:
+                    k, d, t = bad
+                    raise GradientCheckError(
+                        f"{CALLER}: wrong derivative {st.loc(i, j)} when the grad_outputs of "
+                        f"outputs {others} are undefined (None): u^T J is "
+                        f"{fmt(float(a[k]))} at flat input element {k} (random signs u, probe "
+                        f"{probe + 1}), but {fmt(float(b[k]))} with them defined as zeros, "
+                        f"which matches the finite differences (|difference| {d:.3e} > "
+                        f"tolerance {t:.3e}). {st.tag()} Fix the branch of the backward that "
+                        "handles None grad_outputs.",
+                        location=st.loc(i, j),
+                        analytical=float(a[k]),
+                        numerical=float(b[k]),
+                        tolerance=t,
+                    )
     st.ran("undefined grad_outputs")

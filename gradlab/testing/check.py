@@ -39,7 +39,7 @@ from gradlab.testing._common import (
     machine_eps,
 )
 from gradlab.testing._compare import check_block, fd_all
-from gradlab.testing._contract import CONTRACT_PROBES, check_undefined, probe_rows
+from gradlab.testing._contract import UNDEFINED_PROBES, check_backward, check_undefined
 from gradlab.testing._errors import GradientCheckError, NonDifferentiablePointError
 from gradlab.testing._fast import directions, fast
 from gradlab.testing._forward import Forward
@@ -66,15 +66,16 @@ def _compare(
         steps_for(x, st.eps if st.eps is not None else default_step(st.method, x.dtype)) for x in xs
     ]
     gen = torch.Generator().manual_seed(st.seed)
-    p = st.probes if st.mode == "fast" else CONTRACT_PROBES
+    p = st.probes if st.mode == "fast" else UNDEFINED_PROBES
     us = [directions(p, tuple(o.shape), st, gen, o) for o in ev.f0]
     vs = [directions(p, (x.numel(),), st, gen, x) for x in xs]
     # Reentrancy and grad_output scaling first: a backward that breaks them is named as such
     # rather than as a wrong Jacobian entry.
-    jtu = probe_rows(an, us, st)
+    check_backward(an, us, st)
     fwd = Forward(problem, xs, ev.f0) if st.forward_ad else None
     if st.mode == "full":
         analytical = [analytical_jacobian(an, i) for i in range(len(ev.f0))]
+        jtu = [[u.reshape(p, -1).to(a.dtype) @ a for a in analytical[i]] for i, u in enumerate(us)]
         for j in range(len(xs)):
             numerical = fd_all(ev, j, steps[j], st.method)
             for i in range(len(ev.f0)):
@@ -88,6 +89,7 @@ def _compare(
         if fwd is not None:
             st.ran("forward mode")
     else:
+        jtu = [an.rows(i, u) for i, u in enumerate(us)]
         fast(ev, an, steps, st, unit, acc, us, vs, jtu, fwd)
     check_undefined(an, us, jtu, st)
     return acc
