@@ -9,6 +9,7 @@ point by point in a Python loop instead; the result is the same, only slower.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -110,7 +111,9 @@ class Evaluator:
             return tuple(o.detach().reshape(-1) for o in outs)
 
         self.calls += 1
-        outs = torch.func.vmap(one)(pts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "performance drop ... batching rule" notices
+            outs = torch.func.vmap(one)(pts)
         return [o.reshape(pts.shape[0], -1) for o in outs]
 
     def _looped(self, j: int, pts: torch.Tensor) -> list[torch.Tensor]:
