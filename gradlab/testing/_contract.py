@@ -4,10 +4,11 @@ Run with plain ``torch.autograd.grad`` calls through the autograd graph on one o
 Rademacher cotangents per output, so they cost a few vector-Jacobian products, not another
 Jacobian:
 
-* **reentrant**: the backward run twice with the same inputs and grad_output ``u`` gives the
+* **reentrant**: the backward run twice with the same inputs and grad_output ``-2 u`` gives the
   same result to ``nondet_tol`` (``gradcheck``'s "Backward is not reentrant").
-* **grad_output scaling**: ``vjp(-2 u) = -2 vjp(u)``: a backward that ignores grad_output, or
-  adds a constant to it, is invisible to a scalar-output Jacobian, whose only cotangent is 1
+* **grad_output scaling**: ``vjp(-2 u) = -2 vjp(u)``, ``vjp(u)`` taken from the analytical
+  Jacobian (full mode) or the fast-mode probes: a backward that ignores grad_output, or adds a
+  constant to it, is invisible to a scalar-output Jacobian, whose only cotangent is 1
   (``gradcheck``'s "backward not multiplied by grad_output"; for a backward affine in
   grad_output, ``vjp(g) = L g + b``, the two sides differ by ``3 b``).
 * **undefined grad_outputs**: with several outputs, ``u_i^T J_i`` is computed with the other
@@ -46,13 +47,16 @@ def _vjp(an: Analytic, i: int, u: torch.Tensor) -> list[torch.Tensor]:
     return an.graph_vjp(cots)
 
 
-def check_backward(an: Analytic, us: list[torch.Tensor], st: Settings) -> None:
-    """Reentrancy and grad_output scaling, on the first cotangent of ``us[i]`` per output."""
+def check_backward(
+    an: Analytic, us: list[torch.Tensor], rows: list[list[torch.Tensor]], st: Settings
+) -> None:
+    """Reentrancy and grad_output scaling on the first cotangent ``u`` of ``us[i]`` per output;
+    ``rows[i][j][0]`` is ``u^T J_ij`` as computed for the Jacobian (or the probes)."""
     for i, u in enumerate(us):
         if u.numel() == 0:
             continue
-        first, second, scaled = _vjp(an, i, u[0]), _vjp(an, i, u[0]), _vjp(an, i, -2 * u[0])
-        for j, (r1, r2, r3) in enumerate(zip(first, second, scaled)):
+        first, second = _vjp(an, i, -2 * u[0]), _vjp(an, i, -2 * u[0])
+        for j, (r1, r2) in enumerate(zip(first, second)):
             if r1.numel() == 0:
                 continue
             same = (r1 == r2) | (r1.isnan() & r2.isnan())
@@ -73,7 +77,7 @@ def check_backward(an: Analytic, us: list[torch.Tensor], st: Settings) -> None:
                     numerical=float(r1[k]),
                     tolerance=st.nondet_tol,
                 )
-            expect = -2 * r1
+            r3, expect = r1, -2 * rows[i][j][0].to(r1.dtype)
             tol = st.atol + st.rtol * expect.abs() + 3 * st.nondet_tol
             bad = _worst((r3 - expect).abs(), tol)
             if bad is not None:

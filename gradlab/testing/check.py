@@ -68,14 +68,14 @@ def _compare(
     gen = torch.Generator().manual_seed(st.seed)
     p = st.probes if st.mode == "fast" else UNDEFINED_PROBES
     us = [directions(p, tuple(o.shape), st, gen, o) for o in ev.f0]
-    vs = [directions(p, (x.numel(),), st, gen, x) for x in xs]
-    # Reentrancy and grad_output scaling first: a backward that breaks them is named as such
-    # rather than as a wrong Jacobian entry.
-    check_backward(an, us, st)
+    vs = [directions(p, (x.numel(),), st, gen, x) for x in xs] if st.mode == "fast" else []
     fwd = Forward(problem, xs, ev.f0) if st.forward_ad else None
     if st.mode == "full":
         analytical = [analytical_jacobian(an, i) for i in range(len(ev.f0))]
+        # u^T J for the contract checks; they run before the comparison, so that a backward
+        # that breaks them is named as such rather than as a wrong Jacobian entry.
         jtu = [[u.reshape(p, -1).to(a.dtype) @ a for a in analytical[i]] for i, u in enumerate(us)]
+        check_backward(an, us, jtu, st)
         for j in range(len(xs)):
             numerical = fd_all(ev, j, steps[j], st.method)
             for i in range(len(ev.f0)):
@@ -90,6 +90,7 @@ def _compare(
             st.ran("forward mode")
     else:
         jtu = [an.rows(i, u) for i, u in enumerate(us)]
+        check_backward(an, us, jtu, st)
         fast(ev, an, steps, st, unit, acc, us, vs, jtu, fwd)
     check_undefined(an, us, jtu, st)
     return acc
