@@ -1,8 +1,9 @@
 """Root conftest: the gradlab pytest plugin (hypothesis profiles, ``device``) and a fixed seed for
 the doctests in gradlab/.
 
-The plugin is installed as the ``pytest11`` entry point ``gradlab``; it is registered here as well
-in case this checkout is not the installed gradlab (e.g. ``PYTHONPATH=.`` over another install).
+The plugin is installed as the ``pytest11`` entry point ``gradlab.testing._plugin``; it is
+registered here as well in case this checkout is not the installed gradlab (e.g. ``PYTHONPATH=.``
+over another install).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from gradlab.testing import _plugin
 
 def pytest_configure(config: pytest.Config) -> None:
     if not config.pluginmanager.is_registered(_plugin):
-        config.pluginmanager.register(_plugin, "gradlab")
+        config.pluginmanager.register(_plugin, "gradlab.testing._plugin")
 
 
 @pytest.fixture(autouse=True)

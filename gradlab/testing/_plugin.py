@@ -1,7 +1,9 @@
 """The gradlab pytest plugin: hypothesis profiles that work with torch, and a ``device`` fixture.
 
-Installed with gradlab as the ``pytest11`` entry point ``gradlab`` (disable it with
-``pytest -p no:gradlab``), so any project where gradlab is installed gets:
+Installed with gradlab as the ``pytest11`` entry point ``gradlab.testing._plugin`` (named after
+the module, so ``pytest -p gradlab.testing._plugin`` also works where gradlab is not installed and
+is harmless where it is; disable it with ``pytest -p no:gradlab.testing._plugin``), so any
+project where gradlab is installed gets:
 
 * the hypothesis profiles ``gradlab-ci``, ``gradlab-dev`` and ``gradlab-thorough`` (see
   :func:`~gradlab.testing.register_hypothesis_profiles`), registered when the plugin loads;

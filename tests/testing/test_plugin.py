@@ -51,7 +51,7 @@ def _project(tmp_path: Path) -> tuple[Path, Path]:
     )
     # The [project.entry-points.pytest11] table of pyproject.toml (no tomllib on Python 3.10).
     table = (ROOT / "pyproject.toml").read_text().split("[project.entry-points.pytest11]\n", 1)[1]
-    lines = re.findall(r'^(\w+) = "([\w.]+)"$', table.split("\n[", 1)[0], re.M)
+    lines = re.findall(r'^"?([\w.]+)"? = "([\w.]+)"$', table.split("\n[", 1)[0], re.M)
     assert lines, "no pytest11 entry point in pyproject.toml"
     text = "".join(f"{name} = {target}\n" for name, target in lines)
     (dist / "entry_points.txt").write_text("[pytest11]\n" + text)
@@ -94,10 +94,14 @@ def test_readme_recipe_with_plain_pytest(tmp_path: Path) -> None:
 
 
 def test_readme_recipe_with_the_ci_profile_option(tmp_path: Path) -> None:
+    # Also names the plugin with -p although the entry point loads it: harmless, since the entry
+    # point is named after the module (no "Plugin already registered" error).
     project, site = _project(tmp_path)
     done = _pytest(
         project,
         [site, ROOT],
+        "-p",
+        "gradlab.testing._plugin",
         "--hypothesis-profile=gradlab-ci",
         EXPECTED_PROFILE="gradlab-ci",
     )
