@@ -66,7 +66,7 @@ def _layout(bad: bool) -> Made:
             return 2 * g * x
 
     base = torch.randn(4, 6, dtype=F64, generator=_gen(1))
-    x = base.T[:, ::2].detach().requires_grad_(True)  # (6, 2), strided and transposed
+    x = base[:, ::2].detach().requires_grad_(True)  # (4, 3) with gaps: a strided slice
     return Square.apply, (x,)
 
 
@@ -78,11 +78,16 @@ def _undefined(bad: bool) -> Made:
     first gradient wrongly when the second grad_output is ``None``."""
 
     class TwoOut(torch.autograd.Function):
+        generate_vmap_rule = True
+
         @staticmethod
-        def forward(ctx, x):  # type: ignore[override]
-            ctx.set_materialize_grads(False)
-            ctx.save_for_backward(x)
+        def forward(x):  # type: ignore[override]
             return 2 * x, x.sin()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):  # type: ignore[override]
+            ctx.set_materialize_grads(False)
+            ctx.save_for_backward(inputs[0])
 
         @staticmethod
         def backward(ctx, g1, g2):  # type: ignore[override]
