@@ -4,6 +4,10 @@ First choice: :func:`torch.func.jvp` vmapped over the tangents (one batched forw
 the ``jvp`` staticmethod of new-style ``autograd.Function`` subclasses). Otherwise one tangent at
 a time with dual numbers (:mod:`torch.autograd.forward_ad`), which also runs old-style Functions'
 ``jvp``. A function without forward-mode rules raises :class:`gradlab.GraphError`.
+
+Inputs keep the caller's strides, except expanded ones (a stride 0 with size > 1): a tangent of
+such a tensor would have to be expanded too (one tangent per memory location), so forward mode
+gets a dense copy of them, with one tangent per element like the finite differences.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ __all__ = ["Forward"]
 _COLUMNS_BUDGET = 2**23
 
 
+def _expanded(x: torch.Tensor) -> bool:
+    return any(st == 0 and n > 1 for n, st in zip(x.shape, x.stride()))
+
+
 class Forward:
     """``J_i v`` for every output ``i`` and a batch of tangents ``v`` of one input."""
 
@@ -30,7 +38,7 @@ class Forward:
         self, problem: Problem, xs: tuple[torch.Tensor, ...], f0: tuple[torch.Tensor, ...]
     ):
         self.problem = problem
-        self.xs = xs
+        self.xs = tuple(x.contiguous() if _expanded(x) else x for x in xs)
         self.f0 = f0
         self.use_func = True
 

@@ -115,6 +115,14 @@ def test_backward_sees_the_callers_strides(layout: str, mode: str) -> None:
     assert x.stride() == before[0] and torch.equal(x, before[1])
 
 
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded"])
+def test_forward_mode_and_order_2_with_the_callers_layout(layout: str) -> None:
+    base = torch.randn(4, 6, dtype=torch.float64)
+    x = {"transposed": base.T, "strided": base[:, ::2], "expanded": base[:1].expand(3, 6)}[layout]
+    report = check_gradients(lambda a: (a.sin() * 2).cumsum(0), x, order=2, forward_ad=True)
+    assert "forward mode" in report.checks and report.margin < 1
+
+
 # ----------------------------------------------------------------------------- 2 undefined
 
 
