@@ -1,15 +1,22 @@
-"""Root conftest: doctests in gradlab/ see a fixed seed and the hypothesis profiles."""
+"""Root conftest: the gradlab pytest plugin (hypothesis profiles, ``device``) and a fixed seed for
+the doctests in gradlab/.
+
+The plugin is installed as the ``pytest11`` entry point ``gradlab.testing._plugin``; it is
+registered here as well in case this checkout is not the installed gradlab (e.g. ``PYTHONPATH=.``
+over another install).
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import settings
 
-from gradlab.testing import default_profile, register_hypothesis_profiles
+from gradlab.testing import _plugin
 
-register_hypothesis_profiles()
-settings.load_profile(default_profile())
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.pluginmanager.is_registered(_plugin):
+        config.pluginmanager.register(_plugin, "gradlab.testing._plugin")
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,10 @@
 2. Power: a custom ``autograd.Function`` computing ``tanh(A @ x)`` whose backward is wrong in a
    single Jacobian entry (by 1.0 and by 1e-3) is given to each checker; ``caught`` records
    whether it raised/returned a failure (measured, not assumed).
+3. Bug classes: every planted bug of :mod:`gradlab.testing._planted` (one per class that
+   ``gradcheck``/``gradgradcheck`` catch, plus a wrong vmap rule) given to gradlab full/fast and
+   to ``gradcheck``, ``gradcheck(fast_mode=True)`` and ``gradgradcheck``; the correct twin of
+   each case must pass everywhere (false alarms are listed).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 
 from benchmarks._core import Context, Suite, Table, time_interleaved
 from gradlab.testing import GradientCheckError, check_gradients
+from gradlab.testing._planted import CASES, caught_by_gradlab, caught_by_torch
 
 
 def _planted(A: torch.Tensor, wrong: tuple[int, int], delta: float) -> Callable[..., torch.Tensor]:
@@ -145,7 +150,43 @@ def run(ctx: Context) -> list[Table]:
         }
         for name, yes in caught.items():
             t2.add(case=label, checker=name, caught="yes" if yes else "no")
-    return [t1, t2]
+    return [t1, t2, _bug_classes(ctx)]
+
+
+_TORCH_CHECKERS = ("gradcheck", "gradcheck fast", "gradgradcheck")
+
+
+def _bug_classes(ctx: Context) -> Table:
+    t = Table(
+        "Planted bug classes: caught by each checker (float64, CPU)",
+        ["bug", "item", "gradlab full", "gradlab fast", *_TORCH_CHECKERS, "false alarms"],
+        notes=[
+            "yes: the checker rejected the wrong version (gradlab: GradientCheckError; torch: "
+            "returned False with raise_exception=False); error: torch raised something else. "
+            "Each case's options are the same for every checker (forward mode: gradlab "
+            "forward_ad=True, torch check_forward_ad=True; the order-2 case: gradlab order=2).",
+            "false alarms: checkers that rejected the correct twin (should be none).",
+            "Cases: gradlab/testing/_planted.py. gradgradcheck checks second derivatives only, so "
+            "first-order bugs it reports are side effects of its first-order pass.",
+        ],
+    )
+    for name, case in CASES.items():
+        ctx.progress(f"bug class: {name}")
+        row: dict[str, str] = {"bug": name, "item": case.item}
+        alarms = []
+        for mode in ("full", "fast"):
+            row[f"gradlab {mode}"] = "yes" if caught_by_gradlab(case, True, mode) else "no"
+            if caught_by_gradlab(case, False, mode):
+                alarms.append(f"gradlab {mode}")
+        for checker in _TORCH_CHECKERS:
+            if checker == "gradgradcheck" or case.order == 1:
+                row[checker] = caught_by_torch(case, True, checker)
+                if caught_by_torch(case, False, checker) != "no":
+                    alarms.append(checker)
+            else:
+                row[checker] = "n/a (order 2)"
+        t.add(**row, **{"false alarms": ", ".join(alarms) or "none"})
+    return t
 
 
 SUITE = Suite(

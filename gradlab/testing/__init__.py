@@ -6,6 +6,9 @@
 * :mod:`gradlab.testing.strategies`: hypothesis strategies for tensors, shapes, dtypes, devices.
 * :func:`register_hypothesis_profiles` / :func:`default_profile`: hypothesis settings that work
   with torch.
+* A pytest plugin (:mod:`gradlab.testing._plugin`, the ``pytest11`` entry point ``gradlab``)
+  that registers and loads those profiles and provides the ``device`` fixture in any project
+  where gradlab is installed.
 
 Only the strategies and the profiles need hypothesis (the ``test`` extra); ``check_gradients`` and
 ``numerical_jacobian`` need torch alone, so ``strategies`` is imported on first access.

@@ -22,6 +22,7 @@ __all__ = [
     "default_tolerances",
     "least_precise",
     "machine_eps",
+    "same_layout",
 ]
 
 #: Finite-difference methods: name -> number of function evaluations per perturbed direction.
@@ -99,7 +100,23 @@ def check_inputs(inputs: Sequence[Any], caller: str) -> tuple[torch.Tensor, ...]
             f"{caller}: inputs are on different devices ({listing}); move them to one device, "
             "e.g. x.to('cuda')"
         )
-    return tuple(x.detach().clone() for x in inputs)
+    return tuple(same_layout(x) for x in inputs)
+
+
+def same_layout(x: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``x`` with the same sizes and strides (a strided slice, a transpose,
+    an expanded view stay so), in fresh memory.
+
+    The whole stretch of the caller's storage that ``x`` spans is copied, gaps included, so a
+    kernel that reads memory outside ``x`` (e.g. a backward that assumes contiguity) reads what
+    it would read in the caller's tensor.
+    """
+    x = x.detach()
+    if x.is_contiguous() or x.numel() == 0:
+        return x.clone(memory_format=torch.contiguous_format)
+    span = 1 + sum((s - 1) * st for s, st in zip(x.shape, x.stride()))
+    flat = x.as_strided((span,), (1,), x.storage_offset()).clone()
+    return flat.as_strided(x.shape, x.stride(), 0)
 
 
 def as_outputs(out: Any, caller: str) -> tuple[torch.Tensor, ...]:

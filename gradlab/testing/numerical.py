@@ -9,6 +9,7 @@ point by point in a Python loop instead; the result is the same, only slower.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -35,6 +36,8 @@ class Evaluator:
 
     ``loop_fn`` (default ``fn``) is used for the loop fallback; it may differ from ``fn`` when the
     vmappable formulation of a function is not the one that works without vmap (order 2 checks).
+    ``check_base(j, outputs)``, if given, receives ``fn``'s vmapped outputs at the unperturbed
+    point, evaluated as one extra row of the first vmapped batch for input ``j`` (and may raise).
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class Evaluator:
         loop_fn: Callable[..., Any] | None = None,
         chunk_size: int | None = None,
         f0: tuple[torch.Tensor, ...] | None = None,
+        check_base: Callable[[int, list[torch.Tensor]], None] | None = None,
     ) -> None:
         self.fn = fn
         self.loop_fn = loop_fn or fn
@@ -54,6 +58,9 @@ class Evaluator:
         self.chunk_size = chunk_size
         self.use_vmap = True
         self.calls = 0
+        self.check_base = check_base
+        self._based: set[int] = set()
+        self._last_vmapped = False
         if f0 is None:  # fn's outputs at xs, unless the caller has them already
             f0 = as_outputs(self.loop_fn(*xs), caller)
         self.f0 = tuple(o.detach() for o in f0)
@@ -65,22 +72,43 @@ class Evaluator:
         width = self.xs[j].numel() + sum(self.out_sizes)
         return max(1, _BATCH_BUDGET // max(1, width))
 
+    def wants_base(self, j: int) -> bool:
+        """Whether the next batch for input ``j`` should carry the unperturbed point."""
+        return self.check_base is not None and self.use_vmap and j not in self._based
+
     def displaced(self, j: int, disp: torch.Tensor) -> list[torch.Tensor]:
         """``fn`` at ``xs`` with ``xs[j] += disp[b]`` for each row ``b``: per output [B, m_i]."""
-        return self.points(j, self.xs[j].reshape(1, -1) + disp)
+        base = self.wants_base(j)
+        if base:
+            disp = torch.cat([disp, disp.new_zeros(1, disp.shape[1])])
+        return self.points(j, self.xs[j].reshape(1, -1) + disp, base=base)
 
-    def points(self, j: int, pts: torch.Tensor) -> list[torch.Tensor]:
-        """``fn`` with ``xs[j]`` replaced by each row of ``pts`` ([B, n_j]): per output [B, m_i]."""
+    def points(self, j: int, pts: torch.Tensor, *, base: bool = False) -> list[torch.Tensor]:
+        """``fn`` with ``xs[j]`` replaced by each row of ``pts`` ([B, n_j]): per output [B, m_i].
+
+        ``base``: the last row of ``pts`` is the unperturbed point; its outputs go to
+        ``check_base`` (if it was evaluated under vmap) and are left out of the result.
+        """
         chunk = self.rows_per_chunk(j)
         if pts.shape[0] <= chunk:
-            return self._batch(j, pts)
-        parts = [self._batch(j, pts[s : s + chunk]) for s in range(0, pts.shape[0], chunk)]
-        return [torch.cat([p[i] for p in parts]) for i in range(len(self.f0))]
+            out = self._batch(j, pts)
+        else:
+            parts = [self._batch(j, pts[s : s + chunk]) for s in range(0, pts.shape[0], chunk)]
+            out = [torch.cat([p[i] for p in parts]) for i in range(len(self.f0))]
+        if base:
+            if self._last_vmapped and self.check_base is not None and j not in self._based:
+                self._based.add(j)
+                self.check_base(j, [o[-1] for o in out])
+            out = [o[:-1] for o in out]
+        return out
 
     def _batch(self, j: int, pts: torch.Tensor) -> list[torch.Tensor]:
+        self._last_vmapped = False
         if self.use_vmap:
             try:
-                return self._vmapped(j, pts)
+                out = self._vmapped(j, pts)
+                self._last_vmapped = True
+                return out
             except Exception:
                 self.use_vmap = False  # e.g. no vmap rule, .item(), data-dependent control flow
         return self._looped(j, pts)
@@ -95,7 +123,9 @@ class Evaluator:
             return tuple(o.detach().reshape(-1) for o in outs)
 
         self.calls += 1
-        outs = torch.func.vmap(one)(pts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "performance drop ... batching rule" notices
+            outs = torch.func.vmap(one)(pts)
         return [o.reshape(pts.shape[0], -1) for o in outs]
 
     def _looped(self, j: int, pts: torch.Tensor) -> list[torch.Tensor]:
@@ -136,7 +166,11 @@ def fd_block(
     c, n = stop - start, x.numel()
     levels = [1.0] if method == "central" else [1.0, 0.5]
     xc = x[start:stop]
-    pts = x.expand(2 * len(levels) * c, n).clone().view(2 * len(levels), c, n)
+    # One more row, left unperturbed, when the evaluator checks fn's vmapped value there.
+    base = ev.wants_base(j)
+    rows = 2 * len(levels) * c
+    buf = x.expand(rows + int(base), n).clone()
+    pts = buf[:rows].view(2 * len(levels), c, n)
     denoms = []
     for k, level in enumerate(levels):
         h = step[start:stop] * level
@@ -144,7 +178,7 @@ def fd_block(
         pts[2 * k, :, start:stop].diagonal().add_(plus)
         pts[2 * k + 1, :, start:stop].diagonal().add_(minus)
         denoms.append((plus - minus).unsqueeze(1))
-    f = ev.points(j, pts.view(-1, n))
+    f = ev.points(j, buf, base=base)
     result = []
     for fi in f:
         # Contiguous [c, m_i] results whatever layout fn's batched output has.

@@ -11,10 +11,11 @@ from gradlab.testing import (
     GradientCheckReport,
     Location,
     NonDifferentiablePointError,
+    _analytical,
+    _fast,
     check_gradients,
     numerical_jacobian,
 )
-from gradlab.testing import check as check_module
 from tests.testing._functions import problem, tanh_affine
 
 MODES = ["full", "fast"]
@@ -43,7 +44,7 @@ def test_catches_one_entry_wrong_by_1e_3(n: int, mode: str, style: str, device) 
 @pytest.mark.parametrize("n", [16, 128, 512])
 def test_fast_probes_alone_catch_1e_3(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # Without the localising full comparison, the random signed probes must see the error.
-    monkeypatch.setattr(check_module, "_LOCALIZE_LIMIT", 0)
+    monkeypatch.setattr(_fast, "_LOCALIZE_LIMIT", 0)
     A, x = problem(n)
     fn = tanh_affine(A, style="new", wrong=(1, n - 2), delta=1e-3)
     for seed in range(3):
@@ -90,7 +91,7 @@ def test_report_fields_against_a_direct_computation() -> None:
     report = check_gradients(fn, x, method="richardson")
     jac = torch.func.jacrev(fn)(x)
     assert report.max_abs_error < 1e-9 and report.method == "richardson"
-    assert report.eps == (1e-3,) and report.probes == 0 and report.seed is None
+    assert report.eps == (1e-3,) and report.probes == 0 and isinstance(report.seed, int)
     assert report.worst is not None and report.worst.output == 0
     assert report.compared == jac.numel()
     assert "gradients OK" in str(report)
@@ -150,7 +151,7 @@ def test_chunked_evaluation_gives_the_same_verdict(method: str, monkeypatch) -> 
     fn = tanh_affine(A, style="new")
     whole = check_gradients(fn, x, method=method)
     monkeypatch.setattr(numerical_module, "_BATCH_BUDGET", 7 * 2 * n)  # a few columns per chunk
-    monkeypatch.setattr(check_module, "_ROWS_BUDGET", 6 * 2 * n)  # 6 basis rows per chunk
+    monkeypatch.setattr(_analytical, "_ROWS_BUDGET", 6 * 2 * n)  # 6 basis rows per chunk
     chunked = check_gradients(fn, x, method=method)
     assert chunked.compared == whole.compared == n * n
     # Batches of other sizes round differently in the last bits (GEMM blocking), so the
@@ -408,11 +409,9 @@ def test_integer_input() -> None:
         check_gradients(torch.sin, torch.arange(3))
 
 
-def test_half_and_complex_inputs() -> None:
+def test_half_input() -> None:
     with pytest.raises(TypeError, match=r"input 0 has dtype torch.float16.*x.double\(\)"):
         check_gradients(torch.sin, torch.ones(2, dtype=torch.float16))
-    with pytest.raises(TypeError, match=r"input 0 is complex.*view_as_real"):
-        check_gradients(torch.sin, torch.ones(2, dtype=torch.complex128))
 
 
 def test_fn_returning_a_non_tensor() -> None:
