@@ -1,45 +1,6 @@
 """``strategy="auto"``: the documented heuristic, replaced by a measured choice only when it is
-clearly slower. Everything ``"auto"`` does is described here, in one place.
-
-**What "auto" returns.** Every strategy of an operation returns the same values and the same
-differentiability (a graph when an input, a tangent or a tensor ``f`` closes over requires grad
-and grad mode is on, as ``torch.func`` does). The choice changes the speed, never the result.
-
-**The cache.** Choices are cached per function and input signature: the key is the function
-(:mod:`gradlab._derivatives._keys`: code and closed-over values for plain functions and lambdas,
-identity without keeping the object alive for other callables), the inputs' tree structure,
-shapes, dtypes, devices and ``requires_grad``, the options that change the computation and the
-grad mode. A cache hit costs building that key and one dictionary look-up.
-
-**The first call** of a key runs the function once with the heuristic strategy (which gives the
-result returned), then, if measurement is on, times every candidate strategy: one warm-up call
-each, candidates more than 4x slower than the fastest warm-up dropped, then 5 interleaved rounds
-of calls (about 1 ms of calls per candidate and round), each candidate's time the minimum over
-its calls (interference only ever adds time). A measured strategy replaces the heuristic only if
-it is more than 1.1x faster, confirmed by 3 further rounds of the two alone; otherwise the
-heuristic stands. So the first call runs ``f`` roughly 10-100 times; later calls run it once.
-
-**Random and stateful functions.** The global RNG state (CPU, and CUDA for the devices involved)
-is read, never written, around the single call that produces the result. If it changed, the
-function draws random numbers, its result comes from that one call, and nothing is measured on
-that call (a later call whose run leaves the state unchanged may still be measured, so a function
-drawing random numbers only sometimes can be timed; the timing runs would then advance the RNG).
-No RNG state is ever restored or rewound, so other threads' random streams are untouched. A
-function with other side effects (a counter, BatchNorm running statistics, a private
-``torch.Generator``, appending to a list) sees them on every timed run: pass an explicit
-``strategy=`` for it, or turn measurement off.
-
-**Threads.** The cache is shared by all threads and safe to use from several at once. One key is
-measured by one thread at a time (one measurement runs in the whole process at a time, so that
-timings do not compete with each other); a thread that finds a measurement under way uses the
-heuristic for that call. A function called while its own measurement runs (nested ``"auto"``
-calls inside ``f``) uses the heuristic.
-
-**Turning measurement off:** ``with gradlab.autotune(False):`` for the current thread or
-``contextvars`` context only; ``gradlab.set_autotune(False)`` for the whole process (returns the
-previous setting); or the environment variable ``GRADLAB_AUTOTUNE=0``, read at import. With
-measurement off, ``"auto"`` uses the heuristic each function documents.
-:func:`clear_autotune_cache` forgets the cached choices and :func:`autotune_choices` shows them.
+clearly slower. Everything ``"auto"`` does is described in one place, the docstring of
+:func:`autotune` (``help(gradlab.autotune)``).
 """
 
 from __future__ import annotations
@@ -143,7 +104,50 @@ def autotune(enabled: bool) -> Iterator[None]:
     """Context manager: measurement on or off inside the block, in this thread/context only.
 
     Other threads keep their own setting (a ``contextvars.ContextVar``); after the block the
-    previous setting applies again.
+    previous setting applies again. What ``strategy="auto"`` does, in full:
+
+    **What "auto" returns.** Every strategy of an operation returns the same values and the same
+    differentiability (a graph when an input, a tangent or a tensor ``f`` closes over requires grad
+    and grad mode is on, as ``torch.func`` does). The choice changes the speed, never the result.
+
+    **The cache.** Choices are cached per function and input signature: the key is the function
+    (:mod:`gradlab._derivatives._keys`: code and closed-over values for plain functions and lambdas,
+    identity without keeping the object alive for other callables), the inputs' tree structure,
+    shapes, dtypes, devices and ``requires_grad``, the options that change the computation and the
+    grad mode. A cache hit costs building that key and one dictionary look-up.
+
+    **The first call** of a key runs the function once with the heuristic strategy (which gives the
+    result returned; ``jacobian`` runs ``"reverse"`` on a key's first call, to learn the output size
+    its heuristic needs), then, if measurement is on, times every candidate strategy: one warm-up
+    call each, candidates more than 4x slower than the fastest warm-up dropped, then 5 interleaved
+    rounds of calls (about 1 ms of calls per candidate and round), each candidate's time the minimum
+    over its calls (interference only ever adds time). A measured strategy replaces the heuristic
+    only if it is more than 1.1x faster, confirmed by 3 further rounds of the two alone; otherwise
+    the heuristic stands. So the first call runs ``f`` roughly 10-100 times; later calls run it
+    once. A function whose key changes on every call (it closes over a list it appends to) is
+    measured for its first 16 signatures per operation, then runs the heuristic.
+
+    **Random and stateful functions.** The global RNG state (CPU, and CUDA for the devices involved)
+    is read, never written, around the single call that produces the result. If it changed, the
+    function draws random numbers, its result comes from that one call, and nothing is measured on
+    that call (a later call whose run leaves the state unchanged may still be measured, so a
+    function drawing random numbers only sometimes can be timed; the timing runs would then advance
+    the RNG). No RNG state is ever restored or rewound, so other threads' random streams are
+    untouched. A function with other side effects (a counter, BatchNorm running statistics, a
+    private ``torch.Generator``, appending to a list) sees them on every timed run: pass an explicit
+    ``strategy=`` for it, or turn measurement off.
+
+    **Threads.** The cache is shared by all threads and safe to use from several at once. One key is
+    measured by one thread at a time (one measurement runs in the whole process at a time, so that
+    timings do not compete with each other); a thread that finds a measurement under way uses the
+    heuristic for that call. A function called while its own measurement runs (nested ``"auto"``
+    calls inside ``f``) uses the heuristic.
+
+    **Turning measurement off:** ``with gradlab.autotune(False):`` for the current thread or
+    ``contextvars`` context only; ``gradlab.set_autotune(False)`` for the whole process (returns the
+    previous setting); or the environment variable ``GRADLAB_AUTOTUNE=0``, read at import. With
+    measurement off, ``"auto"`` uses the heuristic each function documents.
+    :func:`clear_autotune_cache` forgets the cached choices and :func:`autotune_choices` shows them.
 
     Raises:
         TypeError: ``enabled`` is not a bool.
@@ -211,7 +215,7 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def run_auto(op: Operation, problem: Problem) -> Any:
-    """``strategy="auto"`` for ``op`` on ``problem``: see the module docstring."""
+    """``strategy="auto"`` for ``op`` on ``problem``: see :func:`autotune`'s docstring."""
     key = (op.name, function_key(problem.f), *problem.key())
     entry = _CACHE.get(key)
     enabled = is_autotune_enabled() and not getattr(_LOCAL, "measuring", False)

@@ -177,3 +177,53 @@ def test_forward_strategy_without_forward_formula_reports_and_auto_falls_back():
             torch.testing.assert_close(
                 gl.jacobian(NoJvp.apply, x), 2 * torch.eye(3, dtype=torch.float64)
             )
+
+
+def _half_constant(z):
+    with torch.no_grad():
+        scale = z.exp()  # a constant for reverse mode (torch.func.grad respects this too)
+    return (z.sin() * scale).sum()
+
+
+@pytest.mark.parametrize(
+    ("op", "forward", "call", "reference"),
+    [
+        (
+            "jacobian",
+            "forward",
+            lambda f, x, s: gl.jacobian(lambda z: f(z) * z, x, strategy=s),
+            lambda f, x: torch.func.jacrev(lambda z: f(z) * z)(x),
+        ),
+        (
+            "hessian",
+            "fwd-rev",
+            lambda f, x, s: gl.hessian(f, x, strategy=s),
+            lambda f, x: torch.func.jacrev(torch.func.grad(f))(x),
+        ),
+        (
+            "hvp",
+            "fwd-rev",
+            lambda f, x, s: gl.hvp(f, x, torch.ones_like(x), strategy=s).hvp,
+            lambda f, x: torch.func.jacrev(torch.func.grad(f))(x).sum(1),
+        ),
+    ],
+    ids=["jacobian", "hessian", "hvp"],
+)
+def test_forward_mode_refuses_code_run_without_grad_and_auto_falls_back(
+    op, forward, call, reference
+):
+    """Forward mode would differentiate through torch.no_grad(); reverse mode does not."""
+    x = torch.randn(4, dtype=torch.float64)
+    with pytest.raises(
+        ValueError, match=rf"{op}: strategy '{forward}' cannot run f: .*grad mode off"
+    ):
+        call(_half_constant, x, forward)
+    expected = reference(_half_constant, x)
+    for s in OPERATIONS[op].names:
+        if s != forward:
+            torch.testing.assert_close(call(_half_constant, x, s), expected)
+    for enabled in (True, False):
+        gl.clear_autotune_cache()
+        with gl.autotune(enabled):
+            torch.testing.assert_close(call(_half_constant, x, "auto"), expected)
+    gl.clear_autotune_cache()
