@@ -1,8 +1,10 @@
 """derivatives: every strategy of gradlab's derivative functions, "auto", and torch's own functions.
 
-Each row times one way of computing the same derivative, interleaved in rounds with the others of
-its case (``benchmarks._core.time_interleaved``); ``ratio_to_best`` is the median per-round time
-ratio to the fastest variant of the case. Cases (the matrix of issue 3):
+Each row times one way of computing the same derivative, alternating call by call with the others
+of its case (``benchmarks._core.time_alternating``, ``block=2, skip=1``: each recorded call follows
+a call of the same variant); ``ratio_to_best`` is the median per-turn time ratio to the fastest
+variant of the case, so that the machine's drift cancels out of it (on CUDA: interleaved blocks).
+Cases (the matrix of issue 3):
 
 * Hessian of a 2-layer tanh network ``sum(W2 tanh(W1 x + b1))`` with n inputs, written with
   ``F.linear`` and with ``W @ x``;
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradlab as gl
-from benchmarks._core import Context, Suite, Table, time_interleaved
+from benchmarks._core import Context, Suite, Table, time_alternating
 from gradlab._derivatives import OPERATIONS, _autotune
 
 # Variants that are references, not ways of computing the derivative (not counted as "best").
@@ -44,7 +46,7 @@ def _rows(
     rounds: int | None = None,
     extra: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, float]:
-    timings, ratios = time_interleaved(fns, ctx=ctx, rounds=rounds)
+    timings, ratios = time_alternating(fns, ctx=ctx, rounds=rounds, block=2, skip=1)
     best = min(r for n, r in ratios.items() if n not in _REFERENCE)
     out = {}
     for name in fns:
@@ -236,7 +238,7 @@ def run(ctx: Context) -> list[Table]:
     for k in range(1, 9):
         ctx.progress(f"derivative order {k}")
         fns = _derivative_variants(xd, k)
-        timings, ratios = time_interleaved(fns, ctx=quick, rounds=ctx.rounds)  # ... full rounds
+        timings, ratios = time_alternating(fns, ctx=quick, rounds=ctx.rounds, block=2, skip=1)
         best = min(ratios.values())
         for name in fns:
             first.setdefault(name, timings[name].median)

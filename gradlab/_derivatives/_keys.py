@@ -71,28 +71,34 @@ class _Ref:
         return f"<{type(obj).__name__} object>" if obj is not None else "<dead object>"
 
 
+_Tensor = torch.Tensor
+_SCALARS = (int, float, bool, str, type(None))
+
+
 def _leaf_sig(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return (tuple(x.shape), x.dtype, x.device, x.requires_grad)
+    if isinstance(x, _Tensor):
+        return (x.shape, x.dtype, x.device, x.requires_grad)  # torch.Size is a hashable tuple
     if isinstance(x, float):
         return ("float", repr(x))  # repr: a NaN key must equal itself
-    if isinstance(x, (int, bool, str, type(None))):
+    if isinstance(x, _SCALARS):
         return (type(x).__name__, x)
     return type(x).__name__
 
 
 def signature(tree: Any) -> tuple:
     """Hashable description of a pytree of inputs: its structure and per-leaf shape/dtype/device."""
-    if isinstance(tree, torch.Tensor):  # fast paths: the look-up runs on every "auto" call
-        return ("tensor", _leaf_sig(tree))
-    if isinstance(tree, tuple) and all(isinstance(t, torch.Tensor) for t in tree):
-        return ("tuple", tuple(_leaf_sig(t) for t in tree))
+    if isinstance(tree, _Tensor):  # fast paths: the look-up runs on every "auto" call
+        return ("tensor", (tree.shape, tree.dtype, tree.device, tree.requires_grad))
+    if type(tree) is tuple and all(isinstance(t, _Tensor) for t in tree):
+        return ("tuple", tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tree))
     leaves, spec = pytree.tree_flatten(tree)
     return (str(spec), tuple(_leaf_sig(x) for x in leaves))
 
 
-def _value_key(v: Any, seen: frozenset[int], depth: int) -> Any:
-    if isinstance(v, (torch.Tensor, int, float, bool, str, type(None))):
+def _value_key(v: Any, seen: set[int], depth: int) -> Any:
+    if isinstance(v, _Tensor):
+        return (v.shape, v.dtype, v.device, v.requires_grad)
+    if isinstance(v, _SCALARS):
         return _leaf_sig(v)
     if depth >= _MAX_DEPTH:
         return _Ref(v)
@@ -101,7 +107,7 @@ def _value_key(v: Any, seen: frozenset[int], depth: int) -> Any:
     if isinstance(v, (tuple, list)):
         if len(v) > _MAX_ITEMS:
             return (type(v).__name__, len(v))
-        return (type(v).__name__, tuple(_value_key(x, seen, depth + 1) for x in v))
+        return (type(v).__name__, tuple([_value_key(x, seen, depth + 1) for x in v]))
     if isinstance(v, dict):
         if len(v) > _MAX_ITEMS:
             return ("dict", len(v))
@@ -115,18 +121,16 @@ def _value_key(v: Any, seen: frozenset[int], depth: int) -> Any:
     return _Ref(v)
 
 
-def _function_key(f: Callable[..., Any], seen: frozenset[int], depth: int) -> Any:
-    if isinstance(f, functools.partial):
-        kw = tuple((k, _value_key(x, seen, depth + 1)) for k, x in f.keywords.items())
-        return ("partial", _value_key(f.func, seen, depth), _value_key(f.args, seen, depth), kw)
-    if isinstance(f, types.MethodType):
-        return ("method", _value_key(f.__func__, seen, depth), _Ref(f.__self__))
-    if isinstance(f, types.FunctionType):
-        if id(f) in seen:
+def _function_key(f: Callable[..., Any], seen: set[int], depth: int) -> Any:
+    if type(f) is types.FunctionType:
+        closure, defaults, kwdefaults = f.__closure__, f.__defaults__, f.__kwdefaults__
+        if closure is None and defaults is None and kwdefaults is None:
+            return ("code", f.__code__)
+        if id(f) in seen:  # a function reached again (recursion): the marker ends the walk
             return ("recursive", f.__code__)
-        seen = seen | {id(f)}
+        seen.add(id(f))
         cells = []
-        for cell in f.__closure__ or ():
+        for cell in closure or ():
             try:
                 value = cell.cell_contents
             except ValueError:  # an empty cell (a name assigned after the function)
@@ -137,12 +141,17 @@ def _function_key(f: Callable[..., Any], seen: frozenset[int], depth: int) -> An
             "code",
             f.__code__,
             tuple(cells),
-            _value_key(f.__defaults__, seen, depth),
-            _value_key(f.__kwdefaults__, seen, depth),
+            None if defaults is None else _value_key(defaults, seen, depth),
+            None if kwdefaults is None else _value_key(kwdefaults, seen, depth),
         )
+    if isinstance(f, functools.partial):
+        kw = tuple((k, _value_key(x, seen, depth + 1)) for k, x in f.keywords.items())
+        return ("partial", _value_key(f.func, seen, depth), _value_key(f.args, seen, depth), kw)
+    if isinstance(f, types.MethodType):
+        return ("method", _value_key(f.__func__, seen, depth), _Ref(f.__self__))
     return _Ref(f)
 
 
 def function_key(f: Callable[..., Any]) -> Any:
     """What identifies ``f`` for the ``"auto"`` cache (see the module docstring). Hashable."""
-    return _function_key(f, frozenset(), 0)
+    return _function_key(f, set(), 0)

@@ -9,7 +9,8 @@ problem is a small dataclass holding the validated call (function, arguments, op
 (:data:`gradlab._derivatives.OPERATIONS`), so adding a strategy touches one place.
 
 Forward-mode strategies run with grad mode on and report (as :class:`StrategyUnsupported`) any op
-``f`` runs with grad mode off: forward mode would differentiate through ``torch.no_grad()`` blocks
+``f`` runs with grad mode off (checked on a function's first forward-mode call, then
+remembered): forward mode would differentiate through ``torch.no_grad()`` blocks
 and custom ``autograd.Function`` forwards, which reverse mode treats as constants or through their
 own backward, so the results would depend on the strategy.
 
@@ -23,6 +24,7 @@ thread at the same time is not covered.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +34,8 @@ from typing import Any, Generic, Protocol, TypeVar
 import torch
 import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
+
+from gradlab._derivatives._keys import function_key
 
 __all__ = ["FORWARD_AD_LOCK", "Operation", "Problem", "StrategyUnsupported", "dispatch"]
 
@@ -50,6 +54,23 @@ class StrategyUnsupported(Exception):
     """
 
 
+_NO_GRAD_CODE = (
+    "f runs ops with grad mode off (torch.no_grad() or a custom autograd.Function), which "
+    "forward-mode AD would differentiate through"
+)
+# (operation, function key) -> whether f ran under the probe without grad-mode-off ops. The probe
+# (a TorchFunctionMode, a few microseconds per op) runs on a function's first forward-mode call
+# only; a function that runs code without grad only on some inputs is not caught after that.
+_PROBED: dict[tuple, bool] = {}
+_PROBED_SIZE = 4096
+
+
+def _remember(key: tuple, ok: bool) -> None:
+    if len(_PROBED) >= _PROBED_SIZE:
+        _PROBED.clear()
+    _PROBED[key] = ok
+
+
 class _GradModeProbe(TorchFunctionMode):
     """Reports an op that ``f`` runs with grad mode off (inside ``torch.no_grad()`` or a custom
     ``autograd.Function``'s forward). Forward-mode AD differentiates through such code while
@@ -58,10 +79,7 @@ class _GradModeProbe(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if not torch.is_grad_enabled():
-            raise StrategyUnsupported(
-                "f runs ops with grad mode off (torch.no_grad() or a custom autograd.Function), "
-                "which forward-mode AD would differentiate through"
-            )
+            raise StrategyUnsupported(_NO_GRAD_CODE)
         return func(*args, **(kwargs or {}))
 
 
@@ -129,13 +147,24 @@ class Operation(Generic[P]):
         if strategy not in self.forward_ad:
             return impl(problem)
         grad_on = torch.is_grad_enabled()
-        with FORWARD_AD_LOCK, torch.enable_grad(), _GradModeProbe():
+        probed = (self.name, function_key(problem.f))
+        verdict = _PROBED.get(probed)
+        if verdict is not None and not verdict:
+            raise StrategyUnsupported(_NO_GRAD_CODE)
+        probe = _GradModeProbe() if verdict is None else contextlib.nullcontext()
+        with FORWARD_AD_LOCK, torch.enable_grad(), probe:
             try:
                 out = impl(problem)
+            except StrategyUnsupported as exc:
+                if str(exc) == _NO_GRAD_CODE:
+                    _remember(probed, False)
+                raise
             except (RuntimeError, NotImplementedError) as exc:
                 if _FORWARD_AD_ERROR.search(str(exc)):
                     raise StrategyUnsupported(f"forward-mode AD failed: {exc}") from exc
                 raise
+        if verdict is None:
+            _remember(probed, True)
         if getattr(problem, "keep", grad_on):
             return out
         return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
