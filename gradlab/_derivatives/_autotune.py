@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import functools
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,7 +44,8 @@ MARGIN = 1.1
 # timed further: they cannot come within MARGIN.
 _PRUNE = 4.0
 _ROUNDS = 5
-_RECHECK_ROUNDS = 3
+_RECHECK_PAIRS = 9  # the re-check: 9 to 36 back-to-back pairs, about _RECHECK_S of calls
+_RECHECK_S = 20e-3
 _TARGET_S = 1e-3  # calls per candidate and round: about this many seconds
 
 
@@ -122,7 +124,8 @@ def autotune(enabled: bool) -> Iterator[None]:
     call each, candidates more than 4x slower than the fastest warm-up dropped, then 5 interleaved
     rounds of calls (about 1 ms of calls per candidate and round), each candidate's time the minimum
     over its calls (interference only ever adds time). A measured strategy replaces the heuristic
-    only if it is more than 1.1x faster, confirmed by 3 further rounds of the two alone; otherwise
+    only if it is more than 1.1x faster, confirmed by a re-check of the two alone (the median time
+    ratio over 9 to 36 back-to-back pairs of calls, which cancels the machine's drift); otherwise
     the heuristic stands. So the first call runs ``f`` roughly 10-100 times; later calls run it
     once. A function whose key changes on every call (it closes over a list it appends to) is
     measured for its first 16 signatures per operation, then runs the heuristic.
@@ -339,7 +342,34 @@ def _measure(
         return heuristic, "heuristic kept: candidates failed when timed"
     if challenger == heuristic or best[heuristic] <= MARGIN * best[challenger]:
         return heuristic, "heuristic kept: within the margin of the fastest"
-    again = _rounds(calls, [heuristic, challenger], warm, _RECHECK_ROUNDS, devices)
-    if again[heuristic] > MARGIN * again[challenger]:
-        return challenger, f"measured: faster than the heuristic {heuristic!r}"
-    return heuristic, f"heuristic kept: {challenger!r} did not win the re-check"
+    try:
+        ratio = _paired_ratio(calls[heuristic], calls[challenger], warm[challenger], devices)
+    except Exception:
+        return heuristic, f"heuristic kept: {challenger!r} failed in the re-check"
+    if ratio > MARGIN:
+        return challenger, f"measured: {ratio:.2f}x faster than the heuristic {heuristic!r}"
+    return heuristic, f"heuristic kept: {challenger!r} did not win the re-check ({ratio:.2f}x)"
+
+
+def _paired_ratio(
+    heuristic: Callable[[], Any],
+    challenger: Callable[[], Any],
+    warm: float,
+    devices: Sequence[torch.device],
+) -> float:
+    """Median over back-to-back pairs of time(heuristic) / time(challenger), order alternating.
+
+    Each pair is measured milliseconds apart, so a slow drift of the machine's speed (other
+    processes) cancels out of the ratio, where it would not out of two separate minima.
+    """
+    pairs = max(_RECHECK_PAIRS, min(4 * _RECHECK_PAIRS, int(_RECHECK_S / max(warm, 1e-7))))
+    ratios = []
+    for i in range(pairs):
+        if i % 2:
+            c = _time_calls(challenger, 1, devices)
+            h = _time_calls(heuristic, 1, devices)
+        else:
+            h = _time_calls(heuristic, 1, devices)
+            c = _time_calls(challenger, 1, devices)
+        ratios.append(h / max(c, 1e-9))
+    return statistics.median(ratios)

@@ -310,8 +310,8 @@ def test_mutated_closure_stops_being_measured():
     ("first", "recheck", "expected"),
     [
         ({"h": 1.05, "c": 1.0}, None, "h"),  # within the margin: the heuristic stands
-        ({"h": 2.0, "c": 1.0}, {"h": 2.0, "c": 1.0}, "c"),  # clearly faster twice
-        ({"h": 2.0, "c": 1.0}, {"h": 1.0, "c": 1.0}, "h"),  # a fluke: the re-check rejects it
+        ({"h": 2.0, "c": 1.0}, 2.0, "c"),  # clearly faster, and in the paired re-check
+        ({"h": 2.0, "c": 1.0}, 1.02, "h"),  # a fluke: the re-check rejects it
         ({"h": 1.0, "c": 5.0}, None, "h"),
     ],
 )
@@ -324,14 +324,14 @@ def test_margin_rule(monkeypatch, first, recheck, expected):
         first="h",
         heuristic=lambda p, r: "h",
     )
-    script = [first, recheck]
 
-    def fake_rounds(calls, names, warm, rounds, devices):
-        table = script.pop(0)
-        assert table is not None, "unexpected re-check"
-        return {n: table[n] for n in names}
+    def fake_paired(heuristic, challenger, warm, devices):
+        assert recheck is not None, "unexpected re-check"
+        assert (heuristic(), challenger()) == ("h", "c")
+        return recheck
 
-    monkeypatch.setattr(_autotune, "_rounds", fake_rounds)
+    monkeypatch.setattr(_autotune, "_rounds", lambda calls, names, *a: {n: first[n] for n in names})
+    monkeypatch.setattr(_autotune, "_paired_ratio", fake_paired)
     choice, note = _autotune._measure(op, None, "h", [], {"h": 1e-3, "c": 1e-3})
     assert choice == expected, note
 
