@@ -342,3 +342,38 @@ def test_autotune_switch_errors():
     with pytest.raises(TypeError, match=r"autotune: enabled is a int; pass True or False"):
         with gl.autotune(0):  # type: ignore[arg-type]
             pass
+
+
+def test_threads_same_function_default_strategy():
+    """The issue's case: 4 threads x 10 calls of gl.hessian with the default strategy, one key."""
+    W = torch.randn(3, 6, dtype=torch.float64)
+    x = torch.randn(6, dtype=torch.float64)
+
+    def f(z):
+        return (torch.tanh(W @ z) ** 2).sum() + z.pow(3).sum()
+
+    expected = _rev_hessian(f)(x)
+    errors, results = [], []
+    start = threading.Barrier(4)
+
+    def work():
+        start.wait()
+        for _ in range(10):
+            try:
+                results.append(gl.hessian(f, x))
+            except Exception as exc:
+                errors.append(repr(exc))
+
+    previous = gl.set_autotune(True)
+    try:
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        gl.set_autotune(previous)
+    assert errors == [] and len(results) == 40
+    for h in results:
+        torch.testing.assert_close(h, expected)
+    assert len(gl.autotune_choices()) == 1  # measured once for the one key
