@@ -123,7 +123,9 @@ def hessian(
 
     Raises:
         ValueError: ``f`` does not return a 0-dim tensor, unknown strategy (the message lists the
-            valid ones), ``argnums`` out of range.
+            valid ones), ``argnums`` out of range, ``"fwd-rev"`` on a function forward mode
+            cannot run (no forward-mode formula, code under ``torch.no_grad()`` or in a custom
+            ``autograd.Function``; ``"auto"`` falls back to ``"rev-rev"`` there).
         TypeError: integer or non-tensor inputs to differentiate by, ``f`` not callable.
 
     Example:

@@ -102,9 +102,9 @@ def jacobian(
         the heuristic, ``"reverse"`` if the output has at most as many elements as the
         differentiated inputs, else ``"forward"`` (the first call of a signature runs
         ``"reverse"`` to learn the output size), replaced by a measured strategy that is clearly
-        faster; cost of the first call, random functions, threads: :mod:`gradlab.autotune
-        <gradlab._derivatives._autotune>`. Under ``"auto"`` a function without forward-mode
-        formulas falls back to ``"reverse"``.
+        faster (cost of the first call, random functions, threads: ``help(gradlab.autotune)``).
+        Under ``"auto"`` a function without forward-mode formulas (or running code without grad,
+        which forward mode would differentiate through) falls back to ``"reverse"``.
 
     The result carries a graph, whatever the strategy, when grad mode is on and it depends on a
     tensor that requires grad (an input or a tensor ``f`` closes over), as ``torch.func``'s does.
@@ -123,7 +123,9 @@ def jacobian(
 
     Raises:
         ValueError: unknown strategy (the message lists the valid ones), ``argnums`` out of range,
-            bad ``chunk_size``, a strategy that cannot run ``f`` (forward mode without formulas).
+            bad ``chunk_size``, ``"forward"`` on a function it cannot run (ops without
+            forward-mode formulas, code under ``torch.no_grad()`` or in a custom
+            ``autograd.Function``).
         TypeError: integer or non-tensor inputs to differentiate by, ``f`` not callable.
 
     Example:

@@ -143,7 +143,8 @@ def hvp(f: TensorFn, args: Any, v: Any, *, strategy: str = "auto") -> HVP:
 
     Raises:
         ValueError: ``v`` of another structure or shape, non-scalar ``f``, unknown strategy (the
-            message lists the valid ones).
+            message lists the valid ones), ``"fwd-rev"`` on a function forward mode cannot run
+            (as :func:`hessian`; ``"auto"`` falls back to ``"rev-rev"`` there).
         TypeError: ``v`` of another dtype, integer ``args``, ``f`` not callable.
 
     Example:
