@@ -7,27 +7,26 @@ curvature and freezing helpers live at the top level.
 
 from __future__ import annotations
 
-from gradlab._derivatives._autotune import (
-    autotune,
-    autotune_choices,
-    clear_autotune_cache,
-    is_autotune_enabled,
-    set_autotune,
-)
-from gradlab._derivatives._derivative import derivative
-from gradlab._derivatives._functional import (
+from gradlab._derivatives import (
     HVP,
     JVP,
     VJP,
     FunctionalModule,
+    autotune,
+    autotune_choices,
+    backward,
+    clear_autotune_cache,
+    derivative,
     functional,
+    grad,
     hessian,
     hvp,
+    is_autotune_enabled,
     jacobian,
     jvp,
+    set_autotune,
     vjp,
 )
-from gradlab._derivatives._grad import backward, grad
 from gradlab._errors import GradlabError, GraphError
 from gradlab.curvature import (
     Eigenpairs,

@@ -1,36 +1,27 @@
-"""``strategy="auto"``: a one-time measurement per function and input signature, then a cache.
-
-Like ``torch.backends.cudnn.benchmark``: the first call of :func:`gradlab.jacobian`,
-:func:`gradlab.hessian`, :func:`gradlab.hvp` or :func:`gradlab.derivative` with
-``strategy="auto"`` for a given function and input signature (tree structure, shapes, dtypes,
-devices of the inputs and of tensors the function closes over, plus the options that change the
-computation) times every candidate strategy a few times, interleaved, and caches the fastest. Later
-calls with the same signature use the cached choice at the cost of a dictionary look-up.
-
-Measurement calls the function several times. gradlab saves the global RNG state (CPU and CUDA)
-before measuring and restores it afterwards, then computes the returned result with one ordinary
-call, so a function that draws random numbers sees exactly the RNG stream of a single call. A
-function with other side effects (a counter, BatchNorm running statistics, appending to a list)
-would see them several times on that first call: turn measurement off for such functions.
-
-Turning measurement off: ``gradlab.set_autotune(False)`` (global, returns the previous setting),
-the context manager ``with gradlab.autotune(False): ...``, or the environment variable
-``GRADLAB_AUTOTUNE=0`` read at import. With measurement off, ``"auto"`` uses the heuristic each
-function documents. :func:`clear_autotune_cache` forgets the cached choices and
-:func:`autotune_choices` shows them.
+"""``strategy="auto"``: the documented heuristic, replaced by a measured choice only when it is
+clearly slower. Everything ``"auto"`` does is described in one place, the docstring of
+:func:`autotune` (``help(gradlab.autotune)``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import os
+import statistics
+import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.utils._pytree as pytree
+
+from gradlab._derivatives._keys import function_key
+
+if TYPE_CHECKING:
+    from gradlab._derivatives._registry import Operation, Problem
 
 __all__ = [
     "autotune",
@@ -41,18 +32,54 @@ __all__ = [
 ]
 
 _ENABLED = os.environ.get("GRADLAB_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off")
-_CACHE: OrderedDict[tuple, str] = OrderedDict()
+# Set by ``autotune(...)``: overrides the process-wide setting in its thread/context only.
+_SCOPED: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "gradlab_autotune", default=None
+)
 _CACHE_SIZE = 1024
-# A heuristic choice is kept unless another strategy is faster by more than this factor: ties
-# (within the measurement noise) go to the documented heuristic.
-_TIE = 1.05
-# Candidates whose first (warm-up) call takes longer than this multiple of the best warm-up are
-# not timed further: they cannot come within 1.1x.
+# A measured strategy replaces the heuristic only when the heuristic is slower by more than this
+# factor, in the measurement and again in a re-check.
+MARGIN = 1.1
+# Candidates whose warm-up call takes longer than this multiple of the best warm-up are not
+# timed further: they cannot come within MARGIN.
 _PRUNE = 4.0
+_ROUNDS = 5
+_RECHECK_PAIRS = 9  # the re-check: 9 to 36 back-to-back pairs, about _RECHECK_S of calls
+_RECHECK_S = 20e-3
+_TARGET_S = 1e-3  # calls per candidate and round: about this many seconds
+
+
+@dataclass(frozen=True)
+class _Entry:
+    heuristic: str
+    choice: str | None  # None: not measured yet (measurement off, busy or RNG used)
+    note: str
+
+
+_CACHE: dict[tuple, _Entry] = {}
+# Measurements per (operation, function code or object): a function whose key changes on every
+# call (it closes over a list it appends to, or is rebuilt around new objects) stops being
+# measured after this many signatures, instead of being measured on every call.
+_MAX_MEASURED = 16
+_MEASURED: dict[tuple, int] = {}
+_CACHE_LOCK = threading.Lock()  # writes; reads are single dict look-ups
+_MEASURING = threading.Lock()  # one measurement at a time in the process
+_LOCAL = threading.local()  # .measuring: this thread is inside a measurement
 
 
 def set_autotune(enabled: bool) -> bool:
-    """Turn the ``strategy="auto"`` measurement on or off globally; return the previous setting.
+    """Turn the ``strategy="auto"`` measurement on or off for the whole process.
+
+    Threads and contexts inside a ``with gradlab.autotune(...)`` block keep their own setting.
+
+    Args:
+        enabled: ``True`` to measure, ``False`` to use the documented heuristics.
+
+    Returns:
+        The previous process-wide setting.
+
+    Raises:
+        TypeError: ``enabled`` is not a bool.
 
     Example:
         >>> import gradlab as gl
@@ -69,13 +96,64 @@ def set_autotune(enabled: bool) -> bool:
 
 
 def is_autotune_enabled() -> bool:
-    """Whether ``strategy="auto"`` measures (``True``) or uses the documented heuristics."""
-    return _ENABLED
+    """Whether ``strategy="auto"`` measures here (this thread's ``autotune`` block, else global)."""
+    scoped = _SCOPED.get()
+    return _ENABLED if scoped is None else scoped
 
 
 @contextlib.contextmanager
 def autotune(enabled: bool) -> Iterator[None]:
-    """Context manager: measurement on or off inside the block, the previous setting after it.
+    """Context manager: measurement on or off inside the block, in this thread/context only.
+
+    Other threads keep their own setting (a ``contextvars.ContextVar``); after the block the
+    previous setting applies again. What ``strategy="auto"`` does, in full:
+
+    **What "auto" returns.** Every strategy of an operation returns the same values and the same
+    differentiability (a graph when an input, a tangent or a tensor ``f`` closes over requires grad
+    and grad mode is on, as ``torch.func`` does). The choice changes the speed, never the result.
+
+    **The cache.** Choices are cached per function and input signature: the key is the function
+    (:mod:`gradlab._derivatives._keys`: code and closed-over values for plain functions and lambdas,
+    identity without keeping the object alive for other callables), the inputs' tree structure,
+    shapes, dtypes, devices and ``requires_grad``, the options that change the computation and the
+    grad mode. A cache hit costs building that key and one dictionary look-up.
+
+    **The first call** of a key runs the function once with the heuristic strategy (which gives the
+    result returned; ``jacobian`` runs ``"reverse"`` on a key's first call, to learn the output size
+    its heuristic needs), then, if measurement is on, times every candidate strategy: one warm-up
+    call each, candidates more than 4x slower than the fastest warm-up dropped, then 5 interleaved
+    rounds of calls (about 1 ms of calls per candidate and round), each candidate's time the minimum
+    over its calls (interference only ever adds time). A measured strategy replaces the heuristic
+    only if it is more than 1.1x faster, confirmed by a re-check of the two alone (the median time
+    ratio over 9 to 36 back-to-back pairs of calls, which cancels the machine's drift); otherwise
+    the heuristic stands. So the first call runs ``f`` roughly 10-100 times; later calls run it
+    once. A function whose key changes on every call (it closes over a list it appends to) is
+    measured for its first 16 signatures per operation, then runs the heuristic.
+
+    **Random and stateful functions.** The global RNG state (CPU, and CUDA for the devices involved)
+    is read, never written, around the single call that produces the result. If it changed, the
+    function draws random numbers, its result comes from that one call, and nothing is measured on
+    that call (a later call whose run leaves the state unchanged may still be measured, so a
+    function drawing random numbers only sometimes can be timed; the timing runs would then advance
+    the RNG). No RNG state is ever restored or rewound, so other threads' random streams are
+    untouched. A function with other side effects (a counter, BatchNorm running statistics, a
+    private ``torch.Generator``, appending to a list) sees them on every timed run: pass an explicit
+    ``strategy=`` for it, or turn measurement off.
+
+    **Threads.** The cache is shared by all threads and safe to use from several at once. One key is
+    measured by one thread at a time (one measurement runs in the whole process at a time, so that
+    timings do not compete with each other); a thread that finds a measurement under way uses the
+    heuristic for that call. A function called while its own measurement runs (nested ``"auto"``
+    calls inside ``f``) uses the heuristic.
+
+    **Turning measurement off:** ``with gradlab.autotune(False):`` for the current thread or
+    ``contextvars`` context only; ``gradlab.set_autotune(False)`` for the whole process (returns the
+    previous setting); or the environment variable ``GRADLAB_AUTOTUNE=0``, read at import. With
+    measurement off, ``"auto"`` uses the heuristic each function documents.
+    :func:`clear_autotune_cache` forgets the cached choices and :func:`autotune_choices` shows them.
+
+    Raises:
+        TypeError: ``enabled`` is not a bool.
 
     Example:
         >>> import gradlab as gl
@@ -85,63 +163,39 @@ def autotune(enabled: bool) -> Iterator[None]:
         tensor([[6., 0.],
                 [0., 6.]])
     """
-    previous = set_autotune(enabled)
+    if not isinstance(enabled, bool):
+        raise TypeError(f"autotune: enabled is a {type(enabled).__name__}; pass True or False")
+    token = _SCOPED.set(enabled)
     try:
         yield
     finally:
-        set_autotune(previous)
+        _SCOPED.reset(token)
 
 
 def clear_autotune_cache() -> None:
-    """Forget every measured ``strategy="auto"`` choice."""
-    _CACHE.clear()
+    """Forget every cached ``strategy="auto"`` choice (and heuristic)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+        _MEASURED.clear()
 
 
 def autotune_choices() -> dict[tuple, str]:
-    """A copy of the cache: ``(kind, function, signature...) -> chosen strategy``."""
-    return dict(_CACHE)
+    """The measured choices: ``(operation, function key, signature...) -> strategy``.
 
-
-def _leaf_sig(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return (tuple(x.shape), x.dtype, x.device, x.requires_grad)
-    if isinstance(x, (int, float, bool, str, type(None))):
-        return (type(x).__name__, x)
-    return type(x).__name__
-
-
-def signature(tree: Any) -> tuple:
-    """Hashable description of a pytree of inputs: its structure and per-leaf shape/dtype/device."""
-    if isinstance(tree, torch.Tensor):  # fast paths: the look-up runs on every "auto" call
-        return ("tensor", _leaf_sig(tree))
-    if isinstance(tree, tuple) and all(isinstance(t, torch.Tensor) for t in tree):
-        return ("tuple", tuple(_leaf_sig(t) for t in tree))
-    leaves, spec = pytree.tree_flatten(tree)
-    return (str(spec), tuple(_leaf_sig(x) for x in leaves))
-
-
-def function_key(f: Callable[..., Any]) -> Any:
-    """What identifies a function for the cache.
-
-    Plain functions and lambdas are keyed by their code object and the signature of the values
-    they close over, so a lambda re-created in a loop hits the cache; other callables by identity.
+    Keys whose function draws random numbers, or that were only seen with measurement off, are
+    not listed (they run the heuristic).
     """
-    inner = getattr(f, "__func__", f)  # bound methods
-    code = getattr(inner, "__code__", None)
-    if code is None:
-        partial_func = getattr(f, "func", None)
-        if partial_func is not None and callable(partial_func):
-            return ("partial", function_key(partial_func), signature(getattr(f, "args", ())))
-        return ("object", id(f))
-    cells = getattr(inner, "__closure__", None) or ()
-    closed = []
-    for cell in cells:
-        try:
-            value = cell.cell_contents
-        except ValueError:  # empty cell
-            value = None
-        closed.append(_leaf_sig(value) if not callable(value) else function_key(value))
-    return ("code", code, tuple(closed))
+    return {k: e.choice for k, e in list(_CACHE.items()) if e.choice is not None}
+
+
+def _store(key: tuple, entry: _Entry) -> None:
+    with _CACHE_LOCK:
+        old = _CACHE.get(key)
+        if old is not None and old.choice is not None and entry.choice is None:
+            return  # another thread measured meanwhile: keep its choice
+        _CACHE[key] = entry
+        while len(_CACHE) > _CACHE_SIZE:
+            del _CACHE[next(iter(_CACHE))]  # oldest first
 
 
 def _sync(devices: Sequence[torch.device]) -> None:
@@ -150,102 +204,172 @@ def _sync(devices: Sequence[torch.device]) -> None:
             torch.cuda.synchronize(d)
 
 
-def _rng_state(devices: Sequence[torch.device]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    cuda = {}
+def _rng_states(devices: Sequence[torch.device]) -> list[torch.Tensor]:
+    """The global generators' states (read only: nothing is ever written back)."""
+    states = [torch.get_rng_state()]
     for d in devices:
         if d.type == "cuda":
-            index = d.index if d.index is not None else torch.cuda.current_device()
-            cuda[index] = torch.cuda.get_rng_state(index)
-    return torch.get_rng_state(), cuda
+            states.append(torch.cuda.get_rng_state(d))
+    return states
 
 
-def _set_rng_state(state: tuple[torch.Tensor, dict[int, torch.Tensor]]) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    for index, s in cuda.items():
-        torch.cuda.set_rng_state(s, index)
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def run_auto(op: Operation, problem: Problem) -> Any:
+    """``strategy="auto"`` for ``op`` on ``problem``: see :func:`autotune`'s docstring."""
+    key = (op.name, function_key(problem.f), *problem.key())
+    entry = _CACHE.get(key)
+    enabled = is_autotune_enabled() and not getattr(_LOCAL, "measuring", False)
+    if entry is not None and (entry.choice is not None or not enabled):
+        chosen = entry.choice if enabled and entry.choice is not None else entry.heuristic
+        return op.run_with_fallback(chosen, problem)[1]
+    strategy = entry.heuristic if entry is not None else op.first
+    if not enabled:
+        used, result = op.run_with_fallback(strategy, problem)
+        heuristic = _heuristic(op, problem, entry, strategy, used, result)
+        _store(key, _Entry(heuristic, None, "not measured: autotune off"))
+        return result
+    devices = problem.devices()
+    before = _rng_states(devices)
+    _sync(devices)
+    t0 = time.perf_counter()
+    used, result = op.run_with_fallback(strategy, problem)
+    _sync(devices)
+    elapsed = time.perf_counter() - t0
+    heuristic = _heuristic(op, problem, entry, strategy, used, result)
+    if not _same(before, _rng_states(devices)):
+        _store(key, _Entry(heuristic, None, "not measured: f draws random numbers"))
+        return result
+    base = (op.name, _base(key[1]))
+    if _MEASURED.get(base, 0) >= _MAX_MEASURED:
+        _store(key, _Entry(heuristic, heuristic, "not measured: too many signatures of f"))
+        return result
+    if not _MEASURING.acquire(blocking=False):
+        _store(key, _Entry(heuristic, None, "not measured yet: another measurement ran"))
+        return result
+    _LOCAL.measuring = True
+    try:
+        warm = {heuristic: elapsed} if used == heuristic else {}
+        choice, note = _measure(op, problem, heuristic, devices, warm)
+        if not _same(before, _rng_states(devices)):
+            choice, note = heuristic, "measured runs drew random numbers: heuristic kept"
+    finally:
+        _LOCAL.measuring = False
+        _MEASURING.release()
+    _store(key, _Entry(heuristic, choice, note))
+    with _CACHE_LOCK:
+        _MEASURED[base] = _MEASURED.get(base, 0) + 1
+    return result
+
+
+def _base(fkey: Any) -> Any:
+    """The code object (or object identity) at the root of a function key."""
+    while isinstance(fkey, tuple) and fkey and fkey[0] in ("code", "partial", "method"):
+        fkey = fkey[1]
+    return fkey
+
+
+def _heuristic(
+    op: Operation, problem: Problem, entry: _Entry | None, strategy: str, used: str, result: Any
+) -> str:
+    """The heuristic for a key; a strategy that had to fall back is replaced by its fallback."""
+    heuristic = entry.heuristic if entry is not None else op.heuristic(problem, result)
+    return used if heuristic == strategy != used else heuristic
+
+
+def _time_calls(fn: Callable[[], Any], reps: int, devices: Sequence[torch.device]) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        _sync(devices)
+        t0 = time.perf_counter()
+        fn()
+        _sync(devices)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _rounds(
+    calls: Mapping[str, Callable[[], Any]],
+    names: list[str],
+    warm: dict[str, float],
+    rounds: int,
+    devices: Sequence[torch.device],
+) -> dict[str, float]:
+    """Minimum per-call time of each name over interleaved rounds (the order rotates)."""
+    reps = {n: max(1, min(20, int(_TARGET_S / max(warm[n], 1e-7)))) for n in names}
+    best = {n: float("inf") for n in names}
+    failed: set[str] = set()
+    for r in range(rounds):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            if n in failed:
+                continue
+            try:
+                best[n] = min(best[n], _time_calls(calls[n], reps[n], devices))
+            except Exception:  # failed on a later call: never chosen
+                failed.add(n)
+                best[n] = float("inf")
+    return best
 
 
 def _measure(
-    candidates: dict[str, Callable[[], Any]],
-    devices: Sequence[torch.device],
-    prefer: str,
-    rounds: int = 5,
-    target_s: float = 1e-3,
-) -> str:
-    """Time every candidate: a warm-up call, then ``rounds`` interleaved rounds of a few calls.
-
-    Each candidate's time is the minimum over its individual calls: interference from other
-    processes only ever adds time, so the minimum is the most repeatable statistic.
-    """
-    warm: dict[str, float] = {}
-    errors: list[BaseException] = []
-    for name, fn in candidates.items():
-        try:
-            _sync(devices)
-            t0 = time.perf_counter()
-            fn()
-            _sync(devices)
-            warm[name] = time.perf_counter() - t0
-        except (ValueError, TypeError):
-            raise
-        except Exception as exc:  # a strategy that cannot handle this function is skipped
-            errors.append(exc)
-    if not warm:
-        raise errors[0]
-    best_warm = min(warm.values())
-    alive = [n for n, t in warm.items() if t <= _PRUNE * best_warm or n == prefer]
-    reps = {n: max(1, min(20, int(target_s / max(warm[n], 1e-7)))) for n in alive}
-    best: dict[str, float] = {n: float("inf") for n in alive}
-    for r in range(rounds):
-        order = alive[r % len(alive) :] + alive[: r % len(alive)]
-        for n in order:
-            for _ in range(reps[n]):
-                _sync(devices)
-                t0 = time.perf_counter()
-                candidates[n]()
-                _sync(devices)
-                best[n] = min(best[n], time.perf_counter() - t0)
-    winner = min(best, key=lambda n: best[n])
-    if prefer in best and best[prefer] <= _TIE * best[winner]:
-        return prefer
-    return winner
-
-
-def choose(
-    kind: str,
-    f: Callable[..., Any],
-    key_extra: tuple,
-    candidates: Callable[[], dict[str, Callable[[], Any]]],
+    op: Operation,
+    problem: Problem,
     heuristic: str,
-    devices: Callable[[], Sequence[torch.device]],
-) -> str:
-    """The strategy for ``strategy="auto"``: cached, measured, or the heuristic when disabled.
+    devices: Sequence[torch.device],
+    warm: dict[str, float],
+) -> tuple[str, str]:
+    """The strategy to cache, and why: a challenger must beat the heuristic by MARGIN, twice."""
+    names = list(dict.fromkeys([heuristic, *op.candidate_names(problem)]))
+    calls = {n: functools.partial(op.run, n, problem) for n in names}
+    for n in names:
+        if n in warm:
+            continue
+        try:
+            warm[n] = _time_calls(calls[n], 1, devices)
+        except Exception:  # this strategy cannot handle the function: not a candidate
+            continue
+    if heuristic not in warm:
+        return heuristic, "heuristic kept: it failed when timed"
+    fastest = min(warm.values())
+    alive = [n for n in names if n in warm and (warm[n] <= _PRUNE * fastest or n == heuristic)]
+    if len(alive) == 1:
+        return heuristic, "heuristic kept: the only candidate"
+    best = _rounds(calls, alive, warm, _ROUNDS, devices)
+    challenger = min(best, key=lambda n: best[n])
+    if best[challenger] == float("inf") or best[heuristic] == float("inf"):
+        return heuristic, "heuristic kept: candidates failed when timed"
+    if challenger == heuristic or best[heuristic] <= MARGIN * best[challenger]:
+        return heuristic, "heuristic kept: within the margin of the fastest"
+    try:
+        ratio = _paired_ratio(calls[heuristic], calls[challenger], warm[challenger], devices)
+    except Exception:
+        return heuristic, f"heuristic kept: {challenger!r} failed in the re-check"
+    if ratio > MARGIN:
+        return challenger, f"measured: {ratio:.2f}x faster than the heuristic {heuristic!r}"
+    return heuristic, f"heuristic kept: {challenger!r} did not win the re-check ({ratio:.2f}x)"
 
-    ``candidates`` (strategy name -> zero-argument call) and ``devices`` are factories called
-    only on a cache miss (to synchronise and save the RNG state around the
-    measurement), so the cached path stays a dictionary look-up.
+
+def _paired_ratio(
+    heuristic: Callable[[], Any],
+    challenger: Callable[[], Any],
+    warm: float,
+    devices: Sequence[torch.device],
+) -> float:
+    """Median over back-to-back pairs of time(heuristic) / time(challenger), order alternating.
+
+    Each pair is measured milliseconds apart, so a slow drift of the machine's speed (other
+    processes) cancels out of the ratio, where it would not out of two separate minima.
     """
-    if not _ENABLED:
-        return heuristic
-    key = (kind, function_key(f), *key_extra)
-    try:
-        hit = _CACHE.get(key)
-    except TypeError:  # unhashable part of the key: do not cache, use the heuristic
-        return heuristic
-    if hit is not None:
-        _CACHE.move_to_end(key)
-        return hit
-    options = candidates()
-    if len(options) == 1:
-        return heuristic
-    devs = devices()
-    state = _rng_state(devs)
-    try:
-        winner = _measure(options, devs, heuristic)
-    finally:
-        _set_rng_state(state)
-    _CACHE[key] = winner
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return winner
+    pairs = max(_RECHECK_PAIRS, min(4 * _RECHECK_PAIRS, int(_RECHECK_S / max(warm, 1e-7))))
+    ratios = []
+    for i in range(pairs):
+        if i % 2:
+            c = _time_calls(challenger, 1, devices)
+            h = _time_calls(heuristic, 1, devices)
+        else:
+            h = _time_calls(heuristic, 1, devices)
+            c = _time_calls(challenger, 1, devices)
+        ratios.append(h / max(c, 1e-9))
+    return statistics.median(ratios)

@@ -1,518 +1,97 @@
 """k-th derivatives of elementwise functions: Taylor mode, nested forward mode, nested reverse mode.
 
 For an elementwise ``f`` the k-th derivative of ``sum(f(x))`` w.r.t. ``x`` is, elementwise,
-``f^(k)(x_i)``: the k-th derivative along the all-ones direction. Three ways to get it:
-
-``"taylor"``
-    Taylor-mode (jet) propagation: ``x`` is replaced by the truncated Taylor series
-    ``x + t`` (coefficients ``[x, 1, 0, ..., 0]``) and every elementwise op maps the input
-    coefficients to the output coefficients with the classic recurrences (Griewank & Walther,
-    *Evaluating Derivatives*, ch. 13): products are Cauchy products, ``exp``/``log``/``sin``/
-    ``cos``/``tanh``/``sigmoid``/powers use their ODE recurrences. The cost is O(k^2) tensor ops
-    per op at worst and O(k) for a unary op of ``x`` itself, against the exponential growth of the
-    nested modes. Works for functions built from the supported ops (below); anything else is
-    reported, and ``"auto"`` falls back.
-``"forward"``
-    nested ``torch.func.jvp`` (forward over forward, no reverse-mode graph); work doubles per
-    order.
-``"reverse"``
-    nested ``torch.autograd.grad(create_graph=True)`` of the sum, the textbook way; work grows about
-    2.6x per order (pytorch/pytorch#111563).
+``f^(k)(x_i)``: the k-th derivative along the all-ones direction. Three strategies compute it
+(the registry :data:`DERIVATIVE`): Taylor mode (:mod:`gradlab._derivatives._taylor`, O(k^2) at
+worst), nested ``torch.func.jvp`` (work doubles per order) and nested
+``torch.autograd.grad(create_graph=True)`` (the textbook way; work grows about 2.6x per order,
+pytorch/pytorch#111563).
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from gradlab._derivatives import _autotune
+from gradlab._derivatives._graph import stand_ins, wants_graph
+from gradlab._derivatives._keys import signature
+from gradlab._derivatives._registry import Operation, dispatch
+from gradlab._derivatives._taylor import check_shape, taylor
 
-__all__ = ["derivative"]
+__all__ = ["DERIVATIVE", "DerivativeProblem", "derivative"]
 
-DERIVATIVE_STRATEGIES = ("taylor", "forward", "reverse")
-# Nested jvp costs at least 2^k; measured here at k = 4 it was already 10-20x the other two, and at
-# k = 8 it took seconds, so "auto" does not try it above this order.
+# Nested jvp costs at least 2^k; at k = 4 it is already far behind the other two, so "auto" does
+# not time it above this order.
 _FORWARD_MAX_ORDER = 3
 
-# A coefficient is a tensor, a Python float (a constant) or None (exactly zero).
-Coef = torch.Tensor | float | None
 
+@dataclass(frozen=True)
+class DerivativeProblem:
+    """A validated ``derivative`` call; ``keep``: whether the result may carry a graph."""
 
-class UnsupportedOp(Exception):
-    """Raised when a function uses an op that Taylor mode does not implement."""
+    f: Callable[[Any], Any]
+    x: torch.Tensor
+    order: int
+    keep: bool
 
+    def key(self) -> tuple:
+        return (signature(self.x), self.order, self.keep)
 
-def _mul(a: Coef, b: Coef) -> Coef:
-    if a is None or b is None:
-        return None
-    if isinstance(a, float) and isinstance(b, float):
-        return a * b
-    if isinstance(a, float):
-        return b if a == 1.0 else a * b  # type: ignore[operator]
-    if isinstance(b, float):
-        return a if b == 1.0 else a * b
-    return a * b
+    def devices(self) -> Sequence[torch.device]:
+        return [self.x.device]
 
 
-def _add(a: Coef, b: Coef) -> Coef:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b  # type: ignore[operator]
+def _taylor(p: DerivativeProblem) -> torch.Tensor:
+    out = taylor(p.f, p.x if p.keep else p.x.detach(), p.order)
+    return out if p.keep else out.detach()
 
 
-def _scale(c: float, a: Coef) -> Coef:
-    if a is None or c == 0.0:
-        return None
-    if c == 1.0:
-        return a
-    return c * a  # type: ignore[operator]
-
-
-def _dot(pairs: Sequence[tuple[float, Coef, Coef]]) -> Coef:
-    """sum_j w_j * a_j * b_j, skipping exact zeros."""
-    acc: Coef = None
-    for w, a, b in pairs:
-        acc = _add(acc, _scale(w, _mul(a, b)))
-    return acc
-
-
-def _div(a: Coef, b: Coef) -> Coef:
-    if a is None:
-        return None
-    return a / b  # type: ignore[operator]
-
-
-class Jet:
-    """Truncated Taylor series ``sum_j c_j t^j`` of a tensor-valued path (j = 0..order).
-
-    A tensor-like: torch functions called on a Jet dispatch here through ``__torch_function__``.
-    """
-
-    def __init__(self, coefs: list[Coef]) -> None:
-        self.c = coefs
-
-    @property
-    def order(self) -> int:
-        return len(self.c) - 1
-
-    @property
-    def primal(self) -> torch.Tensor:
-        return self.c[0]  # type: ignore[return-value]
-
-    # attributes user code commonly reads
-    @property
-    def shape(self) -> torch.Size:
-        return self.primal.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.primal.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.primal.device
-
-    @property
-    def ndim(self) -> int:
-        return self.primal.ndim
-
-    def size(self, *a: int) -> Any:
-        return self.primal.size(*a)
-
-    def dim(self) -> int:
-        return self.primal.dim()
-
-    def numel(self) -> int:
-        return self.primal.numel()
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        name = getattr(func, "__name__", str(func)).strip("_")
-        rule = _RULES.get(name)
-        if rule is None:
-            raise UnsupportedOp(name)
-        return rule(*args, **(kwargs or {}))
-
-    def __getattr__(self, name: str) -> Any:
-        rule = _RULES.get(name)
-        if rule is None:
-            raise UnsupportedOp(name)
-        return lambda *a, **k: rule(self, *a, **k)
-
-    def __add__(self, o: Any) -> Jet:
-        return _j_add(self, o)
-
-    __radd__ = __add__
-
-    def __sub__(self, o: Any) -> Jet:
-        return _j_sub(self, o)
-
-    def __rsub__(self, o: Any) -> Jet:
-        return _j_sub(o, self)
-
-    def __mul__(self, o: Any) -> Jet:
-        return _j_mul(self, o)
-
-    __rmul__ = __mul__
-
-    def __truediv__(self, o: Any) -> Jet:
-        return _j_div(self, o)
-
-    def __rtruediv__(self, o: Any) -> Jet:
-        return _j_div(o, self)
-
-    def __neg__(self) -> Jet:
-        return _j_neg(self)
-
-    def __pos__(self) -> Jet:
-        return self
-
-    def __pow__(self, o: Any) -> Jet:
-        return _j_pow(self, o)
-
-    def __rpow__(self, o: Any) -> Jet:
-        if isinstance(o, torch.Tensor):
-            return _j_exp(_j_mul(self, torch.log(o)))
-        return _j_exp(_j_mul(self, math.log(o)))
-
-
-def _lift(x: Any, order: int) -> Jet:
-    if isinstance(x, Jet):
-        return x
-    if isinstance(x, bool) or not isinstance(x, (int, float, torch.Tensor)):
-        raise UnsupportedOp(type(x).__name__)
-    return Jet([x if isinstance(x, torch.Tensor) else float(x)] + [None] * order)
-
-
-def _order(*xs: Any) -> int:
-    return next(x.order for x in xs if isinstance(x, Jet))
-
-
-def _j_add(a: Any, b: Any, alpha: float = 1.0) -> Jet:
-    k = _order(a, b)
-    a, b = _lift(a, k), _lift(b, k)
-    return Jet([_add(x, _scale(alpha, y)) for x, y in zip(a.c, b.c)])
-
-
-def _j_sub(a: Any, b: Any, alpha: float = 1.0) -> Jet:
-    return _j_add(a, b, -alpha)
-
-
-def _j_neg(a: Jet) -> Jet:
-    return Jet([_scale(-1.0, x) for x in a.c])
-
-
-def _j_mul(a: Any, b: Any) -> Jet:
-    k = _order(a, b)
-    a, b = _lift(a, k), _lift(b, k)
-    return Jet([_dot([(1.0, a.c[j], b.c[n - j]) for j in range(n + 1)]) for n in range(k + 1)])
-
-
-def _j_div(a: Any, b: Any) -> Jet:
-    k = _order(a, b)
-    a, b = _lift(a, k), _lift(b, k)
-    h: list[Coef] = []
-    for n in range(k + 1):
-        num = _add(a.c[n], _scale(-1.0, _dot([(1.0, h[j], b.c[n - j]) for j in range(n)])))
-        h.append(_div(num, b.c[0]))
-    return Jet(h)
-
-
-def _integrate(a: Jet, g: Jet, h0: Coef) -> list[Coef]:
-    """Coefficients of h with h' = g * a' (g known up to order k-1): h_n = 1/n sum j a_j g_{n-j}."""
-    h = [h0]
-    for n in range(1, a.order + 1):
-        h.append(_dot([(j / n, a.c[j], g.c[n - j]) for j in range(1, n + 1)]))
-    return h
-
-
-def _j_exp(a: Jet) -> Jet:
-    h: list[Coef] = [torch.exp(a.primal)]
-    for n in range(1, a.order + 1):
-        h.append(_dot([(j / n, a.c[j], h[n - j]) for j in range(1, n + 1)]))
-    return Jet(h)
-
-
-def _j_expm1(a: Jet) -> Jet:
-    e = _j_exp(a)
-    return Jet([torch.expm1(a.primal), *e.c[1:]])
-
-
-def _j_log(a: Jet) -> Jet:
-    h: list[Coef] = [torch.log(a.primal)]
-    for n in range(1, a.order + 1):
-        s = _dot([(j / n, h[j], a.c[n - j]) for j in range(1, n)])
-        h.append(_div(_add(a.c[n], _scale(-1.0, s)), a.c[0]))
-    return Jet(h)
-
-
-def _j_log1p(a: Jet) -> Jet:
-    return Jet([torch.log1p(a.primal), *_j_log(_j_add(a, 1.0)).c[1:]])
-
-
-def _sincos(a: Jet, want: str = "both") -> tuple[Jet, Jet]:
-    """sin and cos series together (each needs the other); the last coefficient only as wanted."""
-    s: list[Coef] = [torch.sin(a.primal)]
-    c: list[Coef] = [torch.cos(a.primal)]
-    k = a.order
-    for n in range(1, k + 1):
-        last = n == k
-        s.append(
-            _dot([(j / n, a.c[j], c[n - j]) for j in range(1, n + 1)])
-            if not last or want != "cos"
-            else None
-        )
-        c.append(
-            _dot([(-j / n, a.c[j], s[n - j]) for j in range(1, n + 1)])
-            if not last or want != "sin"
-            else None
-        )
-    return Jet(s), Jet(c)
-
-
-def _sinhcosh(a: Jet) -> tuple[Jet, Jet]:
-    s: list[Coef] = [torch.sinh(a.primal)]
-    c: list[Coef] = [torch.cosh(a.primal)]
-    for n in range(1, a.order + 1):
-        s.append(_dot([(j / n, a.c[j], c[n - j]) for j in range(1, n + 1)]))
-        c.append(_dot([(j / n, a.c[j], s[n - j]) for j in range(1, n + 1)]))
-    return Jet(s), Jet(c)
-
-
-def _riccati(a: Jet, h0: torch.Tensor, u: Callable[[list[Coef], int], Coef]) -> Jet:
-    """h' = u(h) a' where u_m depends on h_0..h_m (tanh: 1 - h^2, sigmoid: h - h^2)."""
-    h: list[Coef] = [h0]
-    us: list[Coef] = [u(h, 0)]
-    for n in range(1, a.order + 1):
-        h.append(_dot([(j / n, a.c[j], us[n - j]) for j in range(1, n + 1)]))
-        if n < a.order:
-            us.append(u(h, n))
-    return Jet(h)
-
-
-def _square_series(h: list[Coef], m: int) -> Coef:
-    return _dot([(1.0, h[i], h[m - i]) for i in range(m + 1)])
-
-
-def _j_tanh(a: Jet) -> Jet:
-    def u(h: list[Coef], m: int) -> Coef:
-        sq = _square_series(h, m)
-        return _add(1.0 if m == 0 else None, _scale(-1.0, sq))
-
-    return _riccati(a, torch.tanh(a.primal), u)
-
-
-def _j_sigmoid(a: Jet) -> Jet:
-    def u(h: list[Coef], m: int) -> Coef:
-        return _add(h[m], _scale(-1.0, _square_series(h, m)))
-
-    return _riccati(a, torch.sigmoid(a.primal), u)
-
-
-def _j_pow(a: Any, r: Any) -> Jet:
-    if isinstance(r, Jet) or isinstance(r, torch.Tensor):
-        if isinstance(a, Jet) or isinstance(r, Jet):
-            return _j_exp(_j_mul(r, _j_log(_lift(a, _order(a, r)))))
-    if not isinstance(a, Jet):
-        raise UnsupportedOp("pow")
-    r = float(r)
-    if r.is_integer() and 0 <= r <= 64:
-        n = int(r)
-        result: Jet = _lift(torch.ones_like(a.primal), a.order)
-        base = a
-        while n:
-            if n & 1:
-                result = _j_mul(result, base)
-            n >>= 1
-            if n:
-                base = _j_mul(base, base)
-        return result
-    h: list[Coef] = [torch.pow(a.primal, r)]
-    for n in range(1, a.order + 1):
-        s = _dot([(((r + 1) * j - n) / n, a.c[j], h[n - j]) for j in range(1, n + 1)])
-        h.append(_div(s, a.c[0]))
-    return Jet(h)
-
-
-def _j_sqrt(a: Jet) -> Jet:
-    return _j_pow(a, 0.5)
-
-
-def _j_rsqrt(a: Jet) -> Jet:
-    return _j_pow(a, -0.5)
-
-
-def _j_reciprocal(a: Jet) -> Jet:
-    return _j_div(1.0, a)
-
-
-def _j_square(a: Jet) -> Jet:
-    return _j_mul(a, a)
-
-
-def _j_erf(a: Jet) -> Jet:
-    g = _j_mul(_j_exp(_j_neg(_j_mul(a, a))), 2.0 / math.sqrt(math.pi))
-    return Jet(_integrate(a, g, torch.erf(a.primal)))
-
-
-def _j_atan(a: Jet) -> Jet:
-    g = _j_div(1.0, _j_add(_j_mul(a, a), 1.0))
-    return Jet(_integrate(a, g, torch.atan(a.primal)))
-
-
-def _j_softplus(a: Jet, beta: float = 1.0, threshold: float = 20.0) -> Jet:
-    if beta != 1.0:
-        return _j_mul(_j_softplus(_j_mul(a, beta)), 1.0 / beta)
-    return Jet(_integrate(a, _j_sigmoid(a), torch.nn.functional.softplus(a.primal)))
-
-
-def _j_piecewise_linear(fn: Callable[[torch.Tensor], torch.Tensor], slope: torch.Tensor):  # type: ignore[no-untyped-def]
-    def rule(a: Jet) -> Jet:
-        return Jet([fn(a.primal), *[_mul(c, slope) for c in a.c[1:]]])
-
-    return rule
-
-
-def _j_relu(a: Jet, inplace: bool = False) -> Jet:
-    slope = (a.primal > 0).to(a.dtype)
-    return Jet([torch.relu(a.primal), *[_mul(c, slope) for c in a.c[1:]]])
-
-
-def _j_abs(a: Jet) -> Jet:
-    slope = torch.sign(a.primal)
-    return Jet([torch.abs(a.primal), *[_mul(c, slope) for c in a.c[1:]]])
-
-
-def _j_gelu(a: Jet, approximate: str = "none") -> Jet:
-    if approximate != "none":
-        raise UnsupportedOp("gelu(approximate='tanh')")
-    return _j_mul(_j_mul(a, 0.5), _j_add(_j_erf(_j_mul(a, 1.0 / math.sqrt(2.0))), 1.0))
-
-
-def _j_silu(a: Jet, inplace: bool = False) -> Jet:
-    return _j_mul(a, _j_sigmoid(a))
-
-
-def _j_rsub(a: Any, b: Any, alpha: float = 1.0) -> Jet:
-    return _j_sub(b, a, alpha)
-
-
-def _reduction(a: Jet, *args: Any, **kwargs: Any) -> Jet:
-    raise ValueError(
-        "derivative: f must be elementwise (output shape == input shape), but it reduces its "
-        "input; return the elementwise values, not their sum"
-    )
-
-
-_RULES: dict[str, Callable[..., Jet]] = {
-    "sum": _reduction,
-    "mean": _reduction,
-    "prod": _reduction,
-    "add": _j_add,
-    "radd": lambda a, b: _j_add(b, a),
-    "sub": _j_sub,
-    "rsub": _j_rsub,
-    "mul": _j_mul,
-    "rmul": lambda a, b: _j_mul(b, a),
-    "div": _j_div,
-    "truediv": _j_div,
-    "rtruediv": lambda a, b: _j_div(b, a),
-    "neg": _j_neg,
-    "negative": _j_neg,
-    "pow": _j_pow,
-    "rpow": lambda a, b: Jet.__rpow__(a, b),
-    "exp": _j_exp,
-    "expm1": _j_expm1,
-    "log": _j_log,
-    "log1p": _j_log1p,
-    "sin": lambda a: _sincos(a, "sin")[0],
-    "cos": lambda a: _sincos(a, "cos")[1],
-    "sinh": lambda a: _sinhcosh(a)[0],
-    "cosh": lambda a: _sinhcosh(a)[1],
-    "tan": lambda a: _j_div(*_sincos(a)),
-    "tanh": _j_tanh,
-    "sigmoid": _j_sigmoid,
-    "sqrt": _j_sqrt,
-    "rsqrt": _j_rsqrt,
-    "reciprocal": _j_reciprocal,
-    "square": _j_square,
-    "erf": _j_erf,
-    "atan": _j_atan,
-    "arctan": _j_atan,
-    "softplus": _j_softplus,
-    "relu": _j_relu,
-    "abs": _j_abs,
-    "gelu": _j_gelu,
-    "silu": _j_silu,
-}
-
-
-def _check_shape(out: Any, x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(
-            f"derivative: f must be elementwise (output shape == input shape {tuple(x.shape)}), "
-            f"got {got}; return the elementwise values, not their sum"
-        )
-    return out
-
-
-def _taylor(f: Callable[[Any], Any], x: torch.Tensor, order: int) -> torch.Tensor:
-    coefs: list[Coef] = [x, 1.0]
-    coefs += [None] * (order - 1)
-    jet = Jet(coefs)
-    out = f(jet)
-    if not isinstance(out, Jet):
-        raise UnsupportedOp(f"f returned a {type(out).__name__}")
-    _check_shape(out.primal, x)
-    c = out.c[order]
-    if c is None or isinstance(c, float):
-        return torch.full_like(x, 0.0 if c is None else c * math.factorial(order))
-    return c * float(math.factorial(order))
-
-
-def _forward(f: Callable[[Any], Any], x: torch.Tensor, order: int) -> torch.Tensor:
-    ones = torch.ones_like(x)
-    g: Callable[[Any], Any] = f
-    for _ in range(order):
+def _forward(p: DerivativeProblem) -> torch.Tensor:
+    ones = torch.ones_like(p.x)
+    g: Callable[[Any], Any] = p.f
+    for _ in range(p.order):
         g = (lambda h: lambda z: torch.func.jvp(h, (z,), (ones,))[1])(g)
-    return _check_shape(g(x), x)
+    out = check_shape(g(p.x if p.keep else p.x.detach()), p.x)  # grad mode: Operation.run
+    return out if p.keep else out.detach()
 
 
-def _reverse(
-    f: Callable[[Any], Any], x: torch.Tensor, order: int, create_graph: bool
-) -> torch.Tensor:
+def _reverse(p: DerivativeProblem) -> torch.Tensor:
     with torch.enable_grad():
-        z = x if (create_graph and x.requires_grad) else x.detach().requires_grad_(True)
-        y = _check_shape(f(z), x)
-        for k in range(order):
+        _, (z,), linked = stand_ins((p.x,), (0,), p.keep)
+        y = check_shape(p.f(z), p.x)
+        keep = wants_graph(p.keep, [y], [z], linked)
+        for k in range(p.order):
             if not y.requires_grad:
-                return torch.zeros_like(x)
+                return torch.zeros_like(p.x)
             (y,) = torch.autograd.grad(
-                y.sum(), z, create_graph=create_graph or k < order - 1, allow_unused=True
+                y.sum(), z, create_graph=keep or k < p.order - 1, allow_unused=True
             )
             if y is None:
-                return torch.zeros_like(x)
-    return y
+                return torch.zeros_like(p.x)
+    return y if keep else y.detach()
 
 
-def _run(
-    f: Callable[[Any], Any], x: torch.Tensor, order: int, strategy: str, create_graph: bool
-) -> torch.Tensor:
-    if strategy == "reverse":
-        out = _reverse(f, x, order, create_graph)
-    elif create_graph:
-        out = (_taylor if strategy == "taylor" else _forward)(f, x, order)
-    else:
-        with torch.no_grad():
-            out = (_taylor if strategy == "taylor" else _forward)(f, x, order)
-    return out if create_graph else out.detach()
+def _heuristic(p: DerivativeProblem, result: Any) -> str:
+    """``"taylor"`` (falling back to ``"reverse"`` per call where it cannot run ``f``)."""
+    return "taylor"
+
+
+def _candidates(p: DerivativeProblem) -> Sequence[str]:
+    return [s for s in DERIVATIVE.names if s != "forward" or p.order <= _FORWARD_MAX_ORDER]
+
+
+DERIVATIVE: Operation[DerivativeProblem] = Operation(
+    name="derivative",
+    strategies={"taylor": _taylor, "forward": _forward, "reverse": _reverse},
+    first="taylor",
+    heuristic=_heuristic,
+    fallback={"taylor": "reverse", "forward": "reverse"},
+    forward_ad=frozenset({"forward"}),
+    candidates=_candidates,
+)
 
 
 def derivative(
@@ -521,7 +100,7 @@ def derivative(
     *,
     order: int = 1,
     strategy: str = "auto",
-    create_graph: bool = False,
+    create_graph: bool | None = None,
 ) -> torch.Tensor:
     r"""k-th derivative of an elementwise function: :math:`\partial^k/\partial x^k \sum_i f(x)_i`.
 
@@ -529,41 +108,46 @@ def derivative(
     shape (``f`` must be elementwise: each output element depends only on the same input element;
     this is not checked, and a non-elementwise ``f`` gives a different quantity per strategy).
 
-    Strategies (same numbers, different cost; the benchmark suite ``derivatives`` measures them):
+    Strategies (the same values and the same differentiability, different cost; the
+    ``derivatives`` benchmark suite compares them, ``benchmarks/RESULTS.md``):
 
     ``"taylor"``
-        Taylor-mode propagation of ``k + 1`` coefficients through each op. Supported ops:
-        ``+ - * /``, ``**``, ``exp``, ``expm1``, ``log``, ``log1p``, ``sin``, ``cos``, ``tan``,
-        ``sinh``, ``cosh``, ``tanh``, ``sigmoid``, ``sqrt``, ``rsqrt``, ``reciprocal``,
-        ``square``, ``erf``, ``atan``, ``softplus``, ``relu``, ``abs``, ``gelu``, ``silu`` (torch
-        functions, tensor methods and ``torch.nn.functional``), with tensors or numbers as the
-        other operand. Another op raises ``ValueError`` naming it.
+        Taylor-mode propagation of ``k + 1`` coefficients through each op, O(k^2) tensor ops per
+        op at worst. Supported ops: ``+ - * /``, ``**``, ``exp``, ``expm1``, ``log``, ``log1p``,
+        ``sin``, ``cos``, ``tan``, ``sinh``, ``cosh``, ``tanh``, ``sigmoid``, ``sqrt``,
+        ``rsqrt``, ``reciprocal``, ``square``, ``erf``, ``atan``, ``softplus``, ``relu``,
+        ``abs``, ``gelu``, ``silu`` (torch functions, tensor methods and
+        ``torch.nn.functional``), with tensors or numbers as the other operand. Anything else (an
+        op without a rule, comparisons, ``torch.where``, indexing, a custom
+        ``autograd.Function``, code under ``torch.no_grad()``) raises ``ValueError`` naming it.
     ``"forward"``
-        nested ``torch.func.jvp`` (no reverse-mode graph).
+        nested ``torch.func.jvp`` (work doubles per order).
     ``"reverse"``
         nested ``torch.autograd.grad(create_graph=True)``.
     ``"auto"`` (default)
-        measured once per function, input signature and order (:func:`gradlab.autotune`) among
-        the strategies that run (Taylor mode is skipped when ``f`` uses an unsupported op,
-        ``"forward"`` above order 3 where its exponential cost never competes); with
-        measurement off, ``"taylor"`` when ``f`` uses only supported ops, else ``"reverse"``.
+        the heuristic ``"taylor"``, replaced by a measured strategy that is clearly faster
+        (``"forward"`` is not timed above order 3); on every call where Taylor mode (or nested
+        forward mode) cannot run ``f`` it falls back to ``"reverse"`` for that call. Cost of the
+        first call, random functions, threads: ``help(gradlab.autotune)``.
 
     Args:
         f: an elementwise function of one tensor.
         x: where to differentiate (floating point).
         order: k >= 1.
         strategy: one of the names above.
-        create_graph: keep the graph, so the result can be differentiated w.r.t. ``x`` or the
-            tensors ``f`` closes over (e.g. a PINN's parameters). Otherwise the result is
-            detached.
+        create_graph: ``None`` (default): the result carries a graph when grad mode is on and it
+            depends on a tensor that requires grad (``x`` or a tensor ``f`` closes over, e.g. a
+            PINN's parameters), as ``torch.func`` results do. ``True``: the same, also under
+            ``torch.no_grad()``. ``False``: always detached (no graph is built).
 
     Returns:
         A tensor of ``x``'s shape and dtype.
 
     Raises:
-        ValueError: ``order < 1``, unknown strategy, ``f`` not shape-preserving, an op Taylor mode
-            does not support with ``strategy="taylor"``.
-        TypeError: ``x`` not a floating-point tensor.
+        ValueError: ``order < 1``, unknown strategy (the message lists the valid ones), ``f`` not
+            shape-preserving, something Taylor mode does not support with ``strategy="taylor"``.
+        TypeError: ``x`` not a floating-point tensor, ``f`` not callable, ``create_graph`` not
+            a bool or None.
 
     Example:
         >>> import gradlab as gl
@@ -572,12 +156,12 @@ def derivative(
         tensor([-1.0000, -0.5403])
         >>> gl.derivative(lambda z: z**3, x, order=2, strategy="reverse")
         tensor([0., 6.])
+        >>> gl.derivative(lambda z: torch.where(z > 0, z**3, z**2), x, order=2)  # falls back
+        tensor([2., 6.])
     """
-    if strategy != "auto" and strategy not in DERIVATIVE_STRATEGIES:
-        raise ValueError(
-            f"derivative: unknown strategy {strategy!r}; valid strategies are "
-            f"{', '.join(repr(s) for s in ('auto', *DERIVATIVE_STRATEGIES))}"
-        )
+    DERIVATIVE.check(strategy)
+    if not callable(f):
+        raise TypeError(f"derivative: f is a {type(f).__name__}, expected a callable")
     if isinstance(order, bool) or not isinstance(order, int) or order < 1:
         raise ValueError(f"derivative: order={order!r}; pass an int >= 1")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -585,32 +169,9 @@ def derivative(
         raise TypeError(
             f"derivative: x must be a floating-point tensor, got {got}; convert with .double()"
         )
-    if not callable(f):
-        raise TypeError(f"derivative: f is a {type(f).__name__}, expected a callable")
-    if strategy == "taylor":
-        try:
-            return _run(f, x, order, "taylor", create_graph)
-        except UnsupportedOp as exc:
-            raise ValueError(
-                f"derivative: Taylor mode does not support the op {exc}; use "
-                f'strategy="forward" or "reverse" (or "auto", which falls back)'
-            ) from None
-    if strategy == "auto":
-        if not _autotune.is_autotune_enabled():
-            try:
-                return _run(f, x, order, "taylor", create_graph)
-            except UnsupportedOp:
-                return _run(f, x, order, "reverse", create_graph)
-        strategy = _autotune.choose(
-            "derivative",
-            f,
-            (_autotune.signature(x), order, create_graph, torch.is_grad_enabled()),
-            lambda: {
-                s: functools.partial(_run, f, x, order, s, create_graph)
-                for s in DERIVATIVE_STRATEGIES
-                if s != "forward" or order <= _FORWARD_MAX_ORDER
-            },
-            "taylor",
-            lambda: [x.device],
+    if create_graph is not None and not isinstance(create_graph, bool):
+        raise TypeError(
+            f"derivative: create_graph is a {type(create_graph).__name__}; pass None, True or False"
         )
-    return _run(f, x, order, strategy, create_graph)
+    keep = torch.is_grad_enabled() if create_graph is None else create_graph
+    return dispatch(DERIVATIVE, strategy, DerivativeProblem(f, x, order, keep))

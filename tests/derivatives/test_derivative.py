@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gradlab as gl
-from gradlab._derivatives._derivative import DERIVATIVE_STRATEGIES
+from gradlab._derivatives import DERIVATIVE
 
-STRATEGIES = [*DERIVATIVE_STRATEGIES, "auto"]
+STRATEGIES = [*DERIVATIVE.names, "auto"]
 fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=5)
 
 
@@ -68,7 +68,7 @@ def test_against_nested_autograd(name, strategy, device):
 
 @fixture_ok
 @given(k=st.integers(1, 2), seed=st.integers(0, 2**16))
-@pytest.mark.parametrize("strategy", DERIVATIVE_STRATEGIES)
+@pytest.mark.parametrize("strategy", DERIVATIVE.names)
 @pytest.mark.parametrize("name", ["exp", "tanh", "mix"])
 def test_against_float64_finite_differences(strategy, name, k, seed, device):
     f = FUNCS[name]
@@ -100,7 +100,9 @@ def test_unsupported_op_falls_back_in_auto_and_errors_in_taylor():
         return torch.special.i0(z)  # no Taylor rule
 
     with pytest.raises(
-        ValueError, match=r"derivative: Taylor mode does not support the op special_i0"
+        ValueError,
+        match=r"derivative: strategy .taylor. cannot run f: Taylor mode does not support the op "
+        r"special_i0",
     ):
         gl.derivative(f, x, order=2, strategy="taylor")
     for enabled in (True, False):
@@ -151,3 +153,65 @@ def test_factorial_scaling_of_constant_coefficient():
         torch.testing.assert_close(got, torch.full_like(x, float(math.factorial(k))))
         got = gl.derivative(lambda z, k=k: z**k, x, order=k + 1, strategy="taylor")
         torch.testing.assert_close(got, torch.zeros_like(x))
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward 2x, backward identity: its 'derivative' is the backward, not the forward's."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+NO_TAYLOR_RULE = {
+    "where": lambda z: torch.where(z > 0, z**3, torch.sin(z)),
+    "comparison": lambda z: (z >= 0.2).to(z.dtype) * z**4 + z.exp(),
+    "indexing": lambda z: z[torch.arange(z.shape[0])] ** 3,
+    "clamp": lambda z: torch.clamp(z, min=-0.5) ** 3,
+    "custom_function": lambda z: _StraightThrough.apply(z) ** 3,
+    "no_grad_inside": lambda z: z**3 * _detached_scale(z),
+}
+
+
+def _detached_scale(z):
+    with torch.no_grad():
+        return z.exp()
+
+
+@pytest.mark.parametrize("name", NO_TAYLOR_RULE)
+@pytest.mark.parametrize("strategy", ["auto", "reverse", "forward"])
+def test_ops_without_taylor_rule_fall_back_per_call(name, strategy):
+    f = NO_TAYLOR_RULE[name]
+    x = torch.tensor([-1.3, -0.4, 0.35, 0.9, 1.7], dtype=torch.float64)
+    if strategy == "forward" and name in ("custom_function", "no_grad_inside"):
+        # forward mode would differentiate through them, reverse mode does not: refused
+        with pytest.raises(
+            ValueError, match=r"derivative: strategy 'forward' cannot run f: .*grad"
+        ):
+            gl.derivative(f, x, order=2, strategy=strategy)
+        return
+    for enabled in (True, False):
+        gl.clear_autotune_cache()
+        with gl.autotune(enabled):
+            for k in range(1, 5):
+                got = gl.derivative(f, x, order=k, strategy=strategy)
+                torch.testing.assert_close(got, _nested_autograd(f, x, k))
+    with pytest.raises(
+        ValueError, match=r"derivative: strategy 'taylor' cannot run f: Taylor mode"
+    ):
+        gl.derivative(f, x, order=2, strategy="taylor")
+
+
+def test_taylor_still_cached_where_supported_and_fallback_cached_where_not():
+    gl.clear_autotune_cache()
+    x = torch.linspace(-1, 1, 7, dtype=torch.float64)
+    with gl.autotune(False):
+        gl.derivative(NO_TAYLOR_RULE["where"], x, order=2)
+        gl.derivative(torch.tanh, x, order=2)
+    heuristics = sorted(e.heuristic for e in gl._derivatives._autotune._CACHE.values())
+    assert heuristics == ["reverse", "taylor"]
+    gl.clear_autotune_cache()

@@ -1,0 +1,145 @@
+"""``jacobian``: its strategy registry and the public function."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from gradlab._derivatives._checks import Argnums, check_call, devices_of, numel
+from gradlab._derivatives._graph import assemble, jac_forward_chunked, rows, stand_ins, wants_graph
+from gradlab._derivatives._keys import signature
+from gradlab._derivatives._registry import Operation, dispatch
+from gradlab._typing import PyTree, TensorFn
+
+__all__ = ["JACOBIAN", "JacobianProblem", "jacobian"]
+
+
+@dataclass(frozen=True)
+class JacobianProblem:
+    """A validated ``jacobian`` call (``argnums`` non-negative, ``nums`` as a tuple)."""
+
+    f: TensorFn
+    args: tuple
+    argnums: Argnums
+    nums: tuple[int, ...]
+    chunk_size: int | None
+
+    @property
+    def many(self) -> bool:
+        return isinstance(self.argnums, tuple)
+
+    def key(self) -> tuple:
+        return (signature(self.args), self.argnums, self.chunk_size, torch.is_grad_enabled())
+
+    def devices(self) -> Sequence[torch.device]:
+        return devices_of(self.args)
+
+
+def _reverse(p: JacobianProblem) -> PyTree:
+    return torch.func.jacrev(p.f, p.argnums, chunk_size=p.chunk_size)(*p.args)
+
+
+def _forward(p: JacobianProblem) -> PyTree:
+    if p.chunk_size is None:
+        return torch.func.jacfwd(p.f, p.argnums)(*p.args)
+    return jac_forward_chunked(p.f, p.args, p.nums, p.many, p.chunk_size)
+
+
+def _loop(p: JacobianProblem) -> PyTree:
+    grad_on = torch.is_grad_enabled()
+    with torch.enable_grad():
+        full, zs, linked = stand_ins(p.args, p.nums, grad_on)
+        out = p.f(*full)
+        leaves = pytree.tree_leaves(out)
+        keep = wants_graph(grad_on, leaves, zs, linked)
+        blocks = [rows(o, zs, create_graph=keep) for o in leaves]
+    return assemble(pytree.tree_map(torch.Tensor.detach, out), blocks, p.args, p.nums, p.many)
+
+
+def _heuristic(p: JacobianProblem, J: PyTree) -> str:
+    """``"reverse"`` if the output has at most as many elements as the inputs, else forward."""
+    n_in = numel(tuple(p.args[i] for i in p.nums))
+    n_out = numel(J) // max(n_in, 1)
+    return "reverse" if n_out <= n_in else "forward"
+
+
+JACOBIAN: Operation[JacobianProblem] = Operation(
+    name="jacobian",
+    strategies={"reverse": _reverse, "forward": _forward, "loop": _loop},
+    first="reverse",
+    heuristic=_heuristic,
+    fallback={"forward": "reverse"},
+    forward_ad=frozenset({"forward"}),
+)
+
+
+def jacobian(
+    f: TensorFn,
+    *args: Any,
+    argnums: Argnums = 0,
+    strategy: str = "auto",
+    chunk_size: int | None = None,
+) -> PyTree:
+    r"""Jacobian :math:`J_{ij} = \partial f_i / \partial x_j` of ``f`` at ``args``.
+
+    Strategies (the same values and the same differentiability, different cost):
+
+    ``"reverse"``
+        ``torch.func.jacrev``: one vectorised vector-Jacobian product per output element, cheap
+        when the output is smaller than the input.
+    ``"forward"``
+        ``torch.func.jacfwd``: one vectorised Jacobian-vector product per input element, cheap
+        when the input is smaller than the output (with ``chunk_size``, gradlab's own chunked
+        ``vmap`` over ``torch.func.jvp``).
+    ``"loop"``
+        one ``torch.autograd.grad`` call per output element (the textbook loop; least memory,
+        works for every op with a backward).
+    ``"auto"`` (default)
+        the heuristic, ``"reverse"`` if the output has at most as many elements as the
+        differentiated inputs, else ``"forward"`` (the first call of a signature runs
+        ``"reverse"`` to learn the output size), replaced by a measured strategy that is clearly
+        faster (cost of the first call, random functions, threads: ``help(gradlab.autotune)``).
+        Under ``"auto"`` a function without forward-mode formulas (or running code without grad,
+        which forward mode would differentiate through) falls back to ``"reverse"``.
+
+    The result carries a graph, whatever the strategy, when grad mode is on and it depends on a
+    tensor that requires grad (an input or a tensor ``f`` closes over), as ``torch.func``'s does.
+
+    Args:
+        f: the function; its output may be a tensor or a pytree of tensors.
+        *args: its positional arguments (tensors, tuples or dicts of tensors).
+        argnums: which arguments to differentiate by (an int or a tuple of ints).
+        strategy: one of the names above.
+        chunk_size: compute at most this many rows/columns at a time (less memory, slower).
+
+    Returns:
+        ``torch.func``'s structure: for each output leaf, the Jacobian w.r.t. ``args[argnums]``
+        (a tuple over ``argnums`` when it is a tuple), each block of shape
+        ``out.shape + in.shape``.
+
+    Raises:
+        ValueError: unknown strategy (the message lists the valid ones), ``argnums`` out of range,
+            bad ``chunk_size``, ``"forward"`` on a function it cannot run (ops without
+            forward-mode formulas, code under ``torch.no_grad()`` or in a custom
+            ``autograd.Function``).
+        TypeError: integer or non-tensor inputs to differentiate by, ``f`` not callable.
+
+    Example:
+        >>> import gradlab as gl
+        >>> W = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+        >>> gl.jacobian(lambda x: W @ x, torch.ones(2), strategy="forward")
+        tensor([[1., 2.],
+                [3., 4.],
+                [5., 6.]])
+    """
+    JACOBIAN.check(strategy)
+    nums = check_call("jacobian", f, args, argnums, chunk_size)
+    # Non-negative argnums for torch.func: jacfwd silently mishandles negative ones (torch 2.13).
+    problem = JacobianProblem(
+        f, args, nums if isinstance(argnums, tuple) else nums[0], nums, chunk_size
+    )
+    return dispatch(JACOBIAN, strategy, problem)

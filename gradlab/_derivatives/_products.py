@@ -1,0 +1,219 @@
+"""``hvp`` (its strategy registry), ``vjp`` and ``jvp``: products with a vector, and the value."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.utils._pytree as pytree
+
+from gradlab._derivatives._checks import check_call, check_like, devices_of, primals, scalar
+from gradlab._derivatives._graph import stand_ins, wants_graph
+from gradlab._derivatives._hvp_engine import GradGraph
+from gradlab._derivatives._keys import signature
+from gradlab._derivatives._registry import FORWARD_AD_LOCK, Operation, dispatch
+from gradlab._typing import PyTree, TensorFn
+
+__all__ = ["HVP", "HVP_OP", "JVP", "VJP", "HvpProblem", "hvp", "jvp", "vjp"]
+
+
+class HVP(NamedTuple):
+    """Result of :func:`hvp`: the function's value and the Hessian-vector product."""
+
+    value: torch.Tensor
+    hvp: PyTree
+
+
+class VJP(NamedTuple):
+    """Result of :func:`vjp`: the function's value and ``v^T J`` (structured like the args)."""
+
+    value: PyTree
+    vjp: PyTree
+
+
+class JVP(NamedTuple):
+    """Result of :func:`jvp`: the function's value and ``J v`` (structured like the output)."""
+
+    value: PyTree
+    jvp: PyTree
+
+
+@dataclass(frozen=True)
+class HvpProblem:
+    """A validated ``hvp`` call: ``f(*primals)``, tangents structured like the primals."""
+
+    f: TensorFn
+    primals: tuple
+    tangents: tuple
+
+    def key(self) -> tuple:
+        tangents_rg = tuple(t.requires_grad for t in pytree.tree_leaves(self.tangents))
+        return (signature(self.primals), tangents_rg, torch.is_grad_enabled())
+
+    def devices(self) -> Sequence[torch.device]:
+        return devices_of(self.primals)
+
+
+def _fwd_rev(p: HvpProblem) -> tuple[Any, Any]:
+    nums = tuple(range(len(p.primals)))
+    res: Any = torch.func.jvp(
+        torch.func.grad_and_value(scalar("hvp", p.f), nums), p.primals, p.tangents
+    )
+    (_, value), (hv, _) = res
+    return value, hv
+
+
+def _rev_rev(p: HvpProblem) -> tuple[Any, Any]:
+    nums = tuple(range(len(p.primals)))
+    res: Any = torch.func.vjp(
+        torch.func.grad_and_value(scalar("hvp", p.f), nums), *p.primals, has_aux=True
+    )
+    _, vjp_fn, value = res
+    return value, vjp_fn(p.tangents)
+
+
+def _double_backward(p: HvpProblem) -> tuple[Any, Any]:
+    """The shared engine (:class:`GradGraph`, ``_hvp_engine.py``) behind a graph-rule wrapper."""
+    nums = tuple(range(len(p.primals)))
+    flat_t = pytree.tree_leaves(p.tangents)
+    grad_on = torch.is_grad_enabled()
+    with torch.enable_grad():
+        full, zs, linked = stand_ins(p.primals, nums, grad_on)
+        value = scalar("hvp", p.f)(*full)
+        keep_value = wants_graph(grad_on, [value], zs, linked)  # v does not enter the value
+        keep = keep_value or (grad_on and any(t.requires_grad for t in flat_t))
+        if value.requires_grad:
+            res = GradGraph(value, zs).hvp(flat_t, retain_graph=False, create_graph=keep)
+        else:
+            res = [torch.zeros_like(z) for z in zs]
+    spec = pytree.tree_flatten(p.primals)[1]
+    return (value if keep_value else value.detach()), pytree.tree_unflatten(list(res), spec)
+
+
+def _heuristic(p: HvpProblem, result: Any) -> str:
+    """``"double-backward"``: the fastest on every case of the ``derivatives`` suite."""
+    return "double-backward"
+
+
+HVP_OP: Operation[HvpProblem] = Operation(
+    name="hvp",
+    strategies={"double-backward": _double_backward, "fwd-rev": _fwd_rev, "rev-rev": _rev_rev},
+    first="double-backward",
+    heuristic=_heuristic,
+    fallback={"fwd-rev": "rev-rev"},
+    forward_ad=frozenset({"fwd-rev"}),
+)
+
+
+def hvp(f: TensorFn, args: Any, v: Any, *, strategy: str = "auto") -> HVP:
+    r"""Hessian-vector product :math:`H v` of a scalar function, and its value.
+
+    ``args`` are ``f``'s arguments: a tensor or a dict (``f(args)``) or a tuple (``f(*args)``);
+    the Hessian is taken w.r.t. all of them and ``v`` is structured exactly like ``args``.
+
+    Strategies (the same values and the same differentiability, different cost; the
+    ``derivatives`` benchmark suite compares them, ``benchmarks/RESULTS.md``):
+
+    ``"double-backward"``
+        ``autograd.grad`` with ``create_graph=True``, then ``autograd.grad(g, x, v)``: gradlab's
+        one HVP engine, shared with the curvature functions.
+    ``"fwd-rev"``
+        ``jvp(grad(f))``: forward over reverse (the usual advice).
+    ``"rev-rev"``
+        ``vjp(grad(f))`` with ``v`` as cotangent (the Hessian is symmetric).
+    ``"auto"`` (default)
+        the heuristic ``"double-backward"``, replaced by a measured strategy that is clearly
+        faster (cost of the first call, random functions, threads: ``help(gradlab.autotune)``).
+
+    ``value`` and ``hvp`` carry a graph, whatever the strategy, when grad mode is on and they
+    depend on a tensor that requires grad (``args``, ``v``, or a tensor ``f`` closes over), as
+    ``torch.func``'s do; otherwise they are detached.
+
+    Args:
+        f: a function returning a scalar (0-dim) tensor.
+        args: its argument(s), see above.
+        v: the vector, structured like ``args`` with the same shapes, dtypes and devices.
+        strategy: one of the names above.
+
+    Returns:
+        ``HVP(value, hvp)``, always: ``value`` is ``f(*args)``, ``hvp`` is structured like
+        ``args`` (a tensor for a tensor, a tuple for a tuple, a dict for a dict).
+
+    Raises:
+        ValueError: ``v`` of another structure or shape, non-scalar ``f``, unknown strategy (the
+            message lists the valid ones), ``"fwd-rev"`` on a function forward mode cannot run
+            (as :func:`hessian`; ``"auto"`` falls back to ``"rev-rev"`` there).
+        TypeError: ``v`` of another dtype, integer ``args``, ``f`` not callable.
+
+    Example:
+        >>> import gradlab as gl
+        >>> x = torch.tensor([1.0, 2.0])
+        >>> value, hv = gl.hvp(lambda x: (x**3).sum(), x, torch.tensor([1.0, 0.0]))
+        >>> value.item(), hv
+        (9.0, tensor([6., 0.]))
+    """
+    HVP_OP.check(strategy)
+    prim, single = primals("hvp", args)
+    tangents = (v,) if single else primals("hvp", v)[0]
+    check_call("hvp", f, prim, tuple(range(len(prim))), None)
+    check_like("hvp", "v", tangents, prim, "args")
+    value, hv = dispatch(HVP_OP, strategy, HvpProblem(f, prim, tangents))
+    return HVP(value, hv[0] if single else tuple(hv))
+
+
+def vjp(f: TensorFn, args: Any, v: Any) -> VJP:
+    r"""Vector-Jacobian product :math:`v^\top J` of ``f`` at ``args``, and ``f``'s value.
+
+    Computed with ``torch.func.vjp``. ``args`` as in :func:`hvp` (a tensor or dict is one
+    argument, a tuple several); ``v`` is structured like ``f``'s output.
+
+    Returns:
+        ``VJP(value, vjp)``: ``value`` is ``f``'s output, ``vjp`` is structured like ``args``.
+
+    Raises:
+        ValueError, TypeError: ``v`` of another structure, shape or dtype than the output;
+            integer ``args``.
+
+    Example:
+        >>> import gradlab as gl
+        >>> W = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+        >>> gl.vjp(lambda x: W @ x, torch.ones(2), torch.tensor([1.0, 0.0, 0.0])).vjp
+        tensor([1., 2.])
+    """
+    prim, single = primals("vjp", args)
+    check_call("vjp", f, prim, tuple(range(len(prim))), None)
+    res: Any = torch.func.vjp(f, *prim)
+    value, vjp_fn = res
+    check_like("vjp", "v", v, value, "f's output")
+    cot = vjp_fn(v)
+    return VJP(value, cot[0] if single else tuple(cot))
+
+
+def jvp(f: TensorFn, args: Any, v: Any) -> JVP:
+    r"""Jacobian-vector product :math:`J v` of ``f`` at ``args``, and ``f``'s value.
+
+    Computed with forward-mode AD (``torch.func.jvp``). ``args`` as in :func:`hvp`; ``v`` is
+    structured like ``args``.
+
+    Returns:
+        ``JVP(value, jvp)``: ``value`` is ``f``'s output, ``jvp`` is structured like it.
+
+    Raises:
+        ValueError, TypeError: ``v`` of another structure, shape or dtype than ``args``.
+
+    Example:
+        >>> import gradlab as gl
+        >>> W = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+        >>> gl.jvp(lambda x: W @ x, torch.ones(2), torch.tensor([1.0, 0.0])).jvp
+        tensor([1., 3., 5.])
+    """
+    prim, single = primals("jvp", args)
+    tangents = (v,) if single else primals("jvp", v)[0]
+    check_call("jvp", f, prim, tuple(range(len(prim))), None)
+    check_like("jvp", "v", tangents, prim, "args")
+    with FORWARD_AD_LOCK:  # forward-mode AD state is process-global in torch
+        res: Any = torch.func.jvp(f, prim, tangents)
+    value, out = res
+    return JVP(value, out)

@@ -1,0 +1,199 @@
+"""One registry of strategies per operation, and the one dispatch every operation goes through.
+
+An :class:`Operation` maps strategy names to implementations (``{name: impl(problem)}``); the
+problem is a small dataclass holding the validated call (function, arguments, options).
+:func:`dispatch` checks the name against the registry, resolves ``"auto"`` through
+:mod:`gradlab._derivatives._autotune` and runs the implementation. ``jacobian``, ``hessian``,
+``hvp`` and ``derivative`` each define one :class:`Operation`; autotune, the tests and the
+``derivatives`` benchmark suite iterate over the same registries
+(:data:`gradlab._derivatives.OPERATIONS`), so adding a strategy touches one place.
+
+Forward-mode strategies run with grad mode on and report (as :class:`StrategyUnsupported`) any op
+``f`` runs with grad mode off (checked on a function's first forward-mode call, then
+remembered): forward mode would differentiate through ``torch.no_grad()`` blocks
+and custom ``autograd.Function`` forwards, which reverse mode treats as constants or through their
+own backward, so the results would depend on the strategy.
+
+Forward-mode AD in PyTorch keeps its dual levels in process-global state: two threads running
+``torch.func.jvp``/``jacfwd`` at once make each other fail ("Trying to create a dual Tensor for
+forward AD but no level exists", torch 2.13). Strategies that use forward mode are therefore run
+under one process-wide re-entrant lock (:data:`FORWARD_AD_LOCK`), which makes gradlab's own
+calls safe from any number of threads; forward-mode code outside gradlab running in another
+thread at the same time is not covered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import torch
+import torch.utils._pytree as pytree
+from torch.overrides import TorchFunctionMode
+
+from gradlab._derivatives._keys import function_key
+
+__all__ = ["FORWARD_AD_LOCK", "Operation", "Problem", "StrategyUnsupported", "dispatch"]
+
+FORWARD_AD_LOCK = threading.RLock()
+
+# Messages of errors raised by forward-mode AD on an op (or a custom autograd.Function) that has
+# no forward-mode formula.
+_FORWARD_AD_ERROR = re.compile(r"forward[- ]?(mode|AD)|jvp", re.IGNORECASE)
+
+
+class StrategyUnsupported(Exception):
+    """A strategy cannot run this function (an op without a Taylor rule, without forward AD).
+
+    Under ``"auto"`` the operation's fallback strategy runs instead; with the strategy named
+    explicitly the public function reports it as a ``ValueError`` that names the fix.
+    """
+
+
+_NO_GRAD_CODE = (
+    "f runs ops with grad mode off (torch.no_grad() or a custom autograd.Function), which "
+    "forward-mode AD would differentiate through"
+)
+# (operation, function key) -> whether f ran under the probe without grad-mode-off ops. The probe
+# (a TorchFunctionMode, a few microseconds per op) runs on a function's first forward-mode call
+# only; a function that runs code without grad only on some inputs is not caught after that.
+_PROBED: dict[tuple, bool] = {}
+_PROBED_SIZE = 4096
+
+
+def _remember(key: tuple, ok: bool) -> None:
+    if len(_PROBED) >= _PROBED_SIZE:
+        _PROBED.clear()
+    _PROBED[key] = ok
+
+
+class _GradModeProbe(TorchFunctionMode):
+    """Reports an op that ``f`` runs with grad mode off (inside ``torch.no_grad()`` or a custom
+    ``autograd.Function``'s forward). Forward-mode AD differentiates through such code while
+    reverse mode treats it as a constant (or uses the Function's backward), so the strategies
+    would disagree: the forward-mode strategies report it and ``"auto"`` falls back."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if not torch.is_grad_enabled():
+            raise StrategyUnsupported(_NO_GRAD_CODE)
+        return func(*args, **(kwargs or {}))
+
+
+class Problem(Protocol):
+    """What an implementation receives: the validated call of one operation."""
+
+    @property
+    def f(self) -> Callable[..., Any]: ...
+
+    def key(self) -> tuple:
+        """The input signature and options that can change the best strategy (hashable)."""
+        ...
+
+    def devices(self) -> Sequence[torch.device]:
+        """Devices to synchronise around a timing and whose RNG state is watched."""
+        ...
+
+
+P = TypeVar("P", bound=Problem)
+
+
+@dataclass(frozen=True, eq=False)
+class Operation(Generic[P]):
+    """The strategies of one operation and what ``"auto"`` needs to choose among them.
+
+    Attributes:
+        name: the public function's name (used in error messages and cache keys).
+        strategies: the registry, ``{strategy name: implementation(problem) -> result}``.
+        first: the strategy of an ``"auto"`` call whose heuristic is not known yet.
+        heuristic: ``(problem, result of that first call) -> strategy``: the documented choice
+            ``"auto"`` makes without measuring, kept unless a measured strategy wins clearly.
+        fallback: under ``"auto"``, ``{strategy: other}`` to run when ``strategy`` raises
+            :class:`StrategyUnsupported` (an op without a Taylor rule or a forward-mode formula).
+        forward_ad: strategies that use forward-mode AD (run under :data:`FORWARD_AD_LOCK`).
+        candidates: ``problem -> names`` worth timing (default: every strategy).
+    """
+
+    name: str
+    strategies: Mapping[str, Callable[[P], Any]]
+    first: str
+    heuristic: Callable[[P, Any], str]
+    fallback: Mapping[str, str] = field(default_factory=dict)
+    forward_ad: frozenset[str] = frozenset()
+    candidates: Callable[[P], Sequence[str]] | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Strategy names in registry order (without ``"auto"``)."""
+        return tuple(self.strategies)
+
+    def check(self, strategy: object) -> None:
+        """Raise a ``ValueError`` listing the registry's names for an unknown ``strategy``."""
+        if strategy != "auto" and strategy not in self.strategies:
+            raise ValueError(
+                f"{self.name}: unknown strategy {strategy!r}; valid strategies are "
+                f"{', '.join(repr(s) for s in ('auto', *self.strategies))}"
+            )
+
+    def candidate_names(self, problem: P) -> Sequence[str]:
+        return self.names if self.candidates is None else self.candidates(problem)
+
+    def run(self, strategy: str, problem: P) -> Any:
+        """Run one strategy (no fallback); forward-mode ones under the forward-AD lock."""
+        impl = self.strategies[strategy]
+        if strategy not in self.forward_ad:
+            return impl(problem)
+        grad_on = torch.is_grad_enabled()
+        probed = (self.name, function_key(problem.f))
+        verdict = _PROBED.get(probed)
+        if verdict is not None and not verdict:
+            raise StrategyUnsupported(_NO_GRAD_CODE)
+        probe = _GradModeProbe() if verdict is None else contextlib.nullcontext()
+        with FORWARD_AD_LOCK, torch.enable_grad(), probe:
+            try:
+                out = impl(problem)
+            except StrategyUnsupported as exc:
+                if str(exc) == _NO_GRAD_CODE:
+                    _remember(probed, False)
+                raise
+            except (RuntimeError, NotImplementedError) as exc:
+                if _FORWARD_AD_ERROR.search(str(exc)):
+                    raise StrategyUnsupported(f"forward-mode AD failed: {exc}") from exc
+                raise
+        if verdict is None:
+            _remember(probed, True)
+        if getattr(problem, "keep", grad_on):
+            return out
+        return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
+
+    def run_with_fallback(self, strategy: str, problem: P) -> tuple[str, Any]:
+        """:meth:`run`, then the fallback strategy if this one cannot handle the function.
+
+        Returns:
+            ``(strategy that ran, result)``.
+        """
+        try:
+            return strategy, self.run(strategy, problem)
+        except StrategyUnsupported:
+            other = self.fallback.get(strategy)
+            if other is None:
+                raise
+            return other, self.run(other, problem)
+
+
+def dispatch(op: Operation[P], strategy: str, problem: P) -> Any:
+    """Run ``op`` with ``strategy`` (a registry name or ``"auto"``) on ``problem``."""
+    op.check(strategy)
+    if strategy == "auto":
+        from gradlab._derivatives import _autotune  # deferred: _autotune runs operations
+
+        return _autotune.run_auto(op, problem)
+    try:
+        return op.run(strategy, problem)
+    except StrategyUnsupported as exc:
+        fix = op.fallback.get(strategy)
+        advice = f"use strategy={fix!r} (or 'auto', which falls back per call)" if fix else ""
+        raise ValueError(f"{op.name}: strategy {strategy!r} cannot run f: {exc}; {advice}") from exc

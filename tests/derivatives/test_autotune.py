@@ -1,0 +1,379 @@
+"""strategy="auto": cache, keys, random functions, threads, the scoped switch, the margin rule."""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import gradlab as gl
+from gradlab._derivatives import HESSIAN, JACOBIAN, _autotune
+from gradlab._derivatives._keys import function_key
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    gl.clear_autotune_cache()
+    yield
+    gl.clear_autotune_cache()
+
+
+def test_auto_measures_once_and_caches():
+    x = torch.randn(6)
+    W = torch.randn(4, 6)
+
+    def f(z):
+        return torch.tanh(W @ z)
+
+    with gl.autotune(True):
+        J = gl.jacobian(f, x)
+        choices = gl.autotune_choices()
+        assert len(choices) == 1
+        (chosen,) = choices.values()
+        assert chosen in JACOBIAN.names
+        torch.testing.assert_close(J, torch.func.jacrev(f)(x))
+        gl.jacobian(f, torch.randn(6))  # same signature: no new measurement
+        gl.jacobian(lambda z: torch.tanh(W @ z), torch.randn(6))  # other code: a new key
+        assert len(gl.autotune_choices()) == 2
+    with gl.autotune(False):
+        assert not gl.is_autotune_enabled()
+        gl.jacobian(f, torch.randn(7)[:6])
+        gl.hessian(lambda z: z.pow(3).sum(), x)
+    assert len(gl.autotune_choices()) == 2
+    gl.clear_autotune_cache()
+    assert gl.autotune_choices() == {}
+
+
+class _Counter:
+    def __init__(self):
+        self.n = 0
+
+
+def test_cache_hit_runs_only_the_chosen_strategy():
+    W = torch.randn(4, 6)
+    calls = _Counter()
+
+    def f(z):
+        calls.n += 1
+        return torch.tanh(W @ z)
+
+    with gl.autotune(True):
+        gl.jacobian(f, torch.randn(6))  # cache miss: one call, then the measurement
+        measured = calls.n
+        (chosen,) = gl.autotune_choices().values()
+        calls.n = 0
+        gl.jacobian(f, torch.randn(6), strategy=chosen)
+        explicit = calls.n
+        calls.n = 0
+        gl.jacobian(f, torch.randn(6))  # cache hit
+    assert calls.n == explicit < measured
+
+
+def test_random_function_is_not_measured_and_draws_as_one_call():
+    x = torch.randn(5)
+    calls = _Counter()
+
+    def noisy(z):
+        calls.n += 1
+        return torch.sin(z * torch.rand(5)).sum()
+
+    torch.manual_seed(7)
+    ref = gl.hessian(noisy, x, strategy=HESSIAN.heuristic(None, None))
+    after_ref = torch.rand(3)
+    torch.manual_seed(7)
+    calls.n = 0
+    with gl.autotune(True):
+        got = gl.hessian(noisy, x)
+    after_got = torch.rand(3)
+    assert calls.n == 1 and gl.autotune_choices() == {}
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(after_got, after_ref)
+
+
+def _rev_hessian(f):
+    # reference without forward mode: torch.func.hessian (jacfwd) itself fails from threads
+    return torch.func.jacrev(torch.func.grad(f))
+
+
+def test_threads_fresh_functions_no_errors_right_values():
+    """4 threads x 12 calls of hessian / hvp / jacobian with auto, each on a new key."""
+    W = torch.randn(3, 6, dtype=torch.float64)
+    errors, checked = [], []
+
+    def work(t):
+        for i in range(12):
+            n = 2 + (t * 12 + i) % 5  # fresh signatures across calls and threads
+            c = float(t * 100 + i)  # closed-over constant: a fresh key every call
+            x = torch.randn(n, dtype=torch.float64)
+            Wn = W[:, :n]
+
+            def f(z, c=c, Wn=Wn):
+                return (torch.tanh(Wn @ z) ** 2).sum() * (1 + c / 1000) + z.pow(3).sum()
+
+            try:
+                kind = i % 3
+                if kind == 0:
+                    got = gl.hessian(f, x)
+                    torch.testing.assert_close(got, _rev_hessian(f)(x))
+                elif kind == 1:
+                    v = torch.randn_like(x)
+                    got = gl.hvp(f, x, v).hvp
+                    torch.testing.assert_close(got, _rev_hessian(f)(x) @ v)
+                else:
+                    g = lambda z, Wn=Wn, c=c: torch.sin(Wn @ z) * c
+                    torch.testing.assert_close(gl.jacobian(g, x), torch.func.jacrev(g)(x))
+                checked.append(1)
+            except Exception as exc:  # collected, asserted below
+                errors.append(repr(exc))
+
+    with gl.autotune(True):  # the threads inherit the process-wide setting, not this scope
+        previous = gl.set_autotune(True)
+        try:
+            threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+        finally:
+            gl.set_autotune(previous)
+    assert errors == [] and len(checked) == 48
+
+
+def test_explicit_forward_strategies_from_threads():
+    """torch's forward-mode AD state is process-global: gradlab serialises its own use of it."""
+    errors = []
+
+    def work():
+        x = torch.randn(6, dtype=torch.float64)
+        for _ in range(8):
+            try:
+                gl.hessian(lambda z: (z.sin() ** 2).sum(), x, strategy="fwd-rev")
+                gl.jvp(torch.sin, x, x)
+                gl.derivative(torch.tanh, x, order=2, strategy="forward")
+            except Exception as exc:
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+
+
+def test_random_stream_of_another_thread_is_never_rewound():
+    """A thread drawing numbers while others measure gets exactly the seeded stream."""
+    draws = 400
+    torch.manual_seed(123)
+    expected = torch.rand(draws, 64, dtype=torch.float64)
+    torch.manual_seed(123)
+    seen = []
+    measuring = threading.Event()
+    previous = gl.set_autotune(True)
+
+    def drawer():
+        measuring.wait(10)
+        for _ in range(draws):
+            seen.append(torch.rand(64, dtype=torch.float64))
+
+    def measurer(t):
+        measuring.set()
+        for i in range(10):
+            x = torch.ones(3 + t, dtype=torch.float64) * (i + 1)  # no RNG use here
+
+            def f(z, i=i):
+                return (z.sin() * (i + 1)).sum()
+
+            gl.hessian(f, x)
+            gl.hvp(f, x, x)
+
+    try:
+        threads = [threading.Thread(target=drawer)]
+        threads += [threading.Thread(target=measurer, args=(t,)) for t in range(3)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        gl.set_autotune(previous)
+    torch.testing.assert_close(torch.stack(seen), expected, rtol=0, atol=0)
+
+
+def test_autotune_scope_is_per_thread():
+    seen = {}
+    inside, checked = threading.Event(), threading.Event()
+
+    def other():
+        inside.wait(10)
+        seen["other"] = gl.is_autotune_enabled()
+        checked.set()
+
+    previous = gl.set_autotune(True)
+    try:
+        th = threading.Thread(target=other)
+        th.start()
+        with gl.autotune(False):
+            inside.set()
+            checked.wait(10)
+            seen["here"] = gl.is_autotune_enabled()
+        th.join()
+        seen["after"] = gl.is_autotune_enabled()
+        assert gl.set_autotune(False) is True  # the process-wide setter is explicit
+        with gl.autotune(True):
+            seen["scoped_on"] = gl.is_autotune_enabled()
+        seen["global_off"] = gl.is_autotune_enabled()
+    finally:
+        gl.set_autotune(previous)
+    assert seen == {
+        "other": True,
+        "here": False,
+        "after": True,
+        "scoped_on": True,
+        "global_off": False,
+    }
+
+
+def _recursive_closure():
+    def power(z, k):
+        return z if k == 0 else z * power(z, k - 1)
+
+    return lambda z: power(z, 3).sum()
+
+
+class _Model:
+    def __init__(self, scale):
+        self.scale = scale
+
+    def loss(self, z):
+        return (z.sin() * self.scale).sum()
+
+
+def test_keys_recursive_partial_method_module_and_reused_ids():
+    x = torch.randn(4, dtype=torch.float64)
+    with gl.autotune(True):
+        f = _recursive_closure()
+        torch.testing.assert_close(gl.hessian(f, x), torch.diag(12 * x**2))
+        assert function_key(_recursive_closure()) == function_key(f)  # same code, same key
+        n = len(gl.autotune_choices())
+        gl.hessian(_recursive_closure(), x)
+        assert len(gl.autotune_choices()) == n  # a hit, no RecursionError
+
+        def scaled(z, w):
+            return (z.sin() * w).sum()
+
+        p1 = functools.partial(scaled, w=torch.ones(4, dtype=torch.float64))
+        p2 = functools.partial(scaled, w=torch.ones(4, dtype=torch.float64))
+        p3 = functools.partial(scaled, w=torch.ones(1, dtype=torch.float64))
+        assert function_key(p1) == function_key(p2) != function_key(p3)
+
+        a, b = _Model(1.0), _Model(2.0)
+        assert function_key(a.loss) == function_key(a.loss)  # a new bound-method object each time
+        assert function_key(a.loss) != function_key(b.loss)
+        torch.testing.assert_close(gl.hessian(a.loss, x), torch.diag(-x.sin()))
+
+        m1 = nn.Linear(4, 1).double()
+        k1 = function_key(m1)
+        assert k1 == function_key(m1) and k1 != function_key(nn.Linear(4, 1).double())
+        assert function_key(torch.sin) == function_key(torch.sin)  # no __code__, no weakref
+
+    # re-used ids: a key of a dead object never equals the key of a new one
+    keys, ids = [], set()
+    for _ in range(20):
+        m = nn.Identity()  # freed by reference counting at the next assignment
+        keys.append(function_key(m))
+        ids.add(id(m))
+        del m
+    assert len(ids) < 20  # CPython re-used addresses, so the check below means something
+    assert all(k != function_key(nn.Identity()) for k in keys)
+    assert len(set(keys)) == 20
+
+
+def test_mutated_closure_stops_being_measured():
+    log = []
+
+    def f(z):
+        log.append(1)  # the closure's content, hence its key, changes on every call
+        return (z.sin() ** 2).sum()
+
+    x = torch.randn(3)
+    with gl.autotune(True):
+        for _ in range(_autotune._MAX_MEASURED + 5):
+            before = len(log)
+            gl.hessian(f, x)
+        assert len(log) - before == 1  # past the limit: one call, no measurement
+
+
+@pytest.mark.parametrize(
+    ("first", "recheck", "expected"),
+    [
+        ({"h": 1.05, "c": 1.0}, None, "h"),  # within the margin: the heuristic stands
+        ({"h": 2.0, "c": 1.0}, 2.0, "c"),  # clearly faster, and in the paired re-check
+        ({"h": 2.0, "c": 1.0}, 1.02, "h"),  # a fluke: the re-check rejects it
+        ({"h": 1.0, "c": 5.0}, None, "h"),
+    ],
+)
+def test_margin_rule(monkeypatch, first, recheck, expected):
+    from gradlab._derivatives._registry import Operation
+
+    op = Operation(
+        name="fake",
+        strategies={"h": lambda p: "h", "c": lambda p: "c"},
+        first="h",
+        heuristic=lambda p, r: "h",
+    )
+
+    def fake_paired(heuristic, challenger, warm, devices):
+        assert recheck is not None, "unexpected re-check"
+        assert (heuristic(), challenger()) == ("h", "c")
+        return recheck
+
+    monkeypatch.setattr(_autotune, "_rounds", lambda calls, names, *a: {n: first[n] for n in names})
+    monkeypatch.setattr(_autotune, "_paired_ratio", fake_paired)
+    choice, note = _autotune._measure(op, None, "h", [], {"h": 1e-3, "c": 1e-3})
+    assert choice == expected, note
+
+
+def test_autotune_switch_errors():
+    with pytest.raises(TypeError, match=r"set_autotune: enabled is a str; pass True or False"):
+        gl.set_autotune("no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"autotune: enabled is a int; pass True or False"):
+        with gl.autotune(0):  # type: ignore[arg-type]
+            pass
+
+
+def test_threads_same_function_default_strategy():
+    """The issue's case: 4 threads x 10 calls of gl.hessian with the default strategy, one key."""
+    W = torch.randn(3, 6, dtype=torch.float64)
+    x = torch.randn(6, dtype=torch.float64)
+
+    def f(z):
+        return (torch.tanh(W @ z) ** 2).sum() + z.pow(3).sum()
+
+    expected = _rev_hessian(f)(x)
+    errors, results = [], []
+    start = threading.Barrier(4)
+
+    def work():
+        start.wait()
+        for _ in range(10):
+            try:
+                results.append(gl.hessian(f, x))
+            except Exception as exc:
+                errors.append(repr(exc))
+
+    previous = gl.set_autotune(True)
+    try:
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        gl.set_autotune(previous)
+    assert errors == [] and len(results) == 40
+    for h in results:
+        torch.testing.assert_close(h, expected)
+    assert len(gl.autotune_choices()) == 1  # measured once for the one key
