@@ -317,11 +317,11 @@ def test_progress_true_prints_one_updating_line_to_stderr(capsys, device):
 
 
 def test_progress_is_throttled(capsys, monkeypatch):
-    from gradlab.curvature import _core as curvature
+    from gradlab.curvature import _progress as curvature
 
     clock = [0.0]
     monkeypatch.setattr(curvature.time, "perf_counter", lambda: clock[0])
-    prog = curvature._Progress("f", True)
+    prog = curvature.Progress("f", True)
     with prog.run(1000):
         for _ in range(1000):
             clock[0] += 0.001  # 1000 products in one simulated second
@@ -401,9 +401,9 @@ def test_progress_bad_type(bad):
 
 
 def test_progress_line_is_ended_when_the_run_fails(capsys):
-    from gradlab.curvature import _core as curvature
+    from gradlab.curvature import _progress as curvature
 
-    prog = curvature._Progress("f", True)
+    prog = curvature.Progress("f", True)
     with pytest.raises(RuntimeError, match="boom"), prog.run(10):
         prog.advance(3)
         raise RuntimeError("boom")
