@@ -411,8 +411,10 @@ class HessianOperator:
             out = []
             for shape in self.shapes:
                 if kind == "rademacher":
-                    t = torch.empty((rows, *shape), dtype=self.dtype, device=self.device)
-                    out.append(t.bernoulli_(0.5, generator=gen).mul_(2).sub_(1))
+                    t = torch.randint(
+                        0, 2, (rows, *shape), generator=gen, dtype=self.dtype, device=self.device
+                    )
+                    out.append(t.mul_(2).sub_(1))
                 else:
                     out.append(
                         torch.randn(
@@ -427,8 +429,10 @@ class HessianOperator:
         """:math:`m` random vectors as rows ``(m, n)`` (Rademacher or Gaussian) from ``seed``."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
         if kind == "rademacher":
-            t = torch.empty(m, self.n, dtype=self.dtype, device=self.device)
-            return t.bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
+            t = torch.randint(
+                0, 2, (m, self.n), generator=gen, dtype=self.dtype, device=self.device
+            )
+            return t.mul_(2).sub_(1)
         return torch.randn(m, self.n, generator=gen, dtype=self.dtype, device=self.device)
 
     def unflatten(self, flat: torch.Tensor, structure: Any) -> Any:
