@@ -56,12 +56,13 @@ def _assert_untouched(model, snap):
     assert all(p.grad is None for p in model.parameters())
 
 
-def dataset_problem(n: int = 16, seed: int = 0):
+def dataset_problem(n: int = 16, seed: int = 0, *, dense: bool = True):
     """A float64 MLP, a dataset of n samples, ``loss_fn(batch)`` and the dense full-data Hessian.
 
     Returns ``(model, x, y, loss_fn, H, flat_loss)``: ``loss_fn((x, y))`` is the mean
     cross-entropy on a batch, ``H`` the dense Hessian of the mean loss over all n samples w.r.t.
-    the flattened parameters, ``flat_loss(theta, x, y)`` the loss as a function of them.
+    the flattened parameters (``None`` unless ``dense``), ``flat_loss(theta, x, y)`` the loss as a
+    function of them.
     """
     g = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
@@ -86,5 +87,5 @@ def dataset_problem(n: int = 16, seed: int = 0):
         return nn.functional.cross_entropy(out, yb)
 
     theta = torch.cat([p.detach().flatten() for p in model.parameters()])
-    H = torch.func.hessian(flat_loss)(theta, x, y)
+    H = torch.func.hessian(flat_loss)(theta, x, y) if dense else None
     return model, x, y, loss_fn, H, flat_loss
