@@ -266,21 +266,21 @@ class HessianOperator:
         chunks: int,
         vectors: Callable[[int], Pieces],
         accumulate: Accumulate,
-        buffers: Sequence[torch.Tensor],
+        buffers: Sequence[torch.Tensor] | Callable[[], Sequence[torch.Tensor]],
     ) -> None:
         """Apply the Hessian of every batch to ``vectors(c)`` for each chunk ``c``.
 
         ``vectors(c)`` must give the same vectors on every call (it is called once per batch).
-        ``accumulate(c, V, H_b V, w_b)`` adds its weighted contribution into ``buffers``, which
-        are then summed over ranks and divided by the total weight: the result is linear in
-        :math:`H = \\sum_b w_b H_b / \\sum_b w_b`.
+        ``accumulate(c, V, H_b V, w_b)`` adds its weighted contribution into ``buffers`` (a list,
+        or a callable giving it after the pass), which are then summed over ranks and divided by
+        the total weight: the result is linear in :math:`H = \\sum_b w_b H_b / \\sum_b w_b`.
         """
         for graph, w in self._graphs():
             for c in range(chunks):
                 V = vectors(c)
                 accumulate(c, V, self._hvp(graph, V), w)
                 self.count(V[0].shape[0])
-        self.finish(buffers)
+        self.finish(buffers() if callable(buffers) else buffers)
 
     def finish(self, buffers: Sequence[torch.Tensor]) -> None:
         """Sum ``buffers`` over ranks and divide them by the total weight, in place."""
@@ -300,31 +300,36 @@ class HessianOperator:
                 b.div_(total)
 
     def split(self, rows: torch.Tensor) -> Pieces:
-        """``(k, n)`` rows -> per-parameter pieces ``(k, *shape)`` (views when contiguous)."""
+        """``(k, n)`` rows -> per-parameter pieces ``(k, *shape)`` (views for a single row)."""
         k = rows.shape[0]
         return [
-            piece.reshape(k, *shape)
-            for piece, shape in zip(rows.split(self.sizes, dim=1), self.shapes)
+            rows[:, a:b].reshape(k, *shape)
+            for a, b, shape in zip(self.offsets, self.offsets[1:], self.shapes)
         ]
 
     def rows_products(self, rows: torch.Tensor) -> torch.Tensor:
         """:math:`H v_i` for each row ``v_i`` of ``rows`` (shape ``(m, n)``), as rows."""
-        m = rows.shape[0]
-        out = torch.zeros(m, self.n, dtype=self.dtype, device=self.device)
-        k = self.chunk
+        m, k = rows.shape[0], self.chunk
+        chunks = math.ceil(m / k)
+        results: list[torch.Tensor | None] = [None] * chunks
 
         def vectors(c: int) -> Pieces:
             return self.split(rows[c * k : (c + 1) * k])
 
         def accumulate(c: int, V: Pieces, HV: Pieces, w: float) -> None:
-            block = out[c * k : c * k + V[0].shape[0]]
-            for i, h in enumerate(HV):
-                block[:, self.offsets[i] : self.offsets[i + 1]].add_(
-                    h.reshape(h.shape[0], -1), alpha=w
-                )
+            flat = torch.cat([h.reshape(h.shape[0], -1) for h in HV], dim=1)
+            prev = results[c]
+            if prev is None:
+                results[c] = flat if w == 1.0 else flat.mul_(w)
+            else:
+                prev.add_(flat, alpha=w)
 
-        self.sweep(math.ceil(m / k), vectors, accumulate, [out])
-        return out
+        def done() -> list[torch.Tensor]:
+            return [r for r in results if r is not None]
+
+        self.sweep(chunks, vectors, accumulate, done)
+        out = done()
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def rows_forms(self, rows: torch.Tensor) -> torch.Tensor:
         """:math:`v_i^\top H v_i` for each row ``v_i`` of ``rows`` (shape ``(m, n)``)."""
