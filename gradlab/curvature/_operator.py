@@ -19,11 +19,12 @@ engine, :class:`gradlab._derivatives._hvp_engine.GradGraph`, shared with :func:`
   product of the Hessian of the loss over the union of the shards.
 
 Batched products (``is_grads_batched``, one vmapped backward for many vectors) win on CPU only
-while a single product is dominated by Python and dispatch overhead: measured 2.5-3x faster up to
-about 1,000 parameters, even at 4,000, and 1.4-2x *slower* at 15,000 (the ``curvature`` benchmark
-suite has the table). So products are batched, in chunks of up to 64 vectors, when the operator has
-at most :data:`BATCHED_MAX_N` entries and applied one at a time otherwise: a fixed rule, no timing
-probe. An op without a batching rule that raises makes the operator fall back to one at a time.
+while a single product is dominated by Python and dispatch overhead: measured 3-5x faster up to
+about 2,000 parameters, 1.2x at 8,000, and 2x *slower* at 32,000 (MLPs at batch 128; the
+``curvature`` benchmark suite has the table). So products are batched, in chunks of up to 64
+vectors, when the operator has at most :data:`BATCHED_MAX_N` entries and applied one at a time
+otherwise: a fixed rule, no timing probe. An op without a batching rule that raises makes the
+operator fall back to one at a time.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from gradlab.curvature._state import model_state
 
 __all__ = ["BATCHED_MAX_N", "HessianOperator", "hessian_operator"]
 
-BATCHED_MAX_N = 2048  # batched (vmapped) products up to this many entries, see the module docs
+BATCHED_MAX_N = 4096  # batched (vmapped) products up to this many entries, see the module docs
 _MAX_CHUNK = 64  # vectors per batched backward
 
 Pieces = list[torch.Tensor]  # one tensor per parameter, each with a leading dimension of k vectors
