@@ -98,3 +98,28 @@ def test_operator_errors():
         gl.hessian_operator(
             lambda: (w**4).sum(), [w, torch.ones(2, dtype=torch.float64, requires_grad=True)]
         )
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "looped"])
+def test_the_number_of_products_is_the_documented_one(batched, monkeypatch):
+    """No hidden work: hessian_trace(samples=30) applies exactly 30 vectors, nothing else."""
+    model, x, y, loss_fn, _, _ = dataset_problem()
+    if not batched:
+        monkeypatch.setattr(_operator, "BATCHED_MAX_N", 0)
+    real = GradGraph.hvp
+    vectors = []
+
+    def hvp(self, vs, *, retain_graph=True, create_graph=False, batched=False):
+        vectors.append(vs[0].shape[0] if batched else 1)
+        return real(self, vs, retain_graph=retain_graph, create_graph=create_graph, batched=batched)
+
+    monkeypatch.setattr(GradGraph, "hvp", hvp)
+    seen = []
+    gl.hessian_trace(
+        lambda: loss_fn((x, y)), model, samples=30, progress=lambda d, t: seen.append(d)
+    )
+    assert sum(vectors) == 30 and seen[-1] == 30
+    assert len(vectors) == (1 if batched else 30)
+    vectors.clear()
+    gl.hessian_trace(lambda: loss_fn((x, y)), model, samples=30, method="hutch++")
+    assert sum(vectors) == 30
