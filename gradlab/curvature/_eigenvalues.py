@@ -64,12 +64,12 @@ def _converged(theta: np.ndarray, resid: np.ndarray, k: int, tol: float) -> bool
     (Parlett, *The Symmetric Eigenvalue Problem*, 1998, section 11.7).
     """
     top = np.argsort(-np.abs(theta), kind="stable")[:k]
-    err = resid[top].copy()
-    if len(theta) > 1:
-        for i, t in enumerate(top):
-            gap = np.min(np.abs(np.delete(theta, t) - theta[t]))
-            if gap > 0:
-                err[i] = min(err[i], err[i] ** 2 / gap)
+    err = resid[top]
+    if len(theta) > 1:  # theta is sorted: the nearest other Ritz value is a neighbour
+        d = np.diff(theta)
+        gap = np.minimum(np.append(d, np.inf), np.insert(d, 0, np.inf))[top]
+        with np.errstate(divide="ignore"):
+            err = np.where(gap > 0, np.minimum(err, err**2 / gap), err)
     return bool(np.all(err <= tol * np.maximum(np.abs(theta[top]), 1e-30)))
 
 
