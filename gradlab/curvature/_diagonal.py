@@ -179,7 +179,8 @@ def hessian_diagonal(
         distributed=distributed,
         count=prog.advance,
     )
-    with prog.run((op.n if method == "exact" else samples) * (op.batches or 1)):
+    op.on_batches = prog.set_batches
+    with prog.run(op.n if method == "exact" else samples, op.batches):
         if method == "exact":
             diag = exact_diagonal(op)
         else:

@@ -212,7 +212,8 @@ def hessian_eigenvalues(
         raise ValueError(f"{fn}: k={k} but the Hessian is only {op.n}x{op.n}; pass k <= {op.n}")
     total = min(op.n, max(max_iter, k)) if method == "lanczos" else k * max_iter
     seed = shared_seed(gen, op.distributed)
-    with prog.run(total * (op.batches or 1)):
+    op.on_batches = prog.set_batches
+    with prog.run(total, op.batches):
         if method == "lanczos":
             return top_lanczos(fn, op, k, max_iter, tol, seed)
         return top_power(op, k, max_iter, tol, seed)

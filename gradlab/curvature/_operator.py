@@ -103,6 +103,7 @@ class HessianOperator:
         self.batch_weight = batch_weight
         self.distributed = distributed
         self.count = count
+        self.on_batches: Callable[[int], None] = lambda batches: None  # len(data) learnt late
         self.shapes = [p.shape for p in self.params]
         self.sizes = [p.numel() for p in self.params]
         self.offsets = [0]
@@ -208,6 +209,7 @@ class HessianOperator:
             self._total_weight = float(totals[0])
             if self.batches is None:
                 self.batches = count
+                self.on_batches(count)
 
     def _reduced(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (a copy on the parameters' device and back, for nccl)."""

@@ -33,13 +33,21 @@ class Progress:
         self.callback = None if isinstance(progress, bool) else progress
         self.active = progress is True or self.callback is not None
         self.total = 0
+        self.products = 0
         self.done = 0
         self.start = 0.0
         self.last = -math.inf
         self.width = 0
 
     @contextlib.contextmanager
-    def run(self, total: int) -> Iterator[None]:
+    def run(self, products: int, batches: int | None = 1) -> Iterator[None]:
+        """Count ``products`` products of the Hessian, each ``batches`` batch products.
+
+        ``batches=None`` (data without ``len()``): counted as one until :meth:`set_batches`
+        tells the number, after the first pass over the data.
+        """
+        self.products = products
+        total = products * (batches or 1)
         self.total, self.done, self.start = total, 0, time.perf_counter()
         if self.active and self.callback is None:
             self._print(final=False)
@@ -57,6 +65,12 @@ class Progress:
                     self.callback(self.done, self.total)
             if self.callback is None:
                 self._print(final=True)
+
+    def set_batches(self, batches: int) -> None:
+        """The number of batches, once a first pass over data without ``len()`` has counted it."""
+        self.total = self.products * batches
+        if self.callback is not None:
+            self.callback(self.done, self.total)
 
     def advance(self, n: int) -> None:
         if not self.active:

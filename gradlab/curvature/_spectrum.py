@@ -143,7 +143,8 @@ def hessian_spectrum(
     )
     m = min(steps, op.n)
     seed = shared_seed(gen, op.distributed)
-    with prog.run(probes * m * (op.batches or 1)):
+    op.on_batches = prog.set_batches
+    with prog.run(probes * m, op.batches):
         nodes, weights = slq_nodes(op, op.random_rows(probes, seed), m)
     used = weights > 0
     lo, hi = float(nodes[used].min()), float(nodes[used].max())

@@ -137,7 +137,8 @@ def hessian_trace(
         distributed=distributed,
         count=prog.advance,
     )
-    with prog.run((op.n if method == "exact" else samples) * (op.batches or 1)):
+    op.on_batches = prog.set_batches
+    with prog.run(op.n if method == "exact" else samples, op.batches):
         if method == "exact":
             return exact_diagonal(op).sum()
         seed = shared_seed(gen, op.distributed)
@@ -300,8 +301,8 @@ def hessian_trace_by_block(
             mask[op.offsets[i] : op.offsets[i + 1]] = 1
         masks.append(mask)
     nonempty = sum(1 for g in groups if g)
-    total = (op.n if method == "exact" else samples * nonempty) * (op.batches or 1)
-    with prog.run(total):
+    op.on_batches = prog.set_batches
+    with prog.run(op.n if method == "exact" else samples * nonempty, op.batches):
         if method == "exact":
             diag = exact_diagonal(op)
             return {name: (diag * mask).sum() for name, mask in zip(names, masks)}

@@ -124,3 +124,30 @@ def test_data_errors():
         gl.hessian_trace(lambda b: loss_fn((x, y)), model, data=[(torch.tensor(1.0), x)])
     with pytest.raises(ValueError, match=r"hessian_eigenvalues: the batch weights sum to 0.0"):
         gl.hessian_eigenvalues(loss_fn, model, data=[(x, y)], batch_weight=lambda b: 0.0)
+
+
+def test_data_without_len_counts_its_batches_on_the_first_pass():
+    model, x, y, loss_fn, H, _ = dataset_problem()
+    batches = _list_batches(x, y)
+
+    class Stream:  # re-iterable, no __len__ (e.g. an IterableDataset's loader)
+        def __iter__(self):
+            return iter(batches)
+
+    seen: list[tuple[int, int]] = []
+    tr = gl.hessian_trace(
+        loss_fn,
+        model,
+        samples=10,
+        data=Stream(),
+        generator=0,
+        progress=lambda d, t: seen.append((d, t)),
+    )
+    ref = gl.hessian_trace(loss_fn, model, samples=10, data=batches, generator=0)
+    torch.testing.assert_close(tr, ref, rtol=1e-12, atol=1e-12)
+    assert seen[-1] == (30, 30)  # 3 batches x 10 products, once the pass has counted them
+    res = gl.hessian_eigenvalues(loss_fn, model, k=1, tol=1e-13, data=Stream(), generator=0)
+    evals = torch.linalg.eigvalsh(H)
+    torch.testing.assert_close(
+        res.values, evals[evals.abs().argmax()].reshape(1), rtol=1e-10, atol=0
+    )
