@@ -124,12 +124,12 @@ class HessianOperator:
         self._checked = False  # unused parameters checked after the first pass
         self._used = torch.zeros(len(self.params), dtype=torch.int64)
         if distributed:
-            dist_.check_group(fn)
             if data is None:
                 raise ValueError(
                     f"{fn}: distributed=True needs data= (each rank's own shard of batches; "
                     f"loss_fn(batch) is called per batch)"
                 )
+            dist_.check_group(fn)
             dist_.check_same_shapes(fn, self.names, self.params)
         if eager and data is None:  # one graph, built now (errors show at once) and kept
             for _ in self._graphs():

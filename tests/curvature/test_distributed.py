@@ -89,3 +89,5 @@ def test_distributed_errors_without_a_group_or_data():
         ValueError, match=r"hessian_operator: distributed=True but torch.distributed"
     ):
         gl.hessian_operator(loss_fn, model, data=[(x, y)], distributed=True)
+    with pytest.raises(ValueError, match=r"hessian_eigenvalues: distributed=True needs data="):
+        gl.hessian_eigenvalues(lambda: loss_fn((x, y)), model, distributed=True)
