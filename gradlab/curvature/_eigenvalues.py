@@ -67,9 +67,9 @@ def _converged(theta: np.ndarray, resid: np.ndarray, k: int, tol: float) -> bool
     err = resid[top]
     if len(theta) > 1:  # theta is sorted: the nearest other Ritz value is a neighbour
         d = np.diff(theta)
-        gap = np.minimum(np.append(d, np.inf), np.insert(d, 0, np.inf))[top]
-        with np.errstate(divide="ignore"):
-            err = np.where(gap > 0, np.minimum(err, err**2 / gap), err)
+        inf = np.array([np.inf])
+        gap = np.minimum(np.concatenate((d, inf)), np.concatenate((inf, d)))[top]
+        err = np.minimum(err, np.divide(err**2, gap, out=err.copy(), where=gap > 0))
     return bool(np.all(err <= tol * np.maximum(np.abs(theta[top]), 1e-30)))
 
 
@@ -94,7 +94,7 @@ def lanczos(
     alpha: list[float] = []
     beta: list[float] = []
     eps = torch.finfo(op.dtype).eps
-    full = False  # full reorthogonalisation from now on
+    block: torch.Tensor | None = None  # the basis as one block, once fully reorthogonalising
     for j in range(steps):
         v = V[j]
         w = op.matvec(v)
@@ -103,8 +103,8 @@ def lanczos(
         w.sub_(v, alpha=a)
         if j:
             w.sub_(V[j - 1], alpha=beta[-1])
-        if full:
-            basis = torch.stack(V)
+        if block is not None:
+            basis = block[: j + 1]
             before = float(w.norm())
             w.sub_(basis.T @ (basis @ w))
             b = float(w.norm())
@@ -118,14 +118,22 @@ def lanczos(
         theta, resid = _ritz(alpha, beta, b)
         if k is not None and j + 1 >= k and _converged(theta, resid, k, tol):
             break
-        if not full and float(resid.min()) <= math.sqrt(eps) * float(np.abs(theta).max()):
-            full = True  # a Ritz pair is converging: orthogonality would now be lost
-            basis = torch.stack(V)
+        if block is None and float(resid.min()) <= math.sqrt(eps) * float(np.abs(theta).max()):
+            # a Ritz pair is converging: orthogonality would now be lost. From here on the basis
+            # lives in one block (rows appended in place) for the Gram-Schmidt products
+            block = torch.empty(steps, op.n, dtype=op.dtype, device=op.device)
+            torch.stack(V, out=block[: j + 1])
+            V = list(block[: j + 1])
+            basis = block[: j + 1]
             for _ in range(2):
                 w.sub_(basis.T @ (basis @ w))
             b = float(w.norm())
         beta.append(b)
-        V.append(w.div_(b))
+        if block is None:
+            V.append(w.div_(b))
+        else:
+            torch.div(w, b, out=block[j + 1])
+            V.append(block[j + 1])
     m = len(alpha)
     return (
         torch.tensor(alpha, dtype=torch.float64),
