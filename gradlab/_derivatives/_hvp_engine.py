@@ -3,7 +3,9 @@
 ``gl.hvp(strategy="double-backward")`` and every curvature function use :class:`GradGraph`: the
 gradient of a scalar w.r.t. its inputs is taken once with ``create_graph=True``, then each product
 ``H v`` is one ``autograd.grad(g, inputs, v)`` through that graph (what a hand-written
-PyHessian-style loop does).
+PyHessian-style loop does), with nothing else per product: no dtype conversion, no flattening or
+concatenation, no probe. Callers that need flat vectors (the curvature operator) do that
+themselves, once per product; batching (``batched=True``) is the caller's decision.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class GradGraph:
         self.used = [i for i, g in enumerate(gs) if g is not None and g.requires_grad]
         self.grads = [gs[i] for i in self.used]
         self.first = list(gs)
+        self._used_inputs = [self.inputs[i] for i in self.used]
 
     def hvp(
         self,
@@ -52,7 +55,7 @@ class GradGraph:
             with torch.enable_grad():
                 hv = torch.autograd.grad(
                     self.grads,  # type: ignore[arg-type]
-                    [self.inputs[i] for i in self.used],
+                    self._used_inputs,
                     grad_outputs=[vs[i] for i in self.used],
                     retain_graph=retain_graph or create_graph,
                     create_graph=create_graph,

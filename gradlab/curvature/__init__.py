@@ -3,29 +3,48 @@
 Every function takes ``loss_fn``, a zero-argument callable returning a scalar loss, and
 ``params``, the tensors to take the Hessian with respect to: a tensor, a sequence of tensors, or a
 module (its parameters with ``requires_grad``; pass a submodule for one layer or block). They
-call ``loss_fn`` once, build the gradient with ``create_graph=True`` and then use Hessian-vector
-products of that one graph (double backward, batched with ``is_grads_batched`` where the ops
-allow), so the cost is one forward/backward plus one double-backward per probe.
+are estimators written against one linear operator, :func:`hessian_operator`: ``loss_fn`` is
+called once, the gradient is built with ``create_graph=True``, and each Hessian-vector product is
+one double backward through that graph (the engine shared with :func:`gradlab.hvp`; batched with
+``is_grads_batched`` only for small models, where it measurably wins), so the cost is one
+forward/backward plus one double backward per product: the cost of a hand-written
+PyHessian-style loop.
+
+Whole datasets and several processes: every function takes ``data=`` (an iterable of batches,
+e.g. a ``DataLoader``; ``loss_fn(batch)`` is called per batch and the curvature is that of the
+dataset-mean loss, batches weighted by their size, taken from the batch's first tensor, or by
+``batch_weight(batch)``; one batch graph in memory at a time) and ``distributed=True`` (under an
+initialised ``torch.distributed`` group, each rank passes its own shard as ``data=``; products
+are summed over the ranks, weighted by their sample counts, and probes are drawn identically on
+all ranks, so every rank returns the result of one process on the union of the data).
+
+Parameters the loss does not use raise :class:`gradlab.GraphError` naming them.
 
 Nothing is left behind: ``.grad`` is never written (only ``torch.autograd.grad`` is used), and
-when ``params`` is a module its train/eval flags and buffers (BatchNorm running statistics) are
-restored afterwards. BatchNorm: with a module, ``mode="eval"`` (the default) puts the whole module
-in eval mode for the computation, so the Hessian is that of the deterministic eval-mode loss (what
-PyHessian asks for); ``mode="train"`` uses batch statistics (the Hessian then includes the
-coupling through the batch statistics, and the running statistics updated by the single forward
-pass are restored afterwards); ``mode=None`` leaves the module as it is. With tensors or a
-sequence, ``loss_fn`` runs as is and is called exactly once.
+when ``params`` is a module its train/eval flags are restored and its buffers (BatchNorm running
+statistics) are never touched: while ``loss_fn`` runs each buffer is replaced by a clone, and the
+original tensors are put back, so their values and version counters are unchanged and a graph the
+caller built before (a pending ``loss.backward()``) stays usable.
 
-Randomness: probes come from ``generator`` (a ``torch.Generator`` or an int seed); without it,
-from the global RNG.
+BatchNorm: with a module, ``mode="eval"`` (the default) puts the whole module in eval mode for the
+computation, so the Hessian is that of the deterministic eval-mode loss (what PyHessian asks for);
+``mode="train"`` uses batch statistics (the Hessian then includes the coupling through the batch
+statistics; the running statistics the forward passes update are clones, dropped afterwards);
+``mode=None`` leaves the module as it is. With tensors or a sequence, ``loss_fn`` runs as is and is
+called exactly once.
 
-Progress: ``progress=True`` prints one status line to stderr, rewritten in place (``\\r``) at
-most ten times a second and ended by a newline, e.g. ``hessian_trace: 120/200 Hessian-vector
-products, 3.1 s, ETA 2.0 s``; a callable is called as ``progress(done, total)`` instead (for tqdm,
-wandb, a logger). Every function counts Hessian-vector products, the unit that dominates the cost
-(one Lanczos step is one product; the single forward/backward that builds the gradient comes
-before the count starts). Where a method stops early (Lanczos or power iteration converged), the
-last update is ``(done, done)``, so a bar ends full. Default ``False``: silent.
+Randomness: probes come from a seed drawn from ``generator`` (a ``torch.Generator`` or an int
+seed); without it, from the global RNG (one draw). With ``distributed=True`` rank 0's seed is used
+on every rank.
+
+Progress: ``progress=True`` prints one status line to stderr, rewritten in place (``\\r``) at most
+ten times a second and ended by a newline, e.g. ``hessian_trace: 120/200 Hessian-vector products,
+3.1 s, ETA 2.0 s``; a callable is called as ``progress(done, total)`` instead (for tqdm, wandb, a
+logger). Every function counts Hessian-vector products, the unit that dominates the cost (one
+Lanczos step is one product; the single forward/backward that builds the gradient comes before the
+count starts); with ``data=`` of B batches, a product of the dataset Hessian counts B. Where a
+method stops early (Lanczos or power iteration converged), the last update is ``(done, done)``, so
+a bar ends full. Default ``False``: silent.
 
 Per layer or block: :func:`hessian_trace_by_block` gives :math:`\\operatorname{tr} H_{bb}` for
 each block of a dict (e.g. ``dict(model.named_children())``) from one graph.
@@ -38,19 +57,23 @@ References:
     Yao, Gholami, Keutzer, Mahoney, *PyHessian* (2020); curvlinops (Dangel et al.).
 """
 
-from gradlab.curvature._core import Eigenpairs as Eigenpairs
-from gradlab.curvature._core import Spectrum as Spectrum
-from gradlab.curvature._core import hessian_diagonal as hessian_diagonal
-from gradlab.curvature._core import hessian_eigenvalues as hessian_eigenvalues
-from gradlab.curvature._core import hessian_spectrum as hessian_spectrum
-from gradlab.curvature._core import hessian_trace as hessian_trace
-from gradlab.curvature._core import hessian_trace_by_block as hessian_trace_by_block
+from gradlab.curvature._diagonal import hessian_diagonal as hessian_diagonal
+from gradlab.curvature._eigenvalues import Eigenpairs as Eigenpairs
+from gradlab.curvature._eigenvalues import hessian_eigenvalues as hessian_eigenvalues
+from gradlab.curvature._operator import HessianOperator as HessianOperator
+from gradlab.curvature._operator import hessian_operator as hessian_operator
+from gradlab.curvature._spectrum import Spectrum as Spectrum
+from gradlab.curvature._spectrum import hessian_spectrum as hessian_spectrum
+from gradlab.curvature._trace import hessian_trace as hessian_trace
+from gradlab.curvature._trace import hessian_trace_by_block as hessian_trace_by_block
 
 __all__ = [
     "Eigenpairs",
+    "HessianOperator",
     "Spectrum",
     "hessian_diagonal",
     "hessian_eigenvalues",
+    "hessian_operator",
     "hessian_spectrum",
     "hessian_trace",
     "hessian_trace_by_block",

@@ -1,62 +1,13 @@
-"""gradlab.curvature against the dense Hessian of small models (torch.func.hessian)."""
+"""gradlab.curvature._trace: hessian_trace and hessian_trace_by_block against the dense Hessian."""
 
 from __future__ import annotations
-
-import itertools
 
 import pytest
 import torch
 from torch import nn
 
 import gradlab as gl
-
-
-def _setup(device, train: bool = False):
-    torch.manual_seed(0)
-    model = (
-        nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2))
-        .double()
-        .to(device)
-    )
-    with torch.no_grad():  # non-trivial running statistics
-        model[1].running_mean.uniform_(-0.5, 0.5)
-        model[1].running_var.uniform_(0.5, 2.0)
-    model.train(train)
-    x = torch.randn(16, 4, dtype=torch.float64, device=device)
-    y = torch.randint(0, 2, (16,), device=device)
-
-    def loss_fn():
-        return nn.functional.cross_entropy(model(x), y)
-
-    # dense reference: the same loss as a function of a flat parameter vector
-    fm = gl.functional(model, batchnorm="batch-stats")
-    names = [n for n, p in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-
-    def flat_loss(theta):
-        pieces = torch.split(theta, sizes)
-        params = {n: p.reshape(s) for n, p, s in zip(names, pieces, shapes)}
-        return nn.functional.cross_entropy(fm(params, x), y)
-
-    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
-    H = torch.func.hessian(flat_loss)(theta)
-    return model, loss_fn, H
-
-
-def _snapshot(model):
-    return (
-        {k: v.clone() for k, v in model.state_dict().items()},
-        [m.training for m in model.modules()],
-    )
-
-
-def _assert_untouched(model, snap):
-    state, flags = snap
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
-    assert [m.training for m in model.modules()] == flags
-    assert all(p.grad is None for p in model.parameters())
+from tests.curvature._helpers import _assert_untouched, _setup, _snapshot
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
@@ -93,21 +44,6 @@ def test_eval_mode_is_used_for_a_train_mode_module(device):
     assert model.training
 
 
-@pytest.mark.parametrize("method", ["lanczos", "power"])
-def test_top3_eigenvalues_match_eigvalsh(method, device):
-    model, loss_fn, H = _setup(device)
-    evals = torch.linalg.eigvalsh(H)
-    expected = evals[torch.argsort(evals.abs(), descending=True)[:3]]
-    kw = {"max_iter": 2000, "tol": 1e-12} if method == "power" else {}
-    res = gl.hessian_eigenvalues(loss_fn, model, k=3, method=method, generator=0, **kw)
-    assert isinstance(res, gl.Eigenpairs) and res.values.shape == (3,)
-    torch.testing.assert_close(res.values, expected, rtol=1e-4, atol=0)
-    assert res.vectors.shape == (3, H.shape[0])
-    for lam, vec in zip(res.values, res.vectors):
-        torch.testing.assert_close(H @ vec, lam * vec, atol=1e-3 * lam.abs(), rtol=0)
-    assert all(p.grad is None for p in model.parameters())
-
-
 @pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
 def test_stochastic_trace_within_10_percent(method, device):
     model, loss_fn, H = _setup(device)
@@ -125,35 +61,6 @@ def test_hutch_plus_plus_is_exact_on_low_rank():
     p = torch.randn(40, dtype=torch.float64, requires_grad=True)
     est = gl.hessian_trace(lambda: 0.5 * (w * p**2).sum(), p, samples=30, method="hutch++")
     torch.testing.assert_close(est, w.sum())
-
-
-def test_hutchinson_diagonal_converges(device):
-    model, loss_fn, H = _setup(device)
-    est = gl.hessian_diagonal(loss_fn, model, samples=2000, generator=2)
-    flat = torch.cat([d.flatten() for d in est.values()])
-    err = (flat - H.diagonal()).norm() / H.diagonal().norm()
-    assert err < 0.15
-
-
-def test_spectrum_density_integrates_to_one_and_mean_is_trace_over_n(device):
-    model, loss_fn, H = _setup(device)
-    n = H.shape[0]
-    spec = gl.hessian_spectrum(loss_fn, model, probes=300, steps=8, generator=3)
-    assert isinstance(spec, gl.Spectrum) and spec.grid.shape == spec.density.shape
-    torch.testing.assert_close(
-        torch.trapezoid(spec.density, spec.grid), torch.tensor(1.0, dtype=torch.float64)
-    )
-    assert bool((spec.density >= 0).all())
-    torch.testing.assert_close(spec.weights.sum(1), torch.ones(300, dtype=torch.float64))
-    mean = torch.trapezoid(spec.grid * spec.density, spec.grid)
-    quadrature_mean = (spec.nodes * spec.weights).sum(1).mean()
-    torch.testing.assert_close(mean, quadrature_mean, rtol=1e-6, atol=1e-8)
-    trace = H.diagonal().sum()
-    assert abs(mean - trace / n) <= 0.1 * abs(trace / n)
-    # with full Lanczos the nodes of every probe lie in the true spectral range
-    evals = torch.linalg.eigvalsh(H)
-    full = gl.hessian_spectrum(loss_fn, model, probes=2, steps=n, generator=4)
-    assert full.nodes.min() >= evals.min() - 1e-8 and full.nodes.max() <= evals.max() + 1e-8
 
 
 def test_errors():
@@ -184,19 +91,6 @@ def test_errors():
         gl.hessian_trace(lambda: torch.tensor(1.0), w)
     with pytest.raises(TypeError, match=r"hessian_trace: params is a str"):
         gl.hessian_trace(loss, "w")  # type: ignore[arg-type]
-
-
-def test_under_no_grad_and_linear_part_gives_zero():
-    w = torch.randn(3, requires_grad=True)
-    v = torch.randn(2, requires_grad=True)
-    with torch.no_grad():
-        diag = gl.hessian_diagonal(lambda: (w**3).sum() + v.sum(), [w, v], method="exact")
-    torch.testing.assert_close(diag[0], 6 * w.detach())
-    torch.testing.assert_close(diag[1], torch.zeros(2))
-
-
-# --------------------------------------------------------------------------------------------
-# per-block traces
 
 
 def _block_slices(model):
@@ -295,120 +189,6 @@ def test_trace_by_block_errors():
         gl.hessian_trace_by_block(loss, {"w": w}, samples=0)
     with pytest.raises(ValueError, match=rf"{fn}: mode='test' is not one of"):
         gl.hessian_trace_by_block(loss, {"w": w}, mode="test")
-
-
-# --------------------------------------------------------------------------------------------
-# progress
-
-
-def test_progress_true_prints_one_updating_line_to_stderr(capsys, device):
-    model, loss_fn, _ = _setup(device)
-    quiet = gl.hessian_trace(loss_fn, model, samples=200, generator=0)
-    assert capsys.readouterr().err == ""  # silent by default
-    loud = gl.hessian_trace(loss_fn, model, samples=200, generator=0, progress=True)
-    torch.testing.assert_close(loud, quiet, rtol=0, atol=0)
-    out, err = capsys.readouterr()
-    assert out == ""
-    assert err.startswith("\rhessian_trace: 0/200 Hessian-vector products, ")
-    assert err.endswith("\n") and err.count("\n") == 1  # one line, rewritten with \r
-    final = err.split("\r")[-1]
-    assert final.startswith("hessian_trace: 200/200 Hessian-vector products, ")
-    assert final.rstrip().endswith(" s") and "ETA" not in final
-
-
-def test_progress_is_throttled(capsys, monkeypatch):
-    from gradlab.curvature import _core as curvature
-
-    clock = [0.0]
-    monkeypatch.setattr(curvature.time, "perf_counter", lambda: clock[0])
-    prog = curvature._Progress("f", True)
-    with prog.run(1000):
-        for _ in range(1000):
-            clock[0] += 0.001  # 1000 products in one simulated second
-            prog.advance(1)
-    err = capsys.readouterr().err
-    # the first line, about ten updates in the second, and the final line
-    assert 10 <= err.count("\r") <= 13, err.count("\r")
-    assert err.split("\r")[-1].startswith("f: 1000/1000 Hessian-vector products, 1.0 s")
-
-
-def _run_each(name, loss_fn, model, progress):
-    calls = {
-        "trace": lambda: gl.hessian_trace(loss_fn, model, samples=50, progress=progress),
-        "trace-exact": lambda: gl.hessian_trace(loss_fn, model, method="exact", progress=progress),
-        "hutch++": lambda: gl.hessian_trace(
-            loss_fn, model, samples=30, method="hutch++", progress=progress
-        ),
-        "diagonal": lambda: gl.hessian_diagonal(loss_fn, model, samples=40, progress=progress),
-        "lanczos": lambda: gl.hessian_eigenvalues(loss_fn, model, k=2, progress=progress),
-        "power": lambda: gl.hessian_eigenvalues(
-            loss_fn, model, k=2, method="power", max_iter=30, progress=progress
-        ),
-        "spectrum": lambda: gl.hessian_spectrum(
-            loss_fn, model, probes=3, steps=10, progress=progress
-        ),
-        "by-block": lambda: gl.hessian_trace_by_block(
-            loss_fn, dict(model.named_children()), samples=20, progress=progress
-        ),
-    }
-    return calls[name]()
-
-
-# expected total products, from the model's n = 4*6+6 + 6+6 + 6*2+2 = 56 parameters
-_TOTALS = {
-    "trace": 50,
-    "trace-exact": 56,
-    "hutch++": 30,
-    "diagonal": 40,
-    "lanczos": None,  # stops early: ends at (done, done) with done <= min(100, n)
-    "power": None,
-    "spectrum": 30,
-    "by-block": 60,  # 3 blocks with parameters (the Tanh is empty) x 20 probes
-}
-
-
-@pytest.mark.parametrize("name", list(_TOTALS))
-def test_progress_callable_gets_increasing_counts_ending_at_total(name, capsys, device):
-    model, loss_fn, _ = _setup(device)
-    seen: list[tuple[int, int]] = []
-    _run_each(name, loss_fn, model, lambda done, total: seen.append((done, total)))
-    assert capsys.readouterr().err == ""  # a callable replaces the status line
-    assert seen, "the callable was never called"
-    assert seen[-1][0] == seen[-1][1]
-    expected = _TOTALS[name]
-    if expected is not None:
-        dones = [d for d, _ in seen]
-        assert all(a < b for a, b in itertools.pairwise(dones)), dones
-        assert seen[-1] == (expected, expected)
-        assert all(t == expected for _, t in seen)
-    else:  # early stop: counts up to the budget, then one last call (done, done)
-        budget = 56 if name == "lanczos" else 2 * 30
-        dones = [d for d, _ in seen[:-1]]
-        assert all(a < b for a, b in itertools.pairwise(dones)), dones
-        assert all(t == budget for _, t in seen[:-1])
-        assert seen[-1] == (dones[-1], dones[-1]) and dones[-1] < budget
-
-
-@pytest.mark.parametrize("bad", [1, "yes", None], ids=["int", "str", "none"])
-def test_progress_bad_type(bad):
-    w = torch.randn(3, requires_grad=True)
-    with pytest.raises(
-        TypeError, match=r"hessian_spectrum: progress is a \w+; pass True .*callable progress"
-    ):
-        gl.hessian_spectrum(lambda: (w**4).sum(), w, progress=bad)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"hessian_trace_by_block: progress is a"):
-        gl.hessian_trace_by_block(lambda: (w**4).sum(), {"w": w}, progress=bad)  # type: ignore[arg-type]
-
-
-def test_progress_line_is_ended_when_the_run_fails(capsys):
-    from gradlab.curvature import _core as curvature
-
-    prog = curvature._Progress("f", True)
-    with pytest.raises(RuntimeError, match="boom"), prog.run(10):
-        prog.advance(3)
-        raise RuntimeError("boom")
-    err = capsys.readouterr().err
-    assert err.endswith("\n") and err.count("\n") == 1  # the shell prompt starts on a new line
 
 
 def test_trace_by_block_overlapping_blocks_each_count_the_shared_parameter():

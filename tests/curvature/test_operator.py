@@ -1,0 +1,125 @@
+"""gradlab.curvature._operator: hessian_operator against the dense Hessian; batching; scipy."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import gradlab as gl
+from gradlab._derivatives._hvp_engine import GradGraph
+from gradlab.curvature import _operator
+from tests.curvature._helpers import dataset_problem
+
+
+def test_matvec_matmat_match_the_dense_hessian():
+    model, x, y, loss_fn, H, _ = dataset_problem()
+    op = gl.hessian_operator(lambda: loss_fn((x, y)), model)
+    n = H.shape[0]
+    assert op.shape == (n, n) and op.dtype == torch.float64
+    v = torch.randn(n, dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(v), H @ v, rtol=1e-12, atol=1e-12)
+    V = torch.randn(n, 7, dtype=torch.float64)
+    torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(op @ v, H @ v, rtol=1e-12, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "looped"])
+def test_batched_and_looped_products_agree(batched, monkeypatch):
+    model, x, y, loss_fn, H, _ = dataset_problem()
+    if not batched:
+        monkeypatch.setattr(_operator, "BATCHED_MAX_N", 0)
+    op = gl.hessian_operator(lambda: loss_fn((x, y)), model)
+    assert op.batched is batched and (op.chunk > 1) is batched
+    V = torch.randn(H.shape[0], 9, dtype=torch.float64)
+    torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-12, atol=1e-12)
+
+
+def test_an_op_that_cannot_be_batched_falls_back_to_one_at_a_time(monkeypatch):
+    model, x, y, loss_fn, H, _ = dataset_problem()
+    real = GradGraph.hvp
+    calls = {"batched": 0, "single": 0}
+
+    def hvp(self, vs, *, retain_graph=True, create_graph=False, batched=False):
+        calls["batched" if batched else "single"] += 1
+        if batched:
+            raise RuntimeError("no batching rule")
+        return real(self, vs, retain_graph=retain_graph, create_graph=create_graph)
+
+    monkeypatch.setattr(GradGraph, "hvp", hvp)
+    op = gl.hessian_operator(lambda: loss_fn((x, y)), model)
+    V = torch.randn(H.shape[0], 5, dtype=torch.float64)
+    torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-12, atol=1e-12)
+    assert op.batched is False and calls == {"batched": 1, "single": 5}
+    op.matmat(V)  # decided once: no second batched attempt
+    assert calls == {"batched": 1, "single": 10}
+
+
+def test_to_scipy_eigsh_finds_the_top_eigenvalue():
+    scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
+    model, x, y, loss_fn, H, _ = dataset_problem()
+    A = gl.hessian_operator(lambda: loss_fn((x, y)), model).to_scipy()
+    assert A.shape == tuple(H.shape) and A.dtype == "float64"
+    vals = scipy_linalg.eigsh(A, k=2, which="LM", return_eigenvectors=False)
+    evals = torch.linalg.eigvalsh(H)
+    expected = evals[torch.argsort(evals.abs(), descending=True)[:2]]
+    torch.testing.assert_close(
+        torch.as_tensor(sorted(vals, key=abs, reverse=True)), expected, rtol=1e-10, atol=1e-12
+    )
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(torch.as_tensor(A.matvec(v.numpy())), H @ v)
+    torch.testing.assert_close(torch.as_tensor(A.rmatvec(v.numpy())), H @ v)
+
+
+def test_to_scipy_without_scipy_says_how_to_install(monkeypatch):
+    w = torch.randn(3, requires_grad=True)
+    op = gl.hessian_operator(lambda: (w**4).sum(), w)
+    monkeypatch.setitem(sys.modules, "scipy.sparse.linalg", None)
+    with pytest.raises(ImportError, match=r"hessian_operator.to_scipy needs scipy.*pip install"):
+        op.to_scipy()
+
+
+def test_operator_errors():
+    w = torch.randn(3, requires_grad=True)
+    op = gl.hessian_operator(lambda: (w**4).sum(), w)
+    with pytest.raises(ValueError, match=r"hessian_operator.matvec: v has shape \(4,\); pass a"):
+        op.matvec(torch.ones(4))
+    with pytest.raises(ValueError, match=r"hessian_operator.matmat: V has shape \(3,\); pass a"):
+        op.matmat(torch.ones(3))
+    with pytest.raises(TypeError, match=r"hessian_operator: loss_fn is a int, expected a callable"):
+        gl.hessian_operator(3, w)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"hessian_operator: loss_fn must return a scalar"):
+        gl.hessian_operator(lambda: w**2, w)
+    with pytest.raises(TypeError, match=r"hessian_operator: distributed is a str; pass True"):
+        gl.hessian_operator(lambda: (w**4).sum(), w, distributed="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"hessian_operator: params mix dtypes"):
+        gl.hessian_operator(
+            lambda: (w**4).sum(), [w, torch.ones(2, dtype=torch.float64, requires_grad=True)]
+        )
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "looped"])
+def test_the_number_of_products_is_the_documented_one(batched, monkeypatch):
+    """No hidden work: hessian_trace(samples=30) applies exactly 30 vectors, nothing else."""
+    model, x, y, loss_fn, _, _ = dataset_problem()
+    if not batched:
+        monkeypatch.setattr(_operator, "BATCHED_MAX_N", 0)
+    real = GradGraph.hvp
+    vectors = []
+
+    def hvp(self, vs, *, retain_graph=True, create_graph=False, batched=False):
+        vectors.append(vs[0].shape[0] if batched else 1)
+        return real(self, vs, retain_graph=retain_graph, create_graph=create_graph, batched=batched)
+
+    monkeypatch.setattr(GradGraph, "hvp", hvp)
+    seen = []
+    gl.hessian_trace(
+        lambda: loss_fn((x, y)), model, samples=30, progress=lambda d, t: seen.append(d)
+    )
+    assert sum(vectors) == 30 and seen[-1] == 30
+    assert len(vectors) == (1 if batched else 30)
+    vectors.clear()
+    gl.hessian_trace(lambda: loss_fn((x, y)), model, samples=30, method="hutch++")
+    assert sum(vectors) == 30
