@@ -186,6 +186,25 @@ def _reaches(roots: Iterable[object], stop: object, targets: set[int]) -> bool:
     return False
 
 
+def _where(t: torch.Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    return t.data_ptr(), tuple(t.shape), t.stride()
+
+
+def _alias(x: torch.Tensor, out: torch.Tensor | None) -> bool:
+    """Whether ``x`` is ``out``, or ``out`` passed through the identity function that module
+    full backward hooks wrap inputs and outputs in (``register_full_backward_hook``, BackPACK)."""
+    if x is out:
+        return True
+    fn = x.grad_fn
+    return (
+        out is not None
+        and fn is not None
+        and type(fn).__name__ == "BackwardHookFunctionBackward"
+        and any(nxt is out.grad_fn for nxt, _ in fn.next_functions)
+        and _where(x) == _where(out)
+    )
+
+
 def _chain(calls: list[_Call], params: list[torch.Tensor]) -> list[_Call] | None:
     """The chain from the first call owning a listed parameter to the output, or None."""
     ids = {id(p) for p in params}
@@ -198,15 +217,15 @@ def _chain(calls: list[_Call], params: list[torch.Tensor]) -> list[_Call] | None
                 owners[id(p)] = i
     if len(owners) != len(ids):
         return None  # a listed parameter outside the supported modules (or unused)
-    producers: dict[tuple[int, int], int] = {}
+    producers: dict[tuple[int, tuple[int, ...], tuple[int, ...]], list[int]] = {}
     for i, c in enumerate(calls):
         assert c.out is not None
-        producers[(id(c.out), c.out_version)] = i
+        producers.setdefault(_where(c.out), []).append(i)
     consumers: dict[int, list[int]] = {}
     for j, c in enumerate(calls):
-        i = producers.get((id(c.inp), c.in_version))
-        if i is not None and i < j and calls[i].out is c.inp:
-            consumers.setdefault(i, []).append(j)
+        for i in producers.get(_where(c.inp), ()):
+            if i < j and c.in_version == calls[i].out_version and _alias(c.inp, calls[i].out):
+                consumers.setdefault(i, []).append(j)
     start = min(owners.values())
     chain = [start]
     while chain[-1] in consumers:
@@ -250,25 +269,42 @@ def _output_hessian(
     N = out.numel() // C
     if not g.requires_grad:  # loss linear in the output
         return out.new_zeros(N, C, C), g.detach().reshape(N, C)
-    cols = []
-    v = torch.zeros_like(out)
-    flat = v.view(N, C)
-    for c in range(C):
-        flat.zero_()
-        flat[:, c] = 1
-        (hv,) = torch.autograd.grad(g, out, v, retain_graph=True, allow_unused=True)
-        cols.append(torch.zeros_like(out) if hv is None else hv)
-    H = torch.stack([h.reshape(N, C) for h in cols], dim=2)  # H[n, :, c] = column c
-    H = (H + H.mT) / 2
-    # separability: one more product on a random vector must match the block-diagonal one
+    # columns e_c of every sample's block, and a random probe that checks separability
     gen = torch.Generator(device=out.device).manual_seed(0)
-    probe = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
-    (hv,) = torch.autograd.grad(g, out, probe, allow_unused=True)
-    hv = torch.zeros_like(out) if hv is None else hv
-    block = torch.einsum("nij,nj->ni", H, probe.reshape(N, C))
+    probe = torch.randn((N, C), generator=gen, device=out.device, dtype=out.dtype)
+    V = torch.cat(
+        [
+            torch.eye(C, dtype=out.dtype, device=out.device).unsqueeze(1).expand(C, N, C),
+            probe.unsqueeze(0),
+        ]
+    )
+    try:  # one batched double backward through the loss part
+        (HV,) = torch.autograd.grad(
+            g,
+            out,
+            V.reshape(C + 1, *out.shape),
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+    except RuntimeError:  # an op without a batching rule: one product at a time
+        cols = [
+            torch.autograd.grad(g, out, v.reshape(out.shape), retain_graph=True, allow_unused=True)[
+                0
+            ]
+            for v in V
+        ]
+        HV = None if cols[0] is None else torch.stack(cols)
+    if HV is None:
+        return out.new_zeros(N, C, C), g.detach().reshape(N, C)
+    HV = HV.reshape(C + 1, N, C)
+    H = HV[:C].permute(1, 2, 0)  # H[n, :, c] = column c of sample n's block
+    H = (H + H.mT) / 2
+    hv = HV[C]
+    block = torch.einsum("nij,nj->ni", H, probe)
     eps = torch.finfo(out.dtype).eps
-    scale = torch.einsum("nij,nj->ni", H.abs(), probe.reshape(N, C).abs()).norm()
-    if (hv.reshape(N, C) - block).norm() > 1e3 * eps * (scale + hv.norm()):
+    scale = torch.einsum("nij,nj->ni", H.abs(), probe.abs()).norm()
+    if (hv - block).norm() > 1e3 * eps * (scale + hv.norm()):
         return None
     return H, g.detach().reshape(N, C)
 
@@ -289,33 +325,40 @@ def _derivatives(call: _Call, need_second: bool) -> tuple[torch.Tensor, torch.Te
 
 
 class _Curvature:
-    """Per-sample Hessians of a chunk of samples w.r.t. one activation of width d:
-    ``full`` (n, d, d), or ``S diag(sign) S^T + diag(r)`` with S (n, d, m), sign (n, m)."""
+    """Per-sample Hessians of a chunk of n samples w.r.t. one activation of width d.
+
+    Either ``full`` (n, d, d), or the sum of three terms: the loss term ``A M A^T`` (A of shape
+    (d, n or 1, m): the transposed Jacobian of the output, M (n, m, m): the loss Hessian), the
+    residual terms ``B diag(s) B^T`` (B (d, n, k), s (n, k) of +-1) and ``diag(r)`` (n, d).
+    Factors keep the feature dimension first, so that a linear layer is one matrix product.
+    """
 
     def __init__(
         self,
         *,
         full: torch.Tensor | None = None,
-        S: torch.Tensor | None = None,
-        sign: torch.Tensor | None = None,
+        A: torch.Tensor | None = None,
+        M: torch.Tensor | None = None,
+        B: torch.Tensor | None = None,
+        s: torch.Tensor | None = None,
         r: torch.Tensor | None = None,
     ):
-        self.full, self.S, self.sign, self.r = full, S, sign, r
+        self.full, self.A, self.M, self.B, self.s, self.r = full, A, M, B, s, r
 
     @classmethod
-    def factor(cls, H: torch.Tensor) -> _Curvature:
-        """Signed factor of symmetric (n, C, C) blocks (eigendecomposition; diagonal: direct)."""
-        d = H.diagonal(dim1=1, dim2=2)
-        if torch.equal(H, torch.diag_embed(d)):
-            return cls(S=torch.diag_embed(d.abs().sqrt()), sign=d.sign())
-        lam, Q = torch.linalg.eigh(H)
-        return cls(S=Q * lam.abs().sqrt().unsqueeze(1), sign=lam.sign())
+    def output(cls, H: torch.Tensor) -> _Curvature:
+        """At the chain's output: A = I, M = the per-sample loss Hessians (n, C, C)."""
+        eye = torch.eye(H.shape[1], dtype=H.dtype, device=H.device)
+        return cls(A=eye.unsqueeze(1), M=H)
 
     def diag(self) -> torch.Tensor:
         if self.full is not None:
             return self.full.diagonal(dim1=1, dim2=2)
-        assert self.S is not None and self.sign is not None
-        out = torch.einsum("nim,nm->ni", self.S * self.S, self.sign)
+        assert self.A is not None and self.M is not None
+        A = self.A.transpose(0, 1)  # (n, d, m)
+        out = ((A @ self.M) * A).sum(-1)
+        if self.B is not None:
+            out = out + torch.einsum("dnk,nk->nd", self.B * self.B, self.s)
         return out if self.r is None else out + self.r
 
     def scale(self, d1: torch.Tensor, residual: torch.Tensor | None) -> _Curvature:
@@ -325,37 +368,51 @@ class _Curvature:
             if residual is not None:
                 full.diagonal(dim1=1, dim2=2).add_(residual)
             return _Curvature(full=full)
-        assert self.S is not None
+        assert self.A is not None
+        col = d1.T.unsqueeze(2)
+        B = None if self.B is None else self.B * col
         r = None if self.r is None else self.r * d1 * d1
         if residual is not None:
             r = residual if r is None else r + residual
-        return _Curvature(S=self.S * d1.unsqueeze(2), sign=self.sign, r=r)
+        return _Curvature(A=self.A * col, M=self.M, B=B, s=self.s, r=r)
 
     def to_full(self) -> torch.Tensor:
         if self.full is not None:
             return self.full
-        assert self.S is not None and self.sign is not None
-        full = (self.S * self.sign.unsqueeze(1)) @ self.S.mT
+        assert self.A is not None and self.M is not None
+        A = self.A.transpose(0, 1)
+        full = (A @ self.M) @ A.mT
+        if self.B is not None:
+            B = self.B.transpose(0, 1)
+            full = full + (B * self.s.unsqueeze(1)) @ B.mT  # type: ignore[union-attr]
         if self.r is not None:
             full.diagonal(dim1=1, dim2=2).add_(self.r)
         return full
 
     def width_after(self) -> int:
         """Factor width after a linear layer (the residual diagonal adds d columns)."""
-        assert self.S is not None
-        return self.S.shape[2] + (0 if self.r is None else self.S.shape[1])
+        assert self.A is not None
+        d, m = self.A.shape[0], self.A.shape[2]
+        return m + (0 if self.B is None else self.B.shape[2]) + (0 if self.r is None else d)
 
     def linear(self, W: torch.Tensor) -> _Curvature:
         """W^T H W for z = W x (W of shape (d_out, d_in))."""
-        d_in = W.shape[1]
-        if self.full is None and self.width_after() < d_in:
-            assert self.S is not None and self.sign is not None
-            S, sign = W.T @ self.S, self.sign
+        if self.full is None and self.width_after() < W.shape[1]:
+            assert self.A is not None
+            WT = W.T
+            B, s = (None, None) if self.B is None else (_left(WT, self.B), self.s)
             if self.r is not None:
-                S = torch.cat([S, W.T * self.r.abs().sqrt().unsqueeze(1)], dim=2)
-                sign = torch.cat([sign, self.r.sign()], dim=1)
-            return _Curvature(S=S, sign=sign)
+                B_r = WT.unsqueeze(1) * self.r.abs().sqrt().unsqueeze(0)
+                B = B_r if B is None else torch.cat([B, B_r], dim=2)
+                s = self.r.sign() if s is None else torch.cat([s, self.r.sign()], dim=1)
+            return _Curvature(A=_left(WT, self.A), M=self.M, B=B, s=s)
         return _Curvature(full=W.T @ self.to_full() @ W)
+
+
+def _left(WT: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+    """W^T applied to a factor of shape (d_out, n, m): one matrix product."""
+    d, n, m = F.shape
+    return (WT @ F.reshape(d, n * m)).reshape(WT.shape[0], n, m)
 
 
 def _chunk_rows(chain: list[_Call], C: int, second: list[bool], n: int) -> int:
@@ -450,7 +507,7 @@ def exact_diagonal(
     rows = _chunk_rows(chain, C, second, N)
     for lo in range(0, N, rows):
         hi = min(N, lo + rows)
-        curv = _Curvature.factor(H_out[lo:hi])
+        curv = _Curvature.output(H_out[lo:hi])
         g = g_out[lo:hi]
         for k in range(len(chain) - 1, -1, -1):
             c = chain[k]
