@@ -115,6 +115,12 @@ class _Call:
     def is_layer(self) -> bool:
         return type(self.module) in _LAYERS
 
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.module._parameters["weight"]
+        assert w is not None
+        return w.detach()
+
 
 class _Recorder:
     """Global forward (pre-)hooks recording supported module calls of this thread only."""
@@ -425,7 +431,7 @@ def _chunk_rows(chain: list[_Call], C: int, second: list[bool], n: int) -> int:
         if not c.is_layer:
             residual = residual or second[k]
             continue
-        d_in = c.module.weight.shape[1]  # type: ignore[union-attr]
+        d_in = int(c.weight.shape[1])
         after = width + (dim if residual else 0)
         if not full and after < d_in:
             width = after
@@ -502,7 +508,6 @@ def exact_diagonal(
             derivs[k] = (d1.reshape(N, -1), d2.reshape(N, -1) if second[k] else None)  # type: ignore[union-attr]
 
     slot = {id(p): i for i, p in enumerate(params)}
-    result: list[torch.Tensor | None] = [None] * len(params)
     acc: dict[int, torch.Tensor] = {}
     rows = _chunk_rows(chain, C, second, N)
     for lo in range(0, N, rows):
@@ -517,19 +522,17 @@ def exact_diagonal(
                 curv = curv.scale(d1[lo:hi], residual)
                 g = g * d1[lo:hi]
                 continue
-            W = c.module.weight.detach()  # type: ignore[union-attr]
+            W = c.weight
             x = c.inp.detach().reshape(N, -1)[lo:hi]
             dz = curv.diag()
             for name in ("weight", "bias"):
-                p = c.module._parameters.get(name)
-                if p is not None and id(p) in slot:
-                    i = slot[id(p)]
+                param = c.module._parameters.get(name)
+                if param is not None and id(param) in slot:
+                    i = slot[id(param)]
                     value = dz.T @ (x * x) if name == "weight" else dz.sum(0)
                     acc[i] = value if i not in acc else acc[i] + value
             if k == 0:
                 break
             curv = curv.linear(W)
             g = g @ W
-    for i, p in enumerate(params):
-        result[i] = acc[i].reshape(p.shape).to(p.dtype)
-    return result  # type: ignore[return-value]
+    return [acc[i].reshape(p.shape).to(p.dtype) for i, p in enumerate(params)]

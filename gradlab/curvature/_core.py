@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from gradlab._errors import GraphError
+from gradlab.curvature._backprop import exact_diagonal
 
 __all__ = [
     "Eigenpairs",
@@ -462,8 +463,12 @@ def hessian_diagonal(
 
     ``"hutchinson"``: :math:`\operatorname{diag} H \approx \frac1m \sum_i z_i \odot H z_i` with
     Rademacher probes (Bekas et al. 2007; unbiased, the error of entry j falls as
-    :math:`\sqrt{\sum_{k\ne j} H_{jk}^2 / m}`). ``"exact"``: :math:`H_{jj} = e_j^\top H e_j`
-    (n products).
+    :math:`\sqrt{\sum_{k\ne j} H_{jk}^2 / m}`). ``"exact"``: by Hessian backpropagation
+    (one forward pass and a backward pass of per-sample curvature; no products, ``progress`` is
+    not called) when the parameters sit in a chain of ``nn.Linear`` and element-wise activation
+    modules followed by a loss separable over samples (see ``gradlab.curvature._backprop`` for
+    the modules that take this fast path); otherwise :math:`H_{jj} = e_j^\top H e_j` (n products,
+    and ``loss_fn`` is called once more).
 
     Args:
         loss_fn: zero-argument callable returning a scalar loss.
@@ -492,6 +497,12 @@ def hessian_diagonal(
     gen = _generator(fn, generator)
     prog = _Progress(fn, progress)
     with _model_state(fn, params, mode):
+        if method == "exact" and callable(loss_fn):  # Hessian backpropagation, if supported
+            fast = exact_diagonal(loss_fn, tensors)
+            if fast is not None:  # no Hessian-vector products: progress is not called
+                if structure == "tensor":
+                    return fast[0]
+                return tuple(fast) if structure == "sequence" else dict(zip(structure, fast))
         H = _Hessian(fn, loss_fn, tensors, count=prog.advance)
         with prog.run(H.n if method == "exact" else samples):
             if method == "exact":
