@@ -11,12 +11,13 @@ are kept.
 Fast path (everything else: ``None``, and the caller falls back to Hessian-vector products):
 
 * parameters: the ``weight`` and ``bias`` of ``nn.Linear`` modules (any leading dimensions; every
-  row of the flattened leading dimensions is a *sample*);
+  row of the flattened leading dimensions is a *sample*) and of ``nn.Conv2d`` modules (any
+  stride, dilation and integer padding; ``groups=1``, zero padding; a sample is an image);
 * between them: element-wise activation modules (``ReLU``, ``ReLU6``, ``LeakyReLU``,
   ``Hardtanh``, ``Hardsigmoid``, ``Hardswish``, ``Sigmoid``, ``Tanh``, ``ELU``, ``SELU``,
   ``CELU``, ``GELU``, ``SiLU``, ``Mish``, ``Softplus``, ``LogSigmoid``, ``Softsign``,
-  ``Tanhshrink``; in-place variants too), ``Dropout`` in eval mode, and modules that return their
-  input (``Identity``);
+  ``Tanhshrink``; in-place variants too), ``Dropout`` in eval mode, ``Flatten()`` (from dim 1),
+  and modules that return their input (``Identity``);
 * the chain: each module's input is the previous module's output (the same tensor object,
   unmodified); the first parametrised module's input does not depend on ``params``; each listed
   parameter belongs to exactly one call of one chain module; the chain's modules may also hold
@@ -26,8 +27,10 @@ Fast path (everything else: ``None``, and the caller falls back to Hessian-vecto
   reduction, plus whatever follows the chain: a ``Softmax``, a scaling). The loss may not use the
   parameters otherwise (no weight decay term, no residual connection around the chain).
 
-Not on the fast path: convolutions, normalisation layers, attention, shared or tied weights,
-residual connections, parameters passed as non-leaf tensors, losses that couple samples.
+Not on the fast path: other convolutions (1-d, 3-d, grouped, transposed), pooling,
+normalisation layers, attention, shared or tied weights, residual connections, parameters passed
+as non-leaf tensors, losses that couple samples, and outputs wider than ``_MAX_OUTPUT`` features
+per sample (the loss Hessian is computed with one product per output feature).
 
 Algorithm. With :math:`\ell = \sum_n \ell_n(o_n)` and per-sample Hessians
 :math:`H^o_n = \nabla^2_{o_n} \ell` (found by autograd: C Hessian-vector products through the
@@ -41,11 +44,15 @@ vector), the per-sample Hessian w.r.t. each pre-activation follows from
 for :math:`z = W x + b`, :math:`h = \sigma(z)`, :math:`D_n = \operatorname{diag}\sigma'(z_n)`
 and :math:`g^h_n` the gradient w.r.t. :math:`h_n`. Then
 :math:`\operatorname{diag} H_{W_{ij}} = \sum_n [H^z_n]_{ii}\, x_{nj}^2` and
-:math:`\operatorname{diag} H_{b_i} = \sum_n [H^z_n]_{ii}`. :math:`H^z_n` is kept as a signed
-factor :math:`S_n \operatorname{diag}(s_n) S_n^\top + \operatorname{diag}(r_n)` (an
-eigendecomposition of :math:`H^o_n`; each residual diagonal becomes :math:`d` more columns when
-it passes a linear layer) while the factor is narrower than the layer, and as the full
+:math:`\operatorname{diag} H_{b_i} = \sum_n [H^z_n]_{ii}`. :math:`H^z_n` is kept factored,
+:math:`A_n H^o_n A_n^\top + B_n \operatorname{diag}(s_n) B_n^\top + \operatorname{diag}(r_n)`
+with :math:`A_n = J_n^\top` the transposed Jacobian of the output (so the loss Hessian needs no
+square root, and may be indefinite) and signed square-root columns for the residual diagonals
+(each becomes :math:`d` more columns when it passes a layer), while the factor is narrower than
+the layer, and as the full
 :math:`d \times d` matrix otherwise; samples are processed in chunks that bound the memory.
+A convolution applies :math:`W^\top` to the factor by ``conv2d_input`` and gets its weight
+diagonal from the unfolded input, as BackPACK does.
 Cost: one forward pass, C + 1 products through the loss, and per linear layer
 :math:`O(N d_{in} d_{out} m)` with :math:`m \le d` the factor width (:math:`m = C` for
 piecewise-linear activations).
@@ -53,12 +60,14 @@ piecewise-linear activations).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.grad import conv2d_input
 
 __all__ = ["exact_diagonal"]
 
@@ -72,6 +81,7 @@ _ELEMENTWISE: dict[type[nn.Module], bool] = {
     nn.Hardsigmoid: True,
     nn.Dropout: True,  # only in eval mode (or p == 0): the identity
     nn.Identity: True,
+    nn.Flatten: True,  # only from dim 1 on: a reshape of each sample's features
     nn.Hardswish: False,
     nn.Sigmoid: False,
     nn.Tanh: False,
@@ -87,8 +97,11 @@ _ELEMENTWISE: dict[type[nn.Module], bool] = {
     nn.Tanhshrink: False,
 }
 
-# Modules whose weight (and bias) take the fast path.
-_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear,)
+# Modules whose weight (and bias) take the fast path (their per-sample maps: _LinearOp, _ConvOp).
+_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+# Widest output (features per sample) whose loss Hessian is computed (C + 1 batched products).
+_MAX_OUTPUT = 1024
 
 # Elements of per-chunk curvature storage (rows x width x dim) before samples are chunked.
 _CHUNK_ELEMENTS = 2**23
@@ -97,6 +110,14 @@ _CHUNK_ELEMENTS = 2**23
 def _usable(module: nn.Module) -> bool:
     if type(module) is nn.Dropout:
         return not module.training or module.p == 0
+    if type(module) is nn.Flatten:
+        return module.start_dim == 1 and module.end_dim == -1
+    if type(module) is nn.Conv2d:
+        return (
+            module.groups == 1
+            and module.padding_mode == "zeros"
+            and (not isinstance(module.padding, str) or module.padding == "valid")
+        )
     return True
 
 
@@ -148,7 +169,7 @@ class _Recorder:
         if threading.get_ident() != self.thread:
             return
         kind = type(module)
-        supported = kind in _LAYERS or (kind in _ELEMENTWISE and _usable(module))
+        supported = (kind in _LAYERS or kind in _ELEMENTWISE) and _usable(module)
         if not supported:
             if any(id(p) in self.param_ids for p in module._parameters.values()):
                 self.foreign = True
@@ -263,16 +284,15 @@ def _valid(chain: list[_Call], params: list[torch.Tensor], loss: torch.Tensor) -
 
 
 def _output_hessian(
-    loss: torch.Tensor, out: torch.Tensor
+    loss: torch.Tensor, out: torch.Tensor, N: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-sample Hessian (N, C, C) and gradient (N, C) of the loss w.r.t. the chain's output,
     or None when the loss is not separable over samples (rows) or does not use the output."""
-    C = out.shape[-1]
+    C = out.numel() // N
     with torch.enable_grad():
         (g,) = torch.autograd.grad(loss.sum(), out, create_graph=True, allow_unused=True)
     if g is None:
         return None
-    N = out.numel() // C
     if not g.requires_grad:  # loss linear in the output
         return out.new_zeros(N, C, C), g.detach().reshape(N, C)
     # columns e_c of every sample's block, and a random probe that checks separability
@@ -401,45 +421,163 @@ class _Curvature:
         d, m = self.A.shape[0], self.A.shape[2]
         return m + (0 if self.B is None else self.B.shape[2]) + (0 if self.r is None else d)
 
-    def linear(self, W: torch.Tensor) -> _Curvature:
-        """W^T H W for z = W x (W of shape (d_out, d_in))."""
-        if self.full is None and self.width_after() < W.shape[1]:
+    def back(self, op: _LayerOp) -> _Curvature:
+        """W^T H W for a layer z = W x + b (``op`` applies W^T)."""
+        if self.full is None and self.width_after() < op.d_in:
             assert self.A is not None
-            WT = W.T
-            B, s = (None, None) if self.B is None else (_left(WT, self.B), self.s)
+            B, s = (None, None) if self.B is None else (op.left(self.B), self.s)
             if self.r is not None:
-                B_r = WT.unsqueeze(1) * self.r.abs().sqrt().unsqueeze(0)
+                B_r = op.dense().unsqueeze(1) * self.r.abs().sqrt().unsqueeze(0)
                 B = B_r if B is None else torch.cat([B, B_r], dim=2)
                 s = self.r.sign() if s is None else torch.cat([s, self.r.sign()], dim=1)
-            return _Curvature(A=_left(WT, self.A), M=self.M, B=B, s=s)
-        return _Curvature(full=W.T @ self.to_full() @ W)
+            return _Curvature(A=op.left(self.A), M=self.M, B=B, s=s)
+        WT = op.dense()
+        return _Curvature(full=WT @ self.to_full() @ WT.T)
+
+    def factored(self) -> _Curvature:
+        """The same curvature with the full matrix as the loss-term factor (A = I)."""
+        if self.full is None:
+            return self
+        eye = torch.eye(self.full.shape[1], dtype=self.full.dtype, device=self.full.device)
+        return _Curvature(A=eye.unsqueeze(1), M=self.full)
 
 
-def _left(WT: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
-    """W^T applied to a factor of shape (d_out, n, m): one matrix product."""
-    d, n, m = F.shape
-    return (WT @ F.reshape(d, n * m)).reshape(WT.shape[0], n, m)
+class _LayerOp:
+    """One recorded call of a parametrised layer z = W x + b, per sample (features flattened)."""
+
+    rows: int  # samples: rows of the flattened input
+    d_in: int
+    d_out: int
+
+    def left(self, F: torch.Tensor) -> torch.Tensor:
+        """W^T applied to the columns of F of shape (d_out, n, m): (d_in, n, m)."""
+        raise NotImplementedError
+
+    def dense(self) -> torch.Tensor:
+        """W^T as a (d_in, d_out) matrix."""
+        raise NotImplementedError
+
+    def diagonals(self, curv: _Curvature, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """Hessian diagonals of weight and bias from samples lo:hi, curvature at the output."""
+        raise NotImplementedError
+
+    def grad_back(self, g: torch.Tensor) -> torch.Tensor:
+        """Gradient (n, d_out) at the output -> (n, d_in) at the input."""
+        return self.left(g.T.unsqueeze(2)).squeeze(2).T
 
 
-def _chunk_rows(chain: list[_Call], C: int, second: list[bool], n: int) -> int:
+class _LinearOp(_LayerOp):
+    def __init__(self, call: _Call):
+        self.W = call.weight
+        self.d_out, self.d_in = self.W.shape
+        self.rows = call.inp.numel() // self.d_in
+        self.x = call.inp.detach().reshape(self.rows, self.d_in)
+
+    def left(self, F: torch.Tensor) -> torch.Tensor:
+        d, n, m = F.shape
+        return (self.W.T @ F.reshape(d, n * m)).reshape(self.d_in, n, m)
+
+    def dense(self) -> torch.Tensor:
+        return self.W.T
+
+    def diagonals(self, curv: _Curvature, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        x = self.x[lo:hi]
+        dz = curv.diag()
+        return {"weight": dz.T @ (x * x), "bias": dz.sum(0)}
+
+    def grad_back(self, g: torch.Tensor) -> torch.Tensor:
+        return g @ self.W
+
+
+class _ConvOp(_LayerOp):
+    """nn.Conv2d (groups 1, zero padding): W^T by ``conv2d_input``, weight diagonals from the
+    unfolded input (``F.unfold``), as in BackPACK's convolution extensions."""
+
+    def __init__(self, call: _Call):
+        m = call.module
+        assert isinstance(m, nn.Conv2d) and call.out is not None
+        x = call.inp.detach()
+        self.x = x if x.dim() == 4 else x.unsqueeze(0)
+        self.rows = self.x.shape[0]
+        self.W = call.weight
+        self.in_shape = tuple(self.x.shape[1:])
+        self.out_shape = tuple(call.out.shape[-3:])
+        self.d_in = math.prod(self.in_shape)
+        self.d_out = math.prod(self.out_shape)
+        self.padding = (0, 0) if isinstance(m.padding, str) else m.padding
+        self.stride, self.dilation = m.stride, m.dilation
+        self._dense: torch.Tensor | None = None
+
+    def left(self, F: torch.Tensor) -> torch.Tensor:
+        _, n, m = F.shape
+        grad = F.permute(1, 2, 0).reshape(n * m, *self.out_shape)
+        x = conv2d_input(
+            (n * m, *self.in_shape), self.W, grad, self.stride, self.padding, self.dilation
+        )
+        return x.reshape(n, m, self.d_in).permute(2, 0, 1)
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            eye = torch.eye(self.d_out, dtype=self.W.dtype, device=self.W.device)
+            self._dense = self.left(eye.unsqueeze(1)).squeeze(1)
+        return self._dense
+
+    def diagonals(self, curv: _Curvature, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        curv = curv.factored()
+        assert curv.A is not None and curv.M is not None
+        X = nn.functional.unfold(
+            self.x[lo:hi], self.W.shape[2:], self.dilation, self.padding, self.stride
+        )  # (n, J, P)
+        n, C_out, P = X.shape[0], self.out_shape[0], X.shape[2]
+        A = curv.A.reshape(C_out, P, curv.A.shape[1], -1).expand(-1, -1, n, -1)
+        G = torch.einsum("opna,njp->noja", A, X)
+        weight = (torch.einsum("noja,nab->nojb", G, curv.M) * G).sum((0, 3))
+        gb = A.sum(1)
+        bias = torch.einsum("ona,nab,onb->o", gb, curv.M, gb)
+        if curv.B is not None:
+            B = curv.B.reshape(C_out, P, n, -1)
+            GB = torch.einsum("opnk,njp->nojk", B, X)
+            weight = weight + torch.einsum("nojk,nk->oj", GB * GB, curv.s)
+            bb = B.sum(1)
+            bias = bias + torch.einsum("onk,nk->o", bb * bb, curv.s)
+        if curv.r is not None:
+            r = curv.r.reshape(n, C_out, P)
+            weight = weight + torch.einsum("nop,njp->oj", r, X * X)
+            bias = bias + r.sum((0, 2))
+        return {"weight": weight.reshape(self.W.shape), "bias": bias}
+
+
+_OPS: dict[type[nn.Module], Callable[[_Call], _LayerOp]] = {
+    nn.Linear: _LinearOp,
+    nn.Conv2d: _ConvOp,
+}
+
+
+def _chunk_rows(
+    chain: list[_Call], ops: dict[int, _LayerOp], C: int, second: list[bool], n: int
+) -> int:
     """Samples per chunk so that the curvature storage stays under _CHUNK_ELEMENTS: replays the
-    choices of :meth:`_Curvature.linear` (factor while narrower than the layer, else full)."""
+    choices of :meth:`_Curvature.back` (factor while narrower than the layer, else full)."""
     full, width, dim, residual = False, C, C, False
     peak = C * C
-    for k in range(len(chain) - 1, 0, -1):
-        c = chain[k]
-        if not c.is_layer:
+    for k in range(len(chain) - 1, -1, -1):
+        if k not in ops:
             residual = residual or second[k]
             continue
-        d_in = int(c.weight.shape[1])
+        op = ops[k]
+        if isinstance(op, _ConvOp):  # the unfolded input and its products with the factors
+            J = op.W[0].numel()
+            peak = max(peak, J * (op.d_out // op.out_shape[0] + op.out_shape[0] * (width + dim)))
+        if k == 0:
+            break
         after = width + (dim if residual else 0)
-        if not full and after < d_in:
+        if not full and after < op.d_in:
             width = after
-            peak = max(peak, d_in * width)
+            peak = max(peak, op.d_in * width)
         else:
             full = True
-            peak = max(peak, dim * dim, d_in * dim, d_in * d_in, dim * width)
-        dim, residual = d_in, False
+            peak = max(peak, dim * dim, op.d_in * dim, op.d_in * op.d_in, dim * width)
+        dim, residual = op.d_in, False
     return max(1, min(n, _CHUNK_ELEMENTS // peak))
 
 
@@ -488,51 +626,57 @@ def exact_diagonal(
     chain = _chain(rec.calls, params)
     if chain is None or not _valid(chain, params, loss):
         return None
+    ops = {k: _OPS[type(c.module)](c) for k, c in enumerate(chain) if c.is_layer}
+    N = ops[0].rows
     out = chain[-1].out
     assert out is not None
-    found = _output_hessian(loss, out)
+    if any(op.rows != N for op in ops.values()) or out.numel() % N:
+        return None  # layers disagree on what a sample is
+    if out.numel() // N > _MAX_OUTPUT:
+        return None
+    found = _output_hessian(loss, out, N)
     del loss
     if found is None:
         return None
     H_out, g_out = found
-    N, C = g_out.shape
+    C = g_out.shape[1]
 
     # activations: sigma' and sigma'' (every one follows a parametrised layer: the chain
     # starts at one); second[k]: the residual term g * sigma'' is not zero
     second = [False] * len(chain)
     derivs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for k, c in enumerate(chain):
-        if not c.is_layer:
+        if k not in ops:
             d1, d2 = _derivatives(c, need_second=True)
             second[k] = d2 is not None and bool(d2.any())
             derivs[k] = (d1.reshape(N, -1), d2.reshape(N, -1) if second[k] else None)  # type: ignore[union-attr]
 
     slot = {id(p): i for i, p in enumerate(params)}
     acc: dict[int, torch.Tensor] = {}
-    rows = _chunk_rows(chain, C, second, N)
+    rows = _chunk_rows(chain, ops, C, second, N)
     for lo in range(0, N, rows):
         hi = min(N, lo + rows)
         curv = _Curvature.output(H_out[lo:hi])
         g = g_out[lo:hi]
         for k in range(len(chain) - 1, -1, -1):
-            c = chain[k]
-            if not c.is_layer:
+            if k not in ops:
                 d1, d2 = derivs[k]
                 residual = None if d2 is None else g * d2[lo:hi]
                 curv = curv.scale(d1[lo:hi], residual)
                 g = g * d1[lo:hi]
                 continue
-            W = c.weight
-            x = c.inp.detach().reshape(N, -1)[lo:hi]
-            dz = curv.diag()
-            for name in ("weight", "bias"):
-                param = c.module._parameters.get(name)
-                if param is not None and id(param) in slot:
-                    i = slot[id(param)]
-                    value = dz.T @ (x * x) if name == "weight" else dz.sum(0)
-                    acc[i] = value if i not in acc else acc[i] + value
+            op = ops[k]
+            wanted = {
+                name: slot[id(p)]
+                for name, p in chain[k].module._parameters.items()
+                if p is not None and id(p) in slot
+            }
+            if wanted:
+                diagonals = op.diagonals(curv, lo, hi)
+                for name, i in wanted.items():
+                    acc[i] = diagonals[name] if i not in acc else acc[i] + diagonals[name]
             if k == 0:
                 break
-            curv = curv.linear(W)
-            g = g @ W
+            curv = curv.back(op)
+            g = op.grad_back(g)
     return [acc[i].reshape(p.shape).to(p.dtype) for i, p in enumerate(params)]

@@ -135,6 +135,39 @@ def test_leading_dimensions_are_samples_and_output_activation():
     )
 
 
+@pytest.mark.parametrize(
+    "act,padding,stride,dilation",
+    [("relu", 0, 1, 1), ("tanh", 1, 2, 1), ("sigmoid-inplace", 2, 1, 2), ("silu", "valid", 1, 1)],
+)
+def test_convolutions_equal_dense_hessian_diagonal(act, padding, stride, dilation, monkeypatch):
+    Act = {
+        "relu": nn.ReLU,
+        "tanh": nn.Tanh,
+        "sigmoid-inplace": lambda: nn.ELU(inplace=True),
+        "silu": nn.SiLU,
+    }[act]
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=padding, stride=stride, dilation=dilation)
+    model = nn.Sequential(conv, Act(), nn.Conv2d(3, 2, 2), Act(), nn.Flatten(), nn.LazyLinear(3))
+    model = model.double()
+    x = torch.randn(5, 2, 7, 7, dtype=torch.float64)
+    model(x)  # materialise the lazy layer
+    lo = _losses(5, 3, torch.device("cpu"))["ce-mean"]
+    ref = _dense_diagonal(model, lo, x)
+    _assert_equal(exact_diagonal(lambda: lo(model(x)), list(model.parameters())), ref)
+    monkeypatch.setattr(_backprop, "_CHUNK_ELEMENTS", 1)  # one sample per chunk
+    _assert_equal(exact_diagonal(lambda: lo(model(x)), list(model.parameters())), ref)
+    # the loss on the convolution's output itself (a sample: an image), one layer listed
+    mse = nn.Sequential(nn.Conv2d(2, 2, 3), nn.Tanh(), nn.Conv2d(2, 1, 2)).double()
+    t = torch.randn(5, 1, 3, 3, dtype=torch.float64)
+
+    def lo2(o):
+        return F.mse_loss(o, t)
+
+    got = exact_diagonal(lambda: lo2(mse(x[..., :6, :6])), [mse[0].weight, mse[0].bias])
+    _assert_equal(got, _dense_diagonal(mse, lo2, x[..., :6, :6], ["0.weight", "0.bias"]))
+
+
 class _Residual(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -199,6 +232,7 @@ def _unsupported_cases():
     tied = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     tied[2].weight = tied[0].weight
     conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(4, 2))
+    grouped = nn.Sequential(nn.Conv2d(2, 2, 1, groups=2), nn.Flatten(), nn.Linear(4, 2))
     other = nn.Linear(4, 2)
 
     def ce(m, inp=x):
@@ -215,7 +249,8 @@ def _unsupported_cases():
         "tied-weights": (ce(tied), tied),
         "param-outside-modules": (ce(_Scaled()), _Scaled),
         "two-heads": (ce(_TwoHeads()), _TwoHeads),
-        "conv": (ce(conv, x.unsqueeze(1)), conv),
+        "conv1d": (ce(conv, x.unsqueeze(1)), conv),
+        "grouped-conv2d": (ce(grouped, x.reshape(6, 2, 2, 1)), grouped),
         "non-separable": (lambda: mlp(x).sum() ** 2, mlp),
         "batch-coupled": (lambda: mlp(x).var(0).sum(), mlp),
         "weight-decay": (lambda: F.cross_entropy(mlp(x), y) + mlp[0].weight.square().sum(), mlp),
