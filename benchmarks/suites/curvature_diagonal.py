@@ -1,4 +1,4 @@
-"""curvature_diagonal: the exact Hessian diagonal of MLP losses, three ways, side by side.
+"""curvature_diagonal: the exact Hessian diagonal of MLP and CNN losses, three ways, side by side.
 
 * ``Hessian backprop``: ``gl.hessian_diagonal(loss_fn, model, method="exact")``, which takes the
   Hessian-backpropagation fast path for these models (``gradlab.curvature._backprop``);
@@ -8,7 +8,8 @@
 * ``HVP exact``: gradlab's Hessian-vector-product method (``n`` products on unit vectors,
   batched), reached through the public API with the loss plus ``0 * sum(p.sum())``: a parameter
   used outside the network, which the fast path declines, and which adds nothing to the Hessian.
-  Timed only up to ~10k parameters (it costs n products).
+  Timed on the first MLP (and on every MLP up to 10k parameters with ``--full``): it costs n
+  products, seconds per call.
 
 Each case is timed with ``time_alternating`` (single calls alternated, so the machine's drift
 cancels out of the ratios), on one thread (restored afterwards); the HVP method, seconds per
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import itertools
 import warnings
 from collections.abc import Callable
@@ -36,20 +36,34 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmo
 _HVP_MAX_PARAMS = 10_000
 
 
-def _mlp(widths: list[int], act: type[nn.Module], dev: torch.device) -> nn.Sequential:
+def _mlp(widths: list[int], act: type[nn.Module]) -> tuple[nn.Sequential, tuple[int, ...], str]:
     layers: list[nn.Module] = []
     for a, b in itertools.pairwise(widths):
         layers += [nn.Linear(a, b), act()]
-    return nn.Sequential(*layers[:-1]).to(dev)
+    return nn.Sequential(*layers[:-1]), (widths[0],), "MLP " + "-".join(map(str, widths))
+
+
+def _cnn(act: type[nn.Module]) -> tuple[nn.Sequential, tuple[int, ...], str]:
+    """3x16x16 images: conv 3->8 (3x3, pad 1), conv 8->8 (3x3, stride 2), flatten, linear -> 10."""
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        act(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        act(),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 10),
+    )
+    return net, (3, 16, 16), "CNN 3x16x16-c8-c8s2-10"
 
 
 def _backpack_fn(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor
 ) -> Callable[[], list[torch.Tensor]] | None:
-    if importlib.util.find_spec("backpack") is None:
+    try:
+        import backpack
+        from backpack.extensions import DiagHessian
+    except ImportError:  # not installed: the column is left out
         return None
-    import backpack
-    from backpack.extensions import DiagHessian
 
     ext = backpack.extend(copy.deepcopy(model))
     lossfunc = backpack.extend(nn.CrossEntropyLoss())
@@ -73,15 +87,21 @@ def _max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def _case(
-    ctx: Context, table: Table, widths: list[int], act: str, batch: int, summary: list[str]
+    ctx: Context,
+    table: Table,
+    net: tuple[nn.Sequential, tuple[int, ...], str],
+    act: str,
+    batch: int,
+    hvp: bool,
+    summary: list[str],
 ) -> None:
     dev = ctx.device
-    torch.manual_seed(0)
-    model = _mlp(widths, _ACTIVATIONS[act], dev)
-    x = torch.randn(batch, widths[0], device=dev)
-    y = torch.randint(0, widths[-1], (batch,), device=dev)
+    model, shape, name = net
+    model = model.to(dev)
+    x = torch.randn(batch, *shape, device=dev)
+    y = torch.randint(0, 10, (batch,), device=dev)
     n = sum(p.numel() for p in model.parameters())
-    label = f"{'-'.join(map(str, widths))} {act} ({n:,} params, batch {batch})"
+    label = f"{name} {act} ({n:,} params, batch {batch})"
     ctx.progress(label)
 
     def loss_fn() -> torch.Tensor:
@@ -101,7 +121,7 @@ def _case(
         timings, ratios = time_alternating(fns, ctx=ctx, baseline=next(reversed(fns)))
     rows = {name: timings[name].median for name in fns}
     diffs = {name: _max_rel_diff(ours if name == "Hessian backprop" else ref, ref) for name in fns}
-    if n <= _HVP_MAX_PARAMS:
+    if hvp:
         params = list(model.parameters())
 
         def hvp_loss() -> torch.Tensor:
@@ -115,7 +135,7 @@ def _case(
             {"Hessian backprop": backprop, "HVP exact": hvp_exact},
             ctx=dataclasses.replace(ctx, size="quick"),
             number=1,
-            rounds=3,
+            rounds=2,
         )
         rows["HVP exact"] = t_hvp["HVP exact"].median
         diffs["HVP exact"] = _max_rel_diff(slow, ref)
@@ -141,7 +161,7 @@ def _case(
 
 def run(ctx: Context) -> list[Table]:
     table = Table(
-        "Exact Hessian diagonal of an MLP cross-entropy loss (mean over the batch)",
+        "Exact Hessian diagonal of a cross-entropy loss (mean over the batch)",
         ["case", "variant", "median_s", "ratio_to_backpack", "ratio_to_backprop", "max_rel_diff"],
         notes=[
             "ratio_to_backpack: time / BackPACK DiagHessian's time (target <= 3x; '-' where "
@@ -149,19 +169,32 @@ def run(ctx: Context) -> list[Table]:
             "One thread. BackPACK's time includes the gradient its backward pass also computes.",
         ],
     )
-    widths = ctx.pick(
+    mlps = ctx.pick(
         [[20, 32, 10]],
         [[10, 32, 32, 10], [20, 50, 50, 10], [784, 8, 10]],
         [[10, 32, 32, 10], [20, 50, 50, 10], [784, 8, 10], [100, 256, 256, 10]],
     )
     acts = ctx.pick(["relu", "sigmoid"], ["relu", "sigmoid", "tanh"], ["relu", "sigmoid", "tanh"])
     batch = ctx.pick(32, 128, 128)
+    # (network, activation, batch, time the HVP method too)
+    cases: list[tuple[Callable[[], tuple[nn.Sequential, tuple[int, ...], str]], str, int, bool]]
+    cases = [
+        (lambda w=w, a=a: _mlp(w, _ACTIVATIONS[a]), a, batch, i == 0 or ctx.size == "full")
+        for i, w in enumerate(mlps)
+        for a in acts
+    ]
+    cases.append((lambda: _cnn(nn.ReLU), "relu", ctx.pick(8, 32, 32), False))
+    if ctx.size == "full":  # BackPACK takes seconds per call here (residual factors per pixel)
+        cases.append((lambda: _cnn(nn.Sigmoid), "sigmoid", 8, False))
     summary: list[str] = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for w, act in itertools.product(widths, acts):
-            _case(ctx, table, w, act, batch, summary)
+        for build, act, size, hvp in cases:
+            torch.manual_seed(0)
+            net = build()
+            hvp = hvp and sum(p.numel() for p in net[0].parameters()) <= _HVP_MAX_PARAMS
+            _case(ctx, table, net, act, size, hvp, summary)
     finally:
         torch.set_num_threads(threads)
     table.notes.extend(summary)
