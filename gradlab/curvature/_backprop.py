@@ -29,8 +29,8 @@ Fast path (everything else: ``None``, and the caller falls back to Hessian-vecto
 
 Not on the fast path: other convolutions (1-d, 3-d, grouped, transposed), pooling,
 normalisation layers, attention, shared or tied weights, residual connections, parameters passed
-as non-leaf tensors, losses that couple samples, and outputs wider than ``_MAX_OUTPUT`` features
-per sample (the loss Hessian is computed with one product per output feature).
+as non-leaf tensors, losses that couple samples, and outputs so wide that the per-sample loss
+Hessians (N x C x C) would exceed ``_MAX_OUTPUT_HESSIAN`` elements (2^25).
 
 Algorithm. With :math:`\ell = \sum_n \ell_n(o_n)` and per-sample Hessians
 :math:`H^o_n = \nabla^2_{o_n} \ell` (found by autograd: C Hessian-vector products through the
@@ -100,8 +100,9 @@ _ELEMENTWISE: dict[type[nn.Module], bool] = {
 # Modules whose weight (and bias) take the fast path (their per-sample maps: _LinearOp, _ConvOp).
 _LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
-# Widest output (features per sample) whose loss Hessian is computed (C + 1 batched products).
-_MAX_OUTPUT = 1024
+# Largest per-sample loss Hessian (samples x C x C elements, C the output features per sample)
+# the fast path computes (C + 1 batched products through the loss); beyond: None.
+_MAX_OUTPUT_HESSIAN = 2**25
 
 # Elements of per-chunk curvature storage (rows x width x dim) before samples are chunked.
 _CHUNK_ELEMENTS = 2**23
@@ -295,9 +296,14 @@ def _output_hessian(
         return None
     if not g.requires_grad:  # loss linear in the output
         return out.new_zeros(N, C, C), g.detach().reshape(N, C)
-    # columns e_c of every sample's block, and a random probe that checks separability
+    # columns e_c of every sample's block, and a probe that checks separability: random on a
+    # random half of the samples, zero on the others (seeded; the global RNG is not touched)
     gen = torch.Generator(device=out.device).manual_seed(0)
     probe = torch.randn((N, C), generator=gen, device=out.device, dtype=out.dtype)
+    half = torch.randperm(N, generator=gen, device=out.device)[: (N + 1) // 2]
+    on = torch.zeros(N, dtype=torch.bool, device=out.device)
+    on[half] = True
+    probe[~on] = 0
     V = torch.cat(
         [
             torch.eye(C, dtype=out.dtype, device=out.device).unsqueeze(1).expand(C, N, C),
@@ -327,11 +333,13 @@ def _output_hessian(
     H = HV[:C].permute(1, 2, 0)  # H[n, :, c] = column c of sample n's block
     H = (H + H.mT) / 2
     hv = HV[C]
+    if hv[~on].any():  # samples without probe entries got some: exactly zero if separable
+        return None
     block = torch.einsum("nij,nj->ni", H, probe)
     eps = torch.finfo(out.dtype).eps
     scale = torch.einsum("nij,nj->ni", H.abs(), probe.abs()).norm()
     if (hv - block).norm() > 1e3 * eps * (scale + hv.norm()):
-        return None
+        return None  # coupling among the probed samples
     return H, g.detach().reshape(N, C)
 
 
@@ -632,7 +640,7 @@ def exact_diagonal(
     assert out is not None
     if any(op.rows != N for op in ops.values()) or out.numel() % N:
         return None  # layers disagree on what a sample is
-    if out.numel() // N > _MAX_OUTPUT:
+    if out.numel() * (out.numel() // N + 1) > _MAX_OUTPUT_HESSIAN:
         return None
     found = _output_hessian(loss, out, N)
     del loss

@@ -253,6 +253,10 @@ def _unsupported_cases():
         "grouped-conv2d": (ce(grouped, x.reshape(6, 2, 2, 1)), grouped),
         "non-separable": (lambda: mlp(x).sum() ** 2, mlp),
         "batch-coupled": (lambda: mlp(x).var(0).sum(), mlp),
+        "weakly-batch-coupled": (  # a coupling far below the loss's own curvature
+            lambda: (lambda o: F.cross_entropy(o, y) + 1e-9 * o.mean(0).square().sum())(mlp(x)),
+            mlp,
+        ),
         "weight-decay": (lambda: F.cross_entropy(mlp(x), y) + mlp[0].weight.square().sum(), mlp),
         "module-called-twice": (lambda: F.cross_entropy(mlp(x), y) + mlp[0](x).sum(), mlp),
         "uses-intermediate": (
@@ -383,6 +387,8 @@ def test_hessian_diagonal_exact_takes_the_fast_path(monkeypatch):
     _assert_equal(list(seq), ref)
     one = gl.hessian_diagonal(lambda: lo(model(x)), model[2].weight, method="exact")
     _assert_equal([one], ref[2:3])
+    with torch.no_grad():  # the caller's grad mode does not matter
+        _assert_equal(exact_diagonal(lambda: lo(model(x)), list(model.parameters())), ref)
     # where the fast path declines, the HVP fallback gives the same dense diagonal
     from gradlab.curvature import _core
 
