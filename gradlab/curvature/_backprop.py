@@ -97,9 +97,6 @@ _ELEMENTWISE: dict[type[nn.Module], bool] = {
     nn.Tanhshrink: False,
 }
 
-# Modules whose weight (and bias) take the fast path (their per-sample maps: _LinearOp, _ConvOp).
-_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
-
 # Largest per-sample loss Hessian (samples x C x C elements, C the output features per sample)
 # the fast path computes (C + 1 batched products through the loss); beyond: None.
 _MAX_OUTPUT_HESSIAN = 2**25
@@ -135,7 +132,7 @@ class _Call:
 
     @property
     def is_layer(self) -> bool:
-        return type(self.module) in _LAYERS
+        return type(self.module) in _OPS
 
     @property
     def weight(self) -> torch.Tensor:
@@ -170,13 +167,13 @@ class _Recorder:
         if threading.get_ident() != self.thread:
             return
         kind = type(module)
-        supported = (kind in _LAYERS or kind in _ELEMENTWISE) and _usable(module)
+        supported = (kind in _OPS or kind in _ELEMENTWISE) and _usable(module)
         if not supported:
             if any(id(p) in self.param_ids for p in module._parameters.values()):
                 self.foreign = True
             return
         if len(args) != 1 or not isinstance(args[0], torch.Tensor) or id(module) in self.pending:
-            self.foreign = self.foreign or kind in _LAYERS
+            self.foreign = self.foreign or kind in _OPS
             return
         x = args[0]
         pre = x.detach().clone() if getattr(module, "inplace", False) else None
@@ -343,7 +340,7 @@ def _output_hessian(
     return H, g.detach().reshape(N, C)
 
 
-def _derivatives(call: _Call, need_second: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _derivatives(call: _Call) -> tuple[torch.Tensor, torch.Tensor | None]:
     """sigma'(z) and sigma''(z) (None when zero) of an element-wise module, by autograd on its
     forward (not ``__call__``: the user's hooks do not fire again)."""
     z = (call.pre if call.pre is not None else call.inp).detach()
@@ -351,9 +348,9 @@ def _derivatives(call: _Call, need_second: bool) -> tuple[torch.Tensor, torch.Te
     with torch.enable_grad():
         zl = z.clone().requires_grad_()
         h = call.module.forward(zl.clone())
-        (d1,) = torch.autograd.grad(h.sum(), zl, create_graph=need_second and not piecewise)
+        (d1,) = torch.autograd.grad(h.sum(), zl, create_graph=not piecewise)
         d2 = None
-        if need_second and not piecewise and d1.requires_grad:
+        if not piecewise and d1.requires_grad:
             (d2,) = torch.autograd.grad(d1.sum(), zl)
     return d1.detach(), d2
 
@@ -555,6 +552,7 @@ class _ConvOp(_LayerOp):
         return {"weight": weight.reshape(self.W.shape), "bias": bias}
 
 
+# Modules whose weight (and bias) take the fast path, and their per-sample maps.
 _OPS: dict[type[nn.Module], Callable[[_Call], _LayerOp]] = {
     nn.Linear: _LinearOp,
     nn.Conv2d: _ConvOp,
@@ -655,7 +653,7 @@ def exact_diagonal(
     derivs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for k, c in enumerate(chain):
         if k not in ops:
-            d1, d2 = _derivatives(c, need_second=True)
+            d1, d2 = _derivatives(c)
             second[k] = d2 is not None and bool(d2.any())
             derivs[k] = (d1.reshape(N, -1), d2.reshape(N, -1) if second[k] else None)  # type: ignore[union-attr]
 
