@@ -465,10 +465,10 @@ def hessian_diagonal(
     Rademacher probes (Bekas et al. 2007; unbiased, the error of entry j falls as
     :math:`\sqrt{\sum_{k\ne j} H_{jk}^2 / m}`). ``"exact"``: by Hessian backpropagation
     (one forward pass and a backward pass of per-sample curvature; no products, ``progress`` is
-    not called) when the parameters sit in a chain of ``nn.Linear`` and element-wise activation
-    modules followed by a loss separable over samples (see ``gradlab.curvature._backprop`` for
-    the modules that take this fast path); otherwise :math:`H_{jj} = e_j^\top H e_j` (n products,
-    and ``loss_fn`` is called once more).
+    not called) when the parameters sit in a chain of ``nn.Linear``/``nn.Conv2d`` layers and
+    element-wise activation modules followed by a loss separable over samples (see
+    ``gradlab.curvature._backprop`` for the modules that take this fast path); otherwise
+    :math:`H_{jj} = e_j^\top H e_j` (n products, and ``loss_fn`` is called once more).
 
     Args:
         loss_fn: zero-argument callable returning a scalar loss.
