@@ -17,7 +17,9 @@ Fast path (everything else: ``None``, and the caller falls back to Hessian-vecto
   ``Hardtanh``, ``Hardsigmoid``, ``Hardswish``, ``Sigmoid``, ``Tanh``, ``ELU``, ``SELU``,
   ``CELU``, ``GELU``, ``SiLU``, ``Mish``, ``Softplus``, ``LogSigmoid``, ``Softsign``,
   ``Tanhshrink``; in-place variants too), ``Dropout`` in eval mode, ``Flatten()`` (from dim 1),
-  and modules that return their input (``Identity``);
+  modules that return their input (``Identity``), and the functions ``torch.relu``,
+  ``torch.tanh``, ``torch.sigmoid``, ``F.silu``, ``F.gelu``, ``F.leaky_relu`` applied to a
+  layer's output (recognised by their autograd node; not in place);
 * the chain: each module's input is the previous module's output (the same tensor object,
   unmodified); the first parametrised module's input does not depend on ``params``; each listed
   parameter belongs to exactly one call of one chain module; the chain's modules may also hold
@@ -64,6 +66,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,6 +98,24 @@ _ELEMENTWISE: dict[type[nn.Module], bool] = {
     nn.LogSigmoid: False,
     nn.Softsign: False,
     nn.Tanhshrink: False,
+}
+
+# Element-wise functions called between layers (``torch.relu(self.fc(x))``), found by their
+# autograd node: node name -> (the function, rebuilt from the node's saved arguments; piecewise
+# linear). The derivatives again come from autograd on the function.
+_FUNCTIONAL: dict[str, tuple[Callable[[Any], Callable[[torch.Tensor], torch.Tensor]], bool]] = {
+    "ReluBackward0": (lambda node: torch.relu, True),
+    "LeakyReluBackward0": (
+        lambda node: lambda z: nn.functional.leaky_relu(z, node._saved_negative_slope),
+        True,
+    ),
+    "TanhBackward0": (lambda node: torch.tanh, False),
+    "SigmoidBackward0": (lambda node: torch.sigmoid, False),
+    "SiluBackward0": (lambda node: nn.functional.silu, False),
+    "GeluBackward0": (
+        lambda node: lambda z: nn.functional.gelu(z, approximate=node._saved_approximate),
+        False,
+    ),
 }
 
 # Largest per-sample loss Hessian (samples x C x C elements, C the output features per sample)
@@ -129,6 +150,8 @@ class _Call:
     pre: torch.Tensor | None  # the input's values, cloned before an in-place module ran
     out: torch.Tensor | None = None
     out_version: int = -1
+    # an element-wise function between layers (not a module call): itself, piecewise linear?
+    function: tuple[Callable[[torch.Tensor], torch.Tensor], bool] | None = None
 
     @property
     def is_layer(self) -> bool:
@@ -211,6 +234,9 @@ def _reaches(roots: Iterable[object], stop: object, targets: set[int]) -> bool:
     return False
 
 
+_FUNCTION = nn.Module()  # the module of a functional call (no parameters)
+
+
 def _where(t: torch.Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     return t.data_ptr(), tuple(t.shape), t.stride()
 
@@ -247,10 +273,28 @@ def _chain(calls: list[_Call], params: list[torch.Tensor]) -> list[_Call] | None
         assert c.out is not None
         producers.setdefault(_where(c.out), []).append(i)
     consumers: dict[int, list[int]] = {}
-    for j, c in enumerate(calls):
+    by_node = {id(c.out.grad_fn): i for i, c in enumerate(calls) if c.out is not None}
+    for j, c in list(enumerate(calls)):
+        linked = False
         for i in producers.get(_where(c.inp), ()):
             if i < j and c.in_version == calls[i].out_version and _alias(c.inp, calls[i].out):
                 consumers.setdefault(i, []).append(j)
+                linked = True
+        node = c.inp.grad_fn
+        name = type(node).__name__
+        if linked or name not in _FUNCTIONAL or len(node.next_functions) != 1:  # type: ignore[union-attr]
+            continue
+        i = by_node.get(id(node.next_functions[0][0]), -1)  # type: ignore[union-attr]
+        z = calls[i].out if 0 <= i < j else None
+        if z is None or z._version != calls[i].out_version:
+            continue
+        # an element-wise function of the layer's output: a call of its own in the chain
+        make, piecewise = _FUNCTIONAL[name]
+        calls.append(
+            _Call(_FUNCTION, z, z._version, None, c.inp, c.in_version, (make(node), piecewise))
+        )
+        consumers.setdefault(i, []).append(len(calls) - 1)
+        consumers[len(calls) - 1] = [j]
     start = min(owners.values())
     chain = [start]
     while chain[-1] in consumers:
@@ -344,10 +388,13 @@ def _derivatives(call: _Call) -> tuple[torch.Tensor, torch.Tensor | None]:
     """sigma'(z) and sigma''(z) (None when zero) of an element-wise module, by autograd on its
     forward (not ``__call__``: the user's hooks do not fire again)."""
     z = (call.pre if call.pre is not None else call.inp).detach()
-    piecewise = _ELEMENTWISE[type(call.module)]
+    if call.function is not None:
+        fn, piecewise = call.function
+    else:
+        fn, piecewise = call.module.forward, _ELEMENTWISE[type(call.module)]
     with torch.enable_grad():
         zl = z.clone().requires_grad_()
-        h = call.module.forward(zl.clone())
+        h = fn(zl.clone())
         (d1,) = torch.autograd.grad(h.sum(), zl, create_graph=not piecewise)
         d2 = None
         if not piecewise and d1.requires_grad:

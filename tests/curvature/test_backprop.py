@@ -168,6 +168,46 @@ def test_convolutions_equal_dense_hessian_diagonal(act, padding, stride, dilatio
     _assert_equal(got, _dense_diagonal(mse, lo2, x[..., :6, :6], ["0.weight", "0.bias"]))
 
 
+class _Functional(nn.Module):  # activations as functions, one activation module reused
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 3)
+        self.act = nn.Softplus()
+        self.f = {
+            "relu": torch.relu,
+            "tanh": torch.tanh,
+            "sigmoid": torch.sigmoid,
+            "silu": F.silu,
+            "gelu-tanh": lambda t: F.gelu(t, approximate="tanh"),
+            "leaky-relu": lambda t: F.leaky_relu(t, 0.3),
+        }[name]
+
+    def forward(self, x):
+        return self.c(self.act(self.b(self.act(self.f(self.a(x))))))
+
+
+@pytest.mark.parametrize("name", ["relu", "tanh", "sigmoid", "silu", "gelu-tanh", "leaky-relu"])
+def test_functional_activations_and_a_reused_module(name):
+    model = _Functional(name).double()
+    x = torch.randn(7, 4, dtype=torch.float64)
+    lo = _losses(7, 3, torch.device("cpu"))["ce-mean"]
+    got = exact_diagonal(lambda: lo(model(x)), list(model.parameters()))
+    _assert_equal(got, _dense_diagonal(model, lo, x))
+
+
+def test_dropout_in_eval_and_identity_in_the_chain():
+    model = nn.Sequential(
+        nn.Linear(4, 5), nn.Dropout(0.5), nn.Tanh(), nn.Identity(), nn.Linear(5, 3)
+    ).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    lo = _losses(6, 3, torch.device("cpu"))["mse-mean"]
+    model.eval()
+    got = exact_diagonal(lambda: lo(model(x)), list(model.parameters()))
+    _assert_equal(got, _dense_diagonal(model, lo, x))
+    model.train()  # random masks: not on the fast path
+    assert exact_diagonal(lambda: lo(model(x)), list(model.parameters())) is None
+
+
 class _Residual(nn.Module):
     def __init__(self) -> None:
         super().__init__()
