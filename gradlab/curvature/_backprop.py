@@ -384,6 +384,41 @@ def _output_hessian(
     return H, g.detach().reshape(N, C)
 
 
+def _cross_entropy_hessian(
+    loss: torch.Tensor, out: torch.Tensor, N: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    r"""Closed form when the loss is exactly ``F.cross_entropy(out, target)`` of a 2-d output
+    (``nll_loss(log_softmax(out, 1))``, mean or sum, class weights and ``ignore_index`` allowed;
+    no label smoothing): :math:`H_n = w_n(\operatorname{diag} p_n - p_n p_n^\top)`,
+    :math:`g_n = w_n (p_n - e_{y_n})`. None for anything else (then autograd finds them)."""
+    nll: Any = loss.grad_fn
+    if type(nll).__name__ != "NllLossBackward0" or out.dim() != 2 or out.shape[0] != N:
+        return None
+    lsm: Any = nll.next_functions[0][0]
+    if (
+        type(lsm).__name__ != "LogSoftmaxBackward0"
+        or lsm._saved_dim not in (1, -1)
+        or lsm.next_functions[0][0] is not out.grad_fn
+        or nll._saved_reduction not in (1, 2)
+    ):
+        return None
+    target = nll._saved_target
+    if target.shape != (N,):
+        return None
+    p = lsm._saved_result.detach().exp()
+    ignore = nll._saved_ignore_index
+    ignore = ignore - 2**64 if ignore >= 2**63 else ignore
+    keep = target != ignore
+    y = torch.where(keep, target, 0)
+    weight = nll._saved_weight
+    w = (torch.ones_like(p[:, 0]) if weight is None else weight[y].to(p.dtype)) * keep
+    if nll._saved_reduction == 1:
+        w = w / nll._saved_total_weight
+    g = (p - nn.functional.one_hot(y, p.shape[1]).to(p.dtype)) * w.unsqueeze(1)
+    H = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    return H * w.reshape(N, 1, 1), g
+
+
 def _derivatives(call: _Call) -> tuple[torch.Tensor, torch.Tensor | None]:
     """sigma'(z) and sigma''(z) (None when zero) of an element-wise module, by autograd on its
     forward (not ``__call__``: the user's hooks do not fire again)."""
@@ -687,7 +722,7 @@ def exact_diagonal(
         return None  # layers disagree on what a sample is
     if out.numel() * (out.numel() // N + 1) > _MAX_OUTPUT_HESSIAN:
         return None
-    found = _output_hessian(loss, out, N)
+    found = _cross_entropy_hessian(loss, out, N) or _output_hessian(loss, out, N)
     del loss
     if found is None:
         return None

@@ -208,6 +208,29 @@ def test_dropout_in_eval_and_identity_in_the_chain():
     assert exact_diagonal(lambda: lo(model(x)), list(model.parameters())) is None
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"reduction": "sum"}, {"weight": "w"}, {"ignore_index": 1}, {"label_smoothing": 0.1}],
+    ids=["mean", "sum", "class-weights", "ignore-index", "label-smoothing"],
+)
+def test_cross_entropy_variants(kwargs, monkeypatch):
+    model = _mlp([4, 6, 3], nn.Tanh)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1, 0, 2, 1, 1, 0])
+    if kwargs.get("weight") == "w":
+        kwargs = {"weight": torch.tensor([0.3, 1.2, 0.7], dtype=torch.float64)}
+    loss = nn.CrossEntropyLoss(**kwargs)
+
+    def lo(o):
+        return loss(o, y)
+
+    ref = _dense_diagonal(model, lo, x)
+    _assert_equal(exact_diagonal(lambda: lo(model(x)), list(model.parameters())), ref)
+    # the closed form (all but label smoothing) and autograd's loss Hessian agree
+    monkeypatch.setattr(_backprop, "_cross_entropy_hessian", lambda *a: None)
+    _assert_equal(exact_diagonal(lambda: lo(model(x)), list(model.parameters())), ref)
+
+
 class _Residual(nn.Module):
     def __init__(self) -> None:
         super().__init__()
