@@ -389,7 +389,9 @@ def _cross_entropy_hessian(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     r"""Closed form when the loss is exactly ``F.cross_entropy(out, target)`` of a 2-d output
     (``nll_loss(log_softmax(out, 1))``, mean or sum, class weights and ``ignore_index`` allowed;
-    no label smoothing): :math:`H_n = w_n(\operatorname{diag} p_n - p_n p_n^\top)`,
+    no label smoothing): the square root
+    :math:`R_n = \sqrt{w_n}(\operatorname{diag}\sqrt{p_n} - p_n \sqrt{p_n}^\top)` of
+    :math:`H_n = R_n R_n^\top = w_n(\operatorname{diag} p_n - p_n p_n^\top)` (as BackPACK's), and
     :math:`g_n = w_n (p_n - e_{y_n})`. None for anything else (then autograd finds them)."""
     nll: Any = loss.grad_fn
     if type(nll).__name__ != "NllLossBackward0" or out.dim() != 2 or out.shape[0] != N:
@@ -414,9 +416,12 @@ def _cross_entropy_hessian(
     w = (torch.ones_like(p[:, 0]) if weight is None else weight[y].to(p.dtype)) * keep
     if nll._saved_reduction == 1:
         w = w / nll._saved_total_weight
+    if bool((w < 0).any()):
+        return None
     g = (p - nn.functional.one_hot(y, p.shape[1]).to(p.dtype)) * w.unsqueeze(1)
-    H = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
-    return H * w.reshape(N, 1, 1), g
+    sp = p.sqrt()
+    R = torch.diag_embed(sp) - p.unsqueeze(2) * sp.unsqueeze(1)  # R R^T = diag p - p p^T
+    return R * w.sqrt().reshape(N, 1, 1), g
 
 
 def _derivatives(call: _Call) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -459,17 +464,23 @@ class _Curvature:
         self.full, self.A, self.M, self.B, self.s, self.r = full, A, M, B, s, r
 
     @classmethod
-    def output(cls, H: torch.Tensor) -> _Curvature:
-        """At the chain's output: A = I, M = the per-sample loss Hessians (n, C, C)."""
+    def output(cls, H: torch.Tensor, root: bool) -> _Curvature:
+        """At the chain's output: A = I, M = the per-sample loss Hessians H (n, C, C); or,
+        with ``root``, A = H a square root of them (H H^T) and M = I (``None``)."""
+        if root:
+            return cls(A=H.transpose(0, 1))
         eye = torch.eye(H.shape[1], dtype=H.dtype, device=H.device)
         return cls(A=eye.unsqueeze(1), M=H)
 
     def diag(self) -> torch.Tensor:
         if self.full is not None:
             return self.full.diagonal(dim1=1, dim2=2)
-        assert self.A is not None and self.M is not None
-        A = self.A.transpose(0, 1)  # (n, d, m)
-        out = ((A @ self.M) * A).sum(-1)
+        assert self.A is not None
+        if self.M is None:
+            out = (self.A * self.A).sum(-1).T
+        else:
+            A = self.A.transpose(0, 1)  # (n, d, m)
+            out = ((A @ self.M) * A).sum(-1)
         if self.B is not None:
             out = out + torch.einsum("dnk,nk->nd", self.B * self.B, self.s)
         return out if self.r is None else out + self.r
@@ -492,9 +503,9 @@ class _Curvature:
     def to_full(self) -> torch.Tensor:
         if self.full is not None:
             return self.full
-        assert self.A is not None and self.M is not None
+        assert self.A is not None
         A = self.A.transpose(0, 1)
-        full = (A @ self.M) @ A.mT
+        full = (A if self.M is None else A @ self.M) @ A.mT
         if self.B is not None:
             B = self.B.transpose(0, 1)
             full = full + (B * self.s.unsqueeze(1)) @ B.mT  # type: ignore[union-attr]
@@ -611,16 +622,19 @@ class _ConvOp(_LayerOp):
 
     def diagonals(self, curv: _Curvature, lo: int, hi: int) -> dict[str, torch.Tensor]:
         curv = curv.factored()
-        assert curv.A is not None and curv.M is not None
+        assert curv.A is not None
         X = nn.functional.unfold(
             self.x[lo:hi], self.W.shape[2:], self.dilation, self.padding, self.stride
         )  # (n, J, P)
         n, C_out, P = X.shape[0], self.out_shape[0], X.shape[2]
         A = curv.A.reshape(C_out, P, curv.A.shape[1], -1).expand(-1, -1, n, -1)
         G = torch.einsum("opna,njp->noja", A, X)
-        weight = (torch.einsum("noja,nab->nojb", G, curv.M) * G).sum((0, 3))
         gb = A.sum(1)
-        bias = torch.einsum("ona,nab,onb->o", gb, curv.M, gb)
+        if curv.M is None:
+            weight, bias = (G * G).sum((0, 3)), (gb * gb).sum((1, 2))
+        else:
+            weight = (torch.einsum("noja,nab->nojb", G, curv.M) * G).sum((0, 3))
+            bias = torch.einsum("ona,nab,onb->o", gb, curv.M, gb)
         if curv.B is not None:
             B = curv.B.reshape(C_out, P, n, -1)
             GB = torch.einsum("opnk,njp->nojk", B, X)
@@ -722,7 +736,9 @@ def exact_diagonal(
         return None  # layers disagree on what a sample is
     if out.numel() * (out.numel() // N + 1) > _MAX_OUTPUT_HESSIAN:
         return None
-    found = _cross_entropy_hessian(loss, out, N) or _output_hessian(loss, out, N)
+    found = _cross_entropy_hessian(loss, out, N)
+    root = found is not None
+    found = found or _output_hessian(loss, out, N)
     del loss
     if found is None:
         return None
@@ -744,7 +760,7 @@ def exact_diagonal(
     rows = _chunk_rows(chain, ops, C, second, N)
     for lo in range(0, N, rows):
         hi = min(N, lo + rows)
-        curv = _Curvature.output(H_out[lo:hi])
+        curv = _Curvature.output(H_out[lo:hi], root)
         g = g_out[lo:hi]
         for k in range(len(chain) - 1, -1, -1):
             if k not in ops:
