@@ -133,8 +133,11 @@ def hessian_diagonal(
     :math:`\sqrt{\sum_{k\ne j} H_{jk}^2 / m}`); all probes are applied to each batch's graph in one
     pass over ``data``. ``"exact"``: Hessian backpropagation
     (:mod:`gradlab.curvature._backprop`, no Hessian-vector products) where it supports the model;
-    otherwise :math:`H_{jj} = e_j^\top H e_j` by n products (batched for small n). Which
-    modules take the fast path is documented in ``gradlab.curvature._backprop``.
+    otherwise :math:`H_{jj} = e_j^\top H e_j` by n products (batched for small n). The fast path
+    takes parameters that sit in a chain of ``nn.Linear``/``nn.Conv2d`` layers (``nn.Flatten``,
+    eval-mode ``nn.Dropout``, ``nn.Identity`` between them) and element-wise activations (ReLU,
+    LeakyReLU, ELU, GELU, SiLU, Softplus, Tanh, Sigmoid, as modules or functions) followed by a
+    loss separable over samples; the full list is in ``gradlab.curvature._backprop``.
 
     Args:
         loss_fn: ``loss_fn()`` returning a scalar loss, or ``loss_fn(batch)`` with ``data=``.
