@@ -74,12 +74,15 @@ def test_exact_uses_hessian_backprop_when_supported_and_combines_batches(monkeyp
         gl.hessian_diagonal(loss_fn, [*params, spare], method="exact", data=data)
 
 
-def test_exact_diagonal_falls_back_to_products_when_backprop_declines():
+def test_exact_diagonal_falls_back_to_products_when_backprop_declines(monkeypatch):
     from gradlab.curvature import _backprop
     from tests.curvature._helpers import dataset_problem
 
     model, x, y, loss_fn, H, _ = dataset_problem()
-    assert _backprop.exact_diagonal(lambda: loss_fn((x, y)), list(model.parameters())) is None
+    # this model is on the fast path; make Hessian backprop decline it (as it does a residual
+    # network, tests/curvature/test_backprop.py) to exercise the product fallback
+    assert _backprop.exact_diagonal(lambda: loss_fn((x, y)), list(model.parameters())) is not None
+    monkeypatch.setattr(_backprop, "exact_diagonal", lambda *a: None)
     seen = []
     diag = gl.hessian_diagonal(
         lambda: loss_fn((x, y)), model, method="exact", progress=lambda d, t: seen.append(d)
