@@ -36,6 +36,12 @@ class Eigenpairs(NamedTuple):
     values: torch.Tensor
     vectors: torch.Tensor
 
+    def __repr__(self) -> str:
+        """The values (k numbers) and the vectors' shape, never the whole vectors."""
+        vals = ", ".join(f"{float(v):.6g}" for v in self.values.flatten()[:8])
+        more = ", ..." if self.values.numel() > 8 else ""
+        return f"Eigenpairs(values=[{vals}{more}], vectors: {tuple(self.vectors.shape)})"
+
 
 def tridiagonal(
     alpha: Sequence[float] | torch.Tensor, beta: Sequence[float] | torch.Tensor

@@ -36,6 +36,15 @@ class Spectrum(NamedTuple):
     nodes: torch.Tensor
     weights: torch.Tensor
 
+    def __repr__(self) -> str:
+        """Shapes and the range, never whole tensors."""
+        probes, steps = tuple(self.weights.shape[-2:]) if self.weights.dim() >= 2 else (1, 0)
+        lo, hi = (float(self.grid.min()), float(self.grid.max())) if self.grid.numel() else (0, 0)
+        return (
+            f"Spectrum(grid: {self.grid.numel()} points on [{lo:.4g}, {hi:.4g}], "
+            f"nodes: {probes} probes x {steps} steps)"
+        )
+
 
 def slq_nodes(op: HessianOperator, V0: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lanczos on all probes (rows of ``V0``) at once; Gauss quadrature nodes and weights."""

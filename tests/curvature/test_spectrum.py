@@ -27,3 +27,16 @@ def test_spectrum_density_integrates_to_one_and_mean_is_trace_over_n(device):
     evals = torch.linalg.eigvalsh(H)
     full = gl.hessian_spectrum(loss_fn, model, probes=2, steps=n, generator=4)
     assert full.nodes.min() >= evals.min() - 1e-8 and full.nodes.max() <= evals.max() + 1e-8
+
+
+def test_result_reprs_show_numbers_and_shapes_not_whole_tensors():
+    w = torch.randn(300, dtype=torch.float64, requires_grad=True)
+    loss = lambda: (w**2 * torch.linspace(0.1, 1, 300, dtype=torch.float64)).sum()
+    spec = gl.hessian_spectrum(loss, w, probes=2, steps=10, generator=0)
+    text = repr(spec)
+    assert text.startswith("Spectrum(grid: ") and "2 probes x 10 steps" in text
+    assert "tensor(" not in text and len(text) < 120
+    pairs = gl.hessian_eigenvalues(loss, w, k=2, generator=0)
+    text = repr(pairs)
+    assert text.startswith("Eigenpairs(values=[2, 1.99") and "vectors: (2, 300)" in text
+    assert "tensor(" not in text
