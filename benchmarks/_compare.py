@@ -106,7 +106,11 @@ def _key(row: dict[str, Any], keys: Sequence[str]) -> tuple[str, ...]:
 def compare_tables(
     suite: str, ta: dict[str, Any], tb: dict[str, Any]
 ) -> tuple[Table | None, list[str]]:
-    """One table of the cells of matched rows (A, B, B/A), and what could not be matched."""
+    """One table of the cells of matched rows (A, B, B/A), and what could not be matched.
+
+    The table is ``None`` when no row matches; it has no rows when every matched cell is equal
+    and has no ratio (labels only).
+    """
     keys_a, keys_b = _keys(ta), _keys(tb)
     title = ta["title"] if ta["title"] == tb["title"] else f"{ta['title']} | B: {tb['title']}"
     if keys_a != keys_b:
@@ -164,7 +168,7 @@ def compare_tables(
         )
     out.notes += notes
     problems = [f"{title!r}: {n}" for n in notes]
-    if not out.rows:
+    if not out.rows and len(seen - dup) == len(only_a):
         problems.append(f"{title!r}: no row of A matches a row of B on {keys}")
         return None, problems
     return out, problems
@@ -198,7 +202,10 @@ def compare(paths: Sequence[str]) -> int:
         for ta, tb in pairs:
             out, why = compare_tables(s, ta, tb)
             problems += [f"suite {s}: table {p}" for p in why]
-            if out is not None:
+            if out is not None and not out.rows:
+                compared += 1
+                print(f"\n{out.title}: every cell of the matched rows is the same")
+            elif out is not None:
                 compared += 1
                 print_table(out.to_json())
     problems += [f"suite {s}: only in B" for s in b["suites"] if s not in a["suites"]]

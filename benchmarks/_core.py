@@ -132,7 +132,7 @@ class Ratio(float):
         if isinstance(other, (int, float)) and not isinstance(other, Ratio):
             mr = None if self.medians_ratio is None else self.medians_ratio / other
             return Ratio([a / other for a in self.samples], medians_ratio=mr)
-        return float(self) / other  # type: ignore[operator]
+        return float(self) / float(other)  # type: ignore[arg-type]
 
     def __rtruediv__(self, other: object) -> Any:
         if isinstance(other, (int, float)):
@@ -422,8 +422,8 @@ def time_alternating(
     # ctx.pick(3, 2, 5) turns per round: slow steps (tens of ms) are not run for minutes.
     per_round = int(ctx.min_run_time / max(per_call, 1e-9)) // (block - skip)
     n_turns = rounds * max(per_round, ctx.pick(3, 2, 5))
-    if ctx.smoke:
-        n_turns = SMOKE_ROUNDS
+    if ctx.smoke:  # a couple of turns, one recorded call per run
+        n_turns, block = SMOKE_ROUNDS, skip + 1
     samples: dict[str, list[float]] = {n: [] for n in names}
     per_turn: dict[str, list[float]] = {n: [] for n in names}
     for i in range(n_turns):

@@ -5,7 +5,9 @@ Each panel is titled with the table and says what the ratio is and which directi
 their spread (``[lo-hi]``, see :class:`benchmarks._core.Ratio`) as error bars; a panel uses a
 log scale only when its own values span more than :data:`LOG_SPAN` times, so a scale never
 changes within a panel. Tables keyed by case and variant draw one group of bars per case, one
-colour per variant. Panels sit in a grid of at most two columns that fits a screen.
+colour per variant (legend on the right). Bars start at 1 (the baseline), so a bar to the left is
+faster (or, for a speedup, slower) than the baseline. Panels sit in a grid of at most two
+columns that fits a screen (about 1450 px wide at 80 dpi).
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ _MAX_BARS = 48  # beyond this a panel would not be readable: the rest is left to
 
 
 def _panels(suite: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
-    return [
-        (t, c)
-        for t in suite["tables"]
-        if t["rows"]
-        for c in t["columns"]
-        if is_ratio_column(c) and any(isinstance(r.get(c), (int, float)) for r in t["rows"])
-    ]
+    """(table, column) per measured ratio column. Where a table records spreads, a ratio column
+    without any (a constant such as a published reference) is not a measurement: skipped."""
+    panels = []
+    for t in suite["tables"]:
+        spread_cols = {c for r in t["rows"] for c in r.get("_spread", {})}
+        for c in t["columns"]:
+            if not is_ratio_column(c) or (spread_cols and c not in spread_cols):
+                continue
+            if any(isinstance(r.get(c), (int, float)) for r in t["rows"]):
+                panels.append((t, c))
+    return panels
 
 
 def _draw(ax: Any, table: dict[str, Any], column: str) -> None:
@@ -53,18 +59,36 @@ def _draw(ax: Any, table: dict[str, Any], column: str) -> None:
                 xs.append(values[i])
                 el.append(max(lo[i], 0.0))
                 eh.append(max(hi[i], 0.0))
-            ax.barh(ys, xs, height=height, color=cmap[j], label=var, xerr=[el, eh], capsize=2)
+            ax.barh(
+                ys,
+                [x - 1.0 for x in xs],
+                left=1.0,
+                height=height,
+                color=cmap[j],
+                label=var,
+                xerr=[el, eh],
+                capsize=2,
+            )
+            ax.plot(xs, ys, "|", color="k", markersize=6)  # the value, visible even at 1.00x
         ax.set_yticks(range(len(cases)), [textwrap.fill(c, 28) for c in cases], fontsize=9)
-        ax.legend(fontsize=8, loc="best", title=keys[-1], title_fontsize=8)
+        ax.legend(
+            fontsize=8,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            title=keys[-1],
+            title_fontsize=8,
+        )
     else:
         labels = [" / ".join(str(r.get(k)) for k in keys) for r in rows]
         ax.barh(
             range(len(rows)),
-            values,
+            [v - 1.0 for v in values],
+            left=1.0,
             xerr=[[max(x, 0.0) for x in lo], [max(x, 0.0) for x in hi]],
             color="tab:blue",
             capsize=2,
         )
+        ax.plot(values, range(len(rows)), "|", color="k", markersize=6)
         ax.set_yticks(range(len(rows)), [textwrap.fill(x, 28) for x in labels], fontsize=9)
     ax.invert_yaxis()
     positive = [v for v in values if v > 0] + [s[0] for s in spreads if s[0] > 0]
@@ -74,7 +98,7 @@ def _draw(ax: Any, table: dict[str, Any], column: str) -> None:
     better = "higher is better" if higher_is_better(column) else "lower is better"
     arrow = "\u2192" if higher_is_better(column) else "\u2190"
     ax.set_title(f"{textwrap.fill(table['title'], 70)}\n{column}: {better} {arrow}", fontsize=10)
-    ax.set_xlabel(f"{column} (x; 1 = baseline; bars: spread)", fontsize=9)
+    ax.set_xlabel(f"{column} (bars from 1 = the baseline; whiskers: spread)", fontsize=9)
     ax.tick_params(axis="x", labelsize=9)
     ax.grid(axis="x", alpha=0.3, which="both")
 
@@ -106,7 +130,7 @@ def plot_suite(name: str, suite: dict[str, Any], path: Path) -> bool:
     fig, axes = plt.subplots(
         nrows,
         ncols,
-        figsize=(8 * ncols, sum(row_h)),
+        figsize=(9 * ncols + (1 if ncols == 1 else 0), sum(row_h) + 0.4),
         squeeze=False,
         height_ratios=row_h,
     )
@@ -114,9 +138,9 @@ def plot_suite(name: str, suite: dict[str, Any], path: Path) -> bool:
         _draw(ax, table, column)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
-    fig.suptitle(f"{name}: {suite['description']}", fontsize=12)
+    fig.suptitle(textwrap.fill(f"{name}: {suite['description']}", 110), fontsize=12)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return True
 
