@@ -72,3 +72,13 @@ def test_judge_needs_one_target() -> None:
         judge(1.0, at_most=1.0, at_least=1.0)
     with pytest.raises(ValueError, match="Ratio: samples is empty"):
         Ratio([])
+
+
+def test_core_doctests() -> None:
+    """benchmarks/ is not in pytest's testpaths: run its doctests here."""
+    import doctest
+
+    from benchmarks import _core
+
+    assert doctest.testmod(_core).failed == 0
+    assert doctest.testmod(_core).attempted >= 4
