@@ -92,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
             f"{env.get('cpu_count')} CPUs): times will be noisy; ratios carry their spread.",
             file=sys.stderr,
         )
-    progress = Progress(chosen, expected=_expected(out, stem, label))
+    expected = {n: suites[n].seconds[size] for n in chosen if size in suites[n].seconds}
+    if not args.smoke:
+        expected.update(_expected(out, stem, label))
+    progress = Progress(chosen, expected=expected)
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -109,11 +112,14 @@ def run(args: argparse.Namespace) -> int:
                 progress(f"skipped: runs on {list(suite.devices)} only")
                 continue
             ctx = Context(device=device, size=size, progress=progress, smoke=args.smoke)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             tables: list[Table] = suite.run(ctx)
             entry = {
                 "description": suite.description,
                 "seconds": round(time.perf_counter() - t0, 2),
+                # CPU time of this process: on a busy machine, with one thread, close to what
+                # the wall time would be on an idle one
+                "cpu_seconds": round(time.process_time() - c0, 2),
                 "tables": [t.to_json() for t in tables],
             }
             result["suites"][name] = entry
@@ -122,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     result["seconds"] = round(time.perf_counter() - t_run, 1)
+    result["cpu_seconds"] = round(sum(e["cpu_seconds"] for e in result["suites"].values()), 1)
     max_load = progress.max_load
     env["load"] = {
         "start": start_load,

@@ -24,7 +24,7 @@ import platform
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,8 +89,9 @@ class Ratio(float):
     ``samples`` are the per-round (or per-turn) ratios measured next to each other; the value is
     their median. ``lo`` and ``hi`` bound the spread: the interquartile range of ``samples``,
     widened where needed to include ``medians_ratio``, the ratio of the two median times a table
-    shows beside it. So a table's ratio column and its time columns never tell different
-    stories: where they would, the spread crosses both and :func:`judge` says "inconclusive".
+    shows beside it (and any ``also`` values: see :meth:`covering`). So a table's ratio column
+    and its time columns never tell different stories: where they would, the spread crosses
+    both and :func:`judge` says "inconclusive".
 
     Dividing two ratios with as many samples (ratios to the same baseline, from the same rounds)
     divides round by round: ``ratios["a"] / ratios["b"]`` is the median over rounds of
@@ -111,17 +112,30 @@ class Ratio(float):
     lo: float
     hi: float
 
-    def __new__(cls, samples: Sequence[float], *, medians_ratio: float | None = None) -> Ratio:
+    def __new__(
+        cls,
+        samples: Sequence[float],
+        *,
+        medians_ratio: float | None = None,
+        also: Sequence[float] = (),
+    ) -> Ratio:
         if not samples:
             raise ValueError("Ratio: samples is empty; give at least one per-round ratio")
         self = super().__new__(cls, statistics.median(samples))
         self.samples = tuple(float(x) for x in samples)
         self.medians_ratio = medians_ratio
         lo, hi = _quartiles(sorted(self.samples))
-        if medians_ratio is not None:
-            lo, hi = min(lo, medians_ratio), max(hi, medians_ratio)
+        for x in ([] if medians_ratio is None else [medians_ratio]) + list(also):
+            lo, hi = min(lo, x), max(hi, x)
         self.lo, self.hi = lo, hi
         return self
+
+    def covering(self, *values: float) -> Ratio:
+        """This ratio with its spread widened to cover ``values`` too (other ratios of the
+        times a table shows beside it, e.g. to a baseline row pooled over several runs)."""
+        r = Ratio(self.samples, medians_ratio=self.medians_ratio, also=values)
+        r.lo, r.hi = min(r.lo, self.lo), max(r.hi, self.hi)
+        return r
 
     def __truediv__(self, other: object) -> Any:
         if isinstance(other, Ratio) and len(other.samples) == len(self.samples):
@@ -277,12 +291,18 @@ def key_columns(
 
 @dataclass
 class Suite:
-    """A named benchmark suite: ``run(ctx) -> list[Table]``."""
+    """A named benchmark suite: ``run(ctx) -> list[Table]``.
+
+    ``seconds`` (optional): the suite's typical wall time per size (``"quick"``, ``"default"``,
+    ``"full"``) on an idle 2-core CPU machine, for the ETA of a first run; later runs use the
+    previous run's own times.
+    """
 
     name: str
     description: str
     run: Callable[[Context], list[Table]]
     devices: Sequence[str] = ("cpu", "cuda")
+    seconds: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -8,7 +8,8 @@ load average each time, so that the run can say afterwards whether the machine w
 The ETA adds, for the suite running now, what is left of its expected duration, and for every
 suite still to come, its expected duration. Expected durations come from the previous run's
 results JSON of the same size and device in the output folder (each suite records its
-``seconds``); a suite never run before counts as unknown, and the ETA then says ``+?``.
+``seconds``), else from the suite's own ``Suite.seconds`` (typical idle times); a suite with
+neither counts as unknown, and the ETA then says ``+?``.
 """
 
 from __future__ import annotations

@@ -109,8 +109,13 @@ def report_markdown(result: dict[str, Any]) -> str:
             "",
         ]
     if "seconds" in result:
-        lines += [f"Wall time: {result['seconds']} s.", ""]
+        lines += [
+            f"Wall time: {result['seconds']} s (CPU time of the process: "
+            f"{result.get('cpu_seconds', '-')} s).",
+            "",
+        ]
     for name, suite in result["suites"].items():
-        lines += [f"### {name} ({suite['seconds']} s)", "", suite["description"], ""]
+        cpu = f", CPU {suite['cpu_seconds']} s" if "cpu_seconds" in suite else ""
+        lines += [f"### {name} ({suite['seconds']} s{cpu})", "", suite["description"], ""]
         lines += [table_markdown(t) for t in suite["tables"]]
     return "\n".join(lines)

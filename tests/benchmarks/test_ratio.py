@@ -82,3 +82,11 @@ def test_core_doctests() -> None:
 
     assert doctest.testmod(_core).failed == 0
     assert doctest.testmod(_core).attempted >= 4
+
+
+def test_covering_widens_the_spread_only() -> None:
+    r = Ratio([1.0, 1.1, 1.2], medians_ratio=1.12)
+    w = r.covering(0.9)
+    assert float(w) == float(r) and w.samples == r.samples
+    assert (w.lo, w.hi) == (0.9, r.hi)
+    assert (r.covering(1.1).lo, r.covering(1.1).hi) == (r.lo, r.hi)
