@@ -117,8 +117,9 @@ def run(args: argparse.Namespace) -> int:
             entry = {
                 "description": suite.description,
                 "seconds": round(time.perf_counter() - t0, 2),
-                # CPU time of this process: on a busy machine, with one thread, close to what
-                # the wall time would be on an idle one
+                # CPU time of this process: with one thread, the work done; on a busy machine
+                # a lower bound of the idle wall time (timing loops that run for a fixed wall
+                # time do less work when they get less of the CPU)
                 "cpu_seconds": round(time.process_time() - c0, 2),
                 "tables": [t.to_json() for t in tables],
             }
