@@ -157,6 +157,9 @@ class Ratio(float):
     def __repr__(self) -> str:
         return f"Ratio({float(self):.4g} [{self.lo:.4g}-{self.hi:.4g}], n={len(self.samples)})"
 
+    def __str__(self) -> str:  # str() and f"{r}" print the number, as for a float
+        return float.__repr__(self)
+
     def __reduce__(self) -> Any:  # copy/pickle keep the samples
         return (_make_ratio, (self.samples, self.medians_ratio))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 
 import pytest
@@ -16,6 +17,7 @@ def test_ratio_is_the_median_with_the_interquartile_range() -> None:
     assert float(r) == statistics.median(samples) == 1.2
     assert (r.lo, r.hi) == pytest.approx((1.1, 1.3))
     assert spread(r) == (r.lo, r.hi) and spread(2.0) == (2.0, 2.0)
+    assert str(r) == f"{r}" == "1.2" and f"{r:.2f}" == "1.20" and json.dumps(r) == "1.2"
 
 
 def test_spread_covers_the_ratio_of_the_medians_shown() -> None:
