@@ -166,8 +166,7 @@ def compare_tables(
         notes.append(
             f"rows whose keys {keys} repeat (not compared): {'; '.join(' / '.join(k) for k in dup)}"
         )
-    out.notes += notes
-    problems = [f"{title!r}: {n}" for n in notes]
+    problems = [f"{title!r}: {n}" for n in notes]  # listed once, under "Not compared"
     if not out.rows and len(seen - dup) == len(only_a):
         problems.append(f"{title!r}: no row of A matches a row of B on {keys}")
         return None, problems
