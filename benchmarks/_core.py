@@ -416,7 +416,9 @@ def time_alternating(
     of each run are not recorded: with ``block > skip`` each variant is measured in its steady
     state, as in a loop that calls it again and again, not right after another variant has
     changed the caches and the allocator's state. Meant for CPU steps of milliseconds; on CUDA
-    it defers to :func:`time_interleaved`, whose blocks synchronise once.
+    it defers to :func:`time_interleaved`, whose blocks synchronise once. If the machine slows
+    down after the warm-up, the turns stop at 4 times the planned time (at least 2 s and 2
+    turns per round).
 
     Returns:
         ``(timings, ratios)`` as :func:`time_interleaved`: per-call :class:`Timing` per variant
@@ -449,7 +451,12 @@ def time_alternating(
         n_turns, block = SMOKE_ROUNDS, skip + 1
     samples: dict[str, list[float]] = {n: [] for n in names}
     per_turn: dict[str, list[float]] = {n: [] for n in names}
+    # On a machine that slows down after the warm-up (other work), stop at 4x the planned time
+    # (at least 2 s), after at least 2 turns per round: fewer turns, the same measurement.
+    deadline = clock() + max(2.0, 4 * n_turns * len(names) * block * per_call)
     for i in range(n_turns):
+        if i >= 2 * rounds and clock() > deadline:
+            break
         for n in names[i % len(names) :] + names[: i % len(names)]:
             f = fns[n]
             times = []

@@ -200,3 +200,28 @@ def test_smoke_caps_every_timing() -> None:
     import dataclasses
 
     assert dataclasses.replace(ctx, size="quick").smoke
+
+
+def test_time_alternating_stops_when_the_machine_slows_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Turns are planned from the warm-up; a machine 100x slower afterwards stops them at 4x
+    the planned time (2 turns per round at least), instead of running 100x as long."""
+    now = [0.0]
+    monkeypatch.setattr(core, "_clock", lambda: now[0])
+    calls = [0]
+
+    def step(dt: float) -> Callable[[], None]:
+        def f() -> None:
+            calls[0] += 1
+            now[0] += dt * (1 if now[0] < 0.2 else 100)  # slow after the warm-up
+
+        return f
+
+    ctx = core.Context(torch.device("cpu"), size="quick")
+    fns = {"base": step(1e-3), "slow": step(2e-3)}
+    _, ratios = core.time_alternating(fns, ctx=ctx, baseline="base")
+    turns = len(ratios["slow"].samples)  # type: ignore[attr-defined]
+    planned = ctx.rounds * max(int(ctx.min_run_time / 1.5e-3), 3)
+    assert 2 * ctx.rounds <= turns < planned
+    assert ratios["slow"] == pytest.approx(2.0)
