@@ -49,12 +49,14 @@ def discover() -> dict[str, Suite]:
     return suites
 
 
-def load_threshold(cpu_count: int | None) -> float:
+def load_threshold(cpu_count: int | None, threads: int = 1) -> float:
     """1-minute load average above which a run is flagged as busy.
 
-    This run's own process (1) plus a quarter of the CPUs: on 2 CPUs, 1.5.
+    This run's own threads (at most one per CPU) plus a quarter of the CPUs: on 2 CPUs, 1.5
+    with one thread and 2.5 with two.
     """
-    return 1.0 + 0.25 * (cpu_count or 1)
+    cpus = cpu_count or 1
+    return min(max(threads, 1), cpus) + 0.25 * cpus
 
 
 def _expected(out: Path, stem: str, size: str) -> dict[str, float]:
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     stem = f"results-{device.type}"
     env = environment(device)
-    threshold = load_threshold(env.get("cpu_count"))
+    threshold = load_threshold(env.get("cpu_count"), env.get("threads", 1))
     start_load = env.get("load_average")
     if start_load and start_load[0] > threshold:
         print(

@@ -58,7 +58,8 @@ def test_tiny_suite_writes_documented_schema(tiny: None, tmp_path: Path) -> None
     assert table["keys"] == ["variant"]
     load = result["environment"]["load"]
     assert len(result["environment"]["load_average"]) == 3
-    assert load["max_1min"] >= 0 and load["threshold"] == 1.0 + 0.25 * os.cpu_count()
+    cpus, threads = os.cpu_count(), result["environment"]["threads"]
+    assert load["max_1min"] >= 0 and load["threshold"] == min(threads, cpus) + 0.25 * cpus
     assert load["high"] == (load["max_1min"] > load["threshold"])
 
 
