@@ -6,7 +6,14 @@ not there are simply absent from ``--list``; nothing is faked.
 
 Timing uses :class:`torch.utils.benchmark.Timer` (``blocked_autorange``; it synchronises CUDA).
 Variants that are compared are measured *interleaved* in rounds, and each ratio is the median of
-the per-round ratios, so slow drifts of the machine cancel out.
+the per-round ratios, so slow drifts of the machine cancel out. Each ratio is a :class:`Ratio`: a
+float that also carries its spread (the interquartile range of the per-round ratios), which
+:class:`Table` records beside the value and the report prints as ``1.09x [1.05-1.12]``;
+:func:`judge` turns a ratio and a target into "met", "missed" or "inconclusive".
+
+Sizes: ``quick`` / ``default`` / ``full`` choose problem sizes (:meth:`Context.pick`);
+``Context.smoke`` (the test suite's setting) keeps the quick sizes but cuts every timing to a
+couple of calls, so that every suite runs in seconds: it checks that the suites run, not speed.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import platform
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,14 +35,27 @@ from torch.utils._python_dispatch import TorchDispatchMode
 SCHEMA = "gradlab-bench/1"
 SIZES = ("quick", "default", "full")
 
+# Smoke setting (Context.smoke): seconds of blocked_autorange per block, rounds, calls per
+# fixed-count round. Enough to run every line of a suite; the numbers mean nothing.
+SMOKE_MIN_RUN_TIME = 1e-3
+SMOKE_ROUNDS = 2
+SMOKE_NUMBER = 2
+
 
 @dataclass
 class Context:
-    """What a suite gets: device, size preset and a progress callback."""
+    """What a suite gets: device, size preset, a progress callback and the smoke switch.
+
+    ``smoke=True`` (the test suite's setting, never a command-line size) keeps the ``quick``
+    sizes but makes every timing in this module as short as it can be (:data:`SMOKE_ROUNDS`
+    rounds, :data:`SMOKE_MIN_RUN_TIME` blocks, at most :data:`SMOKE_NUMBER` calls per
+    fixed-count round). It survives ``dataclasses.replace(ctx, size=...)``.
+    """
 
     device: torch.device
     size: str = "default"
     progress: Callable[[str], None] = lambda msg: None
+    smoke: bool = False
 
     def pick(self, quick: Any, default: Any, full: Any) -> Any:
         """Choose a value by the size preset (``--quick`` / default / ``--full``)."""
@@ -44,46 +64,248 @@ class Context:
     @property
     def min_run_time(self) -> float:
         """Seconds of ``blocked_autorange`` per variant and round."""
-        return self.pick(0.05, 0.2, 0.5)
+        return SMOKE_MIN_RUN_TIME if self.smoke else self.pick(0.05, 0.2, 0.5)
 
     @property
     def rounds(self) -> int:
         """Interleaved rounds per comparison."""
-        return self.pick(3, 5, 9)
+        return SMOKE_ROUNDS if self.smoke else self.pick(3, 5, 9)
+
+    def calls(self, number: int) -> int:
+        """``number`` calls for a fixed-count measurement, or :data:`SMOKE_NUMBER` when smoke."""
+        return min(number, SMOKE_NUMBER) if self.smoke else number
+
+
+def _quartiles(samples: Sequence[float]) -> tuple[float, float]:
+    if len(samples) < 2:
+        return samples[0], samples[0]
+    q = statistics.quantiles(samples, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+class Ratio(float):
+    """A ratio of two times (a ``float``: its median over rounds) that carries its spread.
+
+    ``samples`` are the per-round (or per-turn) ratios measured next to each other; the value is
+    their median. ``lo`` and ``hi`` bound the spread: the interquartile range of ``samples``,
+    widened where needed to include ``medians_ratio``, the ratio of the two median times a table
+    shows beside it (and any ``also`` values: see :meth:`covering`). So a table's ratio column
+    and its time columns never tell different stories: where they would, the spread crosses
+    both and :func:`judge` says "inconclusive".
+
+    Dividing two ratios with as many samples (ratios to the same baseline, from the same rounds)
+    divides round by round: ``ratios["a"] / ratios["b"]`` is the median over rounds of
+    ``time(a) / time(b)``, with its spread. ``1 / ratio`` inverts every sample (a speedup).
+    Other arithmetic gives a plain ``float``.
+
+    Example:
+        >>> r = Ratio([1.0, 1.1, 1.2, 1.3, 1.4])
+        >>> float(r), r.lo, r.hi
+        (1.2, 1.1, 1.3)
+        >>> inv = 1 / r
+        >>> round(float(inv), 3), round(inv.lo, 3), round(inv.hi, 3)
+        (0.833, 0.769, 0.909)
+    """
+
+    samples: tuple[float, ...]
+    medians_ratio: float | None
+    lo: float
+    hi: float
+
+    def __new__(
+        cls,
+        samples: Sequence[float],
+        *,
+        medians_ratio: float | None = None,
+        also: Sequence[float] = (),
+    ) -> Ratio:
+        if not samples:
+            raise ValueError("Ratio: samples is empty; give at least one per-round ratio")
+        self = super().__new__(cls, statistics.median(samples))
+        self.samples = tuple(float(x) for x in samples)
+        self.medians_ratio = medians_ratio
+        lo, hi = _quartiles(sorted(self.samples))
+        for x in ([] if medians_ratio is None else [medians_ratio]) + list(also):
+            lo, hi = min(lo, x), max(hi, x)
+        self.lo, self.hi = lo, hi
+        return self
+
+    def covering(self, *values: float) -> Ratio:
+        """This ratio with its spread widened to cover ``values`` too (other ratios of the
+        times a table shows beside it, e.g. to a baseline row pooled over several runs)."""
+        r = Ratio(self.samples, medians_ratio=self.medians_ratio, also=values)
+        r.lo, r.hi = min(r.lo, self.lo), max(r.hi, self.hi)
+        return r
+
+    def __truediv__(self, other: object) -> Any:
+        if isinstance(other, Ratio) and len(other.samples) == len(self.samples):
+            mr = None
+            if self.medians_ratio is not None and other.medians_ratio is not None:
+                mr = self.medians_ratio / other.medians_ratio
+            return Ratio([a / b for a, b in zip(self.samples, other.samples)], medians_ratio=mr)
+        if isinstance(other, (int, float)) and not isinstance(other, Ratio):
+            mr = None if self.medians_ratio is None else self.medians_ratio / other
+            return Ratio([a / other for a in self.samples], medians_ratio=mr)
+        return float(self) / float(other)  # type: ignore[arg-type]
+
+    def __rtruediv__(self, other: object) -> Any:
+        if isinstance(other, (int, float)):
+            mr = None if self.medians_ratio is None else other / self.medians_ratio
+            return Ratio([other / a for a in self.samples], medians_ratio=mr)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Ratio({float(self):.4g} [{self.lo:.4g}-{self.hi:.4g}], n={len(self.samples)})"
+
+    def __str__(self) -> str:  # str() and f"{r}" print the number, as for a float
+        return float.__repr__(self)
+
+    def __reduce__(self) -> Any:  # copy/pickle keep the samples
+        return (_make_ratio, (self.samples, self.medians_ratio))
+
+
+def _make_ratio(samples: Sequence[float], medians_ratio: float | None) -> Ratio:
+    return Ratio(samples, medians_ratio=medians_ratio)
+
+
+def spread(value: float) -> tuple[float, float]:
+    """``(lo, hi)`` of a :class:`Ratio`; ``(value, value)`` for a plain number."""
+    if isinstance(value, Ratio):
+        return value.lo, value.hi
+    return float(value), float(value)
+
+
+def judge(ratio: float, *, at_most: float | None = None, at_least: float | None = None) -> str:
+    """Verdict on a target: ``"met"``, ``"missed"`` or ``"inconclusive (spread crosses ...)"``.
+
+    The target is met when the whole spread of ``ratio`` (see :class:`Ratio`) is on the right
+    side of it, missed when the whole spread is on the wrong side, and inconclusive otherwise. A
+    plain float has no spread. Give exactly one of ``at_most`` (lower is better: a time ratio)
+    or ``at_least`` (higher is better: a speedup).
+
+    Example:
+        >>> judge(Ratio([1.02, 1.04, 1.05]), at_most=1.10)
+        'met (<= 1.10x)'
+        >>> judge(Ratio([1.0, 1.08, 1.2]), at_most=1.10)
+        'inconclusive: spread 1.04-1.14x crosses the target (<= 1.10x)'
+    """
+    if (at_most is None) == (at_least is None):
+        raise ValueError(
+            f"judge: give exactly one of at_most or at_least, received {at_most=}, {at_least=}"
+        )
+    lo, hi = spread(ratio)
+    if at_most is not None:
+        target, ok, bad = f"<= {at_most:.2f}x", hi <= at_most, lo > at_most
+    else:
+        assert at_least is not None
+        target, ok, bad = f">= {at_least:.2f}x", lo >= at_least, hi < at_least
+    if ok:
+        return f"met ({target})"
+    if bad:
+        return f"missed ({target})"
+    return f"inconclusive: spread {lo:.2f}-{hi:.2f}x crosses the target ({target})"
+
+
+RATIO_NOTE = (
+    "x.xx [lo-hi]: the median of the per-round ratios (each ratio is defined above) and their "
+    "interquartile range, widened where needed to include the ratio of the median times shown, "
+    "so that ratios and times never disagree; a target is met or missed only when the whole "
+    "range is on one side of it, else inconclusive."
+)
+
+
+def is_ratio_column(column: str) -> bool:
+    """Column-name convention for ratios: contains ``ratio`` or ends in ``_x``."""
+    return "ratio" in column or column.endswith("_x")
+
+
+def higher_is_better(column: str) -> bool:
+    """Column-name convention: a ``speedup`` ratio is better higher, every other ratio lower."""
+    return "speedup" in column
 
 
 @dataclass
 class Table:
-    """One result table: rows are dicts; ``columns`` fixes the order shown (first = row key)."""
+    """One result table: rows are dicts; ``columns`` fixes the order shown.
+
+    ``keys`` names the columns that identify a row (case and variant), which ``compare`` matches
+    on; by default the shortest run of leading non-measurement columns that tells the rows
+    apart (see :func:`key_columns`). A :class:`Ratio` cell is stored as its float value, its
+    spread in the row's ``"_spread"`` dict (``{column: [lo, hi]}``), and the table's notes get
+    :data:`RATIO_NOTE` once.
+    """
 
     title: str
     columns: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    keys: list[str] | None = None
 
     def add(self, **row: Any) -> None:
         unknown = set(row) - set(self.columns)
         if unknown:
             raise ValueError(f"Table {self.title!r}: unknown columns {sorted(unknown)}")
+        spreads = {c: [v.lo, v.hi] for c, v in row.items() if isinstance(v, Ratio)}
+        row = {c: float(v) if isinstance(v, Ratio) else v for c, v in row.items()}
+        if spreads:
+            row["_spread"] = spreads
         self.rows.append(row)
 
     def to_json(self) -> dict[str, Any]:
+        notes = list(self.notes)
+        if any("_spread" in r for r in self.rows) and RATIO_NOTE not in notes:
+            notes.append(RATIO_NOTE)
         return {
             "title": self.title,
             "columns": self.columns,
+            "keys": key_columns(self.columns, self.rows, self.keys),
             "rows": self.rows,
-            "notes": self.notes,
+            "notes": notes,
         }
+
+
+def is_measurement(column: str) -> bool:
+    """Column-name convention for measured values: ``*_s``, ``*_bytes``, ratios."""
+    return column.endswith(("_s", "_bytes")) or is_ratio_column(column)
+
+
+def key_columns(
+    columns: Sequence[str], rows: Sequence[dict[str, Any]], keys: Sequence[str] | None = None
+) -> list[str]:
+    """The columns that identify a row: ``keys`` if given, else inferred.
+
+    Inferred: the shortest run of leading non-measurement columns (see :func:`is_measurement`)
+    whose values tell every row apart; all of the leading non-measurement columns if none does.
+    """
+    if keys is not None:
+        return list(keys)
+    lead: list[str] = []
+    for c in columns:
+        if is_measurement(c):
+            break
+        lead.append(c)
+    lead = lead or list(columns[:1])
+    for n in range(1, len(lead) + 1):
+        seen = {tuple(str(r.get(c)) for c in lead[:n]) for r in rows}
+        if len(seen) == len(rows):
+            return lead[:n]
+    return lead
 
 
 @dataclass
 class Suite:
-    """A named benchmark suite: ``run(ctx) -> list[Table]``."""
+    """A named benchmark suite: ``run(ctx) -> list[Table]``.
+
+    ``seconds`` (optional): the suite's typical wall time per size (``"quick"``, ``"default"``,
+    ``"full"``) on an idle 2-core CPU machine, for the ETA of a first run; later runs use the
+    previous run's own times.
+    """
 
     name: str
     description: str
     run: Callable[[Context], list[Table]]
     devices: Sequence[str] = ("cpu", "cuda")
+    seconds: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -125,11 +347,17 @@ def time_interleaved(
         rounds: number of interleaved rounds (default: ``ctx.rounds``).
 
     Returns:
-        ``(timings, ratios)``: per-call :class:`Timing` per variant, and the median over rounds of
-        ``time(variant) / time(baseline)`` per variant.
+        ``(timings, ratios)``: per-call :class:`Timing` per variant, and per variant the median
+        over rounds of ``time(variant) / time(baseline)``, a :class:`Ratio` carrying the
+        per-round ratios (its spread includes ``timings[variant].median /
+        timings[baseline].median``).
     """
     names = list(fns)
     baseline = baseline or names[0]
+    if number is not None:
+        number = ctx.calls(number)
+    if ctx.smoke:
+        rounds = min(rounds or ctx.rounds, SMOKE_ROUNDS)
     timers = {n: _timer(f) for n, f in fns.items()}
     for f in fns.values():  # warm-up: first-call latency, allocator, lazy init
         f()
@@ -147,13 +375,22 @@ def time_interleaved(
             per_round[n].append(m.median)
             blocks[n].extend(m.times)
     timings = {n: Timing.from_times(blocks[n]) for n in names}
-    return timings, _median_ratios(per_round, baseline)
+    return timings, _median_ratios(per_round, baseline, timings)
 
 
-def _median_ratios(per_round: dict[str, list[float]], baseline: str) -> dict[str, float]:
+def _median_ratios(
+    per_round: dict[str, list[float]], baseline: str, timings: dict[str, Timing]
+) -> dict[str, float]:
     """Per variant, the median over rounds (or turns) of its time over the baseline's."""
     base = per_round[baseline]
-    return {n: statistics.median(a / b for a, b in zip(t, base)) for n, t in per_round.items()}
+    bmed = timings[baseline].median
+    return {
+        n: Ratio(
+            [a / b for a, b in zip(t, base)],
+            medians_ratio=timings[n].median / bmed if bmed > 0 else None,
+        )
+        for n, t in per_round.items()
+    }
 
 
 _clock = time.perf_counter  # time_alternating's clock (a test swaps it)
@@ -172,13 +409,16 @@ def time_alternating(
 
     Where :func:`time_interleaved` alternates blocks of about ``ctx.min_run_time`` seconds, this
     alternates runs of ``block`` consecutive calls (default 1: single calls; the order rotated
-    every turn), so that a variant and its baseline are measured milliseconds apart: a slow drift
-    of the machine's speed (other tenants of a shared machine, frequency changes) cancels out of
-    the ratios. The first ``skip`` calls of each run are not recorded: with ``block > skip``
-    each variant is measured in its steady state, as in a loop that calls it again and again,
-    not right after another variant has changed the caches and the allocator's state. Meant for
-    CPU steps of milliseconds; on CUDA it defers to :func:`time_interleaved`, whose blocks
-    synchronise once.
+    every turn; about ``ctx.min_run_time`` of recorded calls per variant and round, at least 3 /
+    2 / 5 turns per round at the quick / default / full sizes), so that a variant and its
+    baseline are measured milliseconds apart: a slow drift of the machine's speed (other tenants
+    of a shared machine, frequency changes) cancels out of the ratios. The first ``skip`` calls
+    of each run are not recorded: with ``block > skip`` each variant is measured in its steady
+    state, as in a loop that calls it again and again, not right after another variant has
+    changed the caches and the allocator's state. Meant for CPU steps of milliseconds; on CUDA
+    it defers to :func:`time_interleaved`, whose blocks synchronise once. If the machine slows
+    down after the warm-up, the turns stop at 4 times the planned time (at least 2 s and 2
+    turns per round).
 
     Returns:
         ``(timings, ratios)`` as :func:`time_interleaved`: per-call :class:`Timing` per variant
@@ -199,11 +439,24 @@ def time_alternating(
         for f in fns.values():
             f()
         warm += 1
+        if ctx.smoke:
+            break
     per_call = (clock() - start) / (warm * len(names))
-    turns = max(5, int(ctx.min_run_time / max(per_call, 1e-9)) // (block - skip))
+    rounds = rounds or ctx.rounds
+    # About ctx.min_run_time of recorded calls per variant and round, and at least
+    # ctx.pick(3, 2, 5) turns per round: slow steps (tens of ms) are not run for minutes.
+    per_round = int(ctx.min_run_time / max(per_call, 1e-9)) // (block - skip)
+    n_turns = rounds * max(per_round, ctx.pick(3, 2, 5))
+    if ctx.smoke:  # a couple of turns, one recorded call per run
+        n_turns, block = SMOKE_ROUNDS, skip + 1
     samples: dict[str, list[float]] = {n: [] for n in names}
     per_turn: dict[str, list[float]] = {n: [] for n in names}
-    for i in range((rounds or ctx.rounds) * turns):
+    # On a machine that slows down after the warm-up (other work), stop at 4x the planned time
+    # (at least 2 s), after at least 2 turns per round: fewer turns, the same measurement.
+    deadline = clock() + max(2.0, 4 * n_turns * len(names) * block * per_call)
+    for i in range(n_turns):
+        if i >= 2 * rounds and clock() > deadline:
+            break
         for n in names[i % len(names) :] + names[: i % len(names)]:
             f = fns[n]
             times = []
@@ -215,7 +468,7 @@ def time_alternating(
             per_turn[n].append(statistics.median(times))
             samples[n].extend(times)
     timings = {n: Timing.from_times(samples[n]) for n in names}
-    return timings, _median_ratios(per_turn, baseline)
+    return timings, _median_ratios(per_turn, baseline, timings)
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -273,8 +526,20 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int, st
     return mode.peak, "live tensor bytes (TorchDispatchMode)"
 
 
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (``os.getloadavg``), ``None`` where unsupported."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def environment(device: torch.device) -> dict[str, Any]:
-    """Torch version, device, threads and CPU/GPU model, recorded with every result."""
+    """Torch version, device, threads, CPU/GPU model and load average, recorded with every result.
+
+    ``load_average`` is the 1/5/15-minute load at the start; the command line adds the highest
+    1-minute load seen during the run and a warning when it was high (see ``_cli``).
+    """
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -292,6 +557,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "cpu": cpu,
+        "load_average": load_average(),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)

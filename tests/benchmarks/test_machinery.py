@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -52,6 +53,14 @@ def test_tiny_suite_writes_documented_schema(tiny: None, tmp_path: Path) -> None
     assert table["rows"][0]["ratio_vs_sum"] == 1.0
     assert all(r["median_s"] > 0 for r in table["rows"])
     assert "| variant | median_s | ratio_vs_sum |" in (tmp_path / "results-cpu.md").read_text()
+    # the ratios carry their spread, and the load average is recorded
+    assert table["rows"][1]["_spread"]["ratio_vs_sum"][0] <= table["rows"][1]["ratio_vs_sum"]
+    assert table["keys"] == ["variant"]
+    load = result["environment"]["load"]
+    assert len(result["environment"]["load_average"]) == 3
+    cpus, threads = os.cpu_count(), result["environment"]["threads"]
+    assert load["max_1min"] >= 0 and load["threshold"] == min(threads, cpus) + 0.25 * cpus
+    assert load["high"] == (load["max_1min"] > load["threshold"])
 
 
 def test_unknown_suite_is_refused(tiny: None, tmp_path: Path, capsys) -> None:
@@ -78,7 +87,7 @@ def test_compare_two_runs(tiny: None, tmp_path: Path, capsys) -> None:
     assert _cli.main(["compare", str(a / "results-cpu.json"), str(b / "results-cpu.json")]) == 0
     out = capsys.readouterr().out
     assert "tiny: tiny (B/A)" in out
-    assert "median_s" in out
+    assert "median_s" in out and "sum" in out and "mul" in out
 
 
 def test_peak_memory_counts_live_tensors() -> None:
@@ -95,8 +104,9 @@ def test_peak_memory_counts_live_tensors() -> None:
 def test_plot_writes_a_png(tiny: None, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     assert _cli.main(["--quick", "--suite", "tiny", "--out", str(tmp_path), "--plot"]) == 0
-    png = tmp_path / "results-cpu.png"
+    png = tmp_path / "results-cpu-tiny.png"  # one figure per suite
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "results-cpu.png").exists()
 
 
 def test_time_alternating_pairs_calls(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,7 +157,72 @@ def test_time_alternating_blocks_skip_the_first_calls(monkeypatch: pytest.Monkey
     assert set(runs) - {1} <= {4, 8} and len(runs) - runs.count(1) >= 4
     # call by call, the cold first calls are all that is measured
     order.clear()
-    _, ratios = core.time_alternating(fns, ctx=ctx, baseline="base")
-    assert ratios["slow"] == pytest.approx(3.0)  # both cold every call: 15 ms / 5 ms
+    timings, _ = core.time_alternating(fns, ctx=ctx, baseline="base")
+    assert max(timings["slow"].times) == pytest.approx(15e-3)  # cold calls recorded
     with pytest.raises(ValueError, match="need 0 <= skip < block"):
         core.time_alternating(fns, ctx=ctx, block=2, skip=2)
+
+
+def test_outside_the_repository_root_says_where_to_run(tmp_path: Path, capsys) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "Run it from the repository root" in done.stdout
+    assert len(done.stdout.splitlines()) == 1
+    with pytest.raises(SystemExit):
+        _cli.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "repository root" in " ".join(help_text.split())
+
+
+def test_smoke_caps_every_timing() -> None:
+    ctx = Context(torch.device("cpu"), size="full", smoke=True)
+    assert (ctx.rounds, ctx.min_run_time, ctx.calls(1000)) == (
+        core.SMOKE_ROUNDS,
+        core.SMOKE_MIN_RUN_TIME,
+        core.SMOKE_NUMBER,
+    )
+    calls = [0]
+
+    def f() -> None:
+        calls[0] += 1
+
+    timings, _ = time_interleaved({"f": f}, ctx=ctx, number=1000, rounds=10)
+    assert timings["f"].blocks == core.SMOKE_ROUNDS
+    # one warm-up call, then per round Timer.timeit's own 2 warm-up calls and the measured ones
+    assert calls[0] == 1 + core.SMOKE_ROUNDS * (2 + core.SMOKE_NUMBER)
+    # dataclasses.replace (as a suite may do to change the size) keeps the smoke switch
+    import dataclasses
+
+    assert dataclasses.replace(ctx, size="quick").smoke
+
+
+def test_time_alternating_stops_when_the_machine_slows_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Turns are planned from the warm-up; a machine 100x slower afterwards stops them at 4x
+    the planned time (2 turns per round at least), instead of running 100x as long."""
+    now = [0.0]
+    monkeypatch.setattr(core, "_clock", lambda: now[0])
+    calls = [0]
+
+    def step(dt: float) -> Callable[[], None]:
+        def f() -> None:
+            calls[0] += 1
+            now[0] += dt * (1 if now[0] < 0.2 else 100)  # slow after the warm-up
+
+        return f
+
+    ctx = core.Context(torch.device("cpu"), size="quick")
+    fns = {"base": step(1e-3), "slow": step(2e-3)}
+    _, ratios = core.time_alternating(fns, ctx=ctx, baseline="base")
+    turns = len(ratios["slow"].samples)  # type: ignore[attr-defined]
+    planned = ctx.rounds * max(int(ctx.min_run_time / 1.5e-3), 3)
+    assert 2 * ctx.rounds <= turns < planned
+    assert ratios["slow"] == pytest.approx(2.0)
