@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks._core import Context, Suite, Table, time_interleaved
+from benchmarks._core import Context, Suite, Table, judge, time_interleaved
 from gradlab.testing import GradientCheckError, check_gradients
 from gradlab.testing._planted import CASES, caught_by_gradlab, caught_by_torch
 
@@ -89,7 +89,7 @@ def run(ctx: Context) -> list[Table]:
     sizes = ctx.pick((32, 64), (128, 256, 512), (128, 256, 512, 1024))
     t1 = Table(
         "Checking tanh(A @ x), float64: time per check",
-        ["n", "variant", "median_s", "iqr_s", "speedup_ratio", "checks"],
+        ["n", "variant", "median_s", "iqr_s", "speedup_ratio", "target", "checks"],
         notes=[
             "speedup_ratio: how many times faster gradlab is. torch gradcheck: median over "
             "interleaved rounds of time(torch gradcheck) / time(gradlab full); torch gradcheck "
@@ -121,6 +121,7 @@ def run(ctx: Context) -> list[Table]:
                 median_s=tm.median,
                 iqr_s=tm.iqr,
                 speedup_ratio=speedup,
+                target=judge(speedup, at_least=5.0) if name == "torch gradcheck" else None,
                 checks=n * n if name.endswith("full") or name == "torch gradcheck" else probes,
             )
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import gradlab as gl
-from benchmarks._core import Context, Suite, Table, time_interleaved
+from benchmarks._core import Context, Suite, Table, judge, time_interleaved
 from gradlab.curvature import _backprop, _operator
 
 
@@ -167,7 +167,7 @@ def _table_trace(ctx: Context) -> Table:
     samples = ctx.pick(5, 10, 20)
     t = Table(
         f"Hutchinson trace, {samples} probes: gradlab vs a hand-written HVP loop (PyHessian's)",
-        ["case", "variant", "median_s", "iqr_s", "ratio_vs_hand"],
+        ["case", "variant", "median_s", "iqr_s", "ratio_vs_hand", "target"],
         notes=[
             "ratio_vs_hand: median over interleaved rounds of time / time(hand-written loop); "
             "target <= 1.10 for gradlab.",
@@ -186,6 +186,7 @@ def _table_trace(ctx: Context) -> Table:
                 median_s=timings[name].median,
                 iqr_s=timings[name].iqr,
                 ratio_vs_hand=ratios[name],
+                target=judge(ratios[name], at_most=1.10) if name.startswith("gradlab") else None,
             )
     return t
 
@@ -193,7 +194,7 @@ def _table_trace(ctx: Context) -> Table:
 def _table_top1(ctx: Context) -> Table:
     t = Table(
         "Top-1 eigenvalue to 1e-2: gradlab Lanczos vs power iteration written like PyHessian's",
-        ["case", "variant", "median_s", "products", "rel_error", "ratio_vs_power"],
+        ["case", "variant", "median_s", "products", "rel_error", "ratio_vs_power", "target"],
         notes=[
             "gradlab: hessian_eigenvalues(k=1, tol=1e-2): stops when the error estimate "
             "min(r, r^2/gap) of the top Ritz value (r its residual, gap to the next Ritz value) "
@@ -268,6 +269,7 @@ def _top1_case(
             products=counts.get(name),
             rel_error=abs(values[name] - exact) / abs(exact),
             ratio_vs_power=ratios[name],
+            target=judge(ratios[name], at_most=1.0) if name.startswith("gradlab") else None,
         )
 
 

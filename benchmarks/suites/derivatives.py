@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradlab as gl
-from benchmarks._core import Context, Suite, Table, time_alternating
+from benchmarks._core import Context, Suite, Table, judge, time_alternating
 from gradlab._derivatives import OPERATIONS, _autotune
 
 # Variants that are references, not ways of computing the derivative (not counted as "best").
@@ -180,6 +180,8 @@ def run(ctx: Context) -> list[Table]:
                 "case": case,
                 "auto_ratio_to_best": ratios["auto"],
                 "heuristic_ratio_to_best": ratios["heuristic"],
+                "auto_target": judge(ratios["auto"], at_most=1.1),
+                "heuristic_target": judge(ratios["heuristic"], at_most=1.5),
                 "auto_choice": choice,
                 "heuristic_choice": heuristic,
             }
@@ -257,6 +259,8 @@ def run(ctx: Context) -> list[Table]:
             "case",
             "auto_ratio_to_best",
             "heuristic_ratio_to_best",
+            "auto_target",
+            "heuristic_target",
             "auto_choice",
             "heuristic_choice",
         ],
@@ -275,4 +279,5 @@ SUITE = Suite(
     name="derivatives",
     description="Hessian / Jacobian / HVP / k-th derivative: every strategy, auto, torch's own",
     run=run,
+    seconds={"quick": 25, "default": 60, "full": 240},
 )
