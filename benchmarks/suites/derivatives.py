@@ -198,7 +198,8 @@ def run(ctx: Context) -> list[Table]:
     x = torch.randn(n, device=dev)
     for label, f in (("F.linear form", f_linear), ("W @ x form", f_matmul)):
         ctx.progress(f"hessian {label}")
-        track(f"hessian {label}", _rows(t_h, label, _hessian_variants(f, x), ctx))
+        rows = _rows(t_h, label, _hessian_variants(f, x), ctx, rounds=ctx.pick(3, 3, 9))
+        track(f"hessian {label}", rows)
 
     # 2. Jacobians
     t_j = Table("Jacobian of tanh(W x)", ["case", "variant", "median_s", "ratio_to_best"])
@@ -212,7 +213,8 @@ def run(ctx: Context) -> list[Table]:
 
         label = f"{n_in} -> {n_out}"
         ctx.progress(f"jacobian {label}")
-        track(f"jacobian {label}", _rows(t_j, label, _jacobian_variants(fj, xj), ctx))
+        rows = _rows(t_j, label, _jacobian_variants(fj, xj), ctx, rounds=ctx.pick(3, 3, 9))
+        track(f"jacobian {label}", rows)
 
     # 3. HVPs
     t_v = Table(
