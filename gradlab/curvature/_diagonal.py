@@ -180,9 +180,8 @@ def hessian_diagonal(
         data=data,
         batch_weight=batch_weight,
         distributed=distributed,
-        count=prog.advance,
+        progress=prog,
     )
-    op.on_batches = prog.set_batches
     with prog.run(op.n if method == "exact" else samples, op.batches):
         if method == "exact":
             diag = exact_diagonal(op)

@@ -220,13 +220,12 @@ def hessian_eigenvalues(
         data=data,
         batch_weight=batch_weight,
         distributed=distributed,
-        count=prog.advance,
+        progress=prog,
     )
     if k > op.n:
         raise ValueError(f"{fn}: k={k} but the Hessian is only {op.n}x{op.n}; pass k <= {op.n}")
     total = min(op.n, max(max_iter, k)) if method == "lanczos" else k * max_iter
     seed = shared_seed(gen, op.distributed)
-    op.on_batches = prog.set_batches
     with prog.run(total, op.batches):
         if method == "lanczos":
             return top_lanczos(fn, op, k, max_iter, tol, seed)

@@ -52,6 +52,7 @@ from gradlab.curvature._args import (
     check_params,
     param_names,
 )
+from gradlab.curvature._progress import Progress
 from gradlab.curvature._state import model_state
 
 __all__ = ["BATCHED_MAX_N", "HessianOperator", "hessian_operator"]
@@ -88,7 +89,7 @@ class HessianOperator:
         data: Iterable[Any] | None = None,
         batch_weight: BatchWeight = None,
         distributed: bool = False,
-        count: Callable[[int], None] = lambda n: None,
+        progress: Progress | None = None,
         eager: bool = False,
     ) -> None:
         if not callable(loss_fn):
@@ -102,8 +103,11 @@ class HessianOperator:
         self.data = data
         self.batch_weight = batch_weight
         self.distributed = distributed
-        self.count = count
-        self.on_batches: Callable[[int], None] = lambda batches: None  # len(data) learnt late
+        # progress: products applied, and the number of batches once len(data) is learnt
+        self.count: Callable[[int], None] = progress.advance if progress else lambda n: None
+        self.on_batches: Callable[[int], None] = (
+            progress.set_batches if progress else lambda batches: None
+        )
         self.shapes = [p.shape for p in self.params]
         self.sizes = [p.numel() for p in self.params]
         self.offsets = [0]
@@ -462,7 +466,7 @@ def build(
     data: Any,
     batch_weight: Any,
     distributed: bool,
-    count: Callable[[int], None] = lambda n: None,
+    progress: Progress | None = None,
     eager: bool = False,
 ) -> tuple[HessianOperator, Any]:
     """Check the arguments every curvature function shares; the operator and the structure."""
@@ -483,7 +487,7 @@ def build(
         data=data,
         batch_weight=batch_weight,
         distributed=distributed,
-        count=count,
+        progress=progress,
         eager=eager,
     )
     return op, structure

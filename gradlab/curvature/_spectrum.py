@@ -148,11 +148,10 @@ def hessian_spectrum(
         data=data,
         batch_weight=batch_weight,
         distributed=distributed,
-        count=prog.advance,
+        progress=prog,
     )
     m = min(steps, op.n)
     seed = shared_seed(gen, op.distributed)
-    op.on_batches = prog.set_batches
     with prog.run(probes * m, op.batches):
         nodes, weights = slq_nodes(op, op.random_rows(probes, seed), m)
     used = weights > 0

@@ -135,9 +135,8 @@ def hessian_trace(
         data=data,
         batch_weight=batch_weight,
         distributed=distributed,
-        count=prog.advance,
+        progress=prog,
     )
-    op.on_batches = prog.set_batches
     with prog.run(op.n if method == "exact" else samples, op.batches):
         if method == "exact":
             return exact_diagonal(op).sum()
@@ -291,7 +290,7 @@ def hessian_trace_by_block(
         data=data,
         batch_weight=batch_weight,
         distributed=distributed,
-        count=prog.advance,
+        progress=prog,
     )
     masks = []
     for group in groups:
@@ -301,7 +300,6 @@ def hessian_trace_by_block(
             mask[op.offsets[i] : op.offsets[i + 1]] = 1
         masks.append(mask)
     nonempty = sum(1 for g in groups if g)
-    op.on_batches = prog.set_batches
     with prog.run(op.n if method == "exact" else samples * nonempty, op.batches):
         if method == "exact":
             diag = exact_diagonal(op)
