@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-from gradlab._typing import PyTree
+from gradlab._derivatives._keys import signature
+from gradlab._typing import PyTree, TensorFn
 
 __all__ = [
     "Argnums",
@@ -140,3 +142,32 @@ def check_like(fn: str, name: str, v: Any, ref: Any, ref_name: str) -> None:
                 f"{fn}: {name} leaf {i} is on {a.device} but {ref_name} is on {b.device}; "
                 f"move it with .to({str(b.device)!r})"
             )
+
+
+@dataclass(frozen=True)
+class ArgnumsProblem:
+    """A validated ``jacobian``/``hessian`` call (``argnums`` non-negative, ``nums`` a tuple)."""
+
+    f: TensorFn
+    args: tuple
+    argnums: Argnums
+    nums: tuple[int, ...]
+    chunk_size: int | None
+
+    @classmethod
+    def validated(
+        cls, fn: str, f: TensorFn, args: tuple, argnums: Argnums, chunk_size: int | None
+    ) -> ArgnumsProblem:
+        nums = check_call(fn, f, args, argnums, chunk_size)
+        # Non-negative argnums for torch.func: jacfwd mishandles negative ones (torch 2.13).
+        return cls(f, args, nums if isinstance(argnums, tuple) else nums[0], nums, chunk_size)
+
+    @property
+    def many(self) -> bool:
+        return isinstance(self.argnums, tuple)
+
+    def key(self) -> tuple:
+        return (signature(self.args), self.argnums, self.chunk_size, torch.is_grad_enabled())
+
+    def devices(self) -> Sequence[torch.device]:
+        return devices_of(self.args)

@@ -3,55 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-from gradlab._derivatives._checks import Argnums, check_call, devices_of, scalar
+from gradlab._derivatives._checks import Argnums, ArgnumsProblem, scalar
 from gradlab._derivatives._graph import assemble, jac_forward_chunked, rows, stand_ins, wants_graph
-from gradlab._derivatives._keys import signature
 from gradlab._derivatives._registry import Operation, dispatch
 from gradlab._typing import PyTree, TensorFn
 
-__all__ = ["HESSIAN", "HessianProblem", "hessian"]
+__all__ = ["HESSIAN", "hessian"]
 
 
-@dataclass(frozen=True)
-class HessianProblem:
-    """A validated ``hessian`` call (``argnums`` non-negative, ``nums`` as a tuple)."""
-
-    f: TensorFn
-    args: tuple
-    argnums: Argnums
-    nums: tuple[int, ...]
-    chunk_size: int | None
-
-    @property
-    def many(self) -> bool:
-        return isinstance(self.argnums, tuple)
-
-    def key(self) -> tuple:
-        return (signature(self.args), self.argnums, self.chunk_size, torch.is_grad_enabled())
-
-    def devices(self) -> Sequence[torch.device]:
-        return devices_of(self.args)
-
-
-def _rev_rev(p: HessianProblem) -> PyTree:
+def _rev_rev(p: ArgnumsProblem) -> PyTree:
     g = torch.func.grad(scalar("hessian", p.f), p.argnums)
     return torch.func.jacrev(g, p.argnums, chunk_size=p.chunk_size)(*p.args)
 
 
-def _fwd_rev(p: HessianProblem) -> PyTree:
+def _fwd_rev(p: ArgnumsProblem) -> PyTree:
     g = torch.func.grad(scalar("hessian", p.f), p.argnums)
     if p.chunk_size is None:
         return torch.func.jacfwd(g, p.argnums)(*p.args)
     return jac_forward_chunked(g, p.args, p.nums, p.many, p.chunk_size)
 
 
-def _loop(p: HessianProblem) -> PyTree:
+def _loop(p: ArgnumsProblem) -> PyTree:
     grad_on = torch.is_grad_enabled()
     with torch.enable_grad():
         full, zs, linked = stand_ins(p.args, p.nums, grad_on)
@@ -69,12 +46,12 @@ def _loop(p: HessianProblem) -> PyTree:
     return assemble(grads if p.many else grads[0], blocks, p.args, p.nums, p.many)
 
 
-def _heuristic(p: HessianProblem, H: PyTree) -> str:
+def _heuristic(p: ArgnumsProblem, H: PyTree) -> str:
     """``"rev-rev"``: the fastest on every case of the ``derivatives`` benchmark suite."""
     return "rev-rev"
 
 
-HESSIAN: Operation[HessianProblem] = Operation(
+HESSIAN: Operation[ArgnumsProblem] = Operation(
     name="hessian",
     strategies={"rev-rev": _rev_rev, "fwd-rev": _fwd_rev, "loop": _loop},
     first="rev-rev",
@@ -135,9 +112,5 @@ def hessian(
                 [2., 0.]])
     """
     HESSIAN.check(strategy)
-    nums = check_call("hessian", f, args, argnums, chunk_size)
-    # Non-negative argnums for torch.func: jacfwd silently mishandles negative ones (torch 2.13).
-    problem = HessianProblem(
-        f, args, nums if isinstance(argnums, tuple) else nums[0], nums, chunk_size
-    )
+    problem = ArgnumsProblem.validated("hessian", f, args, argnums, chunk_size)
     return dispatch(HESSIAN, strategy, problem)

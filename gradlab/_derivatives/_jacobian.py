@@ -2,54 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-from gradlab._derivatives._checks import Argnums, check_call, devices_of, numel
+from gradlab._derivatives._checks import Argnums, ArgnumsProblem, numel
 from gradlab._derivatives._graph import assemble, jac_forward_chunked, rows, stand_ins, wants_graph
-from gradlab._derivatives._keys import signature
 from gradlab._derivatives._registry import Operation, dispatch
 from gradlab._typing import PyTree, TensorFn
 
-__all__ = ["JACOBIAN", "JacobianProblem", "jacobian"]
+__all__ = ["JACOBIAN", "jacobian"]
 
 
-@dataclass(frozen=True)
-class JacobianProblem:
-    """A validated ``jacobian`` call (``argnums`` non-negative, ``nums`` as a tuple)."""
-
-    f: TensorFn
-    args: tuple
-    argnums: Argnums
-    nums: tuple[int, ...]
-    chunk_size: int | None
-
-    @property
-    def many(self) -> bool:
-        return isinstance(self.argnums, tuple)
-
-    def key(self) -> tuple:
-        return (signature(self.args), self.argnums, self.chunk_size, torch.is_grad_enabled())
-
-    def devices(self) -> Sequence[torch.device]:
-        return devices_of(self.args)
-
-
-def _reverse(p: JacobianProblem) -> PyTree:
+def _reverse(p: ArgnumsProblem) -> PyTree:
     return torch.func.jacrev(p.f, p.argnums, chunk_size=p.chunk_size)(*p.args)
 
 
-def _forward(p: JacobianProblem) -> PyTree:
+def _forward(p: ArgnumsProblem) -> PyTree:
     if p.chunk_size is None:
         return torch.func.jacfwd(p.f, p.argnums)(*p.args)
     return jac_forward_chunked(p.f, p.args, p.nums, p.many, p.chunk_size)
 
 
-def _loop(p: JacobianProblem) -> PyTree:
+def _loop(p: ArgnumsProblem) -> PyTree:
     grad_on = torch.is_grad_enabled()
     with torch.enable_grad():
         full, zs, linked = stand_ins(p.args, p.nums, grad_on)
@@ -60,14 +36,14 @@ def _loop(p: JacobianProblem) -> PyTree:
     return assemble(pytree.tree_map(torch.Tensor.detach, out), blocks, p.args, p.nums, p.many)
 
 
-def _heuristic(p: JacobianProblem, J: PyTree) -> str:
+def _heuristic(p: ArgnumsProblem, J: PyTree) -> str:
     """``"reverse"`` if the output has at most as many elements as the inputs, else forward."""
     n_in = numel(tuple(p.args[i] for i in p.nums))
     n_out = numel(J) // max(n_in, 1)
     return "reverse" if n_out <= n_in else "forward"
 
 
-JACOBIAN: Operation[JacobianProblem] = Operation(
+JACOBIAN: Operation[ArgnumsProblem] = Operation(
     name="jacobian",
     strategies={"reverse": _reverse, "forward": _forward, "loop": _loop},
     first="reverse",
@@ -137,9 +113,5 @@ def jacobian(
                 [5., 6.]])
     """
     JACOBIAN.check(strategy)
-    nums = check_call("jacobian", f, args, argnums, chunk_size)
-    # Non-negative argnums for torch.func: jacfwd silently mishandles negative ones (torch 2.13).
-    problem = JacobianProblem(
-        f, args, nums if isinstance(argnums, tuple) else nums[0], nums, chunk_size
-    )
+    problem = ArgnumsProblem.validated("jacobian", f, args, argnums, chunk_size)
     return dispatch(JACOBIAN, strategy, problem)
