@@ -93,6 +93,12 @@ def check_inputs(inputs: Sequence[Any], caller: str) -> tuple[torch.Tensor, ...]
                 f"{caller}: input {k} has dtype {x.dtype}; finite differences in half precision "
                 "cannot check gradients, pass x.double() (or x.float())"
             )
+    check_one_device(inputs, caller)
+    return tuple(same_layout(x) for x in inputs)
+
+
+def check_one_device(inputs: Sequence[torch.Tensor], caller: str) -> None:
+    """Every input on the same device, else a ValueError listing them."""
     devices = {x.device for x in inputs}
     if len(devices) > 1:
         listing = ", ".join(f"input {k}: {x.device}" for k, x in enumerate(inputs))
@@ -100,7 +106,6 @@ def check_inputs(inputs: Sequence[Any], caller: str) -> tuple[torch.Tensor, ...]
             f"{caller}: inputs are on different devices ({listing}); move them to one device, "
             "e.g. x.to('cuda')"
         )
-    return tuple(same_layout(x) for x in inputs)
 
 
 def same_layout(x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from gradlab.testing._analytical import Problem
-from gradlab.testing._common import as_outputs, same_layout
+from gradlab.testing._common import as_outputs, check_one_device, same_layout
 from gradlab.testing._report import CALLER
 
 __all__ = ["Prepared", "first_order", "prepare", "second_order"]
@@ -80,13 +80,7 @@ def _select(inputs: Sequence[Any]) -> list[int]:
                 f"{CALLER}: input {k} has dtype {x.dtype}; finite differences in half precision "
                 "cannot check gradients, pass x.double() (or x.float())"
             )
-    devices = {x.device for x in inputs}
-    if len(devices) > 1:
-        listing = ", ".join(f"input {k}: {x.device}" for k, x in enumerate(inputs))
-        raise ValueError(
-            f"{CALLER}: inputs are on different devices ({listing}); move them to one device, "
-            "e.g. x.to('cuda')"
-        )
+    check_one_device(inputs, CALLER)
     return diff
 
 
