@@ -355,6 +355,30 @@ class HessianOperator:
         self.sweep(math.ceil(m / k), vectors, accumulate, [out])
         return out
 
+    def apply(self, vs: Pieces) -> Pieces:
+        """:math:`Hv` for one vector given as pieces shaped like the parameters (no leading dim).
+
+        The iterative estimators work on pieces: nothing is flattened or concatenated, and the
+        result's pieces are fresh tensors (never aliasing ``vs`` or each other), so the caller
+        may update them in place.
+        """
+        if self._cache is not None and not self.distributed:  # one graph, kept: H v directly
+            graph = self._cache[0]  # its weight is the total weight: H = H_b
+            self.count(1)
+            return _unaliased(graph.hvp(vs), vs)
+        V = [v.unsqueeze(0) for v in vs]
+        out: list[torch.Tensor] = []
+
+        def accumulate(c: int, V: Pieces, HV: Pieces, w: float) -> None:
+            hs = _unaliased([h[0] for h in HV], vs)
+            if not out:
+                out.extend(hs if w == 1.0 else torch._foreach_mul(hs, w))
+            else:
+                torch._foreach_add_(out, hs, alpha=w)
+
+        self.sweep(1, lambda c: V, accumulate, lambda: out)
+        return out
+
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """:math:`Hv` for a flat vector ``v`` of length n (one product per batch)."""
         if not isinstance(v, torch.Tensor) or v.shape != (self.n,):
@@ -455,6 +479,25 @@ class HessianOperator:
         if structure == "sequence":
             return tuple(pieces)
         return dict(zip(structure, pieces))
+
+
+def _unaliased(hs: Pieces, vs: Pieces) -> Pieces:
+    """``hs`` with any piece that shares storage with ``vs`` or an earlier piece cloned.
+
+    Autograd may hand a gradient straight through (an identity-like backward returns the
+    grad_output it was given, an ``add`` gives both inputs one tensor), so a product's pieces can
+    alias the vector or each other; in-place updates need them distinct.
+    """
+    seen = {v.untyped_storage().data_ptr() for v in vs}
+    out = []
+    for h in hs:
+        ptr = h.untyped_storage().data_ptr()
+        if ptr in seen:
+            h = h.clone()
+            ptr = h.untyped_storage().data_ptr()
+        seen.add(ptr)
+        out.append(h)
+    return out
 
 
 def build(
