@@ -219,15 +219,16 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 def run_auto(op: Operation, problem: Problem) -> Any:
     """``strategy="auto"`` for ``op`` on ``problem``: see :func:`autotune`'s docstring."""
-    key = (op.name, function_key(problem.f), *problem.key())
+    fkey = function_key(problem.f)
+    key = (op.name, fkey, *problem.key())
     entry = _CACHE.get(key)
     enabled = is_autotune_enabled() and not getattr(_LOCAL, "measuring", False)
     if entry is not None and (entry.choice is not None or not enabled):
         chosen = entry.choice if enabled and entry.choice is not None else entry.heuristic
-        return op.run_with_fallback(chosen, problem)[1]
+        return op.run_with_fallback(chosen, problem, fkey)[1]
     strategy = entry.heuristic if entry is not None else op.first
     if not enabled:
-        used, result = op.run_with_fallback(strategy, problem)
+        used, result = op.run_with_fallback(strategy, problem, fkey)
         heuristic = _heuristic(op, problem, entry, strategy, used, result)
         _store(key, _Entry(heuristic, None, "not measured: autotune off"))
         return result
@@ -235,7 +236,7 @@ def run_auto(op: Operation, problem: Problem) -> Any:
     before = _rng_states(devices)
     _sync(devices)
     t0 = time.perf_counter()
-    used, result = op.run_with_fallback(strategy, problem)
+    used, result = op.run_with_fallback(strategy, problem, fkey)
     _sync(devices)
     elapsed = time.perf_counter() - t0
     heuristic = _heuristic(op, problem, entry, strategy, used, result)

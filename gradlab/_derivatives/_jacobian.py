@@ -112,6 +112,6 @@ def jacobian(
                 [3., 4.],
                 [5., 6.]])
     """
-    JACOBIAN.check(strategy)
+    JACOBIAN.check(strategy)  # before the arguments: a bad name is reported first
     problem = ArgnumsProblem.validated("jacobian", f, args, argnums, chunk_size)
     return dispatch(JACOBIAN, strategy, problem)

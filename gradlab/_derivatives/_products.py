@@ -47,6 +47,7 @@ class HvpProblem:
     f: TensorFn
     primals: tuple
     tangents: tuple
+    keep = None  # results keep a graph when grad mode is on (see Operation.run)
 
     def key(self) -> tuple:
         tangents_rg = tuple(t.requires_grad for t in pytree.tree_leaves(self.tangents))

@@ -24,7 +24,6 @@ thread at the same time is not covered.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -89,6 +88,11 @@ class Problem(Protocol):
     @property
     def f(self) -> Callable[..., Any]: ...
 
+    @property
+    def keep(self) -> bool | None:
+        """Whether the result may keep a graph (``None``: when grad mode is on)."""
+        ...
+
     def key(self) -> tuple:
         """The input signature and options that can change the best strategy (hashable)."""
         ...
@@ -141,20 +145,29 @@ class Operation(Generic[P]):
     def candidate_names(self, problem: P) -> Sequence[str]:
         return self.names if self.candidates is None else self.candidates(problem)
 
-    def run(self, strategy: str, problem: P) -> Any:
-        """Run one strategy (no fallback); forward-mode ones under the forward-AD lock."""
+    def run(self, strategy: str, problem: P, fkey: Any = None) -> Any:
+        """Run one strategy (no fallback); forward-mode ones under the forward-AD lock.
+
+        ``fkey``: ``function_key(problem.f)`` when the caller has it (``"auto"`` does).
+        """
         impl = self.strategies[strategy]
         if strategy not in self.forward_ad:
             return impl(problem)
         grad_on = torch.is_grad_enabled()
-        probed = (self.name, function_key(problem.f))
+        probed = (self.name, function_key(problem.f) if fkey is None else fkey)
         verdict = _PROBED.get(probed)
         if verdict is not None and not verdict:
             raise StrategyUnsupported(_NO_GRAD_CODE)
-        probe = _GradModeProbe() if verdict is None else contextlib.nullcontext()
-        with FORWARD_AD_LOCK, torch.enable_grad(), probe:
+        with FORWARD_AD_LOCK:
             try:
-                out = impl(problem)
+                if verdict is None:  # the first forward-mode call of f: probed
+                    with torch.enable_grad(), _GradModeProbe():
+                        out = impl(problem)
+                elif grad_on:
+                    out = impl(problem)
+                else:
+                    with torch.enable_grad():
+                        out = impl(problem)
             except StrategyUnsupported as exc:
                 if str(exc) == _NO_GRAD_CODE:
                     _remember(probed, False)
@@ -165,23 +178,24 @@ class Operation(Generic[P]):
                 raise
         if verdict is None:
             _remember(probed, True)
-        if getattr(problem, "keep", grad_on):
+        keep = problem.keep
+        if grad_on if keep is None else keep:
             return out
         return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
 
-    def run_with_fallback(self, strategy: str, problem: P) -> tuple[str, Any]:
+    def run_with_fallback(self, strategy: str, problem: P, fkey: Any = None) -> tuple[str, Any]:
         """:meth:`run`, then the fallback strategy if this one cannot handle the function.
 
         Returns:
             ``(strategy that ran, result)``.
         """
         try:
-            return strategy, self.run(strategy, problem)
+            return strategy, self.run(strategy, problem, fkey)
         except StrategyUnsupported:
             other = self.fallback.get(strategy)
             if other is None:
                 raise
-            return other, self.run(other, problem)
+            return other, self.run(other, problem, fkey)
 
 
 def dispatch(op: Operation[P], strategy: str, problem: P) -> Any:

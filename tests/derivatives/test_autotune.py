@@ -291,19 +291,42 @@ def test_keys_recursive_partial_method_module_and_reused_ids():
     assert len(set(keys)) == 20
 
 
-def test_mutated_closure_stops_being_measured():
-    log = []
+def test_function_key_is_remembered_per_function_and_follows_rebinding():
+    from gradlab._derivatives import _keys
+
+    w = torch.ones(3)
 
     def f(z):
-        log.append(1)  # the closure's content, hence its key, changes on every call
+        return (z * w).sum()
+
+    k = function_key(f)
+    assert function_key(f) is k  # remembered: the same object back, no closure walk
+    w = torch.ones(4)  # the cell now holds another object: a new key
+    k2 = function_key(f)
+    assert k2 != k and function_key(f) is k2
+    assert id(f) in _keys._MEMO
+    ident = id(f)
+    del f
+    assert ident not in _keys._MEMO  # forgotten when the function dies
+
+
+def test_mutated_closure_stops_being_measured():
+    calls = 0
+
+    def f(z):
+        nonlocal calls
+        calls += 1  # rebinds the closed-over int: the key changes on every call
         return (z.sin() ** 2).sum()
 
     x = torch.randn(3)
     with gl.autotune(True):
+        keys = set()
         for _ in range(_autotune._MAX_MEASURED + 5):
-            before = len(log)
+            before = calls
+            keys.add(function_key(f))
             gl.hessian(f, x)
-        assert len(log) - before == 1  # past the limit: one call, no measurement
+        assert len(keys) == _autotune._MAX_MEASURED + 5  # a new key every time
+        assert calls - before == 1  # past the limit: one call, no measurement
 
 
 @pytest.mark.parametrize(
