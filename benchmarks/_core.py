@@ -413,13 +413,13 @@ def time_alternating(
     random order every turn; about ``ctx.min_run_time`` of recorded calls per variant and round,
     at least 3 / 2 / 5 turns per round at the quick / default / full sizes), so that a variant
     and its baseline are measured milliseconds apart: a slow drift of the machine's speed (other
-    tenants of a shared machine, frequency changes) cancels out of the ratios. The first ``skip`` calls
-    of each run are not recorded: with ``block > skip`` each variant is measured in its steady
-    state, as in a loop that calls it again and again, not right after another variant has
-    changed the caches and the allocator's state. Meant for CPU steps of milliseconds; on CUDA
-    it defers to :func:`time_interleaved`, whose blocks synchronise once. If the machine slows
-    down after the warm-up, the turns stop at 4 times the planned time (at least 2 s and 2
-    turns per round).
+    tenants of a shared machine, frequency changes) cancels out of the ratios. The first
+    ``skip`` calls of each run are not recorded: with ``block > skip`` each variant is measured
+    in its steady state, as in a loop that calls it again and again, not right after another
+    variant has changed the caches and the allocator's state. Meant for CPU steps of
+    milliseconds; on CUDA it defers to :func:`time_interleaved`, whose blocks synchronise once.
+    If the machine slows down after the warm-up, the turns stop at 4 times the planned time (at
+    least 2 s and 2 turns per round).
 
     Returns:
         ``(timings, ratios)`` as :func:`time_interleaved`: per-call :class:`Timing` per variant

@@ -325,29 +325,31 @@ def top_lanczos(
 
 
 def top_power(op: HessianOperator, k: int, max_iter: int, tol: float, seed: int) -> Eigenpairs:
-    values: list[torch.Tensor] = []
-    found: list[torch.Tensor] = []
+    """Power iteration with deflation, on per-parameter pieces like :func:`lanczos`."""
+    values: list[float] = []
+    found: list[Pieces] = []
     for i in range(k):
-        v = op.random_rows(1, seed + i, "gaussian")[0]
-        lam = torch.tensor(0.0, dtype=op.dtype, device=op.device)
+        v = [piece[0] for piece in op.split(op.random_rows(1, seed + i, "gaussian"))]
+        lam = 0.0
         for _ in range(max_iter):
             for u in found:
-                v = v - (u @ v) * u
-            v = v / v.norm()
-            hv = op.matvec(v)
+                torch._foreach_add_(v, u, alpha=-_dot(u, v))
+            torch._foreach_div_(v, _norm(v))
+            hv = op.apply(v)  # fresh tensors: updated in place
             for u in found:
-                hv = hv - (u @ hv) * u
-            new = v @ hv
+                torch._foreach_add_(hv, u, alpha=-_dot(u, hv))
+            new = _dot(v, hv)
             v = hv
-            converged = (new - lam).abs() <= tol * new.abs()
+            converged = abs(new - lam) <= tol * abs(new)
             lam = new
-            if bool(converged):
+            if converged:
                 break
         for u in found:
-            v = v - (u @ v) * u
-        v = v / v.norm()
+            torch._foreach_add_(v, u, alpha=-_dot(u, v))
+        torch._foreach_div_(v, _norm(v))
         values.append(lam)
         found.append(v)
-    vals = torch.stack(values)
+    vals = torch.tensor(values, dtype=op.dtype, device=op.device)
     order = torch.argsort(vals.abs(), descending=True)
-    return Eigenpairs(vals[order], torch.stack(found)[order])
+    vectors = torch.stack([torch.cat([piece.reshape(-1) for piece in u]) for u in found])
+    return Eigenpairs(vals[order], vectors[order])
