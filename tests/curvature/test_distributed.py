@@ -8,9 +8,9 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import gradlab as gl
+from tests._distributed import end_process_group, run_ranks
 from tests.curvature._helpers import dataset_problem
 
 # rank 0 holds 7 samples in two batches, rank 1 holds 9 in one: unequal sample counts
@@ -56,7 +56,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             res["mismatch"] = str(e)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def test_two_gloo_processes_equal_one_process_on_the_union():
@@ -64,7 +64,7 @@ def test_two_gloo_processes_equal_one_process_on_the_union():
         pytest.skip("torch.distributed is not available")
     model, x, y, loss_fn, H, _ = dataset_problem()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        run_ranks(_worker, (2, os.path.join(tmp, "init"), tmp), 2)
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     union = [(x[a:b], y[a:b]) for r in (0, 1) for a, b in SHARDS[r]]
     single = _compute(loss_fn, model, union, 3)

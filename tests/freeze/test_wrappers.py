@@ -14,13 +14,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gradlab.freeze import freeze, frozen, param_groups, trainable_parameters, unfreeze
+from tests._distributed import end_process_group
 
 
 def test_ddp_wrapped_model_warns_and_is_unwrapped() -> None:
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    with tempfile.NamedTemporaryFile() as store:
-        dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
+    with tempfile.TemporaryDirectory() as tmp:  # the group's FileStore deletes its file itself
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
+        ddp = None
         try:
             net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
             ddp = nn.parallel.DistributedDataParallel(net)
@@ -38,7 +40,8 @@ def test_ddp_wrapped_model_warns_and_is_unwrapped() -> None:
                 unfreeze(ddp)
             assert len(trainable_parameters(ddp)) == 4
         finally:
-            dist.destroy_process_group()
+            ddp = None  # the wrapper goes before the group (see tests/_distributed.py)
+            end_process_group()
 
 
 def test_compiled_model_warns_and_is_unwrapped() -> None:

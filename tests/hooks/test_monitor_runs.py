@@ -15,6 +15,7 @@ from torch import nn
 
 from gradlab.hooks import GradientMonitor, StepStats
 from gradlab.hooks._monitor import HISTORY_SIZE
+from tests._distributed import end_process_group, run_ranks
 from tests.hooks._helpers import NaNLayer
 
 
@@ -338,13 +339,17 @@ def _ddp_worker(rank: int, world: int, tmp: str) -> None:
         timeout=datetime.timedelta(seconds=120),
     )
     try:
-        ddp = nn.parallel.DistributedDataParallel(_ddp_net())
-        with GradientMonitor(ddp) as monitor:
-            ddp(_ddp_batch(rank)).pow(2).sum().backward()
-        averaged = {n: p.grad.norm().item() for n, p in ddp.module.named_parameters()}
-        torch.save({"scalars": monitor.scalars(), "grad": averaged}, f"{tmp}/rank{rank}.pt")
+        _ddp_step(rank, tmp)  # its DDP wrapper is freed when it returns, before the teardown
     finally:
-        dist.destroy_process_group()
+        end_process_group()
+
+
+def _ddp_step(rank: int, tmp: str) -> None:
+    ddp = nn.parallel.DistributedDataParallel(_ddp_net())
+    with GradientMonitor(ddp) as monitor:
+        ddp(_ddp_batch(rank)).pow(2).sum().backward()
+    averaged = {n: p.grad.norm().item() for n, p in ddp.module.named_parameters()}
+    torch.save({"scalars": monitor.scalars(), "grad": averaged}, f"{tmp}/rank{rank}.pt")
 
 
 def _local_reference(rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -373,19 +378,7 @@ def test_ddp_rank_sees_its_local_gradients(tmp_path) -> None:  # type: ignore[no
         mp.get_context(method).set_forkserver_preload(
             ["torch", "torch._dynamo", "torch.distributed", __name__]
         )
-    workers = mp.start_processes(
-        _ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=False, start_method=method
-    )
-    try:
-        for _ in range(30):  # fail (instead of hanging the suite) after 5 minutes
-            if workers.join(timeout=10):
-                break
-        else:
-            pytest.fail("the 2 gloo processes did not finish in 5 minutes")
-    finally:
-        for p in workers.processes:
-            if p.is_alive():
-                p.kill()
+    run_ranks(_ddp_worker, (2, str(tmp_path)), 2, start_method=method)
     names = [n for n, _ in _ddp_net().named_parameters()]
     refs = [_local_reference(r) for r in range(2)]
     for rank in range(2):

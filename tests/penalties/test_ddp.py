@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from gradlab.penalties import gradient_penalty, interpolate, r1_penalty
+from tests._distributed import end_process_group, run_ranks
 from tests.penalties._reference import hand_gp, loop_sq_norms
 
 WORLD = 2
@@ -66,66 +66,70 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        result: dict[str, object] = {}
-        critic = _critic()
-        ddp = nn.parallel.DistributedDataParallel(critic)
-        opt = torch.optim.SGD(ddp.parameters(), lr=LR)
-        real, fake = _data()
-        mine = slice(rank * HALF, (rank + 1) * HALF)
-        steps = []
-        for step in range(STEPS):  # penalty-only R1 steps
-            opt.zero_grad(set_to_none=True)
-            r1_penalty(ddp, real[step, mine], gamma=GAMMA).backward()
-            steps.append(_grads(critic))
-            opt.step()
-        for step in range(STEPS, 2 * STEPS):  # adversarial + GP steps
-            opt.zero_grad(set_to_none=True)
-            r, f = real[step, mine], fake[step, mine]
-            gen = torch.Generator().manual_seed(_gp_seed(step, rank))
-            loss = ddp(f).mean() - ddp(r).mean() + gradient_penalty(ddp, r, f, generator=gen)
-            loss.backward()
-            steps.append(_grads(critic))
-            opt.step()
-        for step in range(FD_STEPS):  # penalty-only finite-difference R1 steps
-            opt.zero_grad(set_to_none=True)
-            gen = torch.Generator().manual_seed(_gp_seed(step, rank))
-            r1_penalty(
-                ddp,
-                real[step, mine],
-                gamma=GAMMA,
-                method="finite-difference",
-                sigma=SIGMA,
-                generator=gen,
-            ).backward()
-            steps.append(_grads(critic))
-            opt.step()
-        result["steps"] = steps
-
-        # static_graph=True is refused with an explanation.
-        static = nn.parallel.DistributedDataParallel(_critic(), static_graph=True)
-        try:
-            r1_penalty(static, real[0, mine])
-            result["static_graph"] = "no error"
-        except ValueError as e:
-            result["static_graph"] = str(e)
-
-        # The failure the zero-weighted term prevents: the same R1 steps without it.
-        from gradlab.penalties import _core as core_module
-
-        original = core_module.is_ddp
-        core_module.is_ddp = lambda module: False  # type: ignore[assignment]
-        try:
-            plain = nn.parallel.DistributedDataParallel(_critic())
-            r1_penalty(plain, real[0, mine], gamma=GAMMA).backward()
-            r1_penalty(plain, real[1, mine], gamma=GAMMA).backward()
-            result["without_zero_term"] = "no error"
-        except RuntimeError as e:
-            result["without_zero_term"] = str(e)
-        finally:
-            core_module.is_ddp = original
-        torch.save(result, Path(out) / f"rank{rank}.pt")
+        _steps(rank, out)  # its DDP wrappers are freed when it returns, before the teardown
     finally:
-        dist.destroy_process_group()
+        end_process_group()
+
+
+def _steps(rank: int, out: str) -> None:
+    result: dict[str, object] = {}
+    critic = _critic()
+    ddp = nn.parallel.DistributedDataParallel(critic)
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    real, fake = _data()
+    mine = slice(rank * HALF, (rank + 1) * HALF)
+    steps = []
+    for step in range(STEPS):  # penalty-only R1 steps
+        opt.zero_grad(set_to_none=True)
+        r1_penalty(ddp, real[step, mine], gamma=GAMMA).backward()
+        steps.append(_grads(critic))
+        opt.step()
+    for step in range(STEPS, 2 * STEPS):  # adversarial + GP steps
+        opt.zero_grad(set_to_none=True)
+        r, f = real[step, mine], fake[step, mine]
+        gen = torch.Generator().manual_seed(_gp_seed(step, rank))
+        loss = ddp(f).mean() - ddp(r).mean() + gradient_penalty(ddp, r, f, generator=gen)
+        loss.backward()
+        steps.append(_grads(critic))
+        opt.step()
+    for step in range(FD_STEPS):  # penalty-only finite-difference R1 steps
+        opt.zero_grad(set_to_none=True)
+        gen = torch.Generator().manual_seed(_gp_seed(step, rank))
+        r1_penalty(
+            ddp,
+            real[step, mine],
+            gamma=GAMMA,
+            method="finite-difference",
+            sigma=SIGMA,
+            generator=gen,
+        ).backward()
+        steps.append(_grads(critic))
+        opt.step()
+    result["steps"] = steps
+
+    # static_graph=True is refused with an explanation.
+    static = nn.parallel.DistributedDataParallel(_critic(), static_graph=True)
+    try:
+        r1_penalty(static, real[0, mine])
+        result["static_graph"] = "no error"
+    except ValueError as e:
+        result["static_graph"] = str(e)
+
+    # The failure the zero-weighted term prevents: the same R1 steps without it.
+    from gradlab.penalties import _core as core_module
+
+    original = core_module.is_ddp
+    core_module.is_ddp = lambda module: False  # type: ignore[assignment]
+    try:
+        plain = nn.parallel.DistributedDataParallel(_critic())
+        r1_penalty(plain, real[0, mine], gamma=GAMMA).backward()
+        r1_penalty(plain, real[1, mine], gamma=GAMMA).backward()
+        result["without_zero_term"] = "no error"
+    except RuntimeError as e:
+        result["without_zero_term"] = str(e)
+    finally:
+        core_module.is_ddp = original
+    torch.save(result, Path(out) / f"rank{rank}.pt")
 
 
 def _reference() -> list[list[torch.Tensor]]:
@@ -170,7 +174,7 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_two_ranks_match_single_process_on_combined_batch(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    run_ranks(_worker, (_free_port(), str(tmp_path)), WORLD)
     reference = _reference()
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from tests._distributed import end_process_group, run_ranks
 
 WORLD = 2
 HALF = 3
@@ -68,50 +69,54 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        from gradlab.penalties import dragan_penalty, gradient_penalty, r1_penalty, r2_penalty
-
-        result: dict[str, object] = {}
-        x = _real()[rank * HALF : (rank + 1) * HALF]
-        for kind in KINDS:
-            model = _wrap(kind, _critic())
-            errors = []
-            for fn, args in (
-                (r1_penalty, (model, x)),
-                (r2_penalty, (model, x)),
-                (gradient_penalty, (model, x, x.flip(0))),
-                (dragan_penalty, (model, x)),
-            ):
-                try:
-                    fn(*args)
-                    errors.append("no error")
-                except Exception as e:  # the type is checked in the test
-                    errors.append(f"{type(e).__name__}: {e}")
-            result[f"{kind}/errors"] = errors
-            # adversarial loss + finite-difference R1 on the same forward (outputs=)
-            xl = x.clone().requires_grad_(True)
-            d = model(xl)
-            gen = torch.Generator().manual_seed(_seed(rank, 0))
-            r1 = r1_penalty(
-                model,
-                xl,
-                gamma=GAMMA,
-                outputs=d,
-                method="finite-difference",
-                sigma=SIGMA,
-                generator=gen,
-            )
-            (nn.functional.softplus(-d).mean() + r1).backward()
-            result[f"{kind}/adversarial+r1"] = _full_grads(kind, model)
-            model.zero_grad(set_to_none=True)
-            # a penalty-only (lazy) finite-difference R1 step, the critic called on its own
-            gen = torch.Generator().manual_seed(_seed(rank, 1))
-            r1_penalty(
-                model, x, gamma=GAMMA, method="finite-difference", sigma=SIGMA, generator=gen
-            ).backward()
-            result[f"{kind}/r1-only"] = _full_grads(kind, model)
-        torch.save(result, Path(out) / f"rank{rank}.pt")
+        _steps(rank, out)  # its FSDP wrappers are freed when it returns, before the teardown
     finally:
-        dist.destroy_process_group()
+        end_process_group()
+
+
+def _steps(rank: int, out: str) -> None:
+    from gradlab.penalties import dragan_penalty, gradient_penalty, r1_penalty, r2_penalty
+
+    result: dict[str, object] = {}
+    x = _real()[rank * HALF : (rank + 1) * HALF]
+    for kind in KINDS:
+        model = _wrap(kind, _critic())
+        errors = []
+        for fn, args in (
+            (r1_penalty, (model, x)),
+            (r2_penalty, (model, x)),
+            (gradient_penalty, (model, x, x.flip(0))),
+            (dragan_penalty, (model, x)),
+        ):
+            try:
+                fn(*args)
+                errors.append("no error")
+            except Exception as e:  # the type is checked in the test
+                errors.append(f"{type(e).__name__}: {e}")
+        result[f"{kind}/errors"] = errors
+        # adversarial loss + finite-difference R1 on the same forward (outputs=)
+        xl = x.clone().requires_grad_(True)
+        d = model(xl)
+        gen = torch.Generator().manual_seed(_seed(rank, 0))
+        r1 = r1_penalty(
+            model,
+            xl,
+            gamma=GAMMA,
+            outputs=d,
+            method="finite-difference",
+            sigma=SIGMA,
+            generator=gen,
+        )
+        (nn.functional.softplus(-d).mean() + r1).backward()
+        result[f"{kind}/adversarial+r1"] = _full_grads(kind, model)
+        model.zero_grad(set_to_none=True)
+        # a penalty-only (lazy) finite-difference R1 step, the critic called on its own
+        gen = torch.Generator().manual_seed(_seed(rank, 1))
+        r1_penalty(
+            model, x, gamma=GAMMA, method="finite-difference", sigma=SIGMA, generator=gen
+        ).backward()
+        result[f"{kind}/r1-only"] = _full_grads(kind, model)
+    torch.save(result, Path(out) / f"rank{rank}.pt")
 
 
 def _fd_r1(critic: nn.Module, x: torch.Tensor, d: torch.Tensor, step: int) -> torch.Tensor:
@@ -148,7 +153,7 @@ def _free_port() -> int:
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed/gloo"
 )
 def test_fsdp_exact_refused_and_finite_difference_matches_single_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    run_ranks(_worker, (_free_port(), str(tmp_path)), WORLD)
     reference = _reference()
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
