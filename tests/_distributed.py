@@ -3,7 +3,9 @@
 Teardown order matters with DDP/FSDP (torch 2.13, gloo): a wrapper that outlives
 ``destroy_process_group()`` drops the last reference to the group when it is freed, from Python
 with the GIL held; the group's destructor then joins a gloo worker thread that is itself waiting
-for the GIL to free the thread-local state of a finished collective. Measured with plain torch
+for the GIL to free the thread-local state of a finished collective (the class of bug of
+pytorch/pytorch#56297: a blocking ``~ProcessGroupGloo`` reached from a pybind11 deallocation that
+holds the GIL). Measured with plain torch
 (no gradlab): 6 of 40 two-rank runs hung that way, 0 of 40 once the wrapper was freed first. So
 every worker runs its DDP/FSDP code in a function that returns (freeing the wrappers) before
 :func:`end_process_group`.
