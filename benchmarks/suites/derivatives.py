@@ -76,7 +76,7 @@ def _versus_best(
     trio = {best: fns[best], "auto": fns["auto"], "heuristic": fns["heuristic"]}
     short = dataclasses.replace(ctx, size="quick")  # short runs, as many rounds as the table
     _, focused = time_alternating(
-        trio, ctx=short, baseline=best, rounds=ctx.rounds, block=5, skip=1
+        trio, ctx=short, baseline=best, rounds=ctx.rounds, block=9, skip=1
     )
     return best, focused
 
@@ -292,8 +292,8 @@ def run(ctx: Context) -> list[Table]:
     t_auto.notes.append(
         "best: the fastest variant of the case's table other than auto and heuristic (a "
         "gradlab strategy or torch's own function). The ratios here come from a second, "
-        "focused measurement of best, auto and heuristic alone (time_alternating, block=5, "
-        "skip=1: each ratio of a turn is that of two medians of 4 calls; a new random order "
+        "focused measurement of best, auto and heuristic alone (time_alternating, block=9, "
+        "skip=1: each ratio of a turn is that of two medians of 8 calls; a new random order "
         "every turn): in the full table each of them sits among up "
         "to nine variants, some 70x slower, whose after-effects on caches and the allocator "
         "made identical code (auto and heuristic choose the same strategy) read up to 1.13x "

@@ -93,17 +93,40 @@ def _leaf_sig(x: Any) -> Any:
     return type(x).__name__
 
 
+class _NotPlain(Exception):
+    """A pytree node other than a tensor, a plain tuple/list or a dict: keyed through pytree."""
+
+
+def _plain(tree: Any, depth: int) -> Any:
+    """Key of a pytree of tensors in plain tuples, lists and dicts (no pytree flatten, no spec)."""
+    if isinstance(tree, _Tensor):
+        return (tree.shape, tree.dtype, tree.device, tree.requires_grad)
+    kind = type(tree)
+    if depth < 8:
+        if kind is tuple or kind is list:
+            return (kind.__name__, tuple([_plain(x, depth + 1) for x in tree]))
+        if kind is dict:
+            return ("dict", tuple([(k, _plain(v, depth + 1)) for k, v in tree.items()]))
+    raise _NotPlain
+
+
 def signature(tree: Any) -> tuple:
-    """Hashable description of a pytree of inputs: its structure and per-leaf shape/dtype/device."""
+    """Hashable description of a pytree of inputs: its structure and per-leaf shape/dtype/device.
+
+    Tensors in plain tuples, lists and dicts (the usual arguments, and a model's parameter dict)
+    are keyed directly, a few hundred nanoseconds per leaf; anything else (named tuples,
+    registered pytree nodes, non-tensor leaves) through ``pytree.tree_flatten`` and its spec.
+    """
     if isinstance(tree, _Tensor):  # fast paths: the look-up runs on every "auto" call
         return ("tensor", (tree.shape, tree.dtype, tree.device, tree.requires_grad))
     if type(tree) is tuple and len(tree) == 1 and isinstance(tree[0], _Tensor):
         t = tree[0]
         return ("tuple", ((t.shape, t.dtype, t.device, t.requires_grad),))
-    if type(tree) is tuple and all(isinstance(t, _Tensor) for t in tree):
-        return ("tuple", tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tree))
-    leaves, spec = pytree.tree_flatten(tree)
-    return (str(spec), tuple(_leaf_sig(x) for x in leaves))
+    try:
+        return ("plain", _plain(tree, 0))
+    except _NotPlain:
+        leaves, spec = pytree.tree_flatten(tree)
+        return (str(spec), tuple(_leaf_sig(x) for x in leaves))
 
 
 def _value_key(v: Any, seen: set[int], depth: int) -> Any:

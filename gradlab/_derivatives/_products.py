@@ -50,8 +50,7 @@ class HvpProblem:
     keep = None  # results keep a graph when grad mode is on (see Operation.run)
 
     def key(self) -> tuple:
-        tangents_rg = tuple(t.requires_grad for t in pytree.tree_leaves(self.tangents))
-        return (signature(self.primals), tangents_rg, torch.is_grad_enabled())
+        return (signature(self.primals), signature(self.tangents), torch.is_grad_enabled())
 
     def devices(self) -> Sequence[torch.device]:
         return devices_of(self.primals)

@@ -400,3 +400,25 @@ def test_threads_same_function_default_strategy():
     for h in results:
         torch.testing.assert_close(h, expected)
     assert len(gl.autotune_choices()) == 1  # measured once for the one key
+
+
+def test_signature_of_plain_containers_and_of_other_pytrees():
+    from collections import namedtuple
+
+    from gradlab._derivatives._keys import signature
+
+    a, b = torch.zeros(2, 3), torch.zeros(2, 3)
+    assert signature({"w": a, "b": [a]}) == signature({"w": b, "b": [b]})  # values do not count
+    different = [
+        {"w": torch.zeros(3, 2), "b": [a]},  # shape
+        {"w": a.double(), "b": [a]},  # dtype
+        {"w": a.clone().requires_grad_(), "b": [a]},  # requires_grad
+        {"w": a, "b": (a,)},  # container type
+        {"v": a, "b": [a]},  # key
+    ]
+    keys = {signature({"w": a, "b": [a]}), *(signature(t) for t in different)}
+    assert len(keys) == len(different) + 1
+    pair = namedtuple("pair", "x y")
+    assert signature(pair(a, a)) != signature((a, a))  # through pytree: the spec names the type
+    assert signature((a, 2)) != signature((a, 3))  # a Python scalar argument's value counts
+    hash(signature((pair(a, 1.5), {"k": [a, None]})))  # always hashable
