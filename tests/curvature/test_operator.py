@@ -123,3 +123,26 @@ def test_the_number_of_products_is_the_documented_one(batched, monkeypatch):
     vectors.clear()
     gl.hessian_trace(lambda: loss_fn((x, y)), model, samples=30, method="hutch++")
     assert sum(vectors) == 30
+
+
+def test_products_never_alias_and_eigenvalues_survive_shared_gradients():
+    # d/da and d/db of (a + b)^2 / 2 are one tensor, and autograd hands the same product tensor
+    # to both parameters; the iterative estimators update products in place
+    a = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+    def loss_fn():
+        return 0.5 * ((a + b) ** 2).sum()
+
+    op = gl.hessian_operator(loss_fn, [a, b])
+    v = [torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    hv = op.apply(v)
+    ptrs = {t.untyped_storage().data_ptr() for t in (*hv, *v)}
+    assert len(ptrs) == 4
+    torch.testing.assert_close(hv[0], v[0] + v[1])
+    torch.testing.assert_close(hv[1], v[0] + v[1])
+    for method in ("lanczos", "power"):
+        res = gl.hessian_eigenvalues(loss_fn, [a, b], k=1, method=method, generator=0, tol=1e-10)
+        torch.testing.assert_close(res.values, torch.tensor([2.0], dtype=torch.float64))
+        x = res.vectors[0]
+        torch.testing.assert_close(torch.cat([x[:5] + x[5:]] * 2), 2 * x)  # H x = 2 x
