@@ -3,7 +3,7 @@ r"""Top eigenvalues of the Hessian by magnitude: Lanczos (default) or power iter
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -41,15 +41,6 @@ class Eigenpairs(NamedTuple):
         vals = ", ".join(f"{float(v):.6g}" for v in self.values.flatten()[:8])
         more = ", ..." if self.values.numel() > 8 else ""
         return f"Eigenpairs(values=[{vals}{more}], vectors: {tuple(self.vectors.shape)})"
-
-
-def tridiagonal(
-    alpha: Sequence[float] | torch.Tensor, beta: Sequence[float] | torch.Tensor
-) -> torch.Tensor:
-    """The symmetric tridiagonal matrix with diagonal ``alpha`` and off-diagonal ``beta``."""
-    a = torch.as_tensor(alpha, dtype=torch.float64)
-    b = torch.as_tensor(beta, dtype=torch.float64)[: len(a) - 1]
-    return torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
 
 
 def _ritz(T: torch.Tensor, m: int, b: float) -> tuple[np.ndarray, np.ndarray]:
@@ -156,8 +147,8 @@ class _Basis:
 
 def lanczos(
     op: HessianOperator, v0: Pieces, steps: int, k: int | None = None, tol: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor, _Basis]:
-    """Lanczos with reorthogonalisation as needed; ``(alpha, beta, basis)``.
+) -> tuple[torch.Tensor, _Basis]:
+    """Lanczos with reorthogonalisation as needed; ``(T, basis)``, ``T`` the m x m tridiagonal.
 
     Vectors are per-parameter pieces (as products come out of autograd): each step is one
     product and the three-term recurrence as ``_foreach`` updates in place on the product, with
@@ -174,21 +165,19 @@ def lanczos(
     basis = _Basis(op, steps)
     v = basis.append(v0, _norm(v0))
     previous: Pieces | None = None
-    alpha: list[float] = []
-    beta: list[float] = []
-    T = torch.zeros(min(steps, 32), min(steps, 32), dtype=torch.float64)  # alpha, beta so far
+    b = 0.0  # the off-diagonal entry coupling v to previous
+    T = torch.zeros(min(steps, 32), min(steps, 32), dtype=torch.float64)  # the tridiagonal so far
     eps = torch.finfo(op.dtype).eps
     full = False  # orthogonalising against the whole basis
     for j in range(steps):
         w = op.apply(v)  # fresh tensors: updated in place below
         a = _dot(w, v)
-        alpha.append(a)
         if j + 1 >= len(T):  # room for row j + 1: double
             T = torch.nn.functional.pad(T, (0, len(T), 0, len(T)))
         T[j, j] = a
         torch._foreach_add_(w, v, alpha=-a)
         if previous is not None:
-            torch._foreach_add_(w, previous, alpha=-beta[-1])
+            torch._foreach_add_(w, previous, alpha=-b)
         if full:
             before = _norm(w)
             basis.orthogonalise(w)
@@ -209,16 +198,10 @@ def lanczos(
             for _ in range(2):
                 basis.orthogonalise(w)
             b = _norm(w)
-        beta.append(b)
         T[j, j + 1] = T[j + 1, j] = b
         previous, v = v, basis.append(w, b)
-    m = len(alpha)
-    del basis.rows[m:]
-    return (
-        torch.tensor(alpha, dtype=torch.float64),
-        torch.tensor(beta[: m - 1], dtype=torch.float64),
-        basis,
-    )
+    m = len(basis.rows)  # one basis vector per step taken
+    return T[:m, :m], basis
 
 
 def hessian_eigenvalues(
@@ -312,8 +295,8 @@ def top_lanczos(
 ) -> Eigenpairs:
     steps = min(op.n, max(max_iter, k))
     v0 = [v[0] for v in op.split(op.random_rows(1, seed, "gaussian"))]
-    alpha, beta, basis = lanczos(op, v0, steps, k=k, tol=tol)
-    theta, S = torch.linalg.eigh(tridiagonal(alpha, beta))
+    T, basis = lanczos(op, v0, steps, k=k, tol=tol)
+    theta, S = torch.linalg.eigh(T)
     top = torch.argsort(theta.abs(), descending=True)[:k]
     if len(top) < k:
         raise GraphError(
@@ -324,6 +307,12 @@ def top_lanczos(
     return Eigenpairs(theta[top].to(op.dtype), vectors)
 
 
+def _deflate(v: Pieces, found: list[Pieces]) -> None:
+    """``v -= (u . v) u`` for each unit vector ``u`` in ``found``, in place."""
+    for u in found:
+        torch._foreach_add_(v, u, alpha=-_dot(u, v))
+
+
 def top_power(op: HessianOperator, k: int, max_iter: int, tol: float, seed: int) -> Eigenpairs:
     """Power iteration with deflation, on per-parameter pieces like :func:`lanczos`."""
     values: list[float] = []
@@ -332,20 +321,17 @@ def top_power(op: HessianOperator, k: int, max_iter: int, tol: float, seed: int)
         v = [piece[0] for piece in op.split(op.random_rows(1, seed + i, "gaussian"))]
         lam = 0.0
         for _ in range(max_iter):
-            for u in found:
-                torch._foreach_add_(v, u, alpha=-_dot(u, v))
+            _deflate(v, found)
             torch._foreach_div_(v, _norm(v))
             hv = op.apply(v)  # fresh tensors: updated in place
-            for u in found:
-                torch._foreach_add_(hv, u, alpha=-_dot(u, hv))
+            _deflate(hv, found)
             new = _dot(v, hv)
             v = hv
             converged = abs(new - lam) <= tol * abs(new)
             lam = new
             if converged:
                 break
-        for u in found:
-            torch._foreach_add_(v, u, alpha=-_dot(u, v))
+        _deflate(v, found)
         torch._foreach_div_(v, _norm(v))
         values.append(lam)
         found.append(v)
