@@ -26,7 +26,8 @@ Argnums = int | tuple[int, ...]
 
 
 def check_diff_leaves(fn: str, what: str, tree: PyTree) -> list[torch.Tensor]:
-    leaves = pytree.tree_leaves(tree)
+    # a bare tensor (the usual argument) is its own only leaf: no pytree walk on every call
+    leaves = [tree] if isinstance(tree, torch.Tensor) else pytree.tree_leaves(tree)
     if not leaves:
         raise ValueError(f"{fn}: {what} contains no tensors; pass tensors to differentiate by")
     for i, t in enumerate(leaves):
@@ -52,14 +53,6 @@ def check_call(
         raise TypeError(f"{fn}: f is a {type(f).__name__}, expected a callable")
     if not args:
         raise ValueError(f"{fn}: no arguments given; call {fn}(f, x, ...) with f's arguments")
-    if (
-        argnums == 0
-        and type(argnums) is int
-        and chunk_size is None
-        and isinstance(args[0], torch.Tensor)
-        and (args[0].is_floating_point() or args[0].is_complex())
-    ):
-        return (0,)  # the common call, f(x) by x: every check below passes
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
