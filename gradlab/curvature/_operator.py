@@ -361,7 +361,24 @@ class HessianOperator:
         The iterative estimators work on pieces: nothing is flattened or concatenated, and the
         result's pieces are fresh tensors (never aliasing ``vs`` or each other), so the caller
         may update them in place.
+
+        Raises:
+            ValueError: ``vs`` is not one tensor per parameter, each of its parameter's shape.
+
+        Example:
+            >>> import gradlab as gl
+            >>> a = torch.tensor([1.0, 2.0], requires_grad=True)
+            >>> b = torch.ones(1, requires_grad=True)
+            >>> H = gl.hessian_operator(lambda: (a**3).sum() + (b**2).sum(), [a, b])
+            >>> H.apply([torch.ones(2), torch.ones(1)])  # diag(6 a), 2
+            [tensor([ 6., 12.]), tensor([2.])]
         """
+        if len(vs) != len(self.shapes) or any(v.shape != s for v, s in zip(vs, self.shapes)):
+            got = [tuple(getattr(v, "shape", ())) for v in vs]
+            raise ValueError(
+                f"{self.fn}.apply: vs has shapes {got}; pass one tensor per parameter, shaped "
+                f"like it: {[tuple(s) for s in self.shapes]}"
+            )
         if self._cache is not None and not self.distributed:  # one graph, kept: H v directly
             graph = self._cache[0]  # its weight is the total weight: H = H_b
             self.count(1)

@@ -146,3 +146,14 @@ def test_products_never_alias_and_eigenvalues_survive_shared_gradients():
         torch.testing.assert_close(res.values, torch.tensor([2.0], dtype=torch.float64))
         x = res.vectors[0]
         torch.testing.assert_close(torch.cat([x[:5] + x[5:]] * 2), 2 * x)  # H x = 2 x
+
+
+def test_apply_refuses_vectors_not_shaped_like_the_parameters():
+    a = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    op = gl.hessian_operator(lambda: (a**2).sum() * (b**2).sum(), [a, b])
+    good = [torch.ones(5, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)]
+    assert [h.shape for h in op.apply(good)] == [a.shape, b.shape]
+    for bad in (good[:1], [good[0], torch.ones(6, dtype=torch.float64)]):
+        with pytest.raises(ValueError, match=r"apply: vs has shapes .* one tensor per parameter"):
+            op.apply(bad)
