@@ -206,8 +206,19 @@ def _contents(closure: tuple | None) -> tuple:
     return tuple(out)
 
 
-def _same_objects(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+def _same_contents(closure: tuple | None, contents: tuple) -> bool:
+    # walks the cells itself instead of comparing _contents(closure): building that tuple on
+    # every "auto" call made the key 2.5x slower (0.28 -> 0.70 us) and showed in the suite
+    if not closure:
+        return not contents
+    for cell, value in zip(closure, contents):
+        try:
+            if cell.cell_contents is not value:
+                return False
+        except ValueError:
+            if value is not _EMPTY:
+                return False
+    return True
 
 
 def function_key(f: Callable[..., Any]) -> Any:
@@ -225,7 +236,7 @@ def function_key(f: Callable[..., Any]) -> Any:
         and memo[0]() is f
         and memo[1] is f.__defaults__
         and memo[2] is f.__kwdefaults__
-        and _same_objects(_contents(f.__closure__), memo[3])
+        and _same_contents(f.__closure__, memo[3])
     ):
         return memo[4]
     key = _function_key(f, set(), 0)
