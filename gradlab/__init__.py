@@ -2,7 +2,7 @@
 
 Subpackages: :mod:`gradlab.penalties` (GAN gradient penalties), :mod:`gradlab.hooks` (gradient
 capture and monitoring), :mod:`gradlab.testing` (property-based gradient checking). Derivatives,
-curvature and freezing helpers live at the top level.
+curvature and freezing helpers (:mod:`gradlab.finetune`) live at the top level.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from gradlab.curvature import (
     hessian_trace,
     hessian_trace_by_block,
 )
-from gradlab.freeze import (
+from gradlab.finetune import (
     GradualUnfreezing,
     freeze,
     frozen,

@@ -16,7 +16,7 @@ TensorFn: TypeAlias = Callable[..., Any]
 
 __all__ = ["Device", "Params", "PyTree", "Tensor", "TensorFn", "TensorOrTensors"]
 
-# gradlab.freeze: what freeze/unfreeze/frozen accept as targets (name glob, module type, module
+# gradlab.finetune: what freeze/unfreeze/frozen accept as targets (name glob, module type, module
 # object, or a parameter of the model).
 FreezeTarget: TypeAlias = str | type[torch.nn.Module] | torch.nn.Module | torch.Tensor
 __all__ += ["FreezeTarget"]

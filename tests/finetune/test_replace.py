@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from gradlab.freeze import replace_module
-from tests.freeze._nets import TinyResNet
+from gradlab.finetune import replace_module
+from tests.finetune._nets import TinyResNet
 
 
 def test_replaces_nested_and_indexed_modules() -> None:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradlab.freeze import freeze, param_groups
-from tests.freeze._nets import TiedLM, TinyResNet, images
+from gradlab.finetune import freeze, param_groups
+from tests.finetune._nets import TiedLM, TinyResNet, images
 
 
 def _lr_of(groups: list[dict]) -> dict[int, float]:

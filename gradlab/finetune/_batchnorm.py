@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from gradlab.freeze._select import parents_of
+from gradlab.finetune._select import parents_of
 
 __all__ = [
     "FrozenBatchNorm",

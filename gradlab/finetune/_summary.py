@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from gradlab.freeze._batchnorm import is_pinned
-from gradlab.freeze._select import check_model
-from gradlab.freeze._wrappers import unwrap
+from gradlab.finetune._batchnorm import is_pinned
+from gradlab.finetune._select import check_model
+from gradlab.finetune._wrappers import unwrap
 
 __all__ = ["ParameterSummary", "SummaryRow", "parameter_summary"]
 
@@ -132,7 +132,7 @@ def parameter_summary(model: nn.Module, *, max_depth: int | None = 1) -> Paramet
 
     Example:
         >>> from torch import nn
-        >>> from gradlab.freeze import freeze
+        >>> from gradlab.finetune import freeze
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
         >>> freeze(net, "0", "1")
         >>> print(parameter_summary(net))

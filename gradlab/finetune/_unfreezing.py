@@ -18,9 +18,9 @@ from torch import nn
 from torch.optim import Optimizer, lr_scheduler
 
 from gradlab._typing import FreezeTarget
-from gradlab.freeze._freeze import _check_batchnorm, freeze, unfreeze
-from gradlab.freeze._select import check_model, select
-from gradlab.freeze._wrappers import unwrap
+from gradlab.finetune._freeze import _check_batchnorm, freeze, unfreeze
+from gradlab.finetune._select import check_model, select
+from gradlab.finetune._wrappers import unwrap
 
 __all__ = ["GradualUnfreezing"]
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from gradlab.freeze._select import check_model, close_names, name_matches
-from gradlab.freeze._wrappers import unwrap
+from gradlab.finetune._select import check_model, close_names, name_matches
+from gradlab.finetune._wrappers import unwrap
 
 __all__ = ["is_norm_layer", "param_groups"]
 

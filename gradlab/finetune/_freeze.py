@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from gradlab._typing import FreezeTarget
-from gradlab.freeze._batchnorm import (
+from gradlab.finetune._batchnorm import (
     is_batchnorm,
     is_pinned,
     pin_eval,
@@ -35,8 +35,8 @@ from gradlab.freeze._batchnorm import (
     swap_frozen,
     unpin_eval,
 )
-from gradlab.freeze._select import check_model, select
-from gradlab.freeze._wrappers import unwrap, warn_checkpointing, warn_wrapped
+from gradlab.finetune._select import check_model, select
+from gradlab.finetune._wrappers import unwrap, warn_checkpointing, warn_wrapped
 
 __all__ = ["freeze", "frozen", "trainable_parameters", "unfreeze"]
 
@@ -111,14 +111,14 @@ def freeze(model: nn.Module, *targets: FreezeTarget, batchnorm: str = "eval") ->
     ``batchnorm``. A tied parameter is one tensor: freezing it through any of its names freezes it
     everywhere it is used.
 
-    Targets (see :mod:`gradlab.freeze._select`): name globs matched against module and parameter
+    Targets (see :mod:`gradlab.finetune._select`): name globs matched against module and parameter
     names (a module name covers the module and everything below it; ``*`` also matches dots, so
     ``"*.bn1"`` matches at any depth), module types (``nn.BatchNorm2d``), module objects, or
     parameters. No target freezes the whole model. A BatchNorm layer is handled when a module
     target covers it (a parameter-name glob such as ``"bn1.weight"`` freezes that parameter only).
     DDP / FSDP / ``torch.compile`` wrappers are unwrapped (names are the inner network's) and
     trigger a warning, as does reentrant gradient checkpointing (see
-    :mod:`gradlab.freeze._wrappers`).
+    :mod:`gradlab.finetune._wrappers`).
 
     Args:
         model: the network.

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler as lrs
 
-from gradlab.freeze import GradualUnfreezing, freeze, trainable_parameters
-from tests.freeze._nets import TinyResNet, images, state
+from gradlab.finetune import GradualUnfreezing, freeze, trainable_parameters
+from tests.finetune._nets import TinyResNet, images, state
 
 SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], object]] = {
     "step": lambda o: lrs.StepLR(o, step_size=2, gamma=0.5),

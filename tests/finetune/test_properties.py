@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from gradlab.freeze import freeze, frozen, unfreeze
-from tests.freeze._nets import TinyResNet
+from gradlab.finetune import freeze, frozen, unfreeze
+from tests.finetune._nets import TinyResNet
 
 MODEL = TinyResNet()
 MODULE_NAMES = [n for n, _ in MODEL.named_modules() if n]

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gradlab.freeze import freeze, frozen, param_groups, trainable_parameters, unfreeze
+from gradlab.finetune import freeze, frozen, param_groups, trainable_parameters, unfreeze
 from tests._distributed import end_process_group
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradlab.freeze import (
+from gradlab.finetune import (
     FrozenBatchNorm,
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,

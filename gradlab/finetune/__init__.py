@@ -1,4 +1,4 @@
-"""gradlab.freeze: freezing and fine-tuning where frozen really means frozen.
+"""gradlab.finetune: freezing and fine-tuning where frozen really means frozen.
 
 ``freeze`` sets ``requires_grad=False`` and ``.grad = None`` (so no optimizer created earlier can
 move a frozen parameter through momentum, weight decay or Adam state) and keeps frozen BatchNorm
@@ -10,30 +10,30 @@ See API.md, section "Freezing and fine-tuning".
 
 from __future__ import annotations
 
-from gradlab.freeze._batchnorm import (
+from gradlab.finetune._batchnorm import (
     FrozenBatchNorm,
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
 )
-from gradlab.freeze._freeze import (
+from gradlab.finetune._freeze import (
     freeze,
     frozen,
     trainable_parameters,
     unfreeze,
 )
-from gradlab.freeze._groups import (
+from gradlab.finetune._groups import (
     param_groups,
 )
-from gradlab.freeze._replace import (
+from gradlab.finetune._replace import (
     replace_module,
 )
-from gradlab.freeze._summary import (
+from gradlab.finetune._summary import (
     ParameterSummary,
     SummaryRow,
     parameter_summary,
 )
-from gradlab.freeze._unfreezing import (
+from gradlab.finetune._unfreezing import (
     GradualUnfreezing,
 )
 

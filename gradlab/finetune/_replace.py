@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from gradlab.freeze._select import check_model, close_names
-from gradlab.freeze._wrappers import unwrap
+from gradlab.finetune._select import check_model, close_names
+from gradlab.finetune._wrappers import unwrap
 
 __all__ = ["replace_module"]
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import gradlab as gl
-from gradlab.freeze import FrozenBatchNorm2d, freeze, trainable_parameters, unfreeze
-from tests.freeze._nets import TiedLM, TinyResNet, images, state
+from gradlab.finetune import FrozenBatchNorm2d, freeze, trainable_parameters, unfreeze
+from tests.finetune._nets import TiedLM, TinyResNet, images, state
 
 OPTIMIZERS = {
     "sgd-momentum-wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1),

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import gradlab as gl
-from tests.freeze._nets import TinyResNet, images, state
+from tests.finetune._nets import TinyResNet, images, state
 
 
 def _pretrained(device: torch.device) -> TinyResNet:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from gradlab.freeze import freeze, parameter_summary
-from tests.freeze._nets import TiedLM, TinyResNet
+from gradlab.finetune import freeze, parameter_summary
+from tests.finetune._nets import TiedLM, TinyResNet
 
 
 def test_counts_match_a_hand_count() -> None:

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from gradlab.freeze import FrozenBatchNorm, freeze, frozen
-from gradlab.freeze._batchnorm import is_pinned
-from tests.freeze._nets import TinyResNet, images
+from gradlab.finetune import FrozenBatchNorm, freeze, frozen
+from gradlab.finetune._batchnorm import is_pinned
+from tests.finetune._nets import TinyResNet, images
 
 
 def _snapshot(model: nn.Module) -> dict[str, object]:
