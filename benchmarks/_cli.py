@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from benchmarks._budget import Budget, describe
 from benchmarks._compare import compare
 from benchmarks._core import SCHEMA, Context, Suite, Table, environment, load_average
 from benchmarks._progress import Progress
@@ -113,9 +114,20 @@ def run(args: argparse.Namespace) -> int:
             if device.type not in suite.devices:
                 progress(f"skipped: runs on {list(suite.devices)} only")
                 continue
-            ctx = Context(device=device, size=size, progress=progress, smoke=args.smoke)
+            budget = Budget(
+                name,
+                expected=suite.seconds.get(size),
+                enabled=not args.smoke and not args.no_budget,
+            )
+            progress.budget = budget
+            ctx = Context(
+                device=device, size=size, progress=progress, smoke=args.smoke, budget=budget
+            )
             t0, c0 = time.perf_counter(), time.process_time()
             tables: list[Table] = suite.run(ctx)
+            cuts = budget.report()
+            for cut in cuts:
+                progress(f"cut: {describe(cut)}")
             entry = {
                 "description": suite.description,
                 "seconds": round(time.perf_counter() - t0, 2),
@@ -123,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
                 # a lower bound of the idle wall time (timing loops that run for a fixed wall
                 # time do less work when they get less of the CPU)
                 "cpu_seconds": round(time.process_time() - c0, 2),
+                "budget_seconds": budget.seconds,
+                "cuts": cuts,
                 "tables": [t.to_json() for t in tables],
             }
             result["suites"][name] = entry
@@ -131,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     result["seconds"] = round(time.perf_counter() - t_run, 1)
+    result["cut"] = sorted(n for n, e in result["suites"].items() if e["cuts"])
     result["cpu_seconds"] = round(sum(e["cpu_seconds"] for e in result["suites"].values()), 1)
     max_load = progress.max_load
     env["load"] = {
@@ -196,6 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(the test suite's setting); its numbers mean nothing",
     )
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument(
+        "--no-budget",
+        action="store_true",
+        help="measure everything as planned even on a busy machine (by default each suite has "
+        "a budget of 1.5x its idle time and cuts rounds when the machine is busy, saying so)",
+    )
     p.add_argument("--list", action="store_true", help="list the available suites and exit")
     p.add_argument(
         "--plot",

@@ -11,6 +11,9 @@ float that also carries its spread (the interquartile range of the per-round rat
 :class:`Table` records beside the value and the report prints as ``1.09x [1.05-1.12]``;
 :func:`judge` turns a ratio and a target into "met", "missed" or "inconclusive".
 
+Time budgets: on a busy machine the timing functions measure less (fewer rounds, shorter blocks)
+so that a run stays near its idle wall time, and record each cut (:mod:`benchmarks._budget`).
+
 Sizes: ``quick`` / ``default`` / ``full`` choose problem sizes (:meth:`Context.pick`);
 ``Context.smoke`` (the test suite's setting) keeps the quick sizes but cuts every timing to a
 couple of calls, so that every suite runs in seconds: it checks that the suites run, not speed.
@@ -32,6 +35,8 @@ from typing import Any
 import torch
 from torch.utils import benchmark as tbench
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from benchmarks._budget import Budget
 
 SCHEMA = "gradlab-bench/1"
 SIZES = ("quick", "default", "full")
@@ -57,6 +62,16 @@ class Context:
     size: str = "default"
     progress: Callable[[str], None] = lambda msg: None
     smoke: bool = False
+    budget: Budget | None = None  # the suite's time budget (the command line sets one)
+
+    def planned_rounds(self, rounds: int) -> int:
+        """``rounds``, cut by the suite's budget on a busy machine."""
+        return rounds if self.budget is None else self.budget.rounds(rounds)
+
+    def planned_run_time(self) -> float:
+        """:attr:`min_run_time`, cut by the suite's budget on a busy machine."""
+        t = self.min_run_time
+        return t if self.budget is None else self.budget.run_time(t)
 
     def pick(self, quick: Any, default: Any, full: Any) -> Any:
         """Choose a value by the size preset (``--quick`` / default / ``--full``)."""
@@ -298,8 +313,10 @@ class Suite:
     """A named benchmark suite: ``run(ctx) -> list[Table]``.
 
     ``seconds`` (optional): the suite's typical wall time per size (``"quick"``, ``"default"``,
-    ``"full"``) on an idle 2-core CPU machine, for the ETA of a first run; later runs use the
-    previous run's own times.
+    ``"full"``) on an idle 2-core CPU machine. It sets the suite's time budget
+    (:data:`benchmarks._budget.BUDGET_FACTOR` times it: past that, measurements are cut to the
+    minimum) and the ETA of a first run (later runs use the previous run's own times). Give it
+    for every size measured idle; a size without it has no budget (only the CPU-share cuts).
     """
 
     name: str
@@ -355,10 +372,11 @@ def time_interleaved(
     """
     names = list(fns)
     baseline = baseline or names[0]
-    if number is not None:
+    if number is not None:  # a fixed-count experiment keeps its count; a busy machine cuts rounds
         number = ctx.calls(number)
+    rounds = ctx.planned_rounds(rounds or ctx.rounds)
     if ctx.smoke:
-        rounds = min(rounds or ctx.rounds, SMOKE_ROUNDS)
+        rounds = min(rounds, SMOKE_ROUNDS)
     timers = {n: _timer(f) for n, f in fns.items()}
     for f in fns.values():  # warm-up: first-call latency, allocator, lazy init
         f()
@@ -366,13 +384,15 @@ def time_interleaved(
         torch.cuda.synchronize(ctx.device)
     per_round: dict[str, list[float]] = {n: [] for n in names}
     blocks: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds or ctx.rounds):
+    for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
+        # asked each round: a busy machine cuts the rest (fixed-count rounds keep their count)
+        run_time = ctx.planned_run_time() if number is None else 0.0
         for n in order:
             if number is not None:
                 m = timers[n].timeit(number)
             else:
-                m = timers[n].blocked_autorange(min_run_time=ctx.min_run_time)
+                m = timers[n].blocked_autorange(min_run_time=run_time)
             per_round[n].append(m.median)
             blocks[n].extend(m.times)
     timings = {n: Timing.from_times(blocks[n]) for n in names}
@@ -443,10 +463,10 @@ def time_alternating(
         if ctx.smoke:
             break
     per_call = (clock() - start) / (warm * len(names))
-    rounds = rounds or ctx.rounds
+    rounds = ctx.planned_rounds(rounds or ctx.rounds)
     # About ctx.min_run_time of recorded calls per variant and round, and at least
     # ctx.pick(3, 2, 5) turns per round: slow steps (tens of ms) are not run for minutes.
-    per_round = int(ctx.min_run_time / max(per_call, 1e-9)) // (block - skip)
+    per_round = int(ctx.planned_run_time() / max(per_call, 1e-9)) // (block - skip)
     n_turns = rounds * max(per_round, ctx.pick(3, 2, 5))
     if ctx.smoke:  # a couple of turns, one recorded call per run
         n_turns, block = SMOKE_ROUNDS, skip + 1

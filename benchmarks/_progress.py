@@ -9,7 +9,10 @@ The ETA adds, for the suite running now, what is left of its expected duration, 
 suite still to come, its expected duration. Expected durations come from the previous run's
 results JSON of the same size and device in the output folder (each suite records its
 ``seconds``), else from the suite's own ``Suite.seconds`` (typical idle times); a suite with
-neither counts as unknown, and the ETA then says ``+?``.
+neither counts as unknown, and the ETA then says ``+?``. On a busy machine the expected durations
+are stretched by how much slower than idle the run is going (the running suite's
+:meth:`benchmarks._budget.Budget.slowdown`, capped at the budget factor, since the budget cuts
+measurements beyond that), so the ETA follows the machine instead of sticking at the idle figure.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TextIO
 
+from benchmarks._budget import BUDGET_FACTOR, Budget
 from benchmarks._core import load_average
 
 HEARTBEAT_S = 10.0
@@ -59,6 +63,7 @@ class Progress:
         self.suite_start = self.start
         self.stream = stream
         self.max_load: float | None = None
+        self.budget: Budget | None = None  # the running suite's budget (set by the command line)
         self._last_msg = "starting"
         self._last_msg_at = self.start
         self._last_line = self.start
@@ -87,6 +92,8 @@ class Progress:
     def eta(self) -> str:
         """Seconds left, as text: ``1m50s``, ``1m50s+?`` (some suite unknown), ``?``."""
         now = time.perf_counter()
+        budget = self.budget
+        stretch = 1.0 if budget is None else min(budget.slowdown(), BUDGET_FACTOR)
         left, unknown = 0.0, False
         for i, name in enumerate(self.suites):
             if i + 1 < self.index:
@@ -95,9 +102,13 @@ class Progress:
                 unknown = True
                 continue
             if i + 1 == self.index:
-                left += max(0.0, self.expected[name] - (now - self.suite_start))
+                elapsed = now - self.suite_start
+                here = stretch * self.expected[name] - elapsed
+                if here <= 0 and budget is not None and budget.seconds is not None:
+                    here = budget.seconds - elapsed  # running long: at most its budget
+                left += max(0.0, here)
             else:
-                left += self.expected[name]
+                left += stretch * self.expected[name]
         if unknown and left == 0:
             return "?"
         return fmt_duration(left) + ("+?" if unknown else "")

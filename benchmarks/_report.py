@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks._budget import describe
 from benchmarks._core import fmt_bytes, fmt_time, is_ratio_column
 
 
@@ -114,8 +115,20 @@ def report_markdown(result: dict[str, Any]) -> str:
             f"{result.get('cpu_seconds', '-')} s).",
             "",
         ]
+    if result.get("cut"):
+        lines += [
+            f"**Measurements cut to stay within the time budget** in {', '.join(result['cut'])} "
+            "(the machine was busy): fewer rounds or shorter blocks, so wider spreads; each "
+            "suite below lists its cuts.",
+            "",
+        ]
     for name, suite in result["suites"].items():
         cpu = f", CPU {suite['cpu_seconds']} s" if "cpu_seconds" in suite else ""
-        lines += [f"### {name} ({suite['seconds']} s{cpu})", "", suite["description"], ""]
+        budget = suite.get("budget_seconds")
+        budget_text = f", budget {budget:g} s" if budget else ""
+        lines += [f"### {name} ({suite['seconds']} s{cpu}{budget_text})", "", suite["description"]]
+        lines += [""]
+        if suite.get("cuts"):
+            lines += ["Cut: " + "; ".join(describe(c) for c in suite["cuts"]) + ".", ""]
         lines += [table_markdown(t) for t in suite["tables"]]
     return "\n".join(lines)

@@ -205,4 +205,5 @@ SUITE = Suite(
     name="curvature_diagonal",
     description="exact Hessian diagonal: Hessian backprop vs BackPACK DiagHessian vs HVPs",
     run=run,
+    seconds={"default": 26},
 )

@@ -313,5 +313,5 @@ SUITE = Suite(
     name="derivatives",
     description="Hessian / Jacobian / HVP / k-th derivative: every strategy, auto, torch's own",
     run=run,
-    seconds={"quick": 25, "default": 60, "full": 240},
+    seconds={"quick": 25, "default": 83, "full": 355},
 )

@@ -339,4 +339,5 @@ SUITE = Suite(
         "R1 exact vs finite-difference"
     ),
     run=run,
+    seconds={"default": 35},
 )
