@@ -14,14 +14,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from gradlab._derivatives._keys import function_key
-
-if TYPE_CHECKING:
-    from gradlab._derivatives._registry import Operation, Problem
+from gradlab._derivatives._registry import Operation, Problem
 
 __all__ = [
     "autotune",

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from gradlab._derivatives._dispatch import dispatch
 from gradlab._derivatives._graph import stand_ins, wants_graph
 from gradlab._derivatives._keys import signature
-from gradlab._derivatives._registry import Operation, dispatch
+from gradlab._derivatives._registry import Operation
 from gradlab._derivatives._taylor import check_shape, taylor
 
 __all__ = ["DERIVATIVE", "DerivativeProblem", "derivative"]

@@ -10,10 +10,11 @@ import torch
 import torch.utils._pytree as pytree
 
 from gradlab._derivatives._checks import check_call, check_like, devices_of, primals, scalar
+from gradlab._derivatives._dispatch import dispatch
 from gradlab._derivatives._graph import stand_ins, wants_graph
 from gradlab._derivatives._hvp_engine import GradGraph
 from gradlab._derivatives._keys import signature
-from gradlab._derivatives._registry import FORWARD_AD_LOCK, Operation, dispatch
+from gradlab._derivatives._registry import FORWARD_AD_LOCK, Operation
 from gradlab._typing import PyTree, TensorFn
 
 __all__ = ["HVP", "HVP_OP", "JVP", "VJP", "HvpProblem", "hvp", "jvp", "vjp"]

@@ -2,8 +2,9 @@
 
 An :class:`Operation` maps strategy names to implementations (``{name: impl(problem)}``); the
 problem is a small dataclass holding the validated call (function, arguments, options).
-:func:`dispatch` checks the name against the registry, resolves ``"auto"`` through
-:mod:`gradlab._derivatives._autotune` and runs the implementation. ``jacobian``, ``hessian``,
+:func:`gradlab._derivatives._dispatch.dispatch` (a module above this one and
+:mod:`gradlab._derivatives._autotune`, so neither imports the other's user) checks the name
+against the registry, resolves ``"auto"`` and runs the implementation. ``jacobian``, ``hessian``,
 ``hvp`` and ``derivative`` each define one :class:`Operation`; autotune, the tests and the
 ``derivatives`` benchmark suite iterate over the same registries
 (:data:`gradlab._derivatives.OPERATIONS`), so adding a strategy touches one place.
@@ -36,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from gradlab._derivatives._keys import function_key
 
-__all__ = ["FORWARD_AD_LOCK", "Operation", "Problem", "StrategyUnsupported", "dispatch"]
+__all__ = ["FORWARD_AD_LOCK", "Operation", "Problem", "StrategyUnsupported"]
 
 FORWARD_AD_LOCK = threading.RLock()
 
@@ -196,18 +197,3 @@ class Operation(Generic[P]):
             if other is None:
                 raise
             return other, self.run(other, problem, fkey)
-
-
-def dispatch(op: Operation[P], strategy: str, problem: P) -> Any:
-    """Run ``op`` with ``strategy`` (a registry name or ``"auto"``) on ``problem``."""
-    op.check(strategy)
-    if strategy == "auto":
-        from gradlab._derivatives import _autotune  # deferred: _autotune runs operations
-
-        return _autotune.run_auto(op, problem)
-    try:
-        return op.run(strategy, problem)
-    except StrategyUnsupported as exc:
-        fix = op.fallback.get(strategy)
-        advice = f"use strategy={fix!r} (or 'auto', which falls back per call)" if fix else ""
-        raise ValueError(f"{op.name}: strategy {strategy!r} cannot run f: {exc}; {advice}") from exc

@@ -1,0 +1,28 @@
+"""The one dispatch every operation with strategies goes through.
+
+It sits above both :mod:`gradlab._derivatives._registry` (what an operation is and how one strategy
+runs) and :mod:`gradlab._derivatives._autotune` (how ``"auto"`` chooses), so that the two never
+import each other: the import graph is ``_dispatch -> _autotune -> _registry``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gradlab._derivatives._autotune import run_auto
+from gradlab._derivatives._registry import Operation, P, StrategyUnsupported
+
+__all__ = ["dispatch"]
+
+
+def dispatch(op: Operation[P], strategy: str, problem: P) -> Any:
+    """Run ``op`` with ``strategy`` (a registry name or ``"auto"``) on ``problem``."""
+    op.check(strategy)
+    if strategy == "auto":
+        return run_auto(op, problem)
+    try:
+        return op.run(strategy, problem)
+    except StrategyUnsupported as exc:
+        fix = op.fallback.get(strategy)
+        advice = f"use strategy={fix!r} (or 'auto', which falls back per call)" if fix else ""
+        raise ValueError(f"{op.name}: strategy {strategy!r} cannot run f: {exc}; {advice}") from exc
