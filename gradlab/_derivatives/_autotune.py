@@ -144,6 +144,17 @@ def autotune(enabled: bool) -> Iterator[None]:
     heuristic for that call. A function called while its own measurement runs (nested ``"auto"``
     calls inside ``f``) uses the heuristic.
 
+    **Forward mode and other threads.** PyTorch keeps forward-mode AD levels in process-global
+    state: a ``torch.func.jvp`` running in one thread fails ("no forward AD level exists") when
+    another thread enters or leaves forward mode at the same time, and a lock inside gradlab
+    cannot cover a user's own ``jvp``. So while any other Python thread is alive, ``"auto"``
+    neither runs nor times a forward-mode strategy (``"forward"``, ``"fwd-rev"``): it runs that
+    strategy's reverse-mode fallback (``"reverse"``, ``"rev-rev"``) instead, which gives the same
+    values; the cached choice is kept and used again once the thread is alone. When the calling
+    thread is the only Python thread, no other thread can start during the call except from
+    code the call runs itself, so forward mode is safe there. A strategy named explicitly, and
+    :func:`gradlab.jvp`, always run as asked.
+
     **Turning measurement off:** ``with gradlab.autotune(False):`` for the current thread or
     ``contextvars`` context only; ``gradlab.set_autotune(False)`` for the whole process (returns the
     previous setting); or the environment variable ``GRADLAB_AUTOTUNE=0``, read at import. With
@@ -223,8 +234,8 @@ def run_auto(op: Operation, problem: Problem) -> Any:
     enabled = is_autotune_enabled() and not getattr(_LOCAL, "measuring", False)
     if entry is not None and (entry.choice is not None or not enabled):
         chosen = entry.choice if enabled and entry.choice is not None else entry.heuristic
-        return op.run_with_fallback(chosen, problem, fkey)[1]
-    strategy = entry.heuristic if entry is not None else op.first
+        return op.run_with_fallback(op.auto_safe(chosen), problem, fkey)[1]
+    strategy = op.auto_safe(entry.heuristic if entry is not None else op.first)
     if not enabled:
         used, result = op.run_with_fallback(strategy, problem, fkey)
         heuristic = _heuristic(op, problem, entry, strategy, used, result)
@@ -320,7 +331,14 @@ def _measure(
     warm: dict[str, float],
 ) -> tuple[str, str]:
     """The strategy to cache, and why: a challenger must beat the heuristic by MARGIN, twice."""
-    names = list(dict.fromkeys([heuristic, *op.candidate_names(problem)]))
+    # While other Python threads are alive, forward-mode candidates are neither timed nor
+    # chosen: forward-AD levels are process-global in torch, so timing one could break a
+    # torch.func.jvp running in another thread (Operation.auto_safe). The baseline is then the
+    # heuristic's reverse-mode fallback.
+    heuristic = op.auto_safe(heuristic)
+    names = [
+        n for n in dict.fromkeys([heuristic, *op.candidate_names(problem)]) if n == op.auto_safe(n)
+    ]
     calls = {n: functools.partial(op.run, n, problem) for n in names}
     for n in names:
         if n in warm:

@@ -17,15 +17,24 @@ own backward, so the results would depend on the strategy.
 
 Forward-mode AD in PyTorch keeps its dual levels in process-global state: two threads running
 ``torch.func.jvp``/``jacfwd`` at once make each other fail ("Trying to create a dual Tensor for
-forward AD but no level exists", torch 2.13). Strategies that use forward mode are therefore run
-under one process-wide re-entrant lock (:data:`FORWARD_AD_LOCK`), which makes gradlab's own
-calls safe from any number of threads; forward-mode code outside gradlab running in another
-thread at the same time is not covered.
+forward AD but no level exists", torch 2.13). Two rules follow:
+
+* Strategies that use forward mode run under one process-wide re-entrant lock
+  (:data:`FORWARD_AD_LOCK`), which makes gradlab's own calls safe from any number of threads.
+* A lock cannot cover forward-mode code *outside* gradlab (a user thread calling
+  ``torch.func.jvp`` does not take it), so ``"auto"`` never chooses a forward-mode strategy, to
+  run or to time, while another Python thread is alive (:func:`only_thread`): it runs the
+  strategy's reverse-mode fallback instead (:meth:`Operation.auto_safe`; same values, only the
+  speed differs). This is safe, not just unlikely to fail: when the calling thread is the only
+  Python thread, no other thread can start one during the call except code the call itself runs
+  (``f``). Naming a forward-mode strategy explicitly (or calling :func:`gradlab.jvp`) is the
+  caller's decision to use forward mode and is not redirected.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,13 +46,22 @@ from torch.overrides import TorchFunctionMode
 
 from gradlab._derivatives._keys import function_key
 
-__all__ = ["FORWARD_AD_LOCK", "Operation", "Problem", "StrategyUnsupported"]
+__all__ = ["FORWARD_AD_LOCK", "Operation", "Problem", "StrategyUnsupported", "only_thread"]
 
 FORWARD_AD_LOCK = threading.RLock()
 
 # Messages of errors raised by forward-mode AD on an op (or a custom autograd.Function) that has
 # no forward-mode formula.
 _FORWARD_AD_ERROR = re.compile(r"forward[- ]?(mode|AD)|jvp", re.IGNORECASE)
+
+
+def only_thread() -> bool:
+    """Whether the calling thread is the only Python thread of the process.
+
+    Counts the threads of :mod:`threading` and every thread state running Python code
+    (``sys._current_frames``, which also sees threads started with ``_thread`` or from C).
+    """
+    return threading.active_count() == 1 and len(sys._current_frames()) == 1
 
 
 class StrategyUnsupported(Exception):
@@ -118,7 +136,9 @@ class Operation(Generic[P]):
             ``"auto"`` makes without measuring, kept unless a measured strategy wins clearly.
         fallback: under ``"auto"``, ``{strategy: other}`` to run when ``strategy`` raises
             :class:`StrategyUnsupported` (an op without a Taylor rule or a forward-mode formula).
-        forward_ad: strategies that use forward-mode AD (run under :data:`FORWARD_AD_LOCK`).
+        forward_ad: strategies that use forward-mode AD (run under :data:`FORWARD_AD_LOCK`);
+            each must have a ``fallback`` that does not, which ``"auto"`` runs instead while other
+            Python threads are alive (:meth:`auto_safe`).
         candidates: ``problem -> names`` worth timing (default: every strategy).
     """
 
@@ -129,6 +149,21 @@ class Operation(Generic[P]):
     fallback: Mapping[str, str] = field(default_factory=dict)
     forward_ad: frozenset[str] = frozenset()
     candidates: Callable[[P], Sequence[str]] | None = None
+
+    def __post_init__(self) -> None:
+        for name in self.forward_ad:
+            if self.fallback.get(name, name) in self.forward_ad:
+                raise ValueError(
+                    f"Operation {self.name!r}: forward-mode strategy {name!r} needs a fallback "
+                    f"that does not use forward mode"
+                )
+
+    def auto_safe(self, strategy: str) -> str:
+        """``strategy``, or its reverse-mode fallback if it uses forward mode and another Python
+        thread is alive (forward-AD levels are process-global; see the module docstring)."""
+        if strategy in self.forward_ad and not only_thread():
+            return self.fallback[strategy]
+        return strategy
 
     @property
     def names(self) -> tuple[str, ...]:

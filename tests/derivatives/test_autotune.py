@@ -422,3 +422,96 @@ def test_signature_of_plain_containers_and_of_other_pytrees():
     assert signature(pair(a, a)) != signature((a, a))  # through pytree: the spec names the type
     assert signature((a, 2)) != signature((a, 3))  # a Python scalar argument's value counts
     hash(signature((pair(a, 1.5), {"k": [a, None]})))  # always hashable
+
+
+N_CALLS = 1000
+
+
+def test_auto_never_breaks_another_threads_forward_mode():
+    """A user thread loops ``torch.func.jvp`` while this thread makes 1000 ``"auto"`` calls,
+    measuring (the cache is cleared every 4 calls) on operations whose strategies include
+    forward mode (and, for a tall Jacobian, whose heuristic is forward mode): no call of the
+    user's fails, and every result is right (forward-AD levels are process-global in torch)."""
+    x = torch.randn(3, dtype=torch.float64)
+    v = torch.ones(3, dtype=torch.float64)
+    stop = threading.Event()
+    user = {"calls": 0, "errors": []}
+
+    def user_thread():
+        while not stop.is_set():
+            try:
+                _, tangent = torch.func.jvp(torch.sin, (x,), (v,))
+                torch.testing.assert_close(tangent, torch.cos(x), rtol=0, atol=0)
+            except Exception as exc:  # the failure this test is about
+                user["errors"].append(repr(exc))
+            user["calls"] += 1
+
+    W = torch.randn(8, 2, dtype=torch.float64)
+    z = torch.randn(2, dtype=torch.float64)
+    ws = torch.randn(4, dtype=torch.float64)
+
+    def tall(a):  # 2 -> 8: jacobian's heuristic is "forward"
+        return torch.tanh(W @ a)
+
+    def loss(a):
+        return (torch.sin(a) * a).sum()
+
+    def cube(a):
+        return a**3
+
+    jac_ref = torch.func.jacrev(tall)(z)
+    hess_ref = torch.func.jacrev(torch.func.grad(loss))(ws)
+    calls = [
+        lambda: torch.testing.assert_close(gl.jacobian(tall, z), jac_ref),
+        lambda: torch.testing.assert_close(gl.hessian(loss, ws), hess_ref),
+        lambda: torch.testing.assert_close(gl.hvp(loss, ws, ws).hvp, hess_ref @ ws),
+        lambda: torch.testing.assert_close(gl.derivative(cube, ws, order=2), 6 * ws),
+    ]
+    thread = threading.Thread(target=user_thread)
+    previous = gl.set_autotune(True)
+    thread.start()
+    try:
+        for i in range(N_CALLS):
+            if i % 4 == 0:
+                gl.clear_autotune_cache()
+            calls[i % 4]()
+    finally:
+        stop.set()
+        thread.join()
+        gl.set_autotune(previous)
+    assert user["calls"] > 0
+    assert user["errors"] == [], f"{len(user['errors'])} of {user['calls']}: {user['errors'][0]}"
+
+
+def test_auto_uses_forward_mode_when_its_thread_is_alone(monkeypatch):
+    """The rule costs nothing single-threaded: a tall Jacobian runs "forward" under "auto" when
+    no other Python thread is alive, and its reverse-mode fallback while one is."""
+    ran = []
+    strategies = JACOBIAN.strategies
+    for name in ("forward", "reverse"):
+        monkeypatch.setitem(
+            strategies, name, lambda p, impl=strategies[name], n=name: ran.append(n) or impl(p)
+        )
+    W = torch.randn(8, 2)
+
+    def tall(a):
+        return W @ a
+
+    z = torch.randn(2)
+    with gl.autotune(False):
+        gl.jacobian(tall, z)  # the first call runs "reverse" to learn the output size
+        ran.clear()
+        alone = threading.active_count() == 1
+        torch.testing.assert_close(gl.jacobian(tall, z), W)
+        if alone:
+            assert ran == ["forward"]
+        ran.clear()
+        stop = threading.Event()
+        other = threading.Thread(target=stop.wait)
+        other.start()
+        try:
+            torch.testing.assert_close(gl.jacobian(tall, z), W)
+        finally:
+            stop.set()
+            other.join()
+        assert ran == ["reverse"]
