@@ -19,7 +19,7 @@ import torch
 from gradlab._derivatives._dispatch import dispatch
 from gradlab._derivatives._graph import stand_ins, wants_graph
 from gradlab._derivatives._keys import signature
-from gradlab._derivatives._registry import Operation
+from gradlab._derivatives._registry import Operation, check_deadline
 from gradlab._derivatives._taylor import check_shape, taylor
 
 __all__ = ["DERIVATIVE", "DerivativeProblem", "derivative"]
@@ -65,6 +65,7 @@ def _reverse(p: DerivativeProblem) -> torch.Tensor:
         y = check_shape(p.f(z), p.x)
         keep = wants_graph(p.keep, [y], [z], linked)
         for k in range(p.order):
+            check_deadline()  # a timed candidate stops as soon as it cannot win
             if not y.requires_grad:
                 return torch.zeros_like(p.x)
             (y,) = torch.autograd.grad(

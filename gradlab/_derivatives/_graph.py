@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from gradlab._derivatives._registry import check_deadline
 from gradlab._typing import PyTree
 
 __all__ = ["assemble", "jac_forward_chunked", "rows", "stand_ins", "wants_graph", "with_diff"]
@@ -155,6 +156,7 @@ def rows(
     flat_out = out.reshape(-1)
     acc: list[list[torch.Tensor]] = [[] for _ in inputs]
     for k in range(flat_out.numel()):
+        check_deadline()  # a timed candidate stops as soon as it cannot win
         gs = torch.autograd.grad(
             flat_out[k], inputs, retain_graph=True, allow_unused=True, create_graph=create_graph
         )

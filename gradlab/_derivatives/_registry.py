@@ -33,9 +33,12 @@ forward AD but no level exists", torch 2.13). Two rules follow:
 
 from __future__ import annotations
 
+import contextvars
+import math
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -46,13 +49,48 @@ from torch.overrides import TorchFunctionMode
 
 from gradlab._derivatives._keys import function_key
 
-__all__ = ["FORWARD_AD_LOCK", "Operation", "Problem", "StrategyUnsupported", "only_thread"]
+__all__ = [
+    "DEADLINE",
+    "FORWARD_AD_LOCK",
+    "Abandoned",
+    "Operation",
+    "Problem",
+    "StrategyUnsupported",
+    "check_deadline",
+    "clock",
+    "only_thread",
+]
 
 FORWARD_AD_LOCK = threading.RLock()
 
 # Messages of errors raised by forward-mode AD on an op (or a custom autograd.Function) that has
 # no forward-mode formula.
 _FORWARD_AD_ERROR = re.compile(r"forward[- ]?(mode|AD)|jvp", re.IGNORECASE)
+
+
+# The clock of every timing ``"auto"`` makes (a module attribute, so that tests can fake it).
+clock = time.perf_counter
+# When the candidate strategy being timed must be given up (``clock()`` units; inf: never).
+DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "gradlab_deadline", default=math.inf
+)
+
+
+class Abandoned(Exception):
+    """A timed candidate ran past its deadline: it is slower than the best so far, or over the
+    measurement's budget (raised by :func:`check_deadline`)."""
+
+
+def check_deadline() -> None:
+    """Abandon the candidate being timed once its deadline has passed.
+
+    Called between the rows of the strategies that loop in Python (``"loop"``, nested
+    ``"reverse"``), so a slow candidate stops as soon as it cannot win; outside a measurement the
+    deadline is infinite and this costs a context-variable read.
+    """
+    deadline = DEADLINE.get()
+    if deadline != math.inf and clock() > deadline:
+        raise Abandoned
 
 
 def only_thread() -> bool:
