@@ -86,7 +86,11 @@ def describe(value: Any) -> str:
         "'x'"
     """
     if isinstance(value, torch.Tensor):
-        return f"tensor(shape={tuple(value.shape)}, dtype={value.dtype}, device={value.device})"
+        layout = "" if value.layout == torch.strided else f", layout={value.layout}"
+        return (
+            f"tensor(shape={tuple(value.shape)}, dtype={value.dtype}, device={value.device}"
+            f"{layout})"
+        )
     try:
         text = repr(value)
     except Exception:  # a broken __repr__ must not hide the real error
@@ -272,11 +276,11 @@ def _float_requirement(
     if low is not None and high is not None:
         left = "(" if low_open else "["
         right = ")" if high_open else "]"
-        return f"{kind} in {left}{low}, {high}{right}"
+        return f"{kind} in {left}{low:g}, {high:g}{right}"
     if low is not None:
-        return f"{kind} {'>' if low_open else '>='} {low}"
+        return f"{kind} {'>' if low_open else '>='} {low:g}"
     if high is not None:
-        return f"{kind} {'<' if high_open else '<='} {high}"
+        return f"{kind} {'<' if high_open else '<='} {high:g}"
     return kind
 
 

@@ -106,7 +106,7 @@ def test_check_positive_and_nonnegative() -> None:
     assert v.check_nonnegative("f", "arg", 0, integer=True) == 0
     for bad, got in [(0.0, "0.0"), (-1.0, "-1.0"), (math.inf, "inf"), (math.nan, "nan")]:
         text = _raises(ValueError, lambda bad=bad: v.check_positive("f", "arg", bad), got)
-        assert "a finite number > 0.0" in text
+        assert "a finite number > 0," in text
     _raises(ValueError, lambda: v.check_nonnegative("f", "arg", -1e-9), "-1e-09")
     _raises(ValueError, lambda: v.check_nonnegative("f", "arg", math.nan), "nan")
     _raises(ValueError, lambda: v.check_positive("f", "arg", 0, integer=True), "0")
@@ -125,10 +125,10 @@ def test_check_float_ranges() -> None:
     text = _raises(
         ValueError, lambda: v.check_in_range("f", "arg", 1.0, 0.0, 1.0, high_open=True), "1.0"
     )
-    assert "in [0.0, 1.0)" in text
+    assert "in [0, 1)" in text
     _raises(ValueError, lambda: v.check_in_range("f", "arg", 0.0, 0.0, 1.0, low_open=True), "0.0")
     text = _raises(ValueError, lambda: v.check_float("f", "arg", 5.0, high=1.0), "5.0")
-    assert "<= 1.0" in text
+    assert "<= 1," in text
     assert v.check_probability("f", "arg", 0) == 0.0
     assert v.check_probability("f", "arg", 0.9, high_open=True) == 0.9
     _raises(ValueError, lambda: v.check_probability("f", "arg", 1.5), "1.5")
