@@ -45,7 +45,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import torch
 
@@ -91,6 +91,12 @@ def describe(value: Any) -> str:
             f"tensor(shape={tuple(value.shape)}, dtype={value.dtype}, device={value.device}"
             f"{layout})"
         )
+    if isinstance(value, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in value[:4]):
+        items = [describe(x) for x in value[:2]] + (["..."] if len(value) > 2 else [])
+        left, right = (
+            ("[", "]") if isinstance(value, list) else ("(", ",)" if len(value) == 1 else ")")
+        )
+        return left + ", ".join(items) + right
     try:
         text = repr(value)
     except Exception:  # a broken __repr__ must not hide the real error
@@ -133,15 +139,33 @@ def _type_name(types: type | tuple[type, ...]) -> str:
     return " or ".join(names)
 
 
+@overload
+def check_type(
+    fn: str, name: str, value: object, types: type[T], *, what: str | None = ..., fix: str = ...
+) -> T: ...
+
+
+@overload
 def check_type(
     fn: str,
     name: str,
     value: T,
+    types: tuple[type, ...],
+    *,
+    what: str | None = ...,
+    fix: str = ...,
+) -> T: ...
+
+
+def check_type(
+    fn: str,
+    name: str,
+    value: Any,
     types: type | tuple[type, ...],
     *,
     what: str | None = None,
     fix: str = "",
-) -> T:
+) -> Any:
     """``value`` if it is an instance of ``types``, else a :class:`TypeError`.
 
     Args:

@@ -36,6 +36,12 @@ def test_describe_shortens() -> None:
     assert v.describe(torch.zeros(2, 3, dtype=torch.float64)) == (
         "tensor(shape=(2, 3), dtype=torch.float64, device=cpu)"
     )
+    params = [torch.zeros(2), torch.zeros(3), torch.zeros(4)]
+    assert v.describe(params) == (
+        "[tensor(shape=(2,), dtype=torch.float32, device=cpu), "
+        "tensor(shape=(3,), dtype=torch.float32, device=cpu), ...]"
+    )
+    assert v.describe((torch.zeros(1),)) == "(tensor(shape=(1,), dtype=torch.float32, device=cpu),)"
     long = "x" * 500
     assert len(v.describe(long)) == 80 and v.describe(long).endswith("...")
 
