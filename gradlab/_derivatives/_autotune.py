@@ -21,6 +21,7 @@ import torch
 from gradlab._derivatives import _registry
 from gradlab._derivatives._keys import function_key
 from gradlab._derivatives._registry import Operation, Problem
+from gradlab._validate import check_bool
 
 __all__ = [
     "autotune",
@@ -124,8 +125,7 @@ def set_autotune(enabled: bool) -> bool:
         >>> _ = gl.set_autotune(previous)
     """
     global _ENABLED
-    if not isinstance(enabled, bool):
-        raise TypeError(f"set_autotune: enabled is a {type(enabled).__name__}; pass True or False")
+    check_bool("set_autotune", "enabled", enabled)
     previous, _ENABLED = _ENABLED, enabled
     return previous
 
@@ -221,8 +221,7 @@ def autotune(enabled: bool) -> Iterator[None]:
         tensor([[6., 0.],
                 [0., 6.]])
     """
-    if not isinstance(enabled, bool):
-        raise TypeError(f"autotune: enabled is a {type(enabled).__name__}; pass True or False")
+    check_bool("autotune", "enabled", enabled)
     token = _SCOPED.set(enabled)
     try:
         yield

@@ -11,6 +11,7 @@ from typing import Any
 
 from gradlab._derivatives._autotune import run_auto
 from gradlab._derivatives._registry import Operation, P, StrategyUnsupported
+from gradlab._validate import message
 
 __all__ = ["dispatch"]
 
@@ -24,5 +25,7 @@ def dispatch(op: Operation[P], strategy: str, problem: P) -> Any:
         return op.run(strategy, problem)
     except StrategyUnsupported as exc:
         fix = op.fallback.get(strategy)
-        advice = f"use strategy={fix!r} (or 'auto', which falls back per call)" if fix else ""
-        raise ValueError(f"{op.name}: strategy {strategy!r} cannot run f: {exc}; {advice}") from exc
+        advice = f" Use strategy={fix!r} (or 'auto', which falls back per call)" if fix else ""
+        raise ValueError(
+            message(op.name, "strategy", "one that can run this f", strategy, f"{exc}.{advice}")
+        ) from exc

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from gradlab._derivatives._checks import Argnums, ArgnumsProblem, numel
+from gradlab._derivatives._checks import Argnums, ArgnumsProblem, numel, outputs
 from gradlab._derivatives._dispatch import dispatch
 from gradlab._derivatives._graph import assemble, jac_forward_chunked, rows, stand_ins, wants_graph
 from gradlab._derivatives._registry import Operation
@@ -17,20 +17,21 @@ __all__ = ["JACOBIAN", "jacobian"]
 
 
 def _reverse(p: ArgnumsProblem) -> PyTree:
-    return torch.func.jacrev(p.f, p.argnums, chunk_size=p.chunk_size)(*p.args)
+    return torch.func.jacrev(outputs("jacobian", p.f), p.argnums, chunk_size=p.chunk_size)(*p.args)
 
 
 def _forward(p: ArgnumsProblem) -> PyTree:
+    f = outputs("jacobian", p.f)
     if p.chunk_size is None:
-        return torch.func.jacfwd(p.f, p.argnums)(*p.args)
-    return jac_forward_chunked(p.f, p.args, p.nums, p.many, p.chunk_size)
+        return torch.func.jacfwd(f, p.argnums)(*p.args)
+    return jac_forward_chunked(f, p.args, p.nums, p.many, p.chunk_size)
 
 
 def _loop(p: ArgnumsProblem) -> PyTree:
     grad_on = torch.is_grad_enabled()
     with torch.enable_grad():
         full, zs, linked = stand_ins(p.args, p.nums, grad_on)
-        out = p.f(*full)
+        out = outputs("jacobian", p.f)(*full)
         leaves = pytree.tree_leaves(out)
         keep = wants_graph(grad_on, leaves, zs, linked)
         blocks = [rows(o, zs, create_graph=keep) for o in leaves]

@@ -48,6 +48,7 @@ import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
 from gradlab._derivatives._keys import function_key
+from gradlab._validate import check_choice
 
 __all__ = [
     "DEADLINE",
@@ -211,10 +212,7 @@ class Operation(Generic[P]):
     def check(self, strategy: object) -> None:
         """Raise a ``ValueError`` listing the registry's names for an unknown ``strategy``."""
         if strategy != "auto" and strategy not in self.strategies:
-            raise ValueError(
-                f"{self.name}: unknown strategy {strategy!r}; valid strategies are "
-                f"{', '.join(repr(s) for s in ('auto', *self.strategies))}"
-            )
+            check_choice(self.name, "strategy", strategy, ("auto", *self.strategies))
 
     def candidate_names(self, problem: P) -> Sequence[str]:
         return self.names if self.candidates is None else self.candidates(problem)

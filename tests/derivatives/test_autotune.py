@@ -490,9 +490,13 @@ def test_a_real_loop_candidate_is_abandoned_between_rows(monkeypatch):
 
 
 def test_autotune_switch_errors():
-    with pytest.raises(TypeError, match=r"set_autotune: enabled is a str; pass True or False"):
+    with pytest.raises(
+        TypeError, match=r"set_autotune: enabled must be True or False, got 'no'\. Pass a bool"
+    ):
         gl.set_autotune("no")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"autotune: enabled is a int; pass True or False"):
+    with pytest.raises(
+        TypeError, match=r"autotune: enabled must be True or False, got 0\. Pass a bool"
+    ):
         with gl.autotune(0):  # type: ignore[arg-type]
             pass
 
@@ -529,7 +533,10 @@ def test_threads_same_function_default_strategy():
     assert errors == [] and len(results) == 40
     for h in results:
         torch.testing.assert_close(h, expected)
-    assert len(gl.autotune_choices()) == 1  # measured once for the one key
+    with gl.autotune(True):  # the calls of a trial, if the measurement started one
+        for _ in range(2 * _autotune._TRIAL_PAIRS):
+            torch.testing.assert_close(gl.hessian(f, x), expected)
+    assert len(gl.autotune_choices()) == 1  # one choice for the one key
 
 
 def test_signature_of_plain_containers_and_of_other_pytrees():
