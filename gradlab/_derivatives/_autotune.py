@@ -42,6 +42,10 @@ _CACHE_SIZE = 1024
 MARGIN = 1.1
 # The first call's measurement stops after this multiple of the time of the call's own run.
 _BUDGET = 1.5
+# Starting a candidate and abandoning it costs Python time of its own (entering and leaving a
+# torch.func transform, unwinding): about this many seconds on a CPU. No candidate is started
+# with less budget left, so a call shorter than _MIN_SLOT / _BUDGET is not measured at all.
+_MIN_SLOT = 200e-6
 # The trial of a challenger: this many pairs of ordinary calls, one of each strategy.
 _TRIAL_PAIRS = 9
 
@@ -158,17 +162,20 @@ def autotune(enabled: bool) -> Iterator[None]:
     its heuristic needs), timing that run (``T``). If measurement is on, it then runs each other
     candidate strategy **once**, under a deadline, and never runs anything again for timing:
 
-    * the measurement stops starting candidates once it has spent ``1.5 T``;
+    * the measurement stops starting candidates once it has spent ``1.5 T``, or when less than
+      200 microseconds of that budget is left (starting and abandoning a ``torch.func`` transform
+      costs about that much Python time; so a call shorter than about 130 microseconds is not
+      measured at all and runs its heuristic);
     * a candidate is abandoned as soon as it is slower than the fastest so far (the heuristic:
-      ``1.1x`` the fastest), checked between the rows of the strategies that loop in Python
-      (``"loop"``, nested ``"reverse"``); a vectorised candidate cannot be stopped midway and is
-      dropped when it returns late.
+      ``1.1x`` the fastest), checked before every torch function it calls and between the rows
+      of the strategies that loop in Python; a single op (or backward pass) that runs past the
+      deadline finishes first, and the candidate is dropped.
 
-    **The bound:** a first call costs at most ``2.5 T`` plus the overrun of one vectorised
-    candidate past its deadline (the vectorised strategies of one operation cost within small
-    factors of each other; ``T`` is a call of the heuristic, except for ``jacobian``'s
-    ``"reverse"``). Calls too expensive to repeat are thus bounded by their own cost: there is no
-    fixed number of repetitions. A single timing is noisy, so a challenger that beat the heuristic
+    **The bound:** a first call costs at most ``2.5 T`` plus the overrun of one abandoned
+    candidate past its deadline (one op, or the Python cost of leaving a transform; ``T`` is a
+    call of the heuristic, except for ``jacobian``, whose first call runs ``"reverse"``). Calls
+    too expensive to repeat are thus bounded by their own cost: there is no fixed number of
+    repetitions. A single timing is noisy, so a challenger that beat the heuristic
     by more than ``1.1x`` in it is not adopted at once: the next 18 calls of the key run the two
     in turn (each call runs one strategy and returns its result: nothing is repeated, and no call
     is slower than the slower of the two) and the challenger replaces the heuristic only if the
@@ -263,17 +270,18 @@ def _sync(devices: Sequence[torch.device]) -> None:
             torch.cuda.synchronize(d)
 
 
-def _rng_states(devices: Sequence[torch.device]) -> list[torch.Tensor]:
-    """The global generators' states (read only: nothing is ever written back)."""
-    states = [torch.get_rng_state()]
+def _rng_states(devices: Sequence[torch.device]) -> list[bytes]:
+    """The global generators' states as bytes (read only: nothing is ever written back; bytes
+    compare in a memcmp, where ``torch.equal`` on the state tensors costs ~20 us a call)."""
+    states = [torch.get_rng_state().numpy().tobytes()]
     for d in devices:
         if d.type == "cuda":
-            states.append(torch.cuda.get_rng_state(d))
+            states.append(torch.cuda.get_rng_state(d).numpy().tobytes())
     return states
 
 
-def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b))
+def _same(a: list[bytes], b: list[bytes]) -> bool:
+    return a == b
 
 
 def run_auto(op: Operation, problem: Problem) -> Any:
@@ -362,7 +370,9 @@ def _measure(
     under a deadline (:data:`~gradlab._derivatives._registry.DEADLINE`): the end of the budget
     (``_BUDGET`` times the call's own run ``t_ran``), or sooner the time of the fastest so far
     (for the heuristic, ``MARGIN`` times it), past which it cannot win and is abandoned (between
-    rows in the strategies that loop in Python; the others are dropped when they return late).
+    rows in the strategies that loop in Python, and before every torch function the candidate
+    calls, through :class:`~gradlab._derivatives._registry.DeadlineMode`; a single op or backward
+    pass past the deadline runs to its end, and the candidate is dropped when it returns late).
     Once the budget is spent nothing more starts. If a challenger beat the heuristic by more than
     ``MARGIN``, a :class:`_Trial` of the two confirms it over the next calls.
     """
@@ -383,11 +393,12 @@ def _measure(
         now = clock()
         best = min(times.values(), default=math.inf)
         limit = min(end, now + (MARGIN * best if n == baseline else best))
-        if limit <= now:
-            break  # the budget is spent
+        if end - now < _MIN_SLOT:
+            break  # the budget is spent (or too short to start and abandon a candidate in)
         token = _registry.DEADLINE.set(limit)
         try:
-            t = _time_once(functools.partial(op.run, n, problem), devices)
+            with _registry.DeadlineMode():
+                t = _time_once(functools.partial(op.run, n, problem), devices)
         except _registry.Abandoned:
             t = math.inf
         except Exception:  # this strategy cannot handle the function: not a candidate

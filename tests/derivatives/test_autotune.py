@@ -461,23 +461,26 @@ def _advance(clock, seconds):
     return "result"
 
 
-def test_a_real_loop_candidate_is_abandoned_between_rows(monkeypatch):
-    """gl.hessian's "loop" strategy (one autograd.grad per row) stops at its deadline: with a
-    clock that advances one unit per reading it starts (a budget large enough to reach it) and
-    stops before its second of 300 rows, and the result is still right."""
-    from gradlab._derivatives import _graph, _registry
+def test_a_real_loop_candidate_is_abandoned(monkeypatch):
+    """gl.hessian's "loop" strategy (300 autograd.grad rows) stops at its deadline: with a clock
+    that advances one unit per reading it starts (a budget large enough to reach it), is
+    abandoned before it finishes, and the result (from the heuristic) is still right."""
+    from gradlab._derivatives import _registry
 
     ticks = iter(range(10**6))
     monkeypatch.setattr(_registry, "clock", lambda: float(next(ticks)))
-    monkeypatch.setattr(_autotune, "_BUDGET", 100.0)
-    checks = []
-    real_check = _graph.check_deadline
+    monkeypatch.setattr(_autotune, "_BUDGET", 1e6)
+    monkeypatch.setattr(_autotune, "_MIN_SLOT", 0.0)
+    seen = []
+    loop = HESSIAN.strategies["loop"]
 
-    def counting_check():
-        checks.append(1)
-        real_check()
+    def watched(p):
+        seen.append("start")
+        out = loop(p)
+        seen.append("finished")
+        return out
 
-    monkeypatch.setattr(_graph, "check_deadline", counting_check)
+    monkeypatch.setitem(HESSIAN.strategies, "loop", watched)
     x = torch.randn(300, dtype=torch.float64)
 
     def f(z):
@@ -486,7 +489,23 @@ def test_a_real_loop_candidate_is_abandoned_between_rows(monkeypatch):
     with gl.autotune(True):
         H = gl.hessian(f, x)
     torch.testing.assert_close(H, torch.diag(2 * torch.cos(2 * x)))
-    assert 1 <= len(checks) <= 2  # the loop started, and stopped at its first or second row
+    assert seen == ["start"]  # started, abandoned before its end
+
+
+def test_a_call_too_short_to_measure_runs_no_candidate(monkeypatch):
+    """A first run shorter than _MIN_SLOT / _BUDGET leaves no slot to start (and abandon) a
+    candidate in: nothing but the call itself runs, and the heuristic is kept."""
+    from gradlab._derivatives import _registry
+
+    ran = []
+    short = _autotune._MIN_SLOT / _autotune._BUDGET / 2
+    op, clock = _fake_op({"h": short, "c": short / 4}, ran)
+    monkeypatch.setattr(_registry, "clock", clock)
+    with gl.autotune(True):
+        _autotune.run_auto(op, _FakeProblem(lambda: None))
+    assert ran == ["h"]
+    (entry,) = [e for k, e in _autotune._CACHE.items() if k[0] == "fake"]
+    assert entry.choice == "h", entry.note
 
 
 def test_autotune_switch_errors():
