@@ -167,22 +167,25 @@ def autotune(enabled: bool) -> Iterator[None]:
       costs about that much Python time; so a call shorter than about 130 microseconds is not
       measured at all and runs its heuristic);
     * a candidate is abandoned as soon as it is slower than the fastest so far (the heuristic:
-      ``1.1x`` the fastest), checked before every torch function it calls and between the rows
-      of the strategies that loop in Python; a single op (or backward pass) that runs past the
-      deadline finishes first, and the candidate is dropped.
+      ``1.1x`` the fastest), checked between the rows of the strategies that loop in Python
+      (``"loop"``, nested ``"reverse"``), which are the ones that can be tens of times slower; a
+      vectorised candidate (one ``vmap``/``jvp`` call) runs to its end and is dropped if late;
+    * ``jacobian`` does not time the other direction when the output and input sizes differ by
+      more than 2x (there the heuristic's direction is known to win).
 
-    **The bound:** a first call costs at most ``2.5 T`` plus the overrun of one abandoned
-    candidate past its deadline (one op, or the Python cost of leaving a transform; ``T`` is a
-    call of the heuristic, except for ``jacobian``, whose first call runs ``"reverse"``). Calls
-    too expensive to repeat are thus bounded by their own cost: there is no fixed number of
-    repetitions. A single timing is noisy, so a challenger that beat the heuristic
-    by more than ``1.1x`` in it is not adopted at once: the next 18 calls of the key run the two
-    in turn (each call runs one strategy and returns its result: nothing is repeated, and no call
-    is slower than the slower of the two) and the challenger replaces the heuristic only if the
-    median time ratio over those 9 back-to-back pairs (order alternating, which cancels the
-    machine's drift) exceeds ``1.1``; otherwise the heuristic stands. Later calls run the chosen
-    strategy once. A function whose key changes on every call (it closes over a list it appends
-    to) is measured for its first 16 signatures per operation, then runs the heuristic.
+    **The bound:** a first call costs at most ``2.5 T`` plus the overrun of one vectorised
+    candidate past its deadline (``T`` is a call of the heuristic, except for ``jacobian``, whose
+    first call runs ``"reverse"``). Calls too expensive to repeat are thus bounded by their own
+    cost: there is no fixed number of repetitions.
+
+    A single timing is noisy, so a challenger that beat the heuristic by more than ``1.1x`` in it
+    is not adopted at once: the next 18 calls of the key run the two in turn (each call runs one
+    strategy and returns its result: nothing is repeated, and no call is slower than the slower
+    of the two) and the challenger replaces the heuristic only if the median time ratio over
+    those 9 back-to-back pairs (order alternating, which cancels the machine's drift) exceeds
+    ``1.1``; otherwise the heuristic stands. Later calls run the chosen strategy once. A function
+    whose key changes on every call (it closes over a list it appends to) is measured for its first
+    16 signatures per operation, then runs the heuristic.
 
     **Random and stateful functions.** The global RNG state (CPU, and CUDA for the devices involved)
     is read, never written, around the single call that produces the result. If it changed, the
@@ -284,11 +287,18 @@ def _same(a: list[bytes], b: list[bytes]) -> bool:
     return a == b
 
 
-def run_auto(op: Operation, problem: Problem) -> Any:
-    """``strategy="auto"`` for ``op`` on ``problem``: see :func:`autotune`'s docstring."""
+def run_auto(op: Operation, problem: Problem, validate: Callable[[], None] | None = None) -> Any:
+    """``strategy="auto"`` for ``op`` on ``problem``: see :func:`autotune`'s docstring.
+
+    ``validate``: the argument checks that the key implies. An entry is only ever cached after a
+    call with its key passed them, and the key holds everything they look at (structure, shapes,
+    dtypes, devices), so they run on a cache miss only: a hit skips them.
+    """
     fkey = function_key(problem.f)
     key = (op.name, fkey, *problem.key())
     entry = _CACHE.get(key)
+    if entry is None and validate is not None:
+        validate()
     enabled = is_autotune_enabled() and not getattr(_LOCAL, "measuring", False)
     if entry is not None and (entry.choice is not None or not enabled):
         chosen = entry.choice if enabled and entry.choice is not None else entry.heuristic
@@ -370,9 +380,10 @@ def _measure(
     under a deadline (:data:`~gradlab._derivatives._registry.DEADLINE`): the end of the budget
     (``_BUDGET`` times the call's own run ``t_ran``), or sooner the time of the fastest so far
     (for the heuristic, ``MARGIN`` times it), past which it cannot win and is abandoned (between
-    rows in the strategies that loop in Python, and before every torch function the candidate
-    calls, through :class:`~gradlab._derivatives._registry.DeadlineMode`; a single op or backward
-    pass past the deadline runs to its end, and the candidate is dropped when it returns late).
+    rows in the strategies that loop in Python; a vectorised candidate runs to its end and is
+    dropped when it returns late). The deadline is never checked from inside a torch function
+    or transform (a TorchFunctionMode raising there would skip torch's own clean-up, e.g. the
+    restoring of grad mode): only between whole autograd calls, where nothing is half done.
     Once the budget is spent nothing more starts. If a challenger beat the heuristic by more than
     ``MARGIN``, a :class:`_Trial` of the two confirms it over the next calls.
     """
@@ -397,8 +408,7 @@ def _measure(
             break  # the budget is spent (or too short to start and abandon a candidate in)
         token = _registry.DEADLINE.set(limit)
         try:
-            with _registry.DeadlineMode():
-                t = _time_once(functools.partial(op.run, n, problem), devices)
+            t = _time_once(functools.partial(op.run, n, problem), devices)
         except _registry.Abandoned:
             t = math.inf
         except Exception:  # this strategy cannot handle the function: not a candidate

@@ -11,6 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from gradlab._derivatives._keys import signature
+from gradlab._derivatives._tree import flatten
 from gradlab._typing import PyTree, TensorFn
 from gradlab._validate import check_callable, check_int, message
 
@@ -31,7 +32,7 @@ Argnums = int | tuple[int, ...]
 
 def check_diff_leaves(fn: str, what: str, tree: PyTree) -> list[torch.Tensor]:
     # a bare tensor (the usual argument) is its own only leaf: no pytree walk on every call
-    leaves = [tree] if isinstance(tree, torch.Tensor) else pytree.tree_leaves(tree)
+    leaves = [tree] if isinstance(tree, torch.Tensor) else flatten(tree)[0]
     if not leaves:
         raise ValueError(
             message(fn, what, "a tensor or a tuple/dict of tensors", tree, "Pass tensors")
@@ -181,7 +182,7 @@ def scalar(fn: str, f: Callable[..., Any]) -> Callable[..., Any]:
 
 def devices_of(tree: PyTree) -> list[torch.device]:
     seen: dict[str, torch.device] = {}
-    for t in pytree.tree_leaves(tree):
+    for t in flatten(tree)[0]:
         if isinstance(t, torch.Tensor):
             seen.setdefault(str(t.device), t.device)
     return list(seen.values())
@@ -204,9 +205,10 @@ def primals(fn: str, args: Any) -> tuple[tuple, bool]:
 
 def check_like(fn: str, name: str, v: Any, ref: Any, ref_name: str) -> None:
     """``v`` must have ``ref``'s structure, shapes and dtypes."""
-    v_leaves, v_spec = pytree.tree_flatten(v)
-    r_leaves, r_spec = pytree.tree_flatten(ref)
+    v_leaves, v_spec = flatten(v)
+    r_leaves, r_spec = flatten(ref)
     if v_spec != r_spec:
+        v_spec, r_spec = pytree.tree_flatten(v)[1], pytree.tree_flatten(ref)[1]  # for the text
         raise ValueError(
             message(
                 fn,
@@ -249,7 +251,7 @@ class ArgnumsProblem:
     dataclass's ``__init__`` costs several microseconds of the cheapest calls' overhead.
     """
 
-    __slots__ = ("argnums", "args", "chunk_size", "f", "nums")
+    __slots__ = ("argnums", "args", "chunk_size", "f", "n_out", "nums")
     keep = None  # results keep a graph when grad mode is on (see Operation.run)
 
     def __init__(
@@ -265,6 +267,7 @@ class ArgnumsProblem:
         self.argnums = argnums
         self.nums = nums
         self.chunk_size = chunk_size
+        self.n_out: int | None = None  # the output's size, once a call has seen it
 
     @classmethod
     def validated(

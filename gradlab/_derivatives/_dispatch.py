@@ -7,6 +7,7 @@ import each other: the import graph is ``_dispatch -> _autotune -> _registry``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gradlab._derivatives._autotune import run_auto
@@ -16,11 +17,19 @@ from gradlab._validate import message
 __all__ = ["dispatch"]
 
 
-def dispatch(op: Operation[P], strategy: str, problem: P) -> Any:
-    """Run ``op`` with ``strategy`` (a registry name or ``"auto"``) on ``problem``."""
+def dispatch(
+    op: Operation[P], strategy: str, problem: P, validate: Callable[[], None] | None = None
+) -> Any:
+    """Run ``op`` with ``strategy`` (a registry name or ``"auto"``) on ``problem``.
+
+    ``validate``: argument checks implied by the problem's key, which ``"auto"`` skips on a cache
+    hit (:func:`~gradlab._derivatives._autotune.run_auto`); a named strategy always runs them.
+    """
     op.check(strategy)
     if strategy == "auto":
-        return run_auto(op, problem)
+        return run_auto(op, problem, validate)
+    if validate is not None:
+        validate()
     try:
         return op.run(strategy, problem)
     except StrategyUnsupported as exc:

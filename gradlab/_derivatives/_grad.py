@@ -212,6 +212,29 @@ def grad(
         >>> gz
         tensor([0., 0.])
     """
+    if (
+        isinstance(outputs, torch.Tensor)
+        and isinstance(inputs, torch.Tensor)
+        and grad_outputs is None
+        and unused == "zeros"
+        and outputs.requires_grad
+        and inputs.requires_grad
+        and outputs.numel() == 1
+        and outputs.is_floating_point()
+    ):
+        # The common call, checked in a few attribute reads: one scalar output, one input.
+        # torch.autograd.grad creates the implicit weight 1 itself; grad mode is switched on only
+        # when it is off (the context manager costs a few microseconds a call).
+        if torch.is_grad_enabled():
+            (g,) = torch.autograd.grad(
+                outputs, inputs, None, retain_graph, create_graph, allow_unused=True
+            )
+        else:
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(
+                    outputs, inputs, None, retain_graph, create_graph, allow_unused=True
+                )
+        return torch.zeros_like(inputs) if g is None else g
     outs, gos, ins = _prepare("grad", outputs, inputs, grad_outputs, unused)
     with torch.enable_grad():
         grads = torch.autograd.grad(

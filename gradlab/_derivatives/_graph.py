@@ -20,6 +20,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from gradlab._derivatives._registry import check_deadline
+from gradlab._derivatives._tree import flatten, unflatten
 from gradlab._typing import PyTree
 
 __all__ = ["assemble", "jac_forward_chunked", "rows", "stand_ins", "wants_graph", "with_diff"]
@@ -37,13 +38,13 @@ def stand_ins(
         when grad mode is on and the input requires grad (the result's graph then reaches it),
         else a detached leaf that requires grad.
     """
-    flat, spec = pytree.tree_flatten(tuple(args[i] for i in nums))
+    flat, spec = flatten(tuple(args[i] for i in nums))
     linked = grad_on and any(t.requires_grad for t in flat)
     zs = [
         t.view_as(t) if linked and t.requires_grad else t.detach().requires_grad_(True)
         for t in flat
     ]
-    return with_diff(args, nums, pytree.tree_unflatten(zs, spec)), zs, linked
+    return with_diff(args, nums, unflatten(zs, spec)), zs, linked
 
 
 def wants_graph(

@@ -41,8 +41,27 @@ def _loop(p: ArgnumsProblem) -> PyTree:
 def _heuristic(p: ArgnumsProblem, J: PyTree) -> str:
     """``"reverse"`` if the output has at most as many elements as the inputs, else forward."""
     n_in = numel(tuple(p.args[i] for i in p.nums))
-    n_out = numel(J) // max(n_in, 1)
+    n_out = p.n_out = numel(J) // max(n_in, 1)
     return "reverse" if n_out <= n_in else "forward"
+
+
+# Beyond this size ratio the heuristic's direction wins (the other runs one vectorised product
+# per element of the larger side), so "auto" does not time the other direction: a vectorised
+# candidate cannot be abandoned midway, and timing it would cost that ratio.
+_TIMED_RATIO = 2.0
+
+
+def _candidates(p: ArgnumsProblem) -> list[str]:
+    names = list(JACOBIAN.names)
+    if p.n_out is None:
+        return names
+    n_in = max(numel(tuple(p.args[i] for i in p.nums)), 1)
+    n_out = max(p.n_out, 1)
+    if n_in > _TIMED_RATIO * n_out:
+        names.remove("forward")
+    elif n_out > _TIMED_RATIO * n_in:
+        names.remove("reverse")
+    return names
 
 
 JACOBIAN: Operation[ArgnumsProblem] = Operation(
@@ -52,6 +71,7 @@ JACOBIAN: Operation[ArgnumsProblem] = Operation(
     heuristic=_heuristic,
     fallback={"forward": "reverse"},
     forward_ad=frozenset({"forward"}),
+    candidates=_candidates,
 )
 
 

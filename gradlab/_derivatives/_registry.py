@@ -54,7 +54,6 @@ __all__ = [
     "DEADLINE",
     "FORWARD_AD_LOCK",
     "Abandoned",
-    "DeadlineMode",
     "Operation",
     "Problem",
     "StrategyUnsupported",
@@ -93,16 +92,6 @@ def check_deadline() -> None:
     deadline = DEADLINE.get()
     if deadline != math.inf and clock() > deadline:
         raise Abandoned
-
-
-class DeadlineMode(TorchFunctionMode):
-    """Checks the deadline before every torch function a timed candidate calls, so that a
-    vectorised strategy (one ``vmap``/``jvp`` call, no rows to check between) is abandoned too,
-    at the granularity of one op; only active while ``"auto"`` times a candidate."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        check_deadline()
-        return func(*args, **(kwargs or {}))
 
 
 def only_thread() -> bool:
