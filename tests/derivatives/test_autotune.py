@@ -671,3 +671,34 @@ def test_auto_uses_forward_mode_when_its_thread_is_alone(monkeypatch):
             stop.set()
             other.join()
         assert ran == ["reverse"]
+
+
+@pytest.mark.parametrize("op", ["jacobian", "hessian", "hvp", "derivative"])
+def test_measuring_leaves_grad_mode_and_forward_ad_as_they_were(op, monkeypatch):
+    """A first "auto" call measures every candidate (forward mode and abandoned loops included)
+    under torch.no_grad(): grad mode stays off, no forward-AD level is left entered, and the
+    functorch interpreter stack is empty afterwards."""
+    monkeypatch.setattr(_autotune, "_MIN_SLOT", 0.0)  # measure however short the call
+    timed = []
+    real = _autotune._time_once
+    monkeypatch.setattr(_autotune, "_time_once", lambda fn, d: timed.append(1) or real(fn, d))
+    W = torch.randn(5, 5, dtype=torch.float64)
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+    def scalar(z):
+        return torch.tanh(W @ z).pow(2).sum()
+
+    calls = {
+        "jacobian": lambda: gl.jacobian(lambda z: torch.tanh(W @ z), x),
+        "hessian": lambda: gl.hessian(scalar, x),
+        "hvp": lambda: gl.hvp(scalar, x, torch.ones(5, dtype=torch.float64)),
+        "derivative": lambda: gl.derivative(torch.tanh, x, order=2),
+    }
+    with gl.autotune(True), torch.no_grad():
+        calls[op]()
+        assert not torch.is_grad_enabled()
+    assert timed  # candidates were timed
+    assert torch.is_grad_enabled()
+    assert torch._C._functorch.peek_interpreter_stack() is None
+    _, tangent = torch.func.jvp(torch.sin, (x.detach(),), (torch.ones(5, dtype=torch.float64),))
+    torch.testing.assert_close(tangent, torch.cos(x.detach()))  # no level left entered
