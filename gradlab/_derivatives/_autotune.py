@@ -42,9 +42,9 @@ _CACHE_SIZE = 1024
 MARGIN = 1.1
 # The first call's measurement stops after this multiple of the time of the call's own run.
 _BUDGET = 1.5
-# Starting a candidate and abandoning it costs Python time of its own (entering and leaving a
-# torch.func transform, unwinding): about this many seconds on a CPU. No candidate is started
-# with less budget left, so a call shorter than _MIN_SLOT / _BUDGET is not measured at all.
+# A candidate costs Python time of its own before any work (setting up a torch.func transform:
+# on the order of 100 us on a CPU). No candidate is started with less than this much budget
+# left, so a call shorter than _MIN_SLOT / _BUDGET is not measured at all.
 _MIN_SLOT = 200e-6
 # The trial of a challenger: this many pairs of ordinary calls, one of each strategy.
 _TRIAL_PAIRS = 9
@@ -163,9 +163,9 @@ def autotune(enabled: bool) -> Iterator[None]:
     candidate strategy **once**, under a deadline, and never runs anything again for timing:
 
     * the measurement stops starting candidates once it has spent ``1.5 T``, or when less than
-      200 microseconds of that budget is left (starting and abandoning a ``torch.func`` transform
-      costs about that much Python time; so a call shorter than about 130 microseconds is not
-      measured at all and runs its heuristic);
+      200 microseconds of that budget is left (setting up a ``torch.func`` transform alone costs
+      on the order of 100 microseconds of Python; so a call shorter than about 130 microseconds
+      is not measured at all and runs its heuristic);
     * a candidate is abandoned as soon as it is slower than the fastest so far (the heuristic:
       ``1.1x`` the fastest), checked between the rows of the strategies that loop in Python
       (``"loop"``, nested ``"reverse"``), which are the ones that can be tens of times slower; a
