@@ -8,20 +8,20 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 import os
 import statistics
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from gradlab._derivatives import _registry
 from gradlab._derivatives._keys import function_key
-
-if TYPE_CHECKING:
-    from gradlab._derivatives._registry import Operation, Problem
+from gradlab._derivatives._registry import Operation, Problem
+from gradlab._validate import check_bool
 
 __all__ = [
     "autotune",
@@ -38,22 +38,62 @@ _SCOPED: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
 )
 _CACHE_SIZE = 1024
 # A measured strategy replaces the heuristic only when the heuristic is slower by more than this
-# factor, in the measurement and again in a re-check.
+# factor, in the first call's timing and again over the trial calls that follow.
 MARGIN = 1.1
-# Candidates whose warm-up call takes longer than this multiple of the best warm-up are not
-# timed further: they cannot come within MARGIN.
-_PRUNE = 4.0
-_ROUNDS = 5
-_RECHECK_PAIRS = 9  # the re-check: 9 to 36 back-to-back pairs, about _RECHECK_S of calls
-_RECHECK_S = 20e-3
-_TARGET_S = 1e-3  # calls per candidate and round: about this many seconds
+# The first call's measurement stops after this multiple of the time of the call's own run.
+_BUDGET = 1.5
+# A candidate costs Python time of its own before any work (setting up a torch.func transform:
+# on the order of 100 us on a CPU). No candidate is started with less than this much budget
+# left, so a call shorter than _MIN_SLOT / _BUDGET is not measured at all.
+_MIN_SLOT = 200e-6
+# The trial of a challenger: this many pairs of ordinary calls, one of each strategy.
+_TRIAL_PAIRS = 9
+
+
+class _Trial:
+    """A challenger that beat the heuristic in the first call's one-shot timing, confirmed (or
+    not) over the next ``2 * _TRIAL_PAIRS`` calls of the key: they run the two strategies in
+    turn (each call runs one of them, whose result it returns: no call is repeated) and the
+    median of the pairs' time ratios decides. Pairs are back to back and their order alternates,
+    so a drift of the machine's speed cancels out of the ratios."""
+
+    __slots__ = ("baseline", "challenger", "lock", "pending", "ratios", "turn")
+
+    def __init__(self, baseline: str, challenger: str) -> None:
+        self.baseline = baseline
+        self.challenger = challenger
+        self.lock = threading.Lock()
+        self.turn = 0
+        self.pending: dict[str, float] = {}
+        self.ratios: list[float] = []
+
+    def next(self) -> str:
+        """The strategy the next call runs: h c, c h, h c, ... (pairs in alternating order)."""
+        with self.lock:
+            k, self.turn = self.turn, self.turn + 1
+        pair, second = divmod(k, 2)
+        order = (self.challenger, self.baseline) if pair % 2 else (self.baseline, self.challenger)
+        return order[second]
+
+    def record(self, name: str, seconds: float) -> float | None:
+        """Add one call's time; the median ratio heuristic/challenger once the trial is over."""
+        with self.lock:
+            self.pending[name] = seconds
+            if len(self.pending) == 2:
+                h, c = self.pending[self.baseline], self.pending[self.challenger]
+                self.ratios.append(h / max(c, 1e-9))
+                self.pending.clear()
+            if len(self.ratios) >= _TRIAL_PAIRS:
+                return statistics.median(self.ratios)
+        return None
 
 
 @dataclass(frozen=True)
 class _Entry:
     heuristic: str
-    choice: str | None  # None: not measured yet (measurement off, busy or RNG used)
+    choice: str | None  # None: not decided yet (measurement off, busy, RNG used, or a trial)
     note: str
+    trial: _Trial | None = None
 
 
 _CACHE: dict[tuple, _Entry] = {}
@@ -89,8 +129,7 @@ def set_autotune(enabled: bool) -> bool:
         >>> _ = gl.set_autotune(previous)
     """
     global _ENABLED
-    if not isinstance(enabled, bool):
-        raise TypeError(f"set_autotune: enabled is a {type(enabled).__name__}; pass True or False")
+    check_bool("set_autotune", "enabled", enabled)
     previous, _ENABLED = _ENABLED, enabled
     return previous
 
@@ -120,15 +159,33 @@ def autotune(enabled: bool) -> Iterator[None]:
 
     **The first call** of a key runs the function once with the heuristic strategy (which gives the
     result returned; ``jacobian`` runs ``"reverse"`` on a key's first call, to learn the output size
-    its heuristic needs), then, if measurement is on, times every candidate strategy: one warm-up
-    call each, candidates more than 4x slower than the fastest warm-up dropped, then 5 interleaved
-    rounds of calls (about 1 ms of calls per candidate and round), each candidate's time the minimum
-    over its calls (interference only ever adds time). A measured strategy replaces the heuristic
-    only if it is more than 1.1x faster, confirmed by a re-check of the two alone (the median time
-    ratio over 9 to 36 back-to-back pairs of calls, which cancels the machine's drift); otherwise
-    the heuristic stands. So the first call runs ``f`` roughly 10-100 times; later calls run it
-    once. A function whose key changes on every call (it closes over a list it appends to) is
-    measured for its first 16 signatures per operation, then runs the heuristic.
+    its heuristic needs), timing that run (``T``). If measurement is on, it then runs each other
+    candidate strategy **once**, under a deadline, and never runs anything again for timing:
+
+    * the measurement stops starting candidates once it has spent ``1.5 T``, or when less than
+      200 microseconds of that budget is left (setting up a ``torch.func`` transform alone costs
+      on the order of 100 microseconds of Python; so a call shorter than about 130 microseconds
+      is not measured at all and runs its heuristic);
+    * a candidate is abandoned as soon as it is slower than the fastest so far (the heuristic:
+      ``1.1x`` the fastest), checked between the rows of the strategies that loop in Python
+      (``"loop"``, nested ``"reverse"``), which are the ones that can be tens of times slower; a
+      vectorised candidate (one ``vmap``/``jvp`` call) runs to its end and is dropped if late;
+    * ``jacobian`` does not time the other direction when the output and input sizes differ by
+      more than 2x (there the heuristic's direction is known to win).
+
+    **The bound:** a first call costs at most ``2.5 T`` plus the overrun of one vectorised
+    candidate past its deadline (``T`` is a call of the heuristic, except for ``jacobian``, whose
+    first call runs ``"reverse"``). Calls too expensive to repeat are thus bounded by their own
+    cost: there is no fixed number of repetitions.
+
+    A single timing is noisy, so a challenger that beat the heuristic by more than ``1.1x`` in it
+    is not adopted at once: the next 18 calls of the key run the two in turn (each call runs one
+    strategy and returns its result: nothing is repeated, and no call is slower than the slower
+    of the two) and the challenger replaces the heuristic only if the median time ratio over
+    those 9 back-to-back pairs (order alternating, which cancels the machine's drift) exceeds
+    ``1.1``; otherwise the heuristic stands. Later calls run the chosen strategy once. A function
+    whose key changes on every call (it closes over a list it appends to) is measured for its first
+    16 signatures per operation, then runs the heuristic.
 
     **Random and stateful functions.** The global RNG state (CPU, and CUDA for the devices involved)
     is read, never written, around the single call that produces the result. If it changed, the
@@ -145,6 +202,17 @@ def autotune(enabled: bool) -> Iterator[None]:
     timings do not compete with each other); a thread that finds a measurement under way uses the
     heuristic for that call. A function called while its own measurement runs (nested ``"auto"``
     calls inside ``f``) uses the heuristic.
+
+    **Forward mode and other threads.** PyTorch keeps forward-mode AD levels in process-global
+    state: a ``torch.func.jvp`` running in one thread fails ("no forward AD level exists") when
+    another thread enters or leaves forward mode at the same time, and a lock inside gradlab
+    cannot cover a user's own ``jvp``. So while any other Python thread is alive, ``"auto"``
+    neither runs nor times a forward-mode strategy (``"forward"``, ``"fwd-rev"``): it runs that
+    strategy's reverse-mode fallback (``"reverse"``, ``"rev-rev"``) instead, which gives the same
+    values; the cached choice is kept and used again once the thread is alone. When the calling
+    thread is the only Python thread, no other thread can start during the call except from
+    code the call runs itself, so forward mode is safe there. A strategy named explicitly, and
+    :func:`gradlab.jvp`, always run as asked.
 
     **Turning measurement off:** ``with gradlab.autotune(False):`` for the current thread or
     ``contextvars`` context only; ``gradlab.set_autotune(False)`` for the whole process (returns the
@@ -163,8 +231,7 @@ def autotune(enabled: bool) -> Iterator[None]:
         tensor([[6., 0.],
                 [0., 6.]])
     """
-    if not isinstance(enabled, bool):
-        raise TypeError(f"autotune: enabled is a {type(enabled).__name__}; pass True or False")
+    check_bool("autotune", "enabled", enabled)
     token = _SCOPED.set(enabled)
     try:
         yield
@@ -182,8 +249,9 @@ def clear_autotune_cache() -> None:
 def autotune_choices() -> dict[tuple, str]:
     """The measured choices: ``(operation, function key, signature...) -> strategy``.
 
-    Keys whose function draws random numbers, or that were only seen with measurement off, are
-    not listed (they run the heuristic).
+    Keys whose function draws random numbers, that were only seen with measurement off, or whose
+    challenger is still on trial (the next calls after the first, see :func:`autotune`) are not
+    listed (they run the heuristic, or the two strategies on trial in turn).
     """
     return {k: e.choice for k, e in list(_CACHE.items()) if e.choice is not None}
 
@@ -191,8 +259,9 @@ def autotune_choices() -> dict[tuple, str]:
 def _store(key: tuple, entry: _Entry) -> None:
     with _CACHE_LOCK:
         old = _CACHE.get(key)
-        if old is not None and old.choice is not None and entry.choice is None:
-            return  # another thread measured meanwhile: keep its choice
+        if old is not None and entry.choice is None and entry.trial is None:
+            if old.choice is not None or old.trial is not None:
+                return  # another thread measured meanwhile: keep its choice or trial
         _CACHE[key] = entry
         while len(_CACHE) > _CACHE_SIZE:
             del _CACHE[next(iter(_CACHE))]  # oldest first
@@ -204,29 +273,39 @@ def _sync(devices: Sequence[torch.device]) -> None:
             torch.cuda.synchronize(d)
 
 
-def _rng_states(devices: Sequence[torch.device]) -> list[torch.Tensor]:
-    """The global generators' states (read only: nothing is ever written back)."""
-    states = [torch.get_rng_state()]
+def _rng_states(devices: Sequence[torch.device]) -> list[bytes]:
+    """The global generators' states as bytes (read only: nothing is ever written back; bytes
+    compare in a memcmp, where ``torch.equal`` on the state tensors costs ~20 us a call)."""
+    states = [torch.get_rng_state().numpy().tobytes()]
     for d in devices:
         if d.type == "cuda":
-            states.append(torch.cuda.get_rng_state(d))
+            states.append(torch.cuda.get_rng_state(d).numpy().tobytes())
     return states
 
 
-def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b))
+def _same(a: list[bytes], b: list[bytes]) -> bool:
+    return a == b
 
 
-def run_auto(op: Operation, problem: Problem) -> Any:
-    """``strategy="auto"`` for ``op`` on ``problem``: see :func:`autotune`'s docstring."""
+def run_auto(op: Operation, problem: Problem, validate: Callable[[], None] | None = None) -> Any:
+    """``strategy="auto"`` for ``op`` on ``problem``: see :func:`autotune`'s docstring.
+
+    ``validate``: the argument checks that the key implies. An entry is only ever cached after a
+    call with its key passed them, and the key holds everything they look at (structure, shapes,
+    dtypes, devices), so they run on a cache miss only: a hit skips them.
+    """
     fkey = function_key(problem.f)
     key = (op.name, fkey, *problem.key())
     entry = _CACHE.get(key)
+    if entry is None and validate is not None:
+        validate()
     enabled = is_autotune_enabled() and not getattr(_LOCAL, "measuring", False)
     if entry is not None and (entry.choice is not None or not enabled):
         chosen = entry.choice if enabled and entry.choice is not None else entry.heuristic
-        return op.run_with_fallback(chosen, problem, fkey)[1]
-    strategy = entry.heuristic if entry is not None else op.first
+        return op.run_with_fallback(op.auto_safe(chosen), problem, fkey)[1]
+    if entry is not None and entry.trial is not None:
+        return _trial_call(op, problem, key, entry, fkey)
+    strategy = op.auto_safe(entry.heuristic if entry is not None else op.first)
     if not enabled:
         used, result = op.run_with_fallback(strategy, problem, fkey)
         heuristic = _heuristic(op, problem, entry, strategy, used, result)
@@ -235,10 +314,10 @@ def run_auto(op: Operation, problem: Problem) -> Any:
     devices = problem.devices()
     before = _rng_states(devices)
     _sync(devices)
-    t0 = time.perf_counter()
+    t0 = _registry.clock()
     used, result = op.run_with_fallback(strategy, problem, fkey)
     _sync(devices)
-    elapsed = time.perf_counter() - t0
+    elapsed = _registry.clock() - t0
     heuristic = _heuristic(op, problem, entry, strategy, used, result)
     if not _same(before, _rng_states(devices)):
         _store(key, _Entry(heuristic, None, "not measured: f draws random numbers"))
@@ -252,14 +331,13 @@ def run_auto(op: Operation, problem: Problem) -> Any:
         return result
     _LOCAL.measuring = True
     try:
-        warm = {heuristic: elapsed} if used == heuristic else {}
-        choice, note = _measure(op, problem, heuristic, devices, warm)
+        choice, note, trial = _measure(op, problem, heuristic, used, elapsed, devices)
         if not _same(before, _rng_states(devices)):
-            choice, note = heuristic, "measured runs drew random numbers: heuristic kept"
+            choice, note, trial = heuristic, "measured runs drew random numbers: kept", None
     finally:
         _LOCAL.measuring = False
         _MEASURING.release()
-    _store(key, _Entry(heuristic, choice, note))
+    _store(key, _Entry(heuristic, choice, note, trial))
     with _CACHE_LOCK:
         _MEASURED[base] = _MEASURED.get(base, 0) + 1
     return result
@@ -280,97 +358,106 @@ def _heuristic(
     return used if heuristic == strategy != used else heuristic
 
 
-def _time_calls(fn: Callable[[], Any], reps: int, devices: Sequence[torch.device]) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        _sync(devices)
-        t0 = time.perf_counter()
-        fn()
-        _sync(devices)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _rounds(
-    calls: Mapping[str, Callable[[], Any]],
-    names: list[str],
-    warm: dict[str, float],
-    rounds: int,
-    devices: Sequence[torch.device],
-) -> dict[str, float]:
-    """Minimum per-call time of each name over interleaved rounds (the order rotates)."""
-    reps = {n: max(1, min(20, int(_TARGET_S / max(warm[n], 1e-7)))) for n in names}
-    best = {n: float("inf") for n in names}
-    failed: set[str] = set()
-    for r in range(rounds):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            if n in failed:
-                continue
-            try:
-                best[n] = min(best[n], _time_calls(calls[n], reps[n], devices))
-            except Exception:  # failed on a later call: never chosen
-                failed.add(n)
-                best[n] = float("inf")
-    return best
+def _time_once(fn: Callable[[], Any], devices: Sequence[torch.device]) -> float:
+    _sync(devices)
+    t0 = _registry.clock()
+    fn()
+    _sync(devices)
+    return _registry.clock() - t0
 
 
 def _measure(
     op: Operation,
     problem: Problem,
     heuristic: str,
+    ran: str,
+    t_ran: float,
     devices: Sequence[torch.device],
-    warm: dict[str, float],
-) -> tuple[str, str]:
-    """The strategy to cache, and why: a challenger must beat the heuristic by MARGIN, twice."""
-    names = list(dict.fromkeys([heuristic, *op.candidate_names(problem)]))
-    calls = {n: functools.partial(op.run, n, problem) for n in names}
+) -> tuple[str | None, str, _Trial | None]:
+    """The first call's measurement: ``(choice or None, why, trial or None)``.
+
+    Each candidate runs once (the one the call already ran is not run again), in registry order,
+    under a deadline (:data:`~gradlab._derivatives._registry.DEADLINE`): the end of the budget
+    (``_BUDGET`` times the call's own run ``t_ran``), or sooner the time of the fastest so far
+    (for the heuristic, ``MARGIN`` times it), past which it cannot win and is abandoned (between
+    rows in the strategies that loop in Python; a vectorised candidate runs to its end and is
+    dropped when it returns late). The deadline is never checked from inside a torch function
+    or transform (a TorchFunctionMode raising there would skip torch's own clean-up, e.g. the
+    restoring of grad mode): only between whole autograd calls, where nothing is half done.
+    Once the budget is spent nothing more starts. If a challenger beat the heuristic by more than
+    ``MARGIN``, a :class:`_Trial` of the two confirms it over the next calls.
+    """
+    # While other Python threads are alive, forward-mode candidates are neither timed nor
+    # chosen: forward-AD levels are process-global in torch, so timing one could break a
+    # torch.func.jvp running in another thread (Operation.auto_safe). The heuristic is then
+    # represented by its reverse-mode fallback.
+    baseline = op.auto_safe(heuristic)
+    names = [
+        n for n in dict.fromkeys([baseline, *op.candidate_names(problem)]) if n == op.auto_safe(n)
+    ]
+    times = {ran: t_ran} if ran in names else {}
+    clock = _registry.clock
+    end = clock() + _BUDGET * t_ran
     for n in names:
-        if n in warm:
+        if n in times:
             continue
+        now = clock()
+        best = min(times.values(), default=math.inf)
+        limit = min(end, now + (MARGIN * best if n == baseline else best))
+        if end - now < _MIN_SLOT:
+            break  # the budget is spent (or too short to start and abandon a candidate in)
+        token = _registry.DEADLINE.set(limit)
         try:
-            warm[n] = _time_calls(calls[n], 1, devices)
+            t = _time_once(functools.partial(op.run, n, problem), devices)
+        except _registry.Abandoned:
+            t = math.inf
         except Exception:  # this strategy cannot handle the function: not a candidate
             continue
-    if heuristic not in warm:
-        return heuristic, "heuristic kept: it failed when timed"
-    fastest = min(warm.values())
-    alive = [n for n in names if n in warm and (warm[n] <= _PRUNE * fastest or n == heuristic)]
-    if len(alive) == 1:
-        return heuristic, "heuristic kept: the only candidate"
-    best = _rounds(calls, alive, warm, _ROUNDS, devices)
-    challenger = min(best, key=lambda n: best[n])
-    if best[challenger] == float("inf") or best[heuristic] == float("inf"):
-        return heuristic, "heuristic kept: candidates failed when timed"
-    if challenger == heuristic or best[heuristic] <= MARGIN * best[challenger]:
-        return heuristic, "heuristic kept: within the margin of the fastest"
-    try:
-        ratio = _paired_ratio(calls[heuristic], calls[challenger], warm[challenger], devices)
-    except Exception:
-        return heuristic, f"heuristic kept: {challenger!r} failed in the re-check"
-    if ratio > MARGIN:
-        return challenger, f"measured: {ratio:.2f}x faster than the heuristic {heuristic!r}"
-    return heuristic, f"heuristic kept: {challenger!r} did not win the re-check ({ratio:.2f}x)"
+        finally:
+            _registry.DEADLINE.reset(token)
+        if now + t > limit:  # abandoned, or returned past its deadline
+            if n != baseline:
+                continue
+            t = limit - now  # the heuristic's time is at least this
+        times[n] = t
+    if baseline not in times:
+        return heuristic, "heuristic kept: not timed within the budget", None
+    challenger = min(times, key=lambda n: times[n])
+    ratio = times[baseline] / max(times[challenger], 1e-9)
+    if challenger == baseline or ratio <= MARGIN:
+        return heuristic, "heuristic kept: within the margin of the fastest", None
+    note = f"trial: {challenger!r} {ratio:.2f}x faster than {baseline!r} in one call"
+    return None, note, _Trial(baseline, challenger)
 
 
-def _paired_ratio(
-    heuristic: Callable[[], Any],
-    challenger: Callable[[], Any],
-    warm: float,
-    devices: Sequence[torch.device],
-) -> float:
-    """Median over back-to-back pairs of time(heuristic) / time(challenger), order alternating.
+def _trial_call(op: Operation, problem: Problem, key: tuple, entry: _Entry, fkey: Any) -> Any:
+    """One call of a key under trial: runs one of the two strategies, timed (see _Trial)."""
+    trial = entry.trial
+    assert trial is not None
+    name = trial.next()
+    if op.auto_safe(name) != name:  # forward mode while other threads are alive: not timed
+        return op.run_with_fallback(op.auto_safe(name), problem, fkey)[1]
+    devices = problem.devices()
+    _sync(devices)
+    t0 = _registry.clock()
+    used, result = op.run_with_fallback(name, problem, fkey)
+    _sync(devices)
+    seconds = _registry.clock() - t0
+    if used != name:  # one of the two cannot run every input of this key: the heuristic stays
+        _finish(key, _Entry(entry.heuristic, entry.heuristic, f"trial: {name!r} fell back"))
+        return result
+    ratio = trial.record(name, seconds)
+    if ratio is not None:
+        won = ratio > MARGIN
+        verdict = "measured" if won else "heuristic kept"
+        note = f"{verdict}: {trial.challenger!r} {ratio:.2f}x faster than {trial.baseline!r}"
+        _finish(key, _Entry(entry.heuristic, trial.challenger if won else entry.heuristic, note))
+    return result
 
-    Each pair is measured milliseconds apart, so a slow drift of the machine's speed (other
-    processes) cancels out of the ratio, where it would not out of two separate minima.
-    """
-    pairs = max(_RECHECK_PAIRS, min(4 * _RECHECK_PAIRS, int(_RECHECK_S / max(warm, 1e-7))))
-    ratios = []
-    for i in range(pairs):
-        if i % 2:
-            c = _time_calls(challenger, 1, devices)
-            h = _time_calls(heuristic, 1, devices)
-        else:
-            h = _time_calls(heuristic, 1, devices)
-            c = _time_calls(challenger, 1, devices)
-        ratios.append(h / max(c, 1e-9))
-    return statistics.median(ratios)
+
+def _finish(key: tuple, entry: _Entry) -> None:
+    """Replace a trial's entry by its verdict (unless the cache was cleared meanwhile)."""
+    with _CACHE_LOCK:
+        old = _CACHE.get(key)
+        if old is not None and old.trial is not None:
+            _CACHE[key] = entry

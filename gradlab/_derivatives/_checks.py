@@ -1,4 +1,6 @@
-"""Argument checks shared by jacobian, hessian, hvp, vjp and jvp (one message format)."""
+"""Argument checks shared by jacobian, hessian, hvp, vjp and jvp: the derivatives' domain checks
+(argnums, differentiable leaves, structures like another's), built on :mod:`gradlab._validate`
+and worded with its one template ``"{fn}: {name} must be ..., got {value!r}. {fix}"``."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from gradlab._derivatives._keys import signature
+from gradlab._derivatives._tree import flatten
 from gradlab._typing import PyTree, TensorFn
+from gradlab._validate import check_callable, check_int, message
 
 __all__ = [
     "Argnums",
@@ -18,6 +22,7 @@ __all__ = [
     "check_like",
     "devices_of",
     "numel",
+    "outputs",
     "primals",
     "scalar",
 ]
@@ -27,20 +32,32 @@ Argnums = int | tuple[int, ...]
 
 def check_diff_leaves(fn: str, what: str, tree: PyTree) -> list[torch.Tensor]:
     # a bare tensor (the usual argument) is its own only leaf: no pytree walk on every call
-    leaves = [tree] if isinstance(tree, torch.Tensor) else pytree.tree_leaves(tree)
+    leaves = [tree] if isinstance(tree, torch.Tensor) else flatten(tree)[0]
     if not leaves:
-        raise ValueError(f"{fn}: {what} contains no tensors; pass tensors to differentiate by")
+        raise ValueError(
+            message(fn, what, "a tensor or a tuple/dict of tensors", tree, "Pass tensors")
+        )
     for i, t in enumerate(leaves):
+        name = what if isinstance(tree, torch.Tensor) else f"{what} (leaf {i})"
         if not isinstance(t, torch.Tensor):
             raise TypeError(
-                f"{fn}: {what} contains a {type(t).__name__} (leaf {i}); only tensors can be "
-                f"differentiated, close over other values in the function instead"
+                message(
+                    fn,
+                    name,
+                    "a tensor",
+                    t,
+                    "Only tensors can be differentiated; close over other values in f instead",
+                )
             )
         if not (t.is_floating_point() or t.is_complex()):
             raise TypeError(
-                f"{fn}: {what} has a tensor of dtype {t.dtype} (leaf {i}, shape "
-                f"{tuple(t.shape)}); integer tensors cannot be differentiated, convert with "
-                f".double() or .float()"
+                message(
+                    fn,
+                    name,
+                    "a floating-point tensor",
+                    t,
+                    "Integer tensors cannot be differentiated; convert with .double() or .float()",
+                )
             )
     return leaves
 
@@ -49,45 +66,114 @@ def check_call(
     fn: str, f: Callable[..., Any], args: tuple, argnums: Argnums, chunk_size: int | None
 ) -> tuple[int, ...]:
     """Validate f/args/argnums/chunk_size; return argnums as a tuple of non-negative ints."""
-    if not callable(f):
-        raise TypeError(f"{fn}: f is a {type(f).__name__}, expected a callable")
+    check_callable(fn, "f", f, what="a callable (the function to differentiate)")
     if not args:
-        raise ValueError(f"{fn}: no arguments given; call {fn}(f, x, ...) with f's arguments")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"{fn}: chunk_size={chunk_size!r}; pass None or a positive int")
+        raise ValueError(
+            message(fn, "args", "f's arguments (at least one)", args, f"Call {fn}(f, x, ...)")
+        )
+    if chunk_size is not None:
+        check_int(fn, "chunk_size", chunk_size, minimum=1, fix="Pass None or a positive int")
     many = isinstance(argnums, tuple)
     nums = argnums if isinstance(argnums, tuple) else (argnums,)
     if not nums:
-        raise ValueError(f"{fn}: argnums=() is empty; pass an int or a non-empty tuple of ints")
+        raise ValueError(
+            message(fn, "argnums", "an int or a non-empty tuple of ints", argnums, "Pass argnums=0")
+        )
     out = []
     for a in nums:
         if isinstance(a, bool) or not isinstance(a, int):
-            raise TypeError(f"{fn}: argnums={argnums!r}; pass an int or a tuple of ints")
+            raise TypeError(
+                message(fn, "argnums", "an int or a tuple of ints", argnums, "Pass argnums=0")
+            )
         if not -len(args) <= a < len(args):
             raise ValueError(
-                f"{fn}: argnums={argnums!r} is out of range for {len(args)} argument(s); use "
-                f"0..{len(args) - 1}"
+                message(
+                    fn,
+                    "argnums",
+                    f"in range for {len(args)} argument(s)",
+                    argnums,
+                    f"Use 0..{len(args) - 1}",
+                )
             )
         out.append(a % len(args))
     if len(set(out)) != len(out):
-        raise ValueError(f"{fn}: argnums={argnums!r} repeats an argument; list each once")
+        raise ValueError(
+            message(fn, "argnums", "distinct arguments", argnums, "List each argument once")
+        )
     for a in out:
         check_diff_leaves(fn, f"argument {a}" if many or a else "x", args[a])
     return tuple(out)
+
+
+def _reads_data(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is torch.func refusing a read of a transformed tensor's data (``.numpy()``,
+    ``.tolist()``, ``data_ptr``), i.e. ``f`` left torch."""
+    text = str(exc)
+    return "doesn't have storage" in text or "data pointer" in text
+
+
+def _left_torch(fn: str, exc: RuntimeError) -> ValueError:
+    return ValueError(
+        message(
+            fn,
+            "f",
+            "computed with torch operations on its tensor arguments",
+            "a function that reads their data (.numpy(), .tolist() or data_ptr)",
+            "Keep f in torch: derivatives cannot pass through numpy arrays or Python numbers",
+        )
+    )
+
+
+def outputs(fn: str, f: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap f so that an output that is not a tensor (or a pytree of tensors), or an f that
+    leaves torch (``.numpy()``), raises a clear error inside any transform."""
+
+    def g(*a: Any) -> Any:
+        try:
+            out = f(*a)
+        except RuntimeError as exc:
+            if _reads_data(exc):
+                raise _left_torch(fn, exc) from exc
+            raise
+        if isinstance(out, torch.Tensor):
+            return out
+        leaves = pytree.tree_leaves(out)
+        if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+            raise ValueError(
+                message(
+                    fn,
+                    "f",
+                    "a function returning a tensor or a tuple/list/dict of tensors",
+                    out,
+                    "Return torch tensors computed from the arguments (not numpy arrays, Python "
+                    "numbers or None)",
+                )
+            )
+        return out
+
+    return g
 
 
 def scalar(fn: str, f: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap f so that a non-scalar result raises a clear error inside any transform."""
 
     def g(*a: Any) -> torch.Tensor:
-        out = f(*a)
+        try:
+            out = f(*a)
+        except RuntimeError as exc:
+            if _reads_data(exc):
+                raise _left_torch(fn, exc) from exc
+            raise
         if not isinstance(out, torch.Tensor) or out.ndim != 0:
-            got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out)
             raise ValueError(
-                f"{fn}: f must return a scalar (0-dim) tensor, got {got}; reduce it (e.g. "
-                f".sum() or .mean()), or use jacobian for vector-valued functions"
+                message(
+                    fn,
+                    "f",
+                    "a function returning a scalar (0-dim) tensor",
+                    out,
+                    "Reduce its output (e.g. .sum() or .mean()), or use jacobian for "
+                    "vector-valued functions",
+                )
             )
         return out
 
@@ -96,7 +182,7 @@ def scalar(fn: str, f: Callable[..., Any]) -> Callable[..., Any]:
 
 def devices_of(tree: PyTree) -> list[torch.device]:
     seen: dict[str, torch.device] = {}
-    for t in pytree.tree_leaves(tree):
+    for t in flatten(tree)[0]:
         if isinstance(t, torch.Tensor):
             seen.setdefault(str(t.device), t.device)
     return list(seen.values())
@@ -110,37 +196,51 @@ def primals(fn: str, args: Any) -> tuple[tuple, bool]:
     """``args`` as the tuple of f's positional arguments, and whether it was a single one."""
     if isinstance(args, (tuple, list)):
         if not args:
-            raise ValueError(f"{fn}: args is empty; pass f's argument(s)")
+            raise ValueError(
+                message(fn, "args", "f's argument(s)", args, "Pass a tensor, tuple or dict")
+            )
         return tuple(args), False
     return (args,), True
 
 
 def check_like(fn: str, name: str, v: Any, ref: Any, ref_name: str) -> None:
     """``v`` must have ``ref``'s structure, shapes and dtypes."""
-    v_leaves, v_spec = pytree.tree_flatten(v)
-    r_leaves, r_spec = pytree.tree_flatten(ref)
+    v_leaves, v_spec = flatten(v)
+    r_leaves, r_spec = flatten(ref)
     if v_spec != r_spec:
+        v_spec, r_spec = pytree.tree_flatten(v)[1], pytree.tree_flatten(ref)[1]  # for the text
         raise ValueError(
-            f"{fn}: {name} has structure {v_spec} but {ref_name} has {r_spec}; pass {name} "
-            f"structured exactly like {ref_name}"
+            message(
+                fn,
+                name,
+                f"structured like {ref_name} ({r_spec})",
+                v_spec,
+                f"Pass {name} with exactly the structure of {ref_name}",
+            )
         )
     for i, (a, b) in enumerate(zip(v_leaves, r_leaves)):
+        leaf = f"{name} (leaf {i})"
         if not isinstance(a, torch.Tensor):
-            raise TypeError(f"{fn}: {name} leaf {i} is a {type(a).__name__}, expected a tensor")
+            raise TypeError(message(fn, leaf, "a tensor", a, f"Pass tensors like {ref_name}"))
         if a.shape != b.shape:
             raise ValueError(
-                f"{fn}: {name} leaf {i} has shape {tuple(a.shape)} but {ref_name} has "
-                f"{tuple(b.shape)}; they must match"
+                message(
+                    fn, leaf, f"of shape {tuple(b.shape)} like {ref_name}", a, "They must match"
+                )
             )
         if a.dtype != b.dtype:
             raise TypeError(
-                f"{fn}: {name} leaf {i} has dtype {a.dtype} but {ref_name} has {b.dtype}; "
-                f"convert it with .to({b.dtype})"
+                message(fn, leaf, f"of dtype {b.dtype} like {ref_name}", a, f"Use .to({b.dtype})")
             )
         if a.device != b.device:
             raise ValueError(
-                f"{fn}: {name} leaf {i} is on {a.device} but {ref_name} is on {b.device}; "
-                f"move it with .to({str(b.device)!r})"
+                message(
+                    fn,
+                    leaf,
+                    f"on {b.device} like {ref_name}",
+                    a,
+                    f"Move it with .to({str(b.device)!r})",
+                )
             )
 
 
@@ -151,7 +251,7 @@ class ArgnumsProblem:
     dataclass's ``__init__`` costs several microseconds of the cheapest calls' overhead.
     """
 
-    __slots__ = ("argnums", "args", "chunk_size", "f", "nums")
+    __slots__ = ("argnums", "args", "chunk_size", "f", "n_out", "nums")
     keep = None  # results keep a graph when grad mode is on (see Operation.run)
 
     def __init__(
@@ -167,6 +267,7 @@ class ArgnumsProblem:
         self.argnums = argnums
         self.nums = nums
         self.chunk_size = chunk_size
+        self.n_out: int | None = None  # the output's size, once a call has seen it
 
     @classmethod
     def validated(

@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
+from gradlab._derivatives._dispatch import dispatch
 from gradlab._derivatives._graph import stand_ins, wants_graph
 from gradlab._derivatives._keys import signature
-from gradlab._derivatives._registry import Operation, dispatch
+from gradlab._derivatives._registry import Operation, check_deadline
 from gradlab._derivatives._taylor import check_shape, taylor
+from gradlab._validate import check_bool, check_callable, check_int, check_tensor
 
 __all__ = ["DERIVATIVE", "DerivativeProblem", "derivative"]
 
@@ -64,6 +66,7 @@ def _reverse(p: DerivativeProblem) -> torch.Tensor:
         y = check_shape(p.f(z), p.x)
         keep = wants_graph(p.keep, [y], [z], linked)
         for k in range(p.order):
+            check_deadline()  # a timed candidate stops as soon as it cannot win
             if not y.requires_grad:
                 return torch.zeros_like(p.x)
             (y,) = torch.autograd.grad(
@@ -160,18 +163,10 @@ def derivative(
         tensor([2., 6.])
     """
     DERIVATIVE.check(strategy)
-    if not callable(f):
-        raise TypeError(f"derivative: f is a {type(f).__name__}, expected a callable")
-    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-        raise ValueError(f"derivative: order={order!r}; pass an int >= 1")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        got = f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(
-            f"derivative: x must be a floating-point tensor, got {got}; convert with .double()"
-        )
-    if create_graph is not None and not isinstance(create_graph, bool):
-        raise TypeError(
-            f"derivative: create_graph is a {type(create_graph).__name__}; pass None, True or False"
-        )
+    check_callable("derivative", "f", f, what="an elementwise function of one tensor")
+    check_int("derivative", "order", order, minimum=1)
+    check_tensor("derivative", "x", x, floating=True)
+    if create_graph is not None:
+        check_bool("derivative", "create_graph", create_graph, fix="Pass None, True or False")
     keep = torch.is_grad_enabled() if create_graph is None else create_graph
     return dispatch(DERIVATIVE, strategy, DerivativeProblem(f, x, order, keep))

@@ -17,6 +17,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from gradlab._errors import GraphError
 from gradlab._typing import TensorOrTensors
+from gradlab._validate import check_choice, message
 
 __all__ = ["backward", "grad"]
 
@@ -33,15 +34,12 @@ def _as_tuple(
         items = tuple(value)
         for i, t in enumerate(items):
             if not isinstance(t, torch.Tensor) and not (allow_none and t is None):
-                raise TypeError(
-                    f"{fn}: {name}[{i}] is a {type(t).__name__}, expected a torch.Tensor; "
-                    f"pass a tensor or a sequence of tensors"
-                )
+                raise TypeError(message(fn, f"{name}[{i}]", "a torch.Tensor", t, _TENSORS))
         return items
-    raise TypeError(
-        f"{fn}: {name} is a {type(value).__name__}, expected a torch.Tensor or a sequence of "
-        f"tensors"
-    )
+    raise TypeError(message(fn, name, "a torch.Tensor or a sequence of tensors", value, _TENSORS))
+
+
+_TENSORS = "Pass a tensor or a sequence (list, tuple) of tensors"
 
 
 def _prepare(
@@ -53,16 +51,25 @@ def _prepare(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[torch.Tensor, ...]]:
     """Validate the arguments; return (outputs, grad_outputs) that require grad, and inputs."""
     if unused not in _UNUSED:
-        raise ValueError(f"{fn}: unused={unused!r} is not one of {list(_UNUSED)}")
+        check_choice(fn, "unused", unused, _UNUSED)
     outs = _as_tuple("outputs", fn, outputs)
     ins = _as_tuple("inputs", fn, inputs)
     if not ins:
-        raise ValueError(f"{fn}: inputs is empty; pass at least one tensor to differentiate by")
+        raise ValueError(
+            message(
+                fn, "inputs", "at least one tensor", inputs, "Pass the tensors to differentiate by"
+            )
+        )
     for i, t in enumerate(ins):
         if not t.requires_grad:
             raise ValueError(
-                f"{fn}: inputs[{i}] (shape {tuple(t.shape)}) does not require grad; call "
-                f".requires_grad_() on it before computing outputs"
+                message(
+                    fn,
+                    f"inputs[{i}]",
+                    "a tensor that requires grad",
+                    t,
+                    "Call .requires_grad_() on it before computing outputs",
+                )
             )
     if grad_outputs is None:
         gos: tuple[torch.Tensor | None, ...] = (None,) * len(outs)
@@ -70,8 +77,13 @@ def _prepare(
         gos = _as_tuple("grad_outputs", fn, grad_outputs, allow_none=True)
         if len(gos) != len(outs):
             raise ValueError(
-                f"{fn}: grad_outputs has {len(gos)} entries but outputs has {len(outs)}; pass one "
-                f"weight tensor per output"
+                message(
+                    fn,
+                    "grad_outputs",
+                    f"{len(outs)} entries, one per output",
+                    f"{len(gos)} entries",
+                    "Pass one weight tensor per output",
+                )
             )
     used_outs: list[torch.Tensor] = []
     used_gos: list[torch.Tensor] = []
@@ -79,19 +91,34 @@ def _prepare(
         if g is None:
             if o.numel() != 1:
                 raise ValueError(
-                    f"{fn}: outputs[{j}] has shape {tuple(o.shape)} and no grad_outputs; pass "
-                    f"grad_outputs (e.g. torch.ones_like(output)) for non-scalar outputs"
+                    message(
+                        fn,
+                        f"outputs[{j}]",
+                        "a scalar when grad_outputs is not given",
+                        o,
+                        "Pass grad_outputs (e.g. torch.ones_like(output)) for non-scalar outputs",
+                    )
                 )
             g = torch.ones_like(o)
         elif g.shape != o.shape:
             raise ValueError(
-                f"{fn}: grad_outputs[{j}] has shape {tuple(g.shape)} but outputs[{j}] has "
-                f"{tuple(o.shape)}; they must match"
+                message(
+                    fn,
+                    f"grad_outputs[{j}]",
+                    f"of shape {tuple(o.shape)} like outputs[{j}]",
+                    g,
+                    "They must match",
+                )
             )
         elif g.dtype != o.dtype and not (g.is_floating_point() and o.is_floating_point()):
             raise TypeError(
-                f"{fn}: grad_outputs[{j}] has dtype {g.dtype} but outputs[{j}] has {o.dtype}; "
-                f"pass a floating-point weight of the output's dtype"
+                message(
+                    fn,
+                    f"grad_outputs[{j}]",
+                    f"of dtype {o.dtype} like outputs[{j}]",
+                    g,
+                    "Pass a floating-point weight of the output's dtype",
+                )
             )
         if o.requires_grad:
             used_outs.append(o)
@@ -185,6 +212,29 @@ def grad(
         >>> gz
         tensor([0., 0.])
     """
+    if (
+        isinstance(outputs, torch.Tensor)
+        and isinstance(inputs, torch.Tensor)
+        and grad_outputs is None
+        and unused == "zeros"
+        and outputs.requires_grad
+        and inputs.requires_grad
+        and outputs.numel() == 1
+        and outputs.is_floating_point()
+    ):
+        # The common call, checked in a few attribute reads: one scalar output, one input.
+        # torch.autograd.grad creates the implicit weight 1 itself; grad mode is switched on only
+        # when it is off (the context manager costs a few microseconds a call).
+        if torch.is_grad_enabled():
+            (g,) = torch.autograd.grad(
+                outputs, inputs, None, retain_graph, create_graph, allow_unused=True
+            )
+        else:
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(
+                    outputs, inputs, None, retain_graph, create_graph, allow_unused=True
+                )
+        return torch.zeros_like(inputs) if g is None else g
     outs, gos, ins = _prepare("grad", outputs, inputs, grad_outputs, unused)
     with torch.enable_grad():
         grads = torch.autograd.grad(

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from gradlab._derivatives._registry import check_deadline
+from gradlab._derivatives._tree import flatten, unflatten
 from gradlab._typing import PyTree
 
 __all__ = ["assemble", "jac_forward_chunked", "rows", "stand_ins", "wants_graph", "with_diff"]
@@ -36,13 +38,13 @@ def stand_ins(
         when grad mode is on and the input requires grad (the result's graph then reaches it),
         else a detached leaf that requires grad.
     """
-    flat, spec = pytree.tree_flatten(tuple(args[i] for i in nums))
+    flat, spec = flatten(tuple(args[i] for i in nums))
     linked = grad_on and any(t.requires_grad for t in flat)
     zs = [
         t.view_as(t) if linked and t.requires_grad else t.detach().requires_grad_(True)
         for t in flat
     ]
-    return with_diff(args, nums, pytree.tree_unflatten(zs, spec)), zs, linked
+    return with_diff(args, nums, unflatten(zs, spec)), zs, linked
 
 
 def wants_graph(
@@ -155,6 +157,7 @@ def rows(
     flat_out = out.reshape(-1)
     acc: list[list[torch.Tensor]] = [[] for _ in inputs]
     for k in range(flat_out.numel()):
+        check_deadline()  # a timed candidate stops as soon as it cannot win
         gs = torch.autograd.grad(
             flat_out[k], inputs, retain_graph=True, allow_unused=True, create_graph=create_graph
         )

@@ -9,8 +9,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from gradlab._derivatives._checks import Argnums, ArgnumsProblem, scalar
+from gradlab._derivatives._dispatch import dispatch
 from gradlab._derivatives._graph import assemble, jac_forward_chunked, rows, stand_ins, wants_graph
-from gradlab._derivatives._registry import Operation, dispatch
+from gradlab._derivatives._registry import Operation
 from gradlab._typing import PyTree, TensorFn
 
 __all__ = ["HESSIAN", "hessian"]

@@ -7,29 +7,31 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from gradlab._derivatives._checks import Argnums, ArgnumsProblem, numel
+from gradlab._derivatives._checks import Argnums, ArgnumsProblem, numel, outputs
+from gradlab._derivatives._dispatch import dispatch
 from gradlab._derivatives._graph import assemble, jac_forward_chunked, rows, stand_ins, wants_graph
-from gradlab._derivatives._registry import Operation, dispatch
+from gradlab._derivatives._registry import Operation
 from gradlab._typing import PyTree, TensorFn
 
 __all__ = ["JACOBIAN", "jacobian"]
 
 
 def _reverse(p: ArgnumsProblem) -> PyTree:
-    return torch.func.jacrev(p.f, p.argnums, chunk_size=p.chunk_size)(*p.args)
+    return torch.func.jacrev(outputs("jacobian", p.f), p.argnums, chunk_size=p.chunk_size)(*p.args)
 
 
 def _forward(p: ArgnumsProblem) -> PyTree:
+    f = outputs("jacobian", p.f)
     if p.chunk_size is None:
-        return torch.func.jacfwd(p.f, p.argnums)(*p.args)
-    return jac_forward_chunked(p.f, p.args, p.nums, p.many, p.chunk_size)
+        return torch.func.jacfwd(f, p.argnums)(*p.args)
+    return jac_forward_chunked(f, p.args, p.nums, p.many, p.chunk_size)
 
 
 def _loop(p: ArgnumsProblem) -> PyTree:
     grad_on = torch.is_grad_enabled()
     with torch.enable_grad():
         full, zs, linked = stand_ins(p.args, p.nums, grad_on)
-        out = p.f(*full)
+        out = outputs("jacobian", p.f)(*full)
         leaves = pytree.tree_leaves(out)
         keep = wants_graph(grad_on, leaves, zs, linked)
         blocks = [rows(o, zs, create_graph=keep) for o in leaves]
@@ -39,8 +41,27 @@ def _loop(p: ArgnumsProblem) -> PyTree:
 def _heuristic(p: ArgnumsProblem, J: PyTree) -> str:
     """``"reverse"`` if the output has at most as many elements as the inputs, else forward."""
     n_in = numel(tuple(p.args[i] for i in p.nums))
-    n_out = numel(J) // max(n_in, 1)
+    n_out = p.n_out = numel(J) // max(n_in, 1)
     return "reverse" if n_out <= n_in else "forward"
+
+
+# Beyond this size ratio the heuristic's direction wins (the other runs one vectorised product
+# per element of the larger side), so "auto" does not time the other direction: a vectorised
+# candidate cannot be abandoned midway, and timing it would cost that ratio.
+_TIMED_RATIO = 2.0
+
+
+def _candidates(p: ArgnumsProblem) -> list[str]:
+    names = list(JACOBIAN.names)
+    if p.n_out is None:
+        return names
+    n_in = max(numel(tuple(p.args[i] for i in p.nums)), 1)
+    n_out = max(p.n_out, 1)
+    if n_in > _TIMED_RATIO * n_out:
+        names.remove("forward")
+    elif n_out > _TIMED_RATIO * n_in:
+        names.remove("reverse")
+    return names
 
 
 JACOBIAN: Operation[ArgnumsProblem] = Operation(
@@ -50,6 +71,7 @@ JACOBIAN: Operation[ArgnumsProblem] = Operation(
     heuristic=_heuristic,
     fallback={"forward": "reverse"},
     forward_ad=frozenset({"forward"}),
+    candidates=_candidates,
 )
 
 

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradlab._validate import check_choice, check_type, message
+
 __all__ = ["FunctionalModule", "functional"]
 
 _BATCHNORM_MODES = ("error", "batch-stats")
@@ -39,15 +41,38 @@ class FunctionalModule:
     def __call__(self, params: Mapping[str, torch.Tensor], *inputs: Any, **kwargs: Any) -> Any:
         if not isinstance(params, Mapping):
             raise TypeError(
-                f"functional: params is a {type(params).__name__}, expected a dict of tensors "
-                f"keyed by parameter name (see .params)"
+                message(
+                    "functional",
+                    "params",
+                    "a dict of tensors keyed by parameter name",
+                    params,
+                    "Pass fm.params or a dict with some of its keys",
+                )
             )
-        unknown = set(params) - {n for n, _ in self.module.named_parameters()}
-        if unknown:
-            raise ValueError(
-                f"functional: params has names the module does not have: {sorted(unknown)[:5]}; "
-                f"use the keys of .params"
-            )
+        own = dict(self.module.named_parameters())
+        for name, value in params.items():
+            ref = own.get(name)
+            if ref is None:
+                unknown = sorted(n for n in params if n not in own)
+                raise ValueError(
+                    message(
+                        "functional",
+                        "params",
+                        "keyed by the module's parameter names",
+                        f"names the module does not have: {unknown[:5]}",
+                        f"Use the keys of .params (e.g. {list(own)[:3]})",
+                    )
+                )
+            if not isinstance(value, torch.Tensor) or value.shape != ref.shape:
+                raise (TypeError if not isinstance(value, torch.Tensor) else ValueError)(
+                    message(
+                        "functional",
+                        f"params[{name!r}]",
+                        f"a tensor of shape {tuple(ref.shape)} (the module's parameter)",
+                        value,
+                        "Pass a tensor of the parameter's shape, e.g. from .params",
+                    )
+                )
         training_bn = [
             (name, m)
             for name, m in self.module.named_modules()
@@ -110,10 +135,6 @@ def functional(module: nn.Module, *, batchnorm: str = "error") -> FunctionalModu
         >>> {name: tuple(block.shape) for name, block in J.items()}
         {'weight': (4, 2, 2, 3), 'bias': (4, 2, 2)}
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"functional: module is a {type(module).__name__}, expected nn.Module")
-    if batchnorm not in _BATCHNORM_MODES:
-        raise ValueError(
-            f"functional: batchnorm={batchnorm!r} is not one of {list(_BATCHNORM_MODES)}"
-        )
+    check_type("functional", "module", module, nn.Module, what="a torch.nn.Module")
+    check_choice("functional", "batchnorm", batchnorm, _BATCHNORM_MODES)
     return FunctionalModule(module, batchnorm)

@@ -7,14 +7,16 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-import torch.utils._pytree as pytree
 
 from gradlab._derivatives._checks import check_call, check_like, devices_of, primals, scalar
+from gradlab._derivatives._dispatch import dispatch
 from gradlab._derivatives._graph import stand_ins, wants_graph
 from gradlab._derivatives._hvp_engine import GradGraph
 from gradlab._derivatives._keys import signature
-from gradlab._derivatives._registry import FORWARD_AD_LOCK, Operation, dispatch
+from gradlab._derivatives._registry import FORWARD_AD_LOCK, Operation
+from gradlab._derivatives._tree import flatten, unflatten
 from gradlab._typing import PyTree, TensorFn
+from gradlab._validate import check_callable
 
 __all__ = ["HVP", "HVP_OP", "JVP", "VJP", "HvpProblem", "hvp", "jvp", "vjp"]
 
@@ -77,7 +79,7 @@ def _rev_rev(p: HvpProblem) -> tuple[Any, Any]:
 def _double_backward(p: HvpProblem) -> tuple[Any, Any]:
     """The shared engine (:class:`GradGraph`, ``_hvp_engine.py``) behind a graph-rule wrapper."""
     nums = tuple(range(len(p.primals)))
-    flat_t = pytree.tree_leaves(p.tangents)
+    flat_t = flatten(p.tangents)[0]
     grad_on = torch.is_grad_enabled()
     with torch.enable_grad():
         full, zs, linked = stand_ins(p.primals, nums, grad_on)
@@ -88,8 +90,8 @@ def _double_backward(p: HvpProblem) -> tuple[Any, Any]:
             res = GradGraph(value, zs).hvp(flat_t, retain_graph=False, create_graph=keep)
         else:
             res = [torch.zeros_like(z) for z in zs]
-    spec = pytree.tree_flatten(p.primals)[1]
-    return (value if keep_value else value.detach()), pytree.tree_unflatten(list(res), spec)
+    spec = flatten(p.primals)[1]
+    return (value if keep_value else value.detach()), unflatten(list(res), spec)
 
 
 def _heuristic(p: HvpProblem, result: Any) -> str:
@@ -155,11 +157,15 @@ def hvp(f: TensorFn, args: Any, v: Any, *, strategy: str = "auto") -> HVP:
         (9.0, tensor([6., 0.]))
     """
     HVP_OP.check(strategy)
+    check_callable("hvp", "f", f, what="a callable (the function to differentiate)")
     prim, single = primals("hvp", args)
     tangents = (v,) if single else primals("hvp", v)[0]
-    check_call("hvp", f, prim, tuple(range(len(prim))), None)
-    check_like("hvp", "v", tangents, prim, "args")
-    value, hv = dispatch(HVP_OP, strategy, HvpProblem(f, prim, tangents))
+
+    def validate() -> None:  # skipped by "auto" on a cache hit: its key implies these checks
+        check_call("hvp", f, prim, tuple(range(len(prim))), None)
+        check_like("hvp", "v", tangents, prim, "args")
+
+    value, hv = dispatch(HVP_OP, strategy, HvpProblem(f, prim, tangents), validate)
     return HVP(value, hv[0] if single else tuple(hv))
 
 

@@ -2,8 +2,9 @@
 
 An :class:`Operation` maps strategy names to implementations (``{name: impl(problem)}``); the
 problem is a small dataclass holding the validated call (function, arguments, options).
-:func:`dispatch` checks the name against the registry, resolves ``"auto"`` through
-:mod:`gradlab._derivatives._autotune` and runs the implementation. ``jacobian``, ``hessian``,
+:func:`gradlab._derivatives._dispatch.dispatch` (a module above this one and
+:mod:`gradlab._derivatives._autotune`, so neither imports the other's user) checks the name
+against the registry, resolves ``"auto"`` and runs the implementation. ``jacobian``, ``hessian``,
 ``hvp`` and ``derivative`` each define one :class:`Operation`; autotune, the tests and the
 ``derivatives`` benchmark suite iterate over the same registries
 (:data:`gradlab._derivatives.OPERATIONS`), so adding a strategy touches one place.
@@ -16,16 +17,28 @@ own backward, so the results would depend on the strategy.
 
 Forward-mode AD in PyTorch keeps its dual levels in process-global state: two threads running
 ``torch.func.jvp``/``jacfwd`` at once make each other fail ("Trying to create a dual Tensor for
-forward AD but no level exists", torch 2.13). Strategies that use forward mode are therefore run
-under one process-wide re-entrant lock (:data:`FORWARD_AD_LOCK`), which makes gradlab's own
-calls safe from any number of threads; forward-mode code outside gradlab running in another
-thread at the same time is not covered.
+forward AD but no level exists", torch 2.13). Two rules follow:
+
+* Strategies that use forward mode run under one process-wide re-entrant lock
+  (:data:`FORWARD_AD_LOCK`), which makes gradlab's own calls safe from any number of threads.
+* A lock cannot cover forward-mode code *outside* gradlab (a user thread calling
+  ``torch.func.jvp`` does not take it), so ``"auto"`` never chooses a forward-mode strategy, to
+  run or to time, while another Python thread is alive (:func:`only_thread`): it runs the
+  strategy's reverse-mode fallback instead (:meth:`Operation.auto_safe`; same values, only the
+  speed differs). This is safe, not just unlikely to fail: when the calling thread is the only
+  Python thread, no other thread can start one during the call except code the call itself runs
+  (``f``). Naming a forward-mode strategy explicitly (or calling :func:`gradlab.jvp`) is the
+  caller's decision to use forward mode and is not redirected.
 """
 
 from __future__ import annotations
 
+import contextvars
+import math
 import re
+import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -35,14 +48,59 @@ import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
 from gradlab._derivatives._keys import function_key
+from gradlab._validate import check_choice
 
-__all__ = ["FORWARD_AD_LOCK", "Operation", "Problem", "StrategyUnsupported", "dispatch"]
+__all__ = [
+    "DEADLINE",
+    "FORWARD_AD_LOCK",
+    "Abandoned",
+    "Operation",
+    "Problem",
+    "StrategyUnsupported",
+    "check_deadline",
+    "clock",
+    "only_thread",
+]
 
 FORWARD_AD_LOCK = threading.RLock()
 
 # Messages of errors raised by forward-mode AD on an op (or a custom autograd.Function) that has
 # no forward-mode formula.
 _FORWARD_AD_ERROR = re.compile(r"forward[- ]?(mode|AD)|jvp", re.IGNORECASE)
+
+
+# The clock of every timing ``"auto"`` makes (a module attribute, so that tests can fake it).
+clock = time.perf_counter
+# When the candidate strategy being timed must be given up (``clock()`` units; inf: never).
+DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "gradlab_deadline", default=math.inf
+)
+
+
+class Abandoned(Exception):
+    """A timed candidate ran past its deadline: it is slower than the best so far, or over the
+    measurement's budget (raised by :func:`check_deadline`)."""
+
+
+def check_deadline() -> None:
+    """Abandon the candidate being timed once its deadline has passed.
+
+    Called between the rows of the strategies that loop in Python (``"loop"``, nested
+    ``"reverse"``), so a slow candidate stops as soon as it cannot win; outside a measurement the
+    deadline is infinite and this costs a context-variable read.
+    """
+    deadline = DEADLINE.get()
+    if deadline != math.inf and clock() > deadline:
+        raise Abandoned
+
+
+def only_thread() -> bool:
+    """Whether the calling thread is the only Python thread of the process.
+
+    Counts the threads of :mod:`threading` and every thread state running Python code
+    (``sys._current_frames``, which also sees threads started with ``_thread`` or from C).
+    """
+    return threading.active_count() == 1 and len(sys._current_frames()) == 1
 
 
 class StrategyUnsupported(Exception):
@@ -117,7 +175,9 @@ class Operation(Generic[P]):
             ``"auto"`` makes without measuring, kept unless a measured strategy wins clearly.
         fallback: under ``"auto"``, ``{strategy: other}`` to run when ``strategy`` raises
             :class:`StrategyUnsupported` (an op without a Taylor rule or a forward-mode formula).
-        forward_ad: strategies that use forward-mode AD (run under :data:`FORWARD_AD_LOCK`).
+        forward_ad: strategies that use forward-mode AD (run under :data:`FORWARD_AD_LOCK`);
+            each must have a ``fallback`` that does not, which ``"auto"`` runs instead while other
+            Python threads are alive (:meth:`auto_safe`).
         candidates: ``problem -> names`` worth timing (default: every strategy).
     """
 
@@ -129,6 +189,21 @@ class Operation(Generic[P]):
     forward_ad: frozenset[str] = frozenset()
     candidates: Callable[[P], Sequence[str]] | None = None
 
+    def __post_init__(self) -> None:
+        for name in self.forward_ad:
+            if self.fallback.get(name, name) in self.forward_ad:
+                raise ValueError(
+                    f"Operation {self.name!r}: forward-mode strategy {name!r} needs a fallback "
+                    f"that does not use forward mode"
+                )
+
+    def auto_safe(self, strategy: str) -> str:
+        """``strategy``, or its reverse-mode fallback if it uses forward mode and another Python
+        thread is alive (forward-AD levels are process-global; see the module docstring)."""
+        if strategy in self.forward_ad and not only_thread():
+            return self.fallback[strategy]
+        return strategy
+
     @property
     def names(self) -> tuple[str, ...]:
         """Strategy names in registry order (without ``"auto"``)."""
@@ -137,10 +212,7 @@ class Operation(Generic[P]):
     def check(self, strategy: object) -> None:
         """Raise a ``ValueError`` listing the registry's names for an unknown ``strategy``."""
         if strategy != "auto" and strategy not in self.strategies:
-            raise ValueError(
-                f"{self.name}: unknown strategy {strategy!r}; valid strategies are "
-                f"{', '.join(repr(s) for s in ('auto', *self.strategies))}"
-            )
+            check_choice(self.name, "strategy", strategy, ("auto", *self.strategies))
 
     def candidate_names(self, problem: P) -> Sequence[str]:
         return self.names if self.candidates is None else self.candidates(problem)
@@ -196,18 +268,3 @@ class Operation(Generic[P]):
             if other is None:
                 raise
             return other, self.run(other, problem, fkey)
-
-
-def dispatch(op: Operation[P], strategy: str, problem: P) -> Any:
-    """Run ``op`` with ``strategy`` (a registry name or ``"auto"``) on ``problem``."""
-    op.check(strategy)
-    if strategy == "auto":
-        from gradlab._derivatives import _autotune  # deferred: _autotune runs operations
-
-        return _autotune.run_auto(op, problem)
-    try:
-        return op.run(strategy, problem)
-    except StrategyUnsupported as exc:
-        fix = op.fallback.get(strategy)
-        advice = f"use strategy={fix!r} (or 'auto', which falls back per call)" if fix else ""
-        raise ValueError(f"{op.name}: strategy {strategy!r} cannot run f: {exc}; {advice}") from exc

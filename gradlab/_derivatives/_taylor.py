@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from gradlab._derivatives._registry import StrategyUnsupported
+from gradlab._validate import message
 
 __all__ = ["Jet", "UnsupportedOp", "check_shape", "taylor"]
 
@@ -408,8 +409,13 @@ def _j_rsub(a: Any, b: Any, alpha: float = 1.0) -> Jet:
 
 def _reduction(a: Jet, *args: Any, **kwargs: Any) -> Jet:
     raise ValueError(
-        "derivative: f must be elementwise (output shape == input shape), but it reduces its "
-        "input; return the elementwise values, not their sum"
+        message(
+            "derivative",
+            "f",
+            "elementwise (an output of the input's shape)",
+            "a function that reduces its input",
+            "Return the elementwise values, not their sum",
+        )
     )
 
 
@@ -458,10 +464,14 @@ _RULES: dict[str, Callable[..., Jet]] = {
 
 def check_shape(out: Any, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(
-            f"derivative: f must be elementwise (output shape == input shape {tuple(x.shape)}), "
-            f"got {got}; return the elementwise values, not their sum"
+            message(
+                "derivative",
+                "f",
+                f"elementwise (an output of the input's shape {tuple(x.shape)})",
+                out if isinstance(out, torch.Tensor) else type(out).__name__,
+                "Return the elementwise values, not their sum",
+            )
         )
     return out
 

@@ -28,15 +28,18 @@ def test_auto_measures_once_and_caches():
     def f(z):
         return torch.tanh(W @ z)
 
+    def settle(g):  # the first call, then the calls of a trial if one started
+        for _ in range(1 + 2 * _autotune._TRIAL_PAIRS):
+            torch.testing.assert_close(gl.jacobian(g, x), torch.func.jacrev(g)(x))
+
     with gl.autotune(True):
-        J = gl.jacobian(f, x)
+        settle(f)
         choices = gl.autotune_choices()
         assert len(choices) == 1
         (chosen,) = choices.values()
         assert chosen in JACOBIAN.names
-        torch.testing.assert_close(J, torch.func.jacrev(f)(x))
         gl.jacobian(f, torch.randn(6))  # same signature: no new measurement
-        gl.jacobian(lambda z: torch.tanh(W @ z), torch.randn(6))  # other code: a new key
+        settle(lambda z: torch.tanh(W @ z))  # other code: a new key
         assert len(gl.autotune_choices()) == 2
     with gl.autotune(False):
         assert not gl.is_autotune_enabled()
@@ -63,6 +66,8 @@ def test_cache_hit_runs_only_the_chosen_strategy():
     with gl.autotune(True):
         gl.jacobian(f, torch.randn(6))  # cache miss: one call, then the measurement
         measured = calls.n
+        for _ in range(2 * _autotune._TRIAL_PAIRS):  # a trial, if one started
+            gl.jacobian(f, torch.randn(6))
         (chosen,) = gl.autotune_choices().values()
         calls.n = 0
         gl.jacobian(f, torch.randn(6), strategy=chosen)
@@ -329,40 +334,188 @@ def test_mutated_closure_stops_being_measured():
         assert calls - before == 1  # past the limit: one call, no measurement
 
 
-@pytest.mark.parametrize(
-    ("first", "recheck", "expected"),
-    [
-        ({"h": 1.05, "c": 1.0}, None, "h"),  # within the margin: the heuristic stands
-        ({"h": 2.0, "c": 1.0}, 2.0, "c"),  # clearly faster, and in the paired re-check
-        ({"h": 2.0, "c": 1.0}, 1.02, "h"),  # a fluke: the re-check rejects it
-        ({"h": 1.0, "c": 5.0}, None, "h"),
-    ],
-)
-def test_margin_rule(monkeypatch, first, recheck, expected):
-    from gradlab._derivatives._registry import Operation
+class _FakeClock:
+    """A clock that moves only when a fake strategy "runs" (deterministic timings)."""
 
-    op = Operation(
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class _FakeProblem:
+    keep = None
+
+    def __init__(self, f):
+        self.f = f
+
+    def key(self):
+        return ()
+
+    def devices(self):
+        return []
+
+
+_ROW = 0.125  # fake times are multiples of 1/8: exact in floating point
+
+
+def _fake_op(costs, ran, loops=()):
+    """An operation whose strategies cost ``costs[name]`` fake seconds; those in ``loops`` run
+    in rows of ``_ROW`` seconds, checking the deadline before each (as "loop" strategies do)."""
+    from gradlab._derivatives import _registry
+
+    clock = _FakeClock()
+
+    def strategy(name):
+        def run(p):
+            ran.append(name)
+            if name in loops:
+                for _ in range(int(costs[name] / _ROW)):
+                    _registry.check_deadline()
+                    clock.now += _ROW
+            else:
+                clock.now += costs[name]
+            return name
+
+        return run
+
+    op = _registry.Operation(
         name="fake",
-        strategies={"h": lambda p: "h", "c": lambda p: "c"},
+        strategies={n: strategy(n) for n in costs},
         first="h",
         heuristic=lambda p, r: "h",
     )
+    return op, clock
 
-    def fake_paired(heuristic, challenger, warm, devices):
-        assert recheck is not None, "unexpected re-check"
-        assert (heuristic(), challenger()) == ("h", "c")
-        return recheck
 
-    monkeypatch.setattr(_autotune, "_rounds", lambda calls, names, *a: {n: first[n] for n in names})
-    monkeypatch.setattr(_autotune, "_paired_ratio", fake_paired)
-    choice, note = _autotune._measure(op, None, "h", [], {"h": 1e-3, "c": 1e-3})
-    assert choice == expected, note
+@pytest.mark.parametrize(
+    ("costs", "loops", "timed", "spent", "trial"),
+    [
+        # "c" returns past its deadline (the heuristic's 1.0) and is dropped; "slow" is a loop,
+        # abandoned at the first row past the budget's end (2.5)
+        ({"h": 1.0, "c": 1.25, "slow": 50.0}, ("slow",), ["c", "slow"], 1.625, None),
+        # within the margin (1.0 / 0.9375 = 1.07x): no trial
+        ({"h": 1.0, "c": 0.9375, "d": 1.125}, (), ["c", "d"], 2.0625, None),
+        # a tie: "d" would be allowed 1.0 but the budget ends sooner (2.5)
+        ({"h": 1.0, "c": 1.0, "d": 8.0}, ("d",), ["c", "d"], 1.625, None),
+        # a clearly faster challenger goes to a trial; "slow" is abandoned past the best (1.0)
+        ({"h": 2.0, "c": 1.0, "slow": 40.0}, ("slow",), ["c", "slow"], 2.125, "c"),
+    ],
+)
+def test_first_call_measurement_is_bounded(monkeypatch, costs, loops, timed, spent, trial):
+    """Each candidate runs once; the measurement spends at most 1.5x the first run (plus a
+    vectorised candidate's overrun) and abandons a loop as soon as it is slower than the best."""
+    from gradlab._derivatives import _registry
+
+    ran = []
+    op, clock = _fake_op(costs, ran, loops)
+    monkeypatch.setattr(_registry, "clock", clock)
+    with gl.autotune(True):
+        assert _autotune.run_auto(op, _FakeProblem(lambda: None)) == "h"
+    assert ran == ["h", *timed]  # one run each: nothing is timed twice
+    assert clock.now - costs["h"] == pytest.approx(spent)
+    overrun = max((c for n, c in costs.items() if n not in loops and n != "h"), default=0.0)
+    assert clock.now - costs["h"] <= _autotune._BUDGET * costs["h"] + overrun + _ROW
+    (entry,) = [e for k, e in _autotune._CACHE.items() if k[0] == "fake"]
+    if trial is None:
+        assert (entry.choice, entry.trial) == ("h", None), entry.note
+    else:
+        assert entry.choice is None and entry.trial.challenger == trial, entry.note
+
+
+@pytest.mark.parametrize(("trial_costs", "expected"), [((2.0, 1.0), "c"), ((1.0, 1.05), "h")])
+def test_trial_runs_each_call_once_and_decides_by_the_median_ratio(
+    monkeypatch, trial_costs, expected
+):
+    """After a one-shot win, the next 18 calls alternate the two strategies (one run per call)
+    and the median pair ratio decides: a fluke of the first timing is rejected."""
+    from gradlab._derivatives import _registry
+
+    ran = []
+    op, clock = _fake_op({"h": 2.0, "c": 1.0}, ran)
+    monkeypatch.setattr(_registry, "clock", clock)
+    problem = _FakeProblem(lambda: None)
+    with gl.autotune(True):
+        _autotune.run_auto(op, problem)
+        assert ran == ["h", "c"]
+        costs = dict(zip("hc", trial_costs))  # the costs in the trial (a fluke of the first?)
+        for name in "hc":
+            monkeypatch.setitem(
+                op.strategies, name, lambda p, n=name: ran.append(n) or _advance(clock, costs[n])
+            )
+        ran.clear()
+        for _ in range(2 * _autotune._TRIAL_PAIRS):
+            _autotune.run_auto(op, problem)
+        assert len(ran) == 2 * _autotune._TRIAL_PAIRS  # one strategy per call
+        assert ran[:4] == ["h", "c", "c", "h"]  # pairs in alternating order
+        (entry,) = [e for k, e in _autotune._CACHE.items() if k[0] == "fake"]
+        assert entry.trial is None and entry.choice == expected, entry.note
+        ran.clear()
+        _autotune.run_auto(op, problem)
+        assert ran == [expected]
+
+
+def _advance(clock, seconds):
+    clock.now += seconds
+    return "result"
+
+
+def test_a_real_loop_candidate_is_abandoned(monkeypatch):
+    """gl.hessian's "loop" strategy (300 autograd.grad rows) stops at its deadline: with a clock
+    that advances one unit per reading it starts (a budget large enough to reach it), is
+    abandoned before it finishes, and the result (from the heuristic) is still right."""
+    from gradlab._derivatives import _registry
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(_registry, "clock", lambda: float(next(ticks)))
+    monkeypatch.setattr(_autotune, "_BUDGET", 1e6)
+    monkeypatch.setattr(_autotune, "_MIN_SLOT", 0.0)
+    seen = []
+    loop = HESSIAN.strategies["loop"]
+
+    def watched(p):
+        seen.append("start")
+        out = loop(p)
+        seen.append("finished")
+        return out
+
+    monkeypatch.setitem(HESSIAN.strategies, "loop", watched)
+    x = torch.randn(300, dtype=torch.float64)
+
+    def f(z):
+        return (z.sin() ** 2).sum()
+
+    with gl.autotune(True):
+        H = gl.hessian(f, x)
+    torch.testing.assert_close(H, torch.diag(2 * torch.cos(2 * x)))
+    assert seen == ["start"]  # started, abandoned before its end
+
+
+def test_a_call_too_short_to_measure_runs_no_candidate(monkeypatch):
+    """A first run shorter than _MIN_SLOT / _BUDGET leaves no slot to start (and abandon) a
+    candidate in: nothing but the call itself runs, and the heuristic is kept."""
+    from gradlab._derivatives import _registry
+
+    ran = []
+    short = _autotune._MIN_SLOT / _autotune._BUDGET / 2
+    op, clock = _fake_op({"h": short, "c": short / 4}, ran)
+    monkeypatch.setattr(_registry, "clock", clock)
+    with gl.autotune(True):
+        _autotune.run_auto(op, _FakeProblem(lambda: None))
+    assert ran == ["h"]
+    (entry,) = [e for k, e in _autotune._CACHE.items() if k[0] == "fake"]
+    assert entry.choice == "h", entry.note
 
 
 def test_autotune_switch_errors():
-    with pytest.raises(TypeError, match=r"set_autotune: enabled is a str; pass True or False"):
+    with pytest.raises(
+        TypeError, match=r"set_autotune: enabled must be True or False, got 'no'\. Pass a bool"
+    ):
         gl.set_autotune("no")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"autotune: enabled is a int; pass True or False"):
+    with pytest.raises(
+        TypeError, match=r"autotune: enabled must be True or False, got 0\. Pass a bool"
+    ):
         with gl.autotune(0):  # type: ignore[arg-type]
             pass
 
@@ -399,7 +552,10 @@ def test_threads_same_function_default_strategy():
     assert errors == [] and len(results) == 40
     for h in results:
         torch.testing.assert_close(h, expected)
-    assert len(gl.autotune_choices()) == 1  # measured once for the one key
+    with gl.autotune(True):  # the calls of a trial, if the measurement started one
+        for _ in range(2 * _autotune._TRIAL_PAIRS):
+            torch.testing.assert_close(gl.hessian(f, x), expected)
+    assert len(gl.autotune_choices()) == 1  # one choice for the one key
 
 
 def test_signature_of_plain_containers_and_of_other_pytrees():
@@ -422,3 +578,127 @@ def test_signature_of_plain_containers_and_of_other_pytrees():
     assert signature(pair(a, a)) != signature((a, a))  # through pytree: the spec names the type
     assert signature((a, 2)) != signature((a, 3))  # a Python scalar argument's value counts
     hash(signature((pair(a, 1.5), {"k": [a, None]})))  # always hashable
+
+
+N_CALLS = 1000
+
+
+def test_auto_never_breaks_another_threads_forward_mode():
+    """A user thread loops ``torch.func.jvp`` while this thread makes 1000 ``"auto"`` calls,
+    measuring (the cache is cleared every 4 calls) on operations whose strategies include
+    forward mode (and, for a tall Jacobian, whose heuristic is forward mode): no call of the
+    user's fails, and every result is right (forward-AD levels are process-global in torch)."""
+    x = torch.randn(3, dtype=torch.float64)
+    v = torch.ones(3, dtype=torch.float64)
+    stop = threading.Event()
+    user = {"calls": 0, "errors": []}
+
+    def user_thread():
+        while not stop.is_set():
+            try:
+                _, tangent = torch.func.jvp(torch.sin, (x,), (v,))
+                torch.testing.assert_close(tangent, torch.cos(x), rtol=0, atol=0)
+            except Exception as exc:  # the failure this test is about
+                user["errors"].append(repr(exc))
+            user["calls"] += 1
+
+    W = torch.randn(8, 2, dtype=torch.float64)
+    z = torch.randn(2, dtype=torch.float64)
+    ws = torch.randn(4, dtype=torch.float64)
+
+    def tall(a):  # 2 -> 8: jacobian's heuristic is "forward"
+        return torch.tanh(W @ a)
+
+    def loss(a):
+        return (torch.sin(a) * a).sum()
+
+    def cube(a):
+        return a**3
+
+    jac_ref = torch.func.jacrev(tall)(z)
+    hess_ref = torch.func.jacrev(torch.func.grad(loss))(ws)
+    calls = [
+        lambda: torch.testing.assert_close(gl.jacobian(tall, z), jac_ref),
+        lambda: torch.testing.assert_close(gl.hessian(loss, ws), hess_ref),
+        lambda: torch.testing.assert_close(gl.hvp(loss, ws, ws).hvp, hess_ref @ ws),
+        lambda: torch.testing.assert_close(gl.derivative(cube, ws, order=2), 6 * ws),
+    ]
+    thread = threading.Thread(target=user_thread)
+    previous = gl.set_autotune(True)
+    thread.start()
+    try:
+        for i in range(N_CALLS):
+            if i % 4 == 0:
+                gl.clear_autotune_cache()
+            calls[i % 4]()
+    finally:
+        stop.set()
+        thread.join()
+        gl.set_autotune(previous)
+    assert user["calls"] > 0
+    assert user["errors"] == [], f"{len(user['errors'])} of {user['calls']}: {user['errors'][0]}"
+
+
+def test_auto_uses_forward_mode_when_its_thread_is_alone(monkeypatch):
+    """The rule costs nothing single-threaded: a tall Jacobian runs "forward" under "auto" when
+    no other Python thread is alive, and its reverse-mode fallback while one is."""
+    ran = []
+    strategies = JACOBIAN.strategies
+    for name in ("forward", "reverse"):
+        monkeypatch.setitem(
+            strategies, name, lambda p, impl=strategies[name], n=name: ran.append(n) or impl(p)
+        )
+    W = torch.randn(8, 2)
+
+    def tall(a):
+        return W @ a
+
+    z = torch.randn(2)
+    with gl.autotune(False):
+        gl.jacobian(tall, z)  # the first call runs "reverse" to learn the output size
+        ran.clear()
+        alone = threading.active_count() == 1
+        torch.testing.assert_close(gl.jacobian(tall, z), W)
+        if alone:
+            assert ran == ["forward"]
+        ran.clear()
+        stop = threading.Event()
+        other = threading.Thread(target=stop.wait)
+        other.start()
+        try:
+            torch.testing.assert_close(gl.jacobian(tall, z), W)
+        finally:
+            stop.set()
+            other.join()
+        assert ran == ["reverse"]
+
+
+@pytest.mark.parametrize("op", ["jacobian", "hessian", "hvp", "derivative"])
+def test_measuring_leaves_grad_mode_and_forward_ad_as_they_were(op, monkeypatch):
+    """A first "auto" call measures every candidate (forward mode and abandoned loops included)
+    under torch.no_grad(): grad mode stays off, no forward-AD level is left entered, and the
+    functorch interpreter stack is empty afterwards."""
+    monkeypatch.setattr(_autotune, "_MIN_SLOT", 0.0)  # measure however short the call
+    timed = []
+    real = _autotune._time_once
+    monkeypatch.setattr(_autotune, "_time_once", lambda fn, d: timed.append(1) or real(fn, d))
+    W = torch.randn(5, 5, dtype=torch.float64)
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+    def scalar(z):
+        return torch.tanh(W @ z).pow(2).sum()
+
+    calls = {
+        "jacobian": lambda: gl.jacobian(lambda z: torch.tanh(W @ z), x),
+        "hessian": lambda: gl.hessian(scalar, x),
+        "hvp": lambda: gl.hvp(scalar, x, torch.ones(5, dtype=torch.float64)),
+        "derivative": lambda: gl.derivative(torch.tanh, x, order=2),
+    }
+    with gl.autotune(True), torch.no_grad():
+        calls[op]()
+        assert not torch.is_grad_enabled()
+    assert timed  # candidates were timed
+    assert torch.is_grad_enabled()
+    assert torch._C._functorch.peek_interpreter_stack() is None
+    _, tangent = torch.func.jvp(torch.sin, (x.detach(),), (torch.ones(5, dtype=torch.float64),))
+    torch.testing.assert_close(tangent, torch.cos(x.detach()))  # no level left entered

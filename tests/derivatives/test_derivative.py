@@ -101,8 +101,8 @@ def test_unsupported_op_falls_back_in_auto_and_errors_in_taylor():
 
     with pytest.raises(
         ValueError,
-        match=r"derivative: strategy .taylor. cannot run f: Taylor mode does not support the op "
-        r"special_i0",
+        match=r"derivative: strategy must be one that can run this f, got 'taylor'\. "
+        r"Taylor mode does not support the op special_i0",
     ):
         gl.derivative(f, x, order=2, strategy="taylor")
     for enabled in (True, False):
@@ -132,12 +132,17 @@ def test_works_under_no_grad(device):
 
 def test_errors():
     x = torch.randn(3)
-    with pytest.raises(ValueError, match=r"derivative: order=0; pass an int >= 1"):
+    with pytest.raises(
+        ValueError, match=r"derivative: order must be an int >= 1, got 0\. Pass an int >= 1"
+    ):
         gl.derivative(torch.sin, x, order=0)
-    with pytest.raises(ValueError, match=r"derivative: unknown strategy 'jet'; valid .*'taylor'"):
+    with pytest.raises(
+        ValueError, match=r"derivative: strategy must be one of .*'taylor'.*, got 'jet'"
+    ):
         gl.derivative(torch.sin, x, strategy="jet")
     with pytest.raises(
-        TypeError, match=r"derivative: x must be a floating-point tensor, got dtype"
+        TypeError,
+        match=r"derivative: x must be a floating-point tensor, got tensor\(.*dtype=torch.int64",
     ):
         gl.derivative(torch.sin, torch.arange(3))
     for s in STRATEGIES:
@@ -190,7 +195,8 @@ def test_ops_without_taylor_rule_fall_back_per_call(name, strategy):
     if strategy == "forward" and name in ("custom_function", "no_grad_inside"):
         # forward mode would differentiate through them, reverse mode does not: refused
         with pytest.raises(
-            ValueError, match=r"derivative: strategy 'forward' cannot run f: .*grad"
+            ValueError,
+            match=r"derivative: strategy must be one that can run this f, got 'forward'\. .*grad",
         ):
             gl.derivative(f, x, order=2, strategy=strategy)
         return
@@ -201,7 +207,8 @@ def test_ops_without_taylor_rule_fall_back_per_call(name, strategy):
                 got = gl.derivative(f, x, order=k, strategy=strategy)
                 torch.testing.assert_close(got, _nested_autograd(f, x, k))
     with pytest.raises(
-        ValueError, match=r"derivative: strategy 'taylor' cannot run f: Taylor mode"
+        ValueError,
+        match=r"derivative: strategy must be one that can run this f, got 'taylor'\. Taylor mode",
     ):
         gl.derivative(f, x, order=2, strategy="taylor")
 

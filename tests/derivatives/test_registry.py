@@ -120,7 +120,7 @@ def test_unknown_strategy_lists_the_registry(op):
         "derivative": lambda: gl.derivative(torch.sin, x, strategy="fastest"),
     }[op]
     with pytest.raises(
-        ValueError, match=rf"{op}: unknown strategy 'fastest'; valid strategies are {names}$"
+        ValueError, match=rf"{op}: strategy must be one of {names}, got 'fastest'\. Pass one of"
     ):
         call()
 
@@ -138,17 +138,22 @@ def test_unknown_strategy_lists_the_registry(op):
     ids=["jacobian", "hessian", "hvp", "derivative", "vjp", "jvp"],
 )
 def test_non_callable_f(call):
-    with pytest.raises(TypeError, match=r"^\w+: f is a \w+, expected a callable"):
+    with pytest.raises(
+        TypeError, match=r"^\w+: f must be (a callable|an elementwise function).*, got .*\. Pass "
+    ):
         call(torch.randn(3))
 
 
 def test_argnums_out_of_range():
     x = torch.randn(3)
     with pytest.raises(
-        ValueError, match=r"jacobian: argnums=-3 is out of range for 2 argument\(s\); use 0..1"
+        ValueError,
+        match=r"jacobian: argnums must be in range for 2 argument\(s\), got -3\. Use 0\.\.1",
     ):
         gl.jacobian(torch.add, x, x, argnums=-3)
-    with pytest.raises(ValueError, match=r"hessian: argnums=\(1, 2\) is out of range for 2"):
+    with pytest.raises(
+        ValueError, match=r"hessian: argnums must be in range for 2 argument\(s\), got \(1, 2\)"
+    ):
         gl.hessian(lambda a, b: (a * b).sum(), x, x, argnums=(1, 2))
 
 
@@ -168,7 +173,9 @@ def test_forward_strategy_without_forward_formula_reports_and_auto_falls_back():
 
     x = torch.randn(3, dtype=torch.float64)
     with pytest.raises(
-        ValueError, match=r"jacobian: strategy 'forward' cannot run f: .*use strategy='reverse'"
+        ValueError,
+        match=r"jacobian: strategy must be one that can run this f, got 'forward'\. "
+        r".*Use strategy='reverse'",
     ):
         gl.jacobian(NoJvp.apply, x, strategy="forward")
     gl.clear_autotune_cache()
@@ -215,7 +222,8 @@ def test_forward_mode_refuses_code_run_without_grad_and_auto_falls_back(
     """Forward mode would differentiate through torch.no_grad(); reverse mode does not."""
     x = torch.randn(4, dtype=torch.float64)
     with pytest.raises(
-        ValueError, match=rf"{op}: strategy '{forward}' cannot run f: .*grad mode off"
+        ValueError,
+        match=rf"{op}: strategy must be one that can run this f, got '{forward}'\. .*grad mode off",
     ):
         call(_half_constant, x, forward)
     expected = reference(_half_constant, x)

@@ -1,0 +1,44 @@
+"""gradlab._derivatives._tree: the fast flatten/unflatten agrees with torch's pytree."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, namedtuple
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+from gradlab._derivatives._tree import flatten, unflatten
+
+Pair = namedtuple("Pair", ["a", "b"])
+T = [torch.full((i + 1,), float(i)) for i in range(6)]
+
+TREES = {
+    "tensor": T[0],
+    "tuple": (T[0], T[1]),
+    "list": [T[0], T[1], T[2]],
+    "dict": {"w": T[0], "b": T[1]},
+    "nested": ({"w": T[0], "b": [T[1], (T[2],)]}, T[3]),
+    "namedtuple": Pair(T[0], {"x": T[1]}),
+    "ordereddict": OrderedDict(w=T[0], b=T[1]),
+    "empty": (),
+}
+
+
+@pytest.mark.parametrize("name", list(TREES))
+def test_flatten_matches_pytree_and_round_trips(name):
+    tree = TREES[name]
+    leaves, spec = flatten(tree)
+    ref_leaves, ref_spec = pytree.tree_flatten(tree)
+    assert [id(t) for t in leaves] == [id(t) for t in ref_leaves]
+    rebuilt = unflatten(leaves, spec)
+    assert pytree.tree_flatten(rebuilt)[1] == ref_spec
+    assert type(rebuilt) is type(tree)
+
+
+def test_specs_compare_by_structure():
+    a = flatten({"w": T[0], "b": (T[1], T[2])})[1]
+    b = flatten({"w": T[3], "b": (T[4], T[5])})[1]
+    c = flatten({"b": (T[1], T[2]), "w": T[0]})[1]  # other key order: another structure
+    d = flatten({"w": T[0], "b": [T[1], T[2]]})[1]  # list, not tuple
+    assert a == b and a != c and a != d
