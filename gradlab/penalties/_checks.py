@@ -11,6 +11,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "as_tensors",
     "check_critic",
     "check_critic_kwargs",
+    "check_generator",
     "check_method",
     "check_nonempty",
     "check_nonnegative",
@@ -35,6 +37,9 @@ __all__ = [
     "check_scaler",
     "is_ddp",
 ]
+
+_INF = math.inf
+_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
 
 #: The ways :func:`~gradlab.penalties.r1_penalty` / ``r2_penalty`` can compute the penalty.
 METHODS = ("exact", "finite-difference")
@@ -52,6 +57,8 @@ def _describe(x: Any) -> str:
 
 def as_tensors(fn: str, arg: str, x: TensorOrTensors) -> tuple[torch.Tensor, ...]:
     """``x`` as a non-empty tuple of floating-point tensors with one shared batch size."""
+    if type(x) is torch.Tensor and x.ndim > 0 and x.is_floating_point():  # the common case
+        return (x,)
     if isinstance(x, torch.Tensor):
         tensors: tuple[torch.Tensor, ...] = (x,)
     elif isinstance(x, Sequence) and not isinstance(x, str) and len(x) > 0:
@@ -124,31 +131,62 @@ def check_pair(
 
 
 def check_nonnegative(fn: str, arg: str, value: float) -> float:
-    """A finite number >= 0 (weights, gamma, center, noise scale, decay)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {arg} must be a float, got {_describe(value)}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{fn}: {arg} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    """A finite number >= 0 (weights, gamma, center, noise scale, decay), as a float.
+
+    The common case (a float in range) is accepted with one type test and one comparison: this
+    runs on every penalty call.
+    """
+    if type(value) is float and 0.0 <= value < _INF:
+        return value
+    return _number(fn, arg, value, ">= 0", allow_zero=True)
 
 
 def check_positive(fn: str, arg: str, value: float) -> float:
-    """A finite number > 0 (the finite-difference step)."""
+    """A finite number > 0 (the finite-difference step), as a float."""
+    if type(value) is float and 0.0 < value < _INF:
+        return value
+    return _number(fn, arg, value, "> 0", allow_zero=False)
+
+
+def _number(fn: str, arg: str, value: Any, bound: str, *, allow_zero: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {arg} must be a float, got {_describe(value)}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{fn}: {arg} must be a finite number > 0, got {value!r}")
+        raise TypeError(
+            f"{fn}: {arg} must be a float, got {value!r} ({type(value).__name__}). "
+            f"Pass a finite number {bound}"
+        )
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(
+            f"{fn}: {arg} must be a finite number {bound}, got {value!r}. Pass a finite "
+            f"number {bound}"
+        )
     return float(value)
 
 
 def check_method(fn: str, method: Any) -> str:
     """One of :data:`METHODS`."""
-    if method not in METHODS or not isinstance(method, str):
-        raise ValueError(
-            f"{fn}: method must be one of {', '.join(repr(m) for m in METHODS)}, got "
-            f"{_describe(method)}"
-        )
-    return method
+    if method == "exact" or method == "finite-difference":
+        return str(method)
+    raise ValueError(
+        f"{fn}: method must be one of {', '.join(repr(m) for m in METHODS)}, got {method!r}. "
+        "Pass method='exact' (double backward) or method='finite-difference' (no double "
+        "backward)"
+    )
+
+
+def check_generator(fn: str, generator: Any) -> torch.Generator | None:
+    """A :class:`torch.Generator`, ``None``, or an int seed (a new CPU generator seeded with it,
+    as in :mod:`gradlab.curvature`)."""
+    if generator is None or type(generator) is torch.Generator:
+        return generator
+    if isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, int) and not isinstance(generator, bool):
+        return torch.Generator().manual_seed(generator)
+    raise TypeError(
+        f"{fn}: generator must be a torch.Generator, an int seed or None, got {generator!r} "
+        f"({type(generator).__name__}). Pass e.g. generator=torch.Generator().manual_seed(0) "
+        "or generator=0"
+    )
 
 
 def check_nonempty(fn: str, arg: str, xs: tuple[torch.Tensor, ...]) -> None:
@@ -163,14 +201,15 @@ def check_nonempty(fn: str, arg: str, xs: tuple[torch.Tensor, ...]) -> None:
 
 
 def check_critic_kwargs(fn: str, critic_kwargs: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The keyword arguments for the critic (an empty mapping for ``None``)."""
     if critic_kwargs is None:
-        return {}
-    if not isinstance(critic_kwargs, Mapping):
-        raise TypeError(
-            f"{fn}: critic_kwargs must be a dict of keyword arguments for the critic, e.g. "
-            f"{{'labels': y}}, got {_describe(critic_kwargs)}"
-        )
-    return critic_kwargs
+        return _NO_KWARGS
+    if type(critic_kwargs) is dict or isinstance(critic_kwargs, Mapping):
+        return critic_kwargs
+    raise TypeError(
+        f"{fn}: critic_kwargs must be a dict of keyword arguments for the critic, got "
+        f"{_describe(critic_kwargs)}. Pass e.g. critic_kwargs={{'labels': y}}, or None"
+    )
 
 
 def check_scaler(fn: str, scaler: Any) -> torch.amp.GradScaler | None:
@@ -179,7 +218,8 @@ def check_scaler(fn: str, scaler: Any) -> torch.amp.GradScaler | None:
         return None
     if not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(
-            f"{fn}: scaler must be a torch.amp.GradScaler (or None), got {_describe(scaler)}"
+            f"{fn}: scaler must be a torch.amp.GradScaler or None, got {_describe(scaler)}. "
+            "Pass scaler=torch.amp.GradScaler(device_type) under mixed precision, or None"
         )
     return scaler if scaler.is_enabled() else None
 
@@ -237,13 +277,13 @@ def _compiled_types() -> tuple[type, ...]:
     return _COMPILED_TYPES
 
 
-def _fsdp_error(fn: str, where: str, module: nn.Module) -> GraphError:
+def _fsdp_error(fn: str, where: str, module: nn.Module, finite_difference: bool) -> GraphError:
     kind = (
         "FullyShardedDataParallel (FSDP 1)"
         if type(module).__name__ == "FullyShardedDataParallel"
         else "fully_shard (FSDP2)"
     )
-    if fn in ("r1_penalty", "r2_penalty"):
+    if finite_difference:
         fix = (
             f"use {fn}(..., method='finite-difference'), which needs only a first-order "
             "backward and runs through FSDP, or wrap the critic with DistributedDataParallel "
@@ -262,12 +302,16 @@ def _fsdp_error(fn: str, where: str, module: nn.Module) -> GraphError:
     )
 
 
-def check_critic(fn: str, critic: Any, *, exact: bool = True) -> None:
+def check_critic(
+    fn: str, critic: Any, *, exact: bool = True, finite_difference: bool = False
+) -> None:
     """Refuse what cannot be differentiated twice (``exact``: compiled critics, FSDP critics)
-    and static-graph DDP; warn once per BatchNorm in training mode."""
+    and static-graph DDP; warn once per BatchNorm in training mode. ``finite_difference``: the
+    penalty ``fn`` offers ``method="finite-difference"`` (the FSDP error then suggests it)."""
     if not callable(critic):
         raise TypeError(
-            f"{fn}: critic must be a callable (an nn.Module or a function), got {_describe(critic)}"
+            f"{fn}: critic must be a callable (an nn.Module or a function), got "
+            f"{_describe(critic)}. Pass the critic module itself, e.g. {fn}(critic, ...)"
         )
     if exact and _is_compiled(critic):
         raise _compiled_error(fn, "critic")
@@ -283,10 +327,10 @@ def check_critic(fn: str, critic: Any, *, exact: bool = True) -> None:
         )
     fsdp = _fsdp_types() if exact else ()
     if fsdp and isinstance(critic, fsdp):
-        raise _fsdp_error(fn, "critic", critic)
+        raise _fsdp_error(fn, "critic", critic, finite_difference)
     refused = fsdp + _compiled_types() if exact else ()
     if _needs_full_scan(critic, refused, exact):
-        _scan_modules(fn, critic, fsdp, exact)
+        _scan_modules(fn, critic, fsdp, exact, finite_difference)
 
 
 def _needs_full_scan(critic: nn.Module, refused: tuple[type, ...], exact: bool) -> bool:
@@ -328,7 +372,9 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _scan_modules(fn: str, critic: nn.Module, fsdp: tuple[type, ...], exact: bool) -> None:
+def _scan_modules(
+    fn: str, critic: nn.Module, fsdp: tuple[type, ...], exact: bool, finite_difference: bool
+) -> None:
     """Warn about BatchNorms in training mode; if ``exact``, refuse compiled and FSDP
     submodules (critic.modules() order)."""
     for m in critic.modules():
@@ -350,7 +396,7 @@ def _scan_modules(fn: str, critic: nn.Module, fsdp: tuple[type, ...], exact: boo
             name = next(n for n, s in critic.named_modules() if s is m)
             where = f"the critic's submodule {name!r}"
             if fsdp and isinstance(m, fsdp):
-                raise _fsdp_error(fn, where, m)
+                raise _fsdp_error(fn, where, m, finite_difference)
             raise _compiled_error(fn, where)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from gradlab.penalties._checks import check_nonnegative
+
 __all__ = ["AdamHyperparameters", "LazyRegularizer"]
 
 
@@ -81,14 +83,39 @@ class LazyRegularizer:
         ``lr * c`` and ``(beta1 ** c, beta2 ** c)`` with ``c = every / (every + 1)``, as
         StyleGAN2 does for an optimizer that also takes a step every ``every`` minibatches for the
         penalty alone.
+
+        Args:
+            lr: Adam's learning rate, a finite number >= 0.
+            betas: Adam's ``(beta1, beta2)``, each in ``[0, 1)`` (what
+                :class:`torch.optim.Adam` accepts).
+
+        Raises:
+            TypeError: ``lr`` not a number, ``betas`` not a tuple of numbers.
+            ValueError: a negative or non-finite ``lr``, ``betas`` not a pair, a beta outside
+                ``[0, 1)``.
         """
+        fn = "LazyRegularizer.adam_hyperparameters"
+        lr = check_nonnegative(fn, "lr", lr)
+        fix = "Pass e.g. betas=(0.9, 0.999), as for torch.optim.Adam"
+        if not isinstance(betas, (tuple, list)) or any(
+            isinstance(b, bool) or not isinstance(b, (int, float)) for b in betas
+        ):
+            raise TypeError(
+                f"{fn}: betas must be a pair of numbers (beta1, beta2), got {betas!r}. {fix}"
+            )
         if len(betas) != 2:
             raise ValueError(
-                f"LazyRegularizer.adam_hyperparameters: betas must be a pair (beta1, beta2), "
-                f"got {betas!r}"
+                f"{fn}: betas must be a pair (beta1, beta2), got {len(betas)} values "
+                f"{betas!r}. {fix}"
             )
+        for i, b in enumerate(betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(
+                    f"{fn}: betas[{i}] must be in [0, 1), got {b!r}. Adam's betas are decay "
+                    "rates: pass e.g. betas=(0.9, 0.999) (StyleGAN2: (0.0, 0.99))"
+                )
         c = self.ratio
-        return AdamHyperparameters(lr * c, (betas[0] ** c, betas[1] ** c))
+        return AdamHyperparameters(lr * c, (float(betas[0]) ** c, float(betas[1]) ** c))
 
     def __repr__(self) -> str:
         return f"LazyRegularizer(every={self.every})"

@@ -67,7 +67,7 @@ def test_outputs_errors():
     with pytest.raises(ValueError, match=r"r1_penalty: real does not require grad.*requires_grad_"):
         r1_penalty(critic, x, outputs=critic(x))
     xl = x.clone().requires_grad_(True)
-    with pytest.raises(ValueError, match=r"critic_kwargs has no effect when outputs= is given"):
+    with pytest.raises(ValueError, match=r"critic_kwargs must be None when outputs= is given"):
         r1_penalty(critic, xl, outputs=critic(xl), critic_kwargs={"a": 1})
     with pytest.raises(ValueError, match=r"r2_penalty: outputs has shape \(\)"):
         r2_penalty(critic, xl, outputs=critic(xl).mean())
