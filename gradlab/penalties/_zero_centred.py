@@ -83,15 +83,10 @@ def zero_centred_penalty(
     if outputs is None:
         kwargs = check_critic_kwargs(fn, critic_kwargs)
         if exact:
-            if len(xs) == 1:
-                leaves: tuple[torch.Tensor, ...] = (xs[0].detach().requires_grad_(True),)
-            else:
-                leaves = tuple(t.detach().requires_grad_(True) for t in xs)
+            leaves = tuple(t.detach().requires_grad_(True) for t in xs)
             penalty, sq = exact_penalty(spec, critic, leaves, kwargs, scaler)
         else:
-            penalty, sq = finite_difference_penalty(
-                spec, critic, xs, kwargs, None, sigma, generator
-            )
+            penalty, sq = finite_difference_penalty(spec, critic, xs, kwargs, None, step, generator)
         return penalty, sq
     if exact:
         if critic_kwargs is not None:
