@@ -58,13 +58,16 @@ def interpolate_leaves(
     shares ``real``'s data (the coefficients are drawn anyway, so the generator advances the
     same)."""
     a = per_sample_coefficients(real[0], generator)
-    out = []
-    for r, f in zip(real, fake):
-        if r.requires_grad or f.requires_grad:
-            r, f = r.detach(), (r if f is r else f.detach())
-        x = _lerp(r, f, a)
-        out.append((x.detach() if x is r else x).requires_grad_(True))
-    return tuple(out)
+    if len(real) == 1:  # the common case, without a loop
+        return (_leaf(real[0], fake[0], a),)
+    return tuple(_leaf(r, f, a) for r, f in zip(real, fake))
+
+
+def _leaf(r: torch.Tensor, f: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    if r.requires_grad or f.requires_grad:
+        r, f = r.detach(), (r if f is r else f.detach())
+    x = _lerp(r, f, a)
+    return (x.detach() if x is r else x).requires_grad_(True)
 
 
 def interpolate(

@@ -83,7 +83,10 @@ def zero_centred_penalty(
     if outputs is None:
         kwargs = check_critic_kwargs(fn, critic_kwargs)
         if exact:
-            leaves = tuple(t.detach().requires_grad_(True) for t in xs)
+            if len(xs) == 1:  # the common case, without a generator expression
+                leaves: tuple[torch.Tensor, ...] = (xs[0].detach().requires_grad_(True),)
+            else:
+                leaves = tuple(t.detach().requires_grad_(True) for t in xs)
             penalty, sq = exact_penalty(spec, critic, leaves, kwargs, scaler)
         else:
             penalty, sq = finite_difference_penalty(spec, critic, xs, kwargs, None, step, generator)
