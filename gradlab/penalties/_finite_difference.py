@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from gradlab._validate import message
 from gradlab.penalties._checks import check_outputs
 from gradlab.penalties._core import PenaltySpec
 
@@ -94,9 +95,13 @@ def finite_difference_penalty(
     else:
         if outputs.shape != d_shift.shape:
             raise ValueError(
-                f"{fn}: outputs must be the critic's output on exactly these inputs, got shape "
-                f"{tuple(outputs.shape)} where the critic returns {tuple(d_shift.shape)} on the "
-                "perturbed inputs. Pass outputs=critic(x, **critic_kwargs) for the same x"
+                message(
+                    fn,
+                    "outputs",
+                    f"the critic's output on these inputs, of shape {tuple(d_shift.shape)}",
+                    outputs,
+                    "Pass outputs=critic(x, **critic_kwargs) for the same x",
+                )
             )
         check_outputs_reproduce(fn, critic, base, kwargs, outputs)
     acc = torch.promote_types(d_shift.dtype, torch.float32)
@@ -153,11 +158,15 @@ def check_outputs_reproduce(
     else:
         gap = float("nan")
     raise ValueError(
-        f"{fn}: outputs must be the critic's output on these inputs with these critic_kwargs, "
-        f"got outputs that critic(x, **critic_kwargs) does not reproduce (largest difference "
-        f"{gap:.3g}; critic_kwargs names: {list(keys)}). With method='finite-difference' the "
-        "critic is called again on perturbed inputs, so it needs the same keyword arguments: "
-        "pass critic_kwargs= as given to the forward pass that made outputs (e.g. "
-        "critic_kwargs={'labels': y} for critic(x, labels=y)). A critic that is random in "
-        "training mode (dropout) cannot reuse outputs=: drop outputs="
+        message(
+            fn,
+            "outputs",
+            f"what critic(x, **critic_kwargs) returns with critic_kwargs names {list(keys)}, "
+            f"which differs from it by up to {gap:.3g}",
+            outputs,
+            "With method='finite-difference' the critic is called again on perturbed inputs and "
+            "needs the keyword arguments outputs was computed with: pass them as critic_kwargs "
+            "(e.g. critic_kwargs={'labels': y} for outputs=critic(x, labels=y)). A critic that "
+            "is random in training mode (dropout) cannot reuse outputs=: drop outputs=",
+        )
     )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from gradlab._typing import TensorOrTensors
-from gradlab.penalties._checks import check_generator, check_pair
+from gradlab._validate import check_generator
+from gradlab.penalties._checks import check_pair
 
 __all__ = [
     "interpolate",
@@ -113,6 +114,6 @@ def interpolate(
         tensor([0., 0., 0.])
     """
     r, f = check_pair("interpolate", real, fake)
-    a = per_sample_coefficients(r[0], check_generator("interpolate", generator))
+    a = per_sample_coefficients(r[0], check_generator("interpolate", "generator", generator))
     out = tuple(_lerp(x, y, a) for x, y in zip(r, f))
     return out[0] if isinstance(real, torch.Tensor) else out

@@ -12,16 +12,20 @@ from typing import Any
 import torch
 
 from gradlab._typing import TensorFn, TensorOrTensors
+from gradlab._validate import (
+    check_choice,
+    check_generator,
+    check_nonnegative,
+    check_positive,
+    message,
+)
 from gradlab.penalties._checks import (
+    METHODS,
     as_tensors,
     check_critic,
     check_critic_kwargs,
-    check_generator,
-    check_method,
     check_nonempty,
-    check_nonnegative,
     check_outputs,
-    check_positive,
     check_requires_grad,
     check_scaler,
 )
@@ -53,7 +57,7 @@ def zero_centred_penalty(
     """
     fn, arg = caller
     gamma = check_nonnegative(fn, "gamma", gamma)
-    method = check_method(fn, method)
+    method = check_choice(fn, "method", method, METHODS)
     xs = as_tensors(fn, arg, x)
     check_nonempty(fn, arg, xs)
     exact = method == "exact"
@@ -62,21 +66,29 @@ def zero_centred_penalty(
         if sigma is not None or generator is not None:
             name, value = ("sigma", sigma) if sigma is not None else ("generator", generator)
             raise ValueError(
-                f"{fn}: {name} must be None with method='exact' (it is used only by "
-                f"method='finite-difference'; the exact method draws nothing), got {value!r}. "
-                f"Pass method='finite-difference' or drop {name}="
+                message(
+                    fn,
+                    name,
+                    "None with method='exact' (the exact method draws nothing)",
+                    value,
+                    f"Pass method='finite-difference' to use it, or drop {name}=",
+                )
             )
         if scaler is not None:
             scaler = check_scaler(fn, scaler)
     else:
         if sigma is not None:
             step = check_positive(fn, "sigma", sigma)
-        generator = check_generator(fn, generator)
+        generator = check_generator(fn, "generator", generator)
         if scaler is not None:
             raise ValueError(
-                f"{fn}: scaler must be None with method='finite-difference' (it takes no input "
-                f"gradient, so there is nothing to scale), got {scaler!r}. Drop scaler= and "
-                "scale the loss with scaler.scale(loss).backward() as usual"
+                message(
+                    fn,
+                    "scaler",
+                    "None with method='finite-difference' (no input gradient to scale)",
+                    scaler,
+                    "Drop scaler= and scale the loss with scaler.scale(loss).backward() as usual",
+                )
             )
     check_critic(fn, critic, exact=exact, finite_difference=True)
     spec = make_spec(fn, gamma / 2, 0.0, False, True)
@@ -94,9 +106,13 @@ def zero_centred_penalty(
     if exact:
         if critic_kwargs is not None:
             raise ValueError(
-                f"{fn}: critic_kwargs must be None when outputs= is given with the exact method "
-                f"(the critic is not called), got {critic_kwargs!r}. Pass the keyword arguments "
-                "to the forward pass that made outputs"
+                message(
+                    fn,
+                    "critic_kwargs",
+                    "None when outputs= is given with the exact method (the critic is not called)",
+                    critic_kwargs,
+                    "Pass the keyword arguments to the forward pass that made outputs",
+                )
             )
         check_requires_grad(fn, arg, xs)
     check_outputs(fn, outputs, xs[0].shape[0], arg="outputs")

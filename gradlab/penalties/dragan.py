@@ -8,13 +8,12 @@ from typing import Any
 import torch
 
 from gradlab._typing import TensorFn, TensorOrTensors
+from gradlab._validate import check_generator, check_nonnegative
 from gradlab.penalties._checks import (
     as_tensors,
     check_critic,
     check_critic_kwargs,
-    check_generator,
     check_nonempty,
-    check_nonnegative,
     check_scaler,
 )
 from gradlab.penalties._core import PenaltyWithNorms, exact_penalty, make_spec
@@ -55,7 +54,7 @@ def _dragan_penalty(
     check_nonempty(fn, "real", xs)
     kwargs = check_critic_kwargs(fn, critic_kwargs)
     scaler = check_scaler(fn, scaler)
-    generator = check_generator(fn, generator)
+    generator = check_generator(fn, "generator", generator)
     check_critic(fn, critic)
     with torch.no_grad():
         xs = tuple(x.detach() for x in xs)

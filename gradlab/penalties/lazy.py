@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from gradlab.penalties._checks import check_nonnegative
+from gradlab._validate import check_int, check_nonnegative, check_probability, check_type, message
 
 __all__ = ["AdamHyperparameters", "LazyRegularizer"]
 
@@ -52,12 +52,13 @@ class LazyRegularizer:
     """
 
     def __init__(self, every: int) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(
-                f"LazyRegularizer: every must be an integer >= 1 (steps between applications), "
-                f"got {every!r}"
-            )
-        self.every = every
+        self.every = check_int(
+            "LazyRegularizer",
+            "every",
+            every,
+            minimum=1,
+            fix="Pass the number of steps between applications, e.g. every=16",
+        )
 
     @property
     def gain(self) -> float:
@@ -71,8 +72,7 @@ class LazyRegularizer:
 
     def is_due(self, step: int) -> bool:
         """Whether the penalty is applied at ``step`` (counted from 0): ``step % every == 0``."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"LazyRegularizer.is_due: step must be an integer >= 0, got {step!r}")
+        step = check_int("LazyRegularizer.is_due", "step", step, minimum=0)
         return step % self.every == 0
 
     def adam_hyperparameters(
@@ -90,32 +90,23 @@ class LazyRegularizer:
                 :class:`torch.optim.Adam` accepts).
 
         Raises:
-            TypeError: ``lr`` not a number, ``betas`` not a tuple of numbers.
+            TypeError: ``lr`` not a number, ``betas`` not a tuple (or list) of numbers.
             ValueError: a negative or non-finite ``lr``, ``betas`` not a pair, a beta outside
                 ``[0, 1)``.
         """
         fn = "LazyRegularizer.adam_hyperparameters"
-        lr = check_nonnegative(fn, "lr", lr)
-        fix = "Pass e.g. betas=(0.9, 0.999), as for torch.optim.Adam"
-        if not isinstance(betas, (tuple, list)) or any(
-            isinstance(b, bool) or not isinstance(b, (int, float)) for b in betas
-        ):
-            raise TypeError(
-                f"{fn}: betas must be a pair of numbers (beta1, beta2), got {betas!r}. {fix}"
-            )
+        lr = check_nonnegative(fn, "lr", lr, fix="Pass Adam's learning rate, e.g. lr=0.002")
+        fix = "Pass e.g. betas=(0.9, 0.999), as for torch.optim.Adam (StyleGAN2: (0.0, 0.99))"
+        fix_beta = "Adam's betas are decay rates: pass e.g. betas=(0.9, 0.999)"
+        check_type(fn, "betas", betas, (tuple, list), what="a pair (beta1, beta2)", fix=fix)
         if len(betas) != 2:
-            raise ValueError(
-                f"{fn}: betas must be a pair (beta1, beta2), got {len(betas)} values "
-                f"{betas!r}. {fix}"
-            )
-        for i, b in enumerate(betas):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(
-                    f"{fn}: betas[{i}] must be in [0, 1), got {b!r}. Adam's betas are decay "
-                    "rates: pass e.g. betas=(0.9, 0.999) (StyleGAN2: (0.0, 0.99))"
-                )
+            raise ValueError(message(fn, "betas", "a pair (beta1, beta2)", betas, fix))
+        b1, b2 = (
+            check_probability(fn, f"betas[{i}]", b, high_open=True, fix=fix_beta)
+            for i, b in enumerate(betas)
+        )
         c = self.ratio
-        return AdamHyperparameters(lr * c, (float(betas[0]) ** c, float(betas[1]) ** c))
+        return AdamHyperparameters(lr * c, (b1**c, b2**c))
 
     def __repr__(self) -> str:
         return f"LazyRegularizer(every={self.every})"

@@ -10,11 +10,10 @@ import torch
 from torch import nn
 
 from gradlab._errors import GraphError
+from gradlab._validate import check_generator, check_nonnegative
 from gradlab.penalties._checks import (
     as_tensors,
-    check_generator,
     check_nonempty,
-    check_nonnegative,
     check_outputs,
     check_requires_grad,
     check_scaler,
@@ -152,7 +151,7 @@ def path_length_penalty(
             "3-D: y is scaled by 1/sqrt(prod(images.shape[2:])))"
         )
     scaler = check_scaler(fn, scaler)
-    y = standard_normal_like(images, check_generator(fn, generator))
+    y = standard_normal_like(images, check_generator(fn, "generator", generator))
     y = y / math.sqrt(math.prod(images.shape[2:]))
     with torch.enable_grad():
         try:

@@ -8,12 +8,11 @@ from typing import Any
 import torch
 
 from gradlab._typing import TensorFn, TensorOrTensors
+from gradlab._validate import check_generator, check_nonnegative
 from gradlab.penalties._checks import (
     check_critic,
     check_critic_kwargs,
-    check_generator,
     check_nonempty,
-    check_nonnegative,
     check_pair,
     check_scaler,
 )
@@ -52,7 +51,7 @@ def _gradient_penalty(
     check_nonempty(fn, "real", r)
     kwargs = check_critic_kwargs(fn, critic_kwargs)
     scaler = check_scaler(fn, scaler)
-    generator = check_generator(fn, generator)
+    generator = check_generator(fn, "generator", generator)
     check_critic(fn, critic)
     return exact_penalty(spec, critic, interpolate_leaves(r, f, generator), kwargs, scaler)
 

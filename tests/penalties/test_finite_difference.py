@@ -236,16 +236,23 @@ def test_errors():
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"r1_penalty: sigma must be a finite number > 0"):
             r1_penalty(critic, x, sigma=bad, **fd)
-    with pytest.raises(TypeError, match=r"r1_penalty: sigma must be a float"):
+    with pytest.raises(
+        TypeError, match=r"r1_penalty: sigma must be a finite number > 0, got \'0.1\'"
+    ):
         r1_penalty(critic, x, sigma="0.1", **fd)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"scaler must be None with method='finite-difference'"):
         r1_penalty(critic, x, scaler=torch.amp.GradScaler("cpu"), **fd)
     xl = x.clone().requires_grad_(True)
-    with pytest.raises(ValueError, match=r"got shape \(4, 2\) where the critic returns"):
+    with pytest.raises(
+        ValueError,
+        match=r"outputs must be the critic's output on these inputs, of shape \(4, 1\)",
+    ):
         r1_penalty(critic, xl, outputs=critic(xl).expand(4, 2), **fd)
     with pytest.raises(GraphError, match=r"r1_penalty: outputs does not require grad"):
         r1_penalty(critic, x, outputs=critic(x).detach(), **fd)
-    with pytest.raises(ValueError, match=r"the critic's output has shape \(\)"):
+    with pytest.raises(
+        ValueError, match=r"the critic's output must be a tensor with the batch of 4 first"
+    ):
         r1_penalty(lambda t: critic(t).mean(), x, **fd)
 
 

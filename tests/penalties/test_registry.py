@@ -14,12 +14,12 @@ import torch
 
 import gradlab.penalties as P
 from gradlab._typing import TensorFn, TensorOrTensors
+from gradlab._validate import check_nonnegative
 from gradlab.penalties import PENALTIES, PenaltyEntry, register_penalty
 from gradlab.penalties._checks import (
     check_critic,
     check_critic_kwargs,
     check_nonempty,
-    check_nonnegative,
     check_pair,
     check_scaler,
 )
