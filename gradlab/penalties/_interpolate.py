@@ -32,11 +32,15 @@ def uniform_like(
 _ONES = tuple((1,) * k for k in range(8))
 
 
+def _coefficient_shape(x: torch.Tensor) -> tuple[int, ...]:
+    k = x.ndim - 1
+    return (x.shape[0],) + (_ONES[k] if k < len(_ONES) else (1,) * k)
+
+
 def per_sample_coefficients(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One ``U[0, 1)`` coefficient per sample in ``x``'s dtype, drawn directly in the broadcast
     shape ``(B, 1, ..., 1)`` of ``x`` (the same numbers as a ``(B,)`` draw)."""
-    k = x.ndim - 1
-    return uniform_like(x, (x.shape[0],) + (_ONES[k] if k < len(_ONES) else (1,) * k), generator)
+    return uniform_like(x, _coefficient_shape(x), generator)
 
 
 def _lerp(r: torch.Tensor, f: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -57,11 +61,25 @@ def interpolate_leaves(
     """Fresh leaves (``requires_grad=True``) at ``real + a (fake - real)``, one ``a`` per sample
     shared by all inputs, with no graph to ``real``/``fake``. Where ``fake is real`` the leaf
     shares ``real``'s data (the coefficients are drawn anyway, so the generator advances the
-    same)."""
-    a = per_sample_coefficients(real[0], generator)
-    if len(real) == 1:  # the common case, without a loop
-        return (_leaf(real[0], fake[0], a),)
-    return tuple(_leaf(r, f, a) for r, f in zip(real, fake))
+    same).
+
+    The common case (one input) is written with as few Python calls as a hand-written step:
+    at small critics they are a visible part of the penalty's cost.
+    """
+    r, f = real[0], fake[0]
+    k = r.ndim - 1
+    shape = (r.shape[0],) + _ONES[k] if k < len(_ONES) else _coefficient_shape(r)
+    if generator is None:
+        a = torch.rand(shape, dtype=r.dtype, device=r.device)
+    else:
+        a = uniform_like(r, shape, generator)
+    if len(real) > 1:
+        return tuple(_leaf(x, y, a) for x, y in zip(real, fake))
+    if f is r:
+        return (r.detach().requires_grad_(True),)
+    if r.requires_grad or f.requires_grad:
+        r, f = r.detach(), f.detach()
+    return (torch.lerp(r, f, a).requires_grad_(True),)
 
 
 def _leaf(r: torch.Tensor, f: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
