@@ -7,7 +7,8 @@ Tables:
    penalty gets its row without touching this file), relative to the plain critic step without a
    penalty, on a DCGAN-style conv critic; then option variants: ``r1 (outputs=)`` reuses the
    adversarial forward pass on the reals (StyleGAN2's way); ``lazy r1 (every 16)`` runs 16 steps
-   with R1 (gain 16) on the first, and is reported per step (amortized). A generator row does the same for the path length penalty.
+   with R1 (gain 16) on the first, and is reported per step (amortized). A generator row does
+   the same for the path length penalty.
 2. *gradient_penalty vs hand-written*: the GP part of a step (interpolate, critic forward,
    ``torch.autograd.grad`` with ``create_graph``, norm, backward) written by hand the best way
    (one ``torch.rand`` per sample, one ``torch.lerp``, ``torch.autograd.grad``, ``vector_norm``
