@@ -5,7 +5,6 @@ caller's forward pass (``outputs=``)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,8 +32,6 @@ from gradlab.penalties._core import exact_penalty, make_spec, penalty_of_outputs
 from gradlab.penalties._finite_difference import DEFAULT_SIGMA, finite_difference_penalty
 
 __all__ = ["zero_centred_penalty"]
-
-_INF = math.inf
 
 
 def zero_centred_penalty(
