@@ -38,7 +38,12 @@ from gradlab.testing._common import (
     machine_eps,
 )
 from gradlab.testing._compare import check_block, fd_all
-from gradlab.testing._contract import UNDEFINED_PROBES, check_backward, check_undefined
+from gradlab.testing._contract import (
+    UNDEFINED_PROBES,
+    check_backward,
+    check_grad_output_untouched,
+    check_undefined,
+)
 from gradlab.testing._errors import GradientCheckError, NonDifferentiablePointError
 from gradlab.testing._fast import directions, fast
 from gradlab.testing._forward import Forward
@@ -69,6 +74,7 @@ def _compare(
     us = [directions(p, tuple(o.shape), st, gen, o) for o in ev.f0]
     vs = [directions(p, (x.numel(),), st, gen, x) for x in xs] if st.mode == "fast" else []
     fwd = Forward(problem, xs, ev.f0) if st.forward_ad else None
+    check_grad_output_untouched(an, us, st)
     if st.mode == "full":
         analytical = [analytical_jacobian(an, i) for i in range(len(ev.f0))]
         # u^T J for the contract checks; they run before the comparison, so that a backward
@@ -254,7 +260,7 @@ def check_gradients(
         atol = v.check_nonnegative(CALLER, "atol", atol)
     if rtol is not None:
         rtol = v.check_nonnegative(CALLER, "rtol", rtol)
-    pre = prepare(fn, inputs)
+    pre = prepare(fn, inputs, mode, nondet)
     xs, f0 = pre.xs, pre.f0
     d_atol, d_rtol = default_tolerances(list(xs) + list(f0))
     st = Settings(

@@ -1,4 +1,4 @@
-"""Planted bugs (gradlab/testing/_planted.py): every bug class that gradcheck/gradgradcheck
+"""Planted bugs (benchmarks/_planted.py): every bug class that gradcheck/gradgradcheck
 catch, and the vmap rule that no anchor checks, caught by check_gradients in both modes; each
 correct twin passes. For the classes gradcheck covers, torch's own checker on the very same
 case is the reference for "this is a bug"."""
@@ -10,8 +10,8 @@ import warnings
 import pytest
 import torch
 
+from benchmarks._planted import CASES
 from gradlab.testing import GradientCheckError, check_gradients
-from gradlab.testing._planted import CASES
 
 MODES = ["full", "fast"]
 #: Cases whose bug torch.autograd.gradcheck (order 1) or gradgradcheck (order 2) rejects.
@@ -33,6 +33,7 @@ CHECKS = {
     "not reentrant": "reentrant",
     "ignores grad_output": "grad_output scaling",
     "vmap rule": "vmap rule",
+    "grad_output in place": "grad_output untouched",
 }
 
 
