@@ -150,6 +150,16 @@ def check_gradients(
     ``torch.view_as_real`` views; in locations the last index of a complex tensor is 0 for the
     real and 1 for the imaginary part.
 
+    Before any derivative, ``fn`` and the point are checked (:mod:`gradlab.testing._sanity`): the
+    differentiated inputs and ``fn``'s outputs are finite and not all empty; the first call of
+    ``fn`` leaves its (copied) inputs unchanged (a forward that writes into an input, e.g. a
+    custom Function without ``ctx.mark_dirty``); a second call at the same point gives the same
+    outputs to ``nondet_tol`` (no state kept between calls, no dropout in training mode); and in
+    ``"full"`` mode the dense Jacobian blocks fit in the device's free memory (else use
+    ``"fast"``). Then one plain backward per output must leave its grad_output unchanged (a
+    backward that writes into it, ``g.mul_(...)``, returns right numbers but overwrites the
+    caller's cotangent) and return finite values.
+
     Besides the Jacobian, every call checks, on a few random cotangents (the probes of fast
     mode, 4 per output in full mode, so no second Jacobian is built):
 
@@ -206,13 +216,17 @@ def check_gradients(
         A :class:`GradientCheckReport` (always, when nothing failed).
 
     Raises:
-        GradientCheckError: an analytical derivative is wrong, or a contract above is broken.
-            The message names the output and input, the worst element's index in each, both
+        GradientCheckError: an analytical derivative is wrong, or a contract above is broken
+            (including ``fn`` modifying its inputs, a backward modifying its grad_output or
+            returning NaN/inf, ``fn`` giving different outputs for the same inputs). The
+            message names the output and input, the worst element's index in each, both
             values and the tolerance.
         NonDifferentiablePointError: with ``kinks="raise"``, mismatches only at kinks.
         TypeError: ``fn`` not callable, a differentiated input not a dense float/complex tensor,
             ``fn`` returning a non-tensor or only integer tensors, ``forward_ad`` not a bool.
-        ValueError: inputs on different devices, or a bad option value.
+        ValueError: inputs on different devices, a bad option value, a NaN/inf or empty
+            differentiated input, ``fn`` not finite at the inputs, or ``mode="full"`` on a
+            Jacobian too large for the free memory (the message says to use ``"fast"``).
         gradlab.GraphError: ``order=2`` and ``fn``'s backward is not differentiable, or
             ``forward_ad=True`` and ``fn`` has no forward-mode rule.
 
