@@ -54,6 +54,10 @@ from gradlab.testing.numerical import Evaluator, steps_for
 
 __all__ = ["GradientCheckReport", "Location", "check_gradients"]
 
+#: Above this time for one plain vjp, fast mode takes its probes' vjps in a loop, not vmapped
+#: (a loop iteration's own overhead is a few tens of microseconds).
+_LOOP_VJP_SECONDS = 2e-4
+
 
 def _compare(
     problem: Problem,
@@ -94,7 +98,10 @@ def _compare(
         if fwd is not None:
             st.ran("forward mode")
     else:
-        jtu = [an.rows(i, u) for i, u in enumerate(us)]
+        # One plain vjp costing more than _LOOP_VJP_SECONDS is work-bound: a loop of p of them
+        # costs p vjps plus negligible overhead, where vmap may be several times slower.
+        loop = an.plain_vjp_seconds is not None and an.plain_vjp_seconds > _LOOP_VJP_SECONDS
+        jtu = [an.looped_rows(i, u) if loop else an.rows(i, u) for i, u in enumerate(us)]
         check_backward(an, us, jtu, st)
         fast(ev, an, steps, st, unit, acc, us, vs, jtu, fwd)
     check_undefined(an, us, jtu, st)
