@@ -305,8 +305,140 @@ TESTING = [
     row("numerical_jacobian", "chunk_size", "4", lambda v: _jac(chunk_size=v), TypeError),
 ]
 
+
+def _penalty_rows() -> list[Row]:
+    """For every registered critic penalty (gradlab.penalties.PENALTIES), a bad value for each
+    argument of its signature (a new penalty gets its rows from the registry), then the other
+    public functions of gradlab.penalties."""
+    import inspect
+
+    import gradlab.penalties as gp
+
+    def sample() -> torch.Tensor:
+        return torch.randn(4, 3, dtype=F64)
+
+    def critic() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Linear(3, 1).double()
+
+    def caller(entry: gp.PenaltyEntry, name: str) -> Callable[[Any], object]:
+        def call(v: Any) -> object:
+            args = {"critic": critic(), "real": sample(), "fake": sample()}
+            if name in ("real", "fake"):  # both: a pair must match before it is judged
+                args["real"] = args["fake"] = v
+            elif name in args:
+                args[name] = v
+            kwargs = {} if name in args else {name: v}
+            samples = entry.samples(args["real"], args["fake"])
+            return entry.fn(args["critic"], *samples, **kwargs)
+
+        return call
+
+    rows = []
+    for entry in gp.PENALTIES.values():
+        fn, call = entry.fn.__name__, lambda name, e=entry: caller(e, name)
+        arg = entry.inputs[0]
+        rows += [
+            row(fn, "critic", "critic", call("critic"), TypeError),
+            row(fn, arg, "x", call(arg), TypeError),
+            row(fn, arg, torch.zeros(0, 3, dtype=F64), call(arg), ValueError),
+            row(fn, arg, torch.ones(4, 3, dtype=torch.long), call(arg), TypeError),
+            row(fn, "critic_kwargs", [1], call("critic_kwargs"), TypeError),
+            row(fn, "scaler", "x", call("scaler"), TypeError),
+        ]
+        for name, p in inspect.signature(entry.fn).parameters.items():
+            if isinstance(p.default, float):
+                rows += [
+                    row(fn, name, "x", call(name), TypeError),
+                    row(fn, name, -1.0, call(name), ValueError),
+                    row(fn, name, float("nan"), call(name), ValueError),
+                ]
+        if entry.random:
+            rows.append(row(fn, "generator", "abc", call("generator"), TypeError))
+        else:  # the exact method draws nothing
+            rows.append(row(fn, "generator", "abc", call("generator"), ValueError))
+        if len(entry.methods) > 1:
+            rows.append(row(fn, "method", "fd", call("method"), ValueError))
+            rows += [
+                row(
+                    fn,
+                    "sigma",
+                    "x",
+                    lambda v, f=entry.fn: f(
+                        critic(), sample(), sigma=v, method="finite-difference"
+                    ),
+                    TypeError,
+                ),
+                row(
+                    fn,
+                    "sigma",
+                    0.0,
+                    lambda v, f=entry.fn: f(
+                        critic(), sample(), sigma=v, method="finite-difference"
+                    ),
+                    ValueError,
+                ),
+                row(
+                    fn,
+                    "generator",
+                    "abc",
+                    lambda v, f=entry.fn: f(
+                        critic(), sample(), generator=v, method="finite-difference"
+                    ),
+                    TypeError,
+                ),
+            ]
+    lazy = gp.LazyRegularizer(every=4)
+    adam = "LazyRegularizer.adam_hyperparameters"
+    w = torch.randn(2, 4, requires_grad=True)
+    images = nn.Linear(4, 12)(w).view(2, 3, 2, 2)
+    rows += [
+        row("LazyRegularizer", "every", 0, lambda v: gp.LazyRegularizer(every=v), ValueError),
+        row("LazyRegularizer", "every", 2.5, lambda v: gp.LazyRegularizer(every=v), TypeError),
+        row("LazyRegularizer.is_due", "step", -1, lambda v: lazy.is_due(v), ValueError),
+        row(adam, "lr", -1.0, lambda v: lazy.adam_hyperparameters(lr=v), ValueError),
+        row(adam, "lr", "x", lambda v: lazy.adam_hyperparameters(lr=v), TypeError),
+        row(adam, "betas", None, lambda v: lazy.adam_hyperparameters(0.1, v), TypeError),
+        row(adam, "betas", (0.9,), lambda v: lazy.adam_hyperparameters(0.1, v), ValueError),
+        row(adam, "betas[1]", 1.5, lambda v: lazy.adam_hyperparameters(0.1, (0.9, v)), ValueError),
+        row(adam, "betas[0]", "x", lambda v: lazy.adam_hyperparameters(0.1, (v, 0.9)), TypeError),
+        row(
+            "interpolate",
+            "generator",
+            "abc",
+            lambda v: gp.interpolate(X, X, generator=v),
+            TypeError,
+        ),
+        row("interpolate", "fake", torch.zeros(2), lambda v: gp.interpolate(X, v), ValueError),
+        row(
+            "path_length_penalty",
+            "decay",
+            1.5,
+            lambda v: gp.path_length_penalty(images, w, mean=0.0, decay=v),
+            ValueError,
+        ),
+        row(
+            "path_length_penalty",
+            "generator",
+            "abc",
+            lambda v: gp.path_length_penalty(images, w, mean=0.0, generator=v),
+            TypeError,
+        ),
+        row(
+            "input_gradient_norms",
+            "outputs",
+            torch.zeros(()),
+            lambda v: gp.input_gradient_norms(v, w),
+            ValueError,
+        ),
+    ]
+    return rows
+
+
+PENALTIES = _penalty_rows()
+
 #: Other areas append their rows here (or concatenate their own list).
-ROWS: list[Row] = FINETUNE + TESTING
+ROWS: list[Row] = FINETUNE + TESTING + PENALTIES
 
 
 def _template(r: Row) -> re.Pattern[str]:
