@@ -44,6 +44,17 @@ class PenaltyEntry:
         methods: the values its ``method=`` accepts (``("exact",)`` when it has no such
             argument).
         random: whether the exact method draws random numbers (then it takes ``generator=``).
+
+    Example:
+        >>> from gradlab.penalties import PENALTIES
+        >>> sorted(PENALTIES)
+        ['dragan', 'r1', 'r2', 'wgan-gp']
+        >>> entry = PENALTIES["r1"]
+        >>> entry.inputs, entry.zero_centred, entry.methods
+        (('real',), True, ('exact', 'finite-difference'))
+        >>> critic, real, fake = torch.nn.Linear(3, 1), torch.randn(4, 3), torch.randn(4, 3)
+        >>> [e.fn(critic, *e.samples(real, fake)).shape for e in PENALTIES.values()]
+        [torch.Size([]), torch.Size([]), torch.Size([]), torch.Size([])]
     """
 
     name: str
@@ -77,7 +88,20 @@ PENALTIES: dict[str, PenaltyEntry] = {}
 
 
 def register_penalty(entry: PenaltyEntry) -> PenaltyEntry:
-    """Add ``entry`` to :data:`PENALTIES` (a name may be registered once) and return it."""
+    """Add ``entry`` to :data:`PENALTIES` (a name may be registered once) and return it.
+
+    A penalty module calls this once, at its end, for its own function; the subpackage's
+    ``__init__.py`` imports the module (which registers it) and exports the function.
+
+    Example:
+        >>> from gradlab.penalties import PENALTIES, PenaltyEntry, r1_penalty, register_penalty
+        >>> def l2_at_real(critic, real, *, weight=1.0):  # a toy: R1 with another weight
+        ...     return r1_penalty(critic, real, gamma=2 * weight)
+        >>> _ = register_penalty(PenaltyEntry("toy", l2_at_real, ("real",), zero_centred=True))
+        >>> "toy" in PENALTIES
+        True
+        >>> del PENALTIES["toy"]  # (this example leaves the registry as it was)
+    """
     if not isinstance(entry, PenaltyEntry):
         raise TypeError(
             f"register_penalty: entry must be a PenaltyEntry, got {entry!r}. Build one with "
