@@ -3,10 +3,12 @@
 Tables:
 
 1. *Penalty step cost*: one critic training step (adversarial loss + penalty, backward,
-   zero_grad) for each penalty, relative to the plain critic step without a penalty, on a
-   DCGAN-style conv critic; ``r1 (outputs=)`` reuses the adversarial forward pass on the reals
-   (StyleGAN2's way); ``lazy r1 (every 16)`` runs 16 steps with R1 (gain 16) on the first, and is
-   reported per step (amortized). A generator row does the same for the path length penalty.
+   zero_grad) for every registered penalty and method (``gradlab.penalties.PENALTIES``: a new
+   penalty gets its row without touching this file), relative to the plain critic step without a
+   penalty, on a DCGAN-style conv critic; then option variants: ``r1 (outputs=)`` reuses the
+   adversarial forward pass on the reals (StyleGAN2's way); ``lazy r1 (every 16)`` runs 16 steps
+   with R1 (gain 16) on the first, and is reported per step (amortized). A generator row does
+   the same for the path length penalty.
 2. *gradient_penalty vs hand-written*: the GP part of a step (interpolate, critic forward,
    ``torch.autograd.grad`` with ``create_graph``, norm, backward) written by hand the best way
    (one ``torch.rand`` per sample, one ``torch.lerp``, ``torch.autograd.grad``, ``vector_norm``
@@ -31,13 +33,29 @@ from torch import nn
 
 from benchmarks._core import Context, Suite, Table, judge, time_interleaved
 from gradlab.penalties import (
+    PENALTIES,
     LazyRegularizer,
     PathLengthPenalty,
-    dragan_penalty,
+    PenaltyEntry,
     gradient_penalty,
     r1_penalty,
-    r2_penalty,
 )
+
+
+def _registered(
+    entry: PenaltyEntry,
+    critic: nn.Module,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    method: str,
+    gen: torch.Generator,
+) -> Callable[[], torch.Tensor]:
+    """``entry``'s penalty on the samples it takes, with ``method`` (and ``gen`` for draws)."""
+    kw: dict[str, object] = {} if method == "exact" else {"method": method}
+    if entry.random or method != "exact":
+        kw["generator"] = gen
+    samples = entry.samples(real, fake)
+    return lambda: entry.fn(critic, *samples, **kw)
 
 
 def _dcgan_critic(width: int, size: int) -> nn.Module:
@@ -109,22 +127,24 @@ def _critic_steps(
         for _ in range(lazy.every):
             plain()
 
-    return {
-        "plain": plain,
-        "wgan-gp": step(lambda: gradient_penalty(critic, real, fake)),
-        "wgan-lp (one_sided)": step(lambda: gradient_penalty(critic, real, fake, one_sided=True)),
-        "zero-centred gp": step(lambda: gradient_penalty(critic, real, fake, center=0.0)),
-        "r1": step(lambda: r1_penalty(critic, real)),
-        "r1 (outputs=)": r1_reuse,
-        "r1 finite-difference": step(
-            lambda: r1_penalty(critic, real, method="finite-difference", generator=gen)
-        ),
-        "r1 finite-difference (outputs=)": r1_fd_reuse,
-        "r2": step(lambda: r2_penalty(critic, fake)),
-        "dragan": step(lambda: dragan_penalty(critic, real)),
-        "_plain x16": plain_16,
-        "_lazy r1 x16": lazy_r1_16,
-    }
+    steps: dict[str, Callable[[], None]] = {"plain": plain}
+    for entry in PENALTIES.values():  # every registered penalty and method
+        for method in entry.methods:
+            label = entry.name if method == "exact" else f"{entry.name} {method}"
+            steps[label] = step(_registered(entry, critic, real, fake, method, gen))
+    steps.update(  # option variants
+        {
+            "wgan-lp (one_sided)": step(
+                lambda: gradient_penalty(critic, real, fake, one_sided=True)
+            ),
+            "zero-centred gp": step(lambda: gradient_penalty(critic, real, fake, center=0.0)),
+            "r1 (outputs=)": r1_reuse,
+            "r1 finite-difference (outputs=)": r1_fd_reuse,
+            "_plain x16": plain_16,
+            "_lazy r1 x16": lazy_r1_16,
+        }
+    )
+    return steps
 
 
 def _generator_steps(batch: int, device: torch.device) -> dict[str, Callable[[], None]]:

@@ -5,13 +5,24 @@ critic's input gradients over every non-batch dimension, zero-safe, taken with
 ``torch.autograd.grad`` on fresh leaf copies, then one reduction). R1/R2 also have a
 finite-difference estimator (``method="finite-difference"``) that needs no double backward.
 Each ``*_penalty`` returns a scalar; the one way to get the per-sample norms for logging is its
-``*_penalty_and_norms`` twin, which returns ``(penalty, norms)`` at no extra cost.
+``*_penalty_and_norms`` twin, which returns ``(penalty, norms)`` at no extra cost (a twin rather
+than a ``return_norms=`` flag: one return structure per call signature, see
+:class:`PenaltyWithNorms`).
+
+:data:`PENALTIES` lists the critic penalties (name -> :class:`PenaltyEntry`: the function, the
+sample arguments it takes, whether it is zero-centred, its methods); each penalty module registers
+its own entry, and the cross-cutting tests and the benchmark loop over it. Adding a penalty is
+its module (a front end over ``_core.py`` ending in :func:`register_penalty`), one import line
+here, and its test.
 """
 
 # ruff: noqa: I001  (one public name per import line, STYLE.md #1)
 from __future__ import annotations
 
 from gradlab.penalties._core import PenaltyWithNorms
+from gradlab.penalties._registry import PENALTIES
+from gradlab.penalties._registry import PenaltyEntry
+from gradlab.penalties._registry import register_penalty
 from gradlab.penalties._interpolate import interpolate
 from gradlab.penalties._norms import input_gradient_norms
 from gradlab.penalties.dragan import dragan_penalty
@@ -29,10 +40,12 @@ from gradlab.penalties.wgan_gp import gradient_penalty
 from gradlab.penalties.wgan_gp import gradient_penalty_and_norms
 
 __all__ = [
+    "PENALTIES",
     "AdamHyperparameters",
     "LazyRegularizer",
     "PathLengthPenalty",
     "PathLengthResult",
+    "PenaltyEntry",
     "PenaltyWithNorms",
     "dragan_penalty",
     "dragan_penalty_and_norms",
@@ -45,4 +58,5 @@ __all__ = [
     "r1_penalty_and_norms",
     "r2_penalty",
     "r2_penalty_and_norms",
+    "register_penalty",
 ]

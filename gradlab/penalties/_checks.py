@@ -1,16 +1,19 @@
-"""Validation shared by every penalty: one ``_check_*`` helper per concern (STYLE.md #7).
+"""The penalties' domain checks: samples, real/fake pairs, critics, critic outputs.
 
-Every helper takes the public function's name as ``fn`` so that its message names the function the
-user called, the argument, what was received and the fix.
+Generic argument checks (numbers, choices, generators, callables) are :mod:`gradlab._validate`'s;
+these helpers cover what only penalties have, in the same argument order (``fn``, the argument's
+name, the value) and the same message template, built with :func:`gradlab._validate.message`:
+``"{fn}: {name} must be ..., got {value!r}. {fix}"``. Each accepts the common case (one
+floating tensor, ``None`` options) with a type test or two: they run on every penalty call.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -18,23 +21,23 @@ from torch import nn
 
 from gradlab._errors import GraphError
 from gradlab._typing import TensorOrTensors
+from gradlab._validate import check_callable, message
 
 __all__ = [
     "METHODS",
     "as_tensors",
     "check_critic",
     "check_critic_kwargs",
-    "check_method",
     "check_nonempty",
-    "check_nonnegative",
     "check_outputs",
     "check_pair",
     "check_pair_is_simple",
-    "check_positive",
     "check_requires_grad",
     "check_scaler",
     "is_ddp",
 ]
+
+_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
 
 #: The ways :func:`~gradlab.penalties.r1_penalty` / ``r2_penalty`` can compute the penalty.
 METHODS = ("exact", "finite-difference")
@@ -44,40 +47,58 @@ _WARNED_BATCHNORM: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 
 
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return f"{type(x).__name__} {x!r}"[:120]
-
-
 def as_tensors(fn: str, arg: str, x: TensorOrTensors) -> tuple[torch.Tensor, ...]:
     """``x`` as a non-empty tuple of floating-point tensors with one shared batch size."""
+    if type(x) is torch.Tensor and x.ndim > 0 and x.is_floating_point():  # the common case
+        return (x,)
     if isinstance(x, torch.Tensor):
         tensors: tuple[torch.Tensor, ...] = (x,)
     elif isinstance(x, Sequence) and not isinstance(x, str) and len(x) > 0:
         tensors = tuple(x)
     else:
         raise TypeError(
-            f"{fn}: {arg} must be a tensor or a non-empty tuple of tensors, got {_describe(x)}"
+            message(
+                fn,
+                arg,
+                "a tensor or a non-empty tuple of tensors",
+                x,
+                "Pass the samples as a (B, ...) tensor, or a tuple of them for a critic with "
+                "several inputs",
+            )
         )
     for i, t in enumerate(tensors):
         name = arg if len(tensors) == 1 and isinstance(x, torch.Tensor) else f"{arg}[{i}]"
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a tensor, got {_describe(t)}")
+            raise TypeError(message(fn, name, "a tensor", t, "Pass tensors only"))
         if not t.is_floating_point():
             raise TypeError(
-                f"{fn}: {name} has dtype {t.dtype}; critic inputs must be floating point. Pass "
-                "integer inputs such as class labels through critic_kwargs instead"
+                message(
+                    fn,
+                    name,
+                    "a floating-point tensor (critic inputs are differentiated)",
+                    t,
+                    "Pass integer inputs such as class labels through critic_kwargs instead",
+                )
             )
         if t.ndim == 0:
             raise ValueError(
-                f"{fn}: {name} is a 0-d tensor; inputs need a leading batch dimension, e.g. "
-                "x.unsqueeze(0)"
+                message(
+                    fn,
+                    name,
+                    "a tensor with a leading batch dimension",
+                    t,
+                    "Add one: x.unsqueeze(0)",
+                )
             )
         if t.shape[0] != tensors[0].shape[0]:
             raise ValueError(
-                f"{fn}: {name} has batch size {t.shape[0]} but {arg}[0] has "
-                f"{tensors[0].shape[0]}; every input of a sample must share the batch dimension"
+                message(
+                    fn,
+                    name,
+                    f"a tensor of {arg}[0]'s batch size {tensors[0].shape[0]}",
+                    t,
+                    "Every input of a sample must share the batch dimension",
+                )
             )
     return tensors
 
@@ -105,72 +126,69 @@ def check_pair(
     f = as_tensors(fn, "fake", fake)
     if isinstance(real, torch.Tensor) != isinstance(fake, torch.Tensor) or len(r) != len(f):
         raise ValueError(
-            f"{fn}: real has {len(r)} input(s) ({type(real).__name__}) but fake has {len(f)} "
-            f"({type(fake).__name__}); pass both as tensors or both as tuples of the same length"
+            message(
+                fn,
+                "fake",
+                f"structured as real ({len(r)} input(s), a {type(real).__name__})",
+                fake,
+                "Pass both as tensors or both as tuples of the same length",
+            )
         )
     for i, (a, b) in enumerate(zip(r, f)):
         where = "" if isinstance(real, torch.Tensor) else f"[{i}]"
         if a.shape != b.shape:
             raise ValueError(
-                f"{fn}: real{where} has shape {tuple(a.shape)} but fake{where} has "
-                f"{tuple(b.shape)}; both must match (same batch size and sample shape)"
+                message(
+                    fn,
+                    f"fake{where}",
+                    f"of real{where}'s shape {tuple(a.shape)}",
+                    b,
+                    "Both must have the same batch size and sample shape",
+                )
             )
         if a.dtype != b.dtype or a.device != b.device:
             raise ValueError(
-                f"{fn}: real{where} is {a.dtype} on {a.device} but fake{where} is {b.dtype} on "
-                f"{b.device}; convert one with .to(other)"
+                message(
+                    fn,
+                    f"fake{where}",
+                    f"{a.dtype} on {a.device} like real{where}",
+                    b,
+                    "Convert one with .to(other)",
+                )
             )
     return r, f
-
-
-def check_nonnegative(fn: str, arg: str, value: float) -> float:
-    """A finite number >= 0 (weights, gamma, center, noise scale, decay)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {arg} must be a float, got {_describe(value)}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{fn}: {arg} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def check_positive(fn: str, arg: str, value: float) -> float:
-    """A finite number > 0 (the finite-difference step)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {arg} must be a float, got {_describe(value)}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{fn}: {arg} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def check_method(fn: str, method: Any) -> str:
-    """One of :data:`METHODS`."""
-    if method not in METHODS or not isinstance(method, str):
-        raise ValueError(
-            f"{fn}: method must be one of {', '.join(repr(m) for m in METHODS)}, got "
-            f"{_describe(method)}"
-        )
-    return method
 
 
 def check_nonempty(fn: str, arg: str, xs: tuple[torch.Tensor, ...]) -> None:
     """Refuse a batch of 0 samples: a penalty is a mean over samples (NaN for none)."""
     if xs[0].shape[0] == 0:
         raise ValueError(
-            f"{fn}: {arg} is an empty batch (shape {tuple(xs[0].shape)}); the penalty is a mean "
-            "over samples and has no value for 0 samples. Fix: skip the penalty for this step "
-            f"(if {arg}.shape[0] > 0: ...), or drop the last incomplete batch "
-            "(DataLoader(..., drop_last=True))"
+            message(
+                fn,
+                arg,
+                "a non-empty batch (a penalty is a mean over samples: none for 0 samples)",
+                xs[0],
+                f"Skip the penalty for this step (if {arg}.shape[0] > 0: ...), or drop the last "
+                "incomplete batch (DataLoader(..., drop_last=True))",
+            )
         )
 
 
 def check_critic_kwargs(fn: str, critic_kwargs: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The keyword arguments for the critic (an empty mapping for ``None``)."""
     if critic_kwargs is None:
-        return {}
-    if not isinstance(critic_kwargs, Mapping):
-        raise TypeError(
-            f"{fn}: critic_kwargs must be a dict of keyword arguments for the critic, e.g. "
-            f"{{'labels': y}}, got {_describe(critic_kwargs)}"
+        return _NO_KWARGS
+    if type(critic_kwargs) is dict or isinstance(critic_kwargs, Mapping):
+        return critic_kwargs
+    raise TypeError(
+        message(
+            fn,
+            "critic_kwargs",
+            "a dict of keyword arguments for the critic, or None",
+            critic_kwargs,
+            "Pass e.g. critic_kwargs={'labels': y}",
         )
-    return critic_kwargs
+    )
 
 
 def check_scaler(fn: str, scaler: Any) -> torch.amp.GradScaler | None:
@@ -179,7 +197,13 @@ def check_scaler(fn: str, scaler: Any) -> torch.amp.GradScaler | None:
         return None
     if not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(
-            f"{fn}: scaler must be a torch.amp.GradScaler (or None), got {_describe(scaler)}"
+            message(
+                fn,
+                "scaler",
+                "a torch.amp.GradScaler or None",
+                scaler,
+                "Pass scaler=torch.amp.GradScaler(device_type) under mixed precision, or None",
+            )
         )
     return scaler if scaler.is_enabled() else None
 
@@ -237,13 +261,13 @@ def _compiled_types() -> tuple[type, ...]:
     return _COMPILED_TYPES
 
 
-def _fsdp_error(fn: str, where: str, module: nn.Module) -> GraphError:
+def _fsdp_error(fn: str, where: str, module: nn.Module, finite_difference: bool) -> GraphError:
     kind = (
         "FullyShardedDataParallel (FSDP 1)"
         if type(module).__name__ == "FullyShardedDataParallel"
         else "fully_shard (FSDP2)"
     )
-    if fn in ("r1_penalty", "r2_penalty"):
+    if finite_difference:
         fix = (
             f"use {fn}(..., method='finite-difference'), which needs only a first-order "
             "backward and runs through FSDP, or wrap the critic with DistributedDataParallel "
@@ -262,13 +286,19 @@ def _fsdp_error(fn: str, where: str, module: nn.Module) -> GraphError:
     )
 
 
-def check_critic(fn: str, critic: Any, *, exact: bool = True) -> None:
+def check_critic(
+    fn: str, critic: Any, *, exact: bool = True, finite_difference: bool = False
+) -> None:
     """Refuse what cannot be differentiated twice (``exact``: compiled critics, FSDP critics)
-    and static-graph DDP; warn once per BatchNorm in training mode."""
-    if not callable(critic):
-        raise TypeError(
-            f"{fn}: critic must be a callable (an nn.Module or a function), got {_describe(critic)}"
-        )
+    and static-graph DDP; warn once per BatchNorm in training mode. ``finite_difference``: the
+    penalty ``fn`` offers ``method="finite-difference"`` (the FSDP error then suggests it)."""
+    check_callable(
+        fn,
+        "critic",
+        critic,
+        what="a callable (an nn.Module or a function)",
+        fix=f"Pass the critic module itself, e.g. {fn}(critic, ...)",
+    )
     if exact and _is_compiled(critic):
         raise _compiled_error(fn, "critic")
     if not isinstance(critic, nn.Module):
@@ -283,10 +313,10 @@ def check_critic(fn: str, critic: Any, *, exact: bool = True) -> None:
         )
     fsdp = _fsdp_types() if exact else ()
     if fsdp and isinstance(critic, fsdp):
-        raise _fsdp_error(fn, "critic", critic)
+        raise _fsdp_error(fn, "critic", critic, finite_difference)
     refused = fsdp + _compiled_types() if exact else ()
     if _needs_full_scan(critic, refused, exact):
-        _scan_modules(fn, critic, fsdp, exact)
+        _scan_modules(fn, critic, fsdp, exact, finite_difference)
 
 
 def _needs_full_scan(critic: nn.Module, refused: tuple[type, ...], exact: bool) -> bool:
@@ -328,7 +358,9 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _scan_modules(fn: str, critic: nn.Module, fsdp: tuple[type, ...], exact: bool) -> None:
+def _scan_modules(
+    fn: str, critic: nn.Module, fsdp: tuple[type, ...], exact: bool, finite_difference: bool
+) -> None:
     """Warn about BatchNorms in training mode; if ``exact``, refuse compiled and FSDP
     submodules (critic.modules() order)."""
     for m in critic.modules():
@@ -350,7 +382,7 @@ def _scan_modules(fn: str, critic: nn.Module, fsdp: tuple[type, ...], exact: boo
             name = next(n for n, s in critic.named_modules() if s is m)
             where = f"the critic's submodule {name!r}"
             if fsdp and isinstance(m, fsdp):
-                raise _fsdp_error(fn, where, m)
+                raise _fsdp_error(fn, where, m, finite_difference)
             raise _compiled_error(fn, where)
 
 
@@ -358,16 +390,28 @@ def check_outputs(fn: str, outputs: Any, batch: int, arg: str = "the critic's ou
     """Outputs must be a floating tensor whose first dimension is the batch."""
     if not isinstance(outputs, torch.Tensor):
         raise TypeError(
-            f"{fn}: {arg} must be a tensor with one score per sample, got {_describe(outputs)}"
+            message(
+                fn,
+                arg,
+                "a tensor with one score per sample",
+                outputs,
+                "Return the scores as one tensor of shape (B,) or (B, ...)",
+            )
         )
     if outputs.ndim == 0 or outputs.shape[0] != batch:
         raise ValueError(
-            f"{fn}: {arg} has shape {tuple(outputs.shape)} but the batch has {batch} samples; "
-            f"it must keep the batch dimension, shape ({batch},) or ({batch}, ...). Do not "
-            "reduce over the batch (e.g. .mean()) inside the critic"
+            message(
+                fn,
+                arg,
+                f"a tensor with the batch of {batch} first, shape ({batch},) or ({batch}, ...)",
+                outputs,
+                "Do not reduce over the batch (e.g. .mean()) inside the critic",
+            )
         )
     if not outputs.is_floating_point():
-        raise TypeError(f"{fn}: {arg} has dtype {outputs.dtype}; it must be floating point")
+        raise TypeError(
+            message(fn, arg, "a floating-point tensor", outputs, "Return floating-point scores")
+        )
     if outputs.grad_fn is None and not outputs.requires_grad:
         raise GraphError(
             f"{fn}: {arg} does not require grad, so it has no gradient with respect to the "
@@ -381,7 +425,12 @@ def check_requires_grad(fn: str, arg: str, inputs: tuple[torch.Tensor, ...]) -> 
         if not t.requires_grad:
             name = arg if len(inputs) == 1 else f"{arg}[{i}]"
             raise ValueError(
-                f"{fn}: {name} does not require grad; the inputs must be the very tensors the "
-                "outputs were computed from, with requires_grad=True set "
-                "before the forward pass (x = x.detach().requires_grad_(True); out = critic(x))"
+                message(
+                    fn,
+                    name,
+                    "a tensor that requires grad (the very tensor the outputs were computed from)",
+                    t,
+                    "Set it before the forward pass: x = x.detach().requires_grad_(True); "
+                    "out = critic(x)",
+                )
             )

@@ -44,6 +44,13 @@ _SAMPLE_DIMS = tuple(tuple(range(1, n)) for n in range(9))
 class PenaltyWithNorms(NamedTuple):
     """What the ``*_and_norms`` penalty functions return.
 
+    Each penalty ``p`` returns a scalar; its twin ``p_and_norms`` (same arguments) returns this
+    pair. Twins rather than a ``return_norms=True`` flag, because the API contract asks for one
+    return structure per call signature (STYLE.md #4): a flag would make the result a tensor or
+    a pair depending on a value, which a type checker cannot follow and every caller must keep
+    in mind; a second name returns one structure always. Both are one call of the same core and
+    the norms cost nothing extra.
+
     Attributes:
         penalty: the scalar penalty to add to the loss (differentiable w.r.t. the critic).
         norms: the per-sample input-gradient norms the penalty was computed from, shape ``(B,)``,

@@ -5,9 +5,15 @@ from __future__ import annotations
 import torch
 
 from gradlab._typing import TensorOrTensors
+from gradlab._validate import check_generator
 from gradlab.penalties._checks import check_pair
 
-__all__ = ["interpolate", "per_sample_uniform", "uniform_like"]
+__all__ = [
+    "interpolate",
+    "interpolate_leaves",
+    "per_sample_coefficients",
+    "uniform_like",
+]
 
 
 def uniform_like(
@@ -22,45 +28,72 @@ def uniform_like(
     return u.to(x.device, non_blocking=True)
 
 
-def per_sample_uniform(
-    xs: tuple[torch.Tensor, ...], generator: torch.Generator | None
-) -> torch.Tensor:
-    """One ``U[0, 1)`` coefficient per sample, shape ``(B,)``, in the first input's dtype."""
-    return uniform_like(xs[0], (xs[0].shape[0],), generator)
+# (1,) * k for the per-sample coefficient's broadcast shape (B, 1, ..., 1), k < 8 precomputed.
+_ONES = tuple((1,) * k for k in range(8))
 
 
-def lerp_per_sample(
-    real: tuple[torch.Tensor, ...], fake: tuple[torch.Tensor, ...], a: torch.Tensor
+def _coefficient_shape(x: torch.Tensor) -> tuple[int, ...]:
+    k = x.ndim - 1
+    return (x.shape[0],) + (_ONES[k] if k < len(_ONES) else (1,) * k)
+
+
+def per_sample_coefficients(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One ``U[0, 1)`` coefficient per sample in ``x``'s dtype, drawn directly in the broadcast
+    shape ``(B, 1, ..., 1)`` of ``x`` (the same numbers as a ``(B,)`` draw)."""
+    return uniform_like(x, _coefficient_shape(x), generator)
+
+
+def _lerp(r: torch.Tensor, f: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``r + a (f - r)`` with the per-sample ``a`` reshaped to ``r``'s dimensions (``r`` itself
+    where ``f is r``)."""
+    if f is r:
+        return r
+    if a.ndim != r.ndim or a.dtype != r.dtype:
+        a = a.to(r.dtype).reshape((-1,) + (1,) * (r.ndim - 1))
+    return torch.lerp(r, f, a)
+
+
+def interpolate_leaves(
+    real: tuple[torch.Tensor, ...],
+    fake: tuple[torch.Tensor, ...],
+    generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, ...]:
-    """``real + a * (fake - real)`` with ``a`` of shape ``(B,)`` broadcast to each input.
+    """Fresh leaves (``requires_grad=True``) at ``real + a (fake - real)``, one ``a`` per sample
+    shared by all inputs, with no graph to ``real``/``fake``. Where ``fake is real`` the leaf
+    shares ``real``'s data (the coefficients are drawn anyway, so the generator advances the
+    same).
 
-    Differentiable w.r.t. ``real`` and ``fake`` (callers detach them when they must not be).
+    The common case (one input) is written with as few Python calls as a hand-written step:
+    at small critics they are a visible part of the penalty's cost.
     """
-    return tuple(
-        r if f is r else torch.lerp(r, f, a.to(r.dtype).view((-1,) + (1,) * (r.ndim - 1)))
-        for r, f in zip(real, fake)
-    )
+    r, f = real[0], fake[0]
+    k = r.ndim - 1
+    shape = (r.shape[0],) + _ONES[k] if k < len(_ONES) else _coefficient_shape(r)
+    if generator is None:
+        a = torch.rand(shape, dtype=r.dtype, device=r.device)
+    else:
+        a = uniform_like(r, shape, generator)
+    if len(real) > 1:
+        return tuple(_leaf(x, y, a) for x, y in zip(real, fake))
+    if f is r:
+        return (r.detach().requires_grad_(True),)
+    if r.requires_grad or f.requires_grad:
+        r, f = r.detach(), f.detach()
+    return (torch.lerp(r, f, a).requires_grad_(True),)
 
 
-def detached_interpolate_leaves(
-    real: tuple[torch.Tensor, ...], fake: tuple[torch.Tensor, ...], a: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """Fresh leaves (``requires_grad=True``) at ``real + a (fake - real)``, with no graph to
-    ``real``/``fake``. Where ``fake is real`` the leaf shares ``real``'s data (no arithmetic)."""
-    out = []
-    for r, f in zip(real, fake):
-        x = r.detach()
-        if f is not r:
-            x = torch.lerp(x, f.detach(), a.to(r.dtype).view((-1,) + (1,) * (r.ndim - 1)))
-        out.append(x.requires_grad_(True))
-    return tuple(out)
+def _leaf(r: torch.Tensor, f: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    if r.requires_grad or f.requires_grad:
+        r, f = r.detach(), (r if f is r else f.detach())
+    x = _lerp(r, f, a)
+    return (x.detach() if x is r else x).requires_grad_(True)
 
 
 def interpolate(
     real: TensorOrTensors,
     fake: TensorOrTensors,
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
 ) -> TensorOrTensors:
     r"""Random points on the lines between real and fake samples (WGAN-GP's :math:`\hat x`).
 
@@ -81,7 +114,7 @@ def interpolate(
     Args:
         real: real samples, a tensor ``(B, ...)`` or a tuple of them (several critic inputs).
         fake: fake samples, same structure, shapes, dtypes and devices as ``real``.
-        generator: a :class:`torch.Generator` for the coefficients (for reproducibility).
+        generator: a :class:`torch.Generator` or an int seed for the coefficients.
 
     Returns:
         The interpolates: a tensor for tensor inputs, a tuple (same order) for tuples.
@@ -99,5 +132,6 @@ def interpolate(
         tensor([0., 0., 0.])
     """
     r, f = check_pair("interpolate", real, fake)
-    out = lerp_per_sample(r, f, per_sample_uniform(r, generator))
+    a = per_sample_coefficients(r[0], check_generator("interpolate", "generator", generator))
+    out = tuple(_lerp(x, y, a) for x, y in zip(r, f))
     return out[0] if isinstance(real, torch.Tensor) else out

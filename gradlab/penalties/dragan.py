@@ -8,20 +8,17 @@ from typing import Any
 import torch
 
 from gradlab._typing import TensorFn, TensorOrTensors
+from gradlab._validate import check_generator, check_nonnegative
 from gradlab.penalties._checks import (
     as_tensors,
     check_critic,
     check_critic_kwargs,
     check_nonempty,
-    check_nonnegative,
     check_scaler,
 )
 from gradlab.penalties._core import PenaltyWithNorms, exact_penalty, make_spec
-from gradlab.penalties._interpolate import (
-    detached_interpolate_leaves,
-    per_sample_uniform,
-    uniform_like,
-)
+from gradlab.penalties._interpolate import interpolate_leaves, uniform_like
+from gradlab.penalties._registry import PenaltyEntry, bind, register_penalty, twin_of
 
 __all__ = ["dragan_penalty", "dragan_penalty_and_norms", "perturb"]
 
@@ -37,41 +34,32 @@ def perturb(
     return tuple(out)
 
 
-def dragan_penalty_and_norms(
+def _dragan_penalty(
     critic: TensorFn,
     real: TensorOrTensors,
-    *,
-    weight: float = 10.0,
-    center: float = 1.0,
-    noise_scale: float = 0.5,
-    critic_kwargs: Mapping[str, Any] | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    generator: torch.Generator | None = None,
-) -> PenaltyWithNorms:
-    """:func:`dragan_penalty` and the per-sample gradient norms (detached, for logging).
-
-    Example:
-        >>> from gradlab.penalties import dragan_penalty_and_norms
-        >>> penalty, norms = dragan_penalty_and_norms(torch.nn.Linear(3, 1), torch.randn(4, 3))
-        >>> penalty.shape, norms.shape
-        (torch.Size([]), torch.Size([4]))
-    """
+    weight: float,
+    center: float,
+    noise_scale: float,
+    critic_kwargs: Mapping[str, Any] | None,
+    scaler: torch.amp.GradScaler | None,
+    generator: torch.Generator | int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(penalty, norms)`` (norms not detached); the arguments of the public signature."""
     fn = "dragan_penalty"
-    weight = check_nonnegative(fn, "weight", weight)
-    center = check_nonnegative(fn, "center", center)
+    spec = make_spec(
+        fn, check_nonnegative(fn, "weight", weight), check_nonnegative(fn, "center", center)
+    )
     noise_scale = check_nonnegative(fn, "noise_scale", noise_scale)
     xs = as_tensors(fn, "real", real)
     check_nonempty(fn, "real", xs)
     kwargs = check_critic_kwargs(fn, critic_kwargs)
     scaler = check_scaler(fn, scaler)
+    generator = check_generator(fn, "generator", generator)
     check_critic(fn, critic)
     with torch.no_grad():
         xs = tuple(x.detach() for x in xs)
-        perturbed = perturb(xs, noise_scale, generator)
-        leaves = detached_interpolate_leaves(xs, perturbed, per_sample_uniform(xs, generator))
-    spec = make_spec(fn, weight, center)
-    penalty, norms = exact_penalty(spec, critic, leaves, kwargs, scaler)
-    return PenaltyWithNorms(penalty, norms.detach())
+        leaves = interpolate_leaves(xs, perturb(xs, noise_scale, generator), generator)
+    return exact_penalty(spec, critic, leaves, kwargs, scaler)
 
 
 def dragan_penalty(
@@ -83,7 +71,7 @@ def dragan_penalty(
     noise_scale: float = 0.5,
     critic_kwargs: Mapping[str, Any] | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
 ) -> torch.Tensor:
     r"""The DRAGAN gradient penalty: WGAN-GP's penalty in a noisy neighbourhood of the real data.
 
@@ -110,7 +98,8 @@ def dragan_penalty(
         noise_scale: :math:`s \ge 0` (0.5 in the paper's code).
         critic_kwargs: extra keyword arguments for the critic.
         scaler: a :class:`torch.amp.GradScaler` for mixed precision.
-        generator: a :class:`torch.Generator` for the noise and the coefficients.
+        generator: a :class:`torch.Generator` or an int seed for the noise and the
+            coefficients.
 
     Returns:
         The scalar penalty.
@@ -131,13 +120,37 @@ def dragan_penalty(
     References:
         Kodali et al., "On Convergence and Stability of GANs", arXiv:1705.07215, 2017.
     """
-    return dragan_penalty_and_norms(
-        critic,
-        real,
-        weight=weight,
-        center=center,
-        noise_scale=noise_scale,
-        critic_kwargs=critic_kwargs,
-        scaler=scaler,
-        generator=generator,
-    ).penalty
+    return _dragan_penalty(
+        critic, real, weight, center, noise_scale, critic_kwargs, scaler, generator
+    )[0]
+
+
+@twin_of(dragan_penalty)
+def dragan_penalty_and_norms(*args: Any, **kwargs: Any) -> PenaltyWithNorms:
+    """:func:`dragan_penalty` and the per-sample gradient norms (detached, for logging).
+
+    Same arguments and errors as :func:`dragan_penalty`. A twin rather than a flag: see
+    :class:`PenaltyWithNorms`.
+
+    Example:
+        >>> from gradlab.penalties import dragan_penalty_and_norms
+        >>> penalty, norms = dragan_penalty_and_norms(torch.nn.Linear(3, 1), torch.randn(4, 3))
+        >>> penalty.shape, norms.shape
+        (torch.Size([]), torch.Size([4]))
+    """
+    penalty, norms = _dragan_penalty(
+        *bind("dragan_penalty_and_norms", dragan_penalty, args, kwargs)
+    )
+    return PenaltyWithNorms(penalty, norms.detach())
+
+
+register_penalty(
+    PenaltyEntry(
+        "dragan",
+        dragan_penalty,
+        inputs=("real",),
+        zero_centred=False,
+        with_norms=dragan_penalty_and_norms,
+        random=True,
+    )
+)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from gradlab._validate import check_int, check_nonnegative, check_probability, check_type, message
+
 __all__ = ["AdamHyperparameters", "LazyRegularizer"]
 
 
@@ -50,12 +52,13 @@ class LazyRegularizer:
     """
 
     def __init__(self, every: int) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(
-                f"LazyRegularizer: every must be an integer >= 1 (steps between applications), "
-                f"got {every!r}"
-            )
-        self.every = every
+        self.every = check_int(
+            "LazyRegularizer",
+            "every",
+            every,
+            minimum=1,
+            fix="Pass the number of steps between applications, e.g. every=16",
+        )
 
     @property
     def gain(self) -> float:
@@ -69,8 +72,7 @@ class LazyRegularizer:
 
     def is_due(self, step: int) -> bool:
         """Whether the penalty is applied at ``step`` (counted from 0): ``step % every == 0``."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"LazyRegularizer.is_due: step must be an integer >= 0, got {step!r}")
+        step = check_int("LazyRegularizer.is_due", "step", step, minimum=0)
         return step % self.every == 0
 
     def adam_hyperparameters(
@@ -81,14 +83,30 @@ class LazyRegularizer:
         ``lr * c`` and ``(beta1 ** c, beta2 ** c)`` with ``c = every / (every + 1)``, as
         StyleGAN2 does for an optimizer that also takes a step every ``every`` minibatches for the
         penalty alone.
+
+        Args:
+            lr: Adam's learning rate, a finite number >= 0.
+            betas: Adam's ``(beta1, beta2)``, each in ``[0, 1)`` (what
+                :class:`torch.optim.Adam` accepts).
+
+        Raises:
+            TypeError: ``lr`` not a number, ``betas`` not a tuple (or list) of numbers.
+            ValueError: a negative or non-finite ``lr``, ``betas`` not a pair, a beta outside
+                ``[0, 1)``.
         """
+        fn = "LazyRegularizer.adam_hyperparameters"
+        lr = check_nonnegative(fn, "lr", lr, fix="Pass Adam's learning rate, e.g. lr=0.002")
+        fix = "Pass e.g. betas=(0.9, 0.999), as for torch.optim.Adam (StyleGAN2: (0.0, 0.99))"
+        fix_beta = "Adam's betas are decay rates: pass e.g. betas=(0.9, 0.999)"
+        check_type(fn, "betas", betas, (tuple, list), what="a pair (beta1, beta2)", fix=fix)
         if len(betas) != 2:
-            raise ValueError(
-                f"LazyRegularizer.adam_hyperparameters: betas must be a pair (beta1, beta2), "
-                f"got {betas!r}"
-            )
+            raise ValueError(message(fn, "betas", "a pair (beta1, beta2)", betas, fix))
+        b1, b2 = (
+            check_probability(fn, f"betas[{i}]", b, high_open=True, fix=fix_beta)
+            for i, b in enumerate(betas)
+        )
         c = self.ratio
-        return AdamHyperparameters(lr * c, (betas[0] ** c, betas[1] ** c))
+        return AdamHyperparameters(lr * c, (b1**c, b2**c))
 
     def __repr__(self) -> str:
         return f"LazyRegularizer(every={self.every})"

@@ -10,15 +10,16 @@ import torch
 from torch import nn
 
 from gradlab._errors import GraphError
+from gradlab._validate import check_generator, check_nonnegative
 from gradlab.penalties._checks import (
     as_tensors,
     check_nonempty,
-    check_nonnegative,
     check_outputs,
     check_requires_grad,
     check_scaler,
 )
 from gradlab.penalties._core import input_gradients, per_sample_norms, zero_grad_to
+from gradlab.penalties._finite_difference import standard_normal_like
 
 __all__ = ["PathLengthPenalty", "PathLengthResult", "path_length_penalty"]
 
@@ -38,6 +39,16 @@ class PathLengthResult(NamedTuple):
     mean: torch.Tensor
 
 
+def _check_decay(fn: str, decay: float) -> float:
+    decay = check_nonnegative(fn, "decay", decay)
+    if decay > 1:
+        raise ValueError(
+            f"{fn}: decay must be in [0, 1], got {decay!r}. Pass the running mean's EMA "
+            "decay (0.01 in StyleGAN2)"
+        )
+    return decay
+
+
 def path_length_penalty(
     images: torch.Tensor,
     latents: torch.Tensor,
@@ -45,7 +56,7 @@ def path_length_penalty(
     mean: float | torch.Tensor,
     decay: float = 0.01,
     weight: float = 2.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> PathLengthResult:
     r"""StyleGAN2's path length penalty, stateless (the running mean goes in and comes out).
@@ -94,7 +105,7 @@ def path_length_penalty(
         mean: the running mean of the path length :math:`\bar a` so far (0 at the start).
         decay: :math:`\beta \in [0, 1]` (0.01 in StyleGAN2).
         weight: :math:`\lambda \ge 0` (2 in StyleGAN2).
-        generator: a :class:`torch.Generator` for :math:`y`.
+        generator: a :class:`torch.Generator` or an int seed for :math:`y`.
         scaler: a :class:`torch.amp.GradScaler` for mixed precision.
 
     Returns:
@@ -118,14 +129,12 @@ def path_length_penalty(
         Karras et al., "Analyzing and Improving the Image Quality of StyleGAN", CVPR 2020.
     """
     fn = "path_length_penalty"
-    decay = check_nonnegative(fn, "decay", decay)
-    if decay > 1:
-        raise ValueError(f"{fn}: decay must be in [0, 1], got {decay!r}")
+    decay = _check_decay(fn, decay)
     weight = check_nonnegative(fn, "weight", weight)
     if isinstance(mean, bool) or not isinstance(mean, (int, float, torch.Tensor)):
         raise TypeError(
-            f"{fn}: mean must be a float or a 0-d tensor (the running mean returned by the "
-            f"previous call, 0.0 at the start), got {type(mean).__name__}"
+            f"{fn}: mean must be a float or a 0-d tensor, got {mean!r}. Pass the running mean "
+            "returned by the previous call (result.mean), 0.0 at the start"
         )
     (w,) = as_tensors(fn, "latents", latents)
     check_nonempty(fn, "latents", (w,))
@@ -142,13 +151,7 @@ def path_length_penalty(
             "3-D: y is scaled by 1/sqrt(prod(images.shape[2:])))"
         )
     scaler = check_scaler(fn, scaler)
-    if generator is None:
-        y = torch.randn(images.shape, dtype=images.dtype, device=images.device)
-    else:
-        y = torch.randn(
-            images.shape, dtype=images.dtype, device=generator.device, generator=generator
-        )
-        y = y.to(images.device)
+    y = standard_normal_like(images, check_generator(fn, "generator", generator))
     y = y / math.sqrt(math.prod(images.shape[2:]))
     with torch.enable_grad():
         try:
@@ -206,9 +209,7 @@ class PathLengthPenalty(nn.Module):
     def __init__(self, *, decay: float = 0.01, weight: float = 2.0) -> None:
         super().__init__()
         fn = "PathLengthPenalty"
-        self.decay = check_nonnegative(fn, "decay", decay)
-        if self.decay > 1:
-            raise ValueError(f"{fn}: decay must be in [0, 1], got {decay!r}")
+        self.decay = _check_decay(fn, decay)
         self.weight = check_nonnegative(fn, "weight", weight)
         self.register_buffer("mean", torch.zeros((), dtype=torch.float32))
         self.last_lengths = None
@@ -219,7 +220,7 @@ class PathLengthPenalty(nn.Module):
         images: torch.Tensor,
         latents: torch.Tensor,
         *,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | int | None = None,
         scaler: torch.amp.GradScaler | None = None,
     ) -> torch.Tensor:
         """The penalty for ``images`` computed from ``latents``; updates the running mean."""

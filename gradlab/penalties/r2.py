@@ -1,4 +1,4 @@
-"""R2: the zero-centred squared gradient norm on fake samples (exact or finite-difference)."""
+r"""R2: the zero-centred squared gradient norm on fake samples (exact or finite-difference)."""
 
 from __future__ import annotations
 
@@ -9,48 +9,12 @@ import torch
 
 from gradlab._typing import TensorFn, TensorOrTensors
 from gradlab.penalties._core import PenaltyWithNorms
-from gradlab.penalties._zero_centred import ARGS_DOC, FINITE_DIFFERENCE_DOC, zero_centred_penalty
+from gradlab.penalties._registry import PenaltyEntry, bind, register_penalty, twin_of
+from gradlab.penalties._zero_centred import zero_centred_penalty
 
 __all__ = ["r2_penalty", "r2_penalty_and_norms"]
 
-
-def r2_penalty_and_norms(
-    critic: TensorFn,
-    fake: TensorOrTensors,
-    *,
-    gamma: float = 10.0,
-    outputs: torch.Tensor | None = None,
-    critic_kwargs: Mapping[str, Any] | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    method: str = "exact",
-    sigma: float | None = None,
-    generator: torch.Generator | None = None,
-) -> PenaltyWithNorms:
-    """:func:`r2_penalty` and the per-sample gradient norms (detached, for logging).
-
-    Same arguments and errors as :func:`r2_penalty`. With ``method="finite-difference"`` the
-    norms are the per-sample estimates :math:`|D(x_i + \\sigma\\epsilon_i) - D(x_i)|/\\sigma`.
-
-    Example:
-        >>> from gradlab.penalties import r2_penalty_and_norms
-        >>> penalty, norms = r2_penalty_and_norms(torch.nn.Linear(3, 1), torch.randn(4, 3))
-        >>> penalty.shape, norms.shape
-        (torch.Size([]), torch.Size([4]))
-    """
-    penalty, squared_norms = zero_centred_penalty(
-        "r2_penalty",
-        "fake",
-        critic,
-        fake,
-        gamma=gamma,
-        outputs=outputs,
-        critic_kwargs=critic_kwargs,
-        scaler=scaler,
-        method=method,
-        sigma=sigma,
-        generator=generator,
-    )
-    return PenaltyWithNorms(penalty, squared_norms.detach().sqrt())
+_R2 = ("r2_penalty", "fake")  # the function and sample argument that messages name
 
 
 def r2_penalty(
@@ -63,7 +27,7 @@ def r2_penalty(
     scaler: torch.amp.GradScaler | None = None,
     method: str = "exact",
     sigma: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
 ) -> torch.Tensor:
     r"""The R2 regularizer: zero-centred squared gradient norm on fake samples.
 
@@ -71,22 +35,32 @@ def r2_penalty(
 
         R_2 = \frac{\gamma}{2}\,\frac1B \sum_{i=1}^{B} \|\nabla_{\tilde x} D(\tilde x_i)\|_2^2,
 
-    :func:`r1_penalty` on generated samples (detached from the generator: the penalty is a
-    function of the critic only), with the same options, norms, DDP and AMP handling. For the
-    per-sample norms call :func:`r2_penalty_and_norms`.
-    {fd}
-    {args}
+    that is :func:`r1_penalty` on generated samples :math:`\tilde x` (detached from the
+    generator: the penalty is a function of the critic only), computed by the same code: the
+    same norms, options, DDP and AMP handling, and the same finite-difference estimator
+    (``method="finite-difference"``:
+    :math:`\frac{\gamma}{2}\frac1B\sum_i (D(\tilde x_i + \sigma\epsilon_i) - D(\tilde x_i))^2
+    / \sigma^2`, whose bias and variance :func:`r1_penalty` states). For the per-sample norms
+    call :func:`r2_penalty_and_norms`.
+
+    Args:
+        critic: the critic, called as ``critic(*fake, **critic_kwargs)``.
+        fake: generated samples ``(B, ...)``, or a tuple of tensors (several critic inputs).
+        gamma: :math:`\gamma \ge 0`, as for :func:`r1_penalty`.
+        outputs: the critic's outputs on ``fake`` from a forward pass you already made (the
+            rules of :func:`r1_penalty`'s ``outputs`` apply).
+        critic_kwargs: extra keyword arguments for the critic (e.g. ``{"labels": y}``).
+        scaler: a :class:`torch.amp.GradScaler` (exact method only).
+        method: ``"exact"`` or ``"finite-difference"``.
+        sigma: the finite-difference step (default 0.01); finite-difference only.
+        generator: a :class:`torch.Generator` or an int seed; finite-difference only.
+
     Returns:
         The scalar penalty.
 
     Raises:
-        ValueError: an empty batch, outputs without the batch dimension, negative ``gamma``,
-            ``outputs`` given with inputs that do not require grad (exact) or together with
-            ``critic_kwargs``, an unknown ``method``, ``sigma``/``generator`` with the exact
-            method, ``scaler`` with the finite-difference one.
-        GraphError: for the exact method, a ``torch.compile``\ d or FSDP critic (they cannot be
-            differentiated twice: use ``method="finite-difference"``); outputs that do not
-            depend on ``fake``.
+        ValueError, TypeError, GraphError: as :func:`r1_penalty`, naming ``r2_penalty`` and
+            ``fake``.
 
     Example:
         >>> from gradlab.penalties import r2_penalty
@@ -100,25 +74,37 @@ def r2_penalty(
 
     References:
         Mescheder et al., "Which Training Methods for GANs do actually Converge?", ICML 2018.
-        Lin et al., "Diffusion Adversarial Post-Training for One-Step Video Generation"
-        (Seaweed-APT, approximated R1), arXiv:2501.08316, 2025.
     """
     return zero_centred_penalty(
-        "r2_penalty",
-        "fake",
-        critic,
-        fake,
-        gamma=gamma,
-        outputs=outputs,
-        critic_kwargs=critic_kwargs,
-        scaler=scaler,
-        method=method,
-        sigma=sigma,
-        generator=generator,
+        _R2, critic, fake, gamma, outputs, critic_kwargs, scaler, method, sigma, generator
     )[0]
 
 
-if r2_penalty.__doc__:  # not under python -OO
-    r2_penalty.__doc__ = r2_penalty.__doc__.replace("{fd}", FINITE_DIFFERENCE_DOC).replace(
-        "{args}", ARGS_DOC.format(arg="fake", what="fake (generated)")
+@twin_of(r2_penalty)
+def r2_penalty_and_norms(*args: Any, **kwargs: Any) -> PenaltyWithNorms:
+    r""":func:`r2_penalty` and the per-sample gradient norms (detached, for logging).
+
+    Same arguments and errors as :func:`r2_penalty`; ``norms`` are
+    :math:`\|\nabla D(\tilde x_i)\|_2` (estimates with finite differences). A twin rather than a
+    flag: see :class:`PenaltyWithNorms`.
+
+    Example:
+        >>> from gradlab.penalties import r2_penalty_and_norms
+        >>> out = r2_penalty_and_norms(torch.nn.Linear(3, 1), torch.randn(4, 3))
+        >>> out.penalty.shape, out.norms.shape
+        (torch.Size([]), torch.Size([4]))
+    """
+    penalty, sq = zero_centred_penalty(_R2, *bind("r2_penalty_and_norms", r2_penalty, args, kwargs))
+    return PenaltyWithNorms(penalty, sq.detach().sqrt())
+
+
+register_penalty(
+    PenaltyEntry(
+        "r2",
+        r2_penalty,
+        inputs=("fake",),
+        zero_centred=True,
+        with_norms=r2_penalty_and_norms,
+        methods=("exact", "finite-difference"),
     )
+)

@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradlab.penalties import gradient_penalty, interpolate, r1_penalty
+from gradlab.penalties import PENALTIES, gradient_penalty, interpolate, r1_penalty
 from tests._distributed import end_process_group, run_ranks
+from tests.penalties._ddp_check import check_ddp
 from tests.penalties._reference import hand_gp, loop_sq_norms
 
 WORLD = 2
@@ -187,3 +188,10 @@ def test_ddp_two_ranks_match_single_process_on_combined_batch(tmp_path: Path) ->
         assert "static_graph=True" in result["static_graph"]
         assert "silently" in result["static_graph"]
         assert "Expected to have finished reduction" in result["without_zero_term"]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_every_registered_penalty_penalty_only_steps_under_ddp(tmp_path: Path) -> None:
+    """Two penalty-only steps of every registered penalty and method through DDP give the
+    single-process gradients of the mean of the two halves' penalties (``_ddp_check``)."""
+    check_ddp(list(PENALTIES.values()), tmp_path)

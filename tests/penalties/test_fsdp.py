@@ -3,8 +3,9 @@
 2 gloo processes on CPU, each with half of the batch. FSDP averages gradients over ranks and each
 loss is a mean over the rank's half, so after backward every rank must hold the gradient of the
 single-process loss over the combined batch with the same epsilons, computed below without FSDP.
-The exact penalties are refused: FSDP does not support double backward (with FSDP 1 NO_SHARD the
-gradients come out silently wrong; full sharding and FSDP2 fail inside backward).
+Every registered penalty's exact method is refused: FSDP does not support double backward (with
+FSDP 1 NO_SHARD the gradients come out silently wrong; full sharding and FSDP2 fail inside
+backward).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gradlab.penalties import PENALTIES
 from tests._distributed import end_process_group, run_ranks
+from tests.penalties._shared import check_fsdp_refused
 
 WORLD = 2
 HALF = 3
@@ -75,24 +78,20 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 def _steps(rank: int, out: str) -> None:
-    from gradlab.penalties import dragan_penalty, gradient_penalty, r1_penalty, r2_penalty
+    from gradlab.penalties import PENALTIES, r1_penalty
+    from tests.penalties._shared import call
 
     result: dict[str, object] = {}
     x = _real()[rank * HALF : (rank + 1) * HALF]
     for kind in KINDS:
         model = _wrap(kind, _critic())
-        errors = []
-        for fn, args in (
-            (r1_penalty, (model, x)),
-            (r2_penalty, (model, x)),
-            (gradient_penalty, (model, x, x.flip(0))),
-            (dragan_penalty, (model, x)),
-        ):
+        errors = {}
+        for entry in PENALTIES.values():  # every registered penalty's exact method
             try:
-                fn(*args)
-                errors.append("no error")
+                call(entry, model, x, x.flip(0))
+                errors[entry.name] = "no error"
             except Exception as e:  # the type is checked in the test
-                errors.append(f"{type(e).__name__}: {e}")
+                errors[entry.name] = f"{type(e).__name__}: {e}"
         result[f"{kind}/errors"] = errors
         # adversarial loss + finite-difference R1 on the same forward (outputs=)
         xl = x.clone().requires_grad_(True)
@@ -159,14 +158,16 @@ def test_fsdp_exact_refused_and_finite_difference_matches_single_process(tmp_pat
         result = torch.load(tmp_path / f"rank{rank}.pt")
         for kind in KINDS:
             label = "FullyShardedDataParallel (FSDP 1)" if kind != "fsdp2" else "fully_shard"
-            r1, r2, gp, dragan = result[f"{kind}/errors"]
-            for fn, message in (("r1_penalty", r1), ("r2_penalty", r2)):
+            errors = result[f"{kind}/errors"]
+            assert set(errors) == set(PENALTIES)
+            for entry in PENALTIES.values():
+                fn, message = entry.fn.__name__, errors[entry.name]
                 assert message.startswith(f"GraphError: {fn}: critic is wrapped with {label}")
                 assert "does not support double backward" in message
-                assert f"{fn}(..., method='finite-difference')" in message
-            for fn, message in (("gradient_penalty", gp), ("dragan_penalty", dragan)):
-                assert message.startswith(f"GraphError: {fn}: critic is wrapped with {label}")
-                assert "DistributedDataParallel instead of FSDP" in message
+                if "finite-difference" in entry.methods:
+                    assert f"{fn}(..., method='finite-difference')" in message
+                else:
+                    assert "DistributedDataParallel instead of FSDP" in message
             for step in ("adversarial+r1", "r1-only"):
                 got, want = result[f"{kind}/{step}"], reference[step]
                 assert len(got) == len(want) == 4
@@ -176,16 +177,7 @@ def test_fsdp_exact_refused_and_finite_difference_matches_single_process(tmp_pat
                     )
 
 
-def test_fsdp2_submodule_is_refused_by_name():
+@pytest.mark.parametrize("entry", [pytest.param(e, id=e.name) for e in PENALTIES.values()])
+def test_fsdp2_submodule_is_refused_by_name(entry):
     """A critic with one fully_shard-ed submodule (needs no process group to detect)."""
-    from gradlab import GraphError
-    from gradlab.penalties._checks import check_critic
-
-    fsdp = pytest.importorskip("torch.distributed.fsdp")
-    inner = nn.Linear(3, 3)
-    # the class fully_shard gives a module, without sharding (which needs a process group)
-    inner.__class__ = type("FSDPLinear", (fsdp.FSDPModule, nn.Linear), {})
-    critic = nn.Sequential(inner, nn.Linear(3, 1))
-    with pytest.raises(GraphError, match=r"r1_penalty: the critic's submodule '0' is wrapped with"):
-        check_critic("r1_penalty", critic)
-    check_critic("r1_penalty", critic, exact=False)  # the finite-difference path accepts it
+    check_fsdp_refused(entry)

@@ -54,16 +54,28 @@ def test_differentiable_and_leaves_inputs_alone():
 
 def test_errors():
     with pytest.raises(
-        ValueError, match=r"interpolate: real has shape \(4, 3\) but fake has \(4, 2\)"
+        ValueError,
+        match=r"interpolate: fake must be of real\'s shape \(4, 3\), got tensor\(shape=\(4, 2\)",
     ):
         interpolate(torch.zeros(4, 3), torch.zeros(4, 2))
-    with pytest.raises(ValueError, match=r"real has 1 input.*fake has 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"fake must be structured as real \(1 input\(s\), a Tensor\), got \(tensor",
+    ):
         interpolate(torch.zeros(4, 3), (torch.zeros(4, 3), torch.zeros(4, 3)))
-    with pytest.raises(ValueError, match=r"real\[1\] has batch size 2 but real\[0\] has 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"real\[1\] must be a tensor of real\[0\]'s batch size 4, got tensor\(shape=\(2,\)",
+    ):
         interpolate((torch.zeros(4, 3), torch.zeros(2)), (torch.zeros(4, 3), torch.zeros(2)))
-    with pytest.raises(ValueError, match=r"real is torch.float32 on cpu but fake is torch.float64"):
+    with pytest.raises(
+        ValueError, match=r"fake must be torch.float32 on cpu like real, got .*torch.float64"
+    ):
         interpolate(torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"0-d tensor"):
+    with pytest.raises(
+        ValueError,
+        match=r"real must be a tensor with a leading batch dimension",
+    ):
         interpolate(torch.tensor(1.0), torch.tensor(2.0))
 
 

@@ -43,12 +43,66 @@ def test_lazy_r1_sums_to_the_every_step_penalty_over_a_period():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match=r"LazyRegularizer: every must be an integer >= 1"):
+    with pytest.raises(
+        ValueError, match=r"LazyRegularizer: every must be an int >= 1, got 0\. Pass"
+    ):
         LazyRegularizer(every=0)
-    with pytest.raises(ValueError, match=r"every must be an integer"):
+    with pytest.raises(TypeError, match=r"every must be an int >= 1, got 2.5"):
         LazyRegularizer(every=2.5)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"is_due: step must be an integer >= 0"):
+    with pytest.raises(ValueError, match=r"is_due: step must be an int >= 0, got -1"):
         LazyRegularizer(every=2).is_due(-1)
     with pytest.raises(ValueError, match=r"betas must be a pair"):
         LazyRegularizer(every=2).adam_hyperparameters(0.1, (0.9,))  # type: ignore[arg-type]
     assert repr(LazyRegularizer(every=3)) == "LazyRegularizer(every=3)"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"lr": -1.0}, ValueError, r"lr must be a finite number >= 0, got -1.0\. Pass"),
+        ({"lr": float("nan")}, ValueError, r"lr must be a finite number >= 0, got nan"),
+        ({"lr": "0.1"}, TypeError, r"lr must be a finite number >= 0, got '0.1'"),
+        (
+            {"lr": 0.1, "betas": (0.9, 1.5)},
+            ValueError,
+            r"betas\[1\] must be a finite number in \[0, 1\), got 1.5\. Adam",
+        ),
+        (
+            {"lr": 0.1, "betas": (-0.1, 0.9)},
+            ValueError,
+            r"betas\[0\] must be a finite number in \[0, 1\), got -0.1",
+        ),
+        (
+            {"lr": 0.1, "betas": None},
+            TypeError,
+            r"betas must be a pair \(beta1, beta2\), got None\. Pass",
+        ),
+        (
+            {"lr": 0.1, "betas": (0.9, "x")},
+            TypeError,
+            r"betas\[1\] must be a finite number in \[0, 1\), got \'x\'",
+        ),
+    ],
+    ids=[
+        "negative-lr",
+        "nan-lr",
+        "str-lr",
+        "beta2-above-1",
+        "negative-beta1",
+        "betas-none",
+        "beta-str",
+    ],
+)
+def test_adam_hyperparameters_refuse_what_adam_refuses(kwargs, error, message):
+    """Values torch.optim.Adam itself refuses are refused here, naming the argument and the fix,
+    instead of being adjusted into numbers Adam then rejects (or worse, accepts)."""
+    with pytest.raises(error, match=r"LazyRegularizer\.adam_hyperparameters: " + message):
+        LazyRegularizer(every=4).adam_hyperparameters(**kwargs)
+    if "betas" in kwargs and error is ValueError:  # the reference: Adam refuses them too
+        with pytest.raises(ValueError):
+            torch.optim.Adam(nn.Linear(1, 1).parameters(), **kwargs)
+
+
+def test_adam_hyperparameters_accept_the_edges():
+    h = LazyRegularizer(every=1).adam_hyperparameters(lr=0.0, betas=[0.0, 0])
+    assert h == (0.0, (0.0, 0.0))

@@ -97,7 +97,9 @@ def test_stateful_module_updates_the_ema_and_round_trips_state_dict():
 def test_errors():
     g, w = _setup()
     wl = w.clone().requires_grad_(True)
-    with pytest.raises(ValueError, match=r"path_length_penalty: latents does not require grad"):
+    with pytest.raises(
+        ValueError, match=r"path_length_penalty: latents must be a tensor that requires grad"
+    ):
         path_length_penalty(g(w), w, mean=0.0)
     with pytest.raises(ValueError, match=r"path_length_penalty: images has shape \(5, 48\)"):
         path_length_penalty(g(wl).flatten(1), wl, mean=0.0)
