@@ -128,7 +128,7 @@ class GradientMonitor(HookContext):
 
     **Mixed precision.** With ``scaler=`` (a ``torch.amp.GradScaler``) every statistic is of the
     unscaled gradient: divided by the loss scale in force during that backward pass (read from the
-    scaler without synchronising; :attr:`StepStats.scale`), so norms and the vanishing/exploding
+    scaler without synchronising; ``StepStats.scale``), so norms and the vanishing/exploding
     flags mean what they mean in float32. A step whose gradients hold a NaN/Inf is one
     ``GradScaler.step`` skips (it skips exactly then) and is marked ``skipped=True``, with no
     source named and :attr:`first_nonfinite` left alone: overflows of the scaled loss are

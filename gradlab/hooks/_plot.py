@@ -104,7 +104,7 @@ def grad_flow_table(
         step: which recorded step of a monitor (default: the last).
 
     Returns:
-        The table: name, L2 norm, max |g|, mean |g|, and a flag (``vanishing``, ``exploding``,
+        The table: name, L2 norm, ``max |g|``, ``mean |g|``, and a flag (``vanishing``, ``exploding``,
         ``NaN/Inf``, ``no grad``) with the monitor's thresholds (defaults for a model).
 
     Raises:
@@ -150,8 +150,8 @@ def plot_grad_flow(
 ) -> Figure:
     """Plot per-layer gradient magnitudes: over layers, and over steps for a monitor.
 
-    The left panel shows, for every parameter (or module output) in forward order, the max
-    |g| as bars and the mean |g| and L2 norm as markers, with the vanishing/exploding thresholds
+    The left panel shows, for every parameter (or module output) in forward order, the
+    ``max |g|`` as bars and the ``mean |g|`` and L2 norm as markers, with the vanishing/exploding thresholds
     as dashed lines. Unlike the forum snippet it replaces, biases are included, ``grad is None``
     is drawn as a grey ``no grad`` tick instead of crashing, and NaN/Inf entries are marked red.
     Given a :class:`GradientMonitor` with more than one step, a right panel shows the L2 norm of

@@ -59,7 +59,7 @@ class LazyRegularizer:
 
     @property
     def gain(self) -> float:
-        """The factor to multiply the penalty by on the steps where it is due: ``every``."""
+        """The factor (``every``) to multiply the penalty by on the steps where it is due."""
         return float(self.every)
 
     @property

@@ -62,10 +62,11 @@ class GradientCheckReport:
         order: 1 or 2 (for 2, ``first_order`` holds the report of the first-order check).
         mode: ``"full"`` or ``"fast"``.
         method: finite-difference method (``"central"`` or ``"richardson"``).
-        atol, rtol: tolerances used: an entry passes if
+        atol: absolute tolerance used: an entry passes if
             ``|analytical - numerical| <= atol + rtol * scale + rounding``, where ``scale`` is
             ``|numerical|`` (full) or ``||J v||_2`` (fast) and ``rounding`` is the floating-point
             noise of the finite difference, ``c * unit_roundoff * |f(x)| / step``.
+        rtol: relative tolerance used (see ``atol``).
         eps: base finite-difference step per differentiated input.
         max_abs_error: largest ``|analytical - numerical|``.
         max_rel_error: largest ``|analytical - numerical| / |numerical|`` over entries with
