@@ -103,7 +103,7 @@ html_title = f"gradlab {release}"
 html_static_path: list[str] = []
 html_theme_options = {"navigation_with_keys": True}
 
-# -- intersphinx from local inventories -------------------------------------------------------------
+# -- intersphinx from local inventories ---------------------------------------------------------
 _INVENTORIES = {
     # name: (online documentation root, base of the entries' paths)
     "torch": "https://docs.pytorch.org/docs/stable/",
@@ -148,7 +148,7 @@ for _name, _url in _INVENTORIES.items():
 intersphinx_timeout = 1
 
 
-# -- the API reference, generated from __all__ ------------------------------------------------------
+# -- the API reference, generated from __all__ --------------------------------------------------
 def public_packages() -> list[str]:
     """gradlab, every public subpackage with an ``__all__``, and the public modules a package
     exports by name (``gradlab.testing.strategies``). New subpackages are picked up; a module

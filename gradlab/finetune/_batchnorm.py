@@ -121,6 +121,7 @@ class FrozenBatchNorm(nn.Module):
         dtype: dtype of the floating-point buffers.
 
     Example:
+        >>> from gradlab.finetune import FrozenBatchNorm2d
         >>> bn = torch.nn.BatchNorm2d(3).eval()
         >>> frozen_bn = FrozenBatchNorm2d.from_batchnorm(bn).train()
         >>> x = torch.randn(2, 3, 4, 4)

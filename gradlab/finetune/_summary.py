@@ -134,8 +134,8 @@ def parameter_summary(model: nn.Module, *, max_depth: int | None = 1) -> Paramet
         >>> from torch import nn
         >>> from gradlab.finetune import freeze
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
-        >>> freeze(net, "0", "1")
-        >>> print(parameter_summary(net))
+        >>> gl.freeze(net, "0", "1")
+        >>> print(gl.parameter_summary(net))
         module  type         trainable  frozen  trainable size  frozen size  note
         -------------------------------------------------------------------------
         0       Linear               0      40             0 B      160 B

@@ -266,6 +266,8 @@ def capture_grads(model: nn.Module, *patterns: str, of: Of = "output") -> Captur
             names).
 
     Example:
+        >>> from torch import nn
+        >>> from gradlab.hooks import capture_grads
         >>> torch.manual_seed(0)
         <torch._C.Generator object at ...>
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 1))

@@ -180,6 +180,8 @@ class GradientMonitor(HookContext):
             ``history_size`` is not a positive int.
 
     Example:
+        >>> from torch import nn
+        >>> from gradlab.hooks import GradientMonitor
         >>> torch.manual_seed(0)
         <torch._C.Generator object at ...>
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
@@ -617,6 +619,8 @@ class GradientMonitor(HookContext):
             ValueError: nothing recorded yet, or ``step`` out of range.
 
         Example:
+            >>> from torch import nn
+            >>> from gradlab.hooks import GradientMonitor
             >>> torch.manual_seed(0)
             <torch._C.Generator object at ...>
             >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
@@ -661,6 +665,8 @@ class GradientMonitor(HookContext):
         steps; a backward pass in progress is not included.
 
         Example:
+            >>> from torch import nn
+            >>> from gradlab.hooks import GradientMonitor
             >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
             >>> with GradientMonitor(net) as monitor:
             ...     net(torch.randn(16, 4)).pow(2).mean().backward()

@@ -101,6 +101,7 @@ def retain_grads(*tensors: torch.Tensor) -> RetainedGrads:
         ValueError: no tensor was given, or a tensor does not require grad.
 
     Example:
+        >>> from gradlab.hooks import retain_grads
         >>> x = torch.tensor(2.0, requires_grad=True)
         >>> y1 = x**2
         >>> y2 = -x**2

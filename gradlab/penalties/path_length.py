@@ -177,9 +177,9 @@ class PathLengthPenalty(nn.Module):
     r"""StyleGAN2's path length regularizer with its running mean as state.
 
     Calling it computes :func:`path_length_penalty` with the stored mean, stores the updated mean
-    (a buffer named ``mean``, so it is in :meth:`~torch.nn.Module.state_dict` and follows ``.to(device)``) and
-    keeps the last per-sample lengths in ``last_lengths`` (detached) for logging. Latents
-    may be ``(B, w_dim)`` or StyleGAN2-ADA's broadcast ``(B, num_ws, w_dim)`` (see
+    (a buffer named ``mean``, so it is in :meth:`~torch.nn.Module.state_dict` and follows
+    ``.to(device)``) and keeps the last per-sample lengths in ``last_lengths`` (detached) for
+    logging. Latents may be ``(B, w_dim)`` or StyleGAN2-ADA's broadcast ``(B, num_ws, w_dim)`` (see
     :func:`path_length_penalty`).
 
     A batch with a non-finite length leaves the stored mean as it was (the penalty returned for
