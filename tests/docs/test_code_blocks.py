@@ -1,17 +1,22 @@
 """Every ```python block of README.md and docs/**/*.md runs, top to bottom, one namespace per file.
 
 A block whose info string is ``python skip`` is not run (used sparingly: multi-process launch
-snippets). The blocks run in a temporary working directory, so files they write go there.
+snippets). The blocks run in a temporary working directory, so files they write go there. Test
+functions a page defines (``def test_...():`` without arguments, the hypothesis examples) are
+called after the page's last block, as pytest would call them in a test file. Autotuning's
+timing runs are switched off (``gl.autotune(False)``: the same results by contract, less time).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 
 import pytest
 import torch
 
+import gradlab as gl
 from tests.docs._blocks import ROOT, blocks, markdown_files
 
 FILES = markdown_files()
@@ -31,7 +36,7 @@ def test_python_blocks_run_top_to_bottom(path, tmp_path, monkeypatch):
     namespace: dict = {"__name__": f"docs_{path.stem}"}
     rng = torch.random.get_rng_state()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), gl.autotune(False):
             warnings.simplefilter("ignore")
             for block in runnable:
                 code = compile(block.code, f"{_id(path)}:{block.line}", "exec")
@@ -41,8 +46,21 @@ def test_python_blocks_run_top_to_bottom(path, tmp_path, monkeypatch):
                     raise AssertionError(
                         f"the python block at {_id(path)}:{block.line} raised {e!r}"
                     ) from e
+            for name, fn in list(namespace.items()):
+                if name.startswith("test_") and callable(fn) and _takes_no_arguments(fn):
+                    try:
+                        fn()
+                    except Exception as e:
+                        raise AssertionError(f"{_id(path)}: {name}() raised {e!r}") from e
     finally:
         torch.random.set_rng_state(rng)
+
+
+def _takes_no_arguments(fn) -> bool:
+    try:
+        return not inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def test_the_extractor_finds_blocks_and_honours_skip(tmp_path):
