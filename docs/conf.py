@@ -300,8 +300,24 @@ def _redirect_reexports(app, env, node, contnode):  # type: ignore[no-untyped-de
     return None
 
 
+def _append_new_guides(app, docname, source):  # type: ignore[no-untyped-def]
+    """Add every page of docs/guides/ that guides/index.md does not list to its toctree."""
+    if docname != "guides/index":
+        return
+    text = source[0]
+    listed = set(text.split())
+    extra = sorted(
+        p.stem for p in (HERE / "guides").glob("*.md") if p.stem != "index" and p.stem not in listed
+    )
+    if extra:
+        start = text.index("```{toctree}")
+        end = text.index("\n```", start)
+        source[0] = text[:end] + "".join(f"\n{name}" for name in extra) + text[end:]
+
+
 def setup(app):  # type: ignore[no-untyped-def]
     app.connect("missing-reference", _redirect_reexports, priority=400)
+    app.connect("source-read", _append_new_guides)
 
 
 os.environ.setdefault("GRADLAB_AUTOTUNE", "0")
