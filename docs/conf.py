@@ -191,9 +191,25 @@ def _home(obj: object, name: str, owner: str, packages: list[str]) -> str:
 REEXPORTS: dict[str, str] = {}  # "gradlab.hessian_trace" -> "gradlab.curvature.hessian_trace"
 
 
-def _first_line(obj: object) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+def _data_doc(pkg: str, name: str, obj: object) -> list[str]:
+    """The ``#:`` comment documenting module-level data ``name`` (a registry, a tuple of names),
+    looked up in ``pkg`` and its private modules; the object's own type docstring (``dict``'s)
+    would say nothing about it."""
+    from sphinx.pycode import ModuleAnalyzer
+
+    for modname, module in sorted(sys.modules.items()):
+        if module is None or not (modname == pkg or modname.startswith(pkg + ".")):
+            continue
+        if getattr(module, name, None) is not obj:
+            continue
+        try:
+            docs = ModuleAnalyzer.for_module(modname).find_attr_docs()
+        except Exception:
+            continue
+        lines = docs.get(("", name))
+        if lines:
+            return [line for line in lines if line.strip()]
+    return [f"A ``{type(obj).__name__}``; see the module description above."]
 
 
 def write_api_pages() -> None:
@@ -203,13 +219,16 @@ def write_api_pages() -> None:
     titles = []
     for pkg in packages:
         module = sys.modules[pkg]
-        own, reexported, submodules = [], [], []
+        own, reexported, submodules, data = [], [], [], []
         for name in sorted(module.__all__, key=lambda s: (s.lower(), s)):
             if name.startswith("__"):
                 continue
             obj = getattr(module, name)
             if inspect.ismodule(obj):
                 submodules.append(obj.__name__)
+                continue
+            if not (inspect.isclass(obj) or callable(obj)):
+                data.append((name, obj))
                 continue
             home = _home(obj, name, pkg, packages)
             if home != pkg:
@@ -237,6 +256,9 @@ def write_api_pages() -> None:
                 *[f"   {name}" for name in own],
                 "",
             ]
+        for name, obj in data:
+            text += [f".. py:data:: {name}", f"   :type: {type(obj).__name__}", ""]
+            text += [f"   {line}" for line in _data_doc(pkg, name, obj)] + [""]
         if reexported:
             text += [
                 "Also exported here",
