@@ -23,6 +23,7 @@ import importlib
 import inspect
 import os
 import pkgutil
+import re
 import sys
 import zlib
 from pathlib import Path
@@ -76,6 +77,11 @@ SHORT_NAMES = {
 
 # -- autodoc / autosummary / napoleon ---------------------------------------------------------
 autosummary_generate = True
+# The one-line summaries of the API tables end at the first sentence; "w.r.t." and "e.g." do not
+# end one (autosummary's own rule would cut "Capture gradients w.r.t." there).
+import sphinx.ext.autosummary as _autosummary  # noqa: E402
+
+_autosummary.periods_re = re.compile(r"(?<!w\.r\.t)(?<!e\.g)(?<!i\.e)\.(?:\s+)")
 autosummary_imported_members = True
 autodoc_default_options = {
     "members": True,
@@ -236,7 +242,7 @@ def write_api_pages() -> None:
                 REEXPORTS[f"{pkg}.{name}"] = f"{home}.{name}"
             else:
                 own.append(name)
-        title = f"``{pkg}``"
+        title = pkg
         text = [
             title,
             "=" * len(title),
@@ -249,6 +255,9 @@ def write_api_pages() -> None:
         ]
         if own:
             text += [
+                "Functions and classes",
+                "---------------------",
+                "",
                 ".. autosummary::",
                 "   :toctree: generated",
                 "   :nosignatures:",
@@ -256,6 +265,8 @@ def write_api_pages() -> None:
                 *[f"   {name}" for name in own],
                 "",
             ]
+        if data:
+            text += ["Data", "----", ""]
         for name, obj in data:
             text += [f".. py:data:: {name}", f"   :type: {type(obj).__name__}", ""]
             text += [f"   {line}" for line in _data_doc(pkg, name, obj)] + [""]
