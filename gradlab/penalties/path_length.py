@@ -31,6 +31,14 @@ class PathLengthResult(NamedTuple):
         lengths: per-sample path lengths :math:`\\|J_w^T y\\|_2`, shape ``(B,)``, detached.
         mean: the updated running mean, a detached 0-d tensor (float32, or float64 for float64
             latents); pass it back next time.
+
+    Example:
+        >>> from gradlab.penalties import path_length_penalty
+        >>> w = torch.randn(4, 8, requires_grad=True)
+        >>> images = torch.nn.Linear(8, 3 * 4 * 4)(w).view(4, 3, 4, 4)
+        >>> out = path_length_penalty(images, w, mean=0.0)
+        >>> out.penalty.ndim, tuple(out.lengths.shape), out.mean.ndim
+        (0, (4,), 0)
     """
 
     penalty: torch.Tensor

@@ -82,8 +82,6 @@ WITHOUT_EXAMPLE_YET = {
     "gradlab.curvature.HessianOperator", "gradlab.curvature.Spectrum",
     "gradlab.hooks.CapturedGrads", "gradlab.hooks.LayerStats",
     "gradlab.hooks.NonfiniteSource", "gradlab.hooks.RetainedGrads", "gradlab.hooks.StepStats",
-    "gradlab.penalties.AdamHyperparameters", "gradlab.penalties.PathLengthResult",
-    "gradlab.penalties.PenaltyWithNorms",
     # In the curvature-operator and per-sample branches being written at the same time (so that
     # merging them does not fail here; give them examples and remove them):
     "gradlab.curvature.CurvatureOperator", "gradlab.curvature.GGNOperator",
