@@ -80,8 +80,7 @@ WITHOUT_EXAMPLE_YET = {
     "gradlab.HVP", "gradlab.JVP", "gradlab.Spectrum", "gradlab.VJP", "gradlab.autotune_choices",
     "gradlab.clear_autotune_cache", "gradlab.is_autotune_enabled", "gradlab.curvature.Eigenpairs",
     "gradlab.curvature.HessianOperator", "gradlab.curvature.Spectrum",
-    "gradlab.hooks.CapturedGrads", "gradlab.hooks.LayerStats",
-    "gradlab.hooks.NonfiniteSource", "gradlab.hooks.RetainedGrads", "gradlab.hooks.StepStats",
+    "gradlab.hooks.LayerStats", "gradlab.hooks.NonfiniteSource", "gradlab.hooks.StepStats",
     # In the curvature-operator and per-sample branches being written at the same time (so that
     # merging them does not fail here; give them examples and remove them):
     "gradlab.curvature.CurvatureOperator", "gradlab.curvature.GGNOperator",
