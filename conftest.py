@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import gradlab
 from gradlab.testing import _plugin
 
 
@@ -23,3 +24,6 @@ def pytest_configure(config: pytest.Config) -> None:
 def _doctest_seed(doctest_namespace: dict) -> None:
     torch.manual_seed(0)
     doctest_namespace["torch"] = torch
+    # Examples are written for a user who typed `import gradlab as gl` (tests/docs checks that
+    # they run with nothing else in scope).
+    doctest_namespace["gl"] = gradlab

@@ -1,8 +1,11 @@
 """gradlab: analyse and use gradients on PyTorch.
 
-Subpackages: :mod:`gradlab.penalties` (GAN gradient penalties), :mod:`gradlab.hooks` (gradient
-capture and monitoring), :mod:`gradlab.testing` (property-based gradient checking). Derivatives,
-curvature and freezing helpers (:mod:`gradlab.finetune`) live at the top level.
+Derivatives (``gl.grad``, ``gl.jacobian``, ``gl.hessian``, ``gl.hvp``, ...) live at the top level.
+Subpackages: :mod:`gradlab.curvature` (Hessian trace, diagonal, eigenvalues, spectrum),
+:mod:`gradlab.penalties` (GAN gradient penalties), :mod:`gradlab.hooks` (gradient capture and
+monitoring), :mod:`gradlab.finetune` (freezing and fine-tuning), :mod:`gradlab.testing`
+(property-based gradient checking). The common curvature and fine-tuning functions are
+re-exported at the top level (``gl.hessian_trace``, ``gl.freeze``, ...).
 """
 
 from __future__ import annotations

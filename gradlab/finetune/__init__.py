@@ -5,7 +5,7 @@ move a frozen parameter through momentum, weight decay or Adam state) and keeps 
 layers from updating their statistics; ``frozen`` does it temporarily; ``param_groups`` builds
 optimizer groups with real learning rates (discriminative rates, layer decay, no decay on biases
 and norms); ``GradualUnfreezing`` unfreezes stage by stage into a running optimizer and scheduler.
-See API.md, section "Freezing and fine-tuning".
+The common functions are also exported at the top level (``gl.freeze``, ``gl.frozen``, ...).
 """
 
 from __future__ import annotations

@@ -122,6 +122,7 @@ class FrozenBatchNorm(nn.Module):
         dtype: dtype of the floating-point buffers.
 
     Example:
+        >>> from gradlab.finetune import FrozenBatchNorm2d
         >>> bn = torch.nn.BatchNorm2d(3).eval()
         >>> frozen_bn = FrozenBatchNorm2d.from_batchnorm(bn).train()
         >>> x = torch.randn(2, 3, 4, 4)
@@ -239,19 +240,46 @@ class FrozenBatchNorm(nn.Module):
 
 
 class FrozenBatchNorm1d(FrozenBatchNorm):
-    """:class:`FrozenBatchNorm` for ``(N, C)`` or ``(N, C, L)`` inputs (replaces BatchNorm1d)."""
+    """:class:`FrozenBatchNorm` for ``(N, C)`` or ``(N, C, L)`` inputs (replaces BatchNorm1d).
+
+    Example:
+        >>> from gradlab.finetune import FrozenBatchNorm1d
+        >>> bn = torch.nn.BatchNorm1d(4).eval()
+        >>> frozen_bn = FrozenBatchNorm1d.from_batchnorm(bn)
+        >>> x = torch.randn(8, 4)
+        >>> torch.equal(frozen_bn(x), bn(x)), len(list(frozen_bn.parameters()))
+        (True, 0)
+    """
 
     _expected_dims = (2, 3)
 
 
 class FrozenBatchNorm2d(FrozenBatchNorm):
-    """:class:`FrozenBatchNorm` for ``(N, C, H, W)`` inputs (replaces BatchNorm2d)."""
+    """:class:`FrozenBatchNorm` for ``(N, C, H, W)`` inputs (replaces BatchNorm2d).
+
+    Example:
+        >>> from gradlab.finetune import FrozenBatchNorm2d
+        >>> bn = torch.nn.BatchNorm2d(4).eval()
+        >>> frozen_bn = FrozenBatchNorm2d.from_batchnorm(bn)
+        >>> x = torch.randn(2, 4, 3, 3)
+        >>> torch.equal(frozen_bn(x), bn(x)), len(list(frozen_bn.parameters()))
+        (True, 0)
+    """
 
     _expected_dims = (4,)
 
 
 class FrozenBatchNorm3d(FrozenBatchNorm):
-    """:class:`FrozenBatchNorm` for ``(N, C, D, H, W)`` inputs (replaces BatchNorm3d)."""
+    """:class:`FrozenBatchNorm` for ``(N, C, D, H, W)`` inputs (replaces BatchNorm3d).
+
+    Example:
+        >>> from gradlab.finetune import FrozenBatchNorm3d
+        >>> bn = torch.nn.BatchNorm3d(4).eval()
+        >>> frozen_bn = FrozenBatchNorm3d.from_batchnorm(bn)
+        >>> x = torch.randn(2, 4, 2, 2, 2)
+        >>> torch.equal(frozen_bn(x), bn(x)), len(list(frozen_bn.parameters()))
+        (True, 0)
+    """
 
     _expected_dims = (5,)
 

@@ -138,7 +138,7 @@ def freeze(model: nn.Module, *targets: FreezeTarget, batchnorm: str = "eval") ->
     Example:
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
-        >>> freeze(net, "0", nn.BatchNorm1d)
+        >>> gl.freeze(net, "0", nn.BatchNorm1d)
         >>> [name for name, p in net.named_parameters() if p.requires_grad]
         ['2.weight', '2.bias']
         >>> net.train()[1].training
@@ -169,10 +169,10 @@ def unfreeze(model: nn.Module, *targets: FreezeTarget) -> None:
     Example:
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
-        >>> freeze(net, batchnorm="frozen")
+        >>> gl.freeze(net, batchnorm="frozen")
         >>> type(net[1]).__name__
         'FrozenBatchNorm1d'
-        >>> unfreeze(net, "1")
+        >>> gl.unfreeze(net, "1")
         >>> type(net[1]).__name__, [name for name, p in net.named_parameters() if p.requires_grad]
         ('BatchNorm1d', ['1.weight', '1.bias'])
     """
@@ -221,7 +221,7 @@ def frozen(
     Example:
         >>> from torch import nn
         >>> disc = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).train()
-        >>> with frozen(disc):
+        >>> with gl.frozen(disc):
         ...     print(any(p.requires_grad for p in disc.parameters()), disc[1].training)
         False False
         >>> all(p.requires_grad for p in disc.parameters()), disc[1].training
@@ -246,8 +246,8 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     Example:
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
-        >>> freeze(net, "0")
-        >>> [tuple(p.shape) for p in trainable_parameters(net)]
+        >>> gl.freeze(net, "0")
+        >>> [tuple(p.shape) for p in gl.trainable_parameters(net)]
         [(2, 8), (2,)]
     """
     check_model("trainable_parameters", model)

@@ -208,7 +208,7 @@ def param_groups(
     Example:
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
-        >>> for g in param_groups(net, 1e-3, layer_decay=0.5, weight_decay=0.05):
+        >>> for g in gl.param_groups(net, 1e-3, layer_decay=0.5, weight_decay=0.05):
         ...     print(len(g["params"]), round(g["lr"], 6), g["weight_decay"])
         1 0.000125 0.05
         1 0.000125 0.0

@@ -36,7 +36,7 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> nn.Mod
     Example:
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> old = replace_module(net, "2", nn.Linear(8, 10))
+        >>> old = gl.replace_module(net, "2", nn.Linear(8, 10))
         >>> old, net(torch.randn(3, 4)).shape
         (Linear(in_features=8, out_features=2, bias=True), torch.Size([3, 10]))
     """

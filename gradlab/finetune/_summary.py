@@ -28,6 +28,14 @@ class SummaryRow:
         frozen_bytes: bytes of the frozen parameters.
         note: ``"eval-pinned"`` for a BatchNorm kept in eval mode by ``freeze``,
             ``"frozen-bn"`` for a FrozenBatchNorm, else ``""``.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+        >>> gl.freeze(net, "0")
+        >>> row = gl.parameter_summary(net).rows[1]
+        >>> row.name, row.type, row.trainable, row.frozen
+        ('1', 'Linear', 18, 0)
     """
 
     name: str
@@ -55,6 +63,14 @@ class ParameterSummary:
 
     ``str(summary)`` is an aligned table; ``summary.rows`` the structured rows (module rows in
     ``named_modules`` order), ``summary.total`` the whole model (tied parameters counted once).
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+        >>> gl.freeze(net, "0")
+        >>> summary = gl.parameter_summary(net)
+        >>> summary.total.trainable, summary.total.frozen, [row.name for row in summary.rows]
+        (18, 40, ['0', '1'])
     """
 
     rows: tuple[SummaryRow, ...]
@@ -135,8 +151,8 @@ def parameter_summary(model: nn.Module, *, max_depth: int | None = 1) -> Paramet
         >>> from torch import nn
         >>> from gradlab.finetune import freeze
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
-        >>> freeze(net, "0", "1")
-        >>> print(parameter_summary(net))
+        >>> gl.freeze(net, "0", "1")
+        >>> print(gl.parameter_summary(net))
         module  type         trainable  frozen  trainable size  frozen size  note
         -------------------------------------------------------------------------
         0       Linear               0      40             0 B      160 B

@@ -137,7 +137,7 @@ class GradualUnfreezing:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
         >>> opt = torch.optim.SGD(net[2].parameters(), lr=0.1)
         >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-        >>> unfreezer = GradualUnfreezing(net, opt, ["1", "0"], lr=0.1, layer_decay=0.5,
+        >>> unfreezer = gl.GradualUnfreezing(net, opt, ["1", "0"], lr=0.1, layer_decay=0.5,
         ...                               scheduler=sched)
         >>> for epoch in range(3):
         ...     opt.step(); sched.step()

@@ -35,6 +35,15 @@ class CapturedGrads(HookContext, Mapping[str, torch.Tensor]):
       module in forward order (the only call for most modules).
     * ``grads.calls(key)``: every call's gradient from the last backward pass, in forward order.
     * ``grads.backward_passes``: how many backward passes fired a hook so far.
+
+    Example:
+        >>> from torch import nn
+        >>> from gradlab.hooks import capture_grads
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        >>> with capture_grads(net) as grads:
+        ...     net(torch.randn(2, 3)).sum().backward()
+        >>> sorted(grads), grads["2"].tolist(), len(grads.calls("2")), grads.backward_passes
+        (['0', '1', '2'], [[1.0], [1.0]], 1, 1)
     """
 
     _name = "capture_grads"
@@ -266,6 +275,8 @@ def capture_grads(model: nn.Module, *patterns: str, of: Of = "output") -> Captur
             names).
 
     Example:
+        >>> from torch import nn
+        >>> from gradlab.hooks import capture_grads
         >>> torch.manual_seed(0)
         <torch._C.Generator object at ...>
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 1))

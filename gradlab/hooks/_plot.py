@@ -104,8 +104,9 @@ def grad_flow_table(
         step: which recorded step of a monitor (default: the last).
 
     Returns:
-        The table: name, L2 norm, max |g|, mean |g|, and a flag (``vanishing``, ``exploding``,
-        ``NaN/Inf``, ``no grad``) with the monitor's thresholds (defaults for a model).
+        The table: name, L2 norm, ``max |g|``, ``mean |g|``, and a flag (``vanishing``,
+        ``exploding``, ``NaN/Inf``, ``no grad``) with the monitor's thresholds (defaults for a
+        model).
 
     Raises:
         TypeError: ``source`` is neither a monitor nor a module.
@@ -113,6 +114,8 @@ def grad_flow_table(
             ``step`` out of range.
 
     Example:
+        >>> from torch import nn
+        >>> from gradlab.hooks import grad_flow_table
         >>> torch.manual_seed(0)
         <torch._C.Generator object at ...>
         >>> net = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
@@ -150,10 +153,11 @@ def plot_grad_flow(
 ) -> Figure:
     """Plot per-layer gradient magnitudes: over layers, and over steps for a monitor.
 
-    The left panel shows, for every parameter (or module output) in forward order, the max
-    |g| as bars and the mean |g| and L2 norm as markers, with the vanishing/exploding thresholds
-    as dashed lines. Unlike the forum snippet it replaces, biases are included, ``grad is None``
-    is drawn as a grey ``no grad`` tick instead of crashing, and NaN/Inf entries are marked red.
+    The left panel shows, for every parameter (or module output) in forward order, the
+    ``max |g|`` as bars and the ``mean |g|`` and L2 norm as markers, with the vanishing/exploding
+    thresholds as dashed lines. Unlike the forum snippet it replaces, biases are included,
+    ``grad is None`` is drawn as a grey ``no grad`` tick instead of crashing, and NaN/Inf entries
+    are marked red.
     Given a :class:`GradientMonitor` with more than one step, a right panel shows the L2 norm of
     every layer over all recorded steps as a heat map (log10).
 
@@ -175,6 +179,8 @@ def plot_grad_flow(
         TypeError, ValueError: as :func:`grad_flow_table`.
 
     Example:
+        >>> from torch import nn
+        >>> from gradlab.hooks import GradientMonitor, plot_grad_flow
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
         >>> with GradientMonitor(net) as monitor:
         ...     for _ in range(2):

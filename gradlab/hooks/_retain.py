@@ -19,6 +19,15 @@ class RetainedGrads(HookContext, Sequence["torch.Tensor | None"]):
     ``grads[i]`` is the gradient accumulated into the i-th tensor so far (exactly what
     ``tensors[i].grad`` would hold after ``tensors[i].retain_grad()``), or ``None`` while no
     backward pass has reached it, as ``.grad`` would be.
+
+    Example:
+        >>> from gradlab.hooks import retain_grads
+        >>> a = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> y, unused = 3 * a, 2 * a
+        >>> with retain_grads(y, unused) as grads:
+        ...     y.sum().backward()
+        >>> grads[0].tolist(), grads[1], len(grads)
+        ([1.0, 1.0], None, 2)
     """
 
     _name = "retain_grads"
@@ -101,6 +110,7 @@ def retain_grads(*tensors: torch.Tensor) -> RetainedGrads:
         ValueError: no tensor was given, or a tensor does not require grad.
 
     Example:
+        >>> from gradlab.hooks import retain_grads
         >>> x = torch.tensor(2.0, requires_grad=True)
         >>> y1 = x**2
         >>> y2 = -x**2

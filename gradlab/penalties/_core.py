@@ -58,6 +58,13 @@ class PenaltyWithNorms(NamedTuple):
             ``method="finite-difference"`` they are the per-sample estimates
             :math:`|D(x_i + \\sigma\\epsilon_i) - D(x_i)|/\\sigma`, whose squares estimate the
             squared norms with a bias of order :math:`\\sigma^2`.)
+
+    Example:
+        >>> from gradlab.penalties import gradient_penalty_and_norms
+        >>> critic = torch.nn.Linear(3, 1)  # a linear critic: every input gradient is its weight
+        >>> gp, norms = gradient_penalty_and_norms(critic, torch.randn(8, 3), torch.randn(8, 3))
+        >>> tuple(norms.shape), torch.allclose(norms, critic.weight.norm().expand(8))
+        ((8,), True)
     """
 
     penalty: torch.Tensor

@@ -10,7 +10,14 @@ __all__ = ["AdamHyperparameters", "LazyRegularizer"]
 
 
 class AdamHyperparameters(NamedTuple):
-    """Adjusted Adam hyperparameters: ``torch.optim.Adam(params, lr=h.lr, betas=h.betas)``."""
+    """Adjusted Adam hyperparameters: ``torch.optim.Adam(params, lr=h.lr, betas=h.betas)``.
+
+    Example:
+        >>> from gradlab.penalties import LazyRegularizer
+        >>> h = LazyRegularizer(every=16).adam_hyperparameters(lr=0.002, betas=(0.0, 0.99))
+        >>> round(h.lr, 6), tuple(round(b, 6) for b in h.betas)
+        (0.001882, (0.0, 0.990585))
+    """
 
     lr: float
     betas: tuple[float, float]
@@ -62,7 +69,7 @@ class LazyRegularizer:
 
     @property
     def gain(self) -> float:
-        """The factor to multiply the penalty by on the steps where it is due: ``every``."""
+        """The factor (``every``) to multiply the penalty by on the steps where it is due."""
         return float(self.every)
 
     @property

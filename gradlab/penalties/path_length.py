@@ -32,6 +32,14 @@ class PathLengthResult(NamedTuple):
         lengths: per-sample path lengths :math:`\\|J_w^T y\\|_2`, shape ``(B,)``, detached.
         mean: the updated running mean, a detached 0-d tensor (float32, or float64 for float64
             latents); pass it back next time.
+
+    Example:
+        >>> from gradlab.penalties import path_length_penalty
+        >>> w = torch.randn(4, 8, requires_grad=True)
+        >>> images = torch.nn.Linear(8, 3 * 4 * 4)(w).view(4, 3, 4, 4)
+        >>> out = path_length_penalty(images, w, mean=0.0)
+        >>> out.penalty.ndim, tuple(out.lengths.shape), out.mean.ndim
+        (0, (4,), 0)
     """
 
     penalty: torch.Tensor
@@ -180,9 +188,9 @@ class PathLengthPenalty(nn.Module):
     r"""StyleGAN2's path length regularizer with its running mean as state.
 
     Calling it computes :func:`path_length_penalty` with the stored mean, stores the updated mean
-    (a buffer named ``mean``, so it is in :meth:`state_dict` and follows ``.to(device)``) and
-    keeps the last per-sample lengths in :attr:`last_lengths` (detached) for logging. Latents
-    may be ``(B, w_dim)`` or StyleGAN2-ADA's broadcast ``(B, num_ws, w_dim)`` (see
+    (a buffer named ``mean``, so it is in :meth:`~torch.nn.Module.state_dict` and follows
+    ``.to(device)``) and keeps the last per-sample lengths in ``last_lengths`` (detached) for
+    logging. Latents may be ``(B, w_dim)`` or StyleGAN2-ADA's broadcast ``(B, num_ws, w_dim)`` (see
     :func:`path_length_penalty`).
 
     A batch with a non-finite length leaves the stored mean as it was (the penalty returned for

@@ -29,7 +29,19 @@ __all__ = ["default_profile", "register_hypothesis_profiles"]
 
 
 def register_hypothesis_profiles() -> list[str]:
-    """Register gradlab's hypothesis profiles and return their names (needs hypothesis)."""
+    """Register gradlab's hypothesis profiles and return their names (needs hypothesis).
+
+    The pytest plugin calls this and loads :func:`default_profile`; outside pytest (a script, a
+    notebook) load one yourself.
+
+    Example:
+        >>> from hypothesis import settings
+        >>> from gradlab.testing import register_hypothesis_profiles
+        >>> register_hypothesis_profiles()
+        ['gradlab-ci', 'gradlab-dev', 'gradlab-thorough']
+        >>> settings.get_profile("gradlab-ci").max_examples
+        20
+    """
     from hypothesis import HealthCheck, settings  # the `test` extra; imported only when used
 
     suppress = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
@@ -52,7 +64,15 @@ def register_hypothesis_profiles() -> list[str]:
 
 
 def default_profile() -> str:
-    """Profile name: ``$GRADLAB_HYPOTHESIS_PROFILE``, else ``gradlab-ci`` under CI, else dev."""
+    """Profile name: ``$GRADLAB_HYPOTHESIS_PROFILE``, else ``gradlab-ci`` under CI, else dev.
+
+    Example:
+        >>> import os
+        >>> from gradlab.testing import default_profile
+        >>> expected = "gradlab-ci" if os.environ.get("CI") else "gradlab-dev"
+        >>> default_profile() == os.environ.get("GRADLAB_HYPOTHESIS_PROFILE", expected)
+        True
+    """
     explicit = os.environ.get("GRADLAB_HYPOTHESIS_PROFILE")
     if explicit:
         return explicit

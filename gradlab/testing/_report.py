@@ -35,6 +35,13 @@ class Location:
     multi-indices into those tensors, ``None`` when only random directions were compared; for a
     complex tensor the last index is 0 for the real part and 1 for the imaginary part (the layout
     of ``torch.view_as_real``).
+
+    Example:
+        >>> from gradlab.testing import check_gradients
+        >>> report = check_gradients(torch.sin, torch.tensor([0.5, 1.0], dtype=torch.float64))
+        >>> loc = report.worst  # where the largest error was
+        >>> loc.output, loc.input, loc.output_element, loc.input_element
+        (0, 0, (0,), (0,))
     """
 
     output: int
@@ -62,10 +69,11 @@ class GradientCheckReport:
         order: 1 or 2 (for 2, ``first_order`` holds the report of the first-order check).
         mode: ``"full"`` or ``"fast"``.
         method: finite-difference method (``"central"`` or ``"richardson"``).
-        atol, rtol: tolerances used: an entry passes if
+        atol: absolute tolerance used: an entry passes if
             ``|analytical - numerical| <= atol + rtol * scale + rounding``, where ``scale`` is
             ``|numerical|`` (full) or ``||J v||_2`` (fast) and ``rounding`` is the floating-point
             noise of the finite difference, ``c * unit_roundoff * |f(x)| / step``.
+        rtol: relative tolerance used (see ``atol``).
         eps: base finite-difference step per differentiated input.
         max_abs_error: largest ``|analytical - numerical|``.
         max_rel_error: largest ``|analytical - numerical| / |numerical|`` over entries with
@@ -82,6 +90,12 @@ class GradientCheckReport:
         checks: the consistency checks that ran besides the Jacobian comparison, by name:
             ``"reentrant"``, ``"grad_output scaling"``, ``"undefined grad_outputs"``,
             ``"vmap rule"``, ``"forward mode"``.
+
+    Example:
+        >>> from gradlab.testing import check_gradients
+        >>> report = check_gradients(torch.tanh, torch.randn(3, 2, dtype=torch.float64))
+        >>> report.order, report.mode, report.compared, report.margin < 1
+        (1, 'full', 36, True)
     """
 
     order: int
