@@ -47,9 +47,11 @@ __all__ = [
 def _first_bad(t: torch.Tensor) -> int | None:
     """Flat index of the first non-finite entry of ``t`` (real view for complex), or ``None``."""
     r = torch.view_as_real(t) if t.is_complex() else t
-    bad = ~torch.isfinite(r.detach())
-    if not bool(bad.any()):
+    if not (r.is_floating_point() and r.numel()):
         return None
+    if bool(torch.isfinite(r.detach()).all()):  # the common case
+        return None
+    bad = ~torch.isfinite(r.detach())
     k = int(bad.reshape(-1).nonzero()[0])
     return k // 2 if t.is_complex() else k
 
@@ -116,6 +118,8 @@ def _differs(a: torch.Tensor, b: torch.Tensor, tol: float) -> int | None:
     to NaN; infinities equal to themselves), or ``None``."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return 0
+    if torch.equal(a, b):  # the common case, one pass (NaN makes it False: checked below)
+        return None
     ar = torch.view_as_real(a) if a.is_complex() else a
     br = torch.view_as_real(b) if b.is_complex() else b
     same = (ar == br) | (ar.isnan() & br.isnan())
