@@ -54,6 +54,7 @@ class Prepared:
     f0: tuple[torch.Tensor, ...]  # real checked outputs at xs
     inputs: tuple[int, ...]  # fn's index of each differentiated input
     outputs: tuple[int, ...]  # fn's index of each checked output
+    eval_seconds: float = 0.0  # one plain evaluation of fn at the point
 
 
 def _select(inputs: Sequence[Any]) -> list[int]:
@@ -171,7 +172,7 @@ def prepare(
     check_nonempty(inputs, diff, checked)
     check_finite_outputs(checked, outputs)
     check_full_memory(mode, [inputs[k] for k in diff], checked, diff)
-    check_deterministic(fn, copies, raw, _raw_outputs, nondet_tol)
+    eval_seconds = check_deterministic(fn, copies, raw, _raw_outputs, nondet_tol)
 
     def real_fn(*d: torch.Tensor) -> tuple[torch.Tensor, ...]:
         args = list(copies)
@@ -186,7 +187,14 @@ def prepare(
     f0 = tuple(
         (torch.view_as_real(raw[i]) if c else raw[i]).detach() for i, c in zip(outputs, out_cplx)
     )
-    return Prepared(fn=real_fn, xs=xs, f0=f0, inputs=tuple(diff), outputs=outputs)
+    return Prepared(
+        fn=real_fn,
+        xs=xs,
+        f0=f0,
+        inputs=tuple(diff),
+        outputs=outputs,
+        eval_seconds=eval_seconds,
+    )
 
 
 def first_order(fn: Callable[..., Any]) -> Problem:
