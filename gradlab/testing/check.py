@@ -55,7 +55,7 @@ __all__ = ["GradientCheckReport", "Location", "check_gradients"]
 
 #: Above this time for one plain evaluation of fn, fast mode takes its probes' vjps in a loop,
 #: not vmapped (a loop iteration's own overhead is a few tens of microseconds).
-_LOOP_SECONDS = 2e-4
+_LOOP_SECONDS = 1e-4
 
 
 def _compare(
