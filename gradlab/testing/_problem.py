@@ -29,7 +29,7 @@ import torch
 
 import gradlab._validate as v
 from gradlab.testing._analytical import Problem
-from gradlab.testing._common import as_outputs, check_one_device, same_layout
+from gradlab.testing._common import as_outputs, check_one_device, raw_outputs, same_layout
 from gradlab.testing._report import CALLER
 from gradlab.testing._sanity import (
     check_deterministic,
@@ -116,29 +116,7 @@ def _select(inputs: Sequence[Any]) -> list[int]:
 
 
 def _raw_outputs(out: Any) -> tuple[torch.Tensor, ...]:
-    outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-    if len(outs) == 0:
-        raise TypeError(
-            v.message(
-                CALLER,
-                "fn's return value",
-                "a tensor or a non-empty tuple of tensors",
-                out,
-                "Return a tensor",
-            )
-        )
-    for i, o in enumerate(outs):
-        if not isinstance(o, torch.Tensor):
-            raise TypeError(
-                v.message(
-                    CALLER,
-                    "fn's return value" if outs[0] is out else f"output {i} of fn",
-                    "a tensor or a tuple of tensors",
-                    o,
-                    "Return the tensor itself (or torch.as_tensor(...))",
-                )
-            )
-    return outs
+    return raw_outputs(out, CALLER)
 
 
 def prepare(
