@@ -24,6 +24,7 @@ Each costs at most one extra call of ``fn`` and a pass over its inputs and outpu
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,9 +48,11 @@ __all__ = [
 def _first_bad(t: torch.Tensor) -> int | None:
     """Flat index of the first non-finite entry of ``t`` (real view for complex), or ``None``."""
     r = torch.view_as_real(t) if t.is_complex() else t
-    bad = ~torch.isfinite(r.detach())
-    if not bool(bad.any()):
+    if not (r.is_floating_point() and r.numel()):
         return None
+    if bool(torch.isfinite(r.detach()).all()):  # the common case
+        return None
+    bad = ~torch.isfinite(r.detach())
     k = int(bad.reshape(-1).nonzero()[0])
     return k // 2 if t.is_complex() else k
 
@@ -116,6 +119,8 @@ def _differs(a: torch.Tensor, b: torch.Tensor, tol: float) -> int | None:
     to NaN; infinities equal to themselves), or ``None``."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return 0
+    if torch.equal(a, b):  # the common case, one pass (NaN makes it False: checked below)
+        return None
     ar = torch.view_as_real(a) if a.is_complex() else a
     br = torch.view_as_real(b) if b.is_complex() else b
     same = (ar == br) | (ar.isnan() & br.isnan())
@@ -153,10 +158,15 @@ def check_deterministic(
     first: Sequence[torch.Tensor],
     as_outputs: Callable[[Any], tuple[torch.Tensor, ...]],
     nondet_tol: float,
-) -> None:
-    """Call ``fn`` once more at the same point; GradientCheckError if an output differs."""
+) -> float:
+    """Call ``fn`` once more at the same point; GradientCheckError if an output differs.
+
+    Returns the seconds that call took (a plain evaluation: what fast mode uses to decide
+    whether its probes' vjps are work-bound)."""
+    start = time.perf_counter()
     with torch.no_grad():
         second = as_outputs(fn(*copies))
+    seconds = time.perf_counter() - start
     if len(second) != len(first):
         raise GradientCheckError(
             f"{CALLER}: fn returned {len(first)} outputs on the first call and {len(second)} on "
@@ -183,6 +193,7 @@ def check_deterministic(
             "nondeterministic by small amounts on purpose (atomic adds on a GPU), pass "
             "nondet_tol=<largest expected difference>."
         )
+    return seconds
 
 
 def free_memory(device: torch.device) -> int | None:
