@@ -210,12 +210,13 @@ def _draw_layers(
     exploding: float,
     log: bool,
 ) -> None:
+    """Bars of max |g|, markers of mean |g| and L2 norm, at their true values.
+
+    On a log axis an exact zero has no place: it is drawn as a hollow triangle on the bottom
+    edge (labelled ``0``) and the axis reaches a decade below the smallest non-zero value or
+    the vanishing threshold, whichever is lower, so no value is drawn where it is not.
+    """
     xs = list(range(len(rows)))
-    tiny = vanishing if vanishing > 0 else 1e-12
-
-    def val(v: float) -> float:  # zeros cannot be shown on a log axis: clip, keep them visible
-        return max(v, tiny) if log and math.isfinite(v) else v
-
     maxes, means, norms, colors = [], [], [], []
     for _, s in rows:
         if s is None or not math.isfinite(s.max_abs):
@@ -224,25 +225,46 @@ def _draw_layers(
             norms.append(math.nan)
             colors.append("tab:red" if s is not None else "lightgrey")
         else:
-            maxes.append(val(s.max_abs))
-            means.append(val(s.mean_abs))
-            norms.append(val(s.norm))
+            maxes.append(s.max_abs)
+            means.append(s.mean_abs)
+            norms.append(s.norm)
             colors.append("tab:cyan")
-    ax.bar(xs, [0 if math.isnan(m) else m for m in maxes], color=colors, alpha=0.6, label="max |g|")
-    ax.plot(xs, means, "o", color="tab:blue", label="mean |g|")
-    ax.plot(xs, norms, "s", color="k", markersize=4, label="L2 norm")
+    positive = [v for v in maxes + means + norms if math.isfinite(v) and v > 0]
+    floor = min(positive + ([vanishing] if vanishing > 0 else []), default=1.0) / 10
+
+    def shown(v: float) -> float:  # a zero on a log axis: not drawn (marked on the edge)
+        return math.nan if log and v == 0 else v
+
+    base = floor if log else 0.0  # bars rise from the bottom edge to the true max |g|
+    heights = [m - base if math.isfinite(m) and m > base else 0.0 for m in maxes]
+    ax.bar(xs, heights, bottom=base, color=colors, alpha=0.6, label="max |g|")
+    ax.plot(xs, [shown(v) for v in means], "o", color="tab:blue", label="mean |g|")
+    ax.plot(xs, [shown(v) for v in norms], "s", color="k", markersize=4, label="L2 norm")
+    zeros = [x for x, v in zip(xs, norms) if v == 0]
+    if log and zeros:
+        ax.plot(
+            zeros,
+            [floor] * len(zeros),
+            "v",
+            mfc="none",
+            color="k",
+            clip_on=False,
+            label="norm exactly 0",
+        )
     for x, (_, s) in zip(xs, rows):
         if s is None or not math.isfinite(s.max_abs):
             ax.axvline(x, color="lightgrey" if s is None else "tab:red", alpha=0.5)
     if log:
         ax.set_yscale("log")
+        top = max([*positive, exploding])
+        ax.set_ylim(floor, top * 10)
     if vanishing > 0:
-        ax.axhline(vanishing, ls="--", color="tab:orange", lw=1, label="vanishing")
-    ax.axhline(exploding, ls="--", color="tab:red", lw=1, label="exploding")
+        ax.axhline(vanishing, ls="--", color="tab:orange", lw=1, label=f"vanishing ({vanishing:g})")
+    ax.axhline(exploding, ls="--", color="tab:red", lw=1, label=f"exploding ({exploding:g})")
     labels = [n + (" (no grad)" if s is None else "") for n, s in rows]
     ax.set_xticks(xs, labels, rotation=90, fontsize=7)
     ax.set_xlim(-0.5, len(rows) - 0.5)
-    ax.set_ylabel("gradient magnitude")
+    ax.set_ylabel("gradient magnitude (true values)")
     ax.legend(fontsize=7, loc="best")
 
 
