@@ -26,8 +26,6 @@ step, never during backward.
 
 from __future__ import annotations
 
-import math
-import numbers
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +34,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from gradlab._validate import check_bool, check_float, check_int, message
 from gradlab.hooks._buffer import PassBuffer, Pending, to_host
 from gradlab.hooks._diagnostics import ParamTracker, StepDiagnostics, check_diagnostics
 from gradlab.hooks._engine import HookContext, PassClock
@@ -153,9 +152,13 @@ class GradientMonitor(HookContext):
         fn = "GradientMonitor"
         check_model(fn, model)
         vanishing, exploding = _check_thresholds(fn, vanishing, exploding)
-        _check_size(fn, "buffer_bytes", buffer_bytes, minimum=0, fix="None: the default")
-        _check_size(fn, "history_size", history_size, minimum=1, fix="None keeps every step")
-        _check_size(fn, "every", every, minimum=1, fix="every=1 computes them every step")
+        if buffer_bytes is not None:
+            check_int(fn, "buffer_bytes", buffer_bytes, minimum=0, fix="Or None: the default")
+        if history_size is not None:
+            check_int(fn, "history_size", history_size, minimum=1, fix="Or None: keep every step")
+        check_int(fn, "every", every, minimum=1, fix="Pass every=1 to compute them every step")
+        check_bool(fn, "params", params)
+        check_bool(fn, "trace_nonfinite", trace_nonfinite)
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(
                 f"GradientMonitor: scaler must be a torch.amp.GradScaler or None, received "
@@ -373,11 +376,7 @@ class GradientMonitor(HookContext):
             (25, 0.0)
         """
         fn = "GradientMonitor.scalars"
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise TypeError(
-                f"{fn}: step must be an int index into monitor.history, got {step!r}. "
-                "Use -1 for the last step"
-            )
+        check_int(fn, "step", step, fix="An index into monitor.history: -1 for the last step")
         history = self.history
         if not history:
             raise ValueError(
@@ -527,30 +526,21 @@ def _state_names(state: dict[str, Any]) -> list[str]:
 
 
 def _check_thresholds(fn: str, vanishing: object, exploding: object) -> tuple[float, float]:
-    for name, value in (("vanishing", vanishing), ("exploding", exploding)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(
-                f"{fn}: {name} must be a real number (an L2-norm threshold), got {value!r}. "
-                "E.g. vanishing=1e-7, exploding=1e3"
-            )
-    v, e = float(vanishing), float(exploding)  # type: ignore[arg-type]
-    if not (v >= 0 and e > 0 and v < e and math.isfinite(v)):
+    v = check_float(fn, "vanishing", vanishing, low=0.0, fix="E.g. vanishing=1e-7")
+    e = check_float(
+        fn, "exploding", exploding, low=0.0, low_open=True, finite=False, fix="E.g. exploding=1e3"
+    )
+    if not v < e:
         raise ValueError(
-            f"{fn}: need 0 <= vanishing < exploding, received vanishing={vanishing!r}, "
-            f"exploding={exploding!r}; e.g. vanishing=1e-7, exploding=1e3"
+            message(
+                fn,
+                "vanishing",
+                f"below exploding={exploding!r}",
+                vanishing,
+                "E.g. vanishing=1e-7, exploding=1e3",
+            )
         )
     return v, e
-
-
-def _check_size(fn: str, name: str, value: object, *, minimum: int, fix: str) -> None:
-    if name != "every" and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        orn = "" if name == "every" else " or None"
-        raise (TypeError if not isinstance(value, (int, float)) else ValueError)(
-            f"{fn}: {name} must be {kind}{orn}, got {value!r}. {fix}"
-        )
 
 
 def _pre_hook(ref: weakref.ref[CallTracker], name: str) -> Any:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from gradlab._validate import check_bool, check_choice, check_int
 from gradlab.hooks._monitor import GradientMonitor, LayerStats, StepStats
 
 if TYPE_CHECKING:
@@ -29,8 +30,7 @@ def _check(fn: str, source: object, kind: str) -> None:
             f"{type(source).__name__}; pass the monitor you trained with, or the model after "
             "loss.backward()"
         )
-    if kind not in _KINDS:
-        raise ValueError(f"{fn}: kind must be 'parameters' or 'outputs', received {kind!r}")
+    check_choice(fn, "kind", kind, _KINDS)
     if isinstance(source, nn.Module) and kind == "outputs":
         raise ValueError(
             f"{fn}: kind='outputs' needs a GradientMonitor (a model keeps no output "
@@ -53,6 +53,7 @@ def _model_rows(model: nn.Module) -> list[tuple[str, LayerStats | None]]:
 
 
 def _step(fn: str, monitor: GradientMonitor, step: int) -> StepStats:
+    check_int(fn, "step", step, fix="An index into monitor.history: -1 for the last step")
     history = monitor.history
     if not history:
         raise ValueError(
@@ -184,6 +185,7 @@ def plot_grad_flow(
         True
     """
     rows, vanishing, exploding, what = _rows("plot_grad_flow", source, kind, step)
+    check_bool("plot_grad_flow", "log", log)
     try:
         from matplotlib.figure import Figure
     except ImportError:  # pragma: no cover - depends on the environment
