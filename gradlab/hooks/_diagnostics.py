@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from gradlab.hooks._ddp import two_batch_noise_scale
+
 __all__ = ["DIAGNOSTICS", "Diagnostic", "ParamTracker", "StepDiagnostics", "check_diagnostics"]
 
 Group = Mapping[str, float]  # ingredient name -> its sum over the group's parameters
@@ -38,6 +40,13 @@ class Diagnostic:
     needs: tuple[str, ...]
     compute: Callable[[Group], float]
     doc: str
+    per_module: bool = True  # False: whole model only (its ingredients have no module split)
+
+
+def _ddp_noise_scale(g: Group) -> float:
+    small, big = g["ddp_small_sq"], g["ddp_big_sq"]
+    s, g2 = two_batch_noise_scale(small, big, g["ddp_b_small"], g["ddp_b_big"])
+    return s / g2
 
 
 def _sqrt(key: str) -> Callable[[Group], float]:
@@ -59,6 +68,14 @@ DIAGNOSTICS: dict[str, Diagnostic] = {
             ("origin_sq",),
             _sqrt("origin_sq"),
             "||theta_t - theta_0||: how far the parameters are from the first monitored step",
+        ),
+        Diagnostic(
+            "ddp_noise_scale",
+            ("ddp_small_sq", "ddp_big_sq", "ddp_b_small", "ddp_b_big"),
+            _ddp_noise_scale,
+            "B_simple = S / |G|^2 from each rank's local gradient (B_small samples) and the "
+            "all-reduced one (B_big): McCandlish's two-batch estimator (DDP models only)",
+            per_module=False,
         ),
     )
 }
@@ -90,12 +107,13 @@ def check_diagnostics(fn: str, diagnostics: object) -> tuple[str, ...]:
 class StepDiagnostics:
     """The per-group ingredient sums of one step (tensors until read) and the diagnostics."""
 
-    __slots__ = ("_done", "groups", "names", "sums")
+    __slots__ = ("_done", "_lazy", "groups", "names", "sums")
 
     def __init__(self, names: tuple[str, ...], groups: Sequence[str]) -> None:
         self.names = names
         self.groups = groups  # module names; the sums have one entry per group, then the total
         self.sums: dict[str, Any] = {}  # ingredient -> (G + 1,) tensor or list of floats
+        self._lazy: list[Callable[[], dict[str, float]]] = []  # whole-model ingredients
         self._done: tuple[dict[str, float], dict[str, dict[str, float]]] | None = None
 
     def set(self, ingredient: str, per_group: torch.Tensor) -> None:
@@ -103,19 +121,30 @@ class StepDiagnostics:
         self.sums[ingredient] = torch.cat([per_group, per_group.sum().view(1)])
         self._done = None
 
+    def set_total_later(self, ingredients: Callable[[], dict[str, float]]) -> None:
+        """Whole-model ingredients that are known once ``ingredients()`` can run (at a read)."""
+        self._lazy.append(ingredients)
+        self._done = None
+
     def values(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """(whole-model values, name -> module -> value); NaN where an ingredient is missing."""
         if self._done is None:
             sums = {k: [float(x) for x in v.tolist()] for k, v in self.sums.items()}
+            for lazy in self._lazy:
+                for k, v in lazy().items():
+                    sums[k] = [math.nan] * len(self.groups) + [v]
             total: dict[str, float] = {}
             by_module: dict[str, dict[str, float]] = {}
             for name in self.names:
                 row = DIAGNOSTICS[name]
                 if not all(k in sums for k in row.needs):
                     total[name] = math.nan
-                    by_module[name] = {m: math.nan for m in self.groups}
+                    if row.per_module:
+                        by_module[name] = {m: math.nan for m in self.groups}
                     continue
                 total[name] = _safe(row.compute, {k: sums[k][-1] for k in row.needs})
+                if not row.per_module:
+                    continue
                 by_module[name] = {
                     m: _safe(row.compute, {k: sums[k][i] for k in row.needs})
                     for i, m in enumerate(self.groups)

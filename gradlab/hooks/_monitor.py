@@ -36,6 +36,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from gradlab._validate import check_bool, check_float, check_int, message
 from gradlab.hooks._buffer import PassBuffer, Pending, to_host
+from gradlab.hooks._ddp import DDPNoiseRecorder, attach
 from gradlab.hooks._diagnostics import ParamTracker, StepDiagnostics, check_diagnostics
 from gradlab.hooks._engine import HookContext, PassClock
 from gradlab.hooks._history import History, HistoryView
@@ -165,6 +166,20 @@ class GradientMonitor(HookContext):
                 f"{type(scaler).__name__}; pass the scaler whose scale(loss) you call backward on"
             )
         self.diagnostics = check_diagnostics(fn, diagnostics)
+        self._ddp: weakref.ref[nn.Module] | None = None
+        self._recorder: DDPNoiseRecorder | None = None
+        if "ddp_noise_scale" in self.diagnostics:
+            if not isinstance(model, nn.parallel.DistributedDataParallel):
+                raise ValueError(
+                    message(
+                        fn,
+                        "model",
+                        "a DistributedDataParallel model for diagnostics 'ddp_noise_scale'",
+                        model,
+                        "Pass the DDP wrapper (not its .module), or drop 'ddp_noise_scale'",
+                    )
+                )
+            self._ddp = weakref.ref(model)
         self.every = every
         self.history_size = history_size
         self.scaler = scaler
@@ -226,8 +241,17 @@ class GradientMonitor(HookContext):
         if self._tracker.update:
             hook = _optimizer_hook(weakref.ref(self))
             self._bag.module(register_optimizer_step_post_hook(hook))
+        if self._ddp is not None:
+            ddp = self._deref(self._ddp, "the DDP model")
+            self._recorder = DDPNoiseRecorder(ddp.process_group)
+            pre = _batch_hook(weakref.ref(self._recorder))
+            self._bag.module(ddp.register_forward_pre_hook(pre, with_kwargs=True))
+            attach(self._name, ddp, self._recorder)
 
     def _after_exit(self) -> None:
+        ddp = None if self._ddp is None else self._ddp()
+        if ddp is not None:
+            attach(self._name, ddp, None)  # DDP's own averaging all-reduce again
         self._calls.clear()
         if self._buffer.slots:  # a pass whose end callback never ran (it raised)
             self._finish_pass()
@@ -259,9 +283,12 @@ class GradientMonitor(HookContext):
         history.count += 1
         host, event, scale = to_host(stats, self._scale_now())
         history.pending.append(Pending(step, slots, numels, columns, host, event, scale))
+        norms = None if self._recorder is None else self._recorder.take()
         if self.diagnostics and step % self.every == 0:
             diag = StepDiagnostics(self.diagnostics, self._groups)
             history.extras[step] = diag
+            if norms is not None:
+                diag.set_total_later(norms.ingredients)
             params = self._live_params()
             if params is not None:
                 self._tracker.end_of_backward(params, diag)
@@ -572,6 +599,15 @@ def _param_hook(ref: weakref.ref[PassBuffer], slot: Slot) -> Any:
         buffer = ref()
         if buffer is not None and p.grad is not None:
             buffer.add(slot, p.grad)
+
+    return hook
+
+
+def _batch_hook(ref: weakref.ref[DDPNoiseRecorder]) -> Any:
+    def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+        recorder = ref()
+        if recorder is not None:
+            recorder.start_forward(args, kwargs)
 
     return hook
 
