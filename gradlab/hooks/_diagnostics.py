@@ -49,6 +49,22 @@ def _ddp_noise_scale(g: Group) -> float:
     return s / g2
 
 
+def _norm_test(g: Group) -> float:
+    b, m2 = g["ps_b"], g["ps_mean_sq"]
+    s = (g["ps_sum_norm_sq"] - b * m2) / (b - 1)
+    return math.sqrt(s / (b * m2))
+
+
+def _inner_product_test(g: Group) -> float:
+    b, m2 = g["ps_b"], g["ps_mean_sq"]
+    return math.sqrt((g["ps_sum_dot_sq"] - b * m2 * m2) / (b - 1) / (b * m2 * m2))
+
+
+def _orthogonality_test(g: Group) -> float:
+    b, m2 = g["ps_b"], g["ps_mean_sq"]
+    return math.sqrt((g["ps_sum_norm_sq"] - g["ps_sum_dot_sq"] / m2) / (b - 1) / (b * m2))
+
+
 def _sqrt(key: str) -> Callable[[Group], float]:
     return lambda g: math.sqrt(g[key])
 
@@ -68,6 +84,41 @@ DIAGNOSTICS: dict[str, Diagnostic] = {
             ("origin_sq",),
             _sqrt("origin_sq"),
             "||theta_t - theta_0||: how far the parameters are from the first monitored step",
+        ),
+        Diagnostic(
+            "noise_scale",
+            ("ns_num", "ns_den"),
+            lambda g: g["ns_num"] / g["ns_den"],
+            "B_simple = S / (||m||^2 - S/B), S = 1/(B-1) sum_i ||g_i - m||^2: the batch size "
+            "above which larger batches stop paying (McCandlish et al. 2018, Appendix A)",
+        ),
+        Diagnostic(
+            "gsnr",
+            ("gsnr_sum", "gsnr_numel"),
+            lambda g: g["gsnr_sum"] / g["gsnr_numel"],
+            "mean over entries j of m_j^2 / ((1/B) sum_i g_ij^2 - m_j^2 + eps): gradient "
+            "signal-to-noise ratio (Liu et al. 2020; Cockpit's MeanGSNR)",
+        ),
+        Diagnostic(
+            "norm_test",
+            ("ps_b", "ps_sum_norm_sq", "ps_mean_sq"),
+            _norm_test,
+            "sqrt(S / (B ||m||^2)): the smallest theta the norm test passes with (Byrd et al. "
+            "2012; Cockpit's NormTest)",
+        ),
+        Diagnostic(
+            "inner_product_test",
+            ("ps_b", "ps_sum_dot_sq", "ps_mean_sq"),
+            _inner_product_test,
+            "sqrt(1/(B-1) (sum_i (g_i.m)^2 - B ||m||^4) / (B ||m||^4)) (Bollapragada et al. "
+            "2018; Cockpit's InnerTest)",
+        ),
+        Diagnostic(
+            "orthogonality_test",
+            ("ps_b", "ps_sum_norm_sq", "ps_sum_dot_sq", "ps_mean_sq"),
+            _orthogonality_test,
+            "sqrt(1/(B-1) (sum_i ||g_i||^2 - sum_i (g_i.m)^2/||m||^2) / (B ||m||^2)) "
+            "(Bollapragada et al. 2018; Cockpit's OrthoTest)",
         ),
         Diagnostic(
             "ddp_noise_scale",
@@ -119,6 +170,11 @@ class StepDiagnostics:
     def set(self, ingredient: str, per_group: torch.Tensor) -> None:
         """Store an ingredient: a (G,) tensor of per-group sums (the total is added)."""
         self.sums[ingredient] = torch.cat([per_group, per_group.sum().view(1)])
+        self._done = None
+
+    def set_all(self, ingredient: str, values: torch.Tensor) -> None:
+        """Store an ingredient given per group and for the whole model: a (G + 1,) tensor."""
+        self.sums[ingredient] = values
         self._done = None
 
     def set_total_later(self, ingredients: Callable[[], dict[str, float]]) -> None:

@@ -34,12 +34,13 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from gradlab._validate import check_bool, check_float, check_int, message
+from gradlab._validate import check_bool, check_choice, check_float, check_int, message
 from gradlab.hooks._buffer import PassBuffer, Pending, to_host
 from gradlab.hooks._ddp import DDPNoiseRecorder, attach
 from gradlab.hooks._diagnostics import ParamTracker, StepDiagnostics, check_diagnostics
 from gradlab.hooks._engine import HookContext, PassClock
 from gradlab.hooks._history import History, HistoryView
+from gradlab.hooks._persample import PER_SAMPLE, PerSampleSteps
 from gradlab.hooks._records import (
     STATE_VERSION,
     LayerStats,
@@ -76,22 +77,27 @@ class GradientMonitor(HookContext):
     backward turned finite gradients into non-finite ones (where the NaN is *made*, not every
     layer it reaches); ``origin="incoming"`` when it already arrives from the loss.
 
-    **Diagnostics** (``diagnostics=(...)``, every ``every``-th step): ``"update_size"`` is
-    ``||theta_t - theta_{t-1}||``, how far the optimizer step after the backward moved the
-    monitored parameters (the actual change: any optimizer, measured when its ``step()``
-    returns and again when the next backward starts; take the step inside the context), and
-    ``"distance"`` is ``||theta_t - theta_0||`` from the first diagnostic step, ``theta_t``
-    being the parameters backward t ran at. Read them in ``history[i].diagnostics`` (whole
-    model) and ``history[i].diagnostics_by_module``, or as ``diagnostics/<name>`` and
-    ``diagnostics/<name>/<module>`` in :meth:`scalars`.
+    **Diagnostics** (``diagnostics=(...)``, on steps ``0, every, 2 every, ...``), in
+    ``history[i].diagnostics`` (over all monitored parameters), ``diagnostics_by_module`` and
+    :meth:`scalars` (``diagnostics/<name>``, ``diagnostics/<name>/<module>``). With ``g_i`` the
+    gradient of sample i's loss term (no 1/B), ``m = (1/B) sum_i g_i``,
+    ``S = 1/(B-1) sum_i ||g_i - m||^2`` (from :mod:`gradlab.per_sample`; ``loss_reduction``
+    says whether the loss is the mean or the sum of the terms):
 
-    **Cost.** A forward hook per module and a gradient hook per output (plus traced inputs and
-    parameters); three reductions per gradient, done while it is in cache on CPU and fused at
-    the end of the pass on GPUs; at most one synchronisation per step, when you read
-    :attr:`history` or :attr:`first_nonfinite`, none during backward. A step costs about 32
-    bytes per recorded gradient in the history. ``update_size`` keeps a copy of the parameters
-    between the backward and the optimizer step, ``distance`` one copy for the run, and each
-    costs a fused norm of the parameters per diagnostic step.
+    * ``noise_scale``: B_simple = ``S / (||m||^2 - S/B)`` (McCandlish et al. 2018, App. A;
+      ``ema=`` smooths numerator and denominator separately);
+    * ``gsnr``: mean over entries of ``m_j^2 / ((1/B) sum_i g_ij^2 - m_j^2 + eps)``, eps=1e-5;
+    * ``norm_test``: ``sqrt(S / (B ||m||^2))``; ``inner_product_test``:
+      ``sqrt(1/(B-1) (sum_i (g_i.m)^2 - B ||m||^4) / (B ||m||^4))``; ``orthogonality_test``:
+      ``sqrt(1/(B-1) (sum_i ||g_i||^2 - sum_i (g_i.m)^2/||m||^2) / (B ||m||^2))``
+      (Cockpit's NormTest, InnerTest, OrthoTest);
+    * ``update_size``: ``||theta_t - theta_{t-1}||``, the actual change made by the optimizer
+      step after backward t (any optimizer; take it inside the context); ``distance``:
+      ``||theta_t - theta_0||`` from the first diagnostic step;
+    * ``ddp_noise_scale`` (a DDP model): McCandlish's two-batch estimate from each rank's
+      local gradient and the all-reduced one, recorded by a communication hook.
+
+    B = 1 gives NaN (S is undefined; warned once); BatchNorm in training mode is refused.
 
     **Mixed precision, DDP.** With ``scaler=`` every statistic is of the unscaled gradient, and
     a step whose gradients overflow (``GradScaler.step`` skips it) is marked ``skipped``,
@@ -111,8 +117,11 @@ class GradientMonitor(HookContext):
             64 MiB on GPUs).
         history_size: steps kept in :attr:`history` (default 1000; ``None``: all).
         scaler: the ``torch.amp.GradScaler`` scaling the loss, if any.
-        diagnostics: names of diagnostics to compute (``"update_size"``, ``"distance"``).
+        diagnostics: names of diagnostics to compute (see above).
         every: compute the diagnostics on steps ``0, every, 2 every, ...`` only (default 1).
+        loss_reduction: ``"mean"`` (the loss is ``(1/B) sum_i l_i``, default) or ``"sum"``.
+        ema: smoothing factor in [0, 1) of the noise scale's numerator and denominator
+            (default None: none).
 
     Raises:
         TypeError: ``model`` is not a module, a pattern is not a string, ``scaler`` is not a
@@ -148,6 +157,8 @@ class GradientMonitor(HookContext):
         scaler: torch.amp.GradScaler | None = None,
         diagnostics: Sequence[str] = (),
         every: int = 1,
+        loss_reduction: str = "mean",
+        ema: float | None = None,
     ) -> None:
         super().__init__()
         fn = "GradientMonitor"
@@ -159,6 +170,17 @@ class GradientMonitor(HookContext):
             check_int(fn, "history_size", history_size, minimum=1, fix="Or None: keep every step")
         check_int(fn, "every", every, minimum=1, fix="Pass every=1 to compute them every step")
         check_bool(fn, "params", params)
+        check_choice(fn, "loss_reduction", loss_reduction, ("mean", "sum"))
+        if ema is not None:
+            check_float(
+                fn,
+                "ema",
+                ema,
+                low=0.0,
+                high=1.0,
+                high_open=True,
+                fix="E.g. ema=0.9, or None for no smoothing",
+            )
         check_bool(fn, "trace_nonfinite", trace_nonfinite)
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(
@@ -206,6 +228,18 @@ class GradientMonitor(HookContext):
             update="update_size" in self.diagnostics,
             origin="distance" in self.diagnostics,
         )
+        self._ps: PerSampleSteps | None = None
+        if any(d in PER_SAMPLE for d in self.diagnostics):
+            self._ps = PerSampleSteps(
+                weakref.ref(model),
+                [n for n, _, _ in chosen],
+                [owners.index(o) for _, o, _ in chosen],
+                len(owners),
+                self.diagnostics,
+                loss_reduction,
+                ema,
+            )
+        self._model = weakref.ref(model)
         # scalars() key of the root module (a model that is itself a leaf, or matched by "*")
         self._root_key = "model" if "model" not in {n for n, _ in self._modules} else "model(root)"
 
@@ -247,6 +281,15 @@ class GradientMonitor(HookContext):
             pre = _batch_hook(weakref.ref(self._recorder))
             self._bag.module(ddp.register_forward_pre_hook(pre, with_kwargs=True))
             attach(self._name, ddp, self._recorder)
+        if self._ps is not None:
+            ps = weakref.ref(self._ps)
+            for pname, _, p_ref in self._diag_params:
+                p = self._deref(p_ref, pname)
+                self._bag.module(p.register_hook(_leaf_hook(ps, pname)))
+            model = self._deref(self._model, "the model")
+            self._bag.module(model.register_forward_pre_hook(_forward_start(weakref.ref(self))))
+            if self._history.count % self.every == 0:
+                self._ps.start()  # raises here for a model the per-sample engine refuses
 
     def _after_exit(self) -> None:
         ddp = None if self._ddp is None else self._ddp()
@@ -256,6 +299,24 @@ class GradientMonitor(HookContext):
         if self._buffer.slots:  # a pass whose end callback never ran (it raised)
             self._finish_pass()
         self._measure_update(final=True)
+        if self._ps is not None:
+            if not self._ps.finish():
+                self._ps.close()
+        self._materialize()
+
+    def _on_forward_start(self) -> None:
+        """The model is about to run: finish the last per-sample step, open the next one."""
+        ps = self._ps
+        if ps is None:
+            return
+        ps.finish()
+        if not ps.open and self._history.count % self.every == 0:
+            ps.start()
+
+    def _read(self) -> None:
+        """Everything recorded so far, ready to read (per-sample work and the host copy)."""
+        if self._ps is not None:
+            self._ps.finish()
         self._materialize()
 
     # -- backward side ----------------------------------------------------------------------
@@ -284,6 +345,7 @@ class GradientMonitor(HookContext):
         host, event, scale = to_host(stats, self._scale_now())
         history.pending.append(Pending(step, slots, numels, columns, host, event, scale))
         norms = None if self._recorder is None else self._recorder.take()
+        diag = None
         if self.diagnostics and step % self.every == 0:
             diag = StepDiagnostics(self.diagnostics, self._groups)
             history.extras[step] = diag
@@ -292,6 +354,8 @@ class GradientMonitor(HookContext):
             params = self._live_params()
             if params is not None:
                 self._tracker.end_of_backward(params, diag)
+        if self._ps is not None:
+            self._ps.backward_done(diag, scale)
 
     def _live_params(self) -> list[torch.Tensor] | None:
         params = [r() for _, _, r in self._diag_params]
@@ -329,7 +393,7 @@ class GradientMonitor(HookContext):
         recorded gradient plus about 200 per step) and its :class:`StepStats` is built each
         time you read it; keep the ones you use.
         """
-        self._materialize()
+        self._read()
         return HistoryView(self._history)
 
     @property
@@ -340,7 +404,7 @@ class GradientMonitor(HookContext):
     @property
     def nonfinite_source(self) -> NonfiniteSource | None:
         """The first NaN/Inf source seen (module, step, origin), or ``None`` while all finite."""
-        self._materialize()
+        self._read()
         return self._history.source
 
     @property
@@ -447,7 +511,7 @@ class GradientMonitor(HookContext):
             >>> resumed.steps, [r.step for r in resumed.history]
             (2, [0, 1])
         """
-        self._materialize()
+        self._read()
         h = self._history
         layouts, history = records_to_state(h.records)
         extras = []
@@ -599,6 +663,24 @@ def _param_hook(ref: weakref.ref[PassBuffer], slot: Slot) -> Any:
         buffer = ref()
         if buffer is not None and p.grad is not None:
             buffer.add(slot, p.grad)
+
+    return hook
+
+
+def _leaf_hook(ref: weakref.ref[PerSampleSteps], name: str) -> Any:
+    def hook(grad: torch.Tensor) -> None:
+        steps = ref()
+        if steps is not None:
+            steps.grad(name, grad)
+
+    return hook
+
+
+def _forward_start(ref: weakref.ref[GradientMonitor]) -> Any:
+    def hook(module: nn.Module, args: Any) -> None:
+        monitor = ref()
+        if monitor is not None:
+            monitor._on_forward_start()
 
     return hook
 

@@ -1,0 +1,214 @@
+"""Per-sample ingredients of GradientMonitor's diagnostics, from :mod:`gradlab.per_sample`.
+
+On a diagnostic step the monitor runs one :class:`~gradlab.per_sample.PerSampleGradients`
+context over that step's forward and backward (opened before the forward, finished when the next
+forward starts, the history is read or the monitor exits: never inside the autograd engine's
+callbacks). With ``g_i`` the gradient of sample i's loss term (no 1/B) restricted to a group of
+parameters (one monitored module, or all of them) and ``m = (1/B) sum_i g_i`` (taken from the
+gradient this backward contributed, before it is accumulated into ``.grad``), the ingredients
+are, per group:
+
+* ``ps_b``: ``B``;
+* ``ps_sum_norm_sq``: ``sum_i ||g_i||^2``; ``ps_mean_sq``: ``||m||^2``;
+* ``ps_sum_dot_sq``: ``sum_i (g_i . m)^2`` (the dot over the group: not a sum over modules);
+* ``gsnr_sum`` and ``gsnr_numel``: ``sum_j m_j^2 / ((1/B) sum_i g_ij^2 - m_j^2 + eps)`` and the
+  number of entries j;
+* ``ns_num`` = ``S`` and ``ns_den`` = ``||m||^2 - S/B``, with ``S = (sum_i ||g_i||^2 - B ||m||^2)
+  / (B - 1)`` (= ``1/(B-1) sum_i ||g_i - m||^2``), each an exponential moving average over the
+  diagnostic steps when ``ema`` is set (numerator and denominator smoothed separately).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from gradlab.hooks._diagnostics import StepDiagnostics
+
+__all__ = ["GSNR_EPS", "PER_SAMPLE", "PerSampleSteps"]
+
+GSNR_EPS = 1e-5  # Cockpit's MeanGSNR epsilon
+# diagnostics that need the per-sample engine, and the PerSampleGradients stats each needs
+PER_SAMPLE: dict[str, tuple[str, ...]] = {
+    "noise_scale": ("norm",),
+    "norm_test": ("norm",),
+    "gsnr": ("norm", "sum_sq"),
+    "inner_product_test": ("norm", "dot"),
+    "orthogonality_test": ("norm", "dot"),
+}
+
+
+class PerSampleSteps:
+    """Opens a PerSampleGradients context per diagnostic step and turns it into ingredients."""
+
+    def __init__(
+        self,
+        model: Any,
+        names: Sequence[str],
+        owner: Sequence[int],
+        groups: int,
+        diagnostics: Sequence[str],
+        loss_reduction: str,
+        ema: float | None,
+    ) -> None:
+        self._model = model  # a weakref to the model
+        self._names = list(names)
+        self._owner = list(owner)
+        self._groups = groups
+        stats = {s for d in diagnostics if d in PER_SAMPLE for s in PER_SAMPLE[d]}
+        self.stats = tuple(sorted(stats))
+        self._reduction = loss_reduction
+        self._ema = ema
+        self._ema_state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._ps: Any = None  # the open context
+        self._done: tuple[Any, StepDiagnostics, dict[str, torch.Tensor], Any] | None = None
+        self._grads: dict[str, torch.Tensor] = {}  # this backward's gradient of each parameter
+        self._warned = False
+
+    @property
+    def open(self) -> bool:
+        return self._ps is not None and self._done is None
+
+    def start(self) -> None:
+        """Open the context for the coming forward and backward."""
+        from gradlab.per_sample import PerSampleGradients
+
+        model = self._model()
+        if model is None:
+            return
+        ps = PerSampleGradients(model, stats=self.stats, loss_reduction=self._reduction)
+        ps.__enter__()
+        self._ps = ps
+        self._grads = {}
+
+    def grad(self, name: str, g: torch.Tensor) -> None:
+        """A parameter's gradient from this backward (a leaf tensor hook), while open."""
+        if self.open:
+            self._grads[name] = g
+
+    def backward_done(self, diag: StepDiagnostics | None, scale: Any) -> None:
+        """The backward pass ended (an engine callback: nothing is computed here)."""
+        if self._ps is None or self._done is not None:
+            return
+        if diag is None:  # not a diagnostic step after all: drop it
+            self.close()
+            return
+        self._done = (self._ps, diag, self._grads, scale)
+        self._grads = {}
+
+    def close(self) -> None:
+        """Exit an open context without computing anything."""
+        ps, self._ps, self._done = self._ps, None, None
+        if ps is not None:
+            try:
+                ps.__exit__(None, None, None)
+            finally:
+                ps.close()
+
+    def finish(self) -> bool:
+        """Compute the ingredients of a finished step, if any; True if one was finished."""
+        if self._done is None:
+            return False
+        ps, diag, grads, scale = self._done
+        self._ps = self._done = None
+        try:
+            ps.__exit__(None, None, None)
+            self._compute(ps, diag, grads, scale)
+        finally:
+            ps.close()
+        return True
+
+    def _compute(
+        self, ps: Any, diag: StepDiagnostics, grads: dict[str, torch.Tensor], scale: Any
+    ) -> None:
+        b = ps.batch_size
+        names = [n for n in self._names if n in grads]
+        if not names:
+            return
+        g_count = self._groups
+        with torch.no_grad():
+            unscale = 1.0 if scale is None else 1.0 / float(scale)
+            if self._reduction == "sum":
+                unscale /= b
+            m = {n: grads[n].detach().to(torch.float64) * unscale for n in names}
+            device = m[names[0]].device
+            owner = torch.tensor([self._owner[self._names.index(n)] for n in names], device=device)
+
+            def per_group(values: list[torch.Tensor]) -> torch.Tensor:
+                out = torch.zeros(g_count, dtype=torch.float64, device=device)
+                out.index_add_(0, owner, torch.stack([v.to(device, torch.float64) for v in values]))
+                return torch.cat([out, out.sum().view(1)])
+
+            norms = ps.norm_by_param
+            sum_norm_sq = per_group([norms[n].to(torch.float64).square().sum() for n in names])
+            mean_sq = per_group([m[n].square().sum() for n in names])
+            ones = torch.ones(g_count + 1, dtype=torch.float64, device=device)
+            diag.set_all("ps_b", ones * b)
+            diag.set_all("ps_sum_norm_sq", sum_norm_sq)
+            diag.set_all("ps_mean_sq", mean_sq)
+            if "sum_sq" in self.stats:
+                sum_sq = ps.sum_sq
+                terms = [
+                    (
+                        m[n].square() / (sum_sq[n].to(torch.float64) / b - m[n].square() + GSNR_EPS)
+                    ).sum()
+                    for n in names
+                ]
+                diag.set_all("gsnr_sum", per_group(terms))
+                numel = [torch.tensor(float(m[n].numel()), dtype=torch.float64) for n in names]
+                diag.set_all("gsnr_numel", per_group(numel))
+            if "dot" in self.stats:
+                dots = self._group_dots(ps, m, names, b, device)  # (G, B)
+                sq = dots.square().sum(1)
+                total = dots.sum(0).square().sum()
+                diag.set_all("ps_sum_dot_sq", torch.cat([sq, total.view(1)]))
+            if b > 1:
+                s = (sum_norm_sq - b * mean_sq) / (b - 1)
+                num, den = s, mean_sq - s / b
+            else:
+                num = den = torch.full_like(mean_sq, float("nan"))
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(
+                        "GradientMonitor: a diagnostic step had batch size 1: the gradient "
+                        "variance S = 1/(B-1) sum_i ||g_i - m||^2 is undefined, so noise_scale, "
+                        "norm_test, inner_product_test and orthogonality_test are NaN for it "
+                        "(warned once)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            if self._ema is not None and b > 1:
+                a = self._ema
+                if self._ema_state is None:
+                    self._ema_state = (torch.zeros_like(num), torch.zeros_like(den))
+                old_num, old_den = self._ema_state
+                num = a * old_num + (1 - a) * num
+                den = a * old_den + (1 - a) * den
+                self._ema_state = (num, den)
+            diag.set_all("ns_num", num)
+            diag.set_all("ns_den", den)
+
+    def _group_dots(
+        self,
+        ps: Any,
+        m: dict[str, torch.Tensor],
+        names: list[str],
+        b: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """(G, B): ``g_i . m`` over each group's parameters, by the engine's public ``dot``."""
+        params = dict(self._model().named_parameters())
+        zeros = {n: torch.zeros_like(p) for n, p in params.items() if p.requires_grad}
+        out = torch.zeros(self._groups, b, dtype=torch.float64, device=device)
+        for g in range(self._groups):
+            mine = [n for n in names if self._owner[self._names.index(n)] == g]
+            if not mine:
+                continue
+            v = dict(zeros)
+            for n in mine:
+                v[n] = m[n].to(zeros[n].dtype)
+            out[g] = ps.dot(v).to(torch.float64)
+        return out
