@@ -129,13 +129,18 @@ class PerSampleSteps:
         if not names:
             return
         g_count = self._groups
+        group_of = {n: self._owner[self._names.index(n)] for n in names}
         with torch.no_grad():
             unscale = 1.0 if scale is None else 1.0 / float(scale)
             if self._reduction == "sum":
                 unscale /= b
-            m = {n: grads[n].detach().to(torch.float64) * unscale for n in names}
+            # m in the gradient's own dtype (no copy without a scale); sums in float64
+            m = {
+                n: grads[n].detach() if unscale == 1.0 else grads[n].detach() * unscale
+                for n in names
+            }
             device = m[names[0]].device
-            owner = torch.tensor([self._owner[self._names.index(n)] for n in names], device=device)
+            owner = torch.tensor([group_of[n] for n in names], device=device)
 
             def per_group(values: list[torch.Tensor]) -> torch.Tensor:
                 out = torch.zeros(g_count, dtype=torch.float64, device=device)
@@ -144,24 +149,26 @@ class PerSampleSteps:
 
             norms = ps.norm_by_param
             sum_norm_sq = per_group([norms[n].to(torch.float64).square().sum() for n in names])
-            mean_sq = per_group([m[n].square().sum() for n in names])
+            mean_sq = per_group(
+                [t.to(torch.float64).square() for t in torch._foreach_norm([m[n] for n in names])]
+            )
             ones = torch.ones(g_count + 1, dtype=torch.float64, device=device)
             diag.set_all("ps_b", ones * b)
             diag.set_all("ps_sum_norm_sq", sum_norm_sq)
             diag.set_all("ps_mean_sq", mean_sq)
             if "sum_sq" in self.stats:
                 sum_sq = ps.sum_sq
-                terms = [
-                    (
-                        m[n].square() / (sum_sq[n].to(torch.float64) / b - m[n].square() + GSNR_EPS)
-                    ).sum()
-                    for n in names
-                ]
+                terms = []
+                for n in names:
+                    m_sq = m[n].square()
+                    den = sum_sq[n] / b  # (1/B) sum_i g_ij^2 - m_j^2 + eps
+                    den.sub_(m_sq).add_(GSNR_EPS)
+                    terms.append(m_sq.div_(den).sum(dtype=torch.float64))
                 diag.set_all("gsnr_sum", per_group(terms))
                 numel = [torch.tensor(float(m[n].numel()), dtype=torch.float64) for n in names]
                 diag.set_all("gsnr_numel", per_group(numel))
             if "dot" in self.stats:
-                dots = self._group_dots(ps, m, names, b, device)  # (G, B)
+                dots = _group_dots(ps, m, group_of, g_count, b, device, self._model)  # (G, B)
                 sq = dots.square().sum(1)
                 total = dots.sum(0).square().sum()
                 diag.set_all("ps_sum_dot_sq", torch.cat([sq, total.view(1)]))
@@ -191,24 +198,50 @@ class PerSampleSteps:
             diag.set_all("ns_num", num)
             diag.set_all("ns_den", den)
 
-    def _group_dots(
-        self,
-        ps: Any,
-        m: dict[str, torch.Tensor],
-        names: list[str],
-        b: int,
-        device: torch.device,
-    ) -> torch.Tensor:
-        """(G, B): ``g_i . m`` over each group's parameters, by the engine's public ``dot``."""
-        params = dict(self._model().named_parameters())
-        zeros = {n: torch.zeros_like(p) for n, p in params.items() if p.requires_grad}
-        out = torch.zeros(self._groups, b, dtype=torch.float64, device=device)
-        for g in range(self._groups):
-            mine = [n for n in names if self._owner[self._names.index(n)] == g]
-            if not mine:
-                continue
-            v = dict(zeros)
-            for n in mine:
-                v[n] = m[n].to(zeros[n].dtype)
-            out[g] = ps.dot(v).to(torch.float64)
+
+def _group_dots(
+    ps: Any,
+    m: dict[str, torch.Tensor],
+    group_of: dict[str, int],
+    groups: int,
+    b: int,
+    device: torch.device,
+    model_ref: Any,
+) -> torch.Tensor:
+    """(G, B): ``g_i . m`` over each group's parameters.
+
+    The engine's :meth:`~gradlab.per_sample.PerSampleGradients.dot` sums over every parameter;
+    a group's dot through it would pass zeros for the others and cost a full pass per group.
+    Each call the engine recorded belongs to one module, so its rule's dot is taken once, with
+    ``m``, and added to its module's group (the engine's own records and rules: the same
+    computation as ``dot``). Should the engine's internals change, the public ``dot`` with
+    zeros elsewhere is used (G passes, same result).
+    """
+    out = torch.zeros(groups, b, dtype=torch.float64, device=device)
+    records, replayed = getattr(ps, "_records", None), getattr(ps, "_dot_grads", None)
+    if isinstance(records, list) and isinstance(replayed, dict) and not ps._closed:
+        for call in records:
+            by_group: dict[int, dict[str, torch.Tensor]] = {}  # a call's names: one group, mostly
+            for ln, n in call.names.items():
+                if n in group_of:
+                    by_group.setdefault(group_of[n], {})[ln] = m[n]
+            for gi, vv in by_group.items():
+                if call.rule.dot is not None:
+                    part = call.rule.dot(call.module, call.a, call.d, vv)
+                else:
+                    gs = call.rule.grad(call.module, call.a, call.d, tuple(vv))
+                    part = sum((gs[ln] * vv[ln].to(gs[ln].dtype)).flatten(1).sum(1) for ln in gs)
+                out[gi] += part.to(torch.float64) * call.factor
+        for n, g in replayed.items():
+            if n in group_of:
+                out[group_of[n]] += (g * m[n].to(g.dtype)).flatten(1).sum(1).to(torch.float64)
         return out
+    params = dict(model_ref().named_parameters())
+    zeros = {n: torch.zeros_like(p) for n, p in params.items() if p.requires_grad}
+    for g_index in range(groups):
+        v = dict(zeros)
+        for n, gi in group_of.items():
+            if gi == g_index:
+                v[n] = m[n].to(zeros[n].dtype)
+        out[g_index] = ps.dot(v).to(torch.float64)
+    return out
