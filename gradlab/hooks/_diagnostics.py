@@ -246,6 +246,7 @@ class ParamTracker:
         self.theta0: list[torch.Tensor] | None = None
         self._snapshot: list[torch.Tensor] | None = None
         self._target: StepDiagnostics | None = None
+        self._versions: list[int] = []  # parameter versions at the last update measurement
 
     def _per_group(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
@@ -268,12 +269,21 @@ class ParamTracker:
             if self.update:
                 self._snapshot = [p.detach().clone() for p in params]
                 self._target = diag
+                self._versions = []
 
     def measure_update(self, params: list[torch.Tensor], final: bool) -> None:
-        """The parameters may have moved (an optimizer stepped; ``final``: the step is over)."""
+        """The parameters may have moved (an optimizer stepped; ``final``: the step is over).
+
+        Measured again only if a parameter was modified since the last measurement (its
+        in-place version counter moved): the usual final call after an optimizer hook is free.
+        """
         snap, target = self._snapshot, self._target
         if snap is None or target is None:
             return
-        target.set("update_sq", self._per_group([p.detach() for p in params], snap))
+        versions = [p._version for p in params]
+        if versions != self._versions:
+            target.set("update_sq", self._per_group([p.detach() for p in params], snap))
+            self._versions = versions
         if final:
             self._snapshot = self._target = None
+            self._versions = []
