@@ -71,7 +71,7 @@ def _formulas(g: torch.Tensor) -> dict[str, float]:
 
 def _ref(factory, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
     """vmap(grad) per-sample gradients on a hook-free copy of ``model`` (same parameters)."""
-    twin = factory()
+    twin = factory().to(x.device)
     twin.load_state_dict(model.state_dict())
     return reference_grads(twin, _loss, x, y)
 
@@ -93,8 +93,8 @@ def _flat(grads: dict[str, torch.Tensor], module: str | None) -> torch.Tensor:
 
 @pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
 @pytest.mark.parametrize("factory", [_mlp, _cnn], ids=["mlp", "cnn"])
-def test_every_diagnostic_equals_its_formula(factory, opt_kind) -> None:  # type: ignore[no-untyped-def]
-    model = factory()
+def test_every_diagnostic_equals_its_formula(factory, opt_kind, device) -> None:  # type: ignore[no-untyped-def]
+    model = factory().to(device)
     if opt_kind == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     else:
@@ -102,7 +102,7 @@ def test_every_diagnostic_equals_its_formula(factory, opt_kind) -> None:  # type
     refs = []
     with GradientMonitor(model, diagnostics=_NAMES) as monitor:
         for step in range(3):
-            x, y = _data(model, step)
+            x, y = (t.to(device) for t in _data(model, step))
             refs.append(_ref(factory, model, x, y))
             opt.zero_grad()
             _loss(model(x), y).backward()
