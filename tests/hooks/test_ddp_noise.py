@@ -54,7 +54,8 @@ def _steps(rank: int, tmp: str) -> None:
     # tiny buckets: several all-reduces per step, the batch all-reduce rides on the last one
     ddp = nn.parallel.DistributedDataParallel(_net(), bucket_cap_mb=1e-4)
     grads = []
-    with GradientMonitor(ddp, diagnostics=("ddp_noise_scale",)) as monitor:
+    # with the per-sample noise scale as well: each rank's own samples, both reported
+    with GradientMonitor(ddp, diagnostics=("ddp_noise_scale", "noise_scale")) as monitor:
         for step in range(2):
             ddp.zero_grad()
             _loss(ddp, _batch(rank, step)).backward()
@@ -90,6 +91,18 @@ def _reference(step: int, world: int) -> tuple[float, list[torch.Tensor]]:
     return s / g2, [t.reshape(shape) for t, shape in zip(mean.split(sizes), shapes)]
 
 
+def _per_sample_noise_scale(rank: int, step: int) -> float:
+    """B_simple of rank's own batch from vmap(grad) per-sample gradients."""
+    from tests.per_sample._reference import reference_grads
+
+    x, y = _batch(rank, step)
+    grads = reference_grads(_net(), lambda out, t: (out - t).pow(2).mean(), x, y)
+    g = torch.cat([t.flatten(1) for t in grads.values()], dim=1)
+    b, m = g.shape[0], g.mean(0)
+    s = float(((g - m) ** 2).sum()) / (b - 1)
+    return s / (float(m @ m) - s / b)
+
+
 def test_ddp_noise_scale_equals_the_two_batch_formula(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import torch.distributed as dist
     import torch.multiprocessing as mp
@@ -111,7 +124,10 @@ def test_ddp_noise_scale_equals_the_two_batch_formula(tmp_path) -> None:  # type
             if step < 2:
                 value = got["values"][step]["ddp_noise_scale"]
                 assert value == pytest.approx(expected, rel=1e-10)
-        assert got["by_module"][0] == {}  # whole model only
+                local = got["values"][step]["noise_scale"]
+                assert local == pytest.approx(_per_sample_noise_scale(rank, step), rel=1e-10)
+        assert "ddp_noise_scale" not in got["by_module"][0]  # whole model only
+        assert set(got["by_module"][0]["noise_scale"]) == {"module.0", "module.2", "module.4"}
         assert got["scalars"]["diagnostics/ddp_noise_scale"] == got["values"][1]["ddp_noise_scale"]
 
 
