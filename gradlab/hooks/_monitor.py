@@ -34,7 +34,14 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from gradlab._validate import check_bool, check_choice, check_float, check_int, message
+from gradlab._validate import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_type,
+    message,
+)
 from gradlab.hooks._buffer import PassBuffer, Pending, to_host
 from gradlab.hooks._ddp import DDPNoiseRecorder, attach
 from gradlab.hooks._diagnostics import ParamTracker, StepDiagnostics, check_diagnostics
@@ -162,31 +169,20 @@ class GradientMonitor(HookContext):
     ) -> None:
         super().__init__()
         fn = "GradientMonitor"
-        check_model(fn, model)
-        vanishing, exploding = _check_thresholds(fn, vanishing, exploding)
-        if buffer_bytes is not None:
-            check_int(fn, "buffer_bytes", buffer_bytes, minimum=0, fix="Or None: the default")
-        if history_size is not None:
-            check_int(fn, "history_size", history_size, minimum=1, fix="Or None: keep every step")
-        check_int(fn, "every", every, minimum=1, fix="Pass every=1 to compute them every step")
-        check_bool(fn, "params", params)
-        check_choice(fn, "loss_reduction", loss_reduction, ("mean", "sum"))
-        if ema is not None:
-            check_float(
-                fn,
-                "ema",
-                ema,
-                low=0.0,
-                high=1.0,
-                high_open=True,
-                fix="E.g. ema=0.9, or None for no smoothing",
-            )
-        check_bool(fn, "trace_nonfinite", trace_nonfinite)
-        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
-            raise TypeError(
-                f"GradientMonitor: scaler must be a torch.amp.GradScaler or None, received "
-                f"{type(scaler).__name__}; pass the scaler whose scale(loss) you call backward on"
-            )
+        vanishing, exploding = _check_args(
+            fn,
+            model,
+            vanishing,
+            exploding,
+            buffer_bytes,
+            history_size,
+            every,
+            params,
+            trace_nonfinite,
+            loss_reduction,
+            ema,
+            scaler,
+        )
         self.diagnostics = check_diagnostics(fn, diagnostics)
         self._ddp: weakref.ref[nn.Module] | None = None
         self._recorder: DDPNoiseRecorder | None = None
@@ -614,6 +610,53 @@ def _state_names(state: dict[str, Any]) -> list[str]:
         if "outputs" in d:
             names += list(d["outputs"]) + list(d["params"])
     return names
+
+
+def _check_args(
+    fn: str,
+    model: object,
+    vanishing: object,
+    exploding: object,
+    buffer_bytes: object,
+    history_size: object,
+    every: object,
+    params: object,
+    trace_nonfinite: object,
+    loss_reduction: object,
+    ema: object,
+    scaler: object,
+) -> tuple[float, float]:
+    """Check GradientMonitor's arguments (clear errors); returns the thresholds as floats."""
+    check_model(fn, model)
+    vanishing, exploding = _check_thresholds(fn, vanishing, exploding)
+    if buffer_bytes is not None:
+        check_int(fn, "buffer_bytes", buffer_bytes, minimum=0, fix="Or None: the default")
+    if history_size is not None:
+        check_int(fn, "history_size", history_size, minimum=1, fix="Or None: keep every step")
+    check_int(fn, "every", every, minimum=1, fix="Pass every=1 to compute them every step")
+    check_bool(fn, "params", params)
+    check_choice(fn, "loss_reduction", loss_reduction, ("mean", "sum"))
+    if ema is not None:
+        check_float(
+            fn,
+            "ema",
+            ema,
+            low=0.0,
+            high=1.0,
+            high_open=True,
+            fix="E.g. ema=0.9, or None for no smoothing",
+        )
+    check_bool(fn, "trace_nonfinite", trace_nonfinite)
+    if scaler is not None:
+        check_type(
+            fn,
+            "scaler",
+            scaler,
+            torch.amp.GradScaler,
+            what="a torch.amp.GradScaler or None",
+            fix="Pass the scaler whose scale(loss) you call backward on",
+        )
+    return vanishing, exploding
 
 
 def _check_thresholds(fn: str, vanishing: object, exploding: object) -> tuple[float, float]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from gradlab._validate import check_bool, check_choice, check_int
+from gradlab._validate import check_bool, check_choice, check_int, message
 from gradlab.hooks._monitor import GradientMonitor, LayerStats, StepStats
 
 if TYPE_CHECKING:
@@ -26,9 +26,13 @@ _EXPLODING = 1e3
 def _check(fn: str, source: object, kind: str) -> None:
     if not isinstance(source, (GradientMonitor, nn.Module)):
         raise TypeError(
-            f"{fn}: source must be a GradientMonitor or a torch.nn.Module, received "
-            f"{type(source).__name__}; pass the monitor you trained with, or the model after "
-            "loss.backward()"
+            message(
+                fn,
+                "source",
+                "a GradientMonitor or a torch.nn.Module",
+                source,
+                "Pass the monitor you trained with, or the model after loss.backward()",
+            )
         )
     check_choice(fn, "kind", kind, _KINDS)
     if isinstance(source, nn.Module) and kind == "outputs":

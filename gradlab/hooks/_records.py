@@ -17,6 +17,8 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
+from gradlab._validate import message
+
 __all__ = [
     "STATE_VERSION",
     "Compact",
@@ -201,8 +203,13 @@ def check_state(fn: str, state_dict: object) -> None:
     """Raise if ``state_dict`` is not a GradientMonitor state dict of this version."""
     if not isinstance(state_dict, dict):
         raise TypeError(
-            f"{fn}: state_dict must be a dict from GradientMonitor.state_dict(), received "
-            f"{type(state_dict).__name__}"
+            message(
+                fn,
+                "state_dict",
+                "a dict from GradientMonitor.state_dict()",
+                state_dict,
+                "Pass what monitor.state_dict() returned (or torch.load gave back)",
+            )
         )
     missing = [k for k in _STATE_KEYS if k not in state_dict]
     if missing:
