@@ -527,6 +527,7 @@ class GradientMonitor(HookContext):
             "patterns": list(self._patterns),
             "diagnostics": extras,
             "theta0": None if theta0 is None else [t.detach().cpu().clone() for t in theta0],
+            "ema": None if self._ps is None else self._ps.ema_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -564,6 +565,9 @@ class GradientMonitor(HookContext):
         h.source = None if src is None else NonfiniteSource(str(src[0]), int(src[1]), src[2])
         theta0 = state_dict.get("theta0")
         params = self._live_params()
+        if self._ps is not None:
+            device = params[0].device if params else None
+            self._ps.load_ema_state(state_dict.get("ema"), device)
         if theta0 is not None and self._tracker.origin and params:
             self._tracker.theta0 = [
                 t.detach().to(p.device, p.dtype).clone() for t, p in zip(theta0, params)

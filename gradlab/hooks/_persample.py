@@ -68,6 +68,22 @@ class PerSampleSteps:
         self._grads: dict[str, torch.Tensor] = {}  # this backward's gradient of each parameter
         self._warned = False
 
+    def ema_state(self) -> list[list[float]] | None:
+        """The noise scale's smoothed (numerator, denominator) per group, for a checkpoint."""
+        if self._ema_state is None:
+            return None
+        return [t.tolist() for t in self._ema_state]
+
+    def load_ema_state(self, state: list[list[float]] | None, device: Any = None) -> None:
+        self._ema_state = (
+            None
+            if state is None
+            else (
+                torch.tensor(state[0], dtype=torch.float64, device=device),
+                torch.tensor(state[1], dtype=torch.float64, device=device),
+            )
+        )
+
     @property
     def open(self) -> bool:
         return self._ps is not None and self._done is None

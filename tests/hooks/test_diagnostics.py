@@ -161,3 +161,18 @@ def test_plain_monitor_records_no_diagnostics() -> None:
         model(input_for(model, torch.device("cpu"))).sum().backward()
     assert monitor.history[0].diagnostics == {}
     assert not any(k.startswith("diagnostics/") for k in monitor.scalars())
+
+
+def test_no_global_optimizer_hook_left_behind() -> None:
+    from torch.optim import optimizer as optim_module
+
+    before = dict(optim_module._global_optimizer_post_hooks)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="boom"):
+        with GradientMonitor(model, diagnostics=("update_size",)):
+            assert len(optim_module._global_optimizer_post_hooks) == len(before) + 1
+            model(input_for(model, torch.device("cpu"))).sum().backward()
+            opt.step()
+            raise RuntimeError("boom")
+    assert dict(optim_module._global_optimizer_post_hooks) == before

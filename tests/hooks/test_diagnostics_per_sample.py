@@ -212,3 +212,34 @@ def test_no_hooks_left_behind() -> None:
         _loss(model(x), y).backward()
     assert hook_counts(model) == before
     assert len(monitor.history[0].diagnostics) == 7
+
+
+def test_ema_state_survives_a_checkpoint() -> None:
+    def run(monitor: GradientMonitor, model: nn.Module, steps: range) -> None:
+        with monitor:
+            for step in steps:
+                x, y = _data(_mlp(), step)
+                _loss(model(x), y).backward()
+
+    model = _mlp()
+    full = GradientMonitor(model, diagnostics=("noise_scale",), ema=0.8)
+    run(full, model, range(4))
+    model = _mlp()
+    first = GradientMonitor(model, diagnostics=("noise_scale",), ema=0.8)
+    run(first, model, range(2))
+    resumed = GradientMonitor(model, diagnostics=("noise_scale",), ema=0.8)
+    resumed.load_state_dict(first.state_dict())
+    run(resumed, model, range(2, 4))
+    assert [r.diagnostics for r in resumed.history] == [r.diagnostics for r in full.history]
+
+
+def test_steps_between_every_k_run_no_per_sample_hooks() -> None:
+    model = _mlp()
+    counts = []
+    with GradientMonitor(model, diagnostics=("noise_scale",), every=2):
+        for step in range(3):
+            x, y = _data(model, step)
+            out = model(x)
+            counts.append(len(model[0]._forward_hooks))  # during the step's forward
+            _loss(out, y).backward()
+    assert counts[1] == counts[0] - 1 == counts[2] - 1, counts  # step 1: the monitor's hook only
