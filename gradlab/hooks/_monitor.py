@@ -106,6 +106,17 @@ class GradientMonitor(HookContext):
 
     B = 1 gives NaN (S is undefined; warned once); BatchNorm in training mode is refused.
 
+    **Cost.** A forward hook per module and a gradient hook per output (plus traced inputs and
+    parameters); three reductions per gradient, done while it is in cache on CPU and fused at
+    the end of the pass on GPUs; at most one synchronisation per step, when you read
+    :attr:`history` or :attr:`first_nonfinite`, none during backward; about 32 bytes per
+    recorded gradient and step of history. Diagnostics cost only on their steps: the
+    per-sample ones a :class:`~gradlab.per_sample.PerSampleGradients` pass (norms; ``gsnr``
+    adds second moments, the two tests a dot product per module), ``update_size`` a copy of
+    the parameters until the optimizer step, ``distance`` one copy for the run,
+    ``ddp_noise_scale`` two norms per all-reduce bucket and a 2-number all-reduce (its
+    communication hook stays on the DDP model after exit, as DDP's plain averaging).
+
     **Mixed precision, DDP.** With ``scaler=`` every statistic is of the unscaled gradient, and
     a step whose gradients overflow (``GradScaler.step`` skips it) is marked ``skipped``,
     nobody blamed. Under DistributedDataParallel each rank records its *local* gradients
@@ -147,6 +158,18 @@ class GradientMonitor(HookContext):
         (3, ['0', '1', '2'])
         >>> round(monitor.history[0].params["2.bias"].norm, 4), monitor.first_nonfinite
         (0.2144, None)
+
+        Diagnostics, with an optimizer step inside the context:
+
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> with GradientMonitor(net, diagnostics=("noise_scale", "update_size")) as monitor:
+        ...     opt.zero_grad()
+        ...     net(torch.randn(16, 4)).pow(2).mean().backward()
+        ...     opt.step()
+        >>> {k: round(v, 3) for k, v in monitor.history[0].diagnostics.items()}
+        {'noise_scale': 15.069, 'update_size': 0.025}
+        >>> sorted(monitor.history[0].diagnostics_by_module["update_size"])
+        ['0', '2']
     """
 
     _name = "GradientMonitor"
