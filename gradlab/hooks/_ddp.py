@@ -74,6 +74,7 @@ class DDPNoiseRecorder:
         self.world = dist.get_world_size(group)
         self.batch = 0  # B_small of the step in progress (the DDP model's input batch)
         self.current = StepNorms(0, self.world)
+        self.active = True  # record this step (False: DDP's plain averaging, e.g. every=k)
 
     def start_forward(self, args: Any, kwargs: Any) -> None:
         flat = tree_flatten((args, kwargs))[0]
@@ -124,7 +125,7 @@ class _HookState:
 def _comm_hook(state, bucket):  # type: ignore[no-untyped-def]
     # No annotations: DDP compares them with dist.GradBucket, and this module's are strings.
     recorder = None if state.recorder is None else state.recorder()
-    if recorder is None:
+    if recorder is None or not recorder.active:
         return allreduce_hook(state.group, bucket)  # type: ignore[arg-type]
     return recorder.bucket(bucket)  # type: ignore[no-any-return]
 

@@ -297,6 +297,7 @@ class GradientMonitor(HookContext):
         if self._ddp is not None:
             ddp = self._deref(self._ddp, "the DDP model")
             self._recorder = DDPNoiseRecorder(ddp.process_group)
+            self._recorder.active = self._history.count % self.every == 0
             pre = _batch_hook(weakref.ref(self._recorder))
             self._bag.module(ddp.register_forward_pre_hook(pre, with_kwargs=True))
             attach(self._name, ddp, self._recorder)
@@ -364,6 +365,8 @@ class GradientMonitor(HookContext):
         host, event, scale = to_host(stats, self._scale_now())
         history.pending.append(Pending(step, slots, numels, columns, host, event, scale))
         norms = None if self._recorder is None else self._recorder.take()
+        if self._recorder is not None:  # the next step: every rank agrees (same step count)
+            self._recorder.active = history.count % self.every == 0
         diag = None
         if self.diagnostics and step % self.every == 0:
             diag = StepDiagnostics(self.diagnostics, self._groups)

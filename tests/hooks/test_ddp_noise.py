@@ -55,13 +55,14 @@ def _steps(rank: int, tmp: str) -> None:
     ddp = nn.parallel.DistributedDataParallel(_net(), bucket_cap_mb=1e-4)
     grads = []
     # with the per-sample noise scale as well: each rank's own samples, both reported
-    with GradientMonitor(ddp, diagnostics=("ddp_noise_scale", "noise_scale")) as monitor:
-        for step in range(2):
+    diagnostics = ("ddp_noise_scale", "noise_scale")
+    with GradientMonitor(ddp, diagnostics=diagnostics, every=2) as monitor:
+        for step in range(3):  # step 1: no diagnostics, DDP's plain all-reduce
             ddp.zero_grad()
             _loss(ddp, _batch(rank, step)).backward()
             grads.append([p.grad.clone() for p in ddp.parameters()])
     ddp.zero_grad()
-    _loss(ddp, _batch(rank, 2)).backward()  # after the context: DDP's plain averaging
+    _loss(ddp, _batch(rank, 3)).backward()  # after the context: DDP's plain averaging
     grads.append([p.grad.clone() for p in ddp.parameters()])
     torch.save(
         {
@@ -117,18 +118,19 @@ def test_ddp_noise_scale_equals_the_two_batch_formula(tmp_path) -> None:  # type
     run_ranks(_worker, (2, str(tmp_path)), 2, start_method=method)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        for step in range(3):
+        assert [bool(v) for v in got["values"]] == [True, False, True]
+        for step in range(4):
             expected, mean = _reference(step, 2)
             for g, m in zip(got["grads"][step], mean):  # DDP's averaged gradient, unchanged
                 torch.testing.assert_close(g, m, rtol=1e-12, atol=1e-15)
-            if step < 2:
+            if step in (0, 2):
                 value = got["values"][step]["ddp_noise_scale"]
                 assert value == pytest.approx(expected, rel=1e-10)
                 local = got["values"][step]["noise_scale"]
                 assert local == pytest.approx(_per_sample_noise_scale(rank, step), rel=1e-10)
         assert "ddp_noise_scale" not in got["by_module"][0]  # whole model only
         assert set(got["by_module"][0]["noise_scale"]) == {"module.0", "module.2", "module.4"}
-        assert got["scalars"]["diagnostics/ddp_noise_scale"] == got["values"][1]["ddp_noise_scale"]
+        assert got["scalars"]["diagnostics/ddp_noise_scale"] == got["values"][2]["ddp_noise_scale"]
 
 
 def test_ddp_noise_scale_needs_a_ddp_model() -> None:

@@ -243,3 +243,23 @@ def test_steps_between_every_k_run_no_per_sample_hooks() -> None:
             counts.append(len(model[0]._forward_hooks))  # during the step's forward
             _loss(out, y).backward()
     assert counts[1] == counts[0] - 1 == counts[2] - 1, counts  # step 1: the monitor's hook only
+
+
+def test_grads_zeroed_in_place_before_the_next_forward_do_not_leak_in() -> None:
+    """zero_grad(set_to_none=False) and a weight-decayed Adam step modify .grad in place between
+    the backward and the moment the step's diagnostics are computed (the next forward)."""
+    factory = _mlp
+    model = factory()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    refs = []
+    with GradientMonitor(model, diagnostics=_NAMES) as monitor:
+        for step in range(3):
+            x, y = _data(model, step)
+            refs.append(_ref(factory, model, x, y))
+            opt.zero_grad(set_to_none=False)
+            _loss(model(x), y).backward()
+            opt.step()
+    for rec, grads in zip(monitor.history, refs):
+        expected = _formulas(_flat(grads, None))
+        for name in _NAMES:
+            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
