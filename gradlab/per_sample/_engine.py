@@ -85,7 +85,7 @@ def _check_args(model: Any, stats: Any, loss_reduction: Any, scaler: Any) -> tup
 
 def _batch_norm_error(name: str, module: nn.Module) -> ValueError:
     return ValueError(
-        f"{_FN}: model has {name or 'the model'} ({type(module).__name__}) using batch "
+        f"{_FN}: model has module {name or '(the model)'!r} ({type(module).__name__}) using batch "
         f"statistics (training mode or track_running_stats=False), which couples the samples: "
         f"per-sample gradients do not exist. Fixes: put it in eval mode (module.eval()), "
         f"replace it by GroupNorm or LayerNorm, or call per_sample_grads on a function you "
