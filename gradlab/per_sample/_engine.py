@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 from gradlab._errors import GradlabError
 from gradlab.hooks._engine import HookContext, on_grad
 from gradlab.per_sample._fallback import Replay, dropout_in, replay_grads
+from gradlab.per_sample._gather import GatheredStats
 from gradlab.per_sample._registry import Rule, rule_for
 
 __all__ = ["STATS", "PerSampleGradients"]
@@ -205,6 +206,7 @@ class PerSampleGradients(HookContext):
         self._grad: dict[str, torch.Tensor] = {}
         self._sum_sq: dict[str, torch.Tensor] = {}
         self._variance: dict[str, torch.Tensor] = {}
+        self._sum: dict[str, torch.Tensor] = {}  # sum_i g_i, for gather()'s variance
         self._acc: dict[str, torch.Tensor] = {}
         self._dot_grads: dict[str, torch.Tensor] = {}
         self._got_grad: set[str] = set()
@@ -385,6 +387,7 @@ class PerSampleGradients(HookContext):
         self._acc[name] = g if prev is None else prev + g
 
     def _set_moments(self, name: str, s: torch.Tensor, sq: torch.Tensor, b: int) -> None:
+        self._sum[name] = s
         self._sum_sq[name] = sq
         self._variance[name] = (sq / b - (s / b).square()).clamp_min(0)
 
@@ -394,6 +397,7 @@ class PerSampleGradients(HookContext):
         if "grad" in self._stats:
             self._grad[name] = g
         if self._moments:
+            self._sum[name] = g.sum(0)
             self._sum_sq[name] = g.square().sum(0)
             self._variance[name] = g.var(0, unbiased=False)
 
@@ -499,19 +503,41 @@ class PerSampleGradients(HookContext):
     def grad(self) -> dict[str, torch.Tensor]:
         """``{name: (B, *p.shape)}``: the per-sample gradients (``stats`` has ``"grad"``)."""
         self._result("grad")
-        return dict(self._grad)
+        return {n: self._grad[n] for n in self._params}
 
     @property
     def sum_sq(self) -> dict[str, torch.Tensor]:
         """``{name: p.shape}``: ``sum_i g_i**2`` (``stats`` has ``"sum_sq"``)."""
         self._result("sum_sq")
-        return dict(self._sum_sq)
+        return {n: self._sum_sq[n] for n in self._params}
 
     @property
     def variance(self) -> dict[str, torch.Tensor]:
         """``{name: p.shape}``: ``(1/B) sum_i (g_i - mean_i g_i)**2`` (``"variance"``)."""
         self._result("variance")
-        return dict(self._variance)
+        return {n: self._variance[n] for n in self._params}
+
+    def gather(self, group: Any = None) -> GatheredStats:
+        """The statistics of the global batch under ``torch.distributed`` (DDP).
+
+        Each rank's statistics are of its own samples; every rank calls ``gather()`` after the
+        backward pass (a collective). Norms and per-sample gradients are concatenated in rank
+        order (ranks may hold different numbers of samples), ``sum_sq`` summed over ranks and
+        the variance computed from the global sums of ``g_i`` and ``g_i**2``: the statistics of
+        one process on the union of the batches.
+
+        Args:
+            group: the process group (default: the default group).
+
+        Returns:
+            A :class:`~gradlab.per_sample.GatheredStats`.
+
+        Raises:
+            RuntimeError: no process group is initialised.
+        """
+        from gradlab.per_sample._gather import gather
+
+        return gather(self, group)
 
     def dot(self, v: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``(B,)``: ``g_i . v``, summed over every trainable parameter.
