@@ -50,7 +50,6 @@ class _Call:
     names: dict[str, str]  # local parameter name -> model parameter name (trainable ones)
     b: int
     d: torch.Tensor | None = None
-    factor: float = 1.0
 
 
 def _check_args(model: Any, stats: Any, loss_reduction: Any, scaler: Any) -> tuple[str, ...]:
@@ -351,7 +350,9 @@ class PerSampleGradients(HookContext):
                 d = d.float()
             if a.is_floating_point() and a.dtype != d.dtype:
                 a = a.to(d.dtype)
-            call.factor = self._factor(call.b)
+            # Every rule is linear in d: scaling d (activation-sized) scales every per-sample
+            # gradient to g_i, without a pass over them.
+            d = d * self._factor(call.b)
             if "dot" in self._stats:
                 call.a, call.d = a, d
                 self._records.append(call)
@@ -365,22 +366,27 @@ class PerSampleGradients(HookContext):
                 self._single(call, a, d, names)
             else:
                 for ln, g in call.rule.grad(call.module, a, d, names).items():
-                    self._add(call.names[ln], g * call.factor)
+                    self._add(call.names[ln], g)
 
     def _single(self, call: _Call, a: torch.Tensor, d: torch.Tensor, names: tuple[str, ...]):
-        rule, f, m = call.rule, call.factor, call.module
-        if "grad" not in self._stats and rule.norm_sq is not None:
-            moments = None
-            if self._moments:
-                moments = rule.moments(m, a, d, names) if rule.moments is not None else None
-            if moments is not None or not self._moments:
-                for ln, ns in rule.norm_sq(m, a, d, names).items():
-                    self._norm_sq[call.names[ln]] = ns * (f * f)
-                for ln, (s, sq) in (moments or {}).items():
-                    self._set_moments(call.names[ln], s * f, sq * (f * f), call.b)
-                return
-        for ln, g in rule.grad(m, a, d, names).items():
-            self._finish(call.names[ln], g * f)
+        """Statistics of parameters used by this call alone: from the rule's ghost norms and
+        moments where it has them, from the per-sample gradients for the rest."""
+        rule, m = call.rule, call.module
+        keep = "grad" in self._stats
+        need_norm, need_moments = True, self._moments
+        if rule.norm_sq is not None and not keep:
+            for ln, ns in rule.norm_sq(m, a, d, names).items():
+                self._norm_sq[call.names[ln]] = ns
+            need_norm = False
+        if need_moments and rule.moments is not None:
+            moments = rule.moments(m, a, d, names)
+            if moments is not None:
+                for ln, (s, sq) in moments.items():
+                    self._set_moments(call.names[ln], s, sq, call.b)
+                need_moments = False
+        if need_norm or need_moments or keep:
+            for ln, g in rule.grad(m, a, d, names).items():
+                self._finish(call.names[ln], g, norm=need_norm, moments=need_moments)
 
     def _add(self, name: str, g: torch.Tensor) -> None:
         prev = self._acc.get(name)
@@ -391,12 +397,13 @@ class PerSampleGradients(HookContext):
         self._sum_sq[name] = sq
         self._variance[name] = (sq / b - (s / b).square()).clamp_min(0)
 
-    def _finish(self, name: str, g: torch.Tensor) -> None:
-        """All the statistics of one parameter from its per-sample gradients ``(B, *shape)``."""
-        self._norm_sq[name] = g.flatten(1).square().sum(1)
+    def _finish(self, name: str, g: torch.Tensor, *, norm: bool = True, moments: bool = True):
+        """The statistics of one parameter from its per-sample gradients ``(B, *shape)``."""
+        if norm:
+            self._norm_sq[name] = torch.linalg.vector_norm(g.flatten(1), dim=1).square()
         if "grad" in self._stats:
             self._grad[name] = g
-        if self._moments:
+        if moments and self._moments:
             self._sum[name] = g.sum(0)
             self._sum_sq[name] = g.square().sum(0)
             self._variance[name] = g.var(0, unbiased=False)
@@ -593,7 +600,6 @@ class PerSampleGradients(HookContext):
                 else:
                     gs = call.rule.grad(call.module, a, d, tuple(vv))
                     part = sum((gs[ln] * vv[ln].to(gs[ln].dtype)).flatten(1).sum(1) for ln in gs)  # type: ignore[assignment]
-                part = part * call.factor
                 out = part if out is None else out + part
             for n, g in self._dot_grads.items():
                 part = (g * v[n].detach().to(g.dtype)).flatten(1).sum(1)
