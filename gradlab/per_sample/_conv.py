@@ -114,15 +114,20 @@ def _dot(
     return result
 
 
-def _moments(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict | None:
+def _moments(
+    module: Any, a: torch.Tensor, d: torch.Tensor, names: Names, with_sum: bool
+) -> dict | None:
+    if (d if not isinstance(module, nn.modules.conv._ConvTransposeNd) else a)[0, 0].numel() != 1:
+        return None  # several positions: no cheaper closed form than the per-sample gradients
     cols, outs = _patches(module, a, d)
-    m = seq_moments(cols, outs)
+    m = seq_moments(cols, outs, with_sum)
     if m is None:
         return None
     out = {}
     if "weight" in names:
-        shape = module.weight.shape  # type: ignore[union-attr]
-        out["weight"] = (m[0].reshape(shape), m[1].reshape(shape))
+        shape = module.weight.shape
+        total = None if m[0] is None else m[0].reshape(shape)
+        out["weight"] = (total, m[1].reshape(shape))
     if "bias" in names:
         db = _bias_grad(module, a, d)
         out["bias"] = (db.sum(0), db.square().sum(0))

@@ -379,7 +379,7 @@ class PerSampleGradients(HookContext):
                 self._norm_sq[call.names[ln]] = ns
             need_norm = False
         if need_moments and rule.moments is not None:
-            moments = rule.moments(m, a, d, names)
+            moments = rule.moments(m, a, d, names, "variance" in self._stats)
             if moments is not None:
                 for ln, (s, sq) in moments.items():
                     self._set_moments(call.names[ln], s, sq, call.b)
@@ -392,10 +392,11 @@ class PerSampleGradients(HookContext):
         prev = self._acc.get(name)
         self._acc[name] = g if prev is None else prev + g
 
-    def _set_moments(self, name: str, s: torch.Tensor, sq: torch.Tensor, b: int) -> None:
-        self._sum[name] = s
+    def _set_moments(self, name: str, s: torch.Tensor | None, sq: torch.Tensor, b: int) -> None:
         self._sum_sq[name] = sq
-        self._variance[name] = (sq / b - (s / b).square()).clamp_min(0)
+        if s is not None:
+            self._sum[name] = s
+            self._variance[name] = (sq / b - (s / b).square()).clamp_min(0)
 
     def _finish(self, name: str, g: torch.Tensor, *, norm: bool = True, moments: bool = True):
         """The statistics of one parameter from its per-sample gradients ``(B, *shape)``."""

@@ -31,7 +31,8 @@ class GatheredStats:
         norm_by_param: ``{name: (N,)}``.
         sum_sq: ``{name: p.shape}`` ``sum_i g_i**2`` over the ``N`` samples, or ``None`` when
             ``"sum_sq"`` and ``"variance"`` were not asked for.
-        variance: ``{name: p.shape}`` over the ``N`` samples, or ``None`` (as ``sum_sq``).
+        variance: ``{name: p.shape}`` over the ``N`` samples, or ``None`` when ``"variance"``
+            was not asked for.
         grad: ``{name: (N, *p.shape)}``, or ``None`` when ``"grad"`` was not asked for.
     """
 
@@ -77,13 +78,17 @@ def gather(ps: PerSampleGradients, group: Any = None) -> GatheredStats:
     by_param = {k: norm_sq[:, j].sqrt() for j, k in enumerate(names)}
     sum_sq = variance = grad = None
     if ps._moments:
-        sum_sq, variance = {}, {}
+        sum_sq = {}
         for k in names:
-            both = torch.stack([ps._sum[k], ps._sum_sq[k]])
-            dist.all_reduce(both, group=group)
-            mean = both[0] / n
-            sum_sq[k] = both[1]
-            variance[k] = (both[1] / n - mean.square()).clamp_min(0)
+            sum_sq[k] = ps._sum_sq[k].clone()
+            dist.all_reduce(sum_sq[k], group=group)
+    if "variance" in ps._stats:
+        variance = {}
+        for k in names:
+            total = ps._sum[k].clone()
+            dist.all_reduce(total, group=group)
+            assert sum_sq is not None
+            variance[k] = (sum_sq[k] / n - (total / n).square()).clamp_min(0)
     if "grad" in ps._stats:
         grad = {k: _cat(ps._grad[k], sizes, group) for k in names}
     return GatheredStats(
