@@ -16,8 +16,9 @@ Every variant runs one step (``zero_grad(set_to_none=True)``, forward, cross-ent
                           ``opacus_hooks`` ``GradSampleModule`` (per-sample gradients) (when
                           ``opacus`` is installed).
 
-Models: an MLP 784-1024-1024-10 at batch 128 and a CNN of about 545k parameters on 3x32x32 at
-batch 64 (``--full``; smaller batches by default, smaller models with ``--quick``). Goals: the
+Models: an MLP 784-1024-1024-10 (norms at batch 128; per-sample gradients at 16, 128 with
+``--full``) and a CNN of about 545k parameters on 3x32x32 (norms at batch 32, 64 with ``--full``;
+gradients at 8); smaller models and batches with ``--quick``. Goals: the
 norms step at most 1.2x plain on the MLP, at most BackPACK ``BatchL2Grad`` on the CNN; the
 per-sample gradients at most BackPACK ``BatchGrad`` and ``vmap(grad)``; the norms step's peak
 tensor memory at most 1.2x plain's.
@@ -70,10 +71,21 @@ def cnn(scale: int = 1) -> nn.Module:
     )
 
 
+NORMS = (
+    "gradlab_norms",
+    "gradlab_norms_sum_sq",
+    "backpack_l2",
+    "backpack_l2_sum_sq",
+    "opacus_ghost",
+)
+GRADS = ("gradlab_grads", "vmap_grad", "backpack_batch_grad", "opacus_hooks")
+
+
 def make_steps(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, family: tuple[str, ...] = NORMS + GRADS
 ) -> dict[str, Callable[[], object]]:
-    """The step variants, each on its own copy of ``model`` (a result kept so nothing is lazy)."""
+    """``plain`` and the variants of ``family`` that can run here, each on its own copy of
+    ``model``."""
 
     def own() -> nn.Module:
         return copy.deepcopy(model)
@@ -121,7 +133,7 @@ def make_steps(
         steps.update(_backpack_steps(own, x, y))
     if importlib.util.find_spec("opacus") is not None:
         steps.update(_opacus_steps(own, x, y))
-    return steps
+    return {n: f for n, f in steps.items() if n == "plain" or n in family}
 
 
 def _backpack_steps(own, x, y) -> dict[str, Callable[[], object]]:
@@ -190,27 +202,16 @@ _VERSUS = {
 def run(ctx: Context) -> list[Table]:
     dev = ctx.device
     torch.manual_seed(0)
-    cases = [
-        (
-            "mlp",
-            ctx.pick(
-                "MLP 784-256-256-10, b=32",
-                "MLP 784-1024-1024-10, b=128",
-                "MLP 784-1024-1024-10, b=128",
-            ),
-            mlp(ctx.pick(256, 1024, 1024)),
-            (ctx.pick(32, 128, 128), 784),
-        ),
-        (
-            "cnn",
-            ctx.pick(
-                "CNN (34k params) 3x32x32, b=8",
-                "CNN (545k params) 3x32x32, b=16",
-                "CNN (545k params) 3x32x32, b=64",
-            ),
-            cnn(ctx.pick(4, 1, 1)),
-            (ctx.pick(8, 16, 64), 3, 32, 32),
-        ),
+    width, cnn_scale = ctx.pick(256, 1024, 1024), ctx.pick(4, 1, 1)
+    models = {"mlp": mlp(width).to(dev), "cnn": cnn(cnn_scale).to(dev)}
+    inputs = {"mlp": (784,), "cnn": (3, 32, 32)}
+    # (model, family, batch): the norms at the anchors' batches; per-sample gradients (B x P
+    # stored, memory-bound) at small batches unless --full
+    plan = [
+        ("mlp", "norms", ctx.pick(32, 128, 128)),
+        ("mlp", "grads", ctx.pick(8, 16, 128)),
+        ("cnn", "norms", ctx.pick(8, 32, 64)),
+        ("cnn", "grads", ctx.pick(4, 8, 64)),
     ]
     times = Table(
         "Per-sample statistics: one training step, ratio to plain (and to the peers)",
@@ -224,17 +225,17 @@ def run(ctx: Context) -> list[Table]:
             "ratio_to_versus",
             "target",
         ],
+        keys=["case", "variant", "versus"],
         notes=[
             "Each variant is timed against plain alone, alternating in runs of 4 steps, the first "
-            "not recorded (time_alternating, block=4, skip=1); ratio_to_plain is the median over "
-            "turns. versus: a second pair, the variant against the peer named, measured the same "
-            "way; ratio_to_versus < 1 means gradlab is faster.",
+            "not recorded (time_alternating, block=4, skip=1; slow variants block=2); "
+            "ratio_to_plain is the median over turns. versus: a second pair, the variant against "
+            "the peer named, measured the same way; ratio_to_versus < 1: gradlab is faster.",
             "Goals: gradlab_norms <= 1.2x plain on the MLP and <= 1.0x BackPACK BatchL2Grad and "
             "Opacus ghost norms on the CNN; gradlab_grads <= 1.0x BackPACK BatchGrad, Opacus "
-            "hooks and vmap(grad). Peers absent when not installed.",
-            "Measured with one thread (torch.set_num_threads is not changed here: run with "
-            "OMP_NUM_THREADS=1 for the anchors) on a machine that may be loaded: see the "
-            "environment's load average.",
+            "hooks and vmap(grad). Peers are absent when not installed.",
+            "The anchors were measured with one thread (OMP_NUM_THREADS=1); per-sample gradients "
+            "at small batches by default (they store B x P numbers), at the anchors' with --full.",
         ],
     )
     memory = Table(
@@ -242,74 +243,82 @@ def run(ctx: Context) -> list[Table]:
         ["case", "variant", "peak_bytes", "memory_ratio", "target"],
         notes=["CPU: live tensor storage bytes created during the step (TorchDispatchMode)."],
     )
-    for kind, label, model, shape in cases:
-        model = model.to(dev)
+    for kind, family, batch in plan:
+        model = models[kind]
         nparams = sum(p.numel() for p in model.parameters())
-        label = f"{label} ({nparams / 1e3:.0f}k params)"
-        x = torch.randn(*shape, device=dev)
-        y = torch.randint(0, 10, (shape[0],), device=dev)
-        steps = make_steps(model, x, y)
-        plain_times: list[float] = []
-        for name, fn in steps.items():
-            if name == "plain":
+        name = f"MLP 784-{width}-{width}-10" if kind == "mlp" else "CNN 3x32x32"
+        label = f"{name} ({nparams / 1e3:.0f}k params), b={batch}"
+        x = torch.randn(batch, *inputs[kind], device=dev)
+        y = torch.randint(0, 10, (batch,), device=dev)
+        steps = make_steps(model, x, y, NORMS if family == "norms" else GRADS)
+        _time_case(ctx, times, label, kind, steps)
+        _memory_case(memory, label, steps, dev)
+    return [times, memory]
+
+
+def _time_case(
+    ctx: Context, times: Table, label: str, kind: str, steps: dict[str, Callable[[], object]]
+) -> None:
+    plain_times: list[float] = []
+    for name, fn in steps.items():
+        if name == "plain":
+            continue
+        ctx.progress(f"{label}: plain vs {name}")
+        slow = name in GRADS or name.startswith("backpack_l2_sum")
+        timings, ratios = time_alternating(
+            {"plain": steps["plain"], name: fn},
+            ctx=ctx,
+            baseline="plain",
+            block=2 if slow else _BLOCK,
+            skip=1 if slow else _SKIP,
+        )
+        plain_times.extend(timings["plain"].times)
+        target = None
+        if name == "gradlab_norms" and kind == "mlp":
+            target = judge(ratios[name], at_most=_GOAL_NORMS)
+        times.add(
+            case=label,
+            variant=name,
+            median_s=timings[name].median,
+            iqr_s=timings[name].iqr,
+            ratio_to_plain=ratios[name],
+            target=target,
+        )
+        for peer, only, goal in _VERSUS.get(name, []):
+            if peer not in steps or (only is not None and only != kind):
                 continue
-            ctx.progress(f"{label}: plain vs {name}")
-            slow = name == "vmap_grad" or name.startswith(("backpack_batch", "opacus_hooks"))
-            timings, ratios = time_alternating(
-                {"plain": steps["plain"], name: fn},
-                ctx=ctx,
-                baseline="plain",
-                block=2 if slow else _BLOCK,
-                skip=1 if slow else _SKIP,
+            ctx.progress(f"{label}: {peer} vs {name}")
+            _, vs = time_alternating(
+                {peer: steps[peer], name: fn}, ctx=ctx, baseline=peer, block=2, skip=1
             )
-            plain_times.extend(timings["plain"].times)
-            row = {
-                "case": label,
-                "variant": name,
-                "median_s": timings[name].median,
-                "iqr_s": timings[name].iqr,
-                "ratio_to_plain": ratios[name],
-                "versus": None,
-                "ratio_to_versus": None,
-                "target": None,
-            }
-            if name == "gradlab_norms" and kind == "mlp":
-                row["target"] = judge(ratios[name], at_most=_GOAL_NORMS)
-            times.add(**row)
-            for peer, only, goal in _VERSUS.get(name, []):
-                if peer not in steps or peer == "plain" or (only is not None and only != kind):
-                    continue
-                ctx.progress(f"{label}: {peer} vs {name}")
-                _, vs = time_alternating(
-                    {peer: steps[peer], name: fn}, ctx=ctx, baseline=peer, block=2, skip=1
-                )
-                times.add(
-                    case=label,
-                    variant=name,
-                    versus=peer,
-                    ratio_to_versus=vs[name],
-                    target=judge(vs[name], at_most=goal),
-                )
-        plain_med = sorted(plain_times)[len(plain_times) // 2]
-        times.add(case=label, variant="plain", median_s=plain_med, ratio_to_plain=1.0)
-        base, how = peak_memory(steps["plain"], dev)
-        memory.notes[0] = f"peak extra memory of one step: {how}."
-        memory.add(case=label, variant="plain", peak_bytes=base, memory_ratio=1.0)
-        for name in ("gradlab_norms", "gradlab_norms_sum_sq", "gradlab_grads", "vmap_grad"):
-            try:
-                peak, _ = peak_memory(steps[name], dev)
-            except Exception as e:  # a tracing mode that vmap cannot run under
-                memory.add(case=label, variant=name, target=f"not measured: {type(e).__name__}")
-                continue
-            ratio = peak / base if base else float("nan")
-            memory.add(
+            times.add(
                 case=label,
                 variant=name,
-                peak_bytes=peak,
-                memory_ratio=ratio,
-                target=judge(ratio, at_most=_GOAL_MEMORY) if name == "gradlab_norms" else None,
+                versus=peer,
+                ratio_to_versus=vs[name],
+                target=judge(vs[name], at_most=goal),
             )
-    return [times, memory]
+    plain_times.sort()
+    times.add(case=label, variant="plain", median_s=plain_times[len(plain_times) // 2])
+
+
+def _memory_case(
+    memory: Table, label: str, steps: dict[str, Callable[[], object]], dev: torch.device
+) -> None:
+    base, how = peak_memory(steps["plain"], dev)
+    memory.notes[0] = f"Peak extra memory of one step: {how}."
+    memory.add(case=label, variant="plain", peak_bytes=base, memory_ratio=1.0)
+    for name in ("gradlab_norms", "gradlab_norms_sum_sq", "gradlab_grads", "vmap_grad"):
+        if name not in steps:
+            continue
+        try:
+            peak, _ = peak_memory(steps[name], dev)
+        except Exception as e:  # a tracing mode that a variant cannot run under
+            memory.add(case=label, variant=name, target=f"not measured: {type(e).__name__}")
+            continue
+        ratio = peak / base if base else float("nan")
+        target = judge(ratio, at_most=_GOAL_MEMORY) if name == "gradlab_norms" else None
+        memory.add(case=label, variant=name, peak_bytes=peak, memory_ratio=ratio, target=target)
 
 
 SUITE = Suite(
@@ -317,5 +326,5 @@ SUITE = Suite(
     description="Per-sample gradient norms, moments and gradients (gradlab.per_sample) vs a "
     "plain step, vmap(grad), BackPACK and Opacus",
     run=run,
-    seconds={"quick": 30, "default": 240, "full": 600},
+    seconds={"quick": 40, "default": 150, "full": 900},
 )

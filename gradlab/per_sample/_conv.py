@@ -93,8 +93,15 @@ def _grad(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
 def _norm_sq(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
     out = {}
     if "weight" in names:
-        cols, outs = _patches(module, a, d)
-        out["weight"] = seq_norm_sq(cols, outs)
+        # the patches are prod(kernel) times the input: unfolded a few samples at a time
+        b = a.shape[0]
+        chunk = max(1, b // max(1, math.prod(module.kernel_size)))
+        out["weight"] = torch.cat(
+            [
+                seq_norm_sq(*_patches(module, a[k : k + chunk], d[k : k + chunk]))
+                for k in range(0, b, chunk)
+            ]
+        )
     if "bias" in names:
         out["bias"] = _bias_grad(module, a, d).square().sum(1)
     return out

@@ -39,6 +39,8 @@ def seq_norm_sq(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         aa = a @ a.transpose(-1, -2)
         dd = d @ d.transpose(-1, -2)
         return (aa * dd).sum((1, 2, 3))
+    # Formed and dropped at once. Here 2 T^2 >= I O, so T (I + O) >= 2 T sqrt(I O) > I O: the
+    # per-sample gradients are never larger than the layer's input and output gradient.
     return seq_grad(a, d).square().sum((1, 2, 3))
 
 
