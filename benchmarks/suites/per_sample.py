@@ -187,7 +187,6 @@ def _opacus_steps(own, x, y) -> dict[str, Callable[[], object]]:
 # The comparisons: variant -> (the variant it is compared with, goal on the ratio)
 _VERSUS = {
     "gradlab_norms": [
-        ("plain", "mlp", _GOAL_NORMS),
         ("backpack_l2", "cnn", 1.0),
         ("opacus_ghost", "cnn", 1.0),
     ],

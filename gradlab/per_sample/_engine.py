@@ -113,7 +113,8 @@ class PerSampleGradients(HookContext):
     * :attr:`sum_sq` ``{name: p.shape}``: ``sum_i g_i**2`` (``"sum_sq"``);
     * :attr:`variance` ``{name: p.shape}``: ``(1/B) sum_i (g_i - mean_i g_i)**2``
       (``"variance"``);
-    * :meth:`dot` ``(B,)``: ``g_i . v`` for a ``{name: tensor}`` dict ``v`` (``"dot"``).
+    * :meth:`dot` ``(B,)``: ``g_i . v`` for a ``{name: tensor}`` dict ``v`` (``"dot"``);
+    * :meth:`gather`: all of these over the global batch under ``torch.distributed`` (DDP).
 
     Names are those of ``model.named_parameters()`` (a tied weight appears once, summed over
     its uses). Closed forms from each layer's input and output gradient for ``Linear``

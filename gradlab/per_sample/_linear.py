@@ -34,7 +34,9 @@ def seq_norm_sq(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """``(B,)`` squared Frobenius norms of :func:`seq_grad` summed over groups, ghost if cheaper."""
     t, i, o = a.shape[2], a.shape[3], d.shape[3]
     if t == 1:
-        return (a.square().sum((2, 3)) * d.square().sum((2, 3))).sum(1)
+        na = torch.linalg.vector_norm(a, dim=(2, 3))
+        nd = torch.linalg.vector_norm(d, dim=(2, 3))
+        return (na * nd).square().sum(1)
     if 2 * t * t < i * o:
         aa = a @ a.transpose(-1, -2)
         dd = d @ d.transpose(-1, -2)
