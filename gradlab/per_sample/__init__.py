@@ -9,8 +9,17 @@ with parameters. See ../shared/API.md (gradlab.per_sample) and docs/guides/per_s
 from gradlab.per_sample import _conv, _embedding, _linear, _normalization  # register the rules
 from gradlab.per_sample._engine import STATS, PerSampleGradients
 from gradlab.per_sample._functional import per_sample_grads
+from gradlab.per_sample._gather import GatheredStats
 from gradlab.per_sample._registry import RULES, Rule, register
 
 del _conv, _embedding, _linear, _normalization
 
-__all__ = ["RULES", "STATS", "PerSampleGradients", "Rule", "per_sample_grads", "register"]
+__all__ = [
+    "RULES",
+    "STATS",
+    "GatheredStats",
+    "PerSampleGradients",
+    "Rule",
+    "per_sample_grads",
+    "register",
+]

@@ -93,8 +93,15 @@ def _grad(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
 def _norm_sq(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
     out = {}
     if "weight" in names:
-        cols, outs = _patches(module, a, d)
-        out["weight"] = seq_norm_sq(cols, outs)
+        # the patches are prod(kernel) times the input: unfolded a few samples at a time
+        b = a.shape[0]
+        chunk = max(1, b // max(1, math.prod(module.kernel_size)))
+        out["weight"] = torch.cat(
+            [
+                seq_norm_sq(*_patches(module, a[k : k + chunk], d[k : k + chunk]))
+                for k in range(0, b, chunk)
+            ]
+        )
     if "bias" in names:
         out["bias"] = _bias_grad(module, a, d).square().sum(1)
     return out
@@ -114,15 +121,20 @@ def _dot(
     return result
 
 
-def _moments(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict | None:
+def _moments(
+    module: Any, a: torch.Tensor, d: torch.Tensor, names: Names, with_sum: bool
+) -> dict | None:
+    if (d if not isinstance(module, nn.modules.conv._ConvTransposeNd) else a)[0, 0].numel() != 1:
+        return None  # several positions: no cheaper closed form than the per-sample gradients
     cols, outs = _patches(module, a, d)
-    m = seq_moments(cols, outs)
+    m = seq_moments(cols, outs, with_sum)
     if m is None:
         return None
     out = {}
     if "weight" in names:
-        shape = module.weight.shape  # type: ignore[union-attr]
-        out["weight"] = (m[0].reshape(shape), m[1].reshape(shape))
+        shape = module.weight.shape
+        total = None if m[0] is None else m[0].reshape(shape)
+        out["weight"] = (total, m[1].reshape(shape))
     if "bias" in names:
         db = _bias_grad(module, a, d)
         out["bias"] = (db.sum(0), db.square().sum(0))

@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 from gradlab._errors import GradlabError
 from gradlab.hooks._engine import HookContext, on_grad
 from gradlab.per_sample._fallback import Replay, dropout_in, replay_grads
+from gradlab.per_sample._gather import GatheredStats
 from gradlab.per_sample._registry import Rule, rule_for
 
 __all__ = ["STATS", "PerSampleGradients"]
@@ -49,7 +50,6 @@ class _Call:
     names: dict[str, str]  # local parameter name -> model parameter name (trainable ones)
     b: int
     d: torch.Tensor | None = None
-    factor: float = 1.0
 
 
 def _check_args(model: Any, stats: Any, loss_reduction: Any, scaler: Any) -> tuple[str, ...]:
@@ -85,7 +85,7 @@ def _check_args(model: Any, stats: Any, loss_reduction: Any, scaler: Any) -> tup
 
 def _batch_norm_error(name: str, module: nn.Module) -> ValueError:
     return ValueError(
-        f"{_FN}: model has {name or 'the model'} ({type(module).__name__}) using batch "
+        f"{_FN}: model has module {name or '(the model)'!r} ({type(module).__name__}) using batch "
         f"statistics (training mode or track_running_stats=False), which couples the samples: "
         f"per-sample gradients do not exist. Fixes: put it in eval mode (module.eval()), "
         f"replace it by GroupNorm or LayerNorm, or call per_sample_grads on a function you "
@@ -113,7 +113,8 @@ class PerSampleGradients(HookContext):
     * :attr:`sum_sq` ``{name: p.shape}``: ``sum_i g_i**2`` (``"sum_sq"``);
     * :attr:`variance` ``{name: p.shape}``: ``(1/B) sum_i (g_i - mean_i g_i)**2``
       (``"variance"``);
-    * :meth:`dot` ``(B,)``: ``g_i . v`` for a ``{name: tensor}`` dict ``v`` (``"dot"``).
+    * :meth:`dot` ``(B,)``: ``g_i . v`` for a ``{name: tensor}`` dict ``v`` (``"dot"``);
+    * :meth:`gather`: all of these over the global batch under ``torch.distributed`` (DDP).
 
     Names are those of ``model.named_parameters()`` (a tied weight appears once, summed over
     its uses). Closed forms from each layer's input and output gradient for ``Linear``
@@ -205,6 +206,7 @@ class PerSampleGradients(HookContext):
         self._grad: dict[str, torch.Tensor] = {}
         self._sum_sq: dict[str, torch.Tensor] = {}
         self._variance: dict[str, torch.Tensor] = {}
+        self._sum: dict[str, torch.Tensor] = {}  # sum_i g_i, for gather()'s variance
         self._acc: dict[str, torch.Tensor] = {}
         self._dot_grads: dict[str, torch.Tensor] = {}
         self._got_grad: set[str] = set()
@@ -349,7 +351,9 @@ class PerSampleGradients(HookContext):
                 d = d.float()
             if a.is_floating_point() and a.dtype != d.dtype:
                 a = a.to(d.dtype)
-            call.factor = self._factor(call.b)
+            # Every rule is linear in d: scaling d (activation-sized) scales every per-sample
+            # gradient to g_i, without a pass over them.
+            d = d * self._factor(call.b)
             if "dot" in self._stats:
                 call.a, call.d = a, d
                 self._records.append(call)
@@ -363,37 +367,46 @@ class PerSampleGradients(HookContext):
                 self._single(call, a, d, names)
             else:
                 for ln, g in call.rule.grad(call.module, a, d, names).items():
-                    self._add(call.names[ln], g * call.factor)
+                    self._add(call.names[ln], g)
 
     def _single(self, call: _Call, a: torch.Tensor, d: torch.Tensor, names: tuple[str, ...]):
-        rule, f, m = call.rule, call.factor, call.module
-        if "grad" not in self._stats and rule.norm_sq is not None:
-            moments = None
-            if self._moments:
-                moments = rule.moments(m, a, d, names) if rule.moments is not None else None
-            if moments is not None or not self._moments:
-                for ln, ns in rule.norm_sq(m, a, d, names).items():
-                    self._norm_sq[call.names[ln]] = ns * (f * f)
-                for ln, (s, sq) in (moments or {}).items():
-                    self._set_moments(call.names[ln], s * f, sq * (f * f), call.b)
-                return
-        for ln, g in rule.grad(m, a, d, names).items():
-            self._finish(call.names[ln], g * f)
+        """Statistics of parameters used by this call alone: from the rule's ghost norms and
+        moments where it has them, from the per-sample gradients for the rest."""
+        rule, m = call.rule, call.module
+        keep = "grad" in self._stats
+        need_norm, need_moments = True, self._moments
+        if rule.norm_sq is not None and not keep:
+            for ln, ns in rule.norm_sq(m, a, d, names).items():
+                self._norm_sq[call.names[ln]] = ns
+            need_norm = False
+        if need_moments and rule.moments is not None:
+            moments = rule.moments(m, a, d, names, "variance" in self._stats)
+            if moments is not None:
+                for ln, (s, sq) in moments.items():
+                    self._set_moments(call.names[ln], s, sq, call.b)
+                need_moments = False
+        if need_norm or need_moments or keep:
+            for ln, g in rule.grad(m, a, d, names).items():
+                self._finish(call.names[ln], g, norm=need_norm, moments=need_moments)
 
     def _add(self, name: str, g: torch.Tensor) -> None:
         prev = self._acc.get(name)
         self._acc[name] = g if prev is None else prev + g
 
-    def _set_moments(self, name: str, s: torch.Tensor, sq: torch.Tensor, b: int) -> None:
+    def _set_moments(self, name: str, s: torch.Tensor | None, sq: torch.Tensor, b: int) -> None:
         self._sum_sq[name] = sq
-        self._variance[name] = (sq / b - (s / b).square()).clamp_min(0)
+        if s is not None:
+            self._sum[name] = s
+            self._variance[name] = (sq / b - (s / b).square()).clamp_min(0)
 
-    def _finish(self, name: str, g: torch.Tensor) -> None:
-        """All the statistics of one parameter from its per-sample gradients ``(B, *shape)``."""
-        self._norm_sq[name] = g.flatten(1).square().sum(1)
+    def _finish(self, name: str, g: torch.Tensor, *, norm: bool = True, moments: bool = True):
+        """The statistics of one parameter from its per-sample gradients ``(B, *shape)``."""
+        if norm:
+            self._norm_sq[name] = torch.linalg.vector_norm(g.flatten(1), dim=1).square()
         if "grad" in self._stats:
             self._grad[name] = g
-        if self._moments:
+        if moments and self._moments:
+            self._sum[name] = g.sum(0)
             self._sum_sq[name] = g.square().sum(0)
             self._variance[name] = g.var(0, unbiased=False)
 
@@ -499,19 +512,41 @@ class PerSampleGradients(HookContext):
     def grad(self) -> dict[str, torch.Tensor]:
         """``{name: (B, *p.shape)}``: the per-sample gradients (``stats`` has ``"grad"``)."""
         self._result("grad")
-        return dict(self._grad)
+        return {n: self._grad[n] for n in self._params}
 
     @property
     def sum_sq(self) -> dict[str, torch.Tensor]:
         """``{name: p.shape}``: ``sum_i g_i**2`` (``stats`` has ``"sum_sq"``)."""
         self._result("sum_sq")
-        return dict(self._sum_sq)
+        return {n: self._sum_sq[n] for n in self._params}
 
     @property
     def variance(self) -> dict[str, torch.Tensor]:
         """``{name: p.shape}``: ``(1/B) sum_i (g_i - mean_i g_i)**2`` (``"variance"``)."""
         self._result("variance")
-        return dict(self._variance)
+        return {n: self._variance[n] for n in self._params}
+
+    def gather(self, group: Any = None) -> GatheredStats:
+        """The statistics of the global batch under ``torch.distributed`` (DDP).
+
+        Each rank's statistics are of its own samples; every rank calls ``gather()`` after the
+        backward pass (a collective). Norms and per-sample gradients are concatenated in rank
+        order (ranks may hold different numbers of samples), ``sum_sq`` summed over ranks and
+        the variance computed from the global sums of ``g_i`` and ``g_i**2``: the statistics of
+        one process on the union of the batches.
+
+        Args:
+            group: the process group (default: the default group).
+
+        Returns:
+            A :class:`~gradlab.per_sample.GatheredStats`.
+
+        Raises:
+            RuntimeError: no process group is initialised.
+        """
+        from gradlab.per_sample._gather import gather
+
+        return gather(self, group)
 
     def dot(self, v: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``(B,)``: ``g_i . v``, summed over every trainable parameter.
@@ -567,7 +602,6 @@ class PerSampleGradients(HookContext):
                 else:
                     gs = call.rule.grad(call.module, a, d, tuple(vv))
                     part = sum((gs[ln] * vv[ln].to(gs[ln].dtype)).flatten(1).sum(1) for ln in gs)  # type: ignore[assignment]
-                part = part * call.factor
                 out = part if out is None else out + part
             for n, g in self._dot_grads.items():
                 part = (g * v[n].detach().to(g.dtype)).flatten(1).sum(1)

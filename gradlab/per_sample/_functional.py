@@ -23,8 +23,8 @@ def per_sample_grads(
 
     ``f(params, *batch)`` computes the loss of a batch from a dict of parameters (e.g. with
     :func:`torch.func.functional_call`). It is called on each sample alone, as a batch of one
-    (every tensor of ``batch`` sliced on dimension 0 and kept 2-d), so the same loss function
-    serves for whole batches; the result for sample ``i`` is
+    (every tensor of ``batch`` sliced on dimension 0, keeping a batch dimension of size one),
+    so the same loss function serves for whole batches; the result for sample ``i`` is
     :math:`g_i = \nabla_\theta f(\theta, x_{i:i+1}, \dots)`. Samples are independent by
     construction (BatchNorm here sees a batch of one). Memory ``O(B P)`` (``O(chunk_size P)``
     of intermediates with ``chunk_size``); for statistics of a model's per-sample gradients

@@ -34,11 +34,15 @@ def seq_norm_sq(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """``(B,)`` squared Frobenius norms of :func:`seq_grad` summed over groups, ghost if cheaper."""
     t, i, o = a.shape[2], a.shape[3], d.shape[3]
     if t == 1:
-        return (a.square().sum((2, 3)) * d.square().sum((2, 3))).sum(1)
+        na = torch.linalg.vector_norm(a, dim=(2, 3))
+        nd = torch.linalg.vector_norm(d, dim=(2, 3))
+        return (na * nd).square().sum(1)
     if 2 * t * t < i * o:
         aa = a @ a.transpose(-1, -2)
         dd = d @ d.transpose(-1, -2)
         return (aa * dd).sum((1, 2, 3))
+    # Formed and dropped at once. Here 2 T^2 >= I O, so T (I + O) >= 2 T sqrt(I O) > I O: the
+    # per-sample gradients are never larger than the layer's input and output gradient.
     return seq_grad(a, d).square().sum((1, 2, 3))
 
 
@@ -47,12 +51,15 @@ def seq_dot(a: torch.Tensor, d: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return ((d @ v) * a).sum((1, 2, 3))
 
 
-def seq_moments(a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(sum_b G_b, sum_b G_b**2)`` of shape ``(G, O, I)`` for one position, else ``None``."""
+def seq_moments(
+    a: torch.Tensor, d: torch.Tensor, with_sum: bool
+) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    """``(sum_b G_b, sum_b G_b**2)`` of shape ``(G, O, I)`` for one position, else ``None``;
+    the sum only ``with_sum``. Two GEMMs of the weight gradient's size, no per-sample tensor."""
     if a.shape[2] != 1:
         return None
     a2, d2 = a[:, :, 0], d[:, :, 0]  # (B, G, I), (B, G, O)
-    total = torch.einsum("bgo,bgi->goi", d2, a2)
+    total = torch.einsum("bgo,bgi->goi", d2, a2) if with_sum else None
     sq = torch.einsum("bgo,bgi->goi", d2.square(), a2.square())
     return total, sq
 
@@ -94,14 +101,16 @@ def _dot(
     return out
 
 
-def _moments(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict | None:
-    a4, d4 = _flat(module, a, d)  # type: ignore[arg-type]
-    if a4.shape[2] != 1:
+def _moments(
+    module: Any, a: torch.Tensor, d: torch.Tensor, names: Names, with_sum: bool
+) -> dict | None:
+    a4, d4 = _flat(module, a, d)
+    m = seq_moments(a4, d4, with_sum)
+    if m is None:
         return None
     out = {}
     if "weight" in names:
-        total, sq = seq_moments(a4, d4)  # type: ignore[misc]
-        out["weight"] = (total[0], sq[0])
+        out["weight"] = (None if m[0] is None else m[0][0], m[1][0])
     if "bias" in names:
         db = d4[:, 0, 0]
         out["bias"] = (db.sum(0), db.square().sum(0))

@@ -39,7 +39,9 @@ class Rule:
             the per-sample gradients where cheaper (ghost norms).
         dot: optional ``(module, a, d, v) -> (B,)``, ``sum over names of g_i . v[name]`` without
             materialising; ``v`` holds one tensor per wanted name, of the parameter's shape.
-        moments: optional ``-> {name: (sum_i g_i, sum_i g_i**2)}`` without materialising.
+        moments: optional ``(module, a, d, names, with_sum) -> {name: (sum_i g_i, sum_i
+            g_i**2)}`` without materialising (the sum may be ``None`` unless ``with_sum``), or
+            ``None`` where that is not cheaper (sequences).
         check: optional ``module -> None`` run when the context is entered; raises
             :class:`ValueError` for a configuration that makes the samples dependent.
     """
