@@ -67,6 +67,11 @@ class PerSampleSteps:
         self._done: tuple[Any, StepDiagnostics, dict[str, torch.Tensor], Any] | None = None
         self._grads: dict[str, torch.Tensor] = {}  # this backward's gradient of each parameter
         self._warned = False
+        # per-module dots from the engine's recorded calls (one pass), checked once against the
+        # engine's public dot (another pass): should its internals have changed, the public
+        # dot with zeros outside each module is used from then on (a pass per module)
+        self._private_dots = True
+        self._dots_checked = False
 
     def ema_state(self) -> list[list[float]] | None:
         """The noise scale's smoothed (numerator, denominator) per group, for a checkpoint."""
@@ -184,7 +189,16 @@ class PerSampleSteps:
                 numel = [torch.tensor(float(m[n].numel()), dtype=torch.float64) for n in names]
                 diag.set_all("gsnr_numel", per_group(numel))
             if "dot" in self.stats:
-                dots = _group_dots(ps, m, group_of, g_count, b, device, self._model)  # (G, B)
+                dots = _group_dots(
+                    ps, m, group_of, g_count, b, device, self._model, private=self._private_dots
+                )  # (G, B)
+                if self._private_dots and not self._dots_checked:
+                    self._dots_checked = True
+                    self._private_dots = _agrees_with_public_dot(ps, m, dots, self._model)
+                    if not self._private_dots:
+                        dots = _group_dots(
+                            ps, m, group_of, g_count, b, device, self._model, private=False
+                        )
                 sq = dots.square().sum(1)
                 total = dots.sum(0).square().sum()
                 diag.set_all("ps_sum_dot_sq", torch.cat([sq, total.view(1)]))
@@ -223,6 +237,8 @@ def _group_dots(
     b: int,
     device: torch.device,
     model_ref: Any,
+    *,
+    private: bool = True,
 ) -> torch.Tensor:
     """(G, B): ``g_i . m`` over each group's parameters.
 
@@ -235,7 +251,12 @@ def _group_dots(
     """
     out = torch.zeros(groups, b, dtype=torch.float64, device=device)
     records, replayed = getattr(ps, "_records", None), getattr(ps, "_dot_grads", None)
-    if isinstance(records, list) and isinstance(replayed, dict) and not ps._closed:
+    if (
+        private
+        and isinstance(records, list)
+        and isinstance(replayed, dict)
+        and not getattr(ps, "_closed", True)
+    ):
         for call in records:
             by_group: dict[int, dict[str, torch.Tensor]] = {}  # a call's names: one group, mostly
             for ln, n in call.names.items():
@@ -247,7 +268,7 @@ def _group_dots(
                 else:
                     gs = call.rule.grad(call.module, call.a, call.d, tuple(vv))
                     part = sum((gs[ln] * vv[ln].to(gs[ln].dtype)).flatten(1).sum(1) for ln in gs)
-                out[gi] += part.to(torch.float64) * call.factor
+                out[gi] += part.to(torch.float64) * getattr(call, "factor", 1.0)
         for n, g in replayed.items():
             if n in group_of:
                 out[group_of[n]] += (g * m[n].to(g.dtype)).flatten(1).sum(1).to(torch.float64)
@@ -261,3 +282,20 @@ def _group_dots(
                 v[n] = m[n].to(zeros[n].dtype)
         out[g_index] = ps.dot(v).to(torch.float64)
     return out
+
+
+def _agrees_with_public_dot(
+    ps: Any, m: dict[str, torch.Tensor], dots: torch.Tensor, model_ref: Any
+) -> bool:
+    """Whether the per-module dots add up to the engine's public ``dot`` (to rounding)."""
+    params = {n: p for n, p in model_ref().named_parameters() if p.requires_grad}
+    v = {n: m[n].to(p.dtype) if n in m else torch.zeros_like(p) for n, p in params.items()}
+    try:
+        public = ps.dot(v).to(torch.float64)
+    except Exception:  # the engine refuses: keep what it gave through its records
+        return True
+    total = dots.sum(0)
+    scale = float(public.abs().max()) if public.numel() else 0.0
+    eps = torch.finfo(next(iter(m.values())).dtype).eps
+    tol = 1e3 * eps * max(scale, 1e-30) * max(1, len(params))
+    return bool(float((total - public).abs().max()) <= tol) if public.numel() else True
