@@ -64,7 +64,7 @@ class PerSampleSteps:
         self._ema = ema
         self._ema_state: tuple[torch.Tensor, torch.Tensor] | None = None
         self._ps: Any = None  # the open context
-        self._done: tuple[Any, StepDiagnostics, dict[str, torch.Tensor], Any] | None = None
+        self._done: tuple[Any, StepDiagnostics | None, dict[str, torch.Tensor], Any] | None = None
         self._grads: dict[str, torch.Tensor] = {}  # this backward's gradient of each parameter
         self._warned = False
         # per-module dots from the engine's recorded calls (one pass), checked once against the
@@ -114,9 +114,7 @@ class PerSampleSteps:
         """The backward pass ended (an engine callback: nothing is computed here)."""
         if self._ps is None or self._done is not None:
             return
-        if diag is None:  # not a diagnostic step after all: drop it
-            self.close()
-            return
+        # diag None: not a diagnostic step after all; dropped at finish(), not in this callback
         self._done = (self._ps, diag, self._grads, scale)
         self._grads = {}
 
@@ -137,10 +135,11 @@ class PerSampleSteps:
         self._ps = self._done = None
         try:
             ps.__exit__(None, None, None)
-            self._compute(ps, diag, grads, scale)
+            if diag is not None:
+                self._compute(ps, diag, grads, scale)
         finally:
             ps.close()
-        return True
+        return diag is not None
 
     def _compute(
         self, ps: Any, diag: StepDiagnostics, grads: dict[str, torch.Tensor], scale: Any
