@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from gradlab._validate import check_choice
 from gradlab.hooks._engine import HookContext, PassClock, on_grad, register_global_forward_hook
 from gradlab.hooks._select import check_model, select_modules
 
@@ -290,8 +291,5 @@ def capture_grads(model: nn.Module, *patterns: str, of: Of = "output") -> Captur
                 [1.]])
     """
     check_model("capture_grads", model)
-    if of not in _OFS:
-        raise ValueError(
-            f"capture_grads: of must be one of {', '.join(map(repr, _OFS))}, received {of!r}"
-        )
+    check_choice("capture_grads", "of", of, _OFS)
     return CapturedGrads(model, patterns, of)

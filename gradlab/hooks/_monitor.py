@@ -1,27 +1,56 @@
-"""GradientMonitor: per-layer gradient statistics for every backward pass, and NaN/Inf tracing."""
+"""GradientMonitor: per-layer gradient statistics for every backward pass, NaN/Inf tracing, and
+training diagnostics.
+
+The monitor is a small class over separate pieces, each in its own module:
+
+* :mod:`~gradlab.hooks._trace`: which gradients to hook on the forward side, and the NaN source;
+* :mod:`~gradlab.hooks._buffer`: one pass's gradients reduced to raw statistics (buffer, flush,
+  copy to the host);
+* :mod:`~gradlab.hooks._table`: the table of statistics (one named row each) that turns raw rows
+  into :class:`LayerStats`;
+* :mod:`~gradlab.hooks._diagnostics`: the table of diagnostics (one named row each, declaring its
+  ingredients) and the parameter snapshots they need;
+* :mod:`~gradlab.hooks._history`: compact records, read back as :class:`StepStats`;
+* :mod:`~gradlab.hooks._records`: the record types, checkpoints and logger scalars.
+
+Cost notes (internals; figures in benchmarks/RESULTS.md). One forward hook per module puts
+gradient hooks on its outputs, and for tracing on inputs no other monitored module produced.
+Inputs are hooked after the call, except for modules with an ``inplace=True`` attribute, which
+get a forward pre-hook as well (a custom module that overwrites its input without such an
+attribute has the gradient of the modified input recorded). Each gradient gives three numbers
+(sum of squares, sum and max of |g|; the max doubles as the NaN/Inf detector), reduced while the
+gradient is in cache on CPU, or by fused ``_foreach_norm`` launches when the pass ends on GPUs;
+the step's numbers are copied to pinned host memory without blocking and read at most once per
+step, never during backward.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import operator
 import weakref
-from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, overload
+from collections.abc import Sequence
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from gradlab.hooks._engine import HookContext, PassClock, on_grad
+from gradlab._validate import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_type,
+    message,
+)
+from gradlab.hooks._buffer import PassBuffer, Pending, to_host
+from gradlab.hooks._ddp import DDPNoiseRecorder, attach
+from gradlab.hooks._diagnostics import ParamTracker, StepDiagnostics, check_diagnostics
+from gradlab.hooks._engine import HookContext, PassClock
+from gradlab.hooks._history import History, HistoryView
+from gradlab.hooks._persample import PER_SAMPLE, PerSampleSteps
 from gradlab.hooks._records import (
     STATE_VERSION,
-    Compact,
     LayerStats,
-    Layout,
     NonfiniteSource,
     StepStats,
     check_state,
@@ -30,49 +59,11 @@ from gradlab.hooks._records import (
     step_scalars,
 )
 from gradlab.hooks._select import check_model, select_modules
-from gradlab.hooks._stats import ROWS, CpuArena, blas_stats, stats_fused
+from gradlab.hooks._trace import PARAM, CallTracker, Slot
 
 __all__ = ["GradientMonitor", "LayerStats", "NonfiniteSource", "StepStats"]
 
-_OUT, _IN, _PARAM = 0, 1, 2
-
-
-class _Slot:
-    """One hooked gradient: a module's output or input tensor, or a parameter."""
-
-    __slots__ = ("consumers", "kind", "name", "owner", "seq")
-
-    def __init__(self, kind: int, name: str, seq: int, owner: str = "") -> None:
-        self.kind = kind
-        self.name = name
-        self.seq = seq
-        self.owner = owner
-        # Calls that take this output as input; a shared empty tuple until the first one (one
-        # fewer object per hooked tensor for the garbage collector to track).
-        self.consumers: tuple[tuple[str, int], ...] = ()
-
-
-@dataclass
-class _Pending:
-    step: int
-    slots: list[_Slot]
-    numels: list[int]
-    columns: list[int]  # record index of each column of ``stats``
-    stats: torch.Tensor  # (3, R): sum of squares, L1, max |g|; on the host once ``event`` is done
-    event: Any
-    scale: torch.Tensor | float | None  # the scaler's loss scale (None: no scaler or disabled)
-
-
-_GROUPED_DEVICES = ("cpu",)  # |g| rows reduced row-wise (CpuArena); other devices: fused foreach
-_ZERO = torch.zeros((), dtype=torch.float64)  # the statistics of an empty gradient
-_CPU_BUFFER_BYTES = 4 * 2**20  # default buffer_bytes on CPU
 _PRUNE_ABOVE = 128  # entries: dead hook handles / producer entries pruned when a pass ends
-# Larger CPU gradients are reduced alone in their hook, while they are in cache: four ops cost
-# less than writing |g| to a row and reading the row three times later. Measured in a training
-# step: the 512 KiB gradients of the hooks suite's CNN, 1.42x -> 1.30x; the MLP's 64/256 KiB
-# ones, no difference either way.
-_CPU_ALONE_BYTES = 2**16
-_DEVICE_BUFFER_BYTES = 64 * 2**20  # default buffer_bytes on GPUs
 # Default history_size: 1000 steps is ~0.7 MB on a small model (~740 B per step) and ~16 MB with
 # 500 recorded gradients; enough for a grad-flow heat map, bounded over a million-step run.
 HISTORY_SIZE = 1000
@@ -81,103 +72,80 @@ HISTORY_SIZE = 1000
 class GradientMonitor(HookContext):
     r"""Record per-layer gradient statistics for every backward pass and trace NaN/Inf sources.
 
-    A context manager; wrap one step or a whole training run. Each backward pass (one
-    ``backward()`` or ``autograd.grad()`` run that reaches a monitored module; a double backward
-    is two; reentrant checkpointing adds one per checkpointed segment) is one step in
-    :attr:`history` with, per module, the L2 norm, max and mean absolute value of the gradient
-    w.r.t. its output, and the same for every parameter's ``.grad`` after the pass.
+    A context manager; wrap one step or a whole training run. Each backward pass that reaches a
+    monitored module (a double backward is two; reentrant checkpointing adds one per segment) is
+    one :class:`StepStats` in :attr:`history`: per module the L2 norm, max and mean |g| of the
+    gradient w.r.t. its output, the same for every parameter's ``.grad``, and the names flagged
+    *vanishing* (norm below ``vanishing``), *exploding* (above ``exploding``) or non-finite.
+    :meth:`scalars` gives a step as ``{"grad/output/fc1/norm": ...}`` for TensorBoard, W&B or
+    Lightning; :meth:`state_dict` / :meth:`load_state_dict` checkpoint the run.
 
-    How it stays cheap: one forward hook per module puts tensor hooks on its outputs (and, for NaN
-    tracing, on inputs that no other monitored module produced: in a chain a module's input gradient
-    is its producer's output gradient and is not hooked twice). Inputs are hooked after the call,
-    except for modules that may overwrite them, i.e. with an ``inplace=True`` attribute
-    (``nn.ReLU(inplace=True)``, ``nn.Dropout(inplace=True)``, ...), which get a forward pre-hook as
-    well; a custom module that modifies its input in place without such an attribute has the
-    gradient of the modified input recorded as its input gradient. Each gradient gives three
-    numbers, its sum of squares, sum and maximum of absolute values (the maximum doubles as the
-    NaN/Inf detector). On CUDA the tensor hooks only keep a reference to the gradient and the
-    reductions run fused (``torch._foreach_norm``, three launches) when the pass ends or the
-    buffered gradients exceed ``buffer_bytes``. On CPU, where SciPy is installed (the ``fast``
-    extra), the hook computes the three numbers of a float32/float64 gradient right away with
-    three BLAS level-1 calls (``dot``, ``asum``, ``iamax``: read-only, while the gradient is in
-    cache; the overhead is measured by the ``hooks`` benchmark suite). Without
-    SciPy (and for float16/bfloat16 or non-contiguous gradients) the hook writes ``|g|`` into a
-    row of a buffer kept for gradients of that size (one op, while the gradient is still in
-    cache, no reference kept; gradients under 4096 entries are referenced and copied in one op
-    later), and the rows of each size are reduced together (three ops per size) when the pass
-    ends or the rows exceed ``buffer_bytes``; a gradient larger than 64 KiB (or than
-    ``buffer_bytes``) is reduced on its own in its hook, while it is in cache (four ops: cheaper
-    than a row for large ones). The row buffers are kept between passes (at most about twice
-    ``buffer_bytes``), so each step writes into the same memory. The statistics of a pass are
-    stacked into one tensor that stays on the device, is copied to pinned host memory without
-    blocking, and is read when you access :attr:`history` / :attr:`first_nonfinite` or leave
-    the context: at most one synchronisation per step, none during backward.
+    **NaN/Inf source.** :attr:`first_nonfinite` names the first module in backward order whose
+    backward turned finite gradients into non-finite ones (where the NaN is *made*, not every
+    layer it reaches); ``origin="incoming"`` when it already arrives from the loss.
 
-    **NaN/Inf tracing.** With ``trace_nonfinite=True`` (default) the monitor names the
-    *source*: the first module in backward order whose backward turned finite gradients into
-    non-finite ones, i.e. whose output gradient (for that call) was finite while its input
-    gradient, or its parameters' gradient, was not. Modules after it in backward order, where
-    the NaN merely shows up, are not blamed. If the gradient already arrives non-finite at the
-    last monitored module (a NaN made by the loss), the source is reported with
-    ``origin="incoming"`` at that module. NaNs produced in the *forward* pass show up as
-    non-finite parameter gradients of the module that consumed them.
+    **Diagnostics** (``diagnostics=(...)``, on steps ``0, every, 2 every, ...``), in
+    ``history[i].diagnostics`` (over all monitored parameters), ``diagnostics_by_module`` and
+    :meth:`scalars` (``diagnostics/<name>``, ``diagnostics/<name>/<module>``). With ``g_i`` the
+    gradient of sample i's loss term (no 1/B), ``m = (1/B) sum_i g_i``,
+    ``S = 1/(B-1) sum_i ||g_i - m||^2`` (from :mod:`gradlab.per_sample`; ``loss_reduction``
+    says whether the loss is the mean or the sum of the terms):
 
-    **Flags.** A module or parameter is *vanishing* when its gradient's L2 norm is below
-    ``vanishing`` (default ``1e-7``) and *exploding* when it is above ``exploding`` (default
-    ``1e3``); both are keyword arguments, compared per step.
+    * ``noise_scale``: B_simple = ``S / (||m||^2 - S/B)`` (McCandlish et al. 2018, App. A;
+      ``ema=`` smooths numerator and denominator separately);
+    * ``gsnr``: mean over entries of ``m_j^2 / ((1/B) sum_i g_ij^2 - m_j^2 + eps)``, eps=1e-5;
+    * ``norm_test``: ``sqrt(S / (B ||m||^2))``; ``inner_product_test``:
+      ``sqrt(1/(B-1) (sum_i (g_i.m)^2 - B ||m||^4) / (B ||m||^4))``; ``orthogonality_test``:
+      ``sqrt(1/(B-1) (sum_i ||g_i||^2 - sum_i (g_i.m)^2/||m||^2) / (B ||m||^2))``
+      (Cockpit's NormTest, InnerTest, OrthoTest);
+    * ``update_size``: ``||theta_t - theta_{t-1}||``, the actual change made by the optimizer
+      step after backward t (any optimizer; take it inside the context); ``distance``:
+      ``||theta_t - theta_0||`` from the first diagnostic step;
+    * ``ddp_noise_scale`` (a DDP model): McCandlish's two-batch estimate from each rank's
+      local gradient and the all-reduced one, recorded by a communication hook.
 
-    **Mixed precision.** With ``scaler=`` (a ``torch.amp.GradScaler``) every statistic is of the
-    unscaled gradient: divided by the loss scale in force during that backward pass (read from the
-    scaler without synchronising; ``StepStats.scale``), so norms and the vanishing/exploding
-    flags mean what they mean in float32. A step whose gradients hold a NaN/Inf is one
-    ``GradScaler.step`` skips (it skips exactly then) and is marked ``skipped=True``, with no
-    source named and :attr:`first_nonfinite` left alone: overflows of the scaled loss are
-    expected while the scale is calibrated. A NaN that every step makes (a real bug) shows as
-    every step skipped and a scale falling towards zero; trace it with a run without the scaler.
+    B = 1 gives NaN (S is undefined; warned once); BatchNorm in training mode is refused.
 
-    **Checkpoints and loggers.** :meth:`state_dict` / :meth:`load_state_dict` save and restore the
-    history, the step count, the NaN record and the thresholds (plain containers and tensors:
-    ``torch.save`` and ``torch.load(weights_only=True)``, pickle and deepcopy all work), so a
-    resumed run counts on. The monitor itself cannot be pickled or copied (it hooks a live
-    model). :meth:`scalars` gives a step as a flat ``{"grad/output/fc1/norm": ...}`` dict for
-    TensorBoard's ``add_scalar``, ``wandb.log`` or Lightning's ``log_dict``.
+    **Cost.** A forward hook per module and a gradient hook per output (plus traced inputs and
+    parameters); three reductions per gradient, done while it is in cache on CPU and fused at
+    the end of the pass on GPUs; at most one synchronisation per step, when you read
+    :attr:`history` or :attr:`first_nonfinite`, none during backward; about 32 bytes per
+    recorded gradient and step of history. Diagnostics cost only on their steps: the
+    per-sample ones a :class:`~gradlab.per_sample.PerSampleGradients` pass (norms; ``gsnr``
+    adds second moments, the two tests a dot product per module), ``update_size`` a copy of
+    the parameters until the optimizer step, ``distance`` one copy for the run,
+    ``ddp_noise_scale`` two norms per all-reduce bucket and a 2-number all-reduce (its
+    communication hook stays on the DDP model after exit, as DDP's plain averaging).
 
-    **DistributedDataParallel.** Wrap the DDP model (or its ``.module``): on each rank the monitor
-    sees that rank's *local* gradients, those of the rank's own batch, before the all-reduce:
-    output gradients always are, and parameter statistics are taken when backward accumulates
-    the local gradient into ``.grad`` (a post-accumulate-grad hook), before DDP writes the
-    averaged gradient there when backward finishes. So ranks report different numbers, and a
-    NaN is traced to the rank and layer that made it. For the averaged gradients (what the
-    optimizer uses) read ``.grad`` after backward, e.g. :func:`grad_flow_table` of the model.
-
-    Every hook is removed in ``__exit__`` (exceptions included). The monitor keeps no reference
-    to the model, and gradients only until the end of the pass that produced them.
+    **Mixed precision, DDP.** With ``scaler=`` every statistic is of the unscaled gradient, and
+    a step whose gradients overflow (``GradScaler.step`` skips it) is marked ``skipped``,
+    nobody blamed. Under DistributedDataParallel each rank records its *local* gradients
+    (before the all-reduce). Every hook is removed in ``__exit__``; the monitor keeps no
+    reference to the model.
 
     Args:
         model: the network.
         *patterns: module-name globs selecting the modules to monitor (see
             :func:`capture_grads`); none selects every leaf module.
-        params: also record parameter gradients (post-accumulate-grad hooks; default True).
+        params: also record parameter gradients (default True).
         trace_nonfinite: hook module inputs to name the source of NaN/Inf (default True).
-        vanishing: L2-norm threshold below which a gradient is flagged as vanishing.
-        exploding: L2-norm threshold above which a gradient is flagged as exploding.
-        buffer_bytes: gradient bytes buffered before a reduction runs: the extra memory the
-            monitor holds during backward (default: 4 MiB on CPU, where the row buffers stay
-            allocated between passes; 64 MiB on GPUs).
-        history_size: keep the statistics of the last ``history_size`` steps in
-            :attr:`history` (default 1000; ``None`` keeps every step). A step costs about 32
-            bytes per recorded gradient (module outputs, traced inputs, parameters) plus 200, so
-            the default bounds the history at ~0.7 MB for a small MLP and ~16 MB for a model with
-            500 recorded gradients, however long the run; log :meth:`scalars` each step for a
-            full record. :attr:`steps` and :attr:`first_nonfinite` are kept regardless.
-        scaler: the ``torch.amp.GradScaler`` scaling the loss, if any: statistics are of the
-            unscaled gradients (see above).
+        vanishing: L2-norm threshold below which a gradient is flagged vanishing (1e-7).
+        exploding: L2-norm threshold above which a gradient is flagged exploding (1e3).
+        buffer_bytes: gradient bytes buffered before a reduction runs (default 4 MiB on CPU,
+            64 MiB on GPUs).
+        history_size: steps kept in :attr:`history` (default 1000; ``None``: all).
+        scaler: the ``torch.amp.GradScaler`` scaling the loss, if any.
+        diagnostics: names of diagnostics to compute (see above).
+        every: compute the diagnostics on steps ``0, every, 2 every, ...`` only (default 1).
+        loss_reduction: ``"mean"`` (the loss is ``(1/B) sum_i l_i``, default) or ``"sum"``.
+        ema: smoothing factor in [0, 1) of the noise scale's numerator and denominator
+            (default None: none).
 
     Raises:
-        TypeError: ``model`` is not a module, a pattern is not a string, or ``scaler`` is not a
-            ``GradScaler``.
-        ValueError: a pattern matches no module, a threshold is not positive / ordered, or
-            ``history_size`` is not a positive int.
+        TypeError: ``model`` is not a module, a pattern is not a string, ``scaler`` is not a
+            ``GradScaler``, or an argument has the wrong type.
+        ValueError: a pattern matches no module, the thresholds are not ``0 <= vanishing <
+            exploding``, a size is not a positive int, or a diagnostic name is unknown.
 
     Example:
         >>> from torch import nn
@@ -192,6 +160,18 @@ class GradientMonitor(HookContext):
         (3, ['0', '1', '2'])
         >>> round(monitor.history[0].params["2.bias"].norm, 4), monitor.first_nonfinite
         (0.2144, None)
+
+        Diagnostics, with an optimizer step inside the context:
+
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> with GradientMonitor(net, diagnostics=("noise_scale", "update_size")) as monitor:
+        ...     opt.zero_grad()
+        ...     net(torch.randn(16, 4)).pow(2).mean().backward()
+        ...     opt.step()
+        >>> {k: round(v, 3) for k, v in monitor.history[0].diagnostics.items()}
+        {'noise_scale': 15.069, 'update_size': 0.025}
+        >>> sorted(monitor.history[0].diagnostics_by_module["update_size"])
+        ['0', '2']
     """
 
     _name = "GradientMonitor"
@@ -207,198 +187,166 @@ class GradientMonitor(HookContext):
         buffer_bytes: int | None = None,
         history_size: int | None = HISTORY_SIZE,
         scaler: torch.amp.GradScaler | None = None,
+        diagnostics: Sequence[str] = (),
+        every: int = 1,
+        loss_reduction: str = "mean",
+        ema: float | None = None,
     ) -> None:
         super().__init__()
-        check_model("GradientMonitor", model)
-        if not (vanishing >= 0 and exploding > 0 and vanishing < exploding):
-            raise ValueError(
-                f"GradientMonitor: need 0 <= vanishing < exploding, received "
-                f"vanishing={vanishing!r}, exploding={exploding!r}; e.g. vanishing=1e-7, "
-                "exploding=1e3"
-            )
-        if buffer_bytes is not None and buffer_bytes < 0:
-            raise ValueError(
-                f"GradientMonitor: buffer_bytes must be >= 0, received {buffer_bytes!r}"
-            )
-        if history_size is not None and (
-            isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1
-        ):
-            raise ValueError(
-                f"GradientMonitor: history_size must be a positive int or None (keep every "
-                f"step), received {history_size!r}"
-            )
-        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
-            raise TypeError(
-                f"GradientMonitor: scaler must be a torch.amp.GradScaler or None, received "
-                f"{type(scaler).__name__}; pass the scaler whose scale(loss) you call backward on"
-            )
+        fn = "GradientMonitor"
+        vanishing, exploding = _check_args(
+            fn,
+            model,
+            vanishing,
+            exploding,
+            buffer_bytes,
+            history_size,
+            every,
+            params,
+            trace_nonfinite,
+            loss_reduction,
+            ema,
+            scaler,
+        )
+        self.diagnostics = check_diagnostics(fn, diagnostics)
+        self._ddp: weakref.ref[nn.Module] | None = None
+        self._recorder: DDPNoiseRecorder | None = None
+        if "ddp_noise_scale" in self.diagnostics:
+            if not isinstance(model, nn.parallel.DistributedDataParallel):
+                raise ValueError(
+                    message(
+                        fn,
+                        "model",
+                        "a DistributedDataParallel model for diagnostics 'ddp_noise_scale'",
+                        model,
+                        "Pass the DDP wrapper (not its .module), or drop 'ddp_noise_scale'",
+                    )
+                )
+            self._ddp = weakref.ref(model)
+        self.every = every
         self.history_size = history_size
         self.scaler = scaler
-        self.vanishing = float(vanishing)
-        self.exploding = float(exploding)
         self.trace_nonfinite = trace_nonfinite
         self.buffer_bytes = buffer_bytes
-        modules = select_modules("GradientMonitor", model, patterns)
-        chosen = _select_params(model, modules, patterns) if params else []
+        modules = select_modules(fn, model, patterns)
+        chosen = _select_params(model, modules, patterns)
+        self._patterns = patterns
         # Held weakly: the monitor must not keep the model (or its layers) alive.
         self._modules = [(n, weakref.ref(m)) for n, m in modules]
-        self._params = [(n, owner, weakref.ref(p)) for n, owner, p in chosen]
+        self._params = [(n, o, weakref.ref(p)) for n, o, p in chosen] if params else []
+        self._diag_params = [(n, o, weakref.ref(p)) for n, o, p in chosen]
         names = [n for n, _ in self._modules] + [n for n, _, _ in self._params]
-        self._order = {n: i for i, n in enumerate(names)}  # forward (registration) order
-        self._ref = weakref.ref(self)
-        self._clock = PassClock(on_start=self._start_pass, on_end=self._end_pass)
-        self._seq = 0
-        self._open_calls: dict[str, list[int]] = {}
-        self._produced: dict[int, tuple[Any, int, _Slot]] = {}
-        # the pass in progress
-        self._buf: list[torch.Tensor] = []
-        self._buf_idx: list[int] = []  # record index of each buffered gradient
-        self._buf_bytes = 0
-        self._eager: list[torch.Tensor] = []  # ROWS 0-dim statistics per CPU gradient done alone
-        self._eager_idx: list[int] = []  # record index of each of them
-        self._host: list[float] = []  # ROWS statistics per CPU gradient done by BLAS (floats)
-        self._host_idx: list[int] = []  # record index of each of them
-        self._slots: list[_Slot] = []
-        self._numels: list[int] = []
-        self._chunks: list[torch.Tensor] = []  # (ROWS, k) statistics of the pass so far
-        self._columns: list[int] = []  # record index of each of their columns
-        self._arena = CpuArena()
-        self._pending: list[_Pending] = []  # on their way to the host
-        self._records: deque[Compact | StepStats] = deque(maxlen=history_size)
-        self._layouts: dict[tuple[tuple[int, ...], tuple[str, ...]], Layout] = {}
-        self._count = 0  # backward passes recorded
-        self._source: NonfiniteSource | None = None
-        names_set = {n for n, _ in self._modules}
+        clock = PassClock(on_start=self._start_pass, on_end=self._end_pass)
+        self._buffer = PassBuffer(buffer_bytes, clock)
+        self._calls = CallTracker(self._bag, weakref.ref(self._buffer), trace_nonfinite)
+        order = {n: i for i, n in enumerate(names)}  # forward (registration) order
+        self._history = History(history_size, order, vanishing, exploding)
+        owners = list(dict.fromkeys(o for _, o, _ in chosen))
+        self._groups = owners
+        self._tracker = ParamTracker(
+            [owners.index(o) for _, o, _ in chosen],
+            len(owners),
+            update="update_size" in self.diagnostics,
+            origin="distance" in self.diagnostics,
+        )
+        self._ps: PerSampleSteps | None = None
+        if any(d in PER_SAMPLE for d in self.diagnostics):
+            self._ps = PerSampleSteps(
+                weakref.ref(model),
+                [n for n, _, _ in chosen],
+                [owners.index(o) for _, o, _ in chosen],
+                len(owners),
+                self.diagnostics,
+                loss_reduction,
+                ema,
+            )
+        self._model = weakref.ref(model)
         # scalars() key of the root module (a model that is itself a leaf, or matched by "*")
-        self._root_key = "model" if "model" not in names_set else "model(root)"
+        self._root_key = "model" if "model" not in {n for n, _ in self._modules} else "model(root)"
+
+    # -- thresholds (the history applies them when a step is read) -------------------------
+    @property
+    def vanishing(self) -> float:
+        """L2-norm threshold below which a gradient is flagged vanishing."""
+        return self._history.vanishing
+
+    @property
+    def exploding(self) -> float:
+        """L2-norm threshold above which a gradient is flagged exploding."""
+        return self._history.exploding
 
     # -- context --------------------------------------------------------------------------
     def _install(self) -> None:
-        ref = self._ref
+        calls = weakref.ref(self._calls)
         for name, module_ref in self._modules:
             module = self._deref(module_ref, name)
             inplace = self.trace_nonfinite and getattr(module, "inplace", False) is True
             if inplace:  # it may overwrite its input: hook the input before it runs
-                pre = _pre_hook(ref, name)
+                pre = _pre_hook(calls, name)
                 self._bag.module(module.register_forward_pre_hook(pre, with_kwargs=True))
-            hook = _fwd_hook(ref, name, self.trace_nonfinite and not inplace)
+            hook = _fwd_hook(calls, name, self.trace_nonfinite and not inplace)
             self._bag.module(module.register_forward_hook(hook, with_kwargs=True))
+        buffer = weakref.ref(self._buffer)
         for pname, owner, p_ref in self._params:
             p = self._deref(p_ref, pname)
-            slot = _Slot(_PARAM, pname, 0, owner)
-            self._bag.module(p.register_post_accumulate_grad_hook(_param_hook(ref, slot)))
+            slot = Slot(PARAM, pname, 0, owner)
+            self._bag.module(p.register_post_accumulate_grad_hook(_param_hook(buffer, slot)))
+        for pname, _, p_ref in self._diag_params:
+            self._deref(p_ref, pname)
+        if self._tracker.update:
+            hook = _optimizer_hook(weakref.ref(self))
+            self._bag.module(register_optimizer_step_post_hook(hook))
+        if self._ddp is not None:
+            ddp = self._deref(self._ddp, "the DDP model")
+            self._recorder = DDPNoiseRecorder(ddp.process_group)
+            self._recorder.active = self._history.count % self.every == 0
+            pre = _batch_hook(weakref.ref(self._recorder))
+            self._bag.module(ddp.register_forward_pre_hook(pre, with_kwargs=True))
+            attach(self._name, ddp, self._recorder)
+        if self._ps is not None:
+            ps = weakref.ref(self._ps)
+            for pname, _, p_ref in self._diag_params:
+                p = self._deref(p_ref, pname)
+                self._bag.module(p.register_hook(_leaf_hook(ps, pname)))
+            model = self._deref(self._model, "the model")
+            self._bag.module(model.register_forward_pre_hook(_forward_start(weakref.ref(self))))
+            if self._history.count % self.every == 0:
+                self._ps.start()  # raises here for a model the per-sample engine refuses
 
     def _after_exit(self) -> None:
-        self._produced.clear()
-        self._open_calls.clear()
-        if self._slots:  # a pass whose end callback never ran (it raised)
+        ddp = None if self._ddp is None else self._ddp()
+        if ddp is not None:
+            attach(self._name, ddp, None)  # DDP's own averaging all-reduce again
+        self._calls.clear()
+        if self._buffer.slots:  # a pass whose end callback never ran (it raised)
             self._finish_pass()
+        self._measure_update(final=True)
+        if self._ps is not None:
+            if not self._ps.finish():
+                self._ps.close()
         self._materialize()
 
-    # -- forward side ---------------------------------------------------------------------
-    def _on_inputs(self, name: str, args: Any) -> None:
-        self._seq += 1
-        seq = self._seq
-        self._open_calls.setdefault(name, []).append(seq)
-        if torch.is_grad_enabled():
-            self._hook_inputs(name, seq, args)
-
-    def _on_call(self, name: str, args: Any, output: Any) -> None:
-        """Inputs and outputs of a call, seen after it (modules that do not run in place)."""
-        self._seq += 1
-        seq = self._seq
-        if torch.is_grad_enabled():
-            self._hook_inputs(name, seq, args)
-            self._hook_outputs(name, seq, output)
-
-    def _hook_inputs(self, name: str, seq: int, args: Any) -> None:
-        a0 = args[0] if len(args) == 1 else None
-        flat = [a0] if isinstance(a0, torch.Tensor) else tree_flatten(args)[0]
-        for t in flat:
-            if not (isinstance(t, torch.Tensor) and t.requires_grad):
-                continue
-            hit = self._produced.get(id(t))
-            if hit is not None and hit[0]() is t and hit[1] == t._version:
-                hit[2].consumers += ((name, seq),)  # same gradient as that output: reuse it
-            else:
-                self._bag.tensor(on_grad(t, self._ref, "_add", _Slot(_IN, name, seq)))
-
-    def _on_outputs(self, name: str, output: Any) -> None:
-        stack = self._open_calls.get(name)
-        if stack:
-            seq = stack.pop()
-        else:
-            self._seq += 1
-            seq = self._seq
-        if torch.is_grad_enabled():
-            self._hook_outputs(name, seq, output)
-
-    def _hook_outputs(self, name: str, seq: int, output: Any) -> None:
-        outs = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
-        for t in outs:
-            if not (isinstance(t, torch.Tensor) and t.requires_grad):
-                continue
-            slot = _Slot(_OUT, name, seq)
-            self._bag.tensor(on_grad(t, self._ref, "_add", slot))
-            if self.trace_nonfinite:
-                self._produced[id(t)] = (weakref.ref(t), t._version, slot)
-                if len(self._produced) > 4096:  # forwards without backward: drop dead entries
-                    self._prune_produced()
-
-    # -- backward side --------------------------------------------------------------------
-    def _add(self, slot: _Slot, grad: torch.Tensor) -> None:
-        self._clock.touch()
-        g = grad.detach() if grad.requires_grad else grad
-        index = len(self._slots)
-        self._slots.append(slot)
-        n = g.numel()
-        self._numels.append(n)
-        limit = self.buffer_bytes
-        if g.device.type in _GROUPED_DEVICES:
-            host = blas_stats(g)
-            if host is not None:  # three BLAS reads while g is in cache, no torch op
-                self._host += host
-                self._host_idx.append(index)
-                return
-            if limit is None:
-                limit = _CPU_BUFFER_BYTES
-            nbytes = n * g.element_size()
-            if n and nbytes <= limit and nbytes <= _CPU_ALONE_BYTES:
-                # |g| into a row of a warm buffer now, while g is in cache; reduced with the
-                # other gradients of its size when the pass ends or the rows exceed the limit.
-                self._arena.add(g, index)
-                if self._arena.bytes > limit:
-                    self._flush()
-                return
-            self._eager += self._arena.one(g) if n else [_ZERO] * ROWS
-            self._eager_idx.append(index)
+    def _on_forward_start(self) -> None:
+        """The model is about to run: finish the last per-sample step, open the next one."""
+        ps = self._ps
+        if ps is None:
             return
-        self._buf.append(g)
-        self._buf_idx.append(index)
-        self._buf_bytes += n * g.element_size()
-        if self._buf_bytes > (_DEVICE_BUFFER_BYTES if limit is None else limit):
-            self._flush()
+        ps.finish()
+        if not ps.open and self._history.count % self.every == 0:
+            ps.start()
 
-    def _flush(self) -> None:
-        if self._arena.bytes:
-            with torch.no_grad():
-                chunks, order = self._arena.flush()
-            self._chunks.extend(chunks)
-            self._columns.extend(order)
-        buf = self._buf
-        if not buf:
-            return
-        with torch.no_grad():
-            self._chunks.append(torch.stack([torch.stack(c) for c in stats_fused(buf)]))
-        self._columns.extend(self._buf_idx)
-        self._buf = []
-        self._buf_idx = []
-        self._buf_bytes = 0
+    def _read(self) -> None:
+        """Everything recorded so far, ready to read (per-sample work and the host copy)."""
+        if self._ps is not None:
+            self._ps.finish()
+        self._materialize()
 
+    # -- backward side ----------------------------------------------------------------------
     def _start_pass(self) -> None:
-        if self._slots:  # the previous pass raised before its end callback
+        if self._buffer.slots:  # the previous pass raised before its end callback
             self._finish_pass()
-        if len(self._pending) >= 64:
+        self._measure_update(final=True)
+        if len(self._history.pending) >= 64:
             self._materialize(only_ready=True)
 
     def _end_pass(self) -> None:
@@ -406,52 +354,42 @@ class GradientMonitor(HookContext):
         # The handles and producer entries of a finished pass's graph are dead weight, but
         # pruning them costs a few microseconds per entry: only once they add up.
         self._bag.prune(above=_PRUNE_ABOVE)
-        if len(self._produced) > _PRUNE_ABOVE:
-            self._prune_produced()
-
-    def _prune_produced(self) -> None:
-        self._produced = {k: v for k, v in self._produced.items() if v[0]() is not None}
+        self._calls.prune(above=_PRUNE_ABOVE)
 
     def _finish_pass(self) -> None:
-        self._flush()
-        chunks, columns = self._chunks, self._columns
-        if self._eager:
-            chunks.append(torch.stack(self._eager).view(-1, ROWS).t())
-            columns.extend(self._eager_idx)
-        if self._host:
-            chunks.append(torch.tensor(self._host, dtype=torch.float64).view(-1, ROWS).t())
-            columns.extend(self._host_idx)
-        slots, numels = self._slots, self._numels
-        self._slots, self._numels, self._chunks, self._columns = [], [], [], []
-        self._eager, self._eager_idx = [], []
-        self._host, self._host_idx = [], []
-        if not slots:
+        taken = self._buffer.take()
+        if taken is None:
             return
-        step = self._count
-        self._count += 1
-        scale = self._scale_now()
-        with torch.no_grad():
-            device = chunks[0].device
-            if any(t.device != device for t in chunks):
-                chunks = [t.cpu() for t in chunks]
-                device = torch.device("cpu")
-            stats = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
-            event = None
-            if device.type == "cuda":
-                # The engine may finish a pass on another thread/device: pin the copy and its
-                # event to the statistics' device and that device's current stream.
-                with torch.cuda.device(device):
-                    host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
-                    host.copy_(stats, non_blocking=True)
-                    if isinstance(scale, torch.Tensor) and scale.device == device:
-                        pinned = torch.empty(scale.shape, dtype=scale.dtype, pin_memory=True)
-                        scale = pinned.copy_(scale, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(torch.cuda.current_stream(device))
-                stats = host
-            elif device.type != "cpu":
-                stats = stats.cpu()
-        self._pending.append(_Pending(step, slots, numels, columns, stats, event, scale))
+        slots, numels, stats, columns = taken
+        history = self._history
+        step = history.count
+        history.count += 1
+        host, event, scale = to_host(stats, self._scale_now())
+        history.pending.append(Pending(step, slots, numels, columns, host, event, scale))
+        norms = None if self._recorder is None else self._recorder.take()
+        if self._recorder is not None:  # the next step: every rank agrees (same step count)
+            self._recorder.active = history.count % self.every == 0
+        diag = None
+        if self.diagnostics and step % self.every == 0:
+            diag = StepDiagnostics(self.diagnostics, self._groups)
+            history.extras[step] = diag
+            if norms is not None:
+                diag.set_total_later(norms.ingredients)
+            params = self._live_params()
+            if params is not None:
+                self._tracker.end_of_backward(params, diag)
+        if self._ps is not None:
+            self._ps.backward_done(diag, scale)
+
+    def _live_params(self) -> list[torch.Tensor] | None:
+        params = [r() for _, _, r in self._diag_params]
+        return None if any(p is None for p in params) else params  # type: ignore[return-value]
+
+    def _measure_update(self, final: bool) -> None:
+        if self._tracker.update:
+            params = self._live_params()
+            if params is not None:
+                self._tracker.measure_update(params, final)
 
     def _scale_now(self) -> torch.Tensor | float | None:
         """The scaler's current loss scale, without a sync (a copy: ``update()`` changes it)."""
@@ -464,91 +402,10 @@ class GradientMonitor(HookContext):
                 return t.detach().clone()
         return float(scaler.get_scale())
 
-    # -- results --------------------------------------------------------------------------
     def _materialize(self, *, only_ready: bool = False) -> None:
-        """Turn steps whose statistics reached the host into records (no sync if ``only_ready``).
+        self._history.materialize(trace=self.trace_nonfinite, only_ready=only_ready)
 
-        A finite step is kept compact: its layout (kind and name of each record, shared by every
-        step with the same structure) and one (4, R) float64 array. A step with a NaN/Inf is
-        analysed at once (its source needs the calls' bookkeeping, which is then dropped).
-        """
-        while self._pending:
-            p = self._pending[0]
-            if p.event is not None:
-                if only_ready and not p.event.query():
-                    return
-                p.event.synchronize()
-            self._pending.pop(0)
-            vals = np.empty((ROWS + 1, len(p.slots)))
-            vals[:ROWS, p.columns] = p.stats.numpy()
-            vals[ROWS] = p.numels
-            scale = 1.0
-            if p.scale is not None:
-                scale = float(p.scale.cpu() if isinstance(p.scale, torch.Tensor) else p.scale)
-                vals[0] /= scale * scale  # sum of squares
-                vals[1:ROWS] /= scale  # L1, max |g|
-            if np.isfinite(vals[2]).all():  # max |g|: the NaN/Inf detector
-                self._records.append(Compact(p.step, self._layout(p.slots), vals, scale))
-                continue
-            rec = self._summarise(p.step, p.slots, vals, scale)
-            if p.scale is not None:  # GradScaler.step skips it: an overflow, nobody's fault
-                rec = dataclasses.replace(rec, skipped=True)
-            elif self.trace_nonfinite:
-                rec = dataclasses.replace(rec, source=_trace(p.step, p.slots, vals[2].tolist()))
-                if self._source is None:
-                    self._source = rec.source
-            self._records.append(rec)
-
-    def _layout(self, slots: list[_Slot]) -> Layout:
-        key = (tuple(map(_KIND, slots)), tuple(map(_NAME, slots)))
-        layout = self._layouts.get(key)
-        if layout is None:
-            layout = Layout(*key)
-            if len(self._layouts) < _MAX_LAYOUTS:  # else a model whose structure keeps changing
-                self._layouts[key] = layout
-        return layout
-
-    def _summarise(
-        self, step: int, slots: Sequence[Any], vals: np.ndarray, scale: float = 1.0
-    ) -> StepStats:
-        """StepStats (without a source) from per-record statistics; ``slots``: .kind, .name."""
-        sq, l1, linf, numel = vals.tolist()
-        outs: dict[str, list[float]] = {}  # name -> [sum of squares, L1, Linf, numel]
-        params: dict[str, LayerStats] = {}
-        for i, s in enumerate(slots):
-            if s.kind == _OUT:
-                a = outs.setdefault(s.name, [0.0, 0.0, 0.0, 0.0])
-                a[0] += sq[i]
-                a[1] += l1[i]
-                a[2] = math.nan if math.isnan(linf[i]) or math.isnan(a[2]) else max(a[2], linf[i])
-                a[3] += numel[i]
-            elif s.kind == _PARAM:
-                params[s.name] = LayerStats(math.sqrt(sq[i]), linf[i], _mean(l1[i], numel[i]))
-        order = self._order
-        outputs = {
-            n: LayerStats(math.sqrt(a[0]), a[2], _mean(a[1], a[3]))
-            for n, a in sorted(outs.items(), key=lambda kv: order.get(kv[0], 0))
-        }
-        params = dict(sorted(params.items(), key=lambda kv: order.get(kv[0], 0)))
-        named = list(outputs.items()) + list(params.items())
-        return StepStats(
-            step=step,
-            outputs=outputs,
-            params=params,
-            vanishing=tuple(n for n, s in named if s.norm < self.vanishing),
-            exploding=tuple(
-                n for n, s in named if math.isfinite(s.max_abs) and s.norm > self.exploding
-            ),
-            nonfinite=tuple(n for n, s in named if not math.isfinite(s.max_abs)),
-            source=None,
-            scale=scale,
-        )
-
-    def _expand(self, rec: Compact | StepStats) -> StepStats:
-        if isinstance(rec, StepStats):
-            return rec
-        return self._summarise(rec.step, rec.layout.slots, rec.vals, rec.scale)
-
+    # -- results ----------------------------------------------------------------------------
     @property
     def history(self) -> Sequence[StepStats]:
         """One :class:`StepStats` per backward pass so far (reading it synchronises once).
@@ -560,19 +417,19 @@ class GradientMonitor(HookContext):
         recorded gradient plus about 200 per step) and its :class:`StepStats` is built each
         time you read it; keep the ones you use.
         """
-        self._materialize()
-        return _History(self)
+        self._read()
+        return HistoryView(self._history)
 
     @property
     def steps(self) -> int:
         """Number of backward passes recorded so far (no synchronisation)."""
-        return self._count
+        return self._history.count
 
     @property
     def nonfinite_source(self) -> NonfiniteSource | None:
         """The first NaN/Inf source seen (module, step, origin), or ``None`` while all finite."""
-        self._materialize()
-        return self._source
+        self._read()
+        return self._history.source
 
     @property
     def first_nonfinite(self) -> str | None:
@@ -606,7 +463,9 @@ class GradientMonitor(HookContext):
           ``clip_grad_norm_`` computes), when parameters are recorded;
         * ``grad/vanishing``, ``grad/exploding``, ``grad/nonfinite``: how many gradients carry
           each flag;
-        * ``grad/scale`` and ``grad/skipped`` (1.0 or 0.0) with a ``scaler``.
+        * ``grad/scale`` and ``grad/skipped`` (1.0 or 0.0) with a ``scaler``;
+        * ``diagnostics/<name>`` and ``diagnostics/<name>/<module>`` on the steps that computed
+          the monitor's ``diagnostics`` (with ``every > 1``, only those steps have them).
 
         TensorBoard replaces characters other than letters, digits and ``-_./`` in a tag with
         ``_``; module names from ``named_modules()`` never hold any.
@@ -616,6 +475,7 @@ class GradientMonitor(HookContext):
                 ``monitor.history[step].step``.
 
         Raises:
+            TypeError: ``step`` is not an int.
             ValueError: nothing recorded yet, or ``step`` out of range.
 
         Example:
@@ -632,19 +492,17 @@ class GradientMonitor(HookContext):
             >>> len(logs), logs["grad/nonfinite"]
             (25, 0.0)
         """
+        fn = "GradientMonitor.scalars"
+        check_int(fn, "step", step, fix="An index into monitor.history: -1 for the last step")
         history = self.history
         if not history:
             raise ValueError(
-                "GradientMonitor.scalars: no backward pass recorded yet; call it after "
+                f"{fn}: no backward pass recorded yet; call it after "
                 "loss.backward() inside `with GradientMonitor(model) as monitor:`"
-            )
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise TypeError(
-                f"GradientMonitor.scalars: step must be an int, received {type(step).__name__}"
             )
         if not -len(history) <= step < len(history):
             raise ValueError(
-                f"GradientMonitor.scalars: step={step} is out of range for {len(history)} "
+                f"{fn}: step={step} is out of range for {len(history)} "
                 f"recorded steps; use -1 (the last) or 0..{len(history) - 1}"
             )
         return step_scalars(
@@ -655,14 +513,18 @@ class GradientMonitor(HookContext):
         )
 
     # -- checkpoints -----------------------------------------------------------------------
+    def _names(self) -> list[str]:
+        return [n for n, _ in self._modules] + [n for n, _, _ in self._params]
+
     def state_dict(self) -> dict[str, Any]:
         """The recorded run: history, step count, NaN record and thresholds, for a checkpoint.
 
         Plain containers (dict, list, str, int, float, bool, None) and float64 tensors only, so
         it goes through ``torch.save`` / ``torch.load(weights_only=True)``, pickle and
-        ``copy.deepcopy``; it is a snapshot (later steps do not change it). Statistics of steps
-        still on their way from the GPU are read first (one synchronisation). Call it between
-        steps; a backward pass in progress is not included.
+        ``copy.deepcopy``; it is a snapshot (later steps do not change it). It also holds the
+        monitored names and patterns (checked on load), the diagnostics' values and, with
+        ``"distance"``, a copy of the starting parameters. Statistics of steps still on their
+        way from the GPU are read first (one synchronisation). Call it between steps.
 
         Example:
             >>> from torch import nn
@@ -677,41 +539,89 @@ class GradientMonitor(HookContext):
             >>> resumed.steps, [r.step for r in resumed.history]
             (2, [0, 1])
         """
-        self._materialize()
-        layouts, history = records_to_state(self._records)
+        self._read()
+        h = self._history
+        layouts, history = records_to_state(h.records)
+        extras = []
+        for step, diag in h.extras.items():
+            total, by_module = diag.values()
+            extras.append({"step": step, "values": total, "by_module": by_module})
+        theta0 = self._tracker.theta0
         return {
             "version": STATE_VERSION,
-            "steps": self._count,
-            "vanishing": self.vanishing,
-            "exploding": self.exploding,
-            "nonfinite_source": None if self._source is None else list(self._source),
+            "steps": h.count,
+            "vanishing": h.vanishing,
+            "exploding": h.exploding,
+            "nonfinite_source": None if h.source is None else list(h.source),
             "layouts": layouts,
             "history": history,
+            "names": self._names(),
+            "patterns": list(self._patterns),
+            "diagnostics": extras,
+            "theta0": None if theta0 is None else [t.detach().cpu().clone() for t in theta0],
+            "ema": None if self._ps is None else self._ps.ema_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved; the next backward pass is step ``steps``.
 
-        Replaces the history, the step count, the NaN record and the ``vanishing`` /
-        ``exploding`` thresholds (the ones the run was recorded with). What to record
-        (patterns, ``params``, ``history_size``, ``scaler``, ...) stays as this monitor was
-        built: with a smaller ``history_size`` only the last steps are kept. Call it before
-        entering the context or between steps. The state dict is not modified.
+        Replaces the history, the step count, the NaN record, the ``vanishing`` /
+        ``exploding`` thresholds (the ones the run was recorded with) and the diagnostics'
+        values and starting point. What to record (patterns, ``params``, ``history_size``,
+        ``scaler``, ``diagnostics``, ...) stays as this monitor was built: with a smaller
+        ``history_size`` only the last steps are kept. Call it before entering the context or
+        between steps. The state dict is not modified.
 
         Raises:
             TypeError: ``state_dict`` is not a dict.
             ValueError: it is not a GradientMonitor state dict (a key is missing or the
-                version is unknown).
+                version is unknown), or it was recorded on other modules or parameters, or
+                under other patterns, than this monitor's (both lists are in the message).
         """
-        check_state("GradientMonitor.load_state_dict", state_dict)
+        fn = "GradientMonitor.load_state_dict"
+        check_state(fn, state_dict)
+        self._check_same_model(fn, state_dict)
         vanishing, exploding = float(state_dict["vanishing"]), float(state_dict["exploding"])
         records = records_from_state(state_dict, self.history_size)
         src = state_dict["nonfinite_source"]
+        extras = {
+            int(d["step"]): StepDiagnostics.restored(d["values"], d["by_module"])
+            for d in state_dict.get("diagnostics", [])
+        }
         self._materialize()
-        self.vanishing, self.exploding = vanishing, exploding
-        self._records = records
-        self._count = int(state_dict["steps"])
-        self._source = None if src is None else NonfiniteSource(str(src[0]), int(src[1]), src[2])
+        h = self._history
+        h.vanishing, h.exploding = vanishing, exploding
+        h.records = records
+        h.extras = extras
+        h.count = int(state_dict["steps"])
+        h.source = None if src is None else NonfiniteSource(str(src[0]), int(src[1]), src[2])
+        theta0 = state_dict.get("theta0")
+        params = self._live_params()
+        if self._ps is not None:
+            device = params[0].device if params else None
+            self._ps.load_ema_state(state_dict.get("ema"), device)
+        if theta0 is not None and self._tracker.origin and params:
+            self._tracker.theta0 = [
+                t.detach().to(p.device, p.dtype).clone() for t, p in zip(theta0, params)
+            ]
+
+    def _check_same_model(self, fn: str, state: dict[str, Any]) -> None:
+        mine = self._names()
+        if "names" in state:
+            theirs = list(state["names"])
+            same = theirs == mine
+        else:  # version 1: the names its records hold must be this monitor's
+            theirs = list(dict.fromkeys(_state_names(state)))
+            same = set(theirs) <= set(mine)
+        patterns = list(state.get("patterns", self._patterns))
+        if same and patterns == list(self._patterns):
+            return
+        raise ValueError(
+            f"{fn}: the state_dict was recorded on other modules than this monitor's; it holds "
+            f"{theirs} (patterns {patterns}), this monitor records {mine} (patterns "
+            f"{list(self._patterns)}). Load it into a GradientMonitor built on the same model "
+            "with the same patterns and params="
+        )
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError(
@@ -721,111 +631,153 @@ class GradientMonitor(HookContext):
         )
 
     def __repr__(self) -> str:
-        src = self._source.module if self._source else None
+        src = self._history.source
         return (
             f"GradientMonitor({len(self._modules)} modules, {len(self._params)} parameters, "
-            f"{self.steps} steps, first_nonfinite={src!r})"
+            f"{self.steps} steps, first_nonfinite={None if src is None else src.module!r})"
         )
 
 
-_KIND = operator.attrgetter("kind")
-_NAME = operator.attrgetter("name")
-_MAX_LAYOUTS = 256  # distinct step structures remembered (shared between steps)
+def _state_names(state: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+    for layout in state["layouts"]:
+        names += [n for k, n in zip(layout["kinds"], layout["names"]) if k != 1]  # not inputs
+    for d in state["history"]:
+        if "outputs" in d:
+            names += list(d["outputs"]) + list(d["params"])
+    return names
 
 
-class _History(Sequence[StepStats]):
-    """Read-only view of a monitor's records; builds each StepStats when it is read."""
-
-    __slots__ = ("_monitor",)
-
-    def __init__(self, monitor: GradientMonitor) -> None:
-        self._monitor = monitor
-
-    def __len__(self) -> int:
-        return len(self._monitor._records)
-
-    @overload
-    def __getitem__(self, i: int) -> StepStats: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[StepStats]: ...
-
-    def __getitem__(self, i: int | slice) -> StepStats | list[StepStats]:
-        records = self._monitor._records
-        expand = self._monitor._expand
-        if isinstance(i, slice):
-            return [expand(records[j]) for j in range(*i.indices(len(records)))]
-        return expand(records[i])
-
-    def __iter__(self) -> Iterator[StepStats]:
-        expand = self._monitor._expand
-        for rec in list(self._monitor._records):
-            yield expand(rec)
-
-    def __repr__(self) -> str:
-        return f"<GradientMonitor history: {len(self)} steps>"
-
-
-def _trace(step: int, slots: list[_Slot], linf: list[float]) -> NonfiniteSource | None:
-    """The source of the NaN/Inf in a step: see :class:`GradientMonitor`."""
-    bad_calls: set[tuple[str, int]] = set()
-    bad_modules: set[str] = set()
-    for s, v in zip(slots, linf):
-        if s.kind == _OUT and not math.isfinite(v):
-            bad_calls.add((s.name, s.seq))
-            bad_modules.add(s.name)
-    first_bad_out: str | None = None
-    for i, s in enumerate(slots):  # backward (firing) order
-        if math.isfinite(linf[i]):
-            continue
-        if s.kind == _PARAM:
-            if s.owner not in bad_modules:
-                return NonfiniteSource(s.owner, step, "backward")
-            continue
-        calls = [(s.name, s.seq)] if s.kind == _IN else s.consumers
-        for c in calls:
-            if c not in bad_calls:
-                return NonfiniteSource(c[0], step, "backward")
-        if s.kind == _OUT and first_bad_out is None:
-            first_bad_out = s.name
-    if first_bad_out is not None:
-        return NonfiniteSource(first_bad_out, step, "incoming")
-    return None
+def _check_args(
+    fn: str,
+    model: object,
+    vanishing: object,
+    exploding: object,
+    buffer_bytes: object,
+    history_size: object,
+    every: object,
+    params: object,
+    trace_nonfinite: object,
+    loss_reduction: object,
+    ema: object,
+    scaler: object,
+) -> tuple[float, float]:
+    """Check GradientMonitor's arguments (clear errors); returns the thresholds as floats."""
+    check_model(fn, model)
+    vanishing, exploding = _check_thresholds(fn, vanishing, exploding)
+    if buffer_bytes is not None:
+        check_int(fn, "buffer_bytes", buffer_bytes, minimum=0, fix="Or None: the default")
+    if history_size is not None:
+        check_int(fn, "history_size", history_size, minimum=1, fix="Or None: keep every step")
+    check_int(fn, "every", every, minimum=1, fix="Pass every=1 to compute them every step")
+    check_bool(fn, "params", params)
+    check_choice(fn, "loss_reduction", loss_reduction, ("mean", "sum"))
+    if ema is not None:
+        check_float(
+            fn,
+            "ema",
+            ema,
+            low=0.0,
+            high=1.0,
+            high_open=True,
+            fix="E.g. ema=0.9, or None for no smoothing",
+        )
+    check_bool(fn, "trace_nonfinite", trace_nonfinite)
+    if scaler is not None:
+        check_type(
+            fn,
+            "scaler",
+            scaler,
+            torch.amp.GradScaler,
+            what="a torch.amp.GradScaler or None",
+            fix="Pass the scaler whose scale(loss) you call backward on",
+        )
+    return vanishing, exploding
 
 
-def _mean(total: float, n: float) -> float:
-    return total / n if n else 0.0
+def _check_thresholds(fn: str, vanishing: object, exploding: object) -> tuple[float, float]:
+    v = check_float(fn, "vanishing", vanishing, low=0.0, fix="E.g. vanishing=1e-7")
+    e = check_float(
+        fn, "exploding", exploding, low=0.0, low_open=True, finite=False, fix="E.g. exploding=1e3"
+    )
+    if not v < e:
+        raise ValueError(
+            message(
+                fn,
+                "vanishing",
+                f"below exploding={exploding!r}",
+                vanishing,
+                "E.g. vanishing=1e-7, exploding=1e3",
+            )
+        )
+    return v, e
 
 
-def _pre_hook(ref: weakref.ref[GradientMonitor], name: str) -> Any:
+def _pre_hook(ref: weakref.ref[CallTracker], name: str) -> Any:
     def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
-        mon = ref()
-        if mon is not None:
-            mon._on_inputs(name, (args, kwargs) if kwargs else args)  # args: a tuple
+        calls = ref()
+        if calls is not None:
+            calls.before_call(name, (args, kwargs) if kwargs else args)  # args: a tuple
 
     return hook
 
 
-def _fwd_hook(ref: weakref.ref[GradientMonitor], name: str, inputs: bool) -> Any:
+def _fwd_hook(ref: weakref.ref[CallTracker], name: str, inputs: bool) -> Any:
     """Forward hook: hooks the outputs' gradients, and the inputs' if ``inputs``."""
 
     def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        mon = ref()
-        if mon is None:
+        calls = ref()
+        if calls is None:
             return
         if inputs:
-            mon._on_call(name, (args, kwargs) if kwargs else args, output)
+            calls.after_call(name, (args, kwargs) if kwargs else args, output)
         else:
-            mon._on_outputs(name, output)
+            calls.outputs(name, output)
 
     return hook
 
 
-def _param_hook(ref: weakref.ref[GradientMonitor], slot: _Slot) -> Any:
+def _param_hook(ref: weakref.ref[PassBuffer], slot: Slot) -> Any:
     def hook(p: torch.Tensor) -> None:
-        mon = ref()
-        if mon is not None and p.grad is not None:
-            mon._add(slot, p.grad)
+        buffer = ref()
+        if buffer is not None and p.grad is not None:
+            buffer.add(slot, p.grad)
+
+    return hook
+
+
+def _leaf_hook(ref: weakref.ref[PerSampleSteps], name: str) -> Any:
+    def hook(grad: torch.Tensor) -> None:
+        steps = ref()
+        if steps is not None:
+            steps.grad(name, grad)
+
+    return hook
+
+
+def _forward_start(ref: weakref.ref[GradientMonitor]) -> Any:
+    def hook(module: nn.Module, args: Any) -> None:
+        monitor = ref()
+        if monitor is not None:
+            monitor._on_forward_start()
+
+    return hook
+
+
+def _batch_hook(ref: weakref.ref[DDPNoiseRecorder]) -> Any:
+    def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
+        recorder = ref()
+        if recorder is not None:
+            recorder.start_forward(args, kwargs)
+
+    return hook
+
+
+def _optimizer_hook(ref: weakref.ref[GradientMonitor]) -> Any:
+    def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
+        monitor = ref()
+        if monitor is not None:
+            monitor._measure_update(final=False)
 
     return hook
 

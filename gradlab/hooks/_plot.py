@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from gradlab._validate import check_bool, check_choice, check_int, message
 from gradlab.hooks._monitor import GradientMonitor, LayerStats, StepStats
 
 if TYPE_CHECKING:
@@ -25,12 +26,15 @@ _EXPLODING = 1e3
 def _check(fn: str, source: object, kind: str) -> None:
     if not isinstance(source, (GradientMonitor, nn.Module)):
         raise TypeError(
-            f"{fn}: source must be a GradientMonitor or a torch.nn.Module, received "
-            f"{type(source).__name__}; pass the monitor you trained with, or the model after "
-            "loss.backward()"
+            message(
+                fn,
+                "source",
+                "a GradientMonitor or a torch.nn.Module",
+                source,
+                "Pass the monitor you trained with, or the model after loss.backward()",
+            )
         )
-    if kind not in _KINDS:
-        raise ValueError(f"{fn}: kind must be 'parameters' or 'outputs', received {kind!r}")
+    check_choice(fn, "kind", kind, _KINDS)
     if isinstance(source, nn.Module) and kind == "outputs":
         raise ValueError(
             f"{fn}: kind='outputs' needs a GradientMonitor (a model keeps no output "
@@ -53,6 +57,7 @@ def _model_rows(model: nn.Module) -> list[tuple[str, LayerStats | None]]:
 
 
 def _step(fn: str, monitor: GradientMonitor, step: int) -> StepStats:
+    check_int(fn, "step", step, fix="An index into monitor.history: -1 for the last step")
     history = monitor.history
     if not history:
         raise ValueError(
@@ -190,6 +195,7 @@ def plot_grad_flow(
         True
     """
     rows, vanishing, exploding, what = _rows("plot_grad_flow", source, kind, step)
+    check_bool("plot_grad_flow", "log", log)
     try:
         from matplotlib.figure import Figure
     except ImportError:  # pragma: no cover - depends on the environment
@@ -216,12 +222,13 @@ def _draw_layers(
     exploding: float,
     log: bool,
 ) -> None:
+    """Bars of max |g|, markers of mean |g| and L2 norm, at their true values.
+
+    On a log axis an exact zero has no place: it is drawn as a hollow triangle on the bottom
+    edge (labelled ``0``) and the axis reaches a decade below the smallest non-zero value or
+    the vanishing threshold, whichever is lower, so no value is drawn where it is not.
+    """
     xs = list(range(len(rows)))
-    tiny = vanishing if vanishing > 0 else 1e-12
-
-    def val(v: float) -> float:  # zeros cannot be shown on a log axis: clip, keep them visible
-        return max(v, tiny) if log and math.isfinite(v) else v
-
     maxes, means, norms, colors = [], [], [], []
     for _, s in rows:
         if s is None or not math.isfinite(s.max_abs):
@@ -230,25 +237,46 @@ def _draw_layers(
             norms.append(math.nan)
             colors.append("tab:red" if s is not None else "lightgrey")
         else:
-            maxes.append(val(s.max_abs))
-            means.append(val(s.mean_abs))
-            norms.append(val(s.norm))
+            maxes.append(s.max_abs)
+            means.append(s.mean_abs)
+            norms.append(s.norm)
             colors.append("tab:cyan")
-    ax.bar(xs, [0 if math.isnan(m) else m for m in maxes], color=colors, alpha=0.6, label="max |g|")
-    ax.plot(xs, means, "o", color="tab:blue", label="mean |g|")
-    ax.plot(xs, norms, "s", color="k", markersize=4, label="L2 norm")
+    positive = [v for v in maxes + means + norms if math.isfinite(v) and v > 0]
+    floor = min(positive + ([vanishing] if vanishing > 0 else []), default=1.0) / 10
+
+    def shown(v: float) -> float:  # a zero on a log axis: not drawn (marked on the edge)
+        return math.nan if log and v == 0 else v
+
+    base = floor if log else 0.0  # bars rise from the bottom edge to the true max |g|
+    heights = [m - base if math.isfinite(m) and m > base else 0.0 for m in maxes]
+    ax.bar(xs, heights, bottom=base, color=colors, alpha=0.6, label="max |g|")
+    ax.plot(xs, [shown(v) for v in means], "o", color="tab:blue", label="mean |g|")
+    ax.plot(xs, [shown(v) for v in norms], "s", color="k", markersize=4, label="L2 norm")
+    zeros = [x for x, v in zip(xs, norms) if v == 0]
+    if log and zeros:
+        ax.plot(
+            zeros,
+            [floor] * len(zeros),
+            "v",
+            mfc="none",
+            color="k",
+            clip_on=False,
+            label="norm exactly 0",
+        )
     for x, (_, s) in zip(xs, rows):
         if s is None or not math.isfinite(s.max_abs):
             ax.axvline(x, color="lightgrey" if s is None else "tab:red", alpha=0.5)
     if log:
         ax.set_yscale("log")
+        top = max([*positive, exploding])
+        ax.set_ylim(floor, top * 10)
     if vanishing > 0:
-        ax.axhline(vanishing, ls="--", color="tab:orange", lw=1, label="vanishing")
-    ax.axhline(exploding, ls="--", color="tab:red", lw=1, label="exploding")
+        ax.axhline(vanishing, ls="--", color="tab:orange", lw=1, label=f"vanishing ({vanishing:g})")
+    ax.axhline(exploding, ls="--", color="tab:red", lw=1, label=f"exploding ({exploding:g})")
     labels = [n + (" (no grad)" if s is None else "") for n, s in rows]
     ax.set_xticks(xs, labels, rotation=90, fontsize=7)
     ax.set_xlim(-0.5, len(rows) - 0.5)
-    ax.set_ylabel("gradient magnitude")
+    ax.set_ylabel("gradient magnitude (true values)")
     ax.legend(fontsize=7, loc="best")
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
+
+from gradlab._validate import message
 
 __all__ = [
     "STATE_VERSION",
@@ -30,7 +32,8 @@ __all__ = [
     "step_scalars",
 ]
 
-STATE_VERSION = 1  # of GradientMonitor.state_dict()
+STATE_VERSION = 2  # of GradientMonitor.state_dict(); version 1 (no diagnostics, names) is read too
+_READS = (1, 2)
 _STATE_KEYS = (
     "version",
     "steps",
@@ -85,6 +88,11 @@ class StepStats:
         skipped: a step with a ``scaler`` whose gradients hold a NaN/Inf, which
             ``GradScaler.step`` skips (an overflow of the scaled loss, not a layer's fault: no
             ``source`` is named).
+        diagnostics: diagnostic name -> its value over all monitored parameters, for a step
+            on which the monitor's ``diagnostics`` were computed (empty otherwise); a value not
+            known yet (``update_size`` before the optimizer step) is NaN.
+        diagnostics_by_module: diagnostic name -> {module name -> value}, the same per
+            monitored module (over that module's parameters).
     """
 
     step: int
@@ -96,6 +104,8 @@ class StepStats:
     source: NonfiniteSource | None
     scale: float = 1.0
     skipped: bool = False
+    diagnostics: dict[str, float] = field(default_factory=dict)
+    diagnostics_by_module: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         def group(stats: dict[str, LayerStats], what: str) -> str:
@@ -109,6 +119,12 @@ class StepStats:
             return f"({shown}{', ...' if len(t) > 3 else ''}{',' if len(t) == 1 else ''})"
 
         extra = f", scale={self.scale:g}, skipped={self.skipped}" if self.scale != 1.0 else ""
+        if self.diagnostics:
+            extra += (
+                ", diagnostics={"
+                + ", ".join(f"{k!r}: {v:.4g}" for k, v in self.diagnostics.items())
+                + "}"
+            )
         return (
             f"StepStats(step={self.step}, outputs=<{group(self.outputs, 'modules')}>, "
             f"params=<{group(self.params, 'parameters')}>, vanishing={names(self.vanishing)}, "
@@ -187,8 +203,13 @@ def check_state(fn: str, state_dict: object) -> None:
     """Raise if ``state_dict`` is not a GradientMonitor state dict of this version."""
     if not isinstance(state_dict, dict):
         raise TypeError(
-            f"{fn}: state_dict must be a dict from GradientMonitor.state_dict(), received "
-            f"{type(state_dict).__name__}"
+            message(
+                fn,
+                "state_dict",
+                "a dict from GradientMonitor.state_dict()",
+                state_dict,
+                "Pass what monitor.state_dict() returned (or torch.load gave back)",
+            )
         )
     missing = [k for k in _STATE_KEYS if k not in state_dict]
     if missing:
@@ -196,10 +217,10 @@ def check_state(fn: str, state_dict: object) -> None:
             f"{fn}: state_dict lacks {', '.join(map(repr, missing))}; pass the dict "
             "returned by GradientMonitor.state_dict()"
         )
-    if state_dict["version"] != STATE_VERSION:
+    if state_dict["version"] not in _READS:
         raise ValueError(
             f"{fn}: state_dict has version {state_dict['version']!r}, this gradlab reads "
-            f"version {STATE_VERSION}"
+            f"versions {', '.join(map(str, _READS))}"
         )
 
 
@@ -220,6 +241,11 @@ def step_scalars(rec: StepStats, *, root: str, total: bool, scaler: bool) -> dic
     if scaler:
         out["grad/scale"] = rec.scale
         out["grad/skipped"] = float(rec.skipped)
+    for name, value in rec.diagnostics.items():
+        out[f"diagnostics/{name}"] = value
+    for name, by_module in rec.diagnostics_by_module.items():
+        for module, value in by_module.items():
+            out[f"diagnostics/{name}/{module or root}"] = value
     return out
 
 
@@ -234,6 +260,13 @@ def step_to_dict(rec: StepStats) -> dict[str, Any]:
         "source": None if rec.source is None else list(rec.source),
         "scale": rec.scale,
         "skipped": rec.skipped,
+    }
+
+
+def diagnostics_to_dict(rec: StepStats) -> dict[str, Any]:
+    return {
+        "diagnostics": dict(rec.diagnostics),
+        "diagnostics_by_module": {k: dict(v) for k, v in rec.diagnostics_by_module.items()},
     }
 
 

@@ -8,6 +8,7 @@ from typing import Any, overload
 
 import torch
 
+from gradlab._validate import message
 from gradlab.hooks._engine import HookContext
 
 __all__ = ["RetainedGrads", "retain_grads"]
@@ -127,8 +128,13 @@ def retain_grads(*tensors: torch.Tensor) -> RetainedGrads:
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(
-                f"retain_grads: argument {i} must be a torch.Tensor, received "
-                f"{type(t).__name__}; pass tensors, e.g. retain_grads(y1, y2)"
+                message(
+                    "retain_grads",
+                    f"argument {i}",
+                    "a torch.Tensor",
+                    t,
+                    "Pass tensors, e.g. retain_grads(y1, y2)",
+                )
             )
         if not t.requires_grad:
             raise ValueError(

@@ -6,6 +6,8 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
+from gradlab._validate import message
+
 __all__ = ["check_model", "select_modules"]
 
 _SHOWN = 8  # module names listed in a "no match" error
@@ -15,8 +17,13 @@ def check_model(fn_name: str, model: object) -> nn.Module:
     """Return ``model`` if it is a :class:`torch.nn.Module`, else raise a TypeError with the fix."""
     if not isinstance(model, nn.Module):
         raise TypeError(
-            f"{fn_name}: model must be a torch.nn.Module, received {type(model).__name__}; "
-            "pass the network (e.g. nn.Sequential(...)) whose layers should be hooked"
+            message(
+                fn_name,
+                "model",
+                "a torch.nn.Module",
+                model,
+                "Pass the network (e.g. nn.Sequential(...)) whose layers should be hooked",
+            )
         )
     return model
 
@@ -43,8 +50,13 @@ def select_modules(
     for p in patterns:
         if not isinstance(p, str):
             raise TypeError(
-                f"{fn_name}: patterns must be module-name glob strings, received "
-                f"{type(p).__name__} ({p!r}); pass names such as 'layer1.*' or '*.conv1'"
+                message(
+                    fn_name,
+                    "patterns",
+                    "module-name glob strings",
+                    p,
+                    "Pass names such as 'layer1.*' or '*.conv1'",
+                )
             )
     hit: set[str] = set()
     for p in patterns:

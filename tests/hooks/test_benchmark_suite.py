@@ -22,6 +22,7 @@ def test_every_variant_runs_and_cleans_up() -> None:
             "capture_all",
             "monitor",
             "nan_trace",
+            "monitor_economy",
             "retain_grad",
             "full_backward",
             "anomaly",
@@ -32,4 +33,6 @@ def test_every_variant_runs_and_cleans_up() -> None:
         for monitor in monitors:
             monitor.__exit__(None, None, None)
             assert monitor.steps == 1 and monitor.first_nonfinite is None
+            if monitor.diagnostics:
+                assert set(monitor.history[0].diagnostics) == set(monitor.diagnostics)
         assert not torch.is_anomaly_enabled()

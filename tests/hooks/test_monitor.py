@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import re
 import tracemalloc
 import weakref
 
@@ -306,14 +307,14 @@ def test_selection_by_pattern(device: torch.device) -> None:
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="GradientMonitor: need 0 <= vanishing < exploding"):
+    with pytest.raises(ValueError, match=r"vanishing must be below exploding=1\.0, got 10\.0"):
         GradientMonitor(mlp(), vanishing=10.0, exploding=1.0)
     with pytest.raises(ValueError, match="GradientMonitor: pattern 'dec' matches no module"):
         GradientMonitor(mlp(), "dec")
     with pytest.raises(TypeError, match=r"GradientMonitor: model must be a torch\.nn\.Module"):
         GradientMonitor("model")  # type: ignore[arg-type]
     for bad in (0, -3, 2.5, True, "10"):
-        with pytest.raises(ValueError, match="GradientMonitor: history_size must be a positive"):
+        with pytest.raises((ValueError, TypeError), match="GradientMonitor: history_size must"):
             GradientMonitor(mlp(), history_size=bad)  # type: ignore[arg-type]
 
 
@@ -365,7 +366,7 @@ def stats_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     else:
         monkeypatch.setattr(_stats_module, "_BLAS", {})
     if request.param.startswith("fused"):
-        monkeypatch.setattr("gradlab.hooks._monitor._GROUPED_DEVICES", ())
+        monkeypatch.setattr("gradlab.hooks._buffer._GROUPED_DEVICES", ())
     return {"grouped-flushes": 2000, "alone": 1, "fused-small-buffer": 1}.get(request.param)
 
 
@@ -588,3 +589,60 @@ def test_enter_rolls_back_when_a_module_is_gone_and_refuses_reentry() -> None:
             fresh.__enter__()
         model(torch.randn(2, 5, dtype=torch.float64)).sum().backward()
     assert fresh.steps == 1 and hook_counts(model) == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "text"),
+    [
+        ({"vanishing": None}, TypeError, "vanishing must be a finite number >= 0.0, got None"),
+        ({"exploding": "big"}, TypeError, "exploding must be a number > 0.0, got 'big'"),
+        ({"vanishing": -1.0}, ValueError, "vanishing must be a finite number >= 0.0, got -1.0"),
+        ({"vanishing": math.nan}, ValueError, "vanishing must be a finite number >= 0.0, got nan"),
+        ({"buffer_bytes": "4MB"}, TypeError, "buffer_bytes must be an int >= 0, got '4MB'"),
+        ({"every": 0}, ValueError, "every must be an int >= 1, got 0"),
+        ({"params": "yes"}, TypeError, "params must be True or False, got 'yes'"),
+        ({"trace_nonfinite": 1}, TypeError, "trace_nonfinite must be True or False, got 1"),
+    ],
+    ids=lambda v: str(v)[:20],
+)
+def test_bad_inputs_name_the_argument_and_the_fix(kwargs, error, text) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error, match=f"^GradientMonitor: {re.escape(text)}\\. [A-Z]"):
+        GradientMonitor(mlp(), **kwargs)
+
+
+def test_scalars_step_must_be_an_int() -> None:
+    model = mlp()
+    with GradientMonitor(model) as monitor:
+        model(input_for(model, torch.device("cpu"))).sum().backward()
+    with pytest.raises(TypeError, match=r"scalars: step must be an int, got 'last'\. An index"):
+        monitor.scalars(step="last")  # type: ignore[arg-type]
+
+
+def _state(model: nn.Module, *patterns: str, **kw: bool) -> dict:  # type: ignore[type-arg]
+    monitor = GradientMonitor(model, *patterns, **kw)
+    with monitor:
+        model(input_for(model, torch.device("cpu"))).sum().backward()
+    return monitor.state_dict()
+
+
+def test_state_of_another_model_is_refused_with_both_lists() -> None:
+    a, b = mlp(depth=3), mlp(depth=4)
+    state = _state(b)
+    with pytest.raises(ValueError, match=r"other modules.*'6'.*this monitor records \['0'"):
+        GradientMonitor(a).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"patterns \['\[02\]'\].*patterns \[\]"):
+        GradientMonitor(a).load_state_dict(_state(a, "[02]"))
+    with pytest.raises(ValueError, match="recorded on other modules"):
+        GradientMonitor(a, params=False).load_state_dict(_state(a))
+    GradientMonitor(a).load_state_dict(_state(mlp(depth=3)))  # same structure: accepted
+
+
+def test_version_1_state_of_another_model_is_refused() -> None:
+    a, b = mlp(depth=3), mlp(depth=4)
+    state = _state(b)
+    state["version"] = 1
+    for key in ("names", "patterns", "diagnostics", "theta0"):
+        del state[key]
+    with pytest.raises(ValueError, match="recorded on other modules"):
+        GradientMonitor(a).load_state_dict(state)
+    GradientMonitor(b).load_state_dict(state)

@@ -128,7 +128,7 @@ def test_load_state_dict_errors() -> None:
         monitor.load_state_dict({"version": 1, "history": []})
     state = monitor.state_dict()
     state["version"] = 99
-    with pytest.raises(ValueError, match="has version 99, this gradlab reads version 1"):
+    with pytest.raises(ValueError, match="has version 99, this gradlab reads versions 1, 2"):
         monitor.load_state_dict(state)
 
 

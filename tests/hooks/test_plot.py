@@ -103,3 +103,47 @@ def test_heat_map_ticks_are_the_integer_step_numbers() -> None:
     assert shown and all(t == int(t) for t in ticks)
     assert set(shown) <= {3.0, 4.0, 5.0, 6.0}  # the steps the bounded history kept
     assert (lo, hi) == (2.5, 6.5)
+
+
+def test_values_below_the_vanishing_threshold_are_drawn_where_they_are() -> None:
+    """A 1e-12 gradient is drawn at 1e-12 (not at the threshold), the threshold as a line."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)).double()
+    with torch.no_grad():
+        model[1].weight.fill_(1e-12)  # layer 0's gradients are ~1e-12: far below 1e-7
+    with GradientMonitor(model) as monitor:
+        model(torch.ones(3, 2, dtype=torch.float64)).sum().backward()
+    rec = monitor.history[0]
+    fig = plot_grad_flow(monitor)
+    ax = fig.axes[0]
+    norms = next(line for line in ax.lines if line.get_label() == "L2 norm").get_ydata()
+    expected = [s.norm for s in rec.params.values()]
+    assert list(norms) == pytest.approx(expected, rel=1e-12)
+    assert min(norms) < 1e-10  # below the threshold, drawn as it is
+    lo, _ = ax.get_ylim()
+    assert lo < min(norms)  # inside the axes
+    threshold = next(line for line in ax.lines if str(line.get_label()).startswith("vanishing"))
+    assert list(threshold.get_ydata()) == [1e-7, 1e-7]
+    tops = [p.get_y() + p.get_height() for p in ax.patches]
+    assert tops == pytest.approx([s.max_abs for s in rec.params.values()], rel=1e-9)
+
+
+def test_exact_zero_is_marked_on_the_bottom_edge() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)).double()
+    with torch.no_grad():
+        model[1].weight.zero_()  # layer 0's gradients are exactly 0
+    with GradientMonitor(model) as monitor:
+        model(torch.ones(3, 2, dtype=torch.float64)).sum().backward()
+    ax = plot_grad_flow(monitor).axes[0]
+    zero = next(line for line in ax.lines if line.get_label() == "norm exactly 0")
+    assert list(zero.get_xdata()) == [0, 1]  # 0.weight, 0.bias
+    assert list(zero.get_ydata()) == [ax.get_ylim()[0]] * 2
+
+
+def test_plot_step_must_be_an_int() -> None:
+    model = _model()
+    with GradientMonitor(model) as monitor:
+        model(torch.randn(5, 3)).sum().backward()
+    with pytest.raises(TypeError, match="plot_grad_flow: step must be an int, got 'last'"):
+        plot_grad_flow(monitor, step="last")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="grad_flow_table: kind must be one of"):
+        grad_flow_table(monitor, kind="param")  # type: ignore[arg-type]

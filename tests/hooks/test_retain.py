@@ -104,7 +104,7 @@ def test_nothing_kept_alive(device: torch.device) -> None:
 
 def test_bad_arguments() -> None:
     with pytest.raises(
-        TypeError, match=r"retain_grads: argument 1 must be a torch\.Tensor, received list"
+        TypeError, match=r"retain_grads: argument 1 must be a torch\.Tensor, got \[1\.0\]\. Pass"
     ):
         retain_grads(torch.ones(1, requires_grad=True), [1.0])  # type: ignore[arg-type]
     with pytest.raises(

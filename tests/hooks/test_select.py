@@ -39,7 +39,7 @@ def test_no_match_lists_module_names() -> None:
         select_modules("f", net, ("fc*",))
     with pytest.raises(
         TypeError,
-        match=r"f: patterns must be module-name glob strings, received "
+        match=r"f: patterns must be module-name glob strings, got "
         r"Linear",
     ):
         select_modules("f", net, (nn.Linear(1, 1),))  # type: ignore[arg-type]

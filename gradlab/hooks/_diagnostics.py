@@ -1,0 +1,289 @@
+"""Training diagnostics of GradientMonitor: one named row per diagnostic, in :data:`DIAGNOSTICS`.
+
+Each row names the *ingredients* it needs and computes its value from the sums of those
+ingredients over a group of parameters (all monitored parameters, or one module's). Every
+ingredient is a sum over parameters of a per-parameter quantity, so one set of per-parameter
+numbers per step gives the whole-model value and every module's. The monitor computes the union
+of the ingredients its rows need, once per diagnostic step. Adding a diagnostic whose
+ingredients exist: one row here.
+
+Ingredients (per parameter tensor ``p``; ``theta_t`` are the parameters the backward pass of
+step t ran at):
+
+* ``update_sq``: ``||p after the optimizer step that follows the backward - p at the backward||^2``
+  (the actual change, whatever the optimizer; measured when an optimizer's ``step()`` returns,
+  and again when the next backward starts or the monitor exits);
+* ``origin_sq``: ``||p_t - p_0||^2``, ``p_0`` at the first diagnostic step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gradlab.hooks._ddp import two_batch_noise_scale
+
+__all__ = ["DIAGNOSTICS", "Diagnostic", "ParamTracker", "StepDiagnostics", "check_diagnostics"]
+
+Group = Mapping[str, float]  # ingredient name -> its sum over the group's parameters
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One diagnostic: its name, the ingredients it needs, and its value from their sums."""
+
+    name: str
+    needs: tuple[str, ...]
+    compute: Callable[[Group], float]
+    doc: str
+    per_module: bool = True  # False: whole model only (its ingredients have no module split)
+
+
+def _ddp_noise_scale(g: Group) -> float:
+    small, big = g["ddp_small_sq"], g["ddp_big_sq"]
+    s, g2 = two_batch_noise_scale(small, big, g["ddp_b_small"], g["ddp_b_big"])
+    return s / g2
+
+
+def _norm_test(g: Group) -> float:
+    b, m2 = g["ps_b"], g["ps_mean_sq"]
+    s = (g["ps_sum_norm_sq"] - b * m2) / (b - 1)
+    return math.sqrt(s / (b * m2))
+
+
+def _inner_product_test(g: Group) -> float:
+    b, m2 = g["ps_b"], g["ps_mean_sq"]
+    return math.sqrt((g["ps_sum_dot_sq"] - b * m2 * m2) / (b - 1) / (b * m2 * m2))
+
+
+def _orthogonality_test(g: Group) -> float:
+    b, m2 = g["ps_b"], g["ps_mean_sq"]
+    return math.sqrt((g["ps_sum_norm_sq"] - g["ps_sum_dot_sq"] / m2) / (b - 1) / (b * m2))
+
+
+def _sqrt(key: str) -> Callable[[Group], float]:
+    return lambda g: math.sqrt(g[key])
+
+
+DIAGNOSTICS: dict[str, Diagnostic] = {
+    d.name: d
+    for d in (
+        Diagnostic(
+            "update_size",
+            ("update_sq",),
+            _sqrt("update_sq"),
+            "||theta_t - theta_{t-1}||: how far the optimizer step after this backward moved "
+            "the parameters (any optimizer: the actual change)",
+        ),
+        Diagnostic(
+            "distance",
+            ("origin_sq",),
+            _sqrt("origin_sq"),
+            "||theta_t - theta_0||: how far the parameters are from the first monitored step",
+        ),
+        Diagnostic(
+            "noise_scale",
+            ("ns_num", "ns_den"),
+            lambda g: g["ns_num"] / g["ns_den"],
+            "B_simple = S / (||m||^2 - S/B), S = 1/(B-1) sum_i ||g_i - m||^2: the batch size "
+            "above which larger batches stop paying (McCandlish et al. 2018, Appendix A)",
+        ),
+        Diagnostic(
+            "gsnr",
+            ("gsnr_sum", "gsnr_numel"),
+            lambda g: g["gsnr_sum"] / g["gsnr_numel"],
+            "mean over entries j of m_j^2 / ((1/B) sum_i g_ij^2 - m_j^2 + eps): gradient "
+            "signal-to-noise ratio (Liu et al. 2020; Cockpit's MeanGSNR)",
+        ),
+        Diagnostic(
+            "norm_test",
+            ("ps_b", "ps_sum_norm_sq", "ps_mean_sq"),
+            _norm_test,
+            "sqrt(S / (B ||m||^2)): the smallest theta the norm test passes with (Byrd et al. "
+            "2012; Cockpit's NormTest)",
+        ),
+        Diagnostic(
+            "inner_product_test",
+            ("ps_b", "ps_sum_dot_sq", "ps_mean_sq"),
+            _inner_product_test,
+            "sqrt(1/(B-1) (sum_i (g_i.m)^2 - B ||m||^4) / (B ||m||^4)) (Bollapragada et al. "
+            "2018; Cockpit's InnerTest)",
+        ),
+        Diagnostic(
+            "orthogonality_test",
+            ("ps_b", "ps_sum_norm_sq", "ps_sum_dot_sq", "ps_mean_sq"),
+            _orthogonality_test,
+            "sqrt(1/(B-1) (sum_i ||g_i||^2 - sum_i (g_i.m)^2/||m||^2) / (B ||m||^2)) "
+            "(Bollapragada et al. 2018; Cockpit's OrthoTest)",
+        ),
+        Diagnostic(
+            "ddp_noise_scale",
+            ("ddp_small_sq", "ddp_big_sq", "ddp_b_small", "ddp_b_big"),
+            _ddp_noise_scale,
+            "B_simple = S / |G|^2 from each rank's local gradient (B_small samples) and the "
+            "all-reduced one (B_big): McCandlish's two-batch estimator (DDP models only)",
+            per_module=False,
+        ),
+    )
+}
+
+
+def check_diagnostics(fn: str, diagnostics: object) -> tuple[str, ...]:
+    """The requested diagnostic names as a tuple, or a clear error."""
+    if isinstance(diagnostics, str):
+        raise TypeError(
+            f"{fn}: diagnostics must be a tuple of names, got {diagnostics!r}. "
+            f"Write diagnostics=({diagnostics!r},)"
+        )
+    try:
+        names: tuple[object, ...] = tuple(diagnostics)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"{fn}: diagnostics must be a tuple of names, got {diagnostics!r}. "
+            f"Choose from {', '.join(map(repr, DIAGNOSTICS))}"
+        ) from None
+    for name in names:
+        if not isinstance(name, str) or name not in DIAGNOSTICS:
+            raise ValueError(
+                f"{fn}: diagnostics holds an unknown name, got {name!r}. "
+                f"Valid names: {', '.join(map(repr, DIAGNOSTICS))}"
+            )
+    return tuple(dict.fromkeys(str(n) for n in names))
+
+
+class StepDiagnostics:
+    """The per-group ingredient sums of one step (tensors until read) and the diagnostics."""
+
+    __slots__ = ("_done", "_lazy", "groups", "names", "sums")
+
+    def __init__(self, names: tuple[str, ...], groups: Sequence[str]) -> None:
+        self.names = names
+        self.groups = groups  # module names; the sums have one entry per group, then the total
+        self.sums: dict[str, Any] = {}  # ingredient -> (G + 1,) tensor or list of floats
+        self._lazy: list[Callable[[], dict[str, float]]] = []  # whole-model ingredients
+        self._done: tuple[dict[str, float], dict[str, dict[str, float]]] | None = None
+
+    def set(self, ingredient: str, per_group: torch.Tensor) -> None:
+        """Store an ingredient: a (G,) tensor of per-group sums (the total is added)."""
+        self.sums[ingredient] = torch.cat([per_group, per_group.sum().view(1)])
+        self._done = None
+
+    def set_all(self, ingredient: str, values: torch.Tensor) -> None:
+        """Store an ingredient given per group and for the whole model: a (G + 1,) tensor."""
+        self.sums[ingredient] = values
+        self._done = None
+
+    def set_total_later(self, ingredients: Callable[[], dict[str, float]]) -> None:
+        """Whole-model ingredients that are known once ``ingredients()`` can run (at a read)."""
+        self._lazy.append(ingredients)
+        self._done = None
+
+    def values(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """(whole-model values, name -> module -> value); NaN where an ingredient is missing."""
+        if self._done is None:
+            sums = {k: [float(x) for x in v.tolist()] for k, v in self.sums.items()}
+            for lazy in self._lazy:
+                for k, v in lazy().items():
+                    sums[k] = [math.nan] * len(self.groups) + [v]
+            total: dict[str, float] = {}
+            by_module: dict[str, dict[str, float]] = {}
+            for name in self.names:
+                row = DIAGNOSTICS[name]
+                if not all(k in sums for k in row.needs):
+                    total[name] = math.nan
+                    if row.per_module:
+                        by_module[name] = {m: math.nan for m in self.groups}
+                    continue
+                total[name] = _safe(row.compute, {k: sums[k][-1] for k in row.needs})
+                if not row.per_module:
+                    continue
+                by_module[name] = {
+                    m: _safe(row.compute, {k: sums[k][i] for k in row.needs})
+                    for i, m in enumerate(self.groups)
+                }
+            self._done = (total, by_module)
+        total, by_module = self._done
+        return dict(total), {k: dict(v) for k, v in by_module.items()}
+
+    @classmethod
+    def restored(
+        cls, total: dict[str, float], by_module: dict[str, dict[str, float]]
+    ) -> StepDiagnostics:
+        """One from saved values (a checkpoint)."""
+        out = cls(tuple(total), tuple(next(iter(by_module.values()), {})))
+        out._done = (
+            {k: float(v) for k, v in total.items()},
+            {k: {m: float(x) for m, x in v.items()} for k, v in by_module.items()},
+        )
+        return out
+
+
+def _safe(fn: Callable[[Group], float], group: Group) -> float:
+    try:
+        return float(fn(group))
+    except (ValueError, ZeroDivisionError):  # sqrt of a negative estimate, 0/0
+        return math.nan
+
+
+class ParamTracker:
+    """The parameter-change ingredients: ``update_sq`` and ``origin_sq`` per group.
+
+    ``params`` are the monitored trainable parameters (held weakly by the caller; passed in on
+    each call), ``owner`` the group index of each. A snapshot of the parameters is taken at the
+    end of each diagnostic step's backward (``update_size``), and one at the first such step
+    (``distance``).
+    """
+
+    def __init__(self, owner: Sequence[int], groups: int, update: bool, origin: bool) -> None:
+        self._owner = torch.tensor(list(owner), dtype=torch.long)
+        self._groups = groups
+        self.update = update
+        self.origin = origin
+        self.theta0: list[torch.Tensor] | None = None
+        self._snapshot: list[torch.Tensor] | None = None
+        self._target: StepDiagnostics | None = None
+        self._versions: list[int] = []  # parameter versions at the last update measurement
+
+    def _per_group(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            diffs = torch._foreach_sub(a, b)
+            norms = torch._foreach_norm(diffs)
+            device = norms[0].device
+            sq = torch.stack([n.to(device, torch.float64) for n in norms]).square()
+            out = torch.zeros(self._groups, dtype=torch.float64, device=device)
+            return out.index_add_(0, self._owner.to(device), sq)
+
+    def end_of_backward(self, params: list[torch.Tensor], diag: StepDiagnostics) -> None:
+        """A diagnostic step's backward finished: distance now, snapshot for the update."""
+        if not params:
+            return
+        with torch.no_grad():
+            if self.origin:
+                if self.theta0 is None:
+                    self.theta0 = [p.detach().clone() for p in params]
+                diag.set("origin_sq", self._per_group([p.detach() for p in params], self.theta0))
+            if self.update:
+                self._snapshot = [p.detach().clone() for p in params]
+                self._target = diag
+                self._versions = []
+
+    def measure_update(self, params: list[torch.Tensor], final: bool) -> None:
+        """The parameters may have moved (an optimizer stepped; ``final``: the step is over).
+
+        Measured again only if a parameter was modified since the last measurement (its
+        in-place version counter moved): the usual final call after an optimizer hook is free.
+        """
+        snap, target = self._snapshot, self._target
+        if snap is None or target is None:
+            return
+        versions = [p._version for p in params]
+        if versions != self._versions:
+            target.set("update_sq", self._per_group([p.detach() for p in params], snap))
+            self._versions = versions
+        if final:
+            self._snapshot = self._target = None
+            self._versions = []

@@ -1,0 +1,297 @@
+"""GradientMonitor's per-sample diagnostics against the formulas computed from vmap(grad).
+
+Float64 throughout; the references take per-sample gradients from ``torch.func.vmap(grad)``
+(tests/per_sample/_reference.py) and write each formula out exactly as the docstring states it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from gradlab.hooks import GradientMonitor
+from tests.per_sample._reference import reference_grads
+
+_NAMES = ("noise_scale", "gsnr", "norm_test", "inner_product_test", "orthogonality_test")
+_TOL = 1e-10
+_EPS = 1e-5
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)
+    ).double()
+
+
+def _cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 4, 3, stride=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 3),
+    ).double()
+
+
+def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out - y).pow(2).sum(1).mean()  # the mean over the batch of per-sample terms l_i
+
+
+def _data(model: nn.Sequential, step: int, b: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    shape = (b, 2, 8, 8) if isinstance(model[0], nn.Conv2d) else (b, 5)
+    x = torch.randn(*shape, dtype=torch.float64, generator=g)
+    return x, torch.randn(b, 3, dtype=torch.float64, generator=g)
+
+
+def _formulas(g: torch.Tensor) -> dict[str, float]:
+    """The issue's formulas, from per-sample gradients ``g`` of shape (B, P)."""
+    b = g.shape[0]
+    m = g.mean(0)
+    m2 = float(m @ m)
+    s = float(((g - m) ** 2).sum()) / (b - 1)
+    dots = g @ m
+    return {
+        "noise_scale": s / (m2 - s / b),
+        "gsnr": float((m**2 / ((g**2).mean(0) - m**2 + _EPS)).mean()),
+        "norm_test": math.sqrt(s / (b * m2)),
+        "inner_product_test": math.sqrt(float((dots**2).sum() - b * m2**2) / (b - 1) / (b * m2**2)),
+        "orthogonality_test": math.sqrt(
+            float((g**2).sum() - (dots**2).sum() / m2) / (b - 1) / (b * m2)
+        ),
+    }
+
+
+def _ref(factory, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """vmap(grad) per-sample gradients on a hook-free copy of ``model`` (same parameters)."""
+    twin = factory().to(x.device)
+    twin.load_state_dict(model.state_dict())
+    return reference_grads(twin, _loss, x, y)
+
+
+def _owners(model: nn.Module) -> list[str]:
+    return list(dict.fromkeys(n.rpartition(".")[0] for n, _ in model.named_parameters()))
+
+
+def _flat(grads: dict[str, torch.Tensor], module: str | None) -> torch.Tensor:
+    return torch.cat(
+        [
+            t.flatten(1)
+            for n, t in grads.items()
+            if module is None or n.rpartition(".")[0] == module
+        ],
+        dim=1,
+    )
+
+
+@pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
+@pytest.mark.parametrize("factory", [_mlp, _cnn], ids=["mlp", "cnn"])
+def test_every_diagnostic_equals_its_formula(factory, opt_kind, device) -> None:  # type: ignore[no-untyped-def]
+    model = factory().to(device)
+    if opt_kind == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    refs = []
+    with GradientMonitor(model, diagnostics=_NAMES) as monitor:
+        for step in range(3):
+            x, y = (t.to(device) for t in _data(model, step))
+            refs.append(_ref(factory, model, x, y))
+            opt.zero_grad()
+            _loss(model(x), y).backward()
+            opt.step()
+    for rec, grads in zip(monitor.history, refs):
+        expected = _formulas(_flat(grads, None))
+        for name in _NAMES:
+            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
+        for module in _owners(model):
+            expected = _formulas(_flat(grads, module))
+            for name in _NAMES:
+                got = rec.diagnostics_by_module[name][module]
+                assert got == pytest.approx(expected[name], rel=_TOL), (name, module)
+
+
+def test_sum_reduction_and_gradient_accumulation() -> None:
+    """loss_reduction='sum'; .grad accumulated over two steps does not enter m."""
+    factory = _mlp
+    model = factory()
+    refs = []
+    with GradientMonitor(model, diagnostics=_NAMES, loss_reduction="sum") as monitor:
+        for step in range(2):  # no zero_grad: .grad holds both steps' sum
+            x, y = _data(model, step)
+            refs.append(_ref(factory, model, x, y))
+            (_loss(model(x), y) * x.shape[0]).backward()
+    for rec, grads in zip(monitor.history, refs):
+        expected = _formulas(_flat(grads, None))
+        for name in _NAMES:
+            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
+
+
+def test_ema_smooths_numerator_and_denominator_separately() -> None:
+    model = _mlp()
+    a = 0.75
+    num = den = 0.0
+    with GradientMonitor(model, diagnostics=("noise_scale",), ema=a) as monitor:
+        for step in range(3):
+            x, y = _data(model, step)
+            g = _flat(_ref(_mlp, model, x, y), None)
+            b, m = g.shape[0], g.mean(0)
+            s = float(((g - m) ** 2).sum()) / (b - 1)
+            num = a * num + (1 - a) * s
+            den = a * den + (1 - a) * (float(m @ m) - s / b)
+            _loss(model(x), y).backward()
+            assert monitor.history[-1].diagnostics["noise_scale"] == pytest.approx(
+                num / den, rel=_TOL
+            )
+
+
+def test_every_k_and_scalars_and_state_dict() -> None:
+    model = _mlp()
+    with GradientMonitor(model, diagnostics=("gsnr", "noise_scale"), every=2) as monitor:
+        for step in range(3):
+            x, y = _data(model, step)
+            _loss(model(x), y).backward()
+    history = monitor.history
+    assert [bool(r.diagnostics) for r in history] == [True, False, True]
+    logs = monitor.scalars()
+    assert logs["diagnostics/gsnr"] == history[-1].diagnostics["gsnr"]
+    assert (
+        logs["diagnostics/noise_scale/2"] == history[-1].diagnostics_by_module["noise_scale"]["2"]
+    )
+    other = GradientMonitor(model, diagnostics=("gsnr", "noise_scale"), every=2)
+    other.load_state_dict(monitor.state_dict())
+    assert [r.diagnostics for r in other.history] == [r.diagnostics for r in history]
+
+
+def test_batch_of_one_gives_nan_with_one_warning() -> None:
+    model = _mlp()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with GradientMonitor(model, diagnostics=_NAMES) as monitor:
+            for step in range(2):
+                x, y = _data(model, step, b=1)
+                _loss(model(x), y).backward()
+            history = monitor.history
+    ours = [w for w in caught if "batch size 1" in str(w.message)]
+    assert len(ours) == 1
+    for rec in history:
+        for name in ("noise_scale", "norm_test", "inner_product_test", "orthogonality_test"):
+            assert math.isnan(rec.diagnostics[name])
+        assert math.isfinite(rec.diagnostics["gsnr"])  # defined for B = 1
+
+
+def test_batchnorm_in_training_is_the_per_sample_engines_error() -> None:
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    monitor = GradientMonitor(model, diagnostics=("noise_scale",))
+    with pytest.raises(
+        ValueError, match=r"PerSampleGradients: model has .*\(BatchNorm1d\) using batch"
+    ):
+        monitor.__enter__()
+    assert not monitor._active
+    model.eval()  # running statistics: the samples are independent again
+    with GradientMonitor(model, diagnostics=("noise_scale",)) as monitor:
+        x, y = _data(_mlp(), 0)
+        _loss(model(x), y).backward()
+    assert math.isfinite(monitor.history[0].diagnostics["noise_scale"])
+
+
+def test_no_hooks_left_behind() -> None:
+    from tests.hooks._helpers import hook_counts
+
+    model = _mlp()
+    before = hook_counts(model)
+    with GradientMonitor(model, diagnostics=(*_NAMES, "update_size", "distance")) as monitor:
+        x, y = _data(model, 0)
+        _loss(model(x), y).backward()
+    assert hook_counts(model) == before
+    assert len(monitor.history[0].diagnostics) == 7
+
+
+def test_ema_state_survives_a_checkpoint() -> None:
+    def run(monitor: GradientMonitor, model: nn.Module, steps: range) -> None:
+        with monitor:
+            for step in steps:
+                x, y = _data(_mlp(), step)
+                _loss(model(x), y).backward()
+
+    model = _mlp()
+    full = GradientMonitor(model, diagnostics=("noise_scale",), ema=0.8)
+    run(full, model, range(4))
+    model = _mlp()
+    first = GradientMonitor(model, diagnostics=("noise_scale",), ema=0.8)
+    run(first, model, range(2))
+    resumed = GradientMonitor(model, diagnostics=("noise_scale",), ema=0.8)
+    resumed.load_state_dict(first.state_dict())
+    run(resumed, model, range(2, 4))
+    assert [r.diagnostics for r in resumed.history] == [r.diagnostics for r in full.history]
+
+
+def test_steps_between_every_k_run_no_per_sample_hooks() -> None:
+    model = _mlp()
+    counts = []
+    with GradientMonitor(model, diagnostics=("noise_scale",), every=2):
+        for step in range(3):
+            x, y = _data(model, step)
+            out = model(x)
+            counts.append(len(model[0]._forward_hooks))  # during the step's forward
+            _loss(out, y).backward()
+    assert counts[1] == counts[0] - 1 == counts[2] - 1, counts  # step 1: the monitor's hook only
+
+
+def test_grads_zeroed_in_place_before_the_next_forward_do_not_leak_in() -> None:
+    """zero_grad(set_to_none=False) and a weight-decayed Adam step modify .grad in place between
+    the backward and the moment the step's diagnostics are computed (the next forward)."""
+    factory = _mlp
+    model = factory()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    refs = []
+    with GradientMonitor(model, diagnostics=_NAMES) as monitor:
+        for step in range(3):
+            x, y = _data(model, step)
+            refs.append(_ref(factory, model, x, y))
+            opt.zero_grad(set_to_none=False)
+            _loss(model(x), y).backward()
+            opt.step()
+    for rec, grads in zip(monitor.history, refs):
+        expected = _formulas(_flat(grads, None))
+        for name in _NAMES:
+            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["public-dot", "drifted-internals"])
+def test_dot_paths_agree_and_a_drifted_engine_falls_back(broken, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The per-module dots via the engine's public dot give the same values; if the fast path
+    through the engine's records ever disagrees with the public dot, it is dropped."""
+    import gradlab.hooks._persample as persample
+
+    real = persample._group_dots
+
+    def drifted(*args, private=True, **kw):  # type: ignore[no-untyped-def]
+        out = real(*args, private=private, **kw)
+        return out * 2 if private else out  # what a changed internal scaling would do
+
+    if broken:
+        monkeypatch.setattr(persample, "_group_dots", drifted)
+    factory = _mlp
+    model = factory()
+    refs = []
+    monitor = GradientMonitor(model, diagnostics=("inner_product_test", "orthogonality_test"))
+    assert monitor._ps is not None
+    monitor._ps._private_dots = broken  # public path from the start, or checked and dropped
+    with monitor:
+        for step in range(2):
+            x, y = _data(model, step)
+            refs.append(_ref(factory, model, x, y))
+            _loss(model(x), y).backward()
+    assert not monitor._ps._private_dots
+    for rec, grads in zip(monitor.history, refs):
+        expected = _formulas(_flat(grads, None))
+        for name in ("inner_product_test", "orthogonality_test"):
+            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name

@@ -1,0 +1,30 @@
+"""docs/guides/diagnostics.md: its ```python blocks run top to bottom and print what they say."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guides" / "diagnostics.md"
+
+
+def test_guide_code_runs() -> None:
+    pytest.importorskip("matplotlib")
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.S)
+    assert len(blocks) == 3
+    scope: dict[str, object] = {}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        for block in blocks:
+            exec(compile(block, str(GUIDE), "exec"), scope)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "['distance', 'gsnr', 'noise_scale', 'norm_test', 'update_size']"
+    assert lines[1] == "True"
+    assert lines[2] == "['0', '2']"
+    assert lines[3] == "['diagnostics/gsnr', 'diagnostics/gsnr/0', 'diagnostics/gsnr/2']"
+    assert lines[4] == "6 True"
+    assert lines[5] == "5"

@@ -1,0 +1,134 @@
+"""Each closed-form path against the per-sample gradients formed explicitly: both branches of the
+sequence ghost norm (``2T^2 < I O`` and not), Embedding's ghost norm, every registered layer type
+listed in the registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradlab.per_sample import RULES, PerSampleGradients
+from gradlab.per_sample._conv import unfold
+from gradlab.per_sample._linear import seq_dot, seq_grad, seq_norm_sq
+from tests.per_sample._reference import dot_of, reference_grads, stats_of
+
+TOL64 = {"rtol": 1e-10, "atol": 1e-10}
+
+
+@pytest.mark.parametrize(
+    ("t", "i", "o"),
+    [(1, 5, 4), (3, 6, 5), (9, 3, 4)],
+    ids=["one_position", "ghost_2T2_lt_IO", "materialised_2T2_ge_IO"],
+)
+def test_sequence_ghost_norm_both_branches(t: int, i: int, o: int) -> None:
+    a = torch.randn(4, 2, t, i, dtype=torch.float64)
+    d = torch.randn(4, 2, t, o, dtype=torch.float64)
+    g = torch.einsum("bgto,bgti->bgoi", d, a)  # sum_t d_t a_t^T, written out
+    torch.testing.assert_close(seq_grad(a, d), g, **TOL64)
+    torch.testing.assert_close(seq_norm_sq(a, d), g.square().sum((1, 2, 3)), **TOL64)
+    v = torch.randn(2, o, i, dtype=torch.float64)
+    torch.testing.assert_close(seq_dot(a, d, v), (g * v).sum((1, 2, 3)), **TOL64)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_unfold_matches_the_convolution(dims: int) -> None:
+    """conv(x, W) == W_flat @ unfold(x) for strided, dilated, padded N-d convolutions."""
+    conv = [nn.Conv1d, nn.Conv2d, nn.Conv3d][dims - 1](
+        2, 3, 3, stride=2, padding=1, dilation=2, padding_mode="circular"
+    ).double()
+    x = torch.randn(2, 2, *([9] * dims), dtype=torch.float64)
+    cols = unfold(
+        x,
+        conv.kernel_size,
+        conv.stride,
+        conv.dilation,
+        list(conv._reversed_padding_repeated_twice),
+        "circular",
+    )
+    y = conv.weight.flatten(1) @ cols + conv.bias[:, None]
+    torch.testing.assert_close(y, conv(x).flatten(2), **TOL64)
+
+
+class _Ids(nn.Module):
+    """A model of one registered layer on its own (so that its own path is what runs)."""
+
+    def __init__(self, layer: nn.Module, make_input) -> None:
+        super().__init__()
+        self.layer = layer
+        self.make_input = make_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x).flatten(1)
+
+
+LAYERS = {
+    nn.Linear: (lambda: nn.Linear(4, 3), lambda b: torch.randn(b, 2, 4)),
+    nn.Conv1d: (lambda: nn.Conv1d(4, 4, 3, groups=2, padding=2), lambda b: torch.randn(b, 4, 6)),
+    nn.Conv2d: (lambda: nn.Conv2d(2, 4, 2, stride=2), lambda b: torch.randn(b, 2, 5, 5)),
+    nn.Conv3d: (lambda: nn.Conv3d(2, 2, 2, dilation=2), lambda b: torch.randn(b, 2, 4, 4, 4)),
+    nn.ConvTranspose1d: (
+        lambda: nn.ConvTranspose1d(2, 4, 3, stride=3, groups=2),
+        lambda b: torch.randn(b, 2, 4),
+    ),
+    nn.ConvTranspose2d: (
+        lambda: nn.ConvTranspose2d(2, 3, 2, stride=2, padding=1, output_padding=1),
+        lambda b: torch.randn(b, 2, 3, 3),
+    ),
+    nn.ConvTranspose3d: (
+        lambda: nn.ConvTranspose3d(2, 2, 2, dilation=2),
+        lambda b: torch.randn(b, 2, 2, 2, 2),
+    ),
+    nn.Embedding: (
+        lambda: nn.Embedding(50, 3, padding_idx=1),
+        lambda b: torch.randint(0, 50, (b, 4)),
+    ),
+    nn.LayerNorm: (lambda: nn.LayerNorm((3, 4)), lambda b: torch.randn(b, 2, 3, 4)),
+    nn.GroupNorm: (lambda: nn.GroupNorm(2, 4), lambda b: torch.randn(b, 4, 3)),
+}
+if hasattr(nn, "RMSNorm"):
+    LAYERS[nn.RMSNorm] = (lambda: nn.RMSNorm(4), lambda b: torch.randn(b, 3, 4))
+
+
+def test_every_registered_layer_is_tested_here() -> None:
+    assert set(RULES) == set(LAYERS)
+
+
+def _mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out, target)
+
+
+@pytest.mark.parametrize("stats", [("norm", "dot"), ("grad", "sum_sq", "variance", "dot")])
+@pytest.mark.parametrize("cls", list(LAYERS), ids=lambda c: c.__name__)
+def test_each_layer_alone(cls, stats) -> None:
+    make, data = LAYERS[cls]
+    layer = make().double()
+    x = data(5)
+    x = x.double() if x.is_floating_point() else x
+    if cls is nn.Embedding:
+        x[0, 0] = 1  # the padding index gets no gradient
+        x[1, :2] = 7  # an index used twice in one sample
+    model = _Ids(layer, data)
+    y = torch.randn_like(model(x))
+    ref = reference_grads(model, _mse, x, y)
+    with PerSampleGradients(model, stats=stats) as ps:
+        _mse(model(x), y).backward()
+    want = stats_of(ref)
+    torch.testing.assert_close(ps.norm, want["norm"], **TOL64)
+    for stat in ("grad", "sum_sq", "variance"):
+        if stat in stats:
+            torch.testing.assert_close(getattr(ps, stat), want[stat], **TOL64)
+    v = {n: torch.randn_like(g[0]) for n, g in ref.items()}
+    torch.testing.assert_close(ps.dot(v), dot_of(ref, v), **TOL64)
+
+
+def test_embedding_ghost_norm_for_large_vocabularies() -> None:
+    emb = nn.Embedding(1000, 4).double()  # T^2 = 9 < 1000: the ghost path
+    model = nn.Sequential(emb, nn.Flatten(), nn.Linear(12, 2)).double()
+    x, y = torch.randint(0, 1000, (6, 3)), torch.randint(0, 2, (6,))
+    x[2] = 5  # one index three times
+    ref = reference_grads(model, F.cross_entropy, x, y)
+    with PerSampleGradients(model) as ps:
+        F.cross_entropy(model(x), y).backward()
+    torch.testing.assert_close(ps.norm_by_param, stats_of(ref)["norm_by_param"], **TOL64)
