@@ -58,12 +58,12 @@ def _pad(module: Any) -> list[int]:
 
 def _patches(module: Any, a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The "linear over positions" view: ``(B, G, L, I)`` patches and ``(B, G, L, O)`` grads."""
-    g = module.groups  # type: ignore[union-attr]
+    g = module.groups
     b = a.shape[0]
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         inp, out = d, a  # the adjoint convolution: input d, output gradient a
         pad = []
-        for p in reversed(module.padding):  # type: ignore[union-attr]
+        for p in reversed(module.padding):
             pad += [p, p]
         mode = "zeros"
     else:
@@ -79,12 +79,46 @@ def _bias_grad(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return d.reshape(d.shape[0], d.shape[1], -1).sum(-1)
 
 
+def _grad_by_groups(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample weight gradients as one convolution weight gradient with the batch folded
+    into the groups (``B * groups`` groups: the samples' convolutions are independent), without
+    unfolding; ``None`` where the layer pads by other means than zeros or asymmetrically."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) or module.padding_mode != "zeros":
+        return None
+    padding = module.padding
+    if isinstance(padding, str):
+        if padding != "valid":
+            return None
+        padding = (0,) * len(module.kernel_size)
+    b, w = a.shape[0], module.weight
+    x = a.reshape(1, b * a.shape[1], *a.shape[2:])
+    go = d.reshape(1, b * d.shape[1], *d.shape[2:])
+    weight = torch.empty(b * w.shape[0], *w.shape[1:], dtype=d.dtype, device=d.device)
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        go,
+        x,
+        weight,
+        None,
+        list(module.stride),
+        list(padding),
+        list(module.dilation),
+        False,
+        [0] * len(module.kernel_size),
+        b * module.groups,
+        [False, True, False],
+    )
+    return gw.reshape(b, *w.shape)
+
+
 def _grad(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
     out = {}
     if "weight" in names:
-        cols, outs = _patches(module, a, d)
-        w = module.weight  # type: ignore[union-attr]
-        out["weight"] = seq_grad(cols, outs).reshape(a.shape[0], *w.shape)
+        w = module.weight
+        g = _grad_by_groups(module, a, d)
+        if g is None:
+            cols, outs = _patches(module, a, d)
+            g = seq_grad(cols, outs).reshape(a.shape[0], *w.shape)
+        out["weight"] = g
     if "bias" in names:
         out["bias"] = _bias_grad(module, a, d)
     return out
@@ -113,7 +147,7 @@ def _dot(
     result = torch.zeros(a.shape[0], dtype=d.dtype, device=d.device)
     if "weight" in v:
         cols, outs = _patches(module, a, d)
-        g = module.groups  # type: ignore[union-attr]
+        g = module.groups
         vw = v["weight"].to(d.dtype).reshape(g, outs.shape[-1], cols.shape[-1])
         result = result + seq_dot(cols, outs, vw)
     if "bias" in v:

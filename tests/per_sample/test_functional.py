@@ -44,3 +44,22 @@ def test_scaler_gives_unscaled_statistics() -> None:
     v = {n: torch.ones_like(g[0]) for n, g in want.items()}
     dot = sum(g.flatten(1).sum(1) for g in want.values())
     torch.testing.assert_close(ps.dot(v), dot, **TOL64)
+
+
+def test_bfloat16_autocast_statistics_in_float32() -> None:
+    """Under CPU autocast (bfloat16 matmuls) the statistics come out in float32 and agree with
+    float64 to bfloat16's precision (eps 2**-8; 3e-2 relative to the largest norm leaves room
+    for the rounding of the forward and the backward)."""
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    want = reference_grads(model.double(), F.cross_entropy, x.double(), y)
+    model.float()
+    with PerSampleGradients(model, stats=("grad",)) as ps:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    norm = torch.stack([g.flatten(1).square().sum(1) for g in want.values()]).sum(0).sqrt()
+    assert ps.norm.dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in ps.grad.values())
+    scale = norm.abs().max().item()
+    torch.testing.assert_close(ps.norm.double(), norm, rtol=0, atol=3e-2 * scale)

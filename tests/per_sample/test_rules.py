@@ -132,3 +132,55 @@ def test_embedding_ghost_norm_for_large_vocabularies() -> None:
     with PerSampleGradients(model) as ps:
         F.cross_entropy(model(x), y).backward()
     torch.testing.assert_close(ps.norm_by_param, stats_of(ref)["norm_by_param"], **TOL64)
+
+
+class ScaledLinear(nn.Linear):
+    """A Linear subclass with its own forward: not the Linear rule's maths, so the fallback."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(x).tanh()
+
+
+class Scale(nn.Module):
+    """A custom layer ``y = x * w`` (per feature)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+def test_subclass_with_its_own_forward_goes_through_the_fallback() -> None:
+    from gradlab.per_sample._registry import rule_for
+
+    layer = ScaledLinear(4, 3)
+    assert rule_for(layer) is None and rule_for(nn.Linear(2, 2)) is RULES[nn.Linear]
+    model = nn.Sequential(layer, nn.Linear(3, 2)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
+    ref = reference_grads(model, F.cross_entropy, x, y)
+    with PerSampleGradients(model, stats=("grad",)) as ps:
+        F.cross_entropy(model(x), y).backward()
+    torch.testing.assert_close(ps.grad, ref, **TOL64)
+
+
+def test_registering_a_rule_for_a_custom_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradlab.per_sample import Rule, register
+
+    calls: list[int] = []
+
+    def grad(module, a, d, names):  # g_i = sum over positions of d * x
+        calls.append(1)
+        return {"w": (d * a).reshape(a.shape[0], -1, a.shape[-1]).sum(1)}
+
+    monkeypatch.setitem(RULES, Scale, RULES.get(Scale))  # restored after the test
+    register(Scale, Rule(grad=grad))
+    model = nn.Sequential(Scale(4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.randint(0, 2, (5, 3))
+    loss_fn = lambda out, t: F.cross_entropy(out.reshape(-1, 2), t.reshape(-1))
+    ref = reference_grads(model, loss_fn, x, y)
+    with PerSampleGradients(model, stats=("grad",)) as ps:
+        loss_fn(model(x), y).backward()
+    assert calls  # the registered rule ran, not the fallback
+    torch.testing.assert_close(ps.grad, ref, **TOL64)
