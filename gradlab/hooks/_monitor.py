@@ -74,9 +74,10 @@ class GradientMonitor(HookContext):
 
     A context manager; wrap one step or a whole training run. Each backward pass that reaches a
     monitored module (a double backward is two; reentrant checkpointing adds one per segment) is
-    one :class:`StepStats` in :attr:`history`: per module the L2 norm, max and mean |g| of the
-    gradient w.r.t. its output, the same for every parameter's ``.grad``, and the names flagged
-    *vanishing* (norm below ``vanishing``), *exploding* (above ``exploding``) or non-finite.
+    one :class:`StepStats` in :attr:`history`: per module the L2 norm, max and mean absolute
+    value of the gradient w.r.t. its output, the same for every parameter's ``.grad``, and the
+    names flagged *vanishing* (norm below ``vanishing``), *exploding* (above ``exploding``) or
+    non-finite.
     :meth:`scalars` gives a step as ``{"grad/output/fc1/norm": ...}`` for TensorBoard, W&B or
     Lightning; :meth:`state_dict` / :meth:`load_state_dict` checkpoint the run.
 

@@ -78,7 +78,7 @@ class PenaltyEntry:
             )
 
     def samples(self, real: Any, fake: Any) -> tuple[Any, ...]:
-        """The sample arguments of :attr:`fn` picked from ``real`` and ``fake``."""
+        """The sample arguments of ``fn`` picked from ``real`` and ``fake``."""
         return tuple(real if n == "real" else fake for n in self.inputs)
 
 
