@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias
 
@@ -125,3 +126,48 @@ def check_batch_weight(fn: str, batch_weight: Any) -> BatchWeight:
 def check_distributed(fn: str, distributed: Any) -> None:
     if not isinstance(distributed, bool):
         raise TypeError(f"{fn}: distributed is a {type(distributed).__name__}; pass True or False")
+
+
+def _positional(fn: Callable[..., Any]) -> tuple[int, int] | None:
+    """(required, accepted) positional arguments of ``fn``; None where its signature is unknown."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    required = accepted = 0
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            return required, 1 << 30
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            accepted += 1
+            required += p.default is p.empty
+        elif p.kind is p.KEYWORD_ONLY and p.default is p.empty:
+            return None
+    return required, accepted
+
+
+def check_loss_closure(fn: str, loss_fn: Any, data: Any) -> None:
+    """``loss_fn()`` without ``data=``, ``loss_fn(batch)`` with it; a model is refused."""
+    if not callable(loss_fn):
+        raise TypeError(
+            f"{fn}: loss_fn must be a callable returning the scalar loss, got "
+            f"{type(loss_fn).__name__}. Pass e.g. lambda: criterion(model(x), y)"
+        )
+    arity = _positional(loss_fn)
+    what = (
+        f"a {type(loss_fn).__name__} (an nn.Module)"
+        if isinstance(loss_fn, nn.Module)
+        else f"{getattr(loss_fn, '__name__', type(loss_fn).__name__)!r}"
+    )
+    if data is None and arity is not None and arity[0] > 0:
+        raise TypeError(
+            f"{fn}: loss_fn must be callable with no arguments, got {what}, which needs "
+            f"{arity[0]}. Pass a closure returning the scalar loss, e.g. "
+            f"lambda: criterion(model(x), y), or pass data= to have loss_fn(batch) called per batch"
+        )
+    if data is not None and arity is not None and arity[1] == 0:
+        raise TypeError(
+            f"{fn}: with data=, loss_fn must take one argument (the batch), got {what}, which "
+            f"takes none. Write it as lambda batch: criterion(model(batch[0]), batch[1]), or "
+            f"drop data="
+        )
