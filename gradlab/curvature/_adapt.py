@@ -123,7 +123,5 @@ class _Wrapped(CurvatureOperator):
             try:
                 return [self._product(X).T]
             except (TypeError, RuntimeError, NotImplementedError):
-                if X.shape[1] == 1:
-                    raise
                 self._columns = True  # e.g. a custom @ written for vectors only
         return [torch.stack([self._product(X[:, j].contiguous()) for j in range(X.shape[1])])]
