@@ -131,7 +131,7 @@ def check_distributed(fn: str, distributed: Any) -> None:
 def _positional(fn: Callable[..., Any]) -> tuple[int, int] | None:
     """(required, accepted) positional arguments of ``fn``; None where its signature is unknown."""
     try:
-        sig = inspect.signature(fn)
+        sig = inspect.signature(fn.forward if isinstance(fn, nn.Module) else fn)
     except (TypeError, ValueError):
         return None
     required = accepted = 0
