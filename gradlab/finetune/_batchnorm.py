@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import gradlab._validate as v
 from gradlab.finetune._select import parents_of
 
 __all__ = [
@@ -175,8 +176,13 @@ class FrozenBatchNorm(nn.Module):
         """
         if not is_batchnorm(bn):
             raise TypeError(
-                f"FrozenBatchNorm.from_batchnorm: bn must be a BatchNorm layer, got "
-                f"{type(bn).__name__}"
+                v.message(
+                    "FrozenBatchNorm.from_batchnorm",
+                    "bn",
+                    "a BatchNorm layer",
+                    bn,
+                    "Pass an nn.BatchNorm1d/2d/3d or nn.SyncBatchNorm module",
+                )
             )
         if any(isinstance(t, nn.parameter.UninitializedParameter) for t in bn.parameters()) or any(
             isinstance(t, nn.parameter.UninitializedBuffer) for t in bn.buffers()

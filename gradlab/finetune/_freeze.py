@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+import gradlab._validate as v
 from gradlab._typing import FreezeTarget
 from gradlab.finetune._batchnorm import (
     is_batchnorm,
@@ -52,21 +53,22 @@ class _Changes:
     swapped: list[nn.Module] = field(default_factory=list)
 
 
-def _check_batchnorm(batchnorm: object, fn: str) -> str:
-    if batchnorm not in BATCHNORM_MODES:
-        raise ValueError(
-            f"{fn}: batchnorm must be one of {', '.join(repr(m) for m in BATCHNORM_MODES)}, got "
-            f"{batchnorm!r}; 'eval' keeps frozen BatchNorm layers in eval mode, 'frozen' swaps in "
-            "FrozenBatchNorm, 'train' leaves them alone"
-        )
-    return str(batchnorm)
+def _check_batchnorm(fn: str, batchnorm: object) -> str:
+    return v.check_choice(
+        fn,
+        "batchnorm",
+        batchnorm,
+        BATCHNORM_MODES,
+        fix="'eval' keeps frozen BatchNorm layers in eval mode, 'frozen' swaps in "
+        "FrozenBatchNorm, 'train' leaves them alone",
+    )  # type: ignore[return-value]
 
 
 def _freeze(
     model: nn.Module, targets: tuple[FreezeTarget, ...], batchnorm: str, fn: str
 ) -> _Changes:
-    check_model(model, fn)
-    mode = _check_batchnorm(batchnorm, fn)
+    check_model(fn, model)
+    mode = _check_batchnorm(fn, batchnorm)
     net, wrappers = unwrap(model)
     selection = select(net, targets, fn=fn)
     changes = _Changes()
@@ -175,7 +177,7 @@ def unfreeze(model: nn.Module, *targets: FreezeTarget) -> None:
         ('BatchNorm1d', ['1.weight', '1.bias'])
     """
     fn = "unfreeze"
-    check_model(model, fn)
+    check_model(fn, model)
     net, wrappers = unwrap(model)
     changed = False
     for module in select(net, targets, fn=fn).modules:
@@ -248,6 +250,6 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
         >>> [tuple(p.shape) for p in trainable_parameters(net)]
         [(2, 8), (2,)]
     """
-    check_model(model, "trainable_parameters")
+    check_model("trainable_parameters", model)
     net, _ = unwrap(model)
     return [p for p in net.parameters() if p.requires_grad]

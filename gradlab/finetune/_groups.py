@@ -9,12 +9,12 @@ each group's ``lr`` / ``initial_lr``) apply it.
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
+import gradlab._validate as v
 from gradlab.finetune._select import check_model, close_names, name_matches
 from gradlab.finetune._wrappers import unwrap
 
@@ -41,11 +41,7 @@ def is_norm_layer(module: nn.Module) -> bool:
 
 
 def _check_rate(value: object, what: str, *, upper: float | None = None) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (upper is not None and value > upper):  # type: ignore[operator]
-        limit = f"in [0, {upper}]" if upper is not None else "finite and >= 0"
-        raise ValueError(f"param_groups: {what} must be a number {limit}, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
+    return v.check_float("param_groups", what, value, low=0.0, high=upper)
 
 
 def _block_key(name: str) -> str | None:
@@ -83,7 +79,15 @@ def _auto_depths(names: list[str]) -> list[int]:
 def _check_patterns(patterns: Sequence[str], all_names: list[str], what: str) -> None:
     for pattern in patterns:
         if not isinstance(pattern, str):
-            raise TypeError(f"param_groups: {what} must hold name globs (str), got {pattern!r}")
+            raise TypeError(
+                v.message(
+                    "param_groups",
+                    f"each pattern of {what}",
+                    "a name glob (str)",
+                    pattern,
+                    "Pass names such as 'layer1.*' or 'head'",
+                )
+            )
         if not any(name_matches(pattern, n) for n in all_names):
             raise ValueError(
                 f"param_groups: {what} pattern {pattern!r} matches no module or parameter name; "
@@ -96,8 +100,13 @@ def _explicit_depths(
 ) -> list[int]:
     if isinstance(layers, str) or not isinstance(layers, Sequence) or not layers:
         raise TypeError(
-            "param_groups: layers must be a non-empty sequence of name globs (or sequences of "
-            f"globs), ordered from the input to the head, got {layers!r}"
+            v.message(
+                "param_groups",
+                "layers",
+                "a non-empty sequence of name globs (or sequences of globs)",
+                layers,
+                "Order them from the input to the head, e.g. ['embed', 'blocks.*', 'head']",
+            )
         )
     levels = [[level] if isinstance(level, str) else list(level) for level in layers]
     for level in levels:
@@ -209,14 +218,20 @@ def param_groups(
         1 0.001 0.05
         1 0.001 0.0
     """
-    fn_model = check_model(model, "param_groups")
+    fn_model = check_model("param_groups", model)
     net, _ = unwrap(fn_model)
     base = _check_rate(lr, "lr")
     decay = _check_rate(weight_decay, "weight_decay")
     if layer_decay is not None:
-        layer_decay = _check_rate(layer_decay, "layer_decay", upper=1.0)
-        if layer_decay == 0.0:
-            raise ValueError("param_groups: layer_decay must be in (0, 1], got 0")
+        layer_decay = v.check_float(
+            "param_groups",
+            "layer_decay",
+            layer_decay,
+            low=0.0,
+            low_open=True,
+            high=1.0,
+            fix="Pass e.g. 0.75, or None for no decay",
+        )
     if layers is not None and layer_decay is None:
         raise ValueError(
             "param_groups: layers orders the depths for layer_decay, but layer_decay is None; "
@@ -224,8 +239,13 @@ def param_groups(
         )
     if isinstance(no_weight_decay, str):
         raise TypeError(
-            f"param_groups: no_weight_decay must be a sequence of globs, got the string "
-            f"{no_weight_decay!r}; write ({no_weight_decay!r},)"
+            v.message(
+                "param_groups",
+                "no_weight_decay",
+                "a sequence of globs (not a single string)",
+                no_weight_decay,
+                f"Write ({no_weight_decay!r},)",
+            )
         )
 
     aliases: dict[int, list[str]] = {}
@@ -242,7 +262,15 @@ def param_groups(
         _check_rate(value, f"groups[{pattern!r}]")
     for pattern in no_weight_decay:
         if not isinstance(pattern, str):
-            raise TypeError(f"param_groups: no_weight_decay must hold globs (str), got {pattern!r}")
+            raise TypeError(
+                v.message(
+                    "param_groups",
+                    "each pattern of no_weight_decay",
+                    "a name glob (str)",
+                    pattern,
+                    "Pass names such as 'bias' or '*.norm*'",
+                )
+            )
 
     names = [aliases[id(p)] for _, p in trainable]
     if layer_decay is None:

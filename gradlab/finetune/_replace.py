@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+import gradlab._validate as v
 from gradlab.finetune._select import check_model, close_names
 from gradlab.finetune._wrappers import unwrap
 
@@ -40,17 +41,28 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> nn.Mod
         (Linear(in_features=8, out_features=2, bias=True), torch.Size([3, 10]))
     """
     fn = "replace_module"
-    check_model(model, fn)
+    check_model(fn, model)
     if not isinstance(name, str):
-        raise TypeError(f"{fn}: name must be a dotted module name (str), got {type(name).__name__}")
-    if not isinstance(new_module, nn.Module):
         raise TypeError(
-            f"{fn}: new_module must be a torch.nn.Module, got {type(new_module).__name__}; wrap "
-            "functions in a module (e.g. nn.Identity() to remove a layer)"
+            v.message(fn, "name", "a dotted module name (str)", name, "Pass e.g. 'layer4.1.bn2'")
         )
+    v.check_type(
+        fn,
+        "new_module",
+        new_module,
+        nn.Module,
+        what="a torch.nn.Module",
+        fix="Wrap functions in a module (e.g. nn.Identity() to remove a layer)",
+    )
     if not name:
         raise ValueError(
-            f"{fn}: name is empty, which is the model itself; assign the new model instead"
+            v.message(
+                fn,
+                "name",
+                "a non-empty module name ('' is the model itself)",
+                name,
+                "Assign the new model instead",
+            )
         )
     net, _ = unwrap(model)
     parent = net

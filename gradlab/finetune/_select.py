@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import gradlab._validate as v
 from gradlab._typing import FreezeTarget
 
 __all__ = [
@@ -51,14 +52,16 @@ class Selection:
     params: tuple[nn.Parameter, ...]
 
 
-def check_model(model: object, fn: str) -> nn.Module:
-    """Raise a TypeError unless ``model`` is an ``nn.Module``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}; pass the network "
-            "itself (for a parameter list use requires_grad_ directly)"
-        )
-    return model
+def check_model(fn: str, model: object) -> nn.Module:
+    """``model`` if it is an ``nn.Module``, else a TypeError (gradlab._validate's template)."""
+    return v.check_type(
+        fn,
+        "model",
+        model,
+        nn.Module,
+        what="a torch.nn.Module",
+        fix="Pass the network itself (for a parameter list use requires_grad_ directly)",
+    )
 
 
 def close_names(name: str, candidates: Iterable[str], *, n: int = 5) -> str:
@@ -136,9 +139,14 @@ def select(model: nn.Module, targets: Sequence[FreezeTarget], *, fn: str) -> Sel
         elif isinstance(target, type):
             if not issubclass(target, nn.Module):
                 raise TypeError(
-                    f"{fn}: type target {target.__name__} is not a torch.nn.Module subclass; "
-                    "pass a module type such as nn.BatchNorm2d, a name glob, a module or a "
-                    "parameter"
+                    v.message(
+                        fn,
+                        "a type target",
+                        "a torch.nn.Module subclass",
+                        target,
+                        "Pass a module type such as nn.BatchNorm2d, a name glob, a module or a "
+                        "parameter",
+                    )
                 )
             mods = [
                 m
@@ -176,8 +184,13 @@ def select(model: nn.Module, targets: Sequence[FreezeTarget], *, fn: str) -> Sel
             direct[id(pars[0])] = pars[0]
         else:
             raise TypeError(
-                f"{fn}: targets must be name globs (str), module types, modules or parameters, got "
-                f"{_describe(target)} ({type(target).__name__})"
+                v.message(
+                    fn,
+                    "each target",
+                    "a name glob (str), a module type, a module or a parameter",
+                    target,
+                    "Pass e.g. 'layer1.*', nn.BatchNorm2d, model.fc or model.fc.weight",
+                )
             )
     covered: dict[int, nn.Module] = {}
     for root in roots.values():

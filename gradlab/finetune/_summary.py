@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+import gradlab._validate as v
 from gradlab.finetune._batchnorm import is_pinned
 from gradlab.finetune._select import check_model
 from gradlab.finetune._wrappers import unwrap
@@ -144,12 +145,14 @@ def parameter_summary(model: nn.Module, *, max_depth: int | None = 1) -> Paramet
         -------------------------------------------------------------------------
         total   Sequential          18      56            72 B      224 B
     """
-    check_model(model, "parameter_summary")
-    if max_depth is not None and (
-        not isinstance(max_depth, int) or isinstance(max_depth, bool) or max_depth < 1
-    ):
-        raise ValueError(
-            f"parameter_summary: max_depth must be None or an int >= 1, got {max_depth!r}"
+    check_model("parameter_summary", model)
+    if max_depth is not None:
+        v.check_int(
+            "parameter_summary",
+            "max_depth",
+            max_depth,
+            minimum=1,
+            fix="Pass an int >= 1, or None for every depth",
         )
     net, _ = unwrap(model)
     rows = tuple(

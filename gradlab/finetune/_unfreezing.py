@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer, lr_scheduler
 
+import gradlab._validate as v
 from gradlab._typing import FreezeTarget
 from gradlab.finetune._freeze import _check_batchnorm, freeze, unfreeze
 from gradlab.finetune._select import check_model, select
@@ -39,8 +40,13 @@ def _check_scheduler(scheduler: _Scheduler, optimizer: Optimizer) -> None:
     known = (lr_scheduler.LRScheduler, lr_scheduler.ReduceLROnPlateau)
     if not isinstance(scheduler, known):
         raise TypeError(
-            f"{_FN}: scheduler must be a torch.optim.lr_scheduler scheduler, got "
-            f"{type(scheduler).__name__}"
+            v.message(
+                _FN,
+                "scheduler",
+                "a torch.optim.lr_scheduler scheduler (or None)",
+                scheduler,
+                "Pass e.g. torch.optim.lr_scheduler.StepLR(optimizer, 10)",
+            )
         )
     for leaf in _leaves(scheduler):
         if leaf.optimizer is not optimizer:
@@ -153,19 +159,32 @@ class GradualUnfreezing:
         scheduler: _Scheduler | None = None,
         batchnorm: str = "eval",
     ) -> None:
-        check_model(model, _FN)
+        check_model(_FN, model)
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
-                f"{_FN}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+                v.message(
+                    _FN,
+                    "optimizer",
+                    "a torch.optim.Optimizer",
+                    optimizer,
+                    "Pass the optimizer over the parameters that train from the start",
+                )
             )
-        _check_batchnorm(batchnorm, _FN)
+        _check_batchnorm(_FN, batchnorm)
         if isinstance(stages, str | nn.Module | type) or not isinstance(stages, Sequence):
             raise TypeError(
-                f"{_FN}: stages must be a sequence of stages (each a target or a sequence of "
-                f"targets), got {type(stages).__name__}; e.g. ['layer4', 'layer3']"
+                v.message(
+                    _FN,
+                    "stages",
+                    "a sequence of stages (each a target or a sequence of targets)",
+                    stages,
+                    "Pass e.g. ['layer4', 'layer3']",
+                )
             )
         if not stages:
-            raise ValueError(f"{_FN}: stages is empty; give at least one stage to unfreeze")
+            raise ValueError(
+                v.message(_FN, "stages", "non-empty", stages, "Give at least one stage to unfreeze")
+            )
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -212,8 +231,14 @@ class GradualUnfreezing:
         ok = all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in values)
         if len(values) != n or not ok or list(values) != sorted(values):
             raise ValueError(
-                f"{_FN}: milestones must be {n} non-decreasing ints >= 1 (one per stage), got "
-                f"{milestones!r}"
+                v.message(
+                    _FN,
+                    "milestones",
+                    f"{n} non-decreasing ints >= 1 (one per stage)",
+                    milestones,
+                    "Pass one step count per stage, e.g. "
+                    f"{list(range(1, n + 1))}, or None for one stage per step",
+                )
             )
         return values
 
@@ -225,7 +250,15 @@ class GradualUnfreezing:
             return isinstance(x, int | float) and not isinstance(x, bool) and x >= 0  # type: ignore[operator]
 
         if layer_decay is not None and not (number(layer_decay) and 0 < layer_decay <= 1):
-            raise ValueError(f"{_FN}: layer_decay must be in (0, 1], got {layer_decay!r}")
+            raise ValueError(
+                v.message(
+                    _FN,
+                    "layer_decay",
+                    "a number in (0, 1]",
+                    layer_decay,
+                    "Pass e.g. 0.5, or None for no decay",
+                )
+            )
         decay = 1.0 if layer_decay is None else float(layer_decay)
         if lr is None or number(lr):
             return [None if lr is None else float(lr) * decay ** (k + 1) for k in range(n)]  # type: ignore[arg-type]
@@ -237,10 +270,24 @@ class GradualUnfreezing:
                 )
             if len(lr) != n or not all(number(x) for x in lr):
                 raise ValueError(
-                    f"{_FN}: lr must hold {n} numbers >= 0 (one per stage), got {lr!r}"
+                    v.message(
+                        _FN,
+                        "lr",
+                        f"{n} numbers >= 0 (one per stage)",
+                        lr,
+                        "Pass one rate per stage, or a single float",
+                    )
                 )
             return [float(x) for x in lr]
-        raise TypeError(f"{_FN}: lr must be a float, a sequence of floats or None, got {lr!r}")
+        raise TypeError(
+            v.message(
+                _FN,
+                "lr",
+                "a float, a sequence of floats or None",
+                lr,
+                "Pass e.g. lr=1e-4, or one rate per stage",
+            )
+        )
 
     def _base_lr(self, k: int) -> float:
         given = self._stage_lrs[k]
@@ -373,8 +420,13 @@ class GradualUnfreezing:
         fn = f"{_FN}.load_state_dict"
         if not isinstance(state_dict, dict):
             raise TypeError(
-                f"{fn}: state_dict must be a dict from GradualUnfreezing.state_dict(), got "
-                f"{type(state_dict).__name__}"
+                v.message(
+                    fn,
+                    "state_dict",
+                    "a dict",
+                    state_dict,
+                    "Pass the dict returned by GradualUnfreezing.state_dict()",
+                )
             )
         missing = [
             k for k in ("count", "unfrozen", "milestones", "reference_lr") if k not in state_dict

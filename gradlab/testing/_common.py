@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+import gradlab._validate as v
 
 __all__ = [
     "DEFAULT_TOLERANCES",
@@ -14,10 +15,8 @@ __all__ = [
     "NOISE_FACTOR",
     "STEP_SIZES",
     "as_outputs",
-    "check_choice",
     "check_fn",
     "check_inputs",
-    "check_positive",
     "default_step",
     "default_tolerances",
     "least_precise",
@@ -55,43 +54,68 @@ def machine_eps(dtype: torch.dtype) -> float:
 
 def check_fn(fn: Any, caller: str) -> None:
     """Raise TypeError unless ``fn`` is callable."""
-    if not callable(fn):
-        raise TypeError(
-            f"{caller}: fn must be a callable taking the input tensors, got "
-            f"{type(fn).__name__}; pass the function first, then the tensors"
-        )
+    v.check_callable(
+        caller,
+        "fn",
+        fn,
+        what="a callable taking the input tensors",
+        fix=f"Pass the function first, then the tensors: {caller}(fn, x, ...)",
+    )
 
 
 def check_inputs(inputs: Sequence[Any], caller: str) -> tuple[torch.Tensor, ...]:
     """Validate the positional inputs and return detached copies (never the caller's tensors)."""
     if len(inputs) == 0:
-        raise TypeError(f"{caller}: no input tensors given; call {caller}(fn, x, ...)")
+        raise TypeError(
+            v.message(caller, "inputs", "one or more tensors", inputs, f"Call {caller}(fn, x, ...)")
+        )
     for k, x in enumerate(inputs):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(
-                f"{caller}: input {k} is a {type(x).__name__}, not a torch.Tensor; every "
-                "positional argument after fn is differentiated, so bind non-tensor arguments "
-                "with functools.partial or a lambda"
-            )
+        name = f"inputs[{k}]"
+        v.check_type(
+            caller,
+            name,
+            x,
+            torch.Tensor,
+            what="a torch.Tensor",
+            fix="Every positional argument after fn is differentiated: bind non-tensor arguments "
+            "with functools.partial or a lambda",
+        )
         if x.layout != torch.strided:
             raise TypeError(
-                f"{caller}: input {k} has layout {x.layout}; only dense (strided) tensors are "
-                "supported, convert it with .to_dense()"
+                v.message(
+                    caller, name, "a dense (strided) tensor", x, "Convert it with .to_dense()"
+                )
             )
         if x.is_complex():
             raise TypeError(
-                f"{caller}: input {k} is complex ({x.dtype}); complex inputs are not supported, "
-                "check the real function of torch.view_as_real(x) instead"
+                v.message(
+                    caller,
+                    name,
+                    "a real floating tensor (complex inputs are not supported here)",
+                    x,
+                    "Pass the real function of torch.view_as_real(x) instead",
+                )
             )
         if not x.is_floating_point():
             raise TypeError(
-                f"{caller}: input {k} has integer/bool dtype {x.dtype}, which has no gradient; "
-                "pass a float64 (or float32) tensor, e.g. x.double()"
+                v.message(
+                    caller,
+                    name,
+                    "a floating tensor (integer/bool tensors have no gradient)",
+                    x,
+                    "Pass a float64 (or float32) tensor, e.g. x.double()",
+                )
             )
         if x.dtype not in _SUPPORTED:
             raise TypeError(
-                f"{caller}: input {k} has dtype {x.dtype}; finite differences in half precision "
-                "cannot check gradients, pass x.double() (or x.float())"
+                v.message(
+                    caller,
+                    name,
+                    "float32 or float64 (finite differences in half precision cannot check "
+                    "gradients)",
+                    x,
+                    "Pass x.double() (or x.float())",
+                )
             )
     check_one_device(inputs, caller)
     return tuple(same_layout(x) for x in inputs)
@@ -103,7 +127,7 @@ def check_one_device(inputs: Sequence[torch.Tensor], caller: str) -> None:
     if len(devices) > 1:
         listing = ", ".join(f"input {k}: {x.device}" for k, x in enumerate(inputs))
         raise ValueError(
-            f"{caller}: inputs are on different devices ({listing}); move them to one device, "
+            f"{caller}: inputs must be on one device, got {listing}. Move them to one device, "
             "e.g. x.to('cuda')"
         )
 
@@ -128,42 +152,48 @@ def as_outputs(out: Any, caller: str) -> tuple[torch.Tensor, ...]:
     """Normalise ``fn``'s return value to a tuple of floating tensors, or raise TypeError."""
     outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     if len(outs) == 0:
-        raise TypeError(f"{caller}: fn returned an empty {type(out).__name__}; return a tensor")
-    for i, o in enumerate(outs):
-        if not isinstance(o, torch.Tensor):
-            where = "fn returned" if outs[0] is out else f"output {i} of fn is"
-            raise TypeError(
-                f"{caller}: {where} a {type(o).__name__}, not a tensor; fn must return a "
-                "tensor or a tuple of tensors (use torch.as_tensor or return the tensor itself)"
+        raise TypeError(
+            v.message(
+                caller,
+                "fn's return value",
+                "a tensor or a non-empty tuple of tensors",
+                out,
+                "Return a tensor",
             )
-        if o.is_complex():
-            raise TypeError(
-                f"{caller}: output {i} of fn is complex ({o.dtype}); complex outputs are not "
-                "supported, return torch.view_as_real(out) instead"
-            )
-        if not o.is_floating_point():
-            raise TypeError(
-                f"{caller}: output {i} of fn has dtype {o.dtype}, which has no gradient; return "
-                "only the differentiable (floating) outputs"
-            )
-    return outs
-
-
-def check_choice(value: Any, name: str, choices: Sequence[Any], caller: str) -> None:
-    """Raise ValueError unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(
-            f"{caller}: {name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
         )
-
-
-def check_positive(value: Any, name: str, caller: str, *, allow_zero: bool = False) -> float:
-    """Raise ValueError unless ``value`` is a finite number > 0 (or >= 0)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{caller}: {name} must be a finite number {bound}, got {value!r}")
-    return float(value)
+    for i, o in enumerate(outs):
+        if type(o) is torch.Tensor or isinstance(o, torch.Tensor):
+            if o.is_complex():
+                raise TypeError(
+                    v.message(
+                        caller,
+                        f"output {i} of fn",
+                        "real (complex outputs are not supported here)",
+                        o,
+                        "Return torch.view_as_real(out) instead",
+                    )
+                )
+            if not o.is_floating_point():
+                raise TypeError(
+                    v.message(
+                        caller,
+                        f"output {i} of fn",
+                        "a floating tensor (integer/bool outputs have no gradient)",
+                        o,
+                        "Return only the differentiable (floating) outputs",
+                    )
+                )
+            continue
+        raise TypeError(
+            v.message(
+                caller,
+                "fn's return value" if outs[0] is out else f"output {i} of fn",
+                "a tensor or a tuple of tensors",
+                o,
+                "Return the tensor itself (or torch.as_tensor(...))",
+            )
+        )
+    return outs
 
 
 def default_step(method: str, dtype: torch.dtype) -> float:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+import gradlab._validate as v
 from gradlab.testing._analytical import Problem
 from gradlab.testing._common import as_outputs, check_one_device, same_layout
 from gradlab.testing._report import CALLER
@@ -49,36 +50,57 @@ class Prepared:
 
 def _select(inputs: Sequence[Any]) -> list[int]:
     if len(inputs) == 0:
-        raise TypeError(f"{CALLER}: no input tensors given; call {CALLER}(fn, x, ...)")
+        raise TypeError(
+            v.message(CALLER, "inputs", "one or more tensors", inputs, f"Call {CALLER}(fn, x, ...)")
+        )
     for k, x in enumerate(inputs):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(
-                f"{CALLER}: input {k} is a {type(x).__name__}, not a torch.Tensor; every "
-                "positional argument after fn is an input, so bind non-tensor arguments "
-                "with functools.partial or a lambda"
-            )
+        v.check_type(
+            CALLER,
+            f"inputs[{k}]",
+            x,
+            torch.Tensor,
+            what="a torch.Tensor",
+            fix="Every positional argument after fn is an input: bind non-tensor arguments with "
+            "functools.partial or a lambda",
+        )
     if any(x.requires_grad for x in inputs):
         diff = [k for k, x in enumerate(inputs) if x.requires_grad]
     else:
         diff = [k for k, x in enumerate(inputs) if x.is_floating_point() or x.is_complex()]
         if not diff:
-            x = inputs[0]
             raise TypeError(
-                f"{CALLER}: input 0 has integer/bool dtype {x.dtype}, which has no gradient, "
-                "and no input is floating; pass a float64 (or float32) tensor, e.g. x.double()"
+                v.message(
+                    CALLER,
+                    "inputs[0]",
+                    "a floating tensor (no input is floating, and integer/bool tensors have no "
+                    "gradient)",
+                    inputs[0],
+                    "Pass a float64 (or float32) tensor, e.g. x.double()",
+                )
             )
     for k in diff:
         x = inputs[k]
         if x.layout != torch.strided:
             raise TypeError(
-                f"{CALLER}: input {k} has layout {x.layout}; only dense (strided) inputs can be "
-                "differentiated: pass x.to_dense() (a sparse tensor can stay a constant if "
-                "another input has requires_grad=True)"
+                v.message(
+                    CALLER,
+                    f"inputs[{k}]",
+                    "a dense (strided) tensor to be differentiated",
+                    x,
+                    "Pass x.to_dense() (a sparse tensor can stay a constant if another input has "
+                    "requires_grad=True)",
+                )
             )
         if x.dtype not in _DIFFERENTIABLE:
             raise TypeError(
-                f"{CALLER}: input {k} has dtype {x.dtype}; finite differences in half precision "
-                "cannot check gradients, pass x.double() (or x.float())"
+                v.message(
+                    CALLER,
+                    f"inputs[{k}]",
+                    "float32/float64/complex64/complex128 (finite differences in half precision "
+                    "cannot check gradients)",
+                    x,
+                    "Pass x.double() (or x.float())",
+                )
             )
     check_one_device(inputs, CALLER)
     return diff
@@ -87,13 +109,25 @@ def _select(inputs: Sequence[Any]) -> list[int]:
 def _raw_outputs(out: Any) -> tuple[torch.Tensor, ...]:
     outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     if len(outs) == 0:
-        raise TypeError(f"{CALLER}: fn returned an empty {type(out).__name__}; return a tensor")
+        raise TypeError(
+            v.message(
+                CALLER,
+                "fn's return value",
+                "a tensor or a non-empty tuple of tensors",
+                out,
+                "Return a tensor",
+            )
+        )
     for i, o in enumerate(outs):
         if not isinstance(o, torch.Tensor):
-            where = "fn returned" if outs[0] is out else f"output {i} of fn is"
             raise TypeError(
-                f"{CALLER}: {where} a {type(o).__name__}, not a tensor; fn must return a "
-                "tensor or a tuple of tensors (use torch.as_tensor or return the tensor itself)"
+                v.message(
+                    CALLER,
+                    "fn's return value" if outs[0] is out else f"output {i} of fn",
+                    "a tensor or a tuple of tensors",
+                    o,
+                    "Return the tensor itself (or torch.as_tensor(...))",
+                )
             )
     return outs
 
@@ -107,8 +141,14 @@ def prepare(fn: Callable[..., Any], inputs: Sequence[Any]) -> Prepared:
     outputs = tuple(k for k, o in enumerate(raw) if o.is_floating_point() or o.is_complex())
     if not outputs:
         raise TypeError(
-            f"{CALLER}: output 0 of fn has dtype {raw[0].dtype}, which has no gradient, and no "
-            "output is floating; return the differentiable (floating) outputs"
+            v.message(
+                CALLER,
+                "output 0 of fn",
+                "a floating tensor (no output is floating, and integer/bool outputs have no "
+                "gradient)",
+                raw[0],
+                "Return the differentiable (floating) outputs",
+            )
         )
     out_cplx = [raw[i].is_complex() for i in outputs]
 

@@ -26,13 +26,12 @@ from typing import Any, Literal
 
 import torch
 
+import gradlab._validate as v
 from gradlab._errors import GraphError
 from gradlab.testing._analytical import Analytic, Problem, analytical_jacobian
 from gradlab.testing._common import (
     METHODS,
-    check_choice,
     check_fn,
-    check_positive,
     default_step,
     default_tolerances,
     least_precise,
@@ -237,23 +236,24 @@ def check_gradients(
         d output 0[1] / d input 0[1]
     """
     check_fn(fn, CALLER)
-    check_choice(order, "order", (1, 2), CALLER)
-    check_choice(mode, "mode", ("full", "fast"), CALLER)
-    check_choice(method, "method", tuple(METHODS), CALLER)
-    check_choice(directions, "directions", ("rademacher", "gaussian"), CALLER)
-    check_choice(kinks, "kinks", ("raise", "skip"), CALLER)
+    v.check_choice(CALLER, "order", order, (1, 2))
+    v.check_choice(CALLER, "mode", mode, ("full", "fast"))
+    v.check_choice(CALLER, "method", method, tuple(METHODS))
+    v.check_choice(CALLER, "directions", directions, ("rademacher", "gaussian"))
+    v.check_choice(CALLER, "kinks", kinks, ("raise", "skip"))
     if eps is not None:
-        check_positive(eps, "eps", CALLER)
-    if not isinstance(probes, int) or isinstance(probes, bool) or probes < 1:
-        raise ValueError(f"{CALLER}: probes must be a positive int, got {probes!r}")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise TypeError(f"{CALLER}: seed must be an int or None, got {type(seed).__name__}")
-    if not isinstance(forward_ad, bool):
-        raise TypeError(
-            f"{CALLER}: forward_ad must be a bool, got {type(forward_ad).__name__} "
-            f"{forward_ad!r}; pass forward_ad=True to also check forward mode"
-        )
-    nondet = check_positive(nondet_tol, "nondet_tol", CALLER, allow_zero=True)
+        eps = v.check_positive(CALLER, "eps", eps)
+    v.check_int(CALLER, "probes", probes, minimum=1)
+    if seed is not None:
+        seed = v.check_int(CALLER, "seed", seed, fix="Pass an int seed, or None for a fresh one")
+    v.check_bool(
+        CALLER, "forward_ad", forward_ad, fix="Pass forward_ad=True to also check forward mode"
+    )
+    nondet = v.check_nonnegative(CALLER, "nondet_tol", nondet_tol)
+    if atol is not None:
+        atol = v.check_nonnegative(CALLER, "atol", atol)
+    if rtol is not None:
+        rtol = v.check_nonnegative(CALLER, "rtol", rtol)
     pre = prepare(fn, inputs)
     xs, f0 = pre.xs, pre.f0
     d_atol, d_rtol = default_tolerances(list(xs) + list(f0))
@@ -261,8 +261,8 @@ def check_gradients(
         mode=mode,
         method=method,
         eps=eps,
-        atol=d_atol if atol is None else check_positive(atol, "atol", CALLER, allow_zero=True),
-        rtol=d_rtol if rtol is None else check_positive(rtol, "rtol", CALLER, allow_zero=True),
+        atol=d_atol if atol is None else atol,
+        rtol=d_rtol if rtol is None else rtol,
         probes=probes,
         directions=directions,
         seed=int.from_bytes(os.urandom(4), "little") if seed is None else seed,

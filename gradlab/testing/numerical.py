@@ -15,13 +15,12 @@ from typing import Any, Literal
 
 import torch
 
+import gradlab._validate as v
 from gradlab.testing._common import (
     METHODS,
     as_outputs,
-    check_choice,
     check_fn,
     check_inputs,
-    check_positive,
     default_step,
 )
 
@@ -281,13 +280,13 @@ def numerical_jacobian(
     """
     caller = "numerical_jacobian"
     check_fn(fn, caller)
-    check_choice(method, "method", tuple(METHODS), caller)
+    v.check_choice(caller, "method", method, tuple(METHODS))
     if eps is not None:
-        check_positive(eps, "eps", caller)
-    if chunk_size is not None and (
-        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-    ):
-        raise ValueError(f"{caller}: chunk_size must be a positive int or None, got {chunk_size!r}")
+        eps = v.check_positive(caller, "eps", eps)
+    if chunk_size is not None:
+        chunk_size = v.check_int(
+            caller, "chunk_size", chunk_size, minimum=1, fix="Pass an int >= 1, or None for all"
+        )
     xs = check_inputs(inputs, caller)
     ev = Evaluator(fn, xs, caller, chunk_size=chunk_size)
     blocks, _ = fd_jacobian(ev, eps, method)

@@ -30,6 +30,8 @@ import torch
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import gradlab._validate as v
+
 __all__ = ["devices", "dtypes", "shapes", "tensors"]
 
 _LAYOUTS = ("contiguous", "strided", "any")
@@ -52,7 +54,13 @@ def dtypes(
     include = tuple(include)
     if not include or not all(isinstance(d, torch.dtype) for d in include):
         raise ValueError(
-            f"dtypes: include must be a non-empty sequence of torch dtypes, got {include!r}"
+            v.message(
+                "dtypes",
+                "include",
+                "a non-empty sequence of torch dtypes",
+                include,
+                "Pass e.g. include=(torch.float32, torch.float64)",
+            )
         )
     return st.sampled_from(include)
 
@@ -91,11 +99,10 @@ def shapes(
         ...     assert len(shape) == 2 and all(1 <= s <= 3 for s in shape)
         >>> test_shape()
     """
-    if not 0 <= min_dims <= max_dims or not 0 <= min_side <= max_side:
-        raise ValueError(
-            f"shapes: need 0 <= min_dims <= max_dims and 0 <= min_side <= max_side, got "
-            f"dims {min_dims}..{max_dims}, sides {min_side}..{max_side}"
-        )
+    min_dims = v.check_nonnegative("shapes", "min_dims", min_dims, integer=True)
+    min_side = v.check_nonnegative("shapes", "min_side", min_side, integer=True)
+    v.check_int("shapes", "max_dims", max_dims, minimum=min_dims, fix="Pass max_dims >= min_dims")
+    v.check_int("shapes", "max_side", max_side, minimum=min_side, fix="Pass max_side >= min_side")
     return hnp.array_shapes(
         min_dims=min_dims, max_dims=max_dims, min_side=min_side, max_side=max_side
     )
@@ -162,16 +169,18 @@ def tensors(
         ...     assert bool((x.abs() <= 1).all())
         >>> test_bounded()
     """
-    avoid = tuple(float(p) for p in avoid)
-    bounds_ok = all(map(math.isfinite, (min_value, max_value))) and min_value < max_value
-    if not bounds_ok:
-        raise ValueError(
-            f"tensors: need finite min_value < max_value, got {min_value!r}, {max_value!r}"
-        )
-    if not (math.isfinite(margin) and margin > 0):
-        raise ValueError(f"tensors: margin must be a finite number > 0, got {margin!r}")
-    if layout not in _LAYOUTS:
-        raise ValueError(f"tensors: layout must be one of {_LAYOUTS}, got {layout!r}")
+    avoid = tuple(v.check_float("tensors", f"avoid[{i}]", p) for i, p in enumerate(avoid))
+    min_value = v.check_float("tensors", "min_value", min_value)
+    max_value = v.check_float(
+        "tensors",
+        "max_value",
+        max_value,
+        low=min_value,
+        low_open=True,
+        fix="Pass max_value > min_value",
+    )
+    margin = v.check_positive("tensors", "margin", margin)
+    v.check_choice("tensors", "layout", layout, _LAYOUTS)
     spaced = sorted(avoid)
     if any(b - a < 2 * margin for a, b in itertools.pairwise(spaced)):
         raise ValueError(

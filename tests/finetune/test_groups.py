@@ -155,11 +155,17 @@ def test_bad_input() -> None:
         param_groups(model, 0.1, groups={"backbone.*": 0.1})
     with pytest.raises(ValueError, match="closest names: 'layer1'"):
         param_groups(model, 0.1, groups={"layer_1": 0.1})
-    with pytest.raises(ValueError, match=r"layer_decay must be a number in \[0, 1.0\], got 1.5"):
+    with pytest.raises(
+        ValueError, match=r"layer_decay must be a finite number in \(0, 1\], got 1.5"
+    ):
         param_groups(model, 0.1, layer_decay=1.5)
-    with pytest.raises(ValueError, match=r"layer_decay must be in \(0, 1\], got 0"):
+    with pytest.raises(
+        ValueError, match=r"layer_decay must be a finite number in \(0, 1\], got 0.0"
+    ):
         param_groups(model, 0.1, layer_decay=0.0)
-    with pytest.raises(ValueError, match="param_groups: lr must be a number finite and >= 0"):
+    with pytest.raises(
+        ValueError, match=r"param_groups: lr must be a finite number >= 0, got -1\.0"
+    ):
         param_groups(model, -1.0)
     with pytest.raises(ValueError, match="layers orders the depths for layer_decay"):
         param_groups(model, 0.1, layers=["conv1"])

@@ -31,7 +31,7 @@ def test_missing_name_lists_close_names() -> None:
 
 def test_bad_arguments() -> None:
     model = TinyResNet()
-    with pytest.raises(ValueError, match="replace_module: name is empty"):
+    with pytest.raises(ValueError, match="replace_module: name must be a non-empty module name"):
         replace_module(model, "", nn.Identity())
     with pytest.raises(TypeError, match="new_module must be a torch"):
         replace_module(model, "fc", lambda x: x)  # type: ignore[arg-type]

@@ -51,5 +51,5 @@ def test_str_is_a_table_with_every_row() -> None:
 
 
 def test_bad_max_depth() -> None:
-    with pytest.raises(ValueError, match="parameter_summary: max_depth must be None or an int"):
+    with pytest.raises(ValueError, match="parameter_summary: max_depth must be an int >= 1, got 0"):
         parameter_summary(nn.Linear(2, 2), max_depth=0)
