@@ -75,6 +75,7 @@ from gradlab.curvature._estimators import spectrum as spectrum
 from gradlab.curvature._estimators import trace as trace
 from gradlab.curvature._ggn import GGNOperator as GGNOperator
 from gradlab.curvature._ggn import fisher_operator as fisher_operator
+from gradlab.curvature._ggn import ggn_diagonal as ggn_diagonal
 from gradlab.curvature._ggn import ggn_operator as ggn_operator
 from gradlab.curvature._operator import HessianOperator as HessianOperator
 from gradlab.curvature._operator import hessian_operator as hessian_operator
@@ -96,6 +97,7 @@ __all__ = [
     "diagonal",
     "eigenvalues",
     "fisher_operator",
+    "ggn_diagonal",
     "ggn_operator",
     "hessian_diagonal",
     "hessian_eigenvalues",

@@ -83,7 +83,7 @@ def hessian_eigenvalues(
         tensor([48., 12.])
     """
     fn = "hessian_eigenvalues"
-    entry = check_eigen(fn, method, k, max_iter)
+    entry = check_eigen(fn, method, k, max_iter, tol)
     gen = check_generator(fn, generator)
     prog = Progress(fn, progress)
     op, _ = build(

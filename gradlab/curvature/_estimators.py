@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+import gradlab._validate as v
 from gradlab.curvature._adapt import as_operator
 from gradlab.curvature._args import (
     GeneratorArg,
@@ -103,8 +104,8 @@ def check_spectrum(fn: str, probes: Any, steps: Any, grid_size: Any, sigma: Any)
     check_positive(fn, "probes", probes)
     check_positive(fn, "steps", steps)
     check_positive(fn, "grid_size", grid_size, 2)
-    if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0):
-        raise ValueError(f"{fn}: sigma must be a positive width or None, got {sigma!r}")
+    if sigma is not None:
+        v.check_positive(fn, "sigma", sigma, fix="Pass a positive width or None")
 
 
 def run_spectrum(
@@ -123,10 +124,11 @@ def run_spectrum(
     return slq_density(nodes, weights, probes, grid_size, sigma, op.dtype)
 
 
-def check_eigen(fn: str, method: Any, k: Any, max_iter: Any) -> EigenMethod:
+def check_eigen(fn: str, method: Any, k: Any, max_iter: Any, tol: Any) -> EigenMethod:
     check_choice(fn, "method", method, tuple(EIGENVALUE_METHODS))
     check_positive(fn, "k", k)
     check_positive(fn, "max_iter", max_iter)
+    v.check_nonnegative(fn, "tol", tol)
     return EIGENVALUE_METHODS[method]
 
 
@@ -277,7 +279,7 @@ def eigenvalues(
         >>> curvature.eigenvalues(A, k=2, generator=0).values
         tensor([-5.,  3.], dtype=torch.float64)
     """
-    entry = check_eigen("eigenvalues", method, k, max_iter)
+    entry = check_eigen("eigenvalues", method, k, max_iter, tol)
     gen = check_generator("eigenvalues", generator)
     op, prog = _operator("eigenvalues", A, progress)
     return run_eigen("eigenvalues", entry, op, k, max_iter, tol, gen, prog)

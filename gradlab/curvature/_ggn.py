@@ -42,7 +42,7 @@ from gradlab.curvature._distributed import shared_seed
 from gradlab.curvature._losses import LossRule, check_targets, loss_rule
 from gradlab.curvature._state import model_state
 
-__all__ = ["GGNOperator", "fisher_operator", "ggn_operator"]
+__all__ = ["GGNOperator", "fisher_operator", "ggn_diagonal", "ggn_operator"]
 
 LossHessian = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -211,14 +211,7 @@ class GGNOperator(CurvatureOperator):
         if self._kind == "empirical":
             R = rule.grad(out, y).unsqueeze(0)
         else:
-            rank = 0
-            if self._distributed:
-                import torch.distributed as dist
-
-                rank = dist.get_rank()
-            gen = torch.Generator(device=out.device)
-            gen.manual_seed(self._seed + (index or 0) + 1_000_003 * rank)
-            R = torch.stack([rule.grad(out, rule.sample(out, gen)) for _ in range(self._mc)])
+            R = self._mc_grads(out, index)
             c = c / self._mc
         return lambda U: (
             c
@@ -226,6 +219,72 @@ class GGNOperator(CurvatureOperator):
                 "ksn,sn...->kn...", per_sample_dot(R, U), R.reshape(R.shape[0], R.shape[1], -1)
             ).reshape(U.shape)
         )
+
+    def _factors(self, out: torch.Tensor, y: Any, index: int | None) -> torch.Tensor:
+        r""":math:`\Phi` of shape ``(m, *out.shape)`` with :math:`M_n = \sum_j \phi_{jn}
+        \phi_{jn}^\top` (the loss Hessian's square root, or the sampled gradients)."""
+        rule = self._rule
+        assert rule is not None
+        check_targets(self._fn, rule, self._loss_fn, out, y)
+        c = 1.0 / rule.terms(out) if self._c_mean else 1.0
+        if self._kind == "ggn":
+            return rule.sqrt(out, y) * c**0.5
+        if self._kind == "empirical":
+            return rule.grad(out, y).unsqueeze(0) * c**0.5
+        return self._mc_grads(out, index) * (c / self._mc) ** 0.5
+
+    def _mc_grads(self, out: torch.Tensor, index: int | None) -> torch.Tensor:
+        """The ``mc_samples`` sampled output gradients of one batch (fixed by the seed)."""
+        rule = self._rule
+        assert rule is not None
+        rank = 0
+        if self._distributed:
+            import torch.distributed as dist
+
+            rank = dist.get_rank()
+        gen = torch.Generator(device=out.device)
+        gen.manual_seed(self._seed + (index or 0) + 1_000_003 * rank)
+        return torch.stack([rule.grad(out, rule.sample(out, gen)) for _ in range(self._mc)])
+
+    def _exact_diagonal(self) -> torch.Tensor:
+        r""":math:`\sum_n \sum_j (J_n^\top \phi_{jn})^2` by per-sample vector-Jacobian products.
+
+        BackPACK's DiagGGN: the square root of each sample's output matrix pulled back through
+        that sample's Jacobian (vmapped over samples, in chunks), no product of the full
+        matrix. A custom ``loss_hessian=`` has no square root: then n products.
+        """
+        if self._rule is None:
+            return super()._exact_diagonal()
+        out = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        primals = tuple(p.detach() for p in self.params)
+        model, names = self._model, self.names
+        for batch, index, w in self._iter_data():
+            X, y = self._unpack(self._batch if index is None else batch, index)
+            with self._mode_ctx(), torch.no_grad():
+                f = torch.func.functional_call(model, dict(zip(names, primals)), (X,))
+            Phi = self._factors(f, y, index).movedim(0, 1)  # (N, m, *out_n)
+
+            def per_sample(x: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                def f_n(*params: torch.Tensor) -> torch.Tensor:
+                    args = (x.unsqueeze(0),)
+                    return torch.func.functional_call(
+                        model, dict(zip(names, params)), args
+                    ).squeeze(0)
+
+                _, vjp_fn = torch.func.vjp(f_n, *primals)  # type: ignore[misc]
+                return tuple((g**2).sum(0) for g in torch.func.vmap(vjp_fn)(phi))
+
+            N, m = Phi.shape[0], Phi.shape[1]
+            step = max(1, (1 << 22) // max(1, m * self.n))  # bound N * m * n in memory
+            with self._mode_ctx():
+                for lo in range(0, N, step):
+                    squares = torch.func.vmap(per_sample)(X[lo : lo + step], Phi[lo : lo + step])
+                    for i, sq in enumerate(squares):
+                        a, b = self.offsets[i], self.offsets[i + 1]
+                        out[a:b].add_(sq.sum(0).reshape(-1), alpha=w)
+            self._count(self.n)
+        self._finish([out])
+        return out
 
     def _batch_products(self, state: Any, V: Pieces) -> Pieces:
         f, primals, vjp_fn, M = state
@@ -386,3 +445,75 @@ def fisher_operator(
         mc_samples=mc_samples,
         generator=generator,
     )
+
+
+def ggn_diagonal(
+    model: nn.Module,
+    loss_fn: Any,
+    batch: tuple[Any, torch.Tensor] | None = None,
+    *,
+    method: str = "exact",
+    mc_samples: int = 1,
+    generator: GeneratorArg = None,
+    data: Iterable[Any] | None = None,
+    batch_weight: BatchWeight = None,
+    distributed: bool = False,
+    mode: str | None = "eval",
+) -> dict[str, torch.Tensor]:
+    r"""Diagonal of the GGN (``"exact"``) or of the Monte-Carlo Fisher (``"mc"``), per parameter.
+
+    ``"exact"`` (BackPACK's ``DiagGGNExact``): :math:`\operatorname{diag} G = \sum_n \sum_j
+    (J_n^\top s_{jn})^2` with :math:`S_n = [s_{1n}, \dots]` a square root of the loss Hessian
+    w.r.t. sample n's output (:math:`S_n S_n^\top = c\nabla^2_f \ell`; C columns for C-class
+    cross-entropy, D for a D-output squared error). ``"mc"`` (``DiagGGNMC``): the same with
+    :math:`S_n` replaced by ``mc_samples`` gradients at targets drawn from the model's predictive
+    distribution (scaled by :math:`\sqrt{c/S}`), an unbiased estimate, equal to the diagonal of
+    :func:`fisher_operator` with ``kind="mc"`` and the same ``generator``. Each column is one
+    per-sample vector-Jacobian product, vmapped over the samples (no product of the full
+    matrix, no double backward).
+
+    Args:
+        model, loss_fn, batch, data, batch_weight, distributed, mode: as in
+            :func:`ggn_operator` (a registered loss is needed).
+        method: ``"exact"`` or ``"mc"``.
+        mc_samples: targets drawn per sample for ``"mc"``.
+        generator: a ``torch.Generator`` or an int seed for ``"mc"``.
+
+    Returns:
+        A dict ``{parameter name: diagonal}``, each shaped like its parameter.
+
+    Raises:
+        TypeError, ValueError: as :func:`ggn_operator`; unknown ``method``, bad ``mc_samples``.
+
+    Example:
+        >>> import gradlab as gl
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Linear(3, 2)
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> d = gl.ggn_diagonal(model, nn.CrossEntropyLoss(), (X, y))
+        >>> {k: tuple(v.shape) for k, v in d.items()}
+        {'weight': (2, 3), 'bias': (2,)}
+    """
+    fn = "ggn_diagonal"
+    check_choice(fn, "method", method, ("exact", "mc"))
+    check_positive(fn, "mc_samples", mc_samples)
+    if method == "exact" and (mc_samples != 1 or generator is not None):
+        raise ValueError(
+            f"{fn}: mc_samples= and generator= are used by method='mc' only, got "
+            f"method='exact'; drop them or pass method='mc'"
+        )
+    op = _operator(
+        fn,
+        model,
+        loss_fn,
+        batch,
+        "ggn" if method == "exact" else "mc",
+        data=data,
+        batch_weight=batch_weight,
+        distributed=distributed,
+        mode=mode,
+        mc_samples=mc_samples,
+        generator=generator,
+    )
+    return op._unflatten(op._exact_diagonal(), op.names)  # type: ignore[no-any-return]

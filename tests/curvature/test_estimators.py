@@ -226,7 +226,7 @@ def test_bad_estimator_arguments():
     A = _matrix("cpu")
     with pytest.raises(ValueError, match=r"trace: unknown method 'x'.*'hutchinson', 'hutch\+\+'"):
         curvature.trace(A, method="x")
-    with pytest.raises(ValueError, match=r"trace: samples=2; pass an int >= 3"):
+    with pytest.raises(ValueError, match=r"trace: samples must be an int >= 3, got 2"):
         curvature.trace(A, method="hutch++", samples=2)
     with pytest.raises(ValueError, match=r"eigenvalues: k=13 but the operator is only 12x12"):
         curvature.eigenvalues(A, k=13)

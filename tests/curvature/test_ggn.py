@@ -283,7 +283,7 @@ def test_against_curvlinops(arch, loss):
                 m, nn.CrossEntropyLoss(), (X, y), kind="mc", mc_samples=0
             ),
             ValueError,
-            r"fisher_operator: mc_samples=0; pass an int >= 1",
+            r"fisher_operator: mc_samples must be an int >= 1, got 0",
         ),
     ],
     ids=[
@@ -305,3 +305,76 @@ def test_bad_inputs(call, error, match):
     model, _, X, y = _problem("mlp", "ce", "mean", "cpu")
     with pytest.raises(error, match=match):
         call(model, X, y)
+
+
+def _flat_dict(d):
+    return torch.cat([t.reshape(-1) for t in d.values()])
+
+
+@pytest.mark.parametrize(("arch", "loss", "reduction"), CASES, ids=IDS)
+def test_exact_ggn_diagonal_equals_the_dense_diagonal(arch, loss, reduction, device):
+    model, loss_fn, X, y = _problem(arch, loss, reduction, device)
+    G = _dense_ggn(model, loss_fn, X, y)
+    d = gl.ggn_diagonal(model, loss_fn, (X, y))
+    assert list(d) == [k for k, _ in model.named_parameters()]
+    assert all(d[k].shape == p.shape for k, p in model.named_parameters())
+    torch.testing.assert_close(_flat_dict(d), G.diagonal(), **TOL)
+    # the estimator's exact method on the operator takes the same path
+    op = gl.ggn_operator(model, loss_fn, (X, y))
+    torch.testing.assert_close(curvature.diagonal(op, method="exact"), G.diagonal(), **TOL)
+    F = _dense_ef(model, loss_fn, X, y)
+    ef = gl.fisher_operator(model, loss_fn, (X, y))
+    torch.testing.assert_close(curvature.diagonal(ef, method="exact"), F.diagonal(), **TOL)
+
+
+def test_ggn_diagonal_with_data_and_bce(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double().to(device)
+    X = torch.randn(7, 4, dtype=torch.float64, device=device)
+    y = torch.randint(0, 2, (7, 2), device=device).double()
+    loss_fn = nn.BCEWithLogitsLoss()
+    G = _dense_ggn(model, loss_fn, X, y)
+    d = gl.ggn_diagonal(model, loss_fn, data=[(X[:3], y[:3]), (X[3:], y[3:])])
+    torch.testing.assert_close(_flat_dict(d), G.diagonal(), **TOL)
+    op = gl.ggn_operator(model, loss_fn, (X, y))
+    torch.testing.assert_close(op @ _eye(op), G, **TOL)
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_mc_ggn_diagonal_is_the_mc_fishers_diagonal_and_unbiased(loss, device):
+    model, loss_fn, X, y = _problem("cnn", loss, "mean", device)
+    F = gl.fisher_operator(model, loss_fn, (X, y), kind="mc", generator=3, mc_samples=2)
+    d = gl.ggn_diagonal(model, loss_fn, (X, y), method="mc", generator=3, mc_samples=2)
+    torch.testing.assert_close(_flat_dict(d), (F @ _eye(F)).diagonal(), **TOL)
+    G = _dense_ggn(model, loss_fn, X, y)
+    draws = torch.stack(
+        [
+            _flat_dict(gl.ggn_diagonal(model, loss_fn, (X, y), method="mc", generator=s))
+            for s in range(200)
+        ]
+    )
+    mean, se = draws.mean(0), draws.std(0) / 200**0.5
+    assert bool(((mean - G.diagonal()).abs() <= 4 * se + 1e-12).all())
+
+
+def test_ggn_diagonal_against_backpack():
+    backpack = pytest.importorskip("backpack")
+    from backpack.extensions import DiagGGNExact
+
+    model, loss_fn, X, y = _problem("cnn", "ce", "mean", "cpu")
+    ours = gl.ggn_diagonal(model, loss_fn, (X, y))
+    ext_model, ext_loss = backpack.extend(model), backpack.extend(nn.CrossEntropyLoss())
+    with backpack.backpack(DiagGGNExact()):
+        ext_loss(ext_model(X), y).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.diag_ggn_exact, **TOL)
+
+
+def test_ggn_diagonal_bad_inputs():
+    model, loss_fn, X, y = _problem("mlp", "ce", "mean", "cpu")
+    with pytest.raises(ValueError, match=r"ggn_diagonal: method must be one of 'exact', 'mc'"):
+        gl.ggn_diagonal(model, loss_fn, (X, y), method="kfac")
+    with pytest.raises(ValueError, match=r"ggn_diagonal: mc_samples= and generator= are used"):
+        gl.ggn_diagonal(model, loss_fn, (X, y), generator=0)
+    with pytest.raises(TypeError, match=r"ggn_diagonal: loss_fn must be a loss with a known"):
+        gl.ggn_diagonal(model, nn.HuberLoss(), (X, y))
