@@ -40,6 +40,7 @@ from gradlab.curvature import (
     hessian_spectrum,
     hessian_trace,
     hessian_trace_by_block,
+    kfac_operator,
 )
 from gradlab.finetune import (
     GradualUnfreezing,
@@ -88,6 +89,7 @@ __all__ = [
     "is_autotune_enabled",
     "jacobian",
     "jvp",
+    "kfac_operator",
     "param_groups",
     "parameter_summary",
     "replace_module",

@@ -77,6 +77,8 @@ from gradlab.curvature._ggn import GGNOperator as GGNOperator
 from gradlab.curvature._ggn import fisher_operator as fisher_operator
 from gradlab.curvature._ggn import ggn_diagonal as ggn_diagonal
 from gradlab.curvature._ggn import ggn_operator as ggn_operator
+from gradlab.curvature._kfac import KFACOperator as KFACOperator
+from gradlab.curvature._kfac import kfac_operator as kfac_operator
 from gradlab.curvature._operator import HessianOperator as HessianOperator
 from gradlab.curvature._operator import hessian_operator as hessian_operator
 from gradlab.curvature._results import Eigenpairs as Eigenpairs
@@ -93,6 +95,7 @@ __all__ = [
     "Eigenpairs",
     "GGNOperator",
     "HessianOperator",
+    "KFACOperator",
     "Spectrum",
     "diagonal",
     "eigenvalues",
@@ -105,6 +108,7 @@ __all__ = [
     "hessian_spectrum",
     "hessian_trace",
     "hessian_trace_by_block",
+    "kfac_operator",
     "spectrum",
     "trace",
 ]

@@ -144,7 +144,11 @@ class GGNOperator(CurvatureOperator):
                 )
             dist_.check_group(fn)
             dist_.check_same_shapes(fn, self.names, self.params)
-        self._seed = shared_seed(check_generator(fn, generator), distributed) if kind == "mc" else 0
+        self._seed = 0
+        if kind == "mc":  # an int is the seed itself (as curvlinops' seed=); else one draw
+            gen = check_generator(fn, generator)
+            is_int = isinstance(generator, int) and not isinstance(generator, bool)
+            self._seed = int(generator) if is_int else shared_seed(gen, distributed)  # type: ignore[arg-type]
         if batch is not None:
             self._unpack(batch, None)
 
