@@ -46,6 +46,12 @@ count starts); with ``data=`` of B batches, a product of the dataset Hessian cou
 method stops early (Lanczos or power iteration converged), the last update is ``(done, done)``, so
 a bar ends full. Default ``False``: silent.
 
+Beyond the Hessian: :func:`ggn_operator` (the generalized Gauss-Newton, by jvp, loss Hessian and
+vjp), :func:`fisher_operator` (empirical or Monte-Carlo Fisher), :func:`kfac_operator` (KFAC and
+its inverse) and :func:`ggn_diagonal` (exact or Monte-Carlo), for a model and a loss module
+(``loss_fn(output, y)``) on a batch ``(X, y)`` or ``data=``; the user guide
+``docs/guides/curvature_operators.md`` walks through them.
+
 Any operator: :func:`trace`, :func:`diagonal`, :func:`eigenvalues` and :func:`spectrum` take a
 gradlab operator (:class:`CurvatureOperator`: Hessian, GGN, Fisher, KFAC), a
 ``scipy.sparse.linalg.LinearOperator``, a curvlinops operator, or anything with ``@`` and
