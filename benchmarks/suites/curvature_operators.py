@@ -75,9 +75,16 @@ def _variants(
             model, loss_fn, params, [(x, y)], check_deterministic=False
         )
         cases["GGN matvec"]["curvlinops"] = lambda: C @ v
-        cases["KFAC construction"]["curvlinops"] = lambda: curvlinops.KFACLinearOperator(
-            model, loss_fn, params, [(x, y)], fisher_type="type-2", check_deterministic=False
-        )
+
+        def curvlinops_kfac() -> object:
+            # without check_deterministic the factors are computed on demand: ask for them
+            K = curvlinops.KFACLinearOperator(
+                model, loss_fn, params, [(x, y)], fisher_type="type-2", check_deterministic=False
+            )
+            K.compute_kronecker_factors()
+            return K
+
+        cases["KFAC construction"]["curvlinops"] = curvlinops_kfac
     if importlib.util.find_spec("backpack") is not None:
         import backpack
         from backpack.extensions import DiagGGNExact

@@ -271,7 +271,7 @@ def test_against_curvlinops(arch, loss):
         (
             lambda m, X, y: gl.fisher_operator(m, nn.CrossEntropyLoss(), (X, y), kind="true"),
             ValueError,
-            r"fisher_operator: unknown kind 'true'",
+            r"fisher_operator: kind must be one of 'empirical', 'mc', got 'true'",
         ),
         (
             lambda m, X, y: gl.fisher_operator(m, nn.CrossEntropyLoss(), (X, y), generator=0),
