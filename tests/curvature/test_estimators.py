@@ -233,5 +233,8 @@ def test_bad_estimator_arguments():
         curvature.trace(A, method="hutch++", samples=2)
     with pytest.raises(ValueError, match=r"eigenvalues: k=13 but the operator is only 12x12"):
         curvature.eigenvalues(A, k=13)
-    with pytest.raises(ValueError, match=r"spectrum: sigma must be a positive width"):
+    with pytest.raises(
+        ValueError,
+        match=r"spectrum: sigma must be a finite number > 0, got -1.0. Pass a positive width",
+    ):
         curvature.spectrum(A, sigma=-1.0)
