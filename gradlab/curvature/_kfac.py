@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gradlab.curvature import _distributed as dist_
 from gradlab.curvature._args import BatchWeight, GeneratorArg, check_choice, check_positive
 from gradlab.curvature._base import CurvatureOperator, Pieces
 from gradlab.curvature._ggn import GGNOperator
@@ -158,6 +159,7 @@ def kfac_operator(
     damping: float = 0.0,
     data: Iterable[Any] | None = None,
     batch_weight: BatchWeight = None,
+    distributed: bool = False,
     mode: str | None = "eval",
 ) -> KFACOperator:
     r"""KFAC (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions) as an operator.
@@ -181,6 +183,8 @@ def kfac_operator(
         damping: :math:`\lambda \ge 0`, added to every factor.
         data: an iterable of ``(X, y)`` batches (factors averaged, weighted by batch size).
         batch_weight: ``batch_weight(batch) -> float`` (default: the batch size).
+        distributed: each rank passes its shard as ``data=``; the weighted factor sums and the
+            total weight are all-reduced, so every rank gets the factors of the union.
         mode: the model's mode while it runs (``"eval"``, ``"train"`` or ``None``).
 
     Returns:
@@ -223,6 +227,7 @@ def kfac_operator(
         kind=FISHERS[fisher],
         data=data,
         batch_weight=batch_weight,
+        distributed=distributed,
         mode=mode,
         mc_samples=mc_samples,
         generator=generator,
@@ -305,6 +310,13 @@ def kfac_operator(
                 prev[1] = B * w if prev[1] is None else prev[1] + B * w
         total += w
         ggn._count(1)
+    if distributed:  # one all-reduce of every weighted sum and the total weight
+        parts = [t for pair in sums.values() for t in pair if t is not None]
+        flat = torch.cat([t.reshape(-1) for t in parts] + [torch.tensor([total]).to(parts[0])])
+        dist_.all_reduce_sum(flat)
+        for t, piece in zip(parts, flat[:-1].split([t.numel() for t in parts])):
+            t.copy_(piece.view_as(t))
+        total = float(flat[-1])
     factors: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
     for name, (A_sum, B_sum) in sums.items():
         assert B_sum is not None

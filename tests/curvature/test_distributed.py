@@ -45,6 +45,14 @@ def _compute(loss_fn, model, data, seeds, **kw):
                 for d in gl.ggn_diagonal(model, nn.CrossEntropyLoss(), data=data, **kw).values()
             ]
         ),
+        "kfac": torch.cat(
+            [
+                torch.cat([a.flatten(), b.flatten()])
+                for a, b in gl.kfac_operator(
+                    model, nn.CrossEntropyLoss(), data=data, **kw
+                ).factors.values()
+            ]
+        ),
         "ef-trace": gl.curvature.trace(
             gl.fisher_operator(model, nn.CrossEntropyLoss(), data=data, **kw), method="exact"
         ),
