@@ -70,6 +70,18 @@ def _expected(out: Path, stem: str, size: str) -> dict[str, float]:
         return {}
 
 
+def _writable(out: Path) -> str | None:
+    """``None`` if ``out`` is (or can be made) a folder we can write into, else why not."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     suites = discover()
     chosen = args.suite or list(suites)
@@ -84,6 +96,14 @@ def run(args: argparse.Namespace) -> int:
     size = "quick" if args.quick or args.smoke else "full" if args.full else "default"
     label = "smoke" if args.smoke else size
     out = Path(args.out)
+    problem = _writable(out)
+    if problem is not None:  # checked before any suite runs (they take minutes)
+        print(
+            f"--out {args.out}: cannot write the results there ({problem}); pass a folder you "
+            "can write to, e.g. --out /tmp/gradlab-bench",
+            file=sys.stderr,
+        )
+        return 2
     stem = f"results-{device.type}"
     env = environment(device)
     threshold = load_threshold(env.get("cpu_count"), env.get("threads", 1))

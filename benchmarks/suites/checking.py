@@ -8,7 +8,7 @@
 2. Power: a custom ``autograd.Function`` computing ``tanh(A @ x)`` whose backward is wrong in a
    single Jacobian entry (by 1.0 and by 1e-3) is given to each checker; ``caught`` records
    whether it raised/returned a failure (measured, not assumed).
-3. Bug classes: every planted bug of :mod:`gradlab.testing._planted` (one per class that
+3. Bug classes: every planted bug of :mod:`benchmarks._planted` (one per class that
    ``gradcheck``/``gradgradcheck`` catch, plus a wrong vmap rule) given to gradlab full/fast and
    to ``gradcheck``, ``gradcheck(fast_mode=True)`` and ``gradgradcheck``; the correct twin of
    each case must pass everywhere (false alarms are listed).
@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 
 from benchmarks._core import Context, Suite, Table, judge, time_interleaved
+from benchmarks._planted import CASES, caught_by_gradlab, caught_by_torch
 from gradlab.testing import GradientCheckError, check_gradients
-from gradlab.testing._planted import CASES, caught_by_gradlab, caught_by_torch
 
 
 def _planted(A: torch.Tensor, wrong: tuple[int, int], delta: float) -> Callable[..., torch.Tensor]:
@@ -167,7 +167,7 @@ def _bug_classes(ctx: Context) -> Table:
             "Each case's options are the same for every checker (forward mode: gradlab "
             "forward_ad=True, torch check_forward_ad=True; the order-2 case: gradlab order=2).",
             "false alarms: checkers that rejected the correct twin (should be none).",
-            "Cases: gradlab/testing/_planted.py. gradgradcheck checks second derivatives only, so "
+            "Cases: benchmarks/_planted.py. gradgradcheck checks second derivatives only, so "
             "first-order bugs it reports are side effects of its first-order pass.",
         ],
     )

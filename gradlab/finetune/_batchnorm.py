@@ -142,6 +142,11 @@ class FrozenBatchNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        fn = type(self).__name__
+        num_features = v.check_int(fn, "num_features", num_features, minimum=1)
+        eps = v.check_nonnegative(fn, "eps", eps)
+        v.check_bool(fn, "affine", affine)
+        v.check_bool(fn, "track_running_stats", track_running_stats)
         super().__init__()
         self.num_features = num_features
         self.eps = eps

@@ -256,6 +256,25 @@ def param_groups(
     all_names = module_names + [n for names in aliases.values() for n in names]
     trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
 
+    if groups is not None:
+        v.check_type(
+            "param_groups",
+            "groups",
+            groups,
+            (Mapping,),
+            what="a dict from name globs to lr multipliers (or None)",
+            fix="Pass e.g. groups={'backbone.*': 0.1}",
+        )
+    if not isinstance(no_weight_decay, Sequence):
+        raise TypeError(
+            v.message(
+                "param_groups",
+                "no_weight_decay",
+                "a sequence of globs",
+                no_weight_decay,
+                "Pass e.g. ('bias', 'norm'), or () to decay every parameter",
+            )
+        )
     multipliers = dict(groups or {})
     _check_patterns(list(multipliers), all_names, "groups")
     for pattern, value in multipliers.items():

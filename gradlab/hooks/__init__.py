@@ -1,7 +1,7 @@
 """gradlab.hooks: capture non-leaf gradients, monitor every layer, trace a NaN to its source.
 
 Every tool is a context manager that removes all of its hooks on exit (exceptions included) and
-keeps no reference to the model. See ../shared/API.md (gradlab.hooks).
+keeps no reference to the model. Each tool's docstring below states its contract.
 """
 
 from gradlab.hooks._capture import CapturedGrads, capture_grads

@@ -19,13 +19,20 @@ Jacobian:
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from gradlab.testing._analytical import Analytic
 from gradlab.testing._errors import GradientCheckError
 from gradlab.testing._report import CALLER, Settings, fmt
 
-__all__ = ["UNDEFINED_PROBES", "check_backward", "check_undefined"]
+__all__ = [
+    "UNDEFINED_PROBES",
+    "check_backward",
+    "check_grad_output_untouched",
+    "check_undefined",
+]
 
 #: Cotangents per output for the undefined-grad_output check.
 UNDEFINED_PROBES = 2
@@ -45,6 +52,54 @@ def _vjp(an: Analytic, i: int, u: torch.Tensor) -> list[torch.Tensor]:
     """``u^T J_i`` with the other outputs' grad_outputs zero."""
     cots = tuple(u if k == i else torch.zeros_like(o) for k, o in enumerate(an.f0))
     return an.graph_vjp(cots)
+
+
+def check_grad_output_untouched(an: Analytic, us: list[torch.Tensor], st: Settings) -> None:
+    """One plain vjp per output with a fresh cotangent, which must be unchanged afterwards.
+
+    A backward that writes into its grad_output (``return g.mul_(torch.cos(x))``) returns the
+    right numbers, so no comparison sees it, but it overwrites the caller's cotangent (in a
+    network: the gradient flowing into a sibling branch). Run before anything else uses ``us``,
+    so that the probes below are not overwritten either. Also names a backward that returns
+    NaN or inf at this (finite) point.
+    """
+    for i, u in enumerate(us):
+        if u.numel() == 0:
+            continue
+        cot = u[0].clone()
+        an.graph()  # built once: the timing below is one backward, not the forward
+        start = time.perf_counter()
+        res = _vjp(an, i, cot)
+        elapsed = time.perf_counter() - start
+        an.plain_vjp_seconds = max(an.plain_vjp_seconds or 0.0, elapsed)
+        if not torch.equal(cot, u[0]):
+            changed = cot != u[0]
+            k = int(changed.reshape(-1).nonzero()[0])
+            raise GradientCheckError(
+                f"{CALLER}: the backward of fn modified its grad_output in place for output "
+                f"{st.outputs[i]}: flat element {k} of the grad_output was "
+                f"{fmt(float(u[0].reshape(-1)[k]))} before the backward and "
+                f"{fmt(float(cot.reshape(-1)[k]))} after it. The grad_output belongs to the "
+                "caller (autograd passes the same tensor on to other branches): compute out of "
+                "place (return g * torch.cos(x), not g.mul_(torch.cos(x))). "
+                f"{st.tag()}",
+                location=st.loc(i, 0),
+            )
+        for j, r in enumerate(res):
+            bad = r.isfinite().logical_not()
+            if bool(bad.any()):
+                k = int(bad.reshape(-1).nonzero()[0])
+                raise GradientCheckError(
+                    f"{CALLER}: the backward returned {fmt(float(r[k]))} for {st.loc(i, j)} "
+                    f"(flat input element {k}) at a point where every input and output of fn "
+                    "is finite. Either the derivative is infinite here (sqrt or log at 0, "
+                    "a pole: check at another point) or the backward computes NaN/inf (0/0, "
+                    "inf * 0, an unguarded division). "
+                    f"{st.tag()}",
+                    location=st.loc(i, j),
+                    analytical=float(r[k]),
+                )
+    st.ran("grad_output untouched")
 
 
 def check_backward(

@@ -31,12 +31,22 @@ _LOCALIZE_LIMIT = 2**22
 def directions(
     n: int, shape: tuple[int, ...], st: Settings, gen: torch.Generator, like: torch.Tensor
 ) -> torch.Tensor:
-    """``n`` random directions of ``shape``: Rademacher (+-1) or Gaussian per ``st``."""
+    """``n`` random directions of ``shape``: Rademacher (+-1) or Gaussian per ``st``.
+
+    Laid out with the probe index fastest (``d[:, k]`` contiguous, like the column-major basis of
+    :func:`~gradlab.testing._analytical.analytical_jacobian`): a batched vjp through a matrix
+    product then runs as one well-shaped GEMM. With the probe index slowest, vmap's batching
+    rule for ``mv``/``matmul`` hands BLAS a layout that made the 16-probe vjp of ``tanh(A @ x)``
+    2.5x slower at n = 1024 (a cost growing as ``n^2``); the values are the same either way.
+    """
     if st.directions == "rademacher":
         d = torch.randint(0, 2, (n, *shape), generator=gen).mul(2).sub(1)
     else:
         d = torch.randn((n, *shape), generator=gen, dtype=torch.float64)
-    return d.to(dtype=like.dtype, device=like.device)
+    d = d.to(dtype=like.dtype, device=like.device)
+    if n > 1 and d[0].numel() > 1:
+        d = d.reshape(n, -1).T.contiguous().T.reshape(d.shape)
+    return d
 
 
 def fast(

@@ -31,6 +31,14 @@ import gradlab._validate as v
 from gradlab.testing._analytical import Problem
 from gradlab.testing._common import as_outputs, check_one_device, same_layout
 from gradlab.testing._report import CALLER
+from gradlab.testing._sanity import (
+    check_deterministic,
+    check_finite_inputs,
+    check_finite_outputs,
+    check_full_memory,
+    check_nonempty,
+    check_unmodified,
+)
 
 __all__ = ["Prepared", "first_order", "prepare", "second_order"]
 
@@ -132,12 +140,20 @@ def _raw_outputs(out: Any) -> tuple[torch.Tensor, ...]:
     return outs
 
 
-def prepare(fn: Callable[..., Any], inputs: Sequence[Any]) -> Prepared:
-    """Validate the inputs, copy them (caller's layout) and build the real function to check."""
+def prepare(
+    fn: Callable[..., Any], inputs: Sequence[Any], mode: str = "full", nondet_tol: float = 0.0
+) -> Prepared:
+    """Validate the inputs, copy them (caller's layout) and build the real function to check.
+
+    Before anything is differentiated, :mod:`gradlab.testing._sanity` checks the point (finite,
+    not empty, fits in memory for ``mode="full"``) and ``fn`` itself (leaves its inputs alone,
+    gives the same outputs twice)."""
     diff = _select(inputs)
+    check_finite_inputs(inputs, diff)
     copies = [same_layout(x) if x.layout == torch.strided else x.detach().clone() for x in inputs]
     cplx = {k: inputs[k].is_complex() for k in diff}
     raw = _raw_outputs(fn(*copies))
+    check_unmodified(inputs, copies)
     outputs = tuple(k for k, o in enumerate(raw) if o.is_floating_point() or o.is_complex())
     if not outputs:
         raise TypeError(
@@ -151,6 +167,11 @@ def prepare(fn: Callable[..., Any], inputs: Sequence[Any]) -> Prepared:
             )
         )
     out_cplx = [raw[i].is_complex() for i in outputs]
+    checked = [raw[i] for i in outputs]
+    check_nonempty(inputs, diff, checked)
+    check_finite_outputs(checked, outputs)
+    check_full_memory(mode, [inputs[k] for k in diff], checked, diff)
+    check_deterministic(fn, copies, raw, _raw_outputs, nondet_tol)
 
     def real_fn(*d: torch.Tensor) -> tuple[torch.Tensor, ...]:
         args = list(copies)

@@ -38,7 +38,12 @@ from gradlab.testing._common import (
     machine_eps,
 )
 from gradlab.testing._compare import check_block, fd_all
-from gradlab.testing._contract import UNDEFINED_PROBES, check_backward, check_undefined
+from gradlab.testing._contract import (
+    UNDEFINED_PROBES,
+    check_backward,
+    check_grad_output_untouched,
+    check_undefined,
+)
 from gradlab.testing._errors import GradientCheckError, NonDifferentiablePointError
 from gradlab.testing._fast import directions, fast
 from gradlab.testing._forward import Forward
@@ -48,6 +53,10 @@ from gradlab.testing._vmap_rule import base_point_check
 from gradlab.testing.numerical import Evaluator, steps_for
 
 __all__ = ["GradientCheckReport", "Location", "check_gradients"]
+
+#: Above this time for one plain vjp, fast mode takes its probes' vjps in a loop, not vmapped
+#: (a loop iteration's own overhead is a few tens of microseconds).
+_LOOP_VJP_SECONDS = 2e-4
 
 
 def _compare(
@@ -69,6 +78,7 @@ def _compare(
     us = [directions(p, tuple(o.shape), st, gen, o) for o in ev.f0]
     vs = [directions(p, (x.numel(),), st, gen, x) for x in xs] if st.mode == "fast" else []
     fwd = Forward(problem, xs, ev.f0) if st.forward_ad else None
+    check_grad_output_untouched(an, us, st)
     if st.mode == "full":
         analytical = [analytical_jacobian(an, i) for i in range(len(ev.f0))]
         # u^T J for the contract checks; they run before the comparison, so that a backward
@@ -88,7 +98,10 @@ def _compare(
         if fwd is not None:
             st.ran("forward mode")
     else:
-        jtu = [an.rows(i, u) for i, u in enumerate(us)]
+        # One plain vjp costing more than _LOOP_VJP_SECONDS is work-bound: a loop of p of them
+        # costs p vjps plus negligible overhead, where vmap may be several times slower.
+        loop = an.plain_vjp_seconds is not None and an.plain_vjp_seconds > _LOOP_VJP_SECONDS
+        jtu = [an.looped_rows(i, u) if loop else an.rows(i, u) for i, u in enumerate(us)]
         check_backward(an, us, jtu, st)
         fast(ev, an, steps, st, unit, acc, us, vs, jtu, fwd)
     check_undefined(an, us, jtu, st)
@@ -143,6 +156,16 @@ def check_gradients(
     :math:`\partial L/\partial x + i\,\partial L/\partial y`) as the real map on
     ``torch.view_as_real`` views; in locations the last index of a complex tensor is 0 for the
     real and 1 for the imaginary part.
+
+    Before any derivative, ``fn`` and the point are checked (:mod:`gradlab.testing._sanity`): the
+    differentiated inputs and ``fn``'s outputs are finite and not all empty; the first call of
+    ``fn`` leaves its (copied) inputs unchanged (a forward that writes into an input, e.g. a
+    custom Function without ``ctx.mark_dirty``); a second call at the same point gives the same
+    outputs to ``nondet_tol`` (no state kept between calls, no dropout in training mode); and in
+    ``"full"`` mode the dense Jacobian blocks fit in the device's free memory (else use
+    ``"fast"``). Then one plain backward per output must leave its grad_output unchanged (a
+    backward that writes into it, ``g.mul_(...)``, returns right numbers but overwrites the
+    caller's cotangent) and return finite values.
 
     Besides the Jacobian, every call checks, on a few random cotangents (the probes of fast
     mode, 4 per output in full mode, so no second Jacobian is built):
@@ -200,13 +223,17 @@ def check_gradients(
         A :class:`GradientCheckReport` (always, when nothing failed).
 
     Raises:
-        GradientCheckError: an analytical derivative is wrong, or a contract above is broken.
-            The message names the output and input, the worst element's index in each, both
+        GradientCheckError: an analytical derivative is wrong, or a contract above is broken
+            (including ``fn`` modifying its inputs, a backward modifying its grad_output or
+            returning NaN/inf, ``fn`` giving different outputs for the same inputs). The
+            message names the output and input, the worst element's index in each, both
             values and the tolerance.
         NonDifferentiablePointError: with ``kinks="raise"``, mismatches only at kinks.
         TypeError: ``fn`` not callable, a differentiated input not a dense float/complex tensor,
             ``fn`` returning a non-tensor or only integer tensors, ``forward_ad`` not a bool.
-        ValueError: inputs on different devices, or a bad option value.
+        ValueError: inputs on different devices, a bad option value, a NaN/inf or empty
+            differentiated input, ``fn`` not finite at the inputs, or ``mode="full"`` on a
+            Jacobian too large for the free memory (the message says to use ``"fast"``).
         gradlab.GraphError: ``order=2`` and ``fn``'s backward is not differentiable, or
             ``forward_ad=True`` and ``fn`` has no forward-mode rule.
 
@@ -254,7 +281,7 @@ def check_gradients(
         atol = v.check_nonnegative(CALLER, "atol", atol)
     if rtol is not None:
         rtol = v.check_nonnegative(CALLER, "rtol", rtol)
-    pre = prepare(fn, inputs)
+    pre = prepare(fn, inputs, mode, nondet)
     xs, f0 = pre.xs, pre.f0
     d_atol, d_rtol = default_tolerances(list(xs) + list(f0))
     st = Settings(

@@ -63,6 +63,35 @@ def test_tiny_suite_writes_documented_schema(tiny: None, tmp_path: Path) -> None
     assert load["high"] == (load["max_1min"] > load["threshold"])
 
 
+@pytest.mark.parametrize("kind", ["file in the way", "read-only folder"])
+def test_unwritable_out_is_refused_before_running(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys, kind: str
+) -> None:
+    if kind == "file in the way":
+        (tmp_path / "f").write_text("")
+        out = tmp_path / "f" / "sub"  # a path below a file: mkdir fails (NotADirectoryError)
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root can write into a read-only folder")
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        out = ro / "sub"
+    ran = []
+    tiny = _tiny_suite()
+
+    def spy(ctx: Context) -> list[Table]:
+        ran.append(1)
+        return tiny.run(ctx)
+
+    monkeypatch.setattr(_cli, "discover", lambda: {"tiny": Suite("tiny", "", run=spy)})
+    assert _cli.main(["--quick", "--suite", "tiny", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: cannot write the results there (" in err
+    assert "pass a folder you can write to" in err and "Traceback" not in err
+    assert ran == []  # refused before any suite ran
+
+
 def test_unknown_suite_is_refused(tiny: None, tmp_path: Path, capsys) -> None:
     assert _cli.main(["--suite", "nope", "--out", str(tmp_path)]) == 2
     assert "available: ['tiny']" in capsys.readouterr().err

@@ -111,7 +111,7 @@ def _direct_comparison(fn, x: torch.Tensor, method: str = "central"):
     diff = (ana - num).abs()
     tol = atol + rtol * num.abs() + noise
     big = num.abs() > atol
-    return diff, tol, (diff[big] / num.abs()[big]).max()
+    return diff, tol, (diff[big] / num.abs()[big]).max(), noise
 
 
 @pytest.mark.parametrize("method", ["central", "richardson"])
@@ -126,11 +126,15 @@ def test_report_maxima_and_worst_entry_match_the_written_out_comparison(method: 
         return torch.tanh(W @ v.reshape(-1)).reshape(3, 4) * 1e3  # large values: visible diffs
 
     report = check_gradients(fn, x, method=method)
-    diff, tol, max_rel = _direct_comparison(fn, x, method)
+    diff, tol, max_rel, noise = _direct_comparison(fn, x, method)
     assert report.compared == diff.numel()
     assert report.max_abs_error == pytest.approx(float(diff.max()), rel=1e-6)
     assert report.max_rel_error == pytest.approx(float(max_rel), rel=1e-6)
-    assert report.margin == pytest.approx(float((diff / tol).max()), rel=1e-6)
+    # The report's finite differences and numerical_jacobian's may round differently (another
+    # batching of the same evaluations): per entry by up to the rounding allowance ``noise``,
+    # so the margin max(diff / tol) agrees to max(noise / tol), not to a fixed relative 1e-6
+    # (the margin is itself rounding-sized here: 8e-6 for richardson).
+    assert report.margin == pytest.approx(float((diff / tol).max()), abs=float((noise / tol).max()))
     worst = report.worst
     assert (
         worst is not None and worst.output_element is not None and worst.input_element is not None

@@ -1,8 +1,10 @@
 """Planted bugs: small ``torch.autograd.Function`` examples, each wrong in one way a gradient
 checker must catch, each with its correct twin.
 
-Shared by the tests of :mod:`gradlab.testing` and the ``checking`` benchmark suite (which sets
-every case against ``torch.autograd.gradcheck``/``gradgradcheck``). ``CASES`` maps a name to a
+Shared by the tests of :mod:`gradlab.testing` (``tests/testing/test_planted_bugs.py``) and the
+``checking`` benchmark suite (which sets every case against
+``torch.autograd.gradcheck``/``gradgradcheck``); kept outside the installed package since no user
+of gradlab needs them. ``CASES`` maps a name to a
 :class:`Case`; ``case.make(bad)`` returns ``(fn, inputs)``, the inputs to differentiate already
 having ``requires_grad=True`` so that both gradlab and torch's checkers take them as they are.
 """
@@ -338,6 +340,44 @@ def _one_entry(bad: bool) -> Made:
     return TanhAffine.apply, (x,)
 
 
+# ----------------------------------------------------------------------------- 10: in place
+
+
+def _grad_output_in_place(bad: bool) -> Made:
+    """``sin x`` whose bad backward writes into grad_output (``g.mul_(cos x)``): the returned
+    numbers are right, but the caller's cotangent is overwritten."""
+
+    class SinInPlaceGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[override]
+            ctx.save_for_backward(x)
+            return torch.sin(x)
+
+        @staticmethod
+        def backward(ctx, g):  # type: ignore[override]
+            (x,) = ctx.saved_tensors
+            return g.mul_(torch.cos(x)) if bad else g * torch.cos(x)
+
+    return SinInPlaceGrad.apply, (
+        torch.randn(5, dtype=F64, generator=_gen(13)).requires_grad_(True),
+    )
+
+
+def _input_in_place(bad: bool) -> Made:
+    """``2 x`` whose bad forward doubles its input in place without ``ctx.mark_dirty``."""
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[override]
+            return x.mul_(2.0) if bad else x * 2.0
+
+        @staticmethod
+        def backward(ctx, g):  # type: ignore[override]
+            return 2.0 * g
+
+    return Double.apply, (torch.randn(5, dtype=F64, generator=_gen(14)).requires_grad_(True),)
+
+
 CASES: dict[str, Case] = {
     c.name: c
     for c in (
@@ -388,6 +428,18 @@ CASES: dict[str, Case] = {
             "8 complex (Wirtinger)",
             _complex,
             match=r"wrong derivative d output 0\[\d, \d\] / d input 0\[\d, \d\]",
+        ),
+        Case(
+            "grad_output in place",
+            "10 backward writes into grad_output",
+            _grad_output_in_place,
+            match=r"modified its grad_output in place .* was -?1 before the backward",
+        ),
+        Case(
+            "input in place",
+            "10 forward writes into its input",
+            _input_in_place,
+            match=r"fn modified its input 0 in place: flat element 0 was .*mark_dirty",
         ),
         Case(
             "one entry off by 1e-3",
