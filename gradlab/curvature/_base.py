@@ -436,10 +436,7 @@ class CurvatureOperator:
             out = []
             for shape in self.shapes:
                 if kind == "rademacher":
-                    t = torch.randint(
-                        0, 2, (rows, *shape), generator=gen, dtype=self.dtype, device=self.device
-                    )
-                    out.append(t.mul_(2).sub_(1))
+                    out.append(rademacher((rows, *shape), gen, self.dtype, self.device))
                 else:
                     out.append(
                         torch.randn(
@@ -454,10 +451,7 @@ class CurvatureOperator:
         """:math:`m` random vectors as rows ``(m, n)`` (Rademacher or Gaussian) from ``seed``."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
         if kind == "rademacher":
-            t = torch.randint(
-                0, 2, (m, self.n), generator=gen, dtype=self.dtype, device=self.device
-            )
-            return t.mul_(2).sub_(1)
+            return rademacher((m, self.n), gen, self.dtype, self.device)
         return torch.randn(m, self.n, generator=gen, dtype=self.dtype, device=self.device)
 
     def _unflatten(self, flat: torch.Tensor, structure: Any) -> Any:
@@ -473,6 +467,29 @@ class CurvatureOperator:
         return (
             f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
         )
+
+
+_BITS = 1 << 16  # from this many entries on, probes come from random bytes (8 signs per byte)
+
+
+def rademacher(
+    shape: Sequence[int], gen: torch.Generator, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Independent uniform signs +-1 of ``shape``, drawn from ``gen``.
+
+    Large draws take one random byte per 8 signs (its bits, unpacked), an eighth of the
+    generator calls of one ``randint`` per sign; small ones use ``randint`` (fewer kernels).
+    """
+    numel = math.prod(shape)
+    if numel < _BITS:
+        t = torch.randint(0, 2, tuple(shape), generator=gen, dtype=dtype, device=device)
+        return t.mul_(2).sub_(1)
+    masks = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+    raw = torch.randint(
+        0, 256, ((numel + 7) // 8,), generator=gen, dtype=torch.uint8, device=device
+    )
+    bits = torch.bitwise_and(raw[:, None], masks).reshape(-1)[:numel]
+    return bits.to(dtype).sign_().mul_(2).sub_(1).reshape(tuple(shape))
 
 
 def _unaliased(hs: Pieces, vs: Pieces) -> Pieces:

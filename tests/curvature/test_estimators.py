@@ -238,3 +238,31 @@ def test_bad_estimator_arguments():
         match=r"spectrum: sigma must be a finite number > 0, got -1.0. Pass a positive width",
     ):
         curvature.spectrum(A, sigma=-1.0)
+
+
+@pytest.mark.parametrize("shape", [(3, 50), (4, 40_000)], ids=["randint", "bytes"])
+def test_rademacher_probes_are_independent_uniform_signs(shape, device):
+    from gradlab.curvature._base import rademacher
+
+    g = torch.Generator(device=device).manual_seed(0)
+    z = rademacher(shape, g, torch.float64, torch.device(device)).reshape(-1)
+    assert z.shape == (math.prod(shape),) and bool((z.abs() == 1).all())
+    bound = 4 / math.sqrt(z.numel())  # 4 standard errors of a mean of independent signs
+    assert abs(float(z.mean())) < bound
+    for lag in range(1, 10):  # bits of one byte, and across bytes: uncorrelated
+        assert abs(float((z[:-lag] * z[lag:]).mean())) < 4 / math.sqrt(z.numel() - lag)
+    # the same seed gives the same probes
+    g2 = torch.Generator(device=device).manual_seed(0)
+    assert torch.equal(rademacher(shape, g2, torch.float64, torch.device(device)).reshape(-1), z)
+
+
+def test_hutchinson_is_exact_on_a_large_diagonal():
+    d = torch.linspace(-1.0, 3.0, 70_000, dtype=torch.float64)  # z^T D z = tr D for signs z
+
+    class Diag:
+        shape, dtype = (70_000, 70_000), torch.float64
+
+        def __matmul__(self, v):
+            return d[:, None] * v if v.dim() == 2 else d * v
+
+    torch.testing.assert_close(curvature.trace(Diag(), samples=3, generator=0), d.sum())
