@@ -131,6 +131,8 @@ def test_data_and_weight_sharing_conventions(approx):
 def test_inverse_inverts_the_damped_operator(device):
     model, loss_fn, X, y = _problem("cnn", "ce", 6, device)
     K = gl.kfac_operator(model, loss_fn, (X, y), damping=1e-2)
+    assert all(not m._forward_hooks for m in model.modules())  # the capture hooks are gone
+    assert all(p.grad is None for p in model.parameters())
     v = torch.randn(K.shape[0], dtype=torch.float64, device=device)
     torch.testing.assert_close(K.inverse() @ (K @ v), v, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(K @ (K.inverse() @ v), v, rtol=1e-8, atol=1e-8)
