@@ -433,7 +433,7 @@ CASES: dict[str, Case] = {
             "grad_output in place",
             "10 backward writes into grad_output",
             _grad_output_in_place,
-            match=r"modified its grad_output in place .* was -?1 before the backward",
+            match=r"modified its grad_output in place .* was -?2 before the backward",
         ),
         Case(
             "input in place",

@@ -88,8 +88,6 @@ class Analytic:
         self.xs = xs
         self.f0 = f0
         self.vjp_fn: Callable[..., Any] | None = None
-        #: Seconds of one plain vjp through the graph (set by the grad_output check), or None.
-        self.plain_vjp_seconds: float | None = None
         self._graph: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None
         try:
             with torch.enable_grad():

@@ -21,6 +21,7 @@ __all__ = [
     "default_tolerances",
     "least_precise",
     "machine_eps",
+    "raw_outputs",
     "same_layout",
 ]
 
@@ -148,8 +149,8 @@ def same_layout(x: torch.Tensor) -> torch.Tensor:
     return flat.as_strided(x.shape, x.stride(), 0)
 
 
-def as_outputs(out: Any, caller: str) -> tuple[torch.Tensor, ...]:
-    """Normalise ``fn``'s return value to a tuple of floating tensors, or raise TypeError."""
+def raw_outputs(out: Any, caller: str) -> tuple[torch.Tensor, ...]:
+    """``fn``'s return value as a non-empty tuple of tensors (any dtype), or raise TypeError."""
     outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     if len(outs) == 0:
         raise TypeError(
@@ -162,37 +163,43 @@ def as_outputs(out: Any, caller: str) -> tuple[torch.Tensor, ...]:
             )
         )
     for i, o in enumerate(outs):
-        if type(o) is torch.Tensor or isinstance(o, torch.Tensor):
-            if o.is_complex():
-                raise TypeError(
-                    v.message(
-                        caller,
-                        f"output {i} of fn",
-                        "real (complex outputs are not supported here)",
-                        o,
-                        "Return torch.view_as_real(out) instead",
-                    )
+        if not isinstance(o, torch.Tensor):
+            raise TypeError(
+                v.message(
+                    caller,
+                    "fn's return value" if outs[0] is out else f"output {i} of fn",
+                    "a tensor or a tuple of tensors",
+                    o,
+                    "Return the tensor itself (or torch.as_tensor(...))",
                 )
-            if not o.is_floating_point():
-                raise TypeError(
-                    v.message(
-                        caller,
-                        f"output {i} of fn",
-                        "a floating tensor (integer/bool outputs have no gradient)",
-                        o,
-                        "Return only the differentiable (floating) outputs",
-                    )
-                )
-            continue
-        raise TypeError(
-            v.message(
-                caller,
-                "fn's return value" if outs[0] is out else f"output {i} of fn",
-                "a tensor or a tuple of tensors",
-                o,
-                "Return the tensor itself (or torch.as_tensor(...))",
             )
-        )
+    return outs
+
+
+def as_outputs(out: Any, caller: str) -> tuple[torch.Tensor, ...]:
+    """Normalise ``fn``'s return value to a tuple of floating tensors, or raise TypeError."""
+    outs = raw_outputs(out, caller)
+    for i, o in enumerate(outs):
+        if o.is_complex():
+            raise TypeError(
+                v.message(
+                    caller,
+                    f"output {i} of fn",
+                    "real (complex outputs are not supported here)",
+                    o,
+                    "Return torch.view_as_real(out) instead",
+                )
+            )
+        if not o.is_floating_point():
+            raise TypeError(
+                v.message(
+                    caller,
+                    f"output {i} of fn",
+                    "a floating tensor (integer/bool outputs have no gradient)",
+                    o,
+                    "Return only the differentiable (floating) outputs",
+                )
+            )
     return outs
 
 

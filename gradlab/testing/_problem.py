@@ -29,7 +29,7 @@ import torch
 
 import gradlab._validate as v
 from gradlab.testing._analytical import Problem
-from gradlab.testing._common import as_outputs, check_one_device, same_layout
+from gradlab.testing._common import as_outputs, check_one_device, raw_outputs, same_layout
 from gradlab.testing._report import CALLER
 from gradlab.testing._sanity import (
     check_deterministic,
@@ -54,6 +54,7 @@ class Prepared:
     f0: tuple[torch.Tensor, ...]  # real checked outputs at xs
     inputs: tuple[int, ...]  # fn's index of each differentiated input
     outputs: tuple[int, ...]  # fn's index of each checked output
+    eval_seconds: float = 0.0  # one plain evaluation of fn at the point
 
 
 def _select(inputs: Sequence[Any]) -> list[int]:
@@ -115,29 +116,7 @@ def _select(inputs: Sequence[Any]) -> list[int]:
 
 
 def _raw_outputs(out: Any) -> tuple[torch.Tensor, ...]:
-    outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-    if len(outs) == 0:
-        raise TypeError(
-            v.message(
-                CALLER,
-                "fn's return value",
-                "a tensor or a non-empty tuple of tensors",
-                out,
-                "Return a tensor",
-            )
-        )
-    for i, o in enumerate(outs):
-        if not isinstance(o, torch.Tensor):
-            raise TypeError(
-                v.message(
-                    CALLER,
-                    "fn's return value" if outs[0] is out else f"output {i} of fn",
-                    "a tensor or a tuple of tensors",
-                    o,
-                    "Return the tensor itself (or torch.as_tensor(...))",
-                )
-            )
-    return outs
+    return raw_outputs(out, CALLER)
 
 
 def prepare(
@@ -171,7 +150,7 @@ def prepare(
     check_nonempty(inputs, diff, checked)
     check_finite_outputs(checked, outputs)
     check_full_memory(mode, [inputs[k] for k in diff], checked, diff)
-    check_deterministic(fn, copies, raw, _raw_outputs, nondet_tol)
+    eval_seconds = check_deterministic(fn, copies, raw, _raw_outputs, nondet_tol)
 
     def real_fn(*d: torch.Tensor) -> tuple[torch.Tensor, ...]:
         args = list(copies)
@@ -186,7 +165,14 @@ def prepare(
     f0 = tuple(
         (torch.view_as_real(raw[i]) if c else raw[i]).detach() for i, c in zip(outputs, out_cplx)
     )
-    return Prepared(fn=real_fn, xs=xs, f0=f0, inputs=tuple(diff), outputs=outputs)
+    return Prepared(
+        fn=real_fn,
+        xs=xs,
+        f0=f0,
+        inputs=tuple(diff),
+        outputs=outputs,
+        eval_seconds=eval_seconds,
+    )
 
 
 def first_order(fn: Callable[..., Any]) -> Problem:

@@ -137,6 +137,8 @@ class Settings:
     inputs: tuple[int, ...] = ()
     n_x: int = 0
     checks: list[str] = field(default_factory=list)
+    #: Seconds of one plain evaluation of fn (fast mode loops its vjps when this is large).
+    eval_seconds: float = 0.0
 
     def loc(
         self,

@@ -24,6 +24,7 @@ Each costs at most one extra call of ``fn`` and a pass over its inputs and outpu
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -157,10 +158,15 @@ def check_deterministic(
     first: Sequence[torch.Tensor],
     as_outputs: Callable[[Any], tuple[torch.Tensor, ...]],
     nondet_tol: float,
-) -> None:
-    """Call ``fn`` once more at the same point; GradientCheckError if an output differs."""
+) -> float:
+    """Call ``fn`` once more at the same point; GradientCheckError if an output differs.
+
+    Returns the seconds that call took (a plain evaluation: what fast mode uses to decide
+    whether its probes' vjps are work-bound)."""
+    start = time.perf_counter()
     with torch.no_grad():
         second = as_outputs(fn(*copies))
+    seconds = time.perf_counter() - start
     if len(second) != len(first):
         raise GradientCheckError(
             f"{CALLER}: fn returned {len(first)} outputs on the first call and {len(second)} on "
@@ -187,6 +193,7 @@ def check_deterministic(
             "nondeterministic by small amounts on purpose (atomic adds on a GPU), pass "
             "nondet_tol=<largest expected difference>."
         )
+    return seconds
 
 
 def free_memory(device: torch.device) -> int | None:

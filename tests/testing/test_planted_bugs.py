@@ -368,7 +368,7 @@ def test_fast_mode_with_looped_vjps_catches_the_same(
     # that path here (the planted cases are small) and ask for the same verdicts.
     import gradlab.testing.check as check_module
 
-    monkeypatch.setattr(check_module, "_LOOP_VJP_SECONDS", -1.0)
+    monkeypatch.setattr(check_module, "_LOOP_SECONDS", -1.0)
     case = CASES[name]
     fn, inputs = case.make(True)
     with pytest.raises(GradientCheckError, match=case.match):
@@ -386,7 +386,7 @@ def test_looped_and_vmapped_probe_vjps_agree(monkeypatch: pytest.MonkeyPatch) ->
     x = torch.randn(5, dtype=torch.float64, generator=gen)
     fn = lambda v: torch.tanh(A @ v)
     vmapped = check_gradients(fn, x, mode="fast", seed=3)
-    monkeypatch.setattr(check_module, "_LOOP_VJP_SECONDS", -1.0)
+    monkeypatch.setattr(check_module, "_LOOP_SECONDS", -1.0)
     looped = check_gradients(fn, x, mode="fast", seed=3)
     # same probes, same u^T J v up to rounding of a length-5 dot product
     assert looped.max_abs_error == pytest.approx(vmapped.max_abs_error, abs=1e-13)

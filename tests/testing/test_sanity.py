@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from benchmarks._planted import CASES
 from gradlab.testing import GradientCheckError, _sanity, check_gradients
 
 F64 = torch.float64
@@ -19,26 +20,8 @@ def _x(device: torch.device | str, n: int = 5) -> torch.Tensor:
     return torch.randn(n, dtype=F64, generator=torch.Generator().manual_seed(n)).to(device)
 
 
-class _SinInPlaceGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[override]
-        ctx.save_for_backward(x)
-        return torch.sin(x)
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return g.mul_(torch.cos(x))
-
-
-class _DoubleInPlace(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[override]
-        return x.mul_(2.0)
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        return 2.0 * g
+_SIN_IN_PLACE_GRAD = CASES["grad_output in place"].make(True)[0]  # g.mul_(cos x) in backward
+_DOUBLE_IN_PLACE = CASES["input in place"].make(True)[0]  # x.mul_(2) in forward, no mark_dirty
 
 
 class _NaNBackward(torch.autograd.Function):
@@ -56,14 +39,14 @@ def test_backward_writing_into_grad_output_is_named(mode: str, device: torch.dev
     x = _x(device)
     # The backward's numbers are right (torch's own vjp of sin agrees) ...
     xr = x.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(_SinInPlaceGrad.apply(xr), xr, torch.ones_like(x))
+    (g,) = torch.autograd.grad(_SIN_IN_PLACE_GRAD(xr), xr, torch.ones_like(x))
     torch.testing.assert_close(g, torch.cos(x), rtol=0, atol=0)
     # ... and yet the caller's cotangent is overwritten: check_gradients says so.
     cot = torch.ones_like(x)
-    torch.autograd.grad(_SinInPlaceGrad.apply(xr), xr, cot)
+    torch.autograd.grad(_SIN_IN_PLACE_GRAD(xr), xr, cot)
     assert not torch.equal(cot, torch.ones_like(x))
     with pytest.raises(GradientCheckError, match=r"modified its grad_output in place") as info:
-        check_gradients(_SinInPlaceGrad.apply, x, mode=mode)
+        check_gradients(_SIN_IN_PLACE_GRAD, x, mode=mode)
     assert "not multiplied" not in str(info.value) and "g * torch.cos(x)" in str(info.value)
 
 
@@ -72,7 +55,7 @@ def test_forward_writing_into_its_input_is_named(mode: str, device: torch.device
     x = _x(device)
     before = x.clone()
     with pytest.raises(GradientCheckError, match=r"fn modified its input 0 in place.*mark_dirty"):
-        check_gradients(_DoubleInPlace.apply, x, mode=mode)
+        check_gradients(_DOUBLE_IN_PLACE, x, mode=mode)
     assert torch.equal(x, before)  # the caller's tensor is untouched
 
 
