@@ -259,6 +259,12 @@ class GGNOperator(CurvatureOperator):
         """
         if self._rule is None:
             return super()._exact_diagonal()
+        if self._linear_layout() is not None:
+            return self._linear_diagonal()
+        return self._vmap_diagonal()
+
+    def _vmap_diagonal(self) -> torch.Tensor:
+        """Per-sample vector-Jacobian products of the factor columns, vmapped over samples."""
         out = torch.zeros(self.n, dtype=self.dtype, device=self.device)
         primals = tuple(p.detach() for p in self.params)
         model, names = self._model, self.names
@@ -286,6 +292,73 @@ class GGNOperator(CurvatureOperator):
                     for i, sq in enumerate(squares):
                         a, b = self.offsets[i], self.offsets[i + 1]
                         out[a:b].add_(sq.sum(0).reshape(-1), alpha=w)
+            self._count(self.n)
+        self._finish([out])
+        return out
+
+    def _linear_layout(self) -> list[tuple[nn.Linear, str]] | None:
+        """Each parameter's ``nn.Linear`` and ``"weight"``/``"bias"``, or None if one is not."""
+        owner = {id(p): m for m in self._model.modules() for p in m.parameters(recurse=False)}
+        layout = []
+        for p in self.params:
+            m = owner.get(id(p))
+            if not isinstance(m, nn.Linear):
+                return None
+            layout.append((m, "weight" if p is m.weight else "bias"))
+        return layout
+
+    def _linear_diagonal(self) -> torch.Tensor:
+        """The exact diagonal for parameters that all sit in ``nn.Linear`` layers.
+
+        BackPACK's rule: one backward of each factor column to the layer outputs :math:`g`;
+        the weight's per-sample gradient is :math:`g_n a_n^\top` (summed over positions for
+        inputs with more dimensions), so its square needs no per-sample Jacobian.
+        """
+        layout = self._linear_layout()
+        assert layout is not None
+        layers = list(dict.fromkeys(m for m, _ in layout))
+        out = torch.zeros(self.n, dtype=self.dtype, device=self.device)
+        for batch, index, w in self._iter_data():
+            X, y = self._unpack(self._batch if index is None else batch, index)
+            seen: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in layers}
+
+            def hook(m: nn.Module, inputs: Any, output: Any, seen: Any = seen) -> None:
+                seen[m].append((inputs[0].detach(), output))
+
+            handles = [m.register_forward_hook(hook) for m in layers]
+            try:
+                with self._mode_ctx(), torch.enable_grad():
+                    f = self._model(X)
+            finally:
+                for h in handles:
+                    h.remove()
+            if any(len(seen[m]) != 1 for m in layers):  # a layer called twice or never
+                return self._vmap_diagonal()
+            Phi = self._factors(f.detach(), y, index)
+            outputs = [seen[m][0][1] for m in layers]
+            sq: dict[tuple[nn.Module, str], torch.Tensor] = {}
+            for j in range(Phi.shape[0]):
+                gs = torch.autograd.grad(
+                    f,
+                    outputs,
+                    Phi[j],
+                    retain_graph=j < Phi.shape[0] - 1,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+                for m, g in zip(layers, gs):
+                    a = seen[m][0][0]
+                    g3 = g.reshape(g.shape[0], -1, g.shape[-1])  # (N, positions, out)
+                    a3 = a.reshape(a.shape[0], -1, a.shape[-1])
+                    if g3.shape[1] == 1:
+                        wsq = torch.einsum("no,ni->oi", g3[:, 0] ** 2, a3[:, 0] ** 2)
+                    else:
+                        wsq = (torch.einsum("nto,nti->noi", g3, a3) ** 2).sum(0)
+                    bsq = (g3.sum(1) ** 2).sum(0)
+                    for key, val in (((m, "weight"), wsq), ((m, "bias"), bsq)):
+                        sq[key] = val if key not in sq else sq[key] + val
+            for i, key in enumerate(layout):
+                out[self.offsets[i] : self.offsets[i + 1]].add_(sq[key].reshape(-1), alpha=w)
             self._count(self.n)
         self._finish([out])
         return out

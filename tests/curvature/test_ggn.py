@@ -378,3 +378,20 @@ def test_ggn_diagonal_bad_inputs():
         gl.ggn_diagonal(model, loss_fn, (X, y), generator=0)
     with pytest.raises(TypeError, match=r"ggn_diagonal: loss_fn must be a loss with a known"):
         gl.ggn_diagonal(model, nn.HuberLoss(), (X, y))
+
+
+def test_ggn_diagonal_linear_layers_on_sequences(device):
+    """Linear layers applied over a sequence dimension: per-sample gradients sum over steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Flatten(), nn.Linear(10, 3))
+    model = model.double().to(device)
+    X = torch.randn(6, 2, 4, dtype=torch.float64, device=device)
+    y = torch.randint(0, 3, (6,), device=device)
+    G = _dense_ggn(model, nn.CrossEntropyLoss(), X, y)
+    d = gl.ggn_diagonal(model, nn.CrossEntropyLoss(), (X, y))
+    torch.testing.assert_close(_flat_dict(d), G.diagonal(), **TOL)
+    shared = nn.Linear(4, 4).double().to(device)  # one layer called twice: the vmapped path
+    twice = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 3)).double().to(device)
+    G2 = _dense_ggn(twice, nn.CrossEntropyLoss(), X[:, 0], y)
+    d2 = gl.ggn_diagonal(twice, nn.CrossEntropyLoss(), (X[:, 0], y))
+    torch.testing.assert_close(_flat_dict(d2), G2.diagonal(), **TOL)
