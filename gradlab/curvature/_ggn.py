@@ -337,26 +337,41 @@ class GGNOperator(CurvatureOperator):
             Phi = self._factors(f.detach(), y, index)
             outputs = [seen[m][0][1] for m in layers]
             sq: dict[tuple[nn.Module, str], torch.Tensor] = {}
-            for j in range(Phi.shape[0]):
-                gs = torch.autograd.grad(
-                    f,
-                    outputs,
-                    Phi[j],
-                    retain_graph=j < Phi.shape[0] - 1,
-                    allow_unused=True,
-                    materialize_grads=True,
+            try:  # all factor columns in one vmapped backward: (m, *output) per layer
+                grads = list(
+                    torch.autograd.grad(
+                        f,
+                        outputs,
+                        Phi,
+                        is_grads_batched=True,
+                        allow_unused=True,
+                        materialize_grads=True,
+                    )
                 )
-                for m, g in zip(layers, gs):
-                    a = seen[m][0][0]
-                    g3 = g.reshape(g.shape[0], -1, g.shape[-1])  # (N, positions, out)
-                    a3 = a.reshape(a.shape[0], -1, a.shape[-1])
-                    if g3.shape[1] == 1:
-                        wsq = torch.einsum("no,ni->oi", g3[:, 0] ** 2, a3[:, 0] ** 2)
-                    else:
-                        wsq = (torch.einsum("nto,nti->noi", g3, a3) ** 2).sum(0)
-                    bsq = (g3.sum(1) ** 2).sum(0)
-                    for key, val in (((m, "weight"), wsq), ((m, "bias"), bsq)):
-                        sq[key] = val if key not in sq else sq[key] + val
+            except RuntimeError:  # an op without a batching rule: one column at a time
+                cols = [
+                    torch.autograd.grad(
+                        f,
+                        outputs,
+                        Phi[j],
+                        retain_graph=True,
+                        allow_unused=True,
+                        materialize_grads=True,
+                    )
+                    for j in range(Phi.shape[0])
+                ]
+                grads = [torch.stack(c) for c in zip(*cols)]
+            for m, g in zip(layers, grads):
+                a = seen[m][0][0]
+                k, N = g.shape[0], g.shape[1]
+                g4 = g.reshape(k, N, -1, g.shape[-1])  # (m, N, positions, out)
+                a3 = a.reshape(N, -1, a.shape[-1])
+                if g4.shape[2] == 1:
+                    wsq = torch.einsum("kno,ni->oi", g4[:, :, 0] ** 2, a3[:, 0] ** 2)
+                else:
+                    wsq = (torch.einsum("knto,nti->knoi", g4, a3) ** 2).sum((0, 1))
+                sq[(m, "weight")] = wsq
+                sq[(m, "bias")] = (g4.sum(2) ** 2).sum((0, 1))
             for i, key in enumerate(layout):
                 out[self.offsets[i] : self.offsets[i + 1]].add_(sq[key].reshape(-1), alpha=w)
             self._count(self.n)
