@@ -384,6 +384,10 @@ class GGNOperator(CurvatureOperator):
         def jvp(*tangents: torch.Tensor) -> torch.Tensor:
             return torch.func.jvp(f, primals, tangents)[1]
 
+        if V[0].shape[0] == 1:  # one vector: no vmap (its overhead dominates small models)
+            with self._mode_ctx():
+                JV = jvp(*[v[0] for v in V]).unsqueeze(0)
+            return [h.unsqueeze(0) for h in vjp_fn(M(JV)[0])]
         with self._mode_ctx():
             JV = torch.func.vmap(jvp)(*V)
         return list(torch.func.vmap(vjp_fn)(M(JV)))
