@@ -386,8 +386,8 @@ def _batching_case(ctx: Context, t: Table, hidden: int) -> None:
 
     def run(chunk: int) -> Callable[[], object]:
         def f() -> object:
-            op.chunk, op.batched = chunk, chunk > 1
-            return op.rows_products(rows)
+            op._chunk, op._batched = chunk, chunk > 1
+            return op._rows_products(rows)
 
         return f
 

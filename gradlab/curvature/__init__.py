@@ -46,6 +46,18 @@ count starts); with ``data=`` of B batches, a product of the dataset Hessian cou
 method stops early (Lanczos or power iteration converged), the last update is ``(done, done)``, so
 a bar ends full. Default ``False``: silent.
 
+Beyond the Hessian: :func:`ggn_operator` (the generalized Gauss-Newton, by jvp, loss Hessian and
+vjp), :func:`fisher_operator` (empirical or Monte-Carlo Fisher), :func:`kfac_operator` (KFAC and
+its inverse) and :func:`ggn_diagonal` (exact or Monte-Carlo), for a model and a loss module
+(``loss_fn(output, y)``) on a batch ``(X, y)`` or ``data=``; the user guide
+``docs/guides/curvature_operators.md`` walks through them.
+
+Any operator: :func:`trace`, :func:`diagonal`, :func:`eigenvalues` and :func:`spectrum` take a
+gradlab operator (:class:`CurvatureOperator`: Hessian, GGN, Fisher, KFAC), a
+``scipy.sparse.linalg.LinearOperator``, a curvlinops operator, or anything with ``@`` and
+``shape``; ``method=`` is a key of :data:`TRACE_METHODS`, :data:`DIAGONAL_METHODS` or
+:data:`EIGENVALUE_METHODS`. The ``hessian_*`` functions build the Hessian operator and call them.
+
 Per layer or block: :func:`hessian_trace_by_block` gives :math:`\\operatorname{tr} H_{bb}` for
 each block of a dict (e.g. ``dict(model.named_children())``) from one graph.
 
@@ -57,24 +69,52 @@ References:
     Yao, Gholami, Keutzer, Mahoney, *PyHessian* (2020); curvlinops (Dangel et al.).
 """
 
+from gradlab.curvature._base import CurvatureOperator as CurvatureOperator
 from gradlab.curvature._diagonal import hessian_diagonal as hessian_diagonal
-from gradlab.curvature._eigenvalues import Eigenpairs as Eigenpairs
 from gradlab.curvature._eigenvalues import hessian_eigenvalues as hessian_eigenvalues
+from gradlab.curvature._estimators import DIAGONAL_METHODS as DIAGONAL_METHODS
+from gradlab.curvature._estimators import EIGENVALUE_METHODS as EIGENVALUE_METHODS
+from gradlab.curvature._estimators import TRACE_METHODS as TRACE_METHODS
+from gradlab.curvature._estimators import diagonal as diagonal
+from gradlab.curvature._estimators import eigenvalues as eigenvalues
+from gradlab.curvature._estimators import spectrum as spectrum
+from gradlab.curvature._estimators import trace as trace
+from gradlab.curvature._ggn import GGNOperator as GGNOperator
+from gradlab.curvature._ggn import fisher_operator as fisher_operator
+from gradlab.curvature._ggn import ggn_diagonal as ggn_diagonal
+from gradlab.curvature._ggn import ggn_operator as ggn_operator
+from gradlab.curvature._kfac import KFACOperator as KFACOperator
+from gradlab.curvature._kfac import kfac_operator as kfac_operator
 from gradlab.curvature._operator import HessianOperator as HessianOperator
 from gradlab.curvature._operator import hessian_operator as hessian_operator
-from gradlab.curvature._spectrum import Spectrum as Spectrum
+from gradlab.curvature._results import Eigenpairs as Eigenpairs
+from gradlab.curvature._results import Spectrum as Spectrum
 from gradlab.curvature._spectrum import hessian_spectrum as hessian_spectrum
 from gradlab.curvature._trace import hessian_trace as hessian_trace
 from gradlab.curvature._trace import hessian_trace_by_block as hessian_trace_by_block
 
 __all__ = [
+    "DIAGONAL_METHODS",
+    "EIGENVALUE_METHODS",
+    "TRACE_METHODS",
+    "CurvatureOperator",
     "Eigenpairs",
+    "GGNOperator",
     "HessianOperator",
+    "KFACOperator",
     "Spectrum",
+    "diagonal",
+    "eigenvalues",
+    "fisher_operator",
+    "ggn_diagonal",
+    "ggn_operator",
     "hessian_diagonal",
     "hessian_eigenvalues",
     "hessian_operator",
     "hessian_spectrum",
     "hessian_trace",
     "hessian_trace_by_block",
+    "kfac_operator",
+    "spectrum",
+    "trace",
 ]

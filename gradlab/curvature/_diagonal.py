@@ -3,7 +3,7 @@ r"""Diagonal of the Hessian: Hutchinson-Bekas probes, or exact (Hessian backprop
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,15 +13,17 @@ from gradlab.curvature._args import (
     GeneratorArg,
     ParamsArg,
     ProgressArg,
-    check_choice,
     check_generator,
-    check_positive,
 )
-from gradlab.curvature._distributed import shared_seed
-from gradlab.curvature._operator import HessianOperator, Pieces, build
+from gradlab.curvature._base import Pieces
+from gradlab.curvature._estimators import DIAGONAL_METHODS, check_estimator, run_estimator
+from gradlab.curvature._operator import build
 from gradlab.curvature._progress import Progress
 
-__all__ = ["hessian_diagonal"]
+if TYPE_CHECKING:
+    from gradlab.curvature._operator import HessianOperator
+
+__all__ = ["hessian_diagonal", "hessian_exact_diagonal"]
 
 
 def _reached(loss: torch.Tensor, params: list[torch.Tensor]) -> set[int]:
@@ -48,9 +50,9 @@ def _reached(loss: torch.Tensor, params: list[torch.Tensor]) -> set[int]:
 def _unit_chunks(op: HessianOperator) -> list[tuple[int, int, int]]:
     """``(parameter, offset, count)`` chunks of unit vectors, never across two parameters."""
     return [
-        (i, o, min(op.chunk, size - o))
+        (i, o, min(op._chunk, size - o))
         for i, size in enumerate(op.sizes)
-        for o in range(0, size, op.chunk)
+        for o in range(0, size, op._chunk)
     ]
 
 
@@ -62,13 +64,13 @@ def _hvp_diagonal(op: HessianOperator, graph: Any, out: torch.Tensor, w: float) 
         ]
         cols = torch.arange(k, device=op.device)
         V[i].view(k, -1)[cols, o + cols] = 1
-        HV = op._hvp(graph, V)
+        HV = op._batch_products(graph, V)
         entries = HV[i].reshape(k, -1)[cols, o + cols]
         out[op.offsets[i] + o : op.offsets[i] + o + k].add_(entries, alpha=w)
-        op.count(k)
+        op._count(k)
 
 
-def exact_diagonal(op: HessianOperator) -> torch.Tensor:
+def hessian_exact_diagonal(op: HessianOperator) -> torch.Tensor:
     r"""The exact diagonal of the operator's Hessian, flat (length n).
 
     Per batch: first :func:`gradlab.curvature._backprop.exact_diagonal` (Hessian
@@ -81,10 +83,10 @@ def exact_diagonal(op: HessianOperator) -> torch.Tensor:
     if op._cache is not None:  # a kept graph: products on it
         graph, w = op._cache
         _hvp_diagonal(op, graph, out, w)
-        op.finish([out])
+        op._finish([out])
         return out
-    single = op.batches == 1
-    for closure, w in op.closures():
+    single = op._batches == 1
+    for closure, w in op._closures():
         record: list[torch.Tensor] = []
 
         def recording(
@@ -101,15 +103,15 @@ def exact_diagonal(op: HessianOperator) -> torch.Tensor:
                 op._used[i] += 1
             for i, d in enumerate(diag):
                 out[op.offsets[i] : op.offsets[i + 1]].add_(d.reshape(-1).to(op.dtype), alpha=w)
-            op.count(op.n)
+            op._count(op.n)
         else:
-            graph = op.graph_of(closure)  # a fresh forward: the recorded one may be spent
+            graph = op._graph_of(closure)  # a fresh forward: the recorded one may be spent
             if single:
                 op._cache = (graph, w)
             _hvp_diagonal(op, graph, out, w)
         del record
-    op.check_unused()
-    op.finish([out])
+    op._check_unused()
+    op._finish([out])
     return out
 
 
@@ -168,8 +170,7 @@ def hessian_diagonal(
         tensor([12., 48.])
     """
     fn = "hessian_diagonal"
-    check_choice(fn, "method", method, ("hutchinson", "exact"))
-    check_positive(fn, "samples", samples)
+    entry = check_estimator(fn, DIAGONAL_METHODS, method, samples)
     gen = check_generator(fn, generator)
     prog = Progress(fn, progress)
     op, structure = build(
@@ -182,22 +183,4 @@ def hessian_diagonal(
         distributed=distributed,
         progress=prog,
     )
-    with prog.run(op.n if method == "exact" else samples, op.batches):
-        if method == "exact":
-            diag = exact_diagonal(op)
-        else:
-            diag = hutchinson_diagonal(op, samples, shared_seed(gen, op.distributed))
-    return op.unflatten(diag, structure)
-
-
-def hutchinson_diagonal(op: HessianOperator, samples: int, seed: int) -> torch.Tensor:
-    """:math:`\\frac1m \\sum_i z_i \\odot H z_i`, flat, with ``samples`` Rademacher probes."""
-    out = torch.zeros(op.n, dtype=op.dtype, device=op.device)
-    chunks, vectors = op.random_chunks(samples, seed)
-
-    def accumulate(c: int, V: Pieces, HV: Pieces, w: float) -> None:
-        for i, (v, h) in enumerate(zip(V, HV)):
-            out[op.offsets[i] : op.offsets[i + 1]].add_((v * h).sum(0).reshape(-1), alpha=w)
-
-    op.sweep(chunks, vectors, accumulate, [out])
-    return out.div_(samples)
+    return op._unflatten(run_estimator(entry, op, samples, gen, prog), structure)

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+import gradlab._validate as v
 from gradlab.curvature._args import ProgressArg
 
 
@@ -26,8 +27,13 @@ class Progress:
     def __init__(self, fn: str, progress: ProgressArg):
         if not isinstance(progress, bool) and not callable(progress):
             raise TypeError(
-                f"{fn}: progress is a {type(progress).__name__}; pass True (a status line on "
-                f"stderr), False, or a callable progress(done, total)"
+                v.message(
+                    fn,
+                    "progress",
+                    "True, False or a callable progress(done, total)",
+                    progress,
+                    "Pass True for a status line on stderr",
+                )
             )
         self.fn = fn
         self.callback = None if isinstance(progress, bool) else progress

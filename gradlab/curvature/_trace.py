@@ -2,6 +2,7 @@ r"""Trace of the Hessian (Hutchinson, Hutch++, exact) and per-block traces."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -22,52 +23,15 @@ from gradlab.curvature._args import (
     check_params,
     check_positive,
 )
-from gradlab.curvature._diagonal import exact_diagonal
 from gradlab.curvature._distributed import shared_seed
-from gradlab.curvature._operator import HessianOperator, Pieces, build
+from gradlab.curvature._estimators import TRACE_METHODS, check_estimator, run_estimator
+from gradlab.curvature._hutchinson import hutchinson_trace
+from gradlab.curvature._operator import HessianOperator, build
 from gradlab.curvature._progress import Progress
 
 __all__ = ["hessian_trace", "hessian_trace_by_block"]
 
 BlockArg = torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...] | nn.Module
-
-
-def hutchinson_trace(
-    op: HessianOperator, samples: int, seed: int, rows: torch.Tensor | None = None
-) -> torch.Tensor:
-    r""":math:`\frac1m \sum_i z_i^\top H z_i` with ``samples`` Rademacher probes.
-
-    ``rows``: an optional 0/1 mask (length n) restricting the probes to a block. The probes are
-    drawn chunk by chunk (never all stored) and every batch graph gets all of them in one pass.
-    """
-    acc = torch.zeros((), dtype=op.dtype, device=op.device)
-    chunks, draw = op.random_chunks(samples, seed)
-    masks = (
-        None if rows is None else [m.reshape(s) for m, s in zip(rows.split(op.sizes), op.shapes)]
-    )
-
-    def vectors(c: int) -> Pieces:
-        V = draw(c)
-        return V if masks is None else [v.mul_(m) for v, m in zip(V, masks)]
-
-    def accumulate(c: int, V: Pieces, HV: Pieces, w: float) -> None:
-        total = sum(torch.dot(v.reshape(-1), h.reshape(-1)) for v, h in zip(V, HV))
-        acc.add_(total, alpha=w)  # type: ignore[arg-type]
-
-    op.sweep(chunks, vectors, accumulate, [acc])
-    return acc / samples
-
-
-def hutch_plus_plus(op: HessianOperator, samples: int, seed: int) -> torch.Tensor:
-    r"""Hutch++ with ``samples`` products: a sketch, exact on its range, Hutchinson on the rest."""
-    k = samples // 3
-    rest = samples - 2 * k
-    S = op.random_rows(k, seed)
-    Q, _ = torch.linalg.qr(op.rows_products(S).T)  # (n, k)
-    G = op.random_rows(rest, seed + 1)
-    G = G - (G @ Q) @ Q.T
-    forms = op.rows_forms(torch.cat([Q.T, G]))
-    return forms[:k].sum() + forms[k:].sum() / rest
 
 
 def hessian_trace(
@@ -123,8 +87,7 @@ def hessian_trace(
         tensor(60.)
     """
     fn = "hessian_trace"
-    check_choice(fn, "method", method, ("hutchinson", "hutch++", "exact"))
-    check_positive(fn, "samples", samples, 3 if method == "hutch++" else 1)
+    entry = check_estimator(fn, TRACE_METHODS, method, samples)
     gen = check_generator(fn, generator)
     prog = Progress(fn, progress)
     op, _ = build(
@@ -137,13 +100,7 @@ def hessian_trace(
         distributed=distributed,
         progress=prog,
     )
-    with prog.run(op.n if method == "exact" else samples, op.batches):
-        if method == "exact":
-            return exact_diagonal(op).sum()
-        seed = shared_seed(gen, op.distributed)
-        if method == "hutchinson":
-            return hutchinson_trace(op, samples, seed)
-        return hutch_plus_plus(op, samples, seed)
+    return run_estimator(entry, op, samples, gen, prog)
 
 
 def _blocks(
@@ -167,15 +124,15 @@ def _blocks(
     if not blocks:
         raise ValueError(f"{fn}: blocks is an empty dict; pass at least one block")
     names, groups, labels, modules = [], [], [], []
+    skipped = []
     for name, block in blocks.items():
         if not isinstance(name, str):
             raise TypeError(f"{fn}: blocks has a key {name!r}; block names must be strings")
         if isinstance(block, nn.Module) and not any(p.requires_grad for p in block.parameters()):
-            # e.g. an activation among named_children(): an empty block, trace 0
-            tensors: list[torch.Tensor] = []
-            structure: Any = []
-        else:
-            tensors, structure = check_params(f"{fn}: block {name!r}", block)
+            # e.g. an activation among named_children(): no Hessian block, skipped (said below)
+            skipped.append(f"{name!r} ({type(block).__name__})")
+            continue
+        tensors, structure = check_params(f"{fn}: block {name!r}", block)
         names.append(name)
         groups.append(tensors)
         if isinstance(structure, list):
@@ -184,10 +141,17 @@ def _blocks(
             labels.append([f"block {name!r}[{j}]" for j in range(len(tensors))])
         if isinstance(block, nn.Module):
             modules.append(block)
-    if not any(groups):
+    if not groups:
         raise ValueError(
-            f"{fn}: no block has parameters with requires_grad; pass blocks that hold trainable "
-            f"parameters"
+            f"{fn}: blocks must hold parameters with requires_grad, got only blocks without any: "
+            f"{', '.join(skipped)}. Pass blocks that hold trainable parameters"
+        )
+    if skipped:
+        warnings.warn(
+            f"{fn}: skipped block(s) {', '.join(skipped)}: they hold no parameters with "
+            f"requires_grad, so they have no Hessian block; the result has no entry for them",
+            UserWarning,
+            stacklevel=3,
         )
     return names, groups, labels, modules
 
@@ -217,7 +181,8 @@ def hessian_trace_by_block(
     Hessian diagonal over each block. When the blocks partition the parameters, the block traces
     sum to :math:`\operatorname{tr} H`. A parameter may appear in several blocks; each block's
     trace then counts it. A module block without trainable parameters (an activation among
-    ``named_children()``) is an empty block: trace 0.
+    ``named_children()``) is skipped with a ``UserWarning`` naming it, and has no entry in the
+    result.
 
     The per-block diagonal is :func:`hessian_diagonal` (its entries do not depend on the
     blocking): with a module it already returns ``{name: diagonal}`` per parameter.
@@ -239,7 +204,8 @@ def hessian_trace_by_block(
             ``"exact"``).
 
     Returns:
-        A dict with the keys of ``blocks`` (in order), each a 0-dim tensor in the parameters'
+        A dict with the keys of ``blocks`` (in order, blocks without parameters left out), each
+        a 0-dim tensor in the parameters'
         dtype.
 
     Raises:
@@ -299,16 +265,12 @@ def hessian_trace_by_block(
             i = position[id(t)]
             mask[op.offsets[i] : op.offsets[i + 1]] = 1
         masks.append(mask)
-    nonempty = sum(1 for g in groups if g)
-    with prog.run(op.n if method == "exact" else samples * nonempty, op.batches):
+    with prog.run(op.n if method == "exact" else samples * len(groups), op._batches):
         if method == "exact":
-            diag = exact_diagonal(op)
+            diag = op._exact_diagonal()
             return {name: (diag * mask).sum() for name, mask in zip(names, masks)}
-        seed = shared_seed(gen, op.distributed)
+        seed = shared_seed(gen, op._distributed)
         traces = {}
-        for b, (name, group, mask) in enumerate(zip(names, groups, masks)):
-            if not group:
-                traces[name] = torch.zeros((), dtype=op.dtype, device=op.device)
-            else:
-                traces[name] = hutchinson_trace(op, samples, seed + b, rows=mask)
+        for b, (name, mask) in enumerate(zip(names, masks)):
+            traces[name] = hutchinson_trace(op, samples, seed + b, rows=mask)
         return traces

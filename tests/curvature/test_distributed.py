@@ -8,6 +8,7 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 
 import gradlab as gl
 from tests._distributed import end_process_group, run_ranks
@@ -35,6 +36,26 @@ def _compute(loss_fn, model, data, seeds, **kw):
         "spectrum": gl.hessian_spectrum(
             loss_fn, model, probes=2, steps=5, data=data, generator=seeds, **kw
         ).nodes,
+        # the GGN: products (its dense matrix) and its exact diagonal, all-reduced the same way
+        "ggn": gl.ggn_operator(model, nn.CrossEntropyLoss(), data=data, **kw)
+        @ torch.eye(sum(p.numel() for p in model.parameters()), dtype=torch.float64),
+        "ggn-diagonal": torch.cat(
+            [
+                d.flatten()
+                for d in gl.ggn_diagonal(model, nn.CrossEntropyLoss(), data=data, **kw).values()
+            ]
+        ),
+        "kfac": torch.cat(
+            [
+                torch.cat([a.flatten(), b.flatten()])
+                for a, b in gl.kfac_operator(
+                    model, nn.CrossEntropyLoss(), data=data, **kw
+                ).factors.values()
+            ]
+        ),
+        "ef-trace": gl.curvature.trace(
+            gl.fisher_operator(model, nn.CrossEntropyLoss(), data=data, **kw), method="exact"
+        ),
     }
 
 

@@ -32,7 +32,7 @@ def test_batched_and_looped_products_agree(batched, monkeypatch):
     if not batched:
         monkeypatch.setattr(_operator, "BATCHED_MAX_N", 0)
     op = gl.hessian_operator(lambda: loss_fn((x, y)), model)
-    assert op.batched is batched and (op.chunk > 1) is batched
+    assert op._batched is batched and (op._chunk > 1) is batched
     V = torch.randn(H.shape[0], 9, dtype=torch.float64)
     torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-12, atol=1e-12)
 
@@ -52,7 +52,7 @@ def test_an_op_that_cannot_be_batched_falls_back_to_one_at_a_time(monkeypatch):
     op = gl.hessian_operator(lambda: loss_fn((x, y)), model)
     V = torch.randn(H.shape[0], 5, dtype=torch.float64)
     torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-12, atol=1e-12)
-    assert op.batched is False and calls == {"batched": 1, "single": 5}
+    assert op._batched is False and calls == {"batched": 1, "single": 5}
     op.matmat(V)  # decided once: no second batched attempt
     assert calls == {"batched": 1, "single": 10}
 
@@ -88,13 +88,20 @@ def test_operator_errors():
         op.matvec(torch.ones(4))
     with pytest.raises(ValueError, match=r"hessian_operator.matmat: V has shape \(3,\); pass a"):
         op.matmat(torch.ones(3))
-    with pytest.raises(TypeError, match=r"hessian_operator: loss_fn is a int, expected a callable"):
+    with pytest.raises(
+        TypeError,
+        match=r"hessian_operator: loss_fn must be a callable returning the scalar loss, got int",
+    ):
         gl.hessian_operator(3, w)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"hessian_operator: loss_fn must return a scalar"):
         gl.hessian_operator(lambda: w**2, w)
-    with pytest.raises(TypeError, match=r"hessian_operator: distributed is a str; pass True"):
+    with pytest.raises(
+        TypeError, match=r"hessian_operator: distributed must be True or False, got \'yes\'"
+    ):
         gl.hessian_operator(lambda: (w**4).sum(), w, distributed="yes")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"hessian_operator: params mix dtypes"):
+    with pytest.raises(
+        TypeError, match=r"hessian_operator: params must be tensors of one dtype, got"
+    ):
         gl.hessian_operator(
             lambda: (w**4).sum(), [w, torch.ones(2, dtype=torch.float64, requires_grad=True)]
         )
