@@ -75,6 +75,8 @@ def plot_diagnostics(source: GradientMonitor | Mapping[str, Any]) -> Figure:
         ValueError: no step with diagnostics was recorded.
 
     Example:
+        >>> from torch import nn
+        >>> from gradlab.hooks import GradientMonitor, plot_diagnostics
         >>> torch.manual_seed(0)
         <torch._C.Generator object at ...>
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
@@ -193,6 +195,26 @@ def write_tensorboard(
     Raises:
         TypeError: ``writer`` lacks ``add_scalar``, or ``model`` is not a module.
         ValueError: nothing recorded yet.
+
+    Example:
+        A writer that only records what it is given stands in for a ``SummaryWriter`` here:
+
+        >>> from torch import nn
+        >>> from gradlab.hooks import GradientMonitor, write_tensorboard
+        >>> class Recorder:
+        ...     def __init__(self):
+        ...         self.tags = []
+        ...     def add_scalar(self, tag, value, step):
+        ...         self.tags.append(tag)
+        ...     def add_histogram(self, tag, values, step):
+        ...         self.tags.append(tag)
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> writer = Recorder()
+        >>> with GradientMonitor(net) as monitor:
+        ...     net(torch.randn(16, 4)).pow(2).mean().backward()
+        ...     write_tensorboard(writer, monitor, model=net)
+        >>> [t for t in writer.tags if t.startswith("grad/hist/")]
+        ['grad/hist/0.weight', 'grad/hist/0.bias', 'grad/hist/2.weight', 'grad/hist/2.bias']
     """
     fn = "write_tensorboard"
     if not callable(getattr(writer, "add_scalar", None)):
