@@ -61,8 +61,11 @@ class GGNOperator(CurvatureOperator):
     pieces.
 
     Attributes:
-        shape, dtype, device: as every :class:`~gradlab.curvature.CurvatureOperator`.
-        params: the parameter tensors; ``names``: their names.
+        shape: ``(n, n)``, as every :class:`~gradlab.curvature.CurvatureOperator`.
+        dtype: the parameters' dtype.
+        device: the parameters' device.
+        params: the parameter tensors.
+        names: their names.
     """
 
     def __init__(
