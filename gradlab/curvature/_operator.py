@@ -52,6 +52,7 @@ from gradlab.curvature._args import (
     param_names,
 )
 from gradlab.curvature._base import CurvatureOperator, Pieces
+from gradlab.curvature._exact_diagonal import hessian_exact_diagonal
 from gradlab.curvature._progress import Progress
 from gradlab.curvature._state import model_state
 
@@ -197,8 +198,6 @@ class HessianOperator(CurvatureOperator):
         return graph.hvp(vs)
 
     def _exact_diagonal(self) -> torch.Tensor:
-        from gradlab.curvature._diagonal import hessian_exact_diagonal
-
         return hessian_exact_diagonal(self)
 
     def apply(self, vs: Sequence[torch.Tensor]) -> Pieces:

@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 from gradlab._errors import GradlabError
 from gradlab.hooks._engine import HookContext, on_grad
 from gradlab.per_sample._fallback import Replay, dropout_in, replay_grads
-from gradlab.per_sample._gather import GatheredStats
+from gradlab.per_sample._gather import GatheredStats, gather
 from gradlab.per_sample._registry import Rule, rule_for
 
 __all__ = ["STATS", "PerSampleGradients"]
@@ -544,8 +544,6 @@ class PerSampleGradients(HookContext):
         Raises:
             RuntimeError: no process group is initialised.
         """
-        from gradlab.per_sample._gather import gather
-
         return gather(self, group)
 
     def dot(self, v: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -9,13 +9,10 @@ global batch size, exactly the variance of the union (up to rounding), not a mea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
-
-if TYPE_CHECKING:
-    from gradlab.per_sample._engine import PerSampleGradients
 
 __all__ = ["GatheredStats", "gather"]
 
@@ -55,8 +52,9 @@ def _cat(t: torch.Tensor, sizes: list[int], group: Any) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
-def gather(ps: PerSampleGradients, group: Any = None) -> GatheredStats:
-    """See :meth:`PerSampleGradients.gather`."""
+def gather(ps: Any, group: Any = None) -> GatheredStats:
+    """See :meth:`PerSampleGradients.gather` (``ps``; typed ``Any``: importing the engine's
+    module here, even for type checking only, would make an import cycle)."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "PerSampleGradients.gather: no default process group; call "

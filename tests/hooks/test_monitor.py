@@ -594,10 +594,10 @@ def test_enter_rolls_back_when_a_module_is_gone_and_refuses_reentry() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "text"),
     [
-        ({"vanishing": None}, TypeError, "vanishing must be a finite number >= 0.0, got None"),
-        ({"exploding": "big"}, TypeError, "exploding must be a number > 0.0, got 'big'"),
-        ({"vanishing": -1.0}, ValueError, "vanishing must be a finite number >= 0.0, got -1.0"),
-        ({"vanishing": math.nan}, ValueError, "vanishing must be a finite number >= 0.0, got nan"),
+        ({"vanishing": None}, TypeError, "vanishing must be a finite number >= 0, got None"),
+        ({"exploding": "big"}, TypeError, "exploding must be a number > 0, got 'big'"),
+        ({"vanishing": -1.0}, ValueError, "vanishing must be a finite number >= 0, got -1.0"),
+        ({"vanishing": math.nan}, ValueError, "vanishing must be a finite number >= 0, got nan"),
         ({"buffer_bytes": "4MB"}, TypeError, "buffer_bytes must be an int >= 0, got '4MB'"),
         ({"every": 0}, ValueError, "every must be an int >= 1, got 0"),
         ({"params": "yes"}, TypeError, "params must be True or False, got 'yes'"),

@@ -1,6 +1,6 @@
 """The gradlab pytest plugin (gradlab/testing/_plugin.py) in a throwaway project outside the
-repository: the README's hypothesis recipe, copied into a temporary directory, must pass with
-plain ``pytest``, with ``--hypothesis-profile=gradlab-ci`` and with
+repository: the hypothesis recipe of docs/guides/gradient_checking.md, copied into a temporary
+directory, must pass with plain ``pytest``, with ``--hypothesis-profile=gradlab-ci`` and with
 ``GRADLAB_HYPOTHESIS_PROFILE``; the ``device`` fixture must exist there.
 
 The plugin is found through its ``pytest11`` entry point exactly as ``pyproject.toml`` declares
@@ -33,8 +33,8 @@ def test_profile_is_the_expected_one():
 
 
 def _recipe() -> str:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Testing your own code with hypothesis", 1)[1]
+    guide = (ROOT / "docs" / "guides" / "gradient_checking.md").read_text()
+    section = guide.split("## A test file that runs as it is", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
