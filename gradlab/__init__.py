@@ -7,6 +7,9 @@ curvature and freezing helpers (:mod:`gradlab.finetune`) live at the top level.
 
 from __future__ import annotations
 
+# First: importing _compat refuses a torch older than the supported minimum with a clear
+# ImportError, before the imports below fail on an API it lacks.
+from gradlab import _compat  # noqa: F401
 from gradlab._derivatives import (
     HVP,
     JVP,
