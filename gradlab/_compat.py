@@ -18,7 +18,7 @@ import torch
 
 __all__ = ["TORCH_MINIMUM", "check_torch_version"]
 
-TORCH_MINIMUM = "2.11"
+TORCH_MINIMUM = "2.8"
 
 
 def _release(version: str) -> tuple[int, int]:
