@@ -16,7 +16,9 @@ from gradlab.testing import _plugin
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not config.pluginmanager.is_registered(_plugin):
+    # The entry point registers its module (_gradlab_pytest_plugin, re-exporting _plugin's hooks
+    # and fixture) under this name: register _plugin itself only where nothing has it.
+    if not config.pluginmanager.has_plugin("gradlab.testing._plugin"):
         config.pluginmanager.register(_plugin, "gradlab.testing._plugin")
 
 

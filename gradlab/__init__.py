@@ -10,6 +10,9 @@ re-exported at the top level (``gl.hessian_trace``, ``gl.freeze``, ...).
 
 from __future__ import annotations
 
+# First: importing _compat refuses a torch older than the supported minimum with a clear
+# ImportError, before the imports below fail on an API it lacks.
+from gradlab import _compat  # noqa: F401
 from gradlab._derivatives import (
     HVP,
     JVP,

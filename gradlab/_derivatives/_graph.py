@@ -69,12 +69,14 @@ def wants_graph(
                     return True
             else:
                 stack.append(o.grad_fn)
-    seen: set[int] = set()
+    # The nodes themselves, not their ids: torch 2.8 and 2.11 (not 2.13) make a new Python object
+    # for a node at each access once the last one is freed, so an id can come back for another.
+    seen: set[Any] = set()
     while stack:
         node = stack.pop()
-        if id(node) in seen:
+        if node in seen:
             continue
-        seen.add(id(node))
+        seen.add(node)
         variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
         if variable is not None:
             if id(variable) not in ours:

@@ -215,13 +215,16 @@ class _Recorder:
 def _reaches(roots: Iterable[object], stop: object, targets: set[int]) -> bool:
     """Whether the autograd graph from ``roots`` reaches a leaf in ``targets`` (by id) without
     passing through the node ``stop``."""
-    seen: set[int] = set()
+    # Nodes, not their ids, here and in _chain: torch 2.8 and 2.11 (not 2.13) make a new Python
+    # object for a node at each access once the last one is freed, so an id can come back for
+    # another node (and the same node can come back with another id).
+    seen: set[object] = set()
     todo = [r for r in roots if r is not None]
     while todo:
         node = todo.pop()
-        if node is stop or id(node) in seen:
+        if node is stop or node in seen:
             continue
-        seen.add(id(node))
+        seen.add(node)
         var = getattr(node, "variable", None)
         if var is not None and id(var) in targets:
             return True
@@ -268,7 +271,7 @@ def _chain(calls: list[_Call], params: list[torch.Tensor]) -> list[_Call] | None
         assert c.out is not None
         producers.setdefault(_where(c.out), []).append(i)
     consumers: dict[int, list[int]] = {}
-    by_node = {id(c.out.grad_fn): i for i, c in enumerate(calls) if c.out is not None}
+    by_node = {c.out.grad_fn: i for i, c in enumerate(calls) if c.out is not None}
     for j, c in list(enumerate(calls)):
         linked = False
         for i in producers.get(_where(c.inp), ()):
@@ -279,7 +282,7 @@ def _chain(calls: list[_Call], params: list[torch.Tensor]) -> list[_Call] | None
         name = type(node).__name__
         if linked or name not in _FUNCTIONAL or len(node.next_functions) != 1:  # type: ignore[union-attr]
             continue
-        i = by_node.get(id(node.next_functions[0][0]), -1)  # type: ignore[union-attr]
+        i = by_node.get(node.next_functions[0][0], -1)  # type: ignore[union-attr]
         z = calls[i].out if 0 <= i < j else None
         if z is None or z._version != calls[i].out_version:
             continue

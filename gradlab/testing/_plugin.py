@@ -3,7 +3,9 @@
 Installed with gradlab as the ``pytest11`` entry point ``gradlab.testing._plugin`` (named after
 the module, so ``pytest -p gradlab.testing._plugin`` also works where gradlab is not installed and
 is harmless where it is; disable it with ``pytest -p no:gradlab.testing._plugin``), so any
-project where gradlab is installed gets:
+project where gradlab is installed gets the following. (The entry point's module is the top-level
+``_gradlab_pytest_plugin``, which re-exports this module's hooks and fixture, or, where gradlab
+cannot be imported, warns and provides nothing instead of failing the run.)
 
 * the hypothesis profiles ``gradlab-ci``, ``gradlab-dev`` and ``gradlab-thorough`` (see
   :func:`~gradlab.testing.register_hypothesis_profiles`), registered when the plugin loads;

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 _PROFILE_TEST = """
@@ -43,6 +45,11 @@ def _project(tmp_path: Path) -> tuple[Path, Path]:
     project.mkdir()
     (project / "test_my_activation.py").write_text(_recipe())
     (project / "test_profile.py").write_text(_PROFILE_TEST)
+    return project, _entry_point_site(tmp_path)
+
+
+def _entry_point_site(tmp_path: Path) -> Path:
+    """A stand-in distribution declaring pyproject.toml's pytest11 entry points."""
     site = tmp_path / "site"
     dist = site / "gradlab_plugin_probe-0.0.dist-info"
     dist.mkdir(parents=True)
@@ -55,19 +62,34 @@ def _project(tmp_path: Path) -> tuple[Path, Path]:
     assert lines, "no pytest11 entry point in pyproject.toml"
     text = "".join(f"{name} = {target}\n" for name, target in lines)
     (dist / "entry_points.txt").write_text("[pytest11]\n" + text)
-    return project, site
+    return site
 
 
 def _pytest(project: Path, pythonpath: list[Path], *args: str, **env: str):
+    return _run(project, pythonpath, ["-m", "pytest", *_OPTIONS, *args], **env)
+
+
+_OPTIONS = ("-q", "-rs", "-p", "no:cacheprovider")
+
+
+def _run(project: Path, pythonpath: list[Path], argv: list[str], **env: str):
     clean = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("CI", "GRADLAB_HYPOTHESIS_PROFILE", "PYTEST_ADDOPTS", "PYTEST_PLUGINS")
+        if k
+        not in (
+            "CI",
+            "GRADLAB_HYPOTHESIS_PROFILE",
+            "PYTEST_ADDOPTS",
+            "PYTEST_PLUGINS",
+            "PYTEST_DISABLE_PLUGIN_AUTOLOAD",
+            "GRADLAB_ALLOW_ANY_TORCH",  # scripts/compat sets it; it would skip the check tested
+        )
     }
     clean["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
     clean.update(env)
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *args],
+        [sys.executable, *argv],
         cwd=project,
         env=clean,
         capture_output=True,
@@ -125,3 +147,76 @@ def test_unknown_profile_in_the_environment_is_a_usage_error(tmp_path: Path) -> 
     assert "GRADLAB_HYPOTHESIS_PROFILE='nope' is not a registered hypothesis profile" in (
         done.stderr + done.stdout
     )
+
+
+# A user's project that does not use gradlab, run by a driver that makes `import gradlab` fail
+# before pytest starts (nothing is installed or uninstalled): the gradlab plugin, loaded through
+# its entry point as pytest does in any environment where gradlab is installed, must warn, name
+# the cause and provide nothing, and the user's tests must run.
+_UNRELATED_TESTS = """
+import pytest
+
+
+def test_arithmetic():
+    assert 1 + 1 == 2
+
+
+def test_the_plugin_provides_nothing(request):
+    with pytest.raises(pytest.FixtureLookupError):
+        request.getfixturevalue("device")
+"""
+
+_BREAK_IMPORT = {
+    # One gradlab module cannot be imported, as in a broken installation (None in sys.modules
+    # halts its import; a meta-path finder would be bypassed by pytest's assertion rewriter).
+    "module": """
+sys.modules["gradlab._derivatives"] = None
+""",
+    # The torch found reports a release older than gradlab supports.
+    "old torch": """
+import torch
+
+torch.__version__ = "2.1.2"
+""",
+}
+_CAUSE = {
+    "module": "ModuleNotFoundError: import of gradlab._derivatives halted; None in sys.modules",
+    "old torch": "ImportError: gradlab needs torch>=",
+}
+
+
+def _driver(tmp_path: Path, how: str) -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "test_unrelated.py").write_text(_UNRELATED_TESTS)
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import sys\n" + _BREAK_IMPORT[how] + "\nimport pytest\n\nsys.exit(pytest.main())\n"
+    )
+    return script
+
+
+@pytest.mark.parametrize("how", sorted(_BREAK_IMPORT))
+def test_plugin_warns_and_does_nothing_when_gradlab_cannot_be_imported(
+    tmp_path: Path, how: str
+) -> None:
+    script = _driver(tmp_path, how)
+    done = _run(tmp_path / "project", [_entry_point_site(tmp_path), ROOT], [str(script), *_OPTIONS])
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert _counts(done.stdout) == (2, 0, 0)
+    assert "GradlabPluginWarning: gradlab's pytest plugin is disabled for this run" in out
+    assert _CAUSE[how] in out
+    if how == "old torch":
+        assert "but torch 2.1.2 is installed" in out
+
+
+def test_plugin_failure_is_not_an_error_where_warnings_are_errors(tmp_path: Path) -> None:
+    # filterwarnings = error (common in projects) must not turn a broken gradlab into a failed
+    # start: the warning then goes to stderr.
+    script = _driver(tmp_path, "module")
+    site = _entry_point_site(tmp_path)
+    done = _run(tmp_path / "project", [site, ROOT], [str(script), *_OPTIONS, "-W", "error"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _counts(done.stdout) == (2, 0, 0)
+    assert _CAUSE["module"] in done.stderr
