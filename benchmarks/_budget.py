@@ -13,6 +13,11 @@ idle time. Each suite therefore has a budget, :data:`BUDGET_FACTOR` times its ty
   exceeds :data:`SLOWDOWN_FLOOR`, rounds and seconds per measured block are scaled by its
   inverse (a fixed-count experiment keeps its count per round), so that the measurement takes
   about its idle wall time.
+- **Threads.** OpenMP threads that wait for each other at every parallel region stall when other
+  processes hold the CPUs (a thread that is not running holds up the rest: measured, a suite ran
+  9-15x slower with 2 threads beside 2 busy loops, 1.5x with one thread). A suite that starts on a
+  busy machine (:func:`probe_slowdown` above :data:`THREADS_FLOOR`) runs with one torch thread,
+  recorded as a cut like the others.
 - **Over budget.** A suite past its budget (slower than the CPU share explains, e.g. OpenMP threads
   spinning against other work) measures the rest at the minimum: :data:`MIN_ROUNDS` rounds,
   :data:`MIN_FRACTION` of the planned seconds per block.
@@ -31,6 +36,9 @@ from dataclasses import dataclass, field
 
 BUDGET_FACTOR = 1.5  # a suite's budget: this many times its idle seconds
 SLOWDOWN_FLOOR = 1.15  # below this CPU-share slowdown nothing is cut (idle-machine jitter)
+# A suite starts with one torch thread above this probed slowdown (an idle machine reads 1.00;
+# two busy loops beside a run on 2 CPUs read 1.15-1.5 over a 0.25 s probe)
+THREADS_FLOOR = 1.05
 MIN_ROUNDS = 2  # a ratio needs two rounds for a spread
 MIN_FRACTION = 0.25  # the least of the planned seconds per block a cut keeps
 
@@ -57,6 +65,18 @@ def scheduler_times() -> tuple[int, int] | None:
     if total_run == 0:
         return None
     return total_run, total_wait
+
+
+def probe_slowdown(seconds: float = 0.1) -> float | None:
+    """Spin this thread for ``seconds`` and return the :func:`slowdown` it saw (``None``: unknown).
+
+    About 1.0 on an idle machine; about 2 where other processes keep every CPU busy.
+    """
+    since = scheduler_times()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return slowdown(since, scheduler_times())
 
 
 def slowdown(since: tuple[int, int] | None, now: tuple[int, int] | None) -> float | None:
@@ -123,6 +143,10 @@ class Budget:
         if s > SLOWDOWN_FLOOR:
             return max(MIN_FRACTION, 1.0 / s), f"CPU share: running {s:.2f}x slower than idle"
         return 1.0, None
+
+    def record(self, what: str, planned: float, used: float, why: str) -> None:
+        """Record a cut (``what`` from ``planned`` to ``used``) made outside the timing calls."""
+        self._record(what, planned, used, why)
 
     def _record(self, what: str, planned: float, used: float, why: str) -> None:
         entry = self.cuts.setdefault(

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from benchmarks._budget import Budget, describe
+from benchmarks._budget import THREADS_FLOOR, Budget, describe, probe_slowdown
 from benchmarks._compare import compare
 from benchmarks._core import SCHEMA, Context, Suite, Table, environment, load_average
 from benchmarks._progress import Progress
@@ -143,8 +143,23 @@ def run(args: argparse.Namespace) -> int:
             ctx = Context(
                 device=device, size=size, progress=progress, smoke=args.smoke, budget=budget
             )
+            threads = torch.get_num_threads()
+            if budget.enabled and device.type == "cpu" and threads > 1:
+                busy = probe_slowdown(0.25)
+                if busy is not None and busy > THREADS_FLOOR:
+                    torch.set_num_threads(1)
+                    budget.record(
+                        "threads",
+                        threads,
+                        1,
+                        f"CPU share: running {busy:.2f}x slower than idle at the start; OpenMP "
+                        "threads stall each other on busy CPUs",
+                    )
             t0, c0 = time.perf_counter(), time.process_time()
-            tables: list[Table] = suite.run(ctx)
+            try:
+                tables: list[Table] = suite.run(ctx)
+            finally:
+                torch.set_num_threads(threads)
             cuts = budget.report()
             for cut in cuts:
                 progress(f"cut: {describe(cut)}")

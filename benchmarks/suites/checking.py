@@ -194,5 +194,5 @@ SUITE = Suite(
     name="checking",
     description="check_gradients vs torch.autograd.gradcheck: speed (full/fast) and power",
     run=run,
-    seconds={"default": 18},
+    seconds={"quick": 5, "default": 18},
 )

@@ -141,4 +141,5 @@ SUITE = Suite(
     name="curvature_operators",
     description="GGN matvec, KFAC construction and the exact GGN diagonal vs curvlinops/BackPACK",
     run=run,
+    seconds={"quick": 3},
 )

@@ -369,5 +369,5 @@ SUITE = Suite(
     name="derivatives",
     description="Hessian / Jacobian / HVP / k-th derivative: every strategy, auto, torch's own",
     run=run,
-    seconds={"quick": 25, "default": 83, "full": 355},
+    seconds={"quick": 38, "default": 83, "full": 355},
 )

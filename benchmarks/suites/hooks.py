@@ -266,5 +266,5 @@ SUITE = Suite(
     description="Overhead of gradlab.hooks capture/monitoring vs retain_grad, full-backward "
     "hooks and anomaly mode",
     run=run,
-    seconds={"quick": 45, "default": 62, "full": 270},
+    seconds={"quick": 38, "default": 62, "full": 270},
 )
