@@ -145,10 +145,7 @@ class Budget:
         return 1.0, None
 
     def record(self, what: str, planned: float, used: float, why: str) -> None:
-        """Record a cut (``what`` from ``planned`` to ``used``) made outside the timing calls."""
-        self._record(what, planned, used, why)
-
-    def _record(self, what: str, planned: float, used: float, why: str) -> None:
+        """Record a cut: ``what`` from ``planned`` to ``used`` (kept: the least, and how often)."""
         entry = self.cuts.setdefault(
             what, {"what": what, "planned": planned, "least": used, "times": 0, "why": why}
         )
@@ -163,7 +160,7 @@ class Budget:
             return planned
         used = max(MIN_ROUNDS, round(planned * frac))
         if used < planned:
-            self._record("rounds", planned, used, why)
+            self.record("rounds", planned, used, why)
         return used
 
     def run_time(self, planned: float) -> float:
@@ -171,7 +168,7 @@ class Budget:
         frac, why = self.scale()
         if why is None:
             return planned
-        self._record("seconds per block", planned, planned * frac, why)
+        self.record("seconds per block", planned, planned * frac, why)
         return planned * frac
 
     def report(self) -> list[dict[str, object]]:
