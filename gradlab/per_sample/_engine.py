@@ -401,10 +401,10 @@ class PerSampleGradients(HookContext):
 
     def _finish(self, name: str, g: torch.Tensor, *, norm: bool = True, moments: bool = True):
         """The statistics of one parameter from its per-sample gradients ``(B, *shape)``."""
-        if norm:
-            self._norm_sq[name] = torch.linalg.vector_norm(g.flatten(1), dim=1).square()
         if "grad" in self._stats:
-            self._grad[name] = g
+            self._grad[name] = g  # its norms are taken when read (_norms_sq), if ever
+        elif norm:
+            self._norm_sq[name] = torch.linalg.vector_norm(g.flatten(1), dim=1).square()
         if moments and self._moments:
             self._sum[name] = g.sum(0)
             self._sum_sq[name] = g.square().sum(0)
@@ -464,7 +464,7 @@ class PerSampleGradients(HookContext):
     def _fill_unused(self) -> None:
         b = self._b if self._b is not None else 0
         for name, p in self._params.items():
-            if name in self._norm_sq:
+            if name in self._norm_sq or name in self._grad:
                 continue
             if name in self._got_grad:
                 raise GradlabError(
@@ -493,17 +493,28 @@ class PerSampleGradients(HookContext):
         assert self._b is not None
         return self._b
 
+    def _norms_sq(self) -> dict[str, torch.Tensor]:
+        """``{name: (B,)}`` squared norms; those of kept per-sample gradients are taken here, on
+        first read (a step that only wants ``ps.grad`` never pays for them)."""
+        self._finalize()
+        for name, g in self._grad.items():
+            if name not in self._norm_sq:
+                self._norm_sq[name] = torch.linalg.vector_norm(g.flatten(1), dim=1).square()
+        return self._norm_sq
+
     @property
     def norm_by_param(self) -> dict[str, torch.Tensor]:
         """``{name: (B,)}``: the per-sample gradient norm of each trainable parameter."""
         self._result("norm")
-        return {n: self._norm_sq[n].sqrt() for n in self._params}
+        norms_sq = self._norms_sq()
+        return {n: norms_sq[n].sqrt() for n in self._params}
 
     @property
     def norm(self) -> torch.Tensor:
         """``(B,)``: ``||g_i||`` over every trainable parameter of the model."""
         self._result("norm")
-        total = sum(self._norm_sq[n] for n in self._params)
+        norms_sq = self._norms_sq()
+        total = sum(norms_sq[n] for n in self._params)
         if not isinstance(total, torch.Tensor):
             return torch.zeros(self._b or 0)
         return total.sqrt()

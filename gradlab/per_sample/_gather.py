@@ -64,7 +64,8 @@ def gather(ps: Any, group: Any = None) -> GatheredStats:
     ps._finalize()
     names = list(ps._params)
     b = ps.batch_size
-    ref = next(iter(ps._norm_sq.values()))
+    norms_sq = ps._norms_sq()
+    ref = next(iter(norms_sq.values()))
     sizes_t = [
         torch.zeros(1, dtype=torch.long, device=ref.device)
         for _ in range(dist.get_world_size(group))
@@ -72,7 +73,7 @@ def gather(ps: Any, group: Any = None) -> GatheredStats:
     dist.all_gather(sizes_t, torch.tensor([b], device=ref.device), group=group)
     sizes = [int(s.item()) for s in sizes_t]
     n = sum(sizes)
-    norm_sq = _cat(torch.stack([ps._norm_sq[k] for k in names], 1), sizes, group)  # (N, P)
+    norm_sq = _cat(torch.stack([norms_sq[k] for k in names], 1), sizes, group)  # (N, P)
     by_param = {k: norm_sq[:, j].sqrt() for j, k in enumerate(names)}
     sum_sq = variance = grad = None
     if ps._moments:
