@@ -18,7 +18,7 @@ import torch
 
 __all__ = ["TORCH_MINIMUM", "check_torch_version"]
 
-TORCH_MINIMUM = "2.8"
+TORCH_MINIMUM = "2.7"
 
 
 def _release(version: str) -> tuple[int, int]:
