@@ -48,7 +48,12 @@ _STATE_KEYS = (
 class LayerStats(NamedTuple):
     """Statistics of one gradient: L2 norm, largest and mean absolute entry.
 
-    The values of :attr:`StepStats.outputs` and :attr:`StepStats.params`.
+    The values of the ``outputs`` and ``params`` dicts of a :class:`StepStats`.
+
+    Attributes:
+        norm: the L2 norm of the gradient (of all its entries).
+        max_abs: its largest absolute entry.
+        mean_abs: the mean of its absolute entries.
 
     Example:
         >>> from torch import nn
@@ -77,6 +82,11 @@ class NonfiniteSource(NamedTuple):
     a non-finite input or parameter gradient: the source. ``origin == "incoming"``: the gradient
     already arrived non-finite at the output of ``module`` (the first monitored module in backward
     order), so it was made by the loss or by code outside every monitored module.
+
+    Attributes:
+        module: the module's name in the model (``named_modules()``).
+        step: the backward pass (the monitor's step index) in which it happened.
+        origin: ``"backward"`` or ``"incoming"``, as above.
 
     Example:
         A module whose backward turns a finite gradient into ``inf`` (the square root at 0):

@@ -74,6 +74,8 @@ class Rule:
     check: Callable[[nn.Module], None] | None = None
 
 
+#: The closed-form rule of each layer type (filled by :func:`register`); a module whose type is
+#: not here goes through the ``torch.func`` fallback.
 RULES: dict[type[nn.Module], Rule] = {}
 
 
