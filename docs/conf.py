@@ -348,9 +348,19 @@ def _append_new_guides(app, docname, source):  # type: ignore[no-untyped-def]
         source[0] = text[:end] + "".join(f"\n{name}" for name in extra) + text[end:]
 
 
+def _skip_namedtuple_fields(app, what, name, obj, skip, options):  # type: ignore[no-untyped-def]
+    """Leave out the members autodoc lists for a NamedTuple's fields, whose only text is Python's
+    "Alias for field number N": the class docstring describes its fields (and the signature line
+    names them)."""
+    if what == "class" and re.fullmatch(r"Alias for field number \d+", (obj.__doc__ or "").strip()):
+        return True
+    return None
+
+
 def setup(app):  # type: ignore[no-untyped-def]
     app.connect("missing-reference", _redirect_reexports, priority=400)
     app.connect("source-read", _append_new_guides)
+    app.connect("autodoc-skip-member", _skip_namedtuple_fields)
 
 
 os.environ.setdefault("GRADLAB_AUTOTUNE", "0")

@@ -1,11 +1,14 @@
 """gradlab: analyse and use gradients on PyTorch.
 
 Derivatives (``gl.grad``, ``gl.jacobian``, ``gl.hessian``, ``gl.hvp``, ...) live at the top level.
-Subpackages: :mod:`gradlab.curvature` (Hessian trace, diagonal, eigenvalues, spectrum),
-:mod:`gradlab.penalties` (GAN gradient penalties), :mod:`gradlab.hooks` (gradient capture and
-monitoring), :mod:`gradlab.finetune` (freezing and fine-tuning), :mod:`gradlab.testing`
-(property-based gradient checking). The common curvature and fine-tuning functions are
-re-exported at the top level (``gl.hessian_trace``, ``gl.freeze``, ...).
+Subpackages: :mod:`gradlab.curvature` (Hessian trace, diagonal, eigenvalues, spectrum; the GGN,
+Fisher and KFAC operators), :mod:`gradlab.penalties` (GAN gradient penalties),
+:mod:`gradlab.hooks` (gradient capture, monitoring and training diagnostics),
+:mod:`gradlab.per_sample` (per-sample gradients and their statistics), :mod:`gradlab.finetune`
+(freezing and fine-tuning), :mod:`gradlab.testing` (property-based gradient checking). The
+common curvature and fine-tuning functions are re-exported at the top level
+(``gl.hessian_trace``, ``gl.freeze``, ...); the other subpackages are imported by name
+(``from gradlab.hooks import GradientMonitor``).
 """
 
 from __future__ import annotations

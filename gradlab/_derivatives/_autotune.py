@@ -135,7 +135,17 @@ def set_autotune(enabled: bool) -> bool:
 
 
 def is_autotune_enabled() -> bool:
-    """Whether ``strategy="auto"`` measures here (this thread's ``autotune`` block, else global)."""
+    """Whether ``strategy="auto"`` measures here (this thread's ``autotune`` block, else global).
+
+    Example:
+        >>> import gradlab as gl
+        >>> with gl.autotune(False):
+        ...     gl.is_autotune_enabled()
+        False
+        >>> with gl.autotune(True):
+        ...     gl.is_autotune_enabled()
+        True
+    """
     scoped = _SCOPED.get()
     return _ENABLED if scoped is None else scoped
 
@@ -240,7 +250,15 @@ def autotune(enabled: bool) -> Iterator[None]:
 
 
 def clear_autotune_cache() -> None:
-    """Forget every cached ``strategy="auto"`` choice (and heuristic)."""
+    """Forget every cached ``strategy="auto"`` choice (and heuristic).
+
+    Example:
+        >>> import gradlab as gl
+        >>> _ = gl.hessian(lambda x: (x**3).sum(), torch.ones(3))
+        >>> gl.clear_autotune_cache()
+        >>> gl.autotune_choices()
+        {}
+    """
     with _CACHE_LOCK:
         _CACHE.clear()
         _MEASURED.clear()
@@ -252,6 +270,22 @@ def autotune_choices() -> dict[tuple, str]:
     Keys whose function draws random numbers, that were only seen with measurement off, or whose
     challenger is still on trial (the next calls after the first, see :func:`autotune`) are not
     listed (they run the heuristic, or the two strategies on trial in turn).
+
+    Example:
+        >>> import gradlab as gl
+        >>> gl.clear_autotune_cache()
+        >>> f = lambda x: (x.sin() ** 3).sum()
+        >>> with gl.autotune(False):
+        ...     _ = gl.hessian(f, torch.ones(50))
+        >>> gl.autotune_choices()  # nothing measured: the heuristic ran
+        {}
+        >>> with gl.autotune(True):
+        ...     for _ in range(20):  # the first call measures, a trial may follow
+        ...         _ = gl.hessian(f, torch.ones(50))
+        >>> choices = gl.autotune_choices()  # which strategy won depends on the machine
+        >>> ops, strategies = {key[0] for key in choices}, set(choices.values())
+        >>> ops <= {"hessian"}, strategies <= {"rev-rev", "fwd-rev", "loop"}
+        (True, True)
     """
     return {k: e.choice for k, e in list(_CACHE.items()) if e.choice is not None}
 

@@ -22,6 +22,22 @@ class FunctionalModule:
     module's parameters (``detach()``: same storage, no graph), ready to differentiate by;
     ``params`` passed to the call may hold a subset of the names (the others are the module's
     own, not differentiated). Buffers are the module's own.
+
+    Example:
+        >>> import gradlab as gl
+        >>> net = torch.nn.Linear(3, 2)
+        >>> _ = net.bias.requires_grad_(False)
+        >>> fm = gl.functional(net)
+        >>> sorted(fm.params), sorted(fm.trainable_params)
+        (['bias', 'weight'], ['weight'])
+        >>> x = torch.ones(4, 3)
+        >>> torch.equal(fm(fm.params, x), net(x))
+        True
+        >>> fm({"weight": torch.zeros(2, 3)}, x).equal(net.bias.expand(4, 2))  # bias: the module's
+        True
+        >>> gl.jacobian(lambda p: fm(p, x).sum(), fm.trainable_params)  # d/dW of sum(W x + b)
+        {'weight': tensor([[4., 4., 4.],
+                [4., 4., 4.]])}
     """
 
     def __init__(self, module: nn.Module, batchnorm: str) -> None:

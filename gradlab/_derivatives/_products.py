@@ -22,21 +22,48 @@ __all__ = ["HVP", "HVP_OP", "JVP", "VJP", "HvpProblem", "hvp", "jvp", "vjp"]
 
 
 class HVP(NamedTuple):
-    """Result of :func:`hvp`: the function's value and the Hessian-vector product."""
+    """Result of :func:`hvp`: the function's value and the Hessian-vector product.
+
+    Example:
+        >>> import gradlab as gl
+        >>> f = lambda x, y: (x**2 * y).sum()
+        >>> x, y = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+        >>> r = gl.hvp(f, (x, y), (torch.ones(2), torch.zeros(2)))
+        >>> r.value  # f(x, y)
+        tensor(19.)
+        >>> r.hvp  # structured like (x, y): d2f/dx2 @ 1 = 2 y, d2f/dydx @ 1 = 2 x
+        (tensor([6., 8.]), tensor([2., 4.]))
+    """
 
     value: torch.Tensor
     hvp: PyTree
 
 
 class VJP(NamedTuple):
-    """Result of :func:`vjp`: the function's value and ``v^T J`` (structured like the args)."""
+    """Result of :func:`vjp`: the function's value and ``v^T J`` (structured like the args).
+
+    Example:
+        >>> import gradlab as gl
+        >>> value, vjp = gl.vjp(lambda x: x**2, torch.tensor([1.0, 2.0, 3.0]), torch.ones(3))
+        >>> value, vjp  # x**2 and 1^T diag(2 x)
+        (tensor([1., 4., 9.]), tensor([2., 4., 6.]))
+    """
 
     value: PyTree
     vjp: PyTree
 
 
 class JVP(NamedTuple):
-    """Result of :func:`jvp`: the function's value and ``J v`` (structured like the output)."""
+    """Result of :func:`jvp`: the function's value and ``J v`` (structured like the output).
+
+    Example:
+        >>> import gradlab as gl
+        >>> r = gl.jvp(lambda x: (x**2, x.sum()), torch.tensor([1.0, 2.0]), torch.ones(2))
+        >>> r.value  # f's output: a tuple here
+        (tensor([1., 4.]), tensor(3.))
+        >>> r.jvp  # structured like it
+        (tensor([2., 4.]), tensor(2.))
+    """
 
     value: PyTree
     jvp: PyTree

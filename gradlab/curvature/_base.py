@@ -50,6 +50,27 @@ class CurvatureOperator:
         dtype: the dtype of the products.
         device: the device of the products.
         shapes: the shape of each piece (one per parameter).
+
+    Example:
+        Every operator (:func:`gradlab.hessian_operator`, :func:`gradlab.ggn_operator`,
+        :func:`gradlab.fisher_operator`, :func:`gradlab.kfac_operator`) is one, and every
+        estimator of :mod:`gradlab.curvature` takes any of them:
+
+        >>> import gradlab as gl
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Linear(3, 1)
+        >>> X, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> G = gl.ggn_operator(model, nn.MSELoss(), (X, y))
+        >>> H = gl.hessian_operator(lambda: nn.functional.mse_loss(model(X), y), model)
+        >>> isinstance(G, gl.curvature.CurvatureOperator), G.shape, G.shapes
+        (True, (4, 4), [torch.Size([1, 3]), torch.Size([1])])
+        >>> E = torch.eye(4)
+        >>> torch.allclose(G.matmat(E), H.matmat(E), atol=1e-5)  # a linear model: GGN = Hessian
+        True
+        >>> top = gl.curvature.eigenvalues(G, k=1).values
+        >>> torch.allclose(top, torch.linalg.eigvalsh(G.matmat(E))[-1:], rtol=1e-4)
+        True
     """
 
     def __init__(

@@ -54,11 +54,14 @@ class Method(NamedTuple):
     random: bool = True
 
 
+#: The methods of :func:`trace` (``method=``): Hutchinson, Hutch++ (Meyer et al. 2021) and
+#: the exact trace by n products.
 TRACE_METHODS: dict[str, Method] = {
     "hutchinson": Method(hutchinson_trace, lambda s, n: s),
     "hutch++": Method(hutch_plus_plus, lambda s, n: s, min_samples=3),
     "exact": Method(lambda op, s, seed: op._exact_diagonal().sum(), lambda s, n: n, random=False),
 }
+#: The methods of :func:`diagonal` (``method=``): Hutchinson's (Bekas et al. 2007) and exact.
 DIAGONAL_METHODS: dict[str, Method] = {
     "hutchinson": Method(hutchinson_diagonal, lambda s, n: s),
     "exact": Method(lambda op, s, seed: op._exact_diagonal(), lambda s, n: n, random=False),
@@ -72,6 +75,7 @@ class EigenMethod(NamedTuple):
     products: Callable[[int, int, int], int]  # (k, max_iter, n) -> products at most
 
 
+#: The methods of :func:`eigenvalues` (``method=``): Lanczos and power iteration with deflation.
 EIGENVALUE_METHODS: dict[str, EigenMethod] = {
     "lanczos": EigenMethod(top_lanczos, lambda k, it, n: min(n, max(it, k))),
     "power": EigenMethod(

@@ -66,6 +66,24 @@ class GGNOperator(CurvatureOperator):
         device: the parameters' device.
         params: the parameter tensors.
         names: their names.
+
+    Example:
+        The GGN of a small network against :math:`J^\\top M J` written out (``MSELoss``, mean
+        over 8 samples of one output: :math:`M = 2/8`):
+
+        >>> import gradlab as gl
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        >>> X, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> G = gl.ggn_operator(model, nn.MSELoss(), (X, y))
+        >>> G.shape, G.names
+        ((21, 21), ['0.weight', '0.bias', '2.weight', '2.bias'])
+        >>> fm = gl.functional(model)
+        >>> J = gl.jacobian(lambda p: fm(p, X), fm.params)  # {name: (8, 1, *p.shape)}
+        >>> J = torch.cat([block.reshape(8, -1) for block in J.values()], dim=1)
+        >>> torch.allclose(G.matmat(torch.eye(21)), 2 / 8 * J.T @ J, atol=1e-5)
+        True
     """
 
     def __init__(

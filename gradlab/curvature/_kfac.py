@@ -57,6 +57,30 @@ class KFACOperator(CurvatureOperator):
 
     Made by :func:`gradlab.kfac_operator`. ``factors`` maps each layer's name to ``(A, B)`` (``A``
     None for a layer with only a bias trained); :meth:`inverse` gives the inverse operator.
+
+    Example:
+        >>> import gradlab as gl
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> K = gl.kfac_operator(model, nn.CrossEntropyLoss(), (X, y), damping=1e-3)
+        >>> {name: (tuple(A.shape), tuple(B.shape)) for name, (A, B) in K.factors.items()}
+        {'0': ((3, 3), (4, 4)), '2': ((4, 4), (2, 2))}
+        >>> K.shape, K.damping, type(K.inverse()).__name__
+        ((26, 26), 0.001, 'KFACOperator')
+
+        One sample through one bias-free layer: :math:`A = x x^\\top` and the Kronecker
+        product is exact, so KFAC equals the GGN:
+
+        >>> layer = nn.Linear(3, 2, bias=False)
+        >>> x, t = torch.randn(1, 3), torch.randn(1, 2)
+        >>> K1 = gl.kfac_operator(layer, nn.MSELoss(), (x, t))
+        >>> torch.allclose(K1.factors[""][0], x.T @ x)
+        True
+        >>> G1 = gl.ggn_operator(layer, nn.MSELoss(), (x, t))
+        >>> torch.allclose(K1.matmat(torch.eye(6)), G1.matmat(torch.eye(6)), atol=1e-5)
+        True
     """
 
     def __init__(

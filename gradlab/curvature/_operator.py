@@ -74,6 +74,22 @@ class HessianOperator(CurvatureOperator):
         dtype: the parameters' dtype (also that of the products).
         device: the parameters' device.
         params: the parameter tensors.
+
+    Example:
+        >>> import gradlab as gl
+        >>> a = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> b = torch.ones(1, requires_grad=True)
+        >>> H = gl.hessian_operator(lambda: (a**3).sum() + a[0] * (b**2).sum(), [a, b])
+        >>> H.shape, H.dtype, len(H.params)
+        ((3, 3), torch.float32, 2)
+        >>> H @ torch.tensor([1.0, 0.0, 0.0])  # a flat vector over (a, b): the first column
+        tensor([6., 0., 2.])
+        >>> H @ [torch.ones(2), torch.ones(1)]  # per-parameter pieces in, pieces out
+        [tensor([ 8., 12.]), tensor([4.])]
+        >>> H.matmat(torch.eye(3))  # the dense matrix, column by column (small n only)
+        tensor([[ 6.,  0.,  2.],
+                [ 0., 12.,  0.],
+                [ 2.,  0.,  2.]])
     """
 
     def __init__(

@@ -202,7 +202,7 @@ def frozen(
 
     The GAN pattern: freeze the discriminator while the generator steps. Inside the block the
     targets are frozen as by :func:`freeze`; on exit every parameter gets back its previous
-    ``requires_grad`` flag **and its previous ``.grad`` tensor** (the same object), pins and
+    ``requires_grad`` flag **and its previous** ``.grad`` **tensor** (the same object), pins and
     swaps made on entry are undone, and BatchNorm layers take the mode the last
     ``train()``/``eval()`` call asked for (their mode before the block if none was made inside).
     Anything already frozen before the block stays frozen.

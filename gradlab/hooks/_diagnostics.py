@@ -69,6 +69,8 @@ def _sqrt(key: str) -> Callable[[Group], float]:
     return lambda g: math.sqrt(g[key])
 
 
+#: Every diagnostic :class:`GradientMonitor` can compute (its ``diagnostics=`` argument), by
+#: name: what it needs and how its value is formed (the guide's table has the formulas).
 DIAGNOSTICS: dict[str, Diagnostic] = {
     d.name: d
     for d in (

@@ -46,7 +46,29 @@ _STATE_KEYS = (
 
 
 class LayerStats(NamedTuple):
-    """Statistics of one gradient: L2 norm, largest and mean absolute entry."""
+    """Statistics of one gradient: L2 norm, largest and mean absolute entry.
+
+    The values of the ``outputs`` and ``params`` dicts of a :class:`StepStats`.
+
+    Attributes:
+        norm: the L2 norm of the gradient (of all its entries).
+        max_abs: its largest absolute entry.
+        mean_abs: the mean of its absolute entries.
+
+    Example:
+        >>> from torch import nn
+        >>> from gradlab.hooks import GradientMonitor
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+        >>> with GradientMonitor(net) as monitor:
+        ...     net(torch.ones(4, 2)).sum().backward()
+        >>> monitor.history[0].params["2.bias"]  # d(sum of 4 outputs)/d bias = 4
+        LayerStats(norm=4.0, max_abs=4.0, mean_abs=4.0)
+        >>> stats, g = monitor.history[0].params["2.weight"], net[2].weight.grad
+        >>> written_out = (g.norm(), g.abs().max(), g.abs().mean())
+        >>> all(abs(a - b.item()) < 1e-6 for a, b in zip(stats, written_out))
+        True
+    """
 
     norm: float
     max_abs: float
@@ -60,6 +82,35 @@ class NonfiniteSource(NamedTuple):
     a non-finite input or parameter gradient: the source. ``origin == "incoming"``: the gradient
     already arrived non-finite at the output of ``module`` (the first monitored module in backward
     order), so it was made by the loss or by code outside every monitored module.
+
+    Attributes:
+        module: the module's name in the model (``named_modules()``).
+        step: the backward pass (the monitor's step index) in which it happened.
+        origin: ``"backward"`` or ``"incoming"``, as above.
+
+    Example:
+        A module whose backward turns a finite gradient into ``inf`` (the square root at 0):
+
+        >>> from torch import nn
+        >>> from gradlab.hooks import GradientMonitor
+        >>> class Sqrt(nn.Module):
+        ...     def forward(self, x):
+        ...         return x.sqrt()
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), Sqrt(), nn.Linear(2, 1))
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.fill_(-1.0)  # ReLU gives 0, whose square root has slope inf
+        >>> with GradientMonitor(net) as monitor:
+        ...     net(torch.ones(4, 2)).sum().backward()
+        >>> monitor.history[0].source
+        NonfiniteSource(module='2', step=0, origin='backward')
+
+        A NaN made by the loss reaches the last module already non-finite:
+
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+        >>> with GradientMonitor(net) as monitor:
+        ...     (net(torch.ones(4, 2)) * float("nan")).sum().backward()
+        >>> monitor.history[0].source, monitor.first_nonfinite
+        (NonfiniteSource(module='2', step=0, origin='incoming'), '2')
     """
 
     module: str
@@ -93,6 +144,23 @@ class StepStats:
             known yet (``update_size`` before the optimizer step) is NaN.
         diagnostics_by_module: diagnostic name -> {module name -> value}, the same per
             monitored module (over that module's parameters).
+
+    Example:
+        >>> from torch import nn
+        >>> from gradlab.hooks import GradientMonitor
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+        >>> with GradientMonitor(net, exploding=3.0) as monitor:
+        ...     net(torch.ones(4, 2)).sum().backward()
+        >>> step = monitor.history[0]  # one StepStats per backward pass
+        >>> step.step, sorted(step.outputs), sorted(step.params)
+        (0, ['0', '1', '2'], ['0.bias', '0.weight', '2.bias', '2.weight'])
+        >>> {name: round(s.norm, 4) for name, s in step.params.items()}
+        {'0.weight': 1.2373, '0.bias': 0.8749, '2.weight': 2.4799, '2.bias': 4.0}
+        >>> step.vanishing, step.exploding, step.nonfinite, step.source  # norm 4 > 3
+        ((), ('2.bias',), (), None)
+        >>> step.scale, step.skipped, step.diagnostics  # no scaler, no diagnostics asked for
+        (1.0, False, {})
     """
 
     step: int

@@ -1,9 +1,12 @@
 """gradlab.per_sample: per-sample gradients and their statistics (norms, second moments, dot
 products) from one ordinary forward and backward, and a functional ``vmap(grad)`` helper.
 
-One engine (:mod:`gradlab.per_sample._engine`), one small rule per layer family registered in
-:data:`gradlab.per_sample._registry.RULES`, and a ``torch.func`` fallback for every other module
-with parameters. See ../shared/API.md (gradlab.per_sample) and docs/guides/per_sample.md.
+One engine, :class:`PerSampleGradients`; one small closed-form rule per layer family (Linear,
+convolutions, Embedding, normalisation layers), registered in :data:`RULES` by :func:`register`
+(a :class:`Rule` for your own layer type is one call); and a ``torch.func`` fallback for every
+other module with parameters. :func:`per_sample_grads` is ``vmap(grad(f))`` for any loss
+function. The user guide is ``docs/guides/per_sample.md`` (the *Per-sample gradients* page of
+the documentation).
 """
 
 from gradlab.per_sample import _conv, _embedding, _linear, _normalization  # register the rules

@@ -33,6 +33,7 @@ from gradlab.per_sample._registry import Rule, rule_for
 
 __all__ = ["STATS", "PerSampleGradients"]
 
+#: The statistics :class:`PerSampleGradients` can compute (its ``stats=`` argument).
 STATS = ("norm", "grad", "sum_sq", "variance", "dot")
 _REDUCTIONS = ("mean", "sum")
 _LOW = (torch.float16, torch.bfloat16)

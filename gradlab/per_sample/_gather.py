@@ -31,6 +31,26 @@ class GatheredStats:
         variance: ``{name: p.shape}`` over the ``N`` samples, or ``None`` when ``"variance"``
             was not asked for.
         grad: ``{name: (N, *p.shape)}``, or ``None`` when ``"grad"`` was not asked for.
+
+    Example:
+        Returned by :meth:`PerSampleGradients.gather`, which every rank calls after its backward
+        pass. Here a group of one rank (in a real run, ``torchrun`` starts one process per rank):
+
+        >>> import torch.distributed as dist
+        >>> from torch import nn
+        >>> from gradlab.per_sample import PerSampleGradients
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Linear(3, 2)
+        >>> x, y = torch.randn(4, 3), torch.randn(4, 2)
+        >>> with PerSampleGradients(model, stats=("norm", "variance")) as ps:
+        ...     nn.functional.mse_loss(model(x), y).backward()
+        >>> stats = ps.gather()
+        >>> stats.batch_size, stats.sizes, tuple(stats.norm.shape), sorted(stats.norm_by_param)
+        (4, (4,), (4,), ['bias', 'weight'])
+        >>> torch.allclose(stats.variance["weight"], ps.variance["weight"]), stats.grad
+        (True, None)
+        >>> dist.destroy_process_group()
     """
 
     batch_size: int

@@ -44,6 +44,27 @@ class Rule:
             ``None`` where that is not cheaper (sequences).
         check: optional ``module -> None`` run when the context is entered; raises
             :class:`ValueError` for a configuration that makes the samples dependent.
+
+    Example:
+        The registered rule of ``nn.Linear``, called as the engine calls it, on an input ``a``
+        and an output gradient ``d`` of 5 samples:
+
+        >>> from torch import nn
+        >>> from gradlab.per_sample import RULES, Rule
+        >>> rule = RULES[nn.Linear]
+        >>> isinstance(rule, Rule), rule.norm_sq is not None
+        (True, True)
+        >>> _ = torch.manual_seed(0)
+        >>> layer = nn.Linear(3, 2)
+        >>> a, d = torch.randn(5, 3), torch.randn(5, 2)
+        >>> g = rule.grad(layer, a, d, ("weight", "bias"))
+        >>> {name: tuple(t.shape) for name, t in g.items()}
+        {'weight': (5, 2, 3), 'bias': (5, 2)}
+        >>> torch.allclose(g["weight"][0], torch.outer(d[0], a[0]))  # sample 0: d a^T
+        True
+        >>> ghost = rule.norm_sq(layer, a, d, ("weight",))["weight"]  # without forming g
+        >>> torch.allclose(ghost, g["weight"].square().sum((1, 2)))
+        True
     """
 
     grad: GradFn
@@ -53,12 +74,48 @@ class Rule:
     check: Callable[[nn.Module], None] | None = None
 
 
+#: The closed-form rule of each layer type (filled by :func:`register`); a module whose type is
+#: not here goes through the ``torch.func`` fallback.
 RULES: dict[type[nn.Module], Rule] = {}
 
 
 def register(module_type: type[nn.Module], rule: Rule) -> None:
     """Register ``rule`` for modules of exactly ``module_type`` (and subclasses that keep its
-    ``forward``)."""
+    ``forward``).
+
+    A layer type without a rule goes through the ``torch.func`` fallback; a rule replaces it
+    with a closed form (see :class:`Rule` for the functions it holds).
+
+    Example:
+        A layer ``y = x * w`` (one weight per feature), whose per-sample weight gradient is
+        ``a * d``:
+
+        >>> from torch import nn
+        >>> from gradlab.per_sample import RULES, PerSampleGradients, Rule, register
+        >>> class Scale(nn.Module):
+        ...     def __init__(self, features):
+        ...         super().__init__()
+        ...         self.weight = nn.Parameter(torch.ones(features))
+        ...
+        ...     def forward(self, x):
+        ...         return x * self.weight
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Linear(4, 1))
+        >>> x = torch.randn(6, 3)
+        >>> def scale_grads():
+        ...     with PerSampleGradients(model, stats=("grad",)) as ps:
+        ...         model(x).pow(2).mean().backward()
+        ...     return ps.grad["1.weight"]
+        >>> fallback = scale_grads()  # no rule for Scale yet: the torch.func fallback
+        >>> register(Scale, Rule(grad=lambda module, a, d, names: {"weight": a * d}))
+        >>> by_rule = scale_grads()
+        >>> by_rule.shape, torch.allclose(by_rule, fallback, atol=1e-6)
+        (torch.Size([6, 4]), True)
+        >>> loop = [torch.autograd.grad(model(xi).pow(2).sum(), model[1].weight)[0] for xi in x]
+        >>> torch.allclose(by_rule, torch.stack(loop), atol=1e-6)  # a loop over the samples
+        True
+        >>> del RULES[Scale]  # (only to leave the registry as it was)
+    """
     RULES[module_type] = rule
 
 
