@@ -360,7 +360,12 @@ class CurvatureOperator:
             )
         if v.is_complex():
             return torch.complex(self.matvec(v.real), self.matvec(v.imag))
-        return self._rows_products(v.to(self.dtype).reshape(1, -1))[0]
+        v = v.to(self.dtype)
+        if self._cache is not None and not self._distributed:  # one batch, kept: A v directly
+            self._count(1)
+            vs = [p[0] for p in self._split(v.reshape(1, -1))]
+            return torch.cat([h.reshape(-1) for h in self._apply_one(self._cache[0], vs)])
+        return self._rows_products(v.reshape(1, -1))[0]
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """:math:`AV` for ``V`` of shape ``(n, m)`` (complex: real and imaginary parts)."""
