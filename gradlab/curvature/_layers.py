@@ -20,7 +20,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["SUPPORTED", "capture", "input_rows", "layer_problem", "output_grads", "output_rows"]
+__all__ = [
+    "SUPPORTED",
+    "capture",
+    "input_columns",
+    "input_rows",
+    "layer_problem",
+    "output_columns",
+    "output_grads",
+    "output_rows",
+]
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
 
@@ -68,6 +77,16 @@ def output_grads(
     if not live:
         return grads  # type: ignore[return-value]
     wrt = [outputs[i] for i in live]
+    if m == 1:  # one column: no vmap
+        found = tuple(
+            g.unsqueeze(0)
+            for g in torch.autograd.grad(
+                out, wrt, Phi[0], retain_graph=True, allow_unused=True, materialize_grads=True
+            )
+        )
+        for i, g in zip(live, found):
+            grads[i] = g
+        return grads  # type: ignore[return-value]
     try:
         found = torch.autograd.grad(
             out,
@@ -91,15 +110,33 @@ def output_grads(
     return grads  # type: ignore[return-value]
 
 
+def _unfold(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """``(N, C_in * kh * kw, positions)`` patches, ordered like ``weight.reshape(C_out, -1)``."""
+    padding = module.padding
+    assert not isinstance(padding, str)  # refused by layer_problem
+    return F.unfold(a, module.kernel_size, module.dilation, padding, module.stride)
+
+
 def input_rows(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """``(N, positions, d_in)``: a Linear's inputs, or a Conv2d's patches ordered like its
-    ``weight.reshape(C_out, -1)``."""
+    """``(N, positions, d_in)``: a Linear's inputs, or a Conv2d's patches."""
     if isinstance(module, nn.Conv2d):
-        padding = module.padding
-        assert not isinstance(padding, str)  # refused by layer_problem
-        cols = F.unfold(a, module.kernel_size, module.dilation, padding, module.stride)
-        return cols.transpose(1, 2)
+        return _unfold(module, a).transpose(1, 2)
     return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
+def input_columns(module: nn.Module, a: torch.Tensor, reduce: bool) -> tuple[torch.Tensor, int]:
+    """``(d_in, M)`` input vectors as columns and the number of positions R they came from:
+    every sample and position (``M = N R``), or (``reduce``) each sample's mean over its
+    positions (``M = N``). Laid out for the Gram matrix ``cols @ cols.T``."""
+    if isinstance(module, nn.Conv2d):
+        cols = _unfold(module, a)  # (N, d_in, R)
+        if reduce:
+            return cols.mean(2).T, cols.shape[2]
+        return cols.transpose(0, 1).reshape(cols.shape[1], -1), cols.shape[2]
+    rows = a.reshape(a.shape[0], -1, a.shape[-1])
+    if reduce:
+        return rows.mean(1).T, rows.shape[1]
+    return rows.reshape(-1, rows.shape[-1]).T, rows.shape[1]
 
 
 def output_rows(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
@@ -107,3 +144,15 @@ def output_rows(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Conv2d):
         return g.flatten(3).transpose(2, 3)
     return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+
+
+def output_columns(module: nn.Module, g: torch.Tensor, reduce: bool) -> torch.Tensor:
+    """``(d_out, M)`` layer-output gradients ``(m, N, ...)`` as columns: every column, sample
+    and position, or (``reduce``) each column and sample summed over positions."""
+    if isinstance(module, nn.Conv2d):
+        if reduce:
+            return g.sum((3, 4)).reshape(-1, g.shape[2]).T
+        return g.movedim(2, 0).reshape(g.shape[2], -1)
+    if reduce:
+        return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1]).sum(2).reshape(-1, g.shape[-1]).T
+    return g.reshape(-1, g.shape[-1]).T
