@@ -159,9 +159,7 @@ class GGNOperator(CurvatureOperator):
                 if p is not None and id(p) in index:
                     self._slots[index[id(p)]].append((m, attr))
         self._loss_fn = loss_fn
-        self._double_backward = not any(
-            isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()
-        )
+        self._conv_free = not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
         self._batch = batch
         self._kind = kind
         self._mode = mode
@@ -242,7 +240,7 @@ class GGNOperator(CurvatureOperator):
             )
         M = self._output_matrix(out.detach(), y, index)
         # a kept batch without convolutions: Jv by double backward (see _jvp_one)
-        double = self._batches == 1 and self._double_backward and _builtin_graph(out)
+        double = self._batches == 1 and self._conv_free and _builtin_graph(out)
         transposed: list[Any] | None = [] if double else None
         return _Batch(X, tuple(p.detach() for p in self.params), leaves, out, M, transposed)
 
@@ -372,11 +370,12 @@ class GGNOperator(CurvatureOperator):
         *,
         flat_output: bool = False,
         once: bool = False,
-    ) -> tuple[dict[str, list[tuple[Any, Any]]], dict[str, list[torch.Tensor]]] | None:
+    ) -> tuple[dict[str, list[tuple[Any, Any]]], dict[str, list[list[torch.Tensor]]]] | None:
         """One forward pass recording ``layers``, and the output-matrix factor columns
         backpropagated to each call's output: ``(seen, grads)``, per layer name a list over its
-        calls of ``(input, output)`` and of ``(m, *output.shape)``. None, before any backward,
-        if ``once`` and a layer was called more than once or never."""
+        calls of ``(input, output)`` and of chunks ``(k, *output.shape)`` of the m columns (see
+        :func:`~gradlab.curvature._layers.output_grads`). None, before any backward, if
+        ``once`` and a layer was called more than once or never."""
         X, y = self._unpack(self._batch if index is None else batch, index)
         with self._mode_ctx(), torch.enable_grad(), capture(layers) as seen:
             out = self._model(X)
@@ -391,8 +390,8 @@ class GGNOperator(CurvatureOperator):
             return None
         Phi = self._factors(out.detach(), y, index)  # (m, *out.shape)
         keys = [(name, i) for name in layers for i in range(len(seen[name]))]
-        gs = output_grads(out, [seen[name][i][1] for name, i in keys], Phi)
-        grads: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+        gs = output_grads(out, [seen[name][i][1] for name, i in keys], Phi, batched=self._conv_free)
+        grads: dict[str, list[list[torch.Tensor]]] = {name: [] for name in layers}
         for (name, _), g in zip(keys, gs):
             grads[name].append(g)
         return seen, grads
@@ -415,17 +414,18 @@ class GGNOperator(CurvatureOperator):
             sq: dict[tuple[str, str], torch.Tensor] = {}
             for name, m in layers.items():
                 a = input_rows(m, seen[name][0][0])  # (N, R, d_in)
-                g = output_rows(m, grads[name][0])  # (k, N, R, d_out)
-                if g.shape[2] == 1:
-                    wsq = torch.einsum("kno,ni->oi", g[:, :, 0] ** 2, a[:, 0] ** 2)
-                else:
-                    wsq = torch.zeros(g.shape[-1], a.shape[-1], dtype=g.dtype, device=g.device)
-                    step = max(1, (1 << 24) // max(1, g.shape[1] * wsq.numel()))
-                    for lo in range(0, g.shape[0], step):  # bound k * N * d_out * d_in
-                        per_sample = torch.einsum("knro,nri->knoi", g[lo : lo + step], a)
-                        wsq += per_sample.square_().sum((0, 1))
+                d_out = seen[name][0][1].shape[1 if isinstance(m, nn.Conv2d) else -1]
+                wsq = torch.zeros(d_out, a.shape[-1], dtype=a.dtype, device=a.device)
+                bsq = torch.zeros(d_out, dtype=a.dtype, device=a.device)
+                for chunk in grads[name][0]:
+                    g = output_rows(m, chunk)  # (k, N, R, d_out)
+                    if g.shape[2] == 1:
+                        wsq += torch.einsum("kno,ni->oi", g[:, :, 0] ** 2, a[:, 0] ** 2)
+                    else:
+                        wsq += _per_sample_squares(g, a)
+                    bsq += g.sum(2).square_().sum((0, 1))
                 sq[(name, "weight")] = wsq
-                sq[(name, "bias")] = g.sum(2).square_().sum((0, 1))
+                sq[(name, "bias")] = bsq
             for i, (name, _, kind) in enumerate(layout):
                 out[self.offsets[i] : self.offsets[i + 1]].add_(
                     sq[(name, kind)].reshape(-1), alpha=w
@@ -532,6 +532,18 @@ class _Batch(NamedTuple):
     M: Callable[[torch.Tensor], torch.Tensor]  # U -> M U on (k, *out.shape)
     # the graph of u -> J^T u, built on first use ([] until then); None: forward mode instead
     transposed: list[Any] | None
+
+
+def _per_sample_squares(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sum_{k,n} (\sum_r g_{knr} a_{nr}^\top)^2` (entrywise) for ``g`` of shape
+    ``(k, N, R, d_out)`` and ``a`` of shape ``(N, R, d_in)``: per column, one batched matrix
+    product over the samples (on the tensors' own strides: a conv's patches and output
+    gradients are transposed views, which the product reads without a copy)."""
+    at = a.transpose(1, 2)  # (N, d_in, R)
+    out = torch.zeros(at.shape[1], g.shape[-1], dtype=g.dtype, device=g.device)
+    for j in range(g.shape[0]):
+        out += torch.bmm(at, g[j]).square_().sum(0)  # (N, d_in, d_out) per-sample gradients
+    return out.T
 
 
 def _builtin_graph(out: torch.Tensor) -> bool:

@@ -254,7 +254,8 @@ def kfac_operator(
                     cols, R = input_columns(module, x, reduce)
                     alpha = w / x.shape[0] if reduce else w / (x.shape[0] * R)
                     acc[0] = _add_gram(acc[0], cols, alpha)
-                acc[1] = _add_gram(acc[1], output_columns(module, g, reduce), w)
+                for chunk in g:  # the factor columns, in chunks
+                    acc[1] = _add_gram(acc[1], output_columns(module, chunk, reduce), w)
         total += w
         ggn._count(1)
     if distributed:  # one all-reduce of every weighted sum and the total weight

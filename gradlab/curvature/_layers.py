@@ -64,29 +64,36 @@ def capture(layers: dict[str, nn.Module]) -> Iterator[dict[str, list[tuple[Any, 
 
 
 def output_grads(
-    out: torch.Tensor, outputs: list[torch.Tensor], Phi: torch.Tensor
-) -> list[torch.Tensor]:
-    """The ``m`` columns of ``Phi`` backpropagated: ``(m, *output.shape)`` per ``outputs`` entry.
+    out: torch.Tensor, outputs: list[torch.Tensor], Phi: torch.Tensor, *, batched: bool
+) -> list[list[torch.Tensor]]:
+    """The ``m`` columns of ``Phi`` backpropagated to each tensor in ``outputs``.
 
-    One batched backward (vmapped over the columns); an operation without a batching rule makes
-    it one backward per column. An output outside the graph of ``out`` gets zeros.
+    Per output, a list of chunks ``(k, *output.shape)`` whose k add up to ``m``: one chunk from
+    one vmapped backward (``batched``), or ``m`` chunks of one column from a backward each (a
+    convolution's batching rule loops over the columns anyway, and stacking its results costs
+    a copy); an operation without a batching rule also gives single columns. An output outside
+    the graph of ``out`` gets zeros.
     """
     m = Phi.shape[0]
     live = [i for i, o in enumerate(outputs) if o.requires_grad and out.requires_grad]
-    grads = [None if i in live else Phi.new_zeros((m, *o.shape)) for i, o in enumerate(outputs)]
+    grads: list[list[torch.Tensor]] = [
+        [] if i in live else [Phi.new_zeros((m, *o.shape))] for i, o in enumerate(outputs)
+    ]
     if not live:
-        return grads  # type: ignore[return-value]
+        return grads
     wrt = [outputs[i] for i in live]
-    if m == 1:  # one column: no vmap
-        found = tuple(
-            g.unsqueeze(0)
-            for g in torch.autograd.grad(
-                out, wrt, Phi[0], retain_graph=True, allow_unused=True, materialize_grads=True
-            )
+
+    def column(j: int) -> None:
+        gs = torch.autograd.grad(
+            out, wrt, Phi[j], retain_graph=True, allow_unused=True, materialize_grads=True
         )
-        for i, g in zip(live, found):
-            grads[i] = g
-        return grads  # type: ignore[return-value]
+        for i, g in zip(live, gs):
+            grads[i].append(g.unsqueeze(0))
+
+    if m == 1 or not batched:
+        for j in range(m):
+            column(j)
+        return grads
     try:
         found = torch.autograd.grad(
             out,
@@ -98,16 +105,12 @@ def output_grads(
             materialize_grads=True,
         )
     except RuntimeError:  # an op without a batching rule: one column at a time
-        cols = [
-            torch.autograd.grad(
-                out, wrt, Phi[j], retain_graph=True, allow_unused=True, materialize_grads=True
-            )
-            for j in range(m)
-        ]
-        found = tuple(torch.stack(c) for c in zip(*cols))
+        for j in range(m):
+            column(j)
+        return grads
     for i, g in zip(live, found):
-        grads[i] = g
-    return grads  # type: ignore[return-value]
+        grads[i].append(g)
+    return grads
 
 
 def _unfold(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
