@@ -414,18 +414,15 @@ class GGNOperator(CurvatureOperator):
             sq: dict[tuple[str, str], torch.Tensor] = {}
             for name, m in layers.items():
                 a = input_rows(m, seen[name][0][0])  # (N, R, d_in)
-                d_out = seen[name][0][1].shape[1 if isinstance(m, nn.Conv2d) else -1]
-                wsq = torch.zeros(d_out, a.shape[-1], dtype=a.dtype, device=a.device)
-                bsq = torch.zeros(d_out, dtype=a.dtype, device=a.device)
-                for chunk in grads[name][0]:
-                    g = output_rows(m, chunk)  # (k, N, R, d_out)
-                    if g.shape[2] == 1:
-                        wsq += torch.einsum("kno,ni->oi", g[:, :, 0] ** 2, a[:, 0] ** 2)
-                    else:
-                        wsq += _per_sample_squares(g, a)
-                    bsq += g.sum(2).square_().sum((0, 1))
-                sq[(name, "weight")] = wsq
-                sq[(name, "bias")] = bsq
+                chunks = [output_rows(m, c) for c in grads[name][0]]  # (k, N, R, d_out) each
+                if a.shape[1] == 1:  # no weight sharing: sum the squares over columns first
+                    g2 = sum(c[:, :, 0].square().sum(0) for c in chunks)  # (N, d_out)
+                    assert isinstance(g2, torch.Tensor)
+                    sq[(name, "weight")] = g2.T @ a[:, 0].square()
+                    sq[(name, "bias")] = g2.sum(0)
+                else:
+                    sq[(name, "weight")] = sum(_per_sample_squares(c, a) for c in chunks)  # type: ignore[assignment]
+                    sq[(name, "bias")] = sum(c.sum(2).square_().sum((0, 1)) for c in chunks)  # type: ignore[assignment]
             for i, (name, _, kind) in enumerate(layout):
                 out[self.offsets[i] : self.offsets[i + 1]].add_(
                     sq[(name, kind)].reshape(-1), alpha=w
