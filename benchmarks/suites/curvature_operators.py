@@ -179,11 +179,11 @@ def run(ctx: Context) -> list[Table]:
     )
     targets = Table(
         "Targets (issue 25): gradlab's time / the baseline's",
-        ["case", "quantity", "target", "ratio", "verdict"],
+        ["case", "quantity", "goal", "ratio", "target"],
         notes=[
             "ratio: median over alternating turns of time(gradlab) / time(baseline), with its "
-            "spread; verdict by benchmarks._core.judge (met / missed / inconclusive), or "
-            "'skipped' where the peer is not installed.",
+            "spread; target: the verdict of benchmarks._core.judge (met / missed / "
+            "inconclusive), or 'skipped' where the peer is not installed.",
         ],
     )
     threads = torch.get_num_threads()
@@ -209,17 +209,17 @@ def run(ctx: Context) -> list[Table]:
                         targets.add(
                             case=label,
                             quantity=quantity,
-                            target=goal,
-                            verdict=f"skipped: {peer} is not installed",
+                            goal=goal,
+                            target=f"skipped: {peer} is not installed",
                         )
                         continue
                     ratio = 1 / ratios[baseline]  # time(gradlab) / time(baseline), per turn
                     targets.add(
                         case=label,
                         quantity=quantity,
-                        target=goal,
+                        goal=goal,
                         ratio=ratio,
-                        verdict=judge(ratio, at_most=at_most),
+                        target=judge(ratio, at_most=at_most),
                     )
     finally:
         torch.set_num_threads(threads)
