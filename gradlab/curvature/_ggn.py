@@ -563,6 +563,16 @@ def _builtin_graph(out: torch.Tensor) -> bool:
     return True
 
 
+def check_sampling(fn: str, arg: str, value: str, mc_samples: Any, generator: Any) -> None:
+    """``mc_samples`` >= 1, and ``mc_samples=``/``generator=`` only with ``{arg}="mc"``."""
+    check_positive(fn, "mc_samples", mc_samples)
+    if value != "mc" and (mc_samples != 1 or generator is not None):
+        raise ValueError(
+            f"{fn}: mc_samples= and generator= are used by {arg}='mc' only, got "
+            f"{arg}={value!r}; drop them or pass {arg}='mc'"
+        )
+
+
 def _operator(
     fn: str, model: Any, loss_fn: Any, batch: Any, kind: str, **kwargs: Any
 ) -> GGNOperator:
@@ -588,10 +598,12 @@ def ggn_operator(
     {diag} p - pp^\top)`; squared error: :math:`2c I`; BCE with logits:
     :math:`c\operatorname{diag}(\sigma(1-\sigma))`, ``c`` = 1/number of terms for a mean). For a
     convex loss :math:`G` is positive semi-definite; it equals the Hessian when the model is
-    linear. Each product is a ``jvp``, the loss Hessian and a ``vjp`` (no double backward
-    through the model). With ``data=`` the matrix is :math:`\sum_b w_b G_b / \sum_b w_b` over
-    the batches (``w_b`` the batch size), with ``distributed=True`` over the union of the ranks'
-    shards.
+    linear. Each product is :math:`Jv`, the loss Hessian and a ``vjp`` through the graph of the
+    batch's forward pass (no second derivative of the model). A single batch keeps that graph
+    for the operator's lifetime; with several batches each pass over ``data=`` re-runs each
+    batch's forward pass, one batch in memory at a time. With ``data=`` the matrix is
+    :math:`\sum_b w_b G_b / \sum_b w_b` over the batches (``w_b`` the batch size), with
+    ``distributed=True`` over the union of the ranks' shards.
 
     Args:
         model: the network; called as ``model(X)``.
@@ -692,12 +704,7 @@ def fisher_operator(
     """
     fn = "fisher_operator"
     check_choice(fn, "kind", kind, ("empirical", "mc"))
-    check_positive(fn, "mc_samples", mc_samples)
-    if kind == "empirical" and (mc_samples != 1 or generator is not None):
-        raise ValueError(
-            f"{fn}: mc_samples= and generator= are used by kind='mc' only, got kind='empirical'; "
-            f"drop them or pass kind='mc'"
-        )
+    check_sampling(fn, "kind", kind, mc_samples, generator)
     return _operator(
         fn,
         model,
@@ -734,9 +741,11 @@ def ggn_diagonal(
     cross-entropy, D for a D-output squared error). ``"mc"`` (``DiagGGNMC``): the same with
     :math:`S_n` replaced by ``mc_samples`` gradients at targets drawn from the model's predictive
     distribution (scaled by :math:`\sqrt{c/S}`), an unbiased estimate, equal to the diagonal of
-    :func:`fisher_operator` with ``kind="mc"`` and the same ``generator``. Each column is one
-    per-sample vector-Jacobian product, vmapped over the samples (no product of the full
-    matrix, no double backward).
+    :func:`fisher_operator` with ``kind="mc"`` and the same ``generator``. No product of the
+    full matrix: when every trainable parameter sits in an ``nn.Linear`` or ``nn.Conv2d``
+    called once, the columns are backpropagated to the layer outputs and each sample's weight
+    gradient is formed there from the layer input (conv patches); otherwise each column is a
+    per-sample vector-Jacobian product, vmapped over the samples.
 
     Args:
         model, loss_fn, batch, data, batch_weight, distributed, mode: as in
@@ -763,12 +772,7 @@ def ggn_diagonal(
     """
     fn = "ggn_diagonal"
     check_choice(fn, "method", method, ("exact", "mc"))
-    check_positive(fn, "mc_samples", mc_samples)
-    if method == "exact" and (mc_samples != 1 or generator is not None):
-        raise ValueError(
-            f"{fn}: mc_samples= and generator= are used by method='mc' only, got "
-            f"method='exact'; drop them or pass method='mc'"
-        )
+    check_sampling(fn, "method", method, mc_samples, generator)
     op = _operator(
         fn,
         model,

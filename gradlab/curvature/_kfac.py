@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from gradlab.curvature import _distributed as dist_
-from gradlab.curvature._args import BatchWeight, GeneratorArg, check_choice, check_positive
+from gradlab.curvature._args import BatchWeight, GeneratorArg, check_choice
 from gradlab.curvature._base import CurvatureOperator, Pieces
-from gradlab.curvature._ggn import GGNOperator
+from gradlab.curvature._ggn import GGNOperator, check_sampling
 from gradlab.curvature._layers import SUPPORTED, input_columns, layer_problem, output_columns
 
 __all__ = ["KFACOperator", "kfac_operator"]
@@ -91,11 +91,7 @@ class KFACOperator(CurvatureOperator):
             ValueError: a negative damping, or a singular factor without damping.
         """
         lam = self.damping if damping is None else damping
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
-            raise ValueError(
-                f"{self._fn}.inverse: damping must be a float >= 0, got {lam!r}. Pass e.g. "
-                f"damping=1e-3"
-            )
+        _check_damping(f"{self._fn}.inverse", lam)
         try:
             return KFACOperator(
                 self._fn, self.params, self.names, self._blocks, self.factors, float(lam), True
@@ -123,6 +119,13 @@ class KFACOperator(CurvatureOperator):
                 w = v.reshape(k, B.shape[0], -1)
                 out.append((B @ w @ A).reshape(v.shape))
         return out
+
+
+def _check_damping(fn: str, damping: Any) -> None:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
+        raise ValueError(
+            f"{fn}: damping must be a float >= 0, got {damping!r}. Pass e.g. damping=1e-3"
+        )
 
 
 def _add_gram(acc: torch.Tensor | None, cols: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -199,14 +202,8 @@ def kfac_operator(
     fn = "kfac_operator"
     check_choice(fn, "fisher", fisher, tuple(FISHERS))
     check_choice(fn, "kfac_approx", kfac_approx, ("expand", "reduce"))
-    check_positive(fn, "mc_samples", mc_samples)
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
-        raise ValueError(f"{fn}: damping must be a float >= 0, got {damping!r}. Pass e.g. 1e-3")
-    if fisher != "mc" and (mc_samples != 1 or generator is not None):
-        raise ValueError(
-            f"{fn}: mc_samples= and generator= are used by fisher='mc' only, got "
-            f"fisher={fisher!r}; drop them or pass fisher='mc'"
-        )
+    _check_damping(fn, damping)
+    check_sampling(fn, "fisher", fisher, mc_samples, generator)
     # the GGN operator checks model, loss, batch/data and holds the output-matrix factors
     ggn = GGNOperator(
         fn,
