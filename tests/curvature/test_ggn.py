@@ -249,6 +249,39 @@ def test_every_jvp_path_gives_the_dense_product(device):
     assert op._cache is not None and op._cache[0].transposed is None  # forward mode
 
 
+class _NoJvp(torch.autograd.Function):
+    """A custom op with a backward but no forward-mode rule."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+def test_a_failing_product_leaves_the_parameters_in_place():
+    model, loss_fn, X, y = _problem("mlp", "ce", "mean", "cpu")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return _NoJvp.apply(self.inner(x))
+
+    net = Net()
+    before = [(n, p) for n, p in net.named_parameters()]
+    op = gl.ggn_operator(net, loss_fn, (X, y))
+    with pytest.raises(RuntimeError):  # no jvp rule: forward mode fails
+        op @ torch.ones(op.shape[0], dtype=torch.float64)
+    after = list(net.named_parameters())
+    assert [n for n, _ in after] == [n for n, _ in before]
+    assert all(p is q and isinstance(p, nn.Parameter) for (_, p), (_, q) in zip(after, before))
+
+
 def test_tied_parameters_and_the_model_is_restored(device):
     """A weight shared by two layers is one parameter; products swap it in and back."""
     torch.manual_seed(0)
