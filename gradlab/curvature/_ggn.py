@@ -71,6 +71,9 @@ def per_sample_dot(R: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     return torch.einsum("sni,kni->ksn", R.reshape(S, N, -1), U.reshape(k, N, -1))
 
 
+_STACK_LIMIT = 1 << 19  # gradient entries a convolution model's batched backward may stack
+
+
 class GGNOperator(CurvatureOperator):
     """:math:`\\sum_n J_n^\\top M_n J_n` of a model and a loss (GGN, empirical or MC Fisher).
 
@@ -390,7 +393,12 @@ class GGNOperator(CurvatureOperator):
             return None
         Phi = self._factors(out.detach(), y, index)  # (m, *out.shape)
         keys = [(name, i) for name in layers for i in range(len(seen[name]))]
-        gs = output_grads(out, [seen[name][i][1] for name, i in keys], Phi, batched=self._conv_free)
+        outputs = [seen[name][i][1] for name, i in keys]
+        # one vmapped backward, except for convolutions with large outputs: their batching
+        # rule loops over the columns and then stacks them, a copy that costs more than
+        # looping here (measured on CPU: 1.4x faster from ~1M gradient entries, 0.7x below)
+        size = Phi.shape[0] * sum(o.numel() for o in outputs)
+        gs = output_grads(out, outputs, Phi, batched=self._conv_free or size <= _STACK_LIMIT)
         grads: dict[str, list[list[torch.Tensor]]] = {name: [] for name in layers}
         for (name, _), g in zip(keys, gs):
             grads[name].append(g)
