@@ -265,7 +265,11 @@ def kfac_operator(
     factors: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
     for name, (A_sum, B_sum) in sums.items():
         assert B_sum is not None
-        factors[name] = (None if A_sum is None else A_sum.div_(total), B_sum.div_(total))
+        if total != 1.0:
+            B_sum.div_(total)
+            if A_sum is not None:
+                A_sum.div_(total)
+        factors[name] = (A_sum, B_sum)
     try:
         return KFACOperator(fn, ggn.params, ggn.names, blocks, factors, float(damping))
     except torch.linalg.LinAlgError as e:  # pragma: no cover - only inverse() inverts

@@ -62,7 +62,8 @@ def _ce_sqrt(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _onehot(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return F.one_hot(y, f.shape[1]).movedim(-1, 1).to(f.dtype)
+    """Class indices ``y`` as one-hot vectors along ``f``'s class dimension 1."""
+    return torch.zeros_like(f).scatter_(1, y.unsqueeze(1), 1.0)
 
 
 def _ce_sample(f: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
