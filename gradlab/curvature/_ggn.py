@@ -22,7 +22,9 @@ backward), against a forward and a backward for one gradient.
 Memory policy: a single batch (``batch=``, or ``data=`` with one batch) keeps its forward graph
 (and, once used, the graph of :math:`J^\top u`) for the operator's lifetime, so its products
 re-run nothing else; with several batches only one batch's graph is alive at a time and each
-pass over ``data=`` re-runs every batch's forward pass (memory of one batch, not of the data).
+pass over ``data=`` re-runs every batch's forward pass (memory of one batch, not of the data):
+for one vector that forward runs on dual tensors whose primals build the graph, so
+:math:`Jv` and the graph of the ``vjp`` come from one pass.
 """
 
 from __future__ import annotations
@@ -230,22 +232,32 @@ class GGNOperator(CurvatureOperator):
     def _mode_ctx(self) -> contextlib.AbstractContextManager[None]:
         return model_state(self._model, self._mode)
 
-    def _prepare(self, batch: Any, index: int | None) -> _Batch:
-        """One forward pass with its graph kept, and the output matrix at its output."""
+    def _prepare(self, batch: Any, index: int | None) -> _Batch | _Pending:
+        """A single batch: its forward graph, kept. One of several: only the batch, whose
+        forward pass runs with each product (one vector: fused with the tangents)."""
         X, y = self._unpack(self._batch if index is None else batch, index)
+        if self._batches == 1:
+            return self._build(X, y, index, kept=True)
+        return _Pending(X, y, index)
+
+    def _build(self, X: Any, y: Any, index: int | None, *, kept: bool) -> _Batch:
+        """One forward pass with its graph, and the output matrix at its output."""
         leaves = tuple(p.detach().requires_grad_() for p in self.params)
         with self._mode_ctx(), torch.enable_grad():
             out = self._forward(X)(*leaves)
+        self._check_output(out)
+        M = self._output_matrix(out.detach(), y, index)
+        # a kept batch without convolutions: Jv by double backward (see _jvp_one)
+        double = kept and self._conv_free and _builtin_graph(out)
+        transposed: list[Any] | None = [] if double else None
+        return _Batch(X, tuple(p.detach() for p in self.params), leaves, out, M, transposed)
+
+    def _check_output(self, out: Any) -> None:
         if not isinstance(out, torch.Tensor) or out.dim() == 0:
             raise ValueError(
                 f"{self._fn}: the model must return a batched output tensor (N, ...), got "
                 f"{type(out).__name__ if not isinstance(out, torch.Tensor) else 'a 0-dim tensor'}"
             )
-        M = self._output_matrix(out.detach(), y, index)
-        # a kept batch without convolutions: Jv by double backward (see _jvp_one)
-        double = self._batches == 1 and self._conv_free and _builtin_graph(out)
-        transposed: list[Any] | None = [] if double else None
-        return _Batch(X, tuple(p.detach() for p in self.params), leaves, out, M, transposed)
 
     def _output_matrix(
         self, out: torch.Tensor, y: Any, index: int | None
@@ -439,13 +451,21 @@ class GGNOperator(CurvatureOperator):
         self._finish([out])
         return out
 
-    def _batch_products(self, state: _Batch, V: Pieces) -> Pieces:
+    def _batch_products(self, state: _Batch | _Pending, V: Pieces) -> Pieces:
         """:math:`J^\\top M J V`: :math:`JV`, the output matrix, one backward.
 
-        The backward runs through the kept graph of the batch's forward pass. :math:`JV` comes
-        from :meth:`_jvp_one` for one vector, from a vmapped forward-mode ``jvp`` for several.
+        The backward runs through the graph of the batch's forward pass. :math:`JV` comes from
+        :meth:`_jvp_one` for one vector, from a vmapped forward-mode ``jvp`` for several. A
+        batch of several (not kept) with one vector: one forward pass on dual tensors that also
+        builds the graph (:meth:`_fused_product`), so the forward runs once per product.
         """
         k = V[0].shape[0]
+        if isinstance(state, _Pending):
+            if k == 1 and state.built is None:
+                return self._fused_product(state, [v[0] for v in V])
+            if state.built is None:  # several vectors: the graph, kept for this pass
+                state.built = self._build(state.X, state.y, state.index, kept=False)
+            state = state.built
         if k == 1:
             JV = self._jvp_one(state, [v[0] for v in V]).unsqueeze(0)
         else:
@@ -463,6 +483,19 @@ class GGNOperator(CurvatureOperator):
         except RuntimeError:  # an op without a batching rule: one backward per vector
             cols = [self._vjp(state, U[i], batched=False) for i in range(k)]
             return [torch.stack(c) for c in zip(*cols)]
+
+    def _fused_product(self, state: _Pending, vs: Pieces) -> Pieces:
+        """:math:`J^\\top M J v` for one vector from one forward pass on dual tensors whose
+        primals require grad: the output's tangent is :math:`Jv` and its primal has the graph."""
+        leaves = tuple(p.detach().requires_grad_() for p in self.params)
+        with self._mode_ctx(), torch.enable_grad(), fwAD.dual_level():
+            duals = [fwAD.make_dual(p, v) for p, v in zip(leaves, vs)]
+            out, tangent = fwAD.unpack_dual(self._forward(state.X)(*duals))
+        self._check_output(out)
+        jv = torch.zeros_like(out) if tangent is None else tangent.detach()
+        U = self._output_matrix(out.detach(), state.y, state.index)(jv.unsqueeze(0))
+        grads = torch.autograd.grad(out, leaves, U[0], allow_unused=True, materialize_grads=True)
+        return [g.unsqueeze(0) for g in grads]
 
     def _jvp_one(self, state: _Batch, vs: Pieces) -> torch.Tensor:
         """:math:`Jv` for one vector.
@@ -537,6 +570,16 @@ class _Batch(NamedTuple):
     M: Callable[[torch.Tensor], torch.Tensor]  # U -> M U on (k, *out.shape)
     # the graph of u -> J^T u, built on first use ([] until then); None: forward mode instead
     transposed: list[Any] | None
+
+
+class _Pending:
+    """A batch of several, not kept: its forward pass runs with its products."""
+
+    __slots__ = ("X", "built", "index", "y")
+
+    def __init__(self, X: Any, y: Any, index: int | None) -> None:
+        self.X, self.y, self.index = X, y, index
+        self.built: _Batch | None = None  # the graph, once several vectors needed it
 
 
 def _per_sample_squares(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
