@@ -460,6 +460,12 @@ class GGNOperator(CurvatureOperator):
         builds the graph (:meth:`_fused_product`), so the forward runs once per product.
         """
         k = V[0].shape[0]
+        if getattr(fwAD, "_current_level", -1) >= 0:
+            raise RuntimeError(
+                f"{self._fn}: products cannot run inside torch.autograd.forward_ad.dual_level() "
+                f"(they use forward mode, and PyTorch does not nest its levels); apply the "
+                f"operator outside the dual_level block"
+            )
         if isinstance(state, _Pending):
             if k == 1 and state.built is None:
                 return self._fused_product(state, [v[0] for v in V])

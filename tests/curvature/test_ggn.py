@@ -249,6 +249,18 @@ def test_every_jvp_path_gives_the_dense_product(device):
     assert op._cache is not None and op._cache[0].transposed is None  # forward mode
 
 
+def test_products_inside_the_callers_forward_mode_level_are_refused():
+    """Forward-mode levels do not nest (torch.func.jvp fails there too): a clear error."""
+    import torch.autograd.forward_ad as fwAD
+
+    model, loss_fn, X, y = _problem("cnn", "ce", "mean", "cpu")
+    op = gl.ggn_operator(model, loss_fn, (X, y))
+    v = torch.ones(op.shape[0], dtype=torch.float64)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match=r"ggn_operator: products cannot"):
+        op @ v
+    torch.testing.assert_close(op @ v, op @ v, rtol=0, atol=0)  # outside: fine
+
+
 class _NoJvp(torch.autograd.Function):
     """A custom op with a backward but no forward-mode rule."""
 
