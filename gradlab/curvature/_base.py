@@ -381,7 +381,12 @@ class CurvatureOperator:
             )
         if v.is_complex():
             return torch.complex(self.matvec(v.real), self.matvec(v.imag))
-        return self._rows_products(v.to(self.dtype).reshape(1, -1))[0]
+        v = v.to(self.dtype)
+        if self._cache is not None and not self._distributed:  # one batch, kept: A v directly
+            self._count(1)
+            vs = [p[0] for p in self._split(v.reshape(1, -1))]
+            return torch.cat([h.reshape(-1) for h in self._apply_one(self._cache[0], vs)])
+        return self._rows_products(v.reshape(1, -1))[0]
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """:math:`AV` for ``V`` of shape ``(n, m)`` (complex: real and imaginary parts)."""
@@ -392,7 +397,19 @@ class CurvatureOperator:
             )
         if V.is_complex():
             return torch.complex(self.matmat(V.real), self.matmat(V.imag))
-        return self._rows_products(V.T.to(self.dtype).contiguous()).T
+        V = V.to(self.dtype)
+        m = V.shape[1]
+        if self._cache is not None and not self._distributed and 0 < m <= self._chunk:
+            # one batch, kept, one chunk: pieces are views of V's rows, results written into
+            # place (no transposed copy of V, no concatenation)
+            self._count(m)
+            bounds = list(zip(self.offsets, self.offsets[1:]))
+            pieces = [V[a:b].T.reshape(m, *s) for (a, b), s in zip(bounds, self.shapes)]
+            out = torch.empty(self.n, m, dtype=self.dtype, device=self.device)
+            for (a, b), h in zip(bounds, self._batch_products(self._cache[0], pieces)):
+                out[a:b] = h.reshape(m, -1).T
+            return out
+        return self._rows_products(V.T.contiguous()).T
 
     def __matmul__(self, v: Any) -> Any:
         """``A @ v``: a flat vector (n,), a matrix (n, m), or per-parameter pieces (a list)."""

@@ -9,19 +9,32 @@ matrices is :math:`\sum_n J_n^\top M_n J_n` with :math:`J_n = \partial f_n/\part
   :math:`g_{ns} = \nabla_f \ell(f_n, \hat y_{ns})`, :math:`\hat y_{ns} \sim p(y \mid f_n)`
   (drawn once per operator, so it is a fixed matrix; unbiased for the GGN).
 
-A product is a forward-mode ``jvp`` (:math:`Jv`, all k vectors of a chunk vmapped), the output
-matrix, and a ``vjp`` (:math:`J^\top u`) through the graph of one forward pass kept per batch:
-no double backward through the model. Cost per product: about one forward with tangents plus
-one backward.
+A product is :math:`Jv`, the output matrix, and a ``vjp`` (:math:`J^\top u`, one backward)
+through the graph of the batch's forward pass: the model's second derivatives are never formed.
+:math:`Jv` comes from forward mode (dual tensors for one vector, a vmapped ``jvp`` for a chunk of
+k vectors), which re-runs the forward pass with tangents; or, for one vector on a kept batch of
+a model without convolutions, from one backward through the graph of :math:`u \mapsto J^\top u`
+(the "double-vjp" trick: that map is linear, so its vjp is :math:`Jv`), which re-runs no forward
+pass; a convolution's double backward costs more than its forward, so models with one keep
+forward mode. Cost per product: about two backward passes (or a forward with tangents and a
+backward), against a forward and a backward for one gradient.
+
+Memory policy: a single batch (``batch=``, or ``data=`` with one batch) keeps its forward graph
+(and, once used, the graph of :math:`J^\top u`) for the operator's lifetime, so its products
+re-run nothing else; with several batches only one batch's graph is alive at a time and each
+pass over ``data=`` re-runs every batch's forward pass (memory of one batch, not of the data):
+for one vector that forward runs on dual tensors whose primals build the graph, so
+:math:`Jv` and the graph of the ``vjp`` come from one pass.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from gradlab.curvature import _distributed as dist_
@@ -39,6 +52,13 @@ from gradlab.curvature._args import (
 )
 from gradlab.curvature._base import CurvatureOperator, Pieces
 from gradlab.curvature._distributed import shared_seed
+from gradlab.curvature._layers import (
+    capture,
+    input_rows,
+    layer_problem,
+    output_grads,
+    output_rows,
+)
 from gradlab.curvature._losses import LossRule, check_targets, loss_rule
 from gradlab.curvature._state import model_state
 
@@ -51,6 +71,9 @@ def per_sample_dot(R: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     """``<R[s, n], U[k, n]>`` summed over the output dims: shape ``(k, S, N)``."""
     k, S, N = U.shape[0], R.shape[0], R.shape[1]
     return torch.einsum("sni,kni->ksn", R.reshape(S, N, -1), U.reshape(k, N, -1))
+
+
+_STACK_LIMIT = 1 << 19  # gradient entries a convolution model's batched backward may stack
 
 
 class GGNOperator(CurvatureOperator):
@@ -152,7 +175,14 @@ class GGNOperator(CurvatureOperator):
             distributed=distributed,
         )
         self._model = model
+        index = {id(p): i for i, p in enumerate(tensors)}
+        self._slots: list[list[tuple[nn.Module, str]]] = [[] for _ in tensors]
+        for m in model.modules():  # every place a trainable parameter sits (tied: several)
+            for attr, p in m._parameters.items():
+                if p is not None and id(p) in index:
+                    self._slots[index[id(p)]].append((m, attr))
         self._loss_fn = loss_fn
+        self._conv_free = not any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
         self._batch = batch
         self._kind = kind
         self._mode = mode
@@ -196,29 +226,56 @@ class GGNOperator(CurvatureOperator):
         return X, y
 
     def _forward(self, X: Any) -> Callable[..., torch.Tensor]:
-        model, names = self._model, self.names
+        """``f(*params) = model(X)`` with the trainable parameters replaced by ``params``.
+
+        As ``torch.func.functional_call``, with the parameters' places looked up once (each
+        call swaps them in and back: the module is changed while ``f`` runs).
+        """
+        model, slots = self._model, self._slots
 
         def f(*params: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(model, dict(zip(names, params)), (X,), strict=False)
+            saved = []
+            try:
+                for places, p in zip(slots, params):
+                    for m, attr in places:
+                        saved.append((m, attr, m._parameters[attr]))
+                        m._parameters[attr] = p  # type: ignore[assignment]
+                return model(X)  # type: ignore[no-any-return]
+            finally:
+                for m, attr, old in reversed(saved):
+                    m._parameters[attr] = old
 
         return f
 
     def _mode_ctx(self) -> contextlib.AbstractContextManager[None]:
         return model_state(self._model, self._mode)
 
-    def _prepare(self, batch: Any, index: int | None) -> Any:
+    def _prepare(self, batch: Any, index: int | None) -> _Batch | _Pending:
+        """A single batch: its forward graph, kept. One of several: only the batch, whose
+        forward pass runs with each product (one vector: fused with the tangents)."""
         X, y = self._unpack(self._batch if index is None else batch, index)
-        f = self._forward(X)
-        primals = tuple(p.detach() for p in self.params)
+        if self._batches == 1:
+            return self._build(X, y, index, kept=True)
+        return _Pending(X, y, index)
+
+    def _build(self, X: Any, y: Any, index: int | None, *, kept: bool) -> _Batch:
+        """One forward pass with its graph, and the output matrix at its output."""
+        leaves = tuple(p.detach().requires_grad_() for p in self.params)
         with self._mode_ctx(), torch.enable_grad():
-            out, vjp_fn = torch.func.vjp(f, *primals)  # type: ignore[misc]
-        out = out.detach()
+            out = self._forward(X)(*leaves)
+        self._check_output(out)
+        M = self._output_matrix(out.detach(), y, index)
+        # a kept batch without convolutions: Jv by double backward (see _jvp_one)
+        double = kept and self._conv_free and _builtin_graph(out)
+        transposed: list[Any] | None = [] if double else None
+        return _Batch(X, tuple(p.detach() for p in self.params), leaves, out, M, transposed)
+
+    def _check_output(self, out: Any) -> None:
         if not isinstance(out, torch.Tensor) or out.dim() == 0:
             raise ValueError(
                 f"{self._fn}: the model must return a batched output tensor (N, ...), got "
                 f"{type(out).__name__ if not isinstance(out, torch.Tensor) else 'a 0-dim tensor'}"
             )
-        return f, primals, vjp_fn, self._output_matrix(out, y, index)
 
     def _output_matrix(
         self, out: torch.Tensor, y: Any, index: int | None
@@ -232,17 +289,16 @@ class GGNOperator(CurvatureOperator):
         check_targets(self._fn, rule, self._loss_fn, out, y)
         c = 1.0 / rule.terms(out) if self._c_mean else 1.0
         if self._kind == "ggn":
-            return lambda U: c * rule.hessian(out, y, U)
+            H = rule.hessian(out, y)
+            return H if c == 1.0 else lambda U: H(U).mul_(c)
         if self._kind == "empirical":
             R = rule.grad(out, y).unsqueeze(0)
         else:
             R = self._mc_grads(out, index)
             c = c / self._mc
+        R = R.reshape(R.shape[0], R.shape[1], -1)  # (S, N, outputs per sample)
         return lambda U: (
-            c
-            * torch.einsum(
-                "ksn,sn...->kn...", per_sample_dot(R, U), R.reshape(R.shape[0], R.shape[1], -1)
-            ).reshape(U.shape)
+            torch.einsum("ksn,sni->kni", per_sample_dot(R, U), R).mul_(c).reshape(U.shape)
         )
 
     def _factors(self, out: torch.Tensor, y: Any, index: int | None) -> torch.Tensor:
@@ -275,13 +331,19 @@ class GGNOperator(CurvatureOperator):
         r""":math:`\sum_n \sum_j (J_n^\top \phi_{jn})^2` by per-sample vector-Jacobian products.
 
         BackPACK's DiagGGN: the square root of each sample's output matrix pulled back through
-        that sample's Jacobian (vmapped over samples, in chunks), no product of the full
-        matrix. A custom ``loss_hessian=`` has no square root: then n products.
+        that sample's Jacobian, no product of the full matrix. With every parameter in a
+        Linear/Conv2d layer called once, the columns are backpropagated to the layer outputs
+        and the per-sample weight gradients formed there (:meth:`_layer_diagonal`); otherwise
+        per-sample ``vjp`` are vmapped over samples. A custom ``loss_hessian=`` has no square
+        root: then n products.
         """
         if self._rule is None:
             return super()._exact_diagonal()
-        if self._linear_layout() is not None:
-            return self._linear_diagonal()
+        layout = self._layer_layout()
+        if layout is not None:
+            out = self._layer_diagonal(layout)
+            if out is not None:
+                return out
         return self._vmap_diagonal()
 
     def _vmap_diagonal(self) -> torch.Tensor:
@@ -317,101 +379,273 @@ class GGNOperator(CurvatureOperator):
         self._finish([out])
         return out
 
-    def _linear_layout(self) -> list[tuple[nn.Linear, str]] | None:
-        """Each parameter's ``nn.Linear`` and ``"weight"``/``"bias"``, or None if one is not."""
-        owner = {id(p): m for m in self._model.modules() for p in m.parameters(recurse=False)}
+    def _layer_layout(self) -> list[tuple[str, nn.Module, str]] | None:
+        """Each parameter's layer (name, module, ``"weight"``/``"bias"``), or None if a
+        parameter is not in a layer with a closed-form rule (Linear, Conv2d)."""
+        owner = {
+            id(p): (name, m)
+            for name, m in self._model.named_modules()
+            for p in m.parameters(recurse=False)
+        }
         layout = []
         for p in self.params:
-            m = owner.get(id(p))
-            if not isinstance(m, nn.Linear):
+            name, m = owner.get(id(p), ("", None))
+            if m is None or layer_problem(m) is not None:
                 return None
-            layout.append((m, "weight" if p is m.weight else "bias"))
+            layout.append((name, m, "weight" if p is m.weight else "bias"))
         return layout
 
-    def _linear_diagonal(self) -> torch.Tensor:
-        """The exact diagonal for parameters that all sit in ``nn.Linear`` layers.
+    def _layer_pass(
+        self,
+        layers: dict[str, nn.Module],
+        batch: Any,
+        index: int | None,
+        *,
+        flat_output: bool = False,
+        once: bool = False,
+    ) -> tuple[dict[str, list[tuple[Any, Any]]], dict[str, list[list[torch.Tensor]]]] | None:
+        """One forward pass recording ``layers``, and the output-matrix factor columns
+        backpropagated to each call's output: ``(seen, grads)``, per layer name a list over its
+        calls of ``(input, output)`` and of chunks ``(k, *output.shape)`` of the m columns (see
+        :func:`~gradlab.curvature._layers.output_grads`). None, before any backward, if
+        ``once`` and a layer was called more than once or never."""
+        X, y = self._unpack(self._batch if index is None else batch, index)
+        with self._mode_ctx(), torch.enable_grad(), capture(layers) as seen:
+            out = self._model(X)
+        if not isinstance(out, torch.Tensor) or out.dim() == 0 or (flat_output and out.dim() != 2):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"{self._fn}: the model output must have shape "
+                f"{'(N, C)' if flat_output else '(N, ...)'}, got {got}. Flatten it or use "
+                f"gl.ggn_operator"
+            )
+        if once and any(len(seen[name]) != 1 for name in layers):
+            return None
+        Phi = self._factors(out.detach(), y, index)  # (m, *out.shape)
+        keys = [(name, i) for name in layers for i in range(len(seen[name]))]
+        outputs = [seen[name][i][1] for name, i in keys]
+        # one vmapped backward, except for convolutions with large outputs: their batching
+        # rule loops over the columns and then stacks them, a copy that costs more than
+        # looping here (measured on CPU: 1.4x faster from ~1M gradient entries, 0.7x below)
+        size = Phi.shape[0] * sum(o.numel() for o in outputs)
+        gs = output_grads(out, outputs, Phi, batched=self._conv_free or size <= _STACK_LIMIT)
+        grads: dict[str, list[list[torch.Tensor]]] = {name: [] for name in layers}
+        for (name, _), g in zip(keys, gs):
+            grads[name].append(g)
+        return seen, grads
 
-        BackPACK's rule: one backward of each factor column to the layer outputs :math:`g`;
-        the weight's per-sample gradient is :math:`g_n a_n^\top` (summed over positions for
-        inputs with more dimensions), so its square needs no per-sample Jacobian.
+    def _layer_diagonal(self, layout: list[tuple[str, nn.Module, str]]) -> torch.Tensor | None:
+        r"""The exact diagonal for parameters that all sit in Linear/Conv2d layers (each called
+        once; None otherwise, for the vmapped path).
+
+        BackPACK's rule: one backward of the factor columns to the layer outputs :math:`g`; the
+        weight's per-sample gradient is :math:`\sum_r g_{nr} a_{nr}^\top` (r over positions:
+        conv patches, sequence steps), so its square needs no per-sample Jacobian.
         """
-        layout = self._linear_layout()
-        assert layout is not None
-        layers = list(dict.fromkeys(m for m, _ in layout))
+        layers = {name: m for name, m, _ in layout}
         out = torch.zeros(self.n, dtype=self.dtype, device=self.device)
         for batch, index, w in self._iter_data():
-            X, y = self._unpack(self._batch if index is None else batch, index)
-            seen: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in layers}
-
-            def hook(m: nn.Module, inputs: Any, output: Any, seen: Any = seen) -> None:
-                seen[m].append((inputs[0].detach(), output))
-
-            handles = [m.register_forward_hook(hook) for m in layers]
-            try:
-                with self._mode_ctx(), torch.enable_grad():
-                    f = self._model(X)
-            finally:
-                for h in handles:
-                    h.remove()
-            if any(len(seen[m]) != 1 for m in layers):  # a layer called twice or never
-                return self._vmap_diagonal()
-            Phi = self._factors(f.detach(), y, index)
-            outputs = [seen[m][0][1] for m in layers]
-            sq: dict[tuple[nn.Module, str], torch.Tensor] = {}
-            try:  # all factor columns in one vmapped backward: (m, *output) per layer
-                grads = list(
-                    torch.autograd.grad(
-                        f,
-                        outputs,
-                        Phi,
-                        is_grads_batched=True,
-                        allow_unused=True,
-                        materialize_grads=True,
-                    )
-                )
-            except RuntimeError:  # an op without a batching rule: one column at a time
-                cols = [
-                    torch.autograd.grad(
-                        f,
-                        outputs,
-                        Phi[j],
-                        retain_graph=True,
-                        allow_unused=True,
-                        materialize_grads=True,
-                    )
-                    for j in range(Phi.shape[0])
-                ]
-                grads = [torch.stack(c) for c in zip(*cols)]
-            for m, g in zip(layers, grads):
-                a = seen[m][0][0]
-                k, N = g.shape[0], g.shape[1]
-                g4 = g.reshape(k, N, -1, g.shape[-1])  # (m, N, positions, out)
-                a3 = a.reshape(N, -1, a.shape[-1])
-                if g4.shape[2] == 1:
-                    wsq = torch.einsum("kno,ni->oi", g4[:, :, 0] ** 2, a3[:, 0] ** 2)
+            passed = self._layer_pass(layers, batch, index, once=True)
+            if passed is None:  # a layer called twice or never
+                return None
+            seen, grads = passed
+            sq: dict[tuple[str, str], torch.Tensor] = {}
+            for name, m in layers.items():
+                a = input_rows(m, seen[name][0][0])  # (N, R, d_in)
+                chunks = [output_rows(m, c) for c in grads[name][0]]  # (k, N, R, d_out) each
+                if a.shape[1] == 1:  # no weight sharing: sum the squares over columns first
+                    g2 = sum(c[:, :, 0].square().sum(0) for c in chunks)  # (N, d_out)
+                    assert isinstance(g2, torch.Tensor)
+                    sq[(name, "weight")] = g2.T @ a[:, 0].square()
+                    sq[(name, "bias")] = g2.sum(0)
                 else:
-                    wsq = (torch.einsum("knto,nti->knoi", g4, a3) ** 2).sum((0, 1))
-                sq[(m, "weight")] = wsq
-                sq[(m, "bias")] = (g4.sum(2) ** 2).sum((0, 1))
-            for i, key in enumerate(layout):
-                out[self.offsets[i] : self.offsets[i + 1]].add_(sq[key].reshape(-1), alpha=w)
+                    sq[(name, "weight")] = sum(_per_sample_squares(c, a) for c in chunks)  # type: ignore[assignment]
+                    sq[(name, "bias")] = sum(c.sum(2).square_().sum((0, 1)) for c in chunks)  # type: ignore[assignment]
+            for i, (name, _, kind) in enumerate(layout):
+                out[self.offsets[i] : self.offsets[i + 1]].add_(
+                    sq[(name, kind)].reshape(-1), alpha=w
+                )
             self._count(self.n)
         self._finish([out])
         return out
 
-    def _batch_products(self, state: Any, V: Pieces) -> Pieces:
-        f, primals, vjp_fn, M = state
+    def _batch_products(self, state: _Batch | _Pending, V: Pieces) -> Pieces:
+        """:math:`J^\\top M J V`: :math:`JV`, the output matrix, one backward.
 
-        def jvp(*tangents: torch.Tensor) -> torch.Tensor:
-            return torch.func.jvp(f, primals, tangents)[1]
+        The backward runs through the graph of the batch's forward pass. :math:`JV` comes from
+        :meth:`_jvp_one` for one vector, from a vmapped forward-mode ``jvp`` for several. A
+        batch of several (not kept) with one vector: one forward pass on dual tensors that also
+        builds the graph (:meth:`_fused_product`), so the forward runs once per product.
+        """
+        k = V[0].shape[0]
+        if getattr(fwAD, "_current_level", -1) >= 0:
+            raise RuntimeError(
+                f"{self._fn}: products cannot run inside torch.autograd.forward_ad.dual_level() "
+                f"(they use forward mode, and PyTorch does not nest its levels); apply the "
+                f"operator outside the dual_level block"
+            )
+        if isinstance(state, _Pending):
+            if k == 1 and state.built is None:
+                return self._fused_product(state, [v[0] for v in V])
+            if state.built is None:  # several vectors: the graph, kept for this pass
+                state.built = self._build(state.X, state.y, state.index, kept=False)
+            state = state.built
+        if k == 1:
+            JV = self._jvp_one(state, [v[0] for v in V]).unsqueeze(0)
+        else:
 
-        if V[0].shape[0] == 1:  # one vector: no vmap (its overhead dominates small models)
+            def jvp(*tangents: torch.Tensor) -> torch.Tensor:
+                return torch.func.jvp(self._forward(state.X), state.primals, tangents)[1]
+
             with self._mode_ctx():
-                JV = jvp(*[v[0] for v in V]).unsqueeze(0)
-            return [h.unsqueeze(0) for h in vjp_fn(M(JV)[0])]
-        with self._mode_ctx():
-            JV = torch.func.vmap(jvp)(*V)
-        return list(torch.func.vmap(vjp_fn)(M(JV)))
+                JV = torch.func.vmap(jvp)(*V)
+        U = state.M(JV)
+        if k == 1:
+            return [g.unsqueeze(0) for g in self._vjp(state, U[0], batched=False)]
+        try:
+            return self._vjp(state, U, batched=True)
+        except RuntimeError:  # an op without a batching rule: one backward per vector
+            cols = [self._vjp(state, U[i], batched=False) for i in range(k)]
+            return [torch.stack(c) for c in zip(*cols)]
+
+    def _fused_product(self, state: _Pending, vs: Pieces) -> Pieces:
+        """:math:`J^\\top M J v` for one vector from one forward pass on dual tensors whose
+        primals require grad: the output's tangent is :math:`Jv` and its primal has the graph."""
+        leaves = tuple(p.detach().requires_grad_() for p in self.params)
+        with self._mode_ctx(), torch.enable_grad(), fwAD.dual_level():
+            duals = [fwAD.make_dual(p, v) for p, v in zip(leaves, vs)]
+            out, tangent = fwAD.unpack_dual(self._forward(state.X)(*duals))
+        self._check_output(out)
+        jv = torch.zeros_like(out) if tangent is None else tangent.detach()
+        U = self._output_matrix(out.detach(), state.y, state.index)(jv.unsqueeze(0))
+        grads = torch.autograd.grad(out, leaves, U[0], allow_unused=True, materialize_grads=True)
+        return [g.unsqueeze(0) for g in grads]
+
+    def _jvp_one(self, state: _Batch, vs: Pieces) -> torch.Tensor:
+        """:math:`Jv` for one vector.
+
+        For a kept batch of a model without convolutions: one backward through the graph of
+        :math:`u \\mapsto J^\\top u` (built once, by a backward with ``create_graph`` at a dummy
+        :math:`u`; linear in :math:`u`, so its derivative is :math:`J`), which re-runs no forward
+        pass. Otherwise (convolutions, whose double backward is slower than a forward; a batch
+        that is not kept; an operation without a double backward): a forward pass on dual
+        tensors (forward mode), no graph built.
+        """
+        if state.transposed is not None:
+            if not state.transposed:
+                state.transposed.append(self._transpose_graph(state))
+            graph = state.transposed[0]
+            if graph is not None:
+                u, live, gs = graph
+                if not live:
+                    return torch.zeros_like(state.out)
+                try:
+                    (jv,) = torch.autograd.grad(gs, u, [vs[i] for i in live], retain_graph=True)
+                    return jv
+                except RuntimeError:  # no double backward (@once_differentiable): forward mode
+                    state.transposed[0] = None
+        with self._mode_ctx(), torch.no_grad(), fwAD.dual_level():
+            duals = [fwAD.make_dual(p, v) for p, v in zip(state.primals, vs)]
+            out = self._forward(state.X)(*duals)
+            tangent = fwAD.unpack_dual(out).tangent
+        return torch.zeros_like(out) if tangent is None else tangent
+
+    def _transpose_graph(self, state: _Batch) -> Any:
+        """``(u, live, J^T u)``: the graph of the vector-Jacobian product at a dummy ``u``,
+        ``live`` the parameters it reaches; None if it cannot be built."""
+        u = torch.zeros_like(state.out, requires_grad=True)
+        try:
+            with torch.enable_grad():
+                g = torch.autograd.grad(
+                    state.out,
+                    state.leaves,
+                    u,
+                    retain_graph=True,
+                    create_graph=True,
+                    allow_unused=True,
+                )
+        except RuntimeError:
+            return None
+        live = [i for i, t in enumerate(g) if t is not None and t.requires_grad]
+        return u, live, [g[i] for i in live]
+
+    def _vjp(self, state: _Batch, U: torch.Tensor, *, batched: bool) -> Pieces:
+        """:math:`J^\\top u` through the kept graph (``U`` a stack of k vectors if batched)."""
+        return list(
+            torch.autograd.grad(
+                state.out,
+                state.leaves,
+                U,
+                retain_graph=True,
+                is_grads_batched=batched,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        )
+
+
+class _Batch(NamedTuple):
+    """A batch's state for products: its forward graph kept, its output matrix."""
+
+    X: Any
+    primals: tuple[torch.Tensor, ...]  # the parameters, detached
+    leaves: tuple[torch.Tensor, ...]  # detached copies requiring grad: the graph's leaves
+    out: torch.Tensor  # the model output, with its graph
+    M: Callable[[torch.Tensor], torch.Tensor]  # U -> M U on (k, *out.shape)
+    # the graph of u -> J^T u, built on first use ([] until then); None: forward mode instead
+    transposed: list[Any] | None
+
+
+class _Pending:
+    """A batch of several, not kept: its forward pass runs with its products."""
+
+    __slots__ = ("X", "built", "index", "y")
+
+    def __init__(self, X: Any, y: Any, index: int | None) -> None:
+        self.X, self.y, self.index = X, y, index
+        self.built: _Batch | None = None  # the graph, once several vectors needed it
+
+
+def _per_sample_squares(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    r""":math:`\sum_{k,n} (\sum_r g_{knr} a_{nr}^\top)^2` (entrywise) for ``g`` of shape
+    ``(k, N, R, d_out)`` and ``a`` of shape ``(N, R, d_in)``: per column, one batched matrix
+    product over the samples (on the tensors' own strides: a conv's patches and output
+    gradients are transposed views, which the product reads without a copy)."""
+    at = a.transpose(1, 2)  # (N, d_in, R)
+    out = torch.zeros(at.shape[1], g.shape[-1], dtype=g.dtype, device=g.device)
+    for j in range(g.shape[0]):
+        out += torch.bmm(at, g[j]).square_().sum(0)  # (N, d_in, d_out) per-sample gradients
+    return out.T
+
+
+def _builtin_graph(out: torch.Tensor) -> bool:
+    """Whether every node of ``out``'s graph is a built-in one (no ``autograd.Function``).
+
+    A built-in backward is differentiable or raises when differentiated; a custom Function's
+    backward may cut or hide its graph (``@once_differentiable``, ``.detach()``, NumPy) and
+    make a double backward silently wrong, so the double-vjp trick is used only without one.
+    """
+    seen: set[Any] = set()
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            return False
+        seen.add(node)
+        stack.extend(child for child, _ in node.next_functions)
+    return True
+
+
+def check_sampling(fn: str, arg: str, value: str, mc_samples: Any, generator: Any) -> None:
+    """``mc_samples`` >= 1, and ``mc_samples=``/``generator=`` only with ``{arg}="mc"``."""
+    check_positive(fn, "mc_samples", mc_samples)
+    if value != "mc" and (mc_samples != 1 or generator is not None):
+        raise ValueError(
+            f"{fn}: mc_samples= and generator= are used by {arg}='mc' only, got "
+            f"{arg}={value!r}; drop them or pass {arg}='mc'"
+        )
 
 
 def _operator(
@@ -439,10 +673,12 @@ def ggn_operator(
     {diag} p - pp^\top)`; squared error: :math:`2c I`; BCE with logits:
     :math:`c\operatorname{diag}(\sigma(1-\sigma))`, ``c`` = 1/number of terms for a mean). For a
     convex loss :math:`G` is positive semi-definite; it equals the Hessian when the model is
-    linear. Each product is a ``jvp``, the loss Hessian and a ``vjp`` (no double backward
-    through the model). With ``data=`` the matrix is :math:`\sum_b w_b G_b / \sum_b w_b` over
-    the batches (``w_b`` the batch size), with ``distributed=True`` over the union of the ranks'
-    shards.
+    linear. Each product is :math:`Jv`, the loss Hessian and a ``vjp`` through the graph of the
+    batch's forward pass (no second derivative of the model). A single batch keeps that graph
+    for the operator's lifetime; with several batches each pass over ``data=`` re-runs each
+    batch's forward pass, one batch in memory at a time. With ``data=`` the matrix is
+    :math:`\sum_b w_b G_b / \sum_b w_b` over the batches (``w_b`` the batch size), with
+    ``distributed=True`` over the union of the ranks' shards.
 
     Args:
         model: the network; called as ``model(X)``.
@@ -543,12 +779,7 @@ def fisher_operator(
     """
     fn = "fisher_operator"
     check_choice(fn, "kind", kind, ("empirical", "mc"))
-    check_positive(fn, "mc_samples", mc_samples)
-    if kind == "empirical" and (mc_samples != 1 or generator is not None):
-        raise ValueError(
-            f"{fn}: mc_samples= and generator= are used by kind='mc' only, got kind='empirical'; "
-            f"drop them or pass kind='mc'"
-        )
+    check_sampling(fn, "kind", kind, mc_samples, generator)
     return _operator(
         fn,
         model,
@@ -585,9 +816,11 @@ def ggn_diagonal(
     cross-entropy, D for a D-output squared error). ``"mc"`` (``DiagGGNMC``): the same with
     :math:`S_n` replaced by ``mc_samples`` gradients at targets drawn from the model's predictive
     distribution (scaled by :math:`\sqrt{c/S}`), an unbiased estimate, equal to the diagonal of
-    :func:`fisher_operator` with ``kind="mc"`` and the same ``generator``. Each column is one
-    per-sample vector-Jacobian product, vmapped over the samples (no product of the full
-    matrix, no double backward).
+    :func:`fisher_operator` with ``kind="mc"`` and the same ``generator``. No product of the
+    full matrix: when every trainable parameter sits in an ``nn.Linear`` or ``nn.Conv2d``
+    called once, the columns are backpropagated to the layer outputs and each sample's weight
+    gradient is formed there from the layer input (conv patches); otherwise each column is a
+    per-sample vector-Jacobian product, vmapped over the samples.
 
     Args:
         model, loss_fn, batch, data, batch_weight, distributed, mode: as in
@@ -614,12 +847,7 @@ def ggn_diagonal(
     """
     fn = "ggn_diagonal"
     check_choice(fn, "method", method, ("exact", "mc"))
-    check_positive(fn, "mc_samples", mc_samples)
-    if method == "exact" and (mc_samples != 1 or generator is not None):
-        raise ValueError(
-            f"{fn}: mc_samples= and generator= are used by method='mc' only, got "
-            f"method='exact'; drop them or pass method='mc'"
-        )
+    check_sampling(fn, "method", method, mc_samples, generator)
     op = _operator(
         fn,
         model,

@@ -19,37 +19,21 @@ gradients). Products cost :math:`O(d_{out}^2 d_{in} + d_{out} d_{in}^2)` per lay
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from gradlab.curvature import _distributed as dist_
-from gradlab.curvature._args import BatchWeight, GeneratorArg, check_choice, check_positive
+from gradlab.curvature._args import BatchWeight, GeneratorArg, check_choice
 from gradlab.curvature._base import CurvatureOperator, Pieces
-from gradlab.curvature._ggn import GGNOperator
+from gradlab.curvature._ggn import GGNOperator, check_sampling
+from gradlab.curvature._layers import SUPPORTED, input_columns, layer_problem, output_columns
 
 __all__ = ["KFACOperator", "kfac_operator"]
 
-SUPPORTED = (nn.Linear, nn.Conv2d)
 FISHERS = {"type-2": "ggn", "mc": "mc", "empirical": "empirical"}
-
-
-def layer_weight(module: nn.Module) -> torch.Tensor:
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor)
-    return weight
-
-
-def _patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``(N, positions, C_in * kh * kw)`` patches, ordered like ``weight.reshape(C_out, -1)``."""
-    padding = module.padding
-    assert not isinstance(padding, str)  # refused in kfac_operator
-    cols = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
-    return cols.transpose(1, 2)
 
 
 class KFACOperator(CurvatureOperator):
@@ -99,16 +83,26 @@ class KFACOperator(CurvatureOperator):
         self.factors = factors
         self.damping = damping
         self._inverse = inverse
-        self._applied = {key: self._damped(A, B) for key, (A, B) in factors.items()}
+        # the damped (or inverted) factors the products apply: at once for an inverse (so a
+        # singular factor is refused by inverse()), on the first product otherwise
+        self._applied: dict[str, tuple[torch.Tensor | None, torch.Tensor]] | None = (
+            self._damped_factors() if inverse else None
+        )
 
-    def _damped(
-        self, A: torch.Tensor | None, B: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _damped_factors(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
         def one(M: torch.Tensor) -> torch.Tensor:
-            M = M + self.damping * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-            return torch.linalg.inv(M) if self._inverse else M
+            if self.damping != 0:
+                M = M.clone()
+                M.diagonal().add_(self.damping)
+            if not self._inverse:
+                return M
+            # symmetric positive definite: a Cholesky factor, then its inverse (half the
+            # work of a general inverse); a failure is a singular (or indefinite) factor
+            return torch.cholesky_inverse(torch.linalg.cholesky(M))
 
-        return (None if A is None else one(A)), one(B)
+        return {
+            key: (None if A is None else one(A), one(B)) for key, (A, B) in self.factors.items()
+        }
 
     def inverse(self, damping: float | None = None) -> KFACOperator:
         r"""The inverse :math:`(A + \lambda I)^{-1} \otimes (B + \lambda I)^{-1}` per block.
@@ -121,11 +115,7 @@ class KFACOperator(CurvatureOperator):
             ValueError: a negative damping, or a singular factor without damping.
         """
         lam = self.damping if damping is None else damping
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0:
-            raise ValueError(
-                f"{self._fn}.inverse: damping must be a float >= 0, got {lam!r}. Pass e.g. "
-                f"damping=1e-3"
-            )
+        _check_damping(f"{self._fn}.inverse", lam)
         try:
             return KFACOperator(
                 self._fn, self.params, self.names, self._blocks, self.factors, float(lam), True
@@ -140,6 +130,8 @@ class KFACOperator(CurvatureOperator):
         return None
 
     def _batch_products(self, state: None, V: Pieces) -> Pieces:
+        if self._applied is None:
+            self._applied = self._damped_factors()
         out = []
         for (layer, kind), v in zip(self._blocks, V):
             A, B = self._applied[layer]
@@ -153,22 +145,22 @@ class KFACOperator(CurvatureOperator):
         return out
 
 
-@contextlib.contextmanager
-def _capture(layers: dict[str, nn.Module]) -> Iterator[dict[str, list[tuple[Any, Any]]]]:
-    """Record each layer's (input, output) per call; the hooks are removed on exit."""
-    seen: dict[str, list[tuple[Any, Any]]] = {name: [] for name in layers}
-    handles = []
-    for name, module in layers.items():
+def _check_damping(fn: str, damping: Any) -> None:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
+        raise ValueError(
+            f"{fn}: damping must be a float >= 0, got {damping!r}. Pass e.g. damping=1e-3"
+        )
 
-        def hook(m: nn.Module, inputs: Any, output: Any, name: str = name) -> None:
-            seen[name].append((inputs[0].detach(), output))
 
-        handles.append(module.register_forward_hook(hook))
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
+def _add_gram(acc: torch.Tensor | None, cols: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``acc + alpha * cols cols^T`` (in place into ``acc``; a new tensor if it is None)."""
+    if acc is not None:
+        return acc.addmm_(cols, cols.T, alpha=alpha)
+    if alpha == 1.0:
+        return torch.mm(cols, cols.T)
+    if cols.numel() < cols.shape[0] ** 2:  # scale the smaller of the columns and the result
+        return torch.mm(cols, cols.T * alpha)
+    return torch.mm(cols, cols.T).mul_(alpha)
 
 
 def kfac_operator(
@@ -234,14 +226,8 @@ def kfac_operator(
     fn = "kfac_operator"
     check_choice(fn, "fisher", fisher, tuple(FISHERS))
     check_choice(fn, "kfac_approx", kfac_approx, ("expand", "reduce"))
-    check_positive(fn, "mc_samples", mc_samples)
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
-        raise ValueError(f"{fn}: damping must be a float >= 0, got {damping!r}. Pass e.g. 1e-3")
-    if fisher != "mc" and (mc_samples != 1 or generator is not None):
-        raise ValueError(
-            f"{fn}: mc_samples= and generator= are used by fisher='mc' only, got "
-            f"fisher={fisher!r}; drop them or pass fisher='mc'"
-        )
+    _check_damping(fn, damping)
+    check_sampling(fn, "fisher", fisher, mc_samples, generator)
     # the GGN operator checks model, loss, batch/data and holds the output-matrix factors
     ggn = GGNOperator(
         fn,
@@ -267,71 +253,30 @@ def kfac_operator(
                 f"layers, got {pname!r} in a {type(module).__name__} ({layer!r}). Freeze it "
                 f"(requires_grad_(False)) or use gl.ggn_operator"
             )
-        if isinstance(module, nn.Conv2d) and (
-            module.groups != 1 or isinstance(module.padding, str) or module.padding_mode != "zeros"
-        ):
+        if layer_problem(module) is not None:
             raise ValueError(
                 f"{fn}: model must use Conv2d layers with groups=1, integer padding and "
                 f"padding_mode='zeros', got {layer!r} ({module}). Use gl.ggn_operator for it"
             )
         blocks.append((layer, "weight" if p is module.weight else "bias"))
         layers[layer] = module
-    dtype, device = ggn.dtype, ggn.device
-    sums: dict[str, list[torch.Tensor | None]] = {}
+    with_A = {layer for layer, kind in blocks if kind == "weight"}
+    reduce = kfac_approx == "reduce"
+    sums: dict[str, list[torch.Tensor | None]] = {name: [None, None] for name in layers}
     total = 0.0
     for b, index, w in ggn._iter_data():
-        X, y = ggn._unpack(ggn._batch if index is None else b, index)
-        with ggn._mode_ctx(), torch.enable_grad(), _capture(layers) as seen:
-            out = model(X)
-        if not isinstance(out, torch.Tensor) or out.dim() != 2:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(
-                f"{fn}: the model output must have shape (N, C), got {got}. Flatten it or use "
-                f"gl.ggn_operator"
-            )
-        Phi = ggn._factors(out.detach(), y, index)  # (m, N, C)
-        outputs = [o for name in layers for _, o in seen[name]]
-        grads: list[list[torch.Tensor]] = [[] for _ in outputs]
-        for j in range(Phi.shape[0]):
-            gs = torch.autograd.grad(
-                out,
-                outputs,
-                Phi[j],
-                retain_graph=j < Phi.shape[0] - 1,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            for lst, g in zip(grads, gs):
-                lst.append(g)
-        pos = 0
+        passed = ggn._layer_pass(layers, b, index, flat_output=True)
+        assert passed is not None
+        seen, grads = passed
         for name, module in layers.items():
-            A: torch.Tensor | None = None
-            d_out = layer_weight(module).shape[0]
-            B = torch.zeros(d_out, d_out, dtype=dtype, device=device)
-            for x, _ in seen[name]:
-                if isinstance(module, nn.Conv2d):
-                    x = _patches(module, x)  # (N, R, d_in)
-                x = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, R, d_in)
-                if kfac_approx == "expand":
-                    rows, scale = x.reshape(-1, x.shape[-1]), x.shape[1]
-                else:
-                    rows, scale = x.mean(1), 1
-                cov = rows.T @ rows / (x.shape[0] * scale)
-                A = cov if A is None else A + cov
-                for g in grads[pos]:
-                    if isinstance(module, nn.Conv2d):
-                        g = g.flatten(2).transpose(1, 2)  # (N, positions, C_out)
-                    g = g.reshape(g.shape[0], -1, g.shape[-1])
-                    rows = g.reshape(-1, g.shape[-1]) if kfac_approx == "expand" else g.sum(1)
-                    B += rows.T @ rows
-                pos += 1
-            prev = sums.get(name)
-            if prev is None:
-                sums[name] = [None if A is None else A * w, B * w]
-            else:
-                if A is not None:
-                    prev[0] = A * w if prev[0] is None else prev[0] + A * w
-                prev[1] = B * w if prev[1] is None else prev[1] + B * w
+            acc = sums[name]
+            for (x, _), g in zip(seen[name], grads[name]):
+                if name in with_A:
+                    cols, R = input_columns(module, x, reduce)
+                    alpha = w / x.shape[0] if reduce else w / (x.shape[0] * R)
+                    acc[0] = _add_gram(acc[0], cols, alpha)
+                for chunk in g:  # the factor columns, in chunks
+                    acc[1] = _add_gram(acc[1], output_columns(module, chunk, reduce), w)
         total += w
         ggn._count(1)
     if distributed:  # one all-reduce of every weighted sum and the total weight
@@ -344,11 +289,11 @@ def kfac_operator(
     factors: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
     for name, (A_sum, B_sum) in sums.items():
         assert B_sum is not None
-        trained = {kind for layer, kind in blocks if layer == name}
-        factors[name] = (
-            None if A_sum is None or "weight" not in trained else A_sum / total,
-            B_sum / total,
-        )
+        if total != 1.0:
+            B_sum.div_(total)
+            if A_sum is not None:
+                A_sum.div_(total)
+        factors[name] = (A_sum, B_sum)
     try:
         return KFACOperator(fn, ggn.params, ggn.names, blocks, factors, float(damping))
     except torch.linalg.LinAlgError as e:  # pragma: no cover - only inverse() inverts

@@ -3,8 +3,8 @@ r"""Losses with a known Hessian w.r.t. the model output: one registered rule per
 A loss :math:`L = c \sum_n \ell(f_n, y_n)` (``c`` = 1 for ``reduction="sum"``, 1 over the number
 of terms for ``"mean"``) is described by its per-term pieces, all taken w.r.t. the output ``f``:
 
-- ``hessian(f, y, U)``: :math:`\nabla^2_f \ell\, U` for ``U`` with a leading dimension of k
-  vectors (sum over samples, no ``c``);
+- ``hessian(f, y)``: a function :math:`U \mapsto \nabla^2_f \ell\, U` for ``U`` with a leading
+  dimension of k vectors (sum over samples, no ``c``), what it needs of ``f`` computed once;
 - ``sqrt(f, y)``: factors :math:`S` of shape ``(m, *f.shape)`` with
   :math:`\nabla^2_f \ell = \sum_j s_j s_j^\top` per sample (for the exact GGN diagonal);
 - ``grad(f, y)``: :math:`\nabla_f \ell(f, y)` (for the empirical Fisher);
@@ -29,17 +29,27 @@ __all__ = ["LOSSES", "LossRule", "loss_rule"]
 
 class LossRule(NamedTuple):
     name: str
-    hessian: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    hessian: Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
     sqrt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     sample: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
     terms: Callable[[torch.Tensor], int]
 
 
-def _ce_hessian(f: torch.Tensor, y: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+def _ce_hessian(f: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     p = f.softmax(1)
-    pu = p * U
-    return pu - p * pu.sum(2, keepdim=True)
+
+    def apply(U: torch.Tensor) -> torch.Tensor:  # (diag p - p p^T) u per sample and position
+        pu = p * U
+        return pu.sub_(p * pu.sum(2, keepdim=True))
+
+    return apply
+
+
+def _bce_hessian(f: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    s = torch.sigmoid(f)
+    d = s * (1 - s)
+    return lambda U: d * U
 
 
 def _ce_sqrt(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -52,7 +62,8 @@ def _ce_sqrt(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _onehot(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return F.one_hot(y, f.shape[1]).movedim(-1, 1).to(f.dtype)
+    """Class indices ``y`` as one-hot vectors along ``f``'s class dimension 1."""
+    return torch.zeros_like(f).scatter_(1, y.unsqueeze(1), 1.0)
 
 
 def _ce_sample(f: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -85,7 +96,7 @@ CROSS_ENTROPY = LossRule(
 )
 MSE = LossRule(
     "mean squared error",
-    hessian=lambda f, y, U: 2 * U,
+    hessian=lambda f, y: lambda U: 2 * U,
     sqrt=_mse_sqrt,
     grad=lambda f, y: 2 * (f - y),
     # l = sum (f - y)^2 is -log N(y; f, I/2) + const: y = f + eps / sqrt(2)
@@ -96,7 +107,7 @@ MSE = LossRule(
 )
 BCE_WITH_LOGITS = LossRule(
     "binary cross-entropy with logits",
-    hessian=lambda f, y, U: torch.sigmoid(f) * (1 - torch.sigmoid(f)) * U,
+    hessian=_bce_hessian,
     sqrt=_bce_sqrt,
     grad=lambda f, y: torch.sigmoid(f) - y,
     sample=lambda f, gen: torch.bernoulli(torch.sigmoid(f), generator=gen),

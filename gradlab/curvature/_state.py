@@ -30,7 +30,7 @@ def model_state(module: nn.Module | None, mode: str | None) -> Iterator[None]:
     flags = [(m, m.training) for m in module.modules()]
     swapped: list[tuple[nn.Module, str, torch.Tensor]] = []
     clones: dict[int, torch.Tensor] = {}
-    for m in module.modules():
+    for m, _ in flags:
         for name, b in m._buffers.items():
             if b is None:
                 continue
@@ -39,11 +39,12 @@ def model_state(module: nn.Module | None, mode: str | None) -> Iterator[None]:
             swapped.append((m, name, b))
             m._buffers[name] = clones[id(b)]
     try:
-        if mode is not None:
+        if mode is not None and any(m.training != (mode == "train") for m, _ in flags):
             module.train(mode == "train")
         yield
     finally:
         for m, flag in flags:
-            m.training = flag
+            if m.training != flag:
+                m.training = flag
         for m, name, b in swapped:
             m._buffers[name] = b

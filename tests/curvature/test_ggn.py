@@ -199,6 +199,132 @@ def test_nothing_is_left_behind():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
 
 
+class _OnceTanh(torch.autograd.Function):
+    """tanh with a backward that cannot be differentiated (no double backward) and a jvp."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        ctx.save_for_forward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+    @staticmethod
+    def jvp(ctx, t):
+        (y,) = ctx.saved_tensors
+        return t * (1 - y * y)
+
+
+class _OnceTanhModule(nn.Module):
+    def forward(self, x):
+        return _OnceTanh.apply(x)
+
+
+def test_every_jvp_path_gives_the_dense_product(device):
+    """Jv by double vjp (a kept batch, no convolution), by forward mode (several batches; an op
+    without double backward), and vmapped (matmat): all equal the dense GGN."""
+    model, loss_fn, X, y = _problem("mlp", "ce", "mean", device)
+    G = _dense_ggn(model, loss_fn, X, y)
+    v = torch.randn(G.shape[0], dtype=torch.float64, device=device)
+    kept = gl.ggn_operator(model, loss_fn, (X, y))
+    torch.testing.assert_close(kept @ v, G @ v, **TOL)
+    torch.testing.assert_close(kept @ v, G @ v, **TOL)  # the kept graph of J^T u, reused
+    assert kept._cache is not None and kept._cache[0].transposed[0] is not None
+    halves = [(X[:3], y[:3]), (X[3:], y[3:])]
+    split = gl.ggn_operator(model, loss_fn, data=halves)
+    torch.testing.assert_close(split @ v, G @ v, **TOL)
+    torch.testing.assert_close(
+        split @ torch.stack([v, 2 * v], 1), G @ torch.stack([v, 2 * v], 1), **TOL
+    )
+    once = nn.Sequential(model[0], _OnceTanhModule(), model[2])
+    op = gl.ggn_operator(once, loss_fn, (X, y))
+    torch.testing.assert_close(op @ v, G @ v, **TOL)
+    torch.testing.assert_close(op @ v, G @ v, **TOL)
+    assert op._cache is not None and op._cache[0].transposed is None  # forward mode
+
+
+def test_products_inside_the_callers_forward_mode_level_are_refused():
+    """Forward-mode levels do not nest (torch.func.jvp fails there too): a clear error."""
+    import torch.autograd.forward_ad as fwAD
+
+    model, loss_fn, X, y = _problem("cnn", "ce", "mean", "cpu")
+    op = gl.ggn_operator(model, loss_fn, (X, y))
+    v = torch.ones(op.shape[0], dtype=torch.float64)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match=r"ggn_operator: products cannot"):
+        op @ v
+    torch.testing.assert_close(op @ v, op @ v, rtol=0, atol=0)  # outside: fine
+
+
+class _NoJvp(torch.autograd.Function):
+    """A custom op with a backward but no forward-mode rule."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+def test_a_failing_product_leaves_the_parameters_in_place():
+    model, loss_fn, X, y = _problem("mlp", "ce", "mean", "cpu")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return _NoJvp.apply(self.inner(x))
+
+    net = Net()
+    before = [(n, p) for n, p in net.named_parameters()]
+    op = gl.ggn_operator(net, loss_fn, (X, y))
+    with pytest.raises(RuntimeError):  # no jvp rule: forward mode fails
+        op @ torch.ones(op.shape[0], dtype=torch.float64)
+    after = list(net.named_parameters())
+    assert [n for n, _ in after] == [n for n, _ in before]
+    assert all(p is q and isinstance(p, nn.Parameter) for (_, p), (_, q) in zip(after, before))
+
+
+def test_tied_parameters_and_the_model_is_restored(device):
+    """A weight shared by two layers is one parameter; products swap it in and back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double().to(device)
+    model[2].weight = model[0].weight
+    X = torch.randn(5, 4, dtype=torch.float64, device=device)
+    y = torch.randint(0, 4, (5,), device=device)
+    W, b0, b2 = (p.detach() for p in model.parameters())
+
+    def f(theta):  # the same model written out, on flat parameters
+        w, c0, c2 = theta[:16].reshape(4, 4), theta[16:20], theta[20:]
+        return torch.tanh(X @ w.T + c0) @ w.T + c2
+
+    theta = torch.cat([W.flatten(), b0, b2])
+    out = f(theta)
+    J = torch.func.jacrev(f)(theta).reshape(out.numel(), -1)
+    Hl = torch.func.hessian(lambda o: nn.functional.cross_entropy(o.reshape(out.shape), y))(
+        out.reshape(-1)
+    )
+    G = J.T @ Hl.reshape(out.numel(), -1) @ J
+    op = gl.ggn_operator(model, nn.CrossEntropyLoss(), (X, y))
+    assert op.shape == (24, 24)
+    v = torch.randn(24, dtype=torch.float64, device=device)
+    torch.testing.assert_close(op @ v, G @ v, **TOL)
+    torch.testing.assert_close(op @ _eye(op), G, **TOL)
+    params = list(model.parameters())
+    assert isinstance(model[0].weight, nn.Parameter) and model[2].weight is model[0].weight
+    assert [p is q for p, q in zip(params, (W, b0, b2))] == [False] * 3  # detached views
+    assert all(p.grad is None for p in params)
+
+
 @pytest.mark.parametrize(("arch", "loss"), [("mlp", "ce"), ("cnn", "mse")])
 def test_against_curvlinops(arch, loss):
     curvlinops = pytest.importorskip("curvlinops")
