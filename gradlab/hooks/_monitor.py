@@ -42,11 +42,13 @@ from gradlab._validate import (
     check_type,
     message,
 )
+from gradlab.hooks._alpha import AlphaSteps
 from gradlab.hooks._buffer import PassBuffer, Pending, to_host
 from gradlab.hooks._ddp import DDPNoiseRecorder, attach
 from gradlab.hooks._diagnostics import ParamTracker, StepDiagnostics, check_diagnostics
 from gradlab.hooks._engine import HookContext, PassClock
 from gradlab.hooks._history import History, HistoryView
+from gradlab.hooks._losses import LOSS_DIAGNOSTICS, LossSteps, check_losses
 from gradlab.hooks._persample import PER_SAMPLE, PerSampleSteps
 from gradlab.hooks._records import (
     STATE_VERSION,
@@ -261,6 +263,14 @@ class GradientMonitor(HookContext):
                 loss_reduction,
                 ema,
             )
+        self._losses: LossSteps | None = None
+        self._fwd_step: int | None = None  # the step whose forward ran last (record_loss)
+        if any(d in LOSS_DIAGNOSTICS for d in self.diagnostics):
+            self._losses = LossSteps(self.diagnostics, self._history.extras)
+        self._alpha: AlphaSteps | None = None
+        if "alpha" in self.diagnostics and self._ps is not None:
+            self._alpha = AlphaSteps(weakref.ref(model), [n for n, _, _ in chosen], every)
+            self._ps.on_finish = self._alpha.context_done
         self._model = weakref.ref(model)
         # scalars() key of the root module (a model that is itself a leaf, or matched by "*")
         self._root_key = "model" if "model" not in {n for n, _ in self._modules} else "model(root)"
@@ -309,10 +319,11 @@ class GradientMonitor(HookContext):
             for pname, _, p_ref in self._diag_params:
                 p = self._deref(p_ref, pname)
                 self._bag.module(p.register_hook(_leaf_hook(ps, pname)))
+        if self._ps is not None or self._losses is not None:
             model = self._deref(self._model, "the model")
             self._bag.module(model.register_forward_pre_hook(_forward_start(weakref.ref(self))))
-            if self._history.count % self.every == 0:
-                self._ps.start()  # raises here for a model the per-sample engine refuses
+        if self._ps is not None and self._wants_ps(self._history.count):
+            self._ps.start()  # raises here for a model the per-sample engine refuses
 
     def _after_exit(self) -> None:
         ddp = None if self._ddp is None else self._ddp()
@@ -325,22 +336,111 @@ class GradientMonitor(HookContext):
         if self._ps is not None:
             if not self._ps.finish():
                 self._ps.close()
+        if self._alpha is not None:  # the update of the last start point (optimizer inside)
+            self._alpha.params_moved(self._live_params())
         self._materialize()
 
     def _on_forward_start(self) -> None:
         """The model is about to run: finish the last per-sample step, open the next one."""
+        self._fwd_step = self._history.count
         ps = self._ps
         if ps is None:
             return
         ps.finish()
-        if not ps.open and self._history.count % self.every == 0:
+        if self._alpha is not None:  # the optimizer has stepped: project onto its update
+            self._alpha.params_moved(self._live_params())
+        if not ps.open and self._wants_ps(self._history.count):
             ps.start()
+
+    def _wants_ps(self, step: int) -> bool:
+        """Whether step ``step`` runs a per-sample context (alpha also wants step t+1's)."""
+        if self._alpha is not None:
+            return self._alpha.wants_context(step)
+        return step % self.every == 0
 
     def _read(self) -> None:
         """Everything recorded so far, ready to read (per-sample work and the host copy)."""
         if self._ps is not None:
             self._ps.finish()
         self._materialize()
+
+    def record_loss(self, losses: torch.Tensor) -> None:
+        r"""Hand the monitor the per-sample losses ``l_i`` of the current step, shape ``(B,)``.
+
+        Gives the diagnostics ``loss_mean`` = ``(1/B) sum_i l_i`` and ``loss_var`` =
+        ``1/(B-1) sum_i (l_i - loss_mean)^2`` (unbiased; NaN for B = 1), and the loss
+        observations of ``alpha``. A method rather than an argument: the losses exist only
+        inside each step, and the monitor never sees the loss function. The losses belong to
+        the step whose forward ran last (the monitor marks each forward of the model), so call
+        it after the forward, before or after ``backward()``, once per step. The tensor is
+        copied (detached, float64); nothing is synchronised until the diagnostics are read.
+        With ``every > 1`` losses of steps without diagnostics are dropped, except those of
+        the step after a diagnostic step when ``alpha`` is computed (its end point).
+
+        Args:
+            losses: a ``(B,)`` tensor of per-sample losses, e.g. from
+                ``nn.functional.cross_entropy(out, y, reduction="none")``; the loss you
+                backpropagate is their mean (or sum, ``loss_reduction="sum"``).
+
+        Raises:
+            TypeError: ``losses`` is not a real floating-point tensor.
+            ValueError: the monitor computes no loss diagnostic (``loss_mean``, ``loss_var``,
+                ``alpha``), no forward of the model ran inside the context yet, ``losses`` is
+                not of shape ``(B,)`` (or its B is not the batch the per-sample engine saw),
+                or the losses of this step were already recorded.
+
+        Example:
+            >>> from torch import nn
+            >>> from gradlab.hooks import GradientMonitor
+            >>> _ = torch.manual_seed(0)
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+            >>> with GradientMonitor(net, diagnostics=("loss_mean", "loss_var")) as monitor:
+            ...     losses = net(torch.randn(16, 4)).pow(2).flatten()  # (B,) per-sample losses
+            ...     monitor.record_loss(losses)
+            ...     losses.mean().backward()
+            >>> {k: round(v, 4) for k, v in monitor.history[0].diagnostics.items()}
+            {'loss_mean': 0.0591, 'loss_var': 0.0044}
+        """
+        fn = "GradientMonitor.record_loss"
+        if self._losses is None:
+            raise ValueError(
+                message(
+                    fn,
+                    "diagnostics",
+                    "one of 'loss_mean', 'loss_var', 'alpha' for the losses to be used",
+                    self.diagnostics,
+                    "Build the monitor with diagnostics=(..., 'loss_mean', 'loss_var') or "
+                    "'alpha', or drop the call",
+                )
+            )
+        values = check_losses(fn, losses)
+        step = self._fwd_step
+        if step is None:
+            raise ValueError(
+                f"{fn}: no forward of the model has run inside the monitor's context yet; "
+                "call it after `out = model(x)` inside `with GradientMonitor(...) as monitor:`"
+            )
+        b = self._batch_of(step)
+        if b is not None and b != values.numel():
+            raise ValueError(
+                f"{fn}: losses must have one entry per sample of the step's batch (B={b}, "
+                f"what the per-sample engine saw), got shape {tuple(values.shape)}. Pass the "
+                "per-sample losses of this batch (reduction='none')"
+            )
+        self._losses.record(fn, step, values)
+
+    def _batch_of(self, step: int) -> int | None:
+        """The batch size the per-sample context of ``step`` saw, if known."""
+        if self._alpha is not None and step in self._alpha.sizes:
+            return self._alpha.sizes[step]
+        ctx = getattr(self._ps, "_ps", None)  # the open (or done, not finished) context
+        b = getattr(ctx, "_b", None)
+        return (
+            b
+            if isinstance(b, int)
+            and step == self._history.count - (0 if self._ps is not None and self._ps.open else 1)
+            else None
+        )
 
     # -- backward side ----------------------------------------------------------------------
     def _start_pass(self) -> None:
@@ -379,6 +479,10 @@ class GradientMonitor(HookContext):
             params = self._live_params()
             if params is not None:
                 self._tracker.end_of_backward(params, diag)
+            if self._losses is not None:
+                self._losses.attach(step, diag)
+        if self._alpha is not None and self._ps is not None:
+            self._alpha.backward_done(step, diag, self._live_params(), self._ps.open)
         if self._ps is not None:
             self._ps.backward_done(diag, scale)
 
