@@ -26,8 +26,12 @@ _TITLES = {
     "orthogonality_test": "Orthogonality test\nlower: samples agree on the direction",
     "update_size": "Update size ||theta_t - theta_(t-1)||\nsteady or falling; spikes: unstable",
     "distance": "Distance from start ||theta_t - theta_0||\ngrows, then levels off",
+    "loss_mean": "Mean per-sample loss\nfalling",
+    "loss_var": "Variance of the per-sample losses\nhow much the samples disagree",
+    "alpha": "Step-size quality alpha\n0: lands on the minimum; >0 overshoots, -1: no progress",
 }
 _SIGNED = ("noise_scale", "ddp_noise_scale")  # unbiased estimates that can come out <= 0
+_LINEAR = ("alpha",)  # a position on a parabola: always a linear axis
 _MODULE_LINES = 8  # modules drawn per panel (the largest ones at the last step)
 
 
@@ -139,9 +143,13 @@ def _panel(
     finite = [v for v in every if math.isfinite(v)]
     positive = [v for v in finite if v > 0]
     signed = name in _SIGNED  # estimates that may come out <= 0: marked, not drawn
-    log = bool(positive) and (
-        (signed and len(positive) < len(finite))
-        or (len(positive) == len(finite) and max(positive) / min(positive) > 20)
+    log = (
+        bool(positive)
+        and name not in _LINEAR
+        and (
+            (signed and len(positive) < len(finite))
+            or (len(positive) == len(finite) and max(positive) / min(positive) > 20)
+        )
     )
 
     def drawn(vs: list[float]) -> list[float]:

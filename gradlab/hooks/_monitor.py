@@ -105,7 +105,17 @@ class GradientMonitor(HookContext):
       step after backward t (any optimizer; take it inside the context); ``distance``:
       ``||theta_t - theta_0||`` from the first diagnostic step;
     * ``ddp_noise_scale`` (a DDP model): McCandlish's two-batch estimate from each rank's
-      local gradient and the all-reduced one, recorded by a communication hook.
+      local gradient and the all-reduced one, recorded by a communication hook;
+    * ``loss_mean``, ``loss_var``: mean and unbiased variance of the per-sample losses ``l_i``
+      handed over with :meth:`record_loss`;
+    * ``alpha``: the step-size quality of Mahsereci & Hennig (Cockpit's ``Alpha``) for any
+      optimizer: a weighted least-squares quadratic ``c + b x + a x^2`` fitted along the
+      actual update ``d = theta_{t+1} - theta_t`` to the loss mean and the mean projection
+      ``g_i . d/||d||`` at step t (x = 0) and step t+1 (x = ``||d||``), weights the inverse
+      per-sample variances; ``alpha = 2 ||d|| / (-b/a) - 1`` (-1: no progress, 0: the
+      minimum, 1: the other side; -1 for a concave fit or a zero step). Stored on step t
+      once step t+1 has run (NaN for the last step or without :meth:`record_loss`); with
+      ``every > 1`` the step after each diagnostic step also runs a per-sample pass.
 
     B = 1 gives NaN (S is undefined; warned once); BatchNorm in training mode is refused.
 
@@ -118,7 +128,9 @@ class GradientMonitor(HookContext):
     adds second moments, the two tests a dot product per module), ``update_size`` a copy of
     the parameters until the optimizer step, ``distance`` one copy for the run,
     ``ddp_noise_scale`` two norms per all-reduce bucket and a 2-number all-reduce (its
-    communication hook stays on the DDP model after exit, as DDP's plain averaging).
+    communication hook stays on the DDP model after exit, as DDP's plain averaging);
+    ``alpha`` a copy of the parameters and the per-sample pass's layer inputs and output
+    gradients kept from backward t to forward t+1, and two dot products per layer.
 
     **Mixed precision, DDP.** With ``scaler=`` every statistic is of the unscaled gradient, and
     a step whose gradients overflow (``GradScaler.step`` skips it) is marked ``skipped``,
