@@ -188,21 +188,32 @@ def write_tensorboard(
     """Write the last recorded step to a TensorBoard ``SummaryWriter``.
 
     Every key of :meth:`GradientMonitor.scalars` goes to ``writer.add_scalar`` (statistics and
-    diagnostics alike), and with ``model`` each parameter's current ``.grad`` to
-    ``writer.add_histogram`` under ``grad/hist/<parameter>`` (the gradient element histograms
-    Cockpit users read). Call it after ``loss.backward()`` (and the optimizer step, for
-    ``update_size``), inside or after the monitor's context.
+    diagnostics alike). Gradient element histograms (what Cockpit users read) go under
+    ``grad/hist/<parameter>``, one of two ways:
+
+    * a monitor built with ``histogram_bins=`` (the cheap way): the
+      :attr:`~GradientMonitor.grad_histograms` it binned on the device at the end of the
+      last step's backward, through ``writer.add_histogram_raw`` (nothing but the counts
+      reaches the host; on steps without histograms, ``every > 1``, none are written);
+    * ``model=``: each parameter's current ``.grad`` through ``writer.add_histogram`` (every
+      gradient is copied to the host and binned there).
+
+    Call it after ``loss.backward()`` (and the optimizer step, for ``update_size``), inside or
+    after the monitor's context.
 
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (anything with ``add_scalar`` and
             ``add_histogram``).
         monitor: the monitor.
         step: the global step to log under (default: the monitor's step number).
-        model: the model whose ``.grad`` histograms to write (default: none).
+        model: the model whose ``.grad`` histograms to write (default: none); not with a
+            monitor that keeps its own histograms.
 
     Raises:
-        TypeError: ``writer`` lacks ``add_scalar``, or ``model`` is not a module.
-        ValueError: nothing recorded yet.
+        TypeError: ``writer`` lacks ``add_scalar`` (or ``add_histogram_raw`` for a monitor
+            with ``histogram_bins``), or ``model`` is not a module.
+        ValueError: nothing recorded yet, or ``model`` given for a monitor with
+            ``histogram_bins`` (two ways to write the same histograms).
 
     Example:
         A writer that only records what it is given stands in for a ``SummaryWriter`` here:
@@ -223,6 +234,19 @@ def write_tensorboard(
         ...     write_tensorboard(writer, monitor, model=net)
         >>> [t for t in writer.tags if t.startswith("grad/hist/")]
         ['grad/hist/0.weight', 'grad/hist/0.bias', 'grad/hist/2.weight', 'grad/hist/2.bias']
+
+        With ``histogram_bins=`` the monitor bins the gradients itself (``add_histogram_raw``):
+
+        >>> class RawRecorder(Recorder):
+        ...     def add_histogram_raw(self, tag, lo, hi, num, total, total_sq, limits,
+        ...                           counts, step):
+        ...         self.tags.append((tag, len(counts), sum(counts)))
+        >>> writer = RawRecorder()
+        >>> with GradientMonitor(net, histogram_bins=8) as monitor:
+        ...     net(torch.randn(16, 4)).pow(2).mean().backward()
+        ...     write_tensorboard(writer, monitor)
+        >>> [t for t in writer.tags if isinstance(t, tuple)][:2]
+        [('grad/hist/0.weight', 9, 32.0), ('grad/hist/0.bias', 9, 8.0)]
     """
     fn = "write_tensorboard"
     if not callable(getattr(writer, "add_scalar", None)):
@@ -236,12 +260,43 @@ def write_tensorboard(
             )
         )
     check_type(fn, "monitor", monitor, GradientMonitor)
+    kept = monitor._hist is not None
     if model is not None:
         check_type(fn, "model", model, nn.Module)
+        if kept:
+            raise ValueError(
+                f"{fn}: model= writes histograms of the current .grad, but the monitor keeps "
+                "its own (histogram_bins=); drop model= (or build the monitor without "
+                "histogram_bins)"
+            )
+    if kept and not callable(getattr(writer, "add_histogram_raw", None)):
+        raise TypeError(
+            message(
+                fn,
+                "writer",
+                "a SummaryWriter with add_histogram_raw (the monitor keeps histograms)",
+                writer,
+                "Pass torch.utils.tensorboard.SummaryWriter(log_dir)",
+            )
+        )
     logs = monitor.scalars()
-    at = monitor.history[-1].step if step is None else step
+    last = monitor.history[-1].step
+    at = last if step is None else step
     for key, value in logs.items():
         writer.add_scalar(key, value, at)
+    for name, h in monitor.grad_histograms.items():
+        if h.step == last:
+            writer.add_histogram_raw(
+                f"grad/hist/{name}",
+                h.min,
+                h.max,
+                h.num,
+                h.sum,
+                h.sum_squares,
+                h.bucket_limits,
+                h.bucket_counts,
+                at,
+            )
     if model is not None:
         for name, p in model.named_parameters():
             if p.grad is not None and p.grad.numel():

@@ -47,6 +47,7 @@ from gradlab.hooks._buffer import PassBuffer, Pending, to_host
 from gradlab.hooks._ddp import DDPNoiseRecorder, attach
 from gradlab.hooks._diagnostics import ParamTracker, StepDiagnostics, check_diagnostics
 from gradlab.hooks._engine import HookContext, PassClock
+from gradlab.hooks._histograms import GradHistogram, HistogramSteps
 from gradlab.hooks._history import History, HistoryView
 from gradlab.hooks._losses import LOSS_DIAGNOSTICS, LossSteps, check_losses
 from gradlab.hooks._persample import PER_SAMPLE, PerSampleSteps
@@ -155,6 +156,9 @@ class GradientMonitor(HookContext):
         loss_reduction: ``"mean"`` (the loss is ``(1/B) sum_i l_i``, default) or ``"sum"``.
         ema: smoothing factor in [0, 1) of the noise scale's numerator and denominator
             (default None: none).
+        histogram_bins: keep a histogram of every monitored parameter gradient's elements
+            with this many bins, on steps ``0, every, ...`` (:attr:`grad_histograms`,
+            written by :func:`write_tensorboard`; default None: none).
 
     Raises:
         TypeError: ``model`` is not a module, a pattern is not a string, ``scaler`` is not a
@@ -206,6 +210,7 @@ class GradientMonitor(HookContext):
         every: int = 1,
         loss_reduction: str = "mean",
         ema: float | None = None,
+        histogram_bins: int | None = None,
     ) -> None:
         super().__init__()
         fn = "GradientMonitor"
@@ -224,6 +229,8 @@ class GradientMonitor(HookContext):
             scaler,
         )
         self.diagnostics = check_diagnostics(fn, diagnostics)
+        if histogram_bins is not None:
+            check_int(fn, "histogram_bins", histogram_bins, minimum=1, fix="E.g. 64, or None: none")
         self._ddp: weakref.ref[nn.Module] | None = None
         self._recorder: DDPNoiseRecorder | None = None
         if "ddp_noise_scale" in self.diagnostics:
@@ -283,6 +290,11 @@ class GradientMonitor(HookContext):
         if "alpha" in self.diagnostics and self._ps is not None:
             self._alpha = AlphaSteps(weakref.ref(model), [n for n, _, _ in chosen], every)
             self._ps.on_finish = self._alpha.context_done
+        self._hist = (
+            None
+            if histogram_bins is None
+            else HistogramSteps(histogram_bins, [n for n, _, _ in chosen])
+        )
         self._model = weakref.ref(model)
         # scalars() key of the root module (a model that is itself a leaf, or matched by "*")
         self._root_key = "model" if "model" not in {n for n, _ in self._modules} else "model(root)"
@@ -495,6 +507,8 @@ class GradientMonitor(HookContext):
                 self._tracker.end_of_backward(params, diag)
             if self._losses is not None:
                 self._losses.attach(step, diag)
+        if self._hist is not None and step % self.every == 0:
+            self._hist.take(step, self._live_params())
         if self._alpha is not None and self._ps is not None:
             self._alpha.backward_done(step, diag, self._live_params(), self._ps.open)
         if self._ps is not None:
@@ -538,6 +552,29 @@ class GradientMonitor(HookContext):
         """
         self._read()
         return HistoryView(self._history)
+
+    @property
+    def grad_histograms(self) -> dict[str, GradHistogram]:
+        """``{parameter: GradHistogram}``: gradient element histograms of the latest step.
+
+        Only with ``histogram_bins=``: taken at the end of each diagnostic step's backward
+        (steps ``0, every, ...``) from every monitored parameter's ``.grad``, in
+        ``histogram_bins`` equal bins over its ``[min, max]``, on its device; only the latest
+        step is kept (not in :meth:`state_dict`). A gradient holding NaN/Inf gets none.
+        :func:`write_tensorboard` logs them with ``add_histogram_raw``.
+
+        Example:
+            >>> from torch import nn
+            >>> from gradlab.hooks import GradientMonitor
+            >>> _ = torch.manual_seed(0)
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+            >>> with GradientMonitor(net, histogram_bins=16) as monitor:
+            ...     net(torch.randn(32, 4)).pow(2).mean().backward()
+            >>> h = monitor.grad_histograms["0.weight"]
+            >>> h.step, h.num, len(h.bucket_limits), sum(h.bucket_counts)
+            (0, 32, 17, 32.0)
+        """
+        return {} if self._hist is None else self._hist.latest()
 
     @property
     def steps(self) -> int:
