@@ -188,7 +188,7 @@ def check_diagnostics(fn: str, diagnostics: object) -> tuple[str, ...]:
 class StepDiagnostics:
     """The per-group ingredient sums of one step (tensors until read) and the diagnostics."""
 
-    __slots__ = ("_done", "_lazy", "groups", "names", "sums")
+    __slots__ = ("_done", "_lazy", "_restored", "groups", "names", "sums")
 
     def __init__(self, names: tuple[str, ...], groups: Sequence[str]) -> None:
         self.names = names
@@ -196,6 +196,7 @@ class StepDiagnostics:
         self.sums: dict[str, Any] = {}  # ingredient -> (G + 1,) tensor or list of floats
         self._lazy: list[Callable[[], dict[str, float]]] = []  # whole-model ingredients
         self._done: tuple[dict[str, float], dict[str, dict[str, float]]] | None = None
+        self._restored = False  # values from a checkpoint: later ingredients are ignored
 
     def set(self, ingredient: str, per_group: torch.Tensor) -> None:
         """Store an ingredient: a (G,) tensor of per-group sums (the total is added)."""
@@ -209,6 +210,8 @@ class StepDiagnostics:
 
     def set_total(self, ingredient: str, value: torch.Tensor) -> None:
         """Store a whole-model ingredient (a 0-dim tensor); its per-group entries are NaN."""
+        if self._restored:
+            return
         value = value.detach().to(torch.float64).reshape(1)
         nan = torch.full((len(self.groups),), math.nan, dtype=torch.float64, device=value.device)
         self.sums[ingredient] = torch.cat([nan, value])
@@ -252,6 +255,7 @@ class StepDiagnostics:
     ) -> StepDiagnostics:
         """One from saved values (a checkpoint)."""
         out = cls(tuple(total), tuple(next(iter(by_module.values()), {})))
+        out._restored = True
         out._done = (
             {k: float(v) for k, v in total.items()},
             {k: {m: float(x) for m, x in v.items()} for k, v in by_module.items()},

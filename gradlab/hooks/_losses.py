@@ -61,10 +61,10 @@ def _stats(losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class LossSteps:
     """The per-sample losses of the recent steps, turned into diagnostic ingredients."""
 
-    def __init__(self, diagnostics: tuple[str, ...], extras: dict[int, Any]) -> None:
+    def __init__(self, diagnostics: tuple[str, ...], history: Any) -> None:
         self.loss = any(d in diagnostics for d in ("loss_mean", "loss_var", "alpha"))
         self.alpha = "alpha" in diagnostics
-        self._extras = extras  # History.extras: step -> StepDiagnostics
+        self._history = history  # its ``extras``: step -> StepDiagnostics (replaced on load)
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # before its backward
         self._seen: set[int] = set()  # steps that got their losses (refuse a second call)
         self.sizes: dict[int, int] = {}  # step -> B of its losses
@@ -81,17 +81,21 @@ class LossSteps:
         self.sizes = {s: b for s, b in self.sizes.items() if s >= step - 2}
         self.sizes[step] = losses.numel()
         mean, var = _stats(losses)
-        diag = self._extras.get(step)
+        diag = self._history.extras.get(step)
         if isinstance(diag, StepDiagnostics):
             _set(diag, mean, var)
         else:  # its backward has not run yet: attached when it does
             self._pending = {s: v for s, v in self._pending.items() if s >= step - 2}
             self._pending[step] = (mean, var)
         if self.alpha:
-            before = self._extras.get(step - 1)
+            before = self._history.extras.get(step - 1)
             if isinstance(before, StepDiagnostics):
                 before.set_total("alpha_f1", mean)
                 before.set_total("alpha_vf1", var)
+
+    def reset(self) -> None:
+        """Forget the losses of the steps so far (a checkpoint was loaded)."""
+        self._pending, self._seen, self.sizes = {}, set(), {}
 
     def attach(self, step: int, diag: StepDiagnostics) -> None:
         """Step ``step``'s backward made its diagnostics: add the losses recorded before it."""

@@ -285,7 +285,7 @@ class GradientMonitor(HookContext):
         self._losses: LossSteps | None = None
         self._fwd_step: int | None = None  # the step whose forward ran last (record_loss)
         if any(d in LOSS_DIAGNOSTICS for d in self.diagnostics):
-            self._losses = LossSteps(self.diagnostics, self._history.extras)
+            self._losses = LossSteps(self.diagnostics, self._history)
         self._alpha: AlphaSteps | None = None
         if "alpha" in self.diagnostics and self._ps is not None:
             self._alpha = AlphaSteps(weakref.ref(model), [n for n, _, _ in chosen], every)
@@ -749,6 +749,10 @@ class GradientMonitor(HookContext):
         h.vanishing, h.exploding = vanishing, exploding
         h.records = records
         h.extras = extras
+        if self._losses is not None:  # what was kept for the steps before the load
+            self._losses.reset()
+        if self._alpha is not None:
+            self._alpha.close()
         h.count = int(state_dict["steps"])
         h.source = None if src is None else NonfiniteSource(str(src[0]), int(src[1]), src[2])
         theta0 = state_dict.get("theta0")

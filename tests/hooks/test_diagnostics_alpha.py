@@ -338,3 +338,39 @@ def test_alpha_matches_cockpit_on_plain_sgd() -> None:
     ours = [r.diagnostics["alpha"] for r in monitor.history]
     for step in range(steps - 1):
         assert ours[step] == pytest.approx(theirs[step], rel=1e-8), step
+
+
+def test_resuming_from_a_checkpoint_keeps_the_saved_values() -> None:
+    """The saved steps keep their values (the last one's alpha stays NaN: its end point was
+    not saved); the resumed run computes alpha from its own steps on."""
+    names = ("loss_mean", "alpha")
+    model = _mlp()
+    opt = _optimizer("adam", model)
+
+    def step(monitor: GradientMonitor, k: int) -> _Point:
+        x, y = _data(model, k)
+        point = _Point(_mlp, model, x, y)
+        opt.zero_grad()
+        losses = _losses(model(x), y)
+        monitor.record_loss(losses)
+        losses.mean().backward()
+        opt.step()
+        return point
+
+    with GradientMonitor(model, diagnostics=names) as first:
+        for k in range(2):
+            step(first, k)
+    saved = [dict(r.diagnostics) for r in first.history]
+    resumed = GradientMonitor(model, diagnostics=names)
+    resumed.load_state_dict(first.state_dict())
+    with resumed:
+        points = [step(resumed, k) for k in range(2, 5)]
+    history = resumed.history
+    assert [r.step for r in history] == [0, 1, 2, 3, 4]
+    for got, want in zip(history[:2], saved):
+        assert got.diagnostics["loss_mean"] == want["loss_mean"]
+    assert history[0].diagnostics["alpha"] == saved[0]["alpha"]
+    assert math.isnan(history[1].diagnostics["alpha"])
+    for k in (2, 3):
+        expected = _alpha_reference(points[k - 2], points[k - 1])
+        assert history[k].diagnostics["alpha"] == pytest.approx(expected, rel=_TOL)
