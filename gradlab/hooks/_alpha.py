@@ -195,8 +195,8 @@ def _projections(
     """(mean, unbiased variance) of ``g_i . d / ||d||`` over the context's samples."""
     with torch.no_grad():
         dots = ps.dot(d).to(torch.float64)
-        if scale is not None:
-            dots = dots / float(scale)
+        if scale is not None and getattr(ps, "_scaler", None) is None:
+            dots = dots / float(scale)  # the engine saw the scaled loss; the losses are not
         p = dots / norm.to(dots.device)
         mean = p.mean()
         var = p.var(correction=1) if p.numel() > 1 else torch.full_like(mean, math.nan)

@@ -172,6 +172,8 @@ def _panel(
                 clip_on=False,
                 label="estimate <= 0 (noise > signal)",
             )
+    if name == "alpha":  # 0: the step lands on the minimum of the fit along it
+        ax.axhline(0.0, color="tab:green", lw=0.9, ls="--", label="minimum along the step")
     ax.set_title(_TITLES.get(name, name), fontsize=9)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)

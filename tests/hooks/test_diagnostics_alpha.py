@@ -374,3 +374,28 @@ def test_resuming_from_a_checkpoint_keeps_the_saved_values() -> None:
     for k in (2, 3):
         expected = _alpha_reference(points[k - 2], points[k - 1])
         assert history[k].diagnostics["alpha"] == pytest.approx(expected, rel=_TOL)
+
+
+def test_alpha_of_a_scaled_loss_is_that_of_the_unscaled_one() -> None:
+    """With a GradScaler (a power-of-two scale: exact in floating point) the projections are
+    unscaled: the same alpha as without it."""
+
+    def run(scaled: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=scaled)
+        with GradientMonitor(model, diagnostics=("alpha",), scaler=scaler) as monitor:
+            for step in range(3):
+                x, y = (t.float() for t in _data(model, step))
+                opt.zero_grad()
+                losses = _losses(model(x), y)
+                monitor.record_loss(losses)
+                scaler.scale(losses.mean()).backward()
+                scaler.step(opt)
+                scaler.update()
+        return [r.diagnostics["alpha"] for r in monitor.history][:2]
+
+    plain, scaled = run(False), run(True)
+    assert all(math.isfinite(a) for a in plain)
+    assert scaled == pytest.approx(plain, rel=1e-6)
