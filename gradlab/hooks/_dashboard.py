@@ -32,6 +32,7 @@ _TITLES = {
 }
 _SIGNED = ("noise_scale", "ddp_noise_scale")  # unbiased estimates that can come out <= 0
 _LINEAR = ("alpha",)  # a position on a parabola: always a linear axis
+_LATE = ("alpha",)  # known for step t once step t+1 has run
 _MODULE_LINES = 8  # modules drawn per panel (the largest ones at the last step)
 
 
@@ -200,6 +201,8 @@ def write_tensorboard(
     * ``model=``: each parameter's current ``.grad`` through ``writer.add_histogram`` (every
       gradient is copied to the host and binned there).
 
+    ``alpha`` of a step is known only once the next step has run: each call also writes the
+    ``diagnostics/alpha`` of the diagnostic step before the last one, under that step's number.
     Call it after ``loss.backward()`` (and the optimizer step, for ``update_size``), inside or
     after the monitor's context.
 
@@ -284,8 +287,12 @@ def write_tensorboard(
     logs = monitor.scalars()
     last = monitor.history[-1].step
     at = last if step is None else step
+    late = {f"diagnostics/{n}" for n in _LATE}
     for key, value in logs.items():
+        if key in late and not math.isfinite(value):
+            continue  # not known yet: written by the next call (below)
         writer.add_scalar(key, value, at)
+    _write_late(writer, monitor, last, at)
     for name, h in monitor.grad_histograms.items():
         if h.step == last:
             writer.add_histogram_raw(
@@ -303,3 +310,23 @@ def write_tensorboard(
         for name, p in model.named_parameters():
             if p.grad is not None and p.grad.numel():
                 writer.add_histogram(f"grad/hist/{name}", p.grad.detach().float().cpu(), at)
+
+
+def _write_late(writer: Any, monitor: GradientMonitor, last: int, at: int) -> None:
+    """The diagnostics known for a step only after the next one ran (``alpha``): those of the
+    latest earlier diagnostic step, under that step's number (shifted as ``at`` is), once."""
+    late = [n for n in monitor.diagnostics if n in _LATE]
+    if not late:
+        return
+    history = monitor.history
+    for i in range(2, min(len(history), monitor.every + 1) + 1):
+        rec = history[-i]
+        if rec.step <= monitor._late_written:
+            return
+        if rec.diagnostics:
+            for name in late:
+                value = rec.diagnostics.get(name, math.nan)
+                if math.isfinite(value):
+                    writer.add_scalar(f"diagnostics/{name}", value, at - (last - rec.step))
+            monitor._late_written = rec.step
+            return

@@ -284,6 +284,7 @@ class GradientMonitor(HookContext):
             )
         self._losses: LossSteps | None = None
         self._fwd_step: int | None = None  # the step whose forward ran last (record_loss)
+        self._late_written = -1  # the last step whose alpha write_tensorboard wrote
         if any(d in LOSS_DIAGNOSTICS for d in self.diagnostics):
             self._losses = LossSteps(self.diagnostics, self._history)
         self._alpha: AlphaSteps | None = None

@@ -399,3 +399,36 @@ def test_alpha_of_a_scaled_loss_is_that_of_the_unscaled_one() -> None:
     plain, scaled = run(False), run(True)
     assert all(math.isfinite(a) for a in plain)
     assert scaled == pytest.approx(plain, rel=1e-6)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_write_tensorboard_logs_alpha_once_it_is_known(every: int) -> None:
+    from gradlab.hooks import write_tensorboard
+
+    class Writer:
+        def __init__(self) -> None:
+            self.alpha: list[tuple[int, float]] = []
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            if tag == "diagnostics/alpha":
+                self.alpha.append((step, value))
+
+    model = _mlp()
+    opt = _optimizer("adam", model)
+    writer = Writer()
+    with GradientMonitor(model, diagnostics=("alpha",), every=every) as monitor:
+        for step in range(5):
+            x, y = _data(model, step)
+            opt.zero_grad()
+            losses = _losses(model(x), y)
+            monitor.record_loss(losses)
+            losses.mean().backward()
+            opt.step()
+            write_tensorboard(writer, monitor, step=100 + step)
+    expected = [
+        (100 + r.step, r.diagnostics["alpha"])
+        for r in monitor.history
+        if r.diagnostics and math.isfinite(r.diagnostics["alpha"])
+    ]
+    assert len(expected) == 4 // every
+    assert writer.alpha == expected  # each once, under its own step, never NaN
