@@ -28,6 +28,8 @@ _TITLES = {
     "distance": "Distance from start ||theta_t - theta_0||\ngrows, then levels off",
     "loss_mean": "Mean per-sample loss\nfalling",
     "loss_var": "Variance of the per-sample losses\nhow much the samples disagree",
+    "tic": "Takeuchi information criterion (TIC, diagonal)\nlower: less noise per curvature",
+    "tic_trace": "TIC from the Hessian's trace\nlower: less noise per curvature",
     "alpha": "Step-size quality alpha\n0: lands on the minimum; >0 overshoots, -1: no progress",
 }
 _SIGNED = ("noise_scale", "ddp_noise_scale")  # unbiased estimates that can come out <= 0

@@ -135,6 +135,20 @@ DIAGNOSTICS: dict[str, Diagnostic] = {
             per_module=False,
         ),
         Diagnostic(
+            "tic",
+            ("tic_sum",),
+            lambda g: g["tic_sum"],
+            "sum_j v_j / (h_j + 1e-7), v_j = (1/B) sum_i g_ij^2, h the exact Hessian diagonal "
+            "of the mean loss (from record_tic): Takeuchi's information criterion (Thomas et "
+            "al. 2019; Cockpit's TICDiag)",
+        ),
+        Diagnostic(
+            "tic_trace",
+            ("tic_v", "tic_h"),
+            lambda g: g["tic_v"] / (g["tic_h"] + 1e-7),
+            "sum_j v_j / (sum_j h_j + 1e-7): the TIC with the Hessian's trace (Cockpit's TICTrace)",
+        ),
+        Diagnostic(
             "loss_mean",
             ("loss_mean",),
             lambda g: g["loss_mean"],

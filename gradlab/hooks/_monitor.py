@@ -27,7 +27,7 @@ step, never during backward.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -62,6 +62,7 @@ from gradlab.hooks._records import (
     step_scalars,
 )
 from gradlab.hooks._select import check_model, select_modules
+from gradlab.hooks._tic import TicSteps
 from gradlab.hooks._trace import PARAM, CallTracker, Slot
 
 __all__ = ["GradientMonitor", "LayerStats", "NonfiniteSource", "StepStats"]
@@ -116,7 +117,11 @@ class GradientMonitor(HookContext):
       per-sample variances; ``alpha = 2 ||d|| / (-b/a) - 1`` (-1: no progress, 0: the
       minimum, 1: the other side; -1 for a concave fit or a zero step). Stored on step t
       once step t+1 has run (NaN for the last step or without :meth:`record_loss`); with
-      ``every > 1`` the step after each diagnostic step also runs a per-sample pass.
+      ``every > 1`` the step after each diagnostic step also runs a per-sample pass;
+    * ``tic``, ``tic_trace``: the Takeuchi information criterion ``sum_j v_j / (h_j + 1e-7)``
+      and ``sum_j v_j / (sum_j h_j + 1e-7)``, ``v_j = (1/B) sum_i g_ij^2``, ``h`` the exact
+      Hessian diagonal of the mean loss, on the steps where :meth:`record_tic` hands over the
+      loss as a function (Thomas et al. 2019; Cockpit's TICDiag, TICTrace).
 
     B = 1 gives NaN (S is undefined; warned once); BatchNorm in training mode is refused.
 
@@ -131,7 +136,8 @@ class GradientMonitor(HookContext):
     ``ddp_noise_scale`` two norms per all-reduce bucket and a 2-number all-reduce (its
     communication hook stays on the DDP model after exit, as DDP's plain averaging);
     ``alpha`` a copy of the parameters and the per-sample pass's layer inputs and output
-    gradients kept from backward t to forward t+1, and two dot products per layer.
+    gradients kept from backward t to forward t+1, and two dot products per layer; ``tic``
+    a copy of the model and an exact Hessian diagonal per :meth:`record_tic` call.
 
     **Mixed precision, DDP.** With ``scaler=`` every statistic is of the unscaled gradient, and
     a step whose gradients overflow (``GradScaler.step`` skips it) is marked ``skipped``,
@@ -290,7 +296,18 @@ class GradientMonitor(HookContext):
         self._alpha: AlphaSteps | None = None
         if "alpha" in self.diagnostics and self._ps is not None:
             self._alpha = AlphaSteps(weakref.ref(model), [n for n, _, _ in chosen], every)
-            self._ps.on_finish = self._alpha.context_done
+        self._tic: TicSteps | None = None
+        if {"tic", "tic_trace"} & set(self.diagnostics):
+            self._tic = TicSteps(
+                weakref.ref(model),
+                [n for n, _, _ in chosen],
+                [owners.index(o) for _, o, _ in chosen],
+                len(owners),
+                loss_reduction,
+            )
+        self._ps_step: int | None = None  # the step of the per-sample context last finished
+        if self._ps is not None:
+            self._ps.on_finish = self._context_done
         self._hist = (
             None
             if histogram_bins is None
@@ -377,6 +394,13 @@ class GradientMonitor(HookContext):
         if not ps.open and self._wants_ps(self._history.count):
             ps.start()
 
+    def _context_done(self, ps: Any, scale: Any) -> bool:
+        """A per-sample context's statistics were taken; True: alpha keeps it open."""
+        step, self._ps_step = self._ps_step, None
+        if self._tic is not None and step is not None:
+            self._tic.moments(step, ps, scale, self._history.extras.get(step))
+        return self._alpha is not None and self._alpha.context_done(ps, scale)
+
     def _wants_ps(self, step: int) -> bool:
         """Whether step ``step`` runs a per-sample context (alpha also wants step t+1's)."""
         if self._alpha is not None:
@@ -456,6 +480,84 @@ class GradientMonitor(HookContext):
             )
         self._losses.record(fn, step, values)
 
+    def record_tic(self, loss_fn: Callable[[nn.Module], torch.Tensor]) -> None:
+        r"""Take the exact Hessian diagonal for the TIC of the current step (``"tic"``).
+
+        With ``v_j = (1/B) sum_i g_ij^2`` from the per-sample pass and ``h`` the exact diagonal
+        of the Hessian of the step's mean loss (:func:`gradlab.hessian_diagonal`,
+        ``method="exact"``: Hessian backpropagation for chains of linear and convolution
+        layers, else one Hessian-vector product per parameter entry), ``tic`` =
+        ``sum_j v_j / (h_j + 1e-7)`` and ``tic_trace`` = ``sum_j v_j / (sum_j h_j + 1e-7)``
+        (Thomas et al. 2019; Cockpit's TICDiag and TICTrace with ``diag_h``), per module and
+        for the whole model.
+
+        The Hessian needs the loss as a function of the model: ``loss_fn(model)`` recomputes
+        the step's loss (the mean over the batch, or the sum with ``loss_reduction="sum"``) on
+        the same batch; the monitor calls it on a copy of the model without hooks (so neither
+        it nor the per-sample engine records those passes), at once. Call it after the forward
+        and before ``optimizer.step()``. Opt-in and as often as you like: the TIC is computed
+        on the diagnostic steps where it is called (call it e.g. every 100th step) and is NaN
+        on the others; on a step without diagnostics (``every``) the call does nothing.
+
+        Args:
+            loss_fn: ``loss_fn(model) -> scalar loss`` of the step's batch, e.g.
+                ``lambda m: nn.functional.cross_entropy(m(x), y)``.
+
+        Raises:
+            TypeError: ``loss_fn`` is not callable.
+            ValueError: the monitor computes neither ``"tic"`` nor ``"tic_trace"``, no forward
+                of the model ran inside the context yet, the step's Hessian was already
+                taken, or ``loss_fn`` does not return a scalar tensor.
+
+        Example:
+            >>> from torch import nn
+            >>> from gradlab.hooks import GradientMonitor
+            >>> _ = torch.manual_seed(0)
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+            >>> x, y = torch.randn(16, 4), torch.randn(16, 1)
+            >>> loss_fn = lambda m: nn.functional.mse_loss(m(x), y)
+            >>> with GradientMonitor(net, diagnostics=("tic", "tic_trace")) as monitor:
+            ...     loss_fn(net).backward()
+            ...     monitor.record_tic(loss_fn)
+            >>> {k: round(v, 3) for k, v in monitor.history[0].diagnostics.items()}
+            {'tic': 55.133, 'tic_trace': 2.031}
+        """
+        fn = "GradientMonitor.record_tic"
+        if self._tic is None:
+            raise ValueError(
+                message(
+                    fn,
+                    "diagnostics",
+                    "one of 'tic', 'tic_trace' for the Hessian diagonal to be used",
+                    self.diagnostics,
+                    "Build the monitor with diagnostics=(..., 'tic') or drop the call",
+                )
+            )
+        if not callable(loss_fn):
+            raise TypeError(
+                message(
+                    fn,
+                    "loss_fn",
+                    "a function loss_fn(model) returning the step's loss",
+                    loss_fn,
+                    "E.g. lambda m: nn.functional.cross_entropy(m(x), y)",
+                )
+            )
+        step = self._fwd_step
+        if step is None:
+            raise ValueError(
+                f"{fn}: no forward of the model has run inside the monitor's context yet; "
+                "call it after the step's forward (and before optimizer.step())"
+            )
+        if step % self.every:
+            return
+        if step in self._tic.done:
+            raise ValueError(
+                f"{fn}: the Hessian diagonal of step {step} was already taken; call "
+                "record_tic once per step"
+            )
+        self._tic.hessian(fn, step, self._history.extras.get(step), loss_fn)
+
     def _batch_of(self, step: int) -> int | None:
         """The batch size the per-sample context of ``step`` saw, if known."""
         if self._alpha is not None and step in self._alpha.sizes:
@@ -510,6 +612,8 @@ class GradientMonitor(HookContext):
                 self._losses.attach(step, diag)
         if self._hist is not None and step % self.every == 0:
             self._hist.take(step, self._live_params())
+        if self._ps is not None and self._ps.open:
+            self._ps_step = step
         if self._alpha is not None and self._ps is not None:
             self._alpha.backward_done(step, diag, self._live_params(), self._ps.open)
         if self._ps is not None:

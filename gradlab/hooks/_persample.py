@@ -39,6 +39,8 @@ PER_SAMPLE: dict[str, tuple[str, ...]] = {
     "inner_product_test": ("norm", "dot"),
     "orthogonality_test": ("norm", "dot"),
     "alpha": ("dot",),  # projections onto the update (gradlab.hooks._alpha), not dots with m
+    "tic": ("sum_sq",),  # (1/B) sum_i g_i^2 (gradlab.hooks._tic)
+    "tic_trace": ("sum_sq",),
 }
 
 

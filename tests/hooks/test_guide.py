@@ -16,7 +16,7 @@ GUIDE = Path(__file__).resolve().parents[2] / "docs" / "guides" / "diagnostics.m
 def test_guide_code_runs() -> None:
     pytest.importorskip("matplotlib")
     blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.S)
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     scope: dict[str, object] = {}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -30,6 +30,9 @@ def test_guide_code_runs() -> None:
     assert len(alphas) == 3 and all(math.isfinite(a) and a >= -1 for a in alphas)
     assert lines[4] == "nan"  # the last step has no step after it yet
     assert math.isfinite(float(lines[5]))
-    assert lines[6] == "['diagnostics/gsnr', 'diagnostics/gsnr/0', 'diagnostics/gsnr/2']"
-    assert lines[7] == "6 True"
-    assert lines[8] == "5"
+    assert lines[6] == "[True, True]"  # tic_trace of steps 0 and 2
+    assert lines[7] == "[False, True, False, True]"
+    assert lines[8] == "['0', '2']"
+    assert lines[9] == "['diagnostics/gsnr', 'diagnostics/gsnr/0', 'diagnostics/gsnr/2']"
+    assert lines[10] == "6 True"
+    assert lines[11] == "5"
