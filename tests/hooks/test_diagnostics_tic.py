@@ -132,3 +132,48 @@ def test_bad_calls_are_refused_and_the_model_keeps_its_hooks() -> None:
             monitor.record_tic(lambda m: _loss(m(x), y))
     assert len(monitor.history) == 1  # the Hessian passes were not recorded as steps
     assert math.isfinite(monitor.history[0].diagnostics["tic"])
+
+
+def test_tic_matches_cockpit() -> None:
+    """Cockpit's TICDiag and TICTrace with BackPACK's exact Hessian diagonal on the same run."""
+    pytest.importorskip("cockpit")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from backpack import extend
+        from cockpit import Cockpit
+        from cockpit.quantities import TICDiag, TICTrace
+        from cockpit.utils.schedules import linear
+
+    steps = 3
+    theirs_model = extend(_mlp())
+    lossfunc = extend(nn.MSELoss(reduction="mean"))
+    ind = nn.MSELoss(reduction="none")
+    opt = torch.optim.SGD(theirs_model.parameters(), lr=0.05)
+    cp = Cockpit(theirs_model.parameters(), quantities=[TICDiag(linear(1)), TICTrace(linear(1))])
+    for step in range(steps):
+        x, y = _data(theirs_model, step)
+        opt.zero_grad()
+        out = theirs_model(x)
+        loss = lossfunc(out, y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            info = {"batch_size": x.shape[0], "individual_losses": ind(out, y).mean(1)}
+            with cp(step, info={**info, "loss": loss, "optimizer": opt}):
+                loss.backward(create_graph=cp.create_graph(step))
+        opt.step()
+    theirs = cp.get_output()
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with GradientMonitor(model, diagnostics=("tic", "tic_trace")) as monitor:
+        for step in range(steps):
+            x, y = _data(model, step)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            monitor.record_tic(lambda m, x=x, y=y: nn.functional.mse_loss(m(x), y))
+            opt.step()
+    for rec in monitor.history:
+        assert rec.diagnostics["tic"] == pytest.approx(theirs[rec.step]["TICDiag"], rel=1e-8)
+        assert rec.diagnostics["tic_trace"] == pytest.approx(theirs[rec.step]["TICTrace"], rel=1e-8)
