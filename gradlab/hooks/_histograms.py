@@ -3,10 +3,11 @@
 Design (the cheapest correct one): at the end of each diagnostic step's backward pass, every
 monitored parameter's ``.grad`` (the accumulated gradient the optimizer will use) is reduced
 on its device to ``histogram_bins`` equal-width bins over ``[min, max]`` of its elements
-(``torch.histc``) plus min, max, sum and sum of squares: ``O(P)`` work and ``bins + 4`` numbers
-per parameter, one synchronisation for the whole step (the bin ranges), free on CPU. Only the
-latest such step is kept; :func:`~gradlab.hooks.write_tensorboard` hands the numbers to
-``SummaryWriter.add_histogram_raw``, so no gradient is ever copied to the host (the
+(``torch.histc`` on GPUs; on CPU, where ``histc`` is slow, the bin index and
+``torch.bincount``) plus min, max, sum and sum of squares: ``O(P)`` work and ``bins + 4``
+numbers per parameter, one synchronisation for the whole step (the bin ranges), free on CPU.
+Only the latest such step is kept; :func:`~gradlab.hooks.write_tensorboard` hands the numbers
+to ``SummaryWriter.add_histogram_raw``, so no gradient is ever copied to the host (the
 alternative, ``add_histogram`` of each ``.grad``, copies every gradient and bins it in numpy).
 """
 
@@ -75,9 +76,9 @@ class HistogramSteps:
         with torch.no_grad():
             rows = []
             for g in grads:
-                g64 = g.to(torch.float64)
-                lo, hi = torch.aminmax(g64)
-                rows.append(torch.stack([lo, hi, g64.sum(), g64.square().sum()]))
+                lo, hi = torch.aminmax(g)
+                sq = torch.linalg.vector_norm(g, dtype=torch.float64).square()
+                rows.append(torch.stack([lo.double(), hi.double(), g.sum(dtype=torch.float64), sq]))
             device = rows[0].device
             stats = torch.stack([r.to(device) for r in rows]).tolist()  # one synchronisation
             counts: list[torch.Tensor] = []
@@ -88,7 +89,11 @@ class HistogramSteps:
                     continue  # NaN/Inf: no histogram (the monitor's NaN tracing names it)
                 a, b = (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)
                 data = g if g.dtype in (torch.float32, torch.float64) else g.float()
-                counts.append(torch.histc(data, bins=self.bins, min=a, max=b))
+                if data.device.type == "cpu":  # histc is slow on CPU: bin index, bincount
+                    idx = ((data - a) * (self.bins / (b - a))).floor_().clamp_(0, self.bins - 1)
+                    counts.append(torch.bincount(idx.long(), minlength=self.bins).double())
+                else:  # no synchronisation beyond the ranges'
+                    counts.append(torch.histc(data, bins=self.bins, min=a, max=b))
                 kept.append(n)
                 flat += [lo, hi, float(g.numel()), s, sq, a, b]
         self._taken, self._read = (step, kept, flat, counts), None
