@@ -60,7 +60,16 @@ class TicSteps:
         model = self._model()
         if model is None:
             return
-        twin = copy.deepcopy(model)
+        try:
+            twin = copy.deepcopy(model)
+        except Exception as e:  # e.g. a module holding a lock or a process group
+            raise TypeError(
+                f"{fn}: the TIC evaluates loss_fn on a copy of the model (so the monitor's "
+                f"hooks do not see the Hessian passes), but copy.deepcopy(model) failed: {e}. "
+                "Monitor the inner module (model.module under DDP) for 'tic'"
+            ) from None
+        for p in twin.parameters():
+            p.grad = None
         for m in twin.modules():  # the copy's hooks are the monitor's: drop them
             for hooks in (
                 m._forward_hooks,
