@@ -2,10 +2,12 @@
 
 A small CNN learns a synthetic 4-class task (each class a noisy oriented stripe pattern on 12x12
 images) with Adam. The monitor computes the economy set of diagnostics (gradient noise scale,
-GSNR, the norm / inner-product / orthogonality tests, update size, distance from the start) on
-every ``--every``-th step; each step's statistics and diagnostics go to TensorBoard (when
-``tensorboard`` is installed: ``tensorboard --logdir OUT/tb``) with gradient histograms, and at the
-end the dashboard ``plot_diagnostics(monitor)`` is written to ``OUT/monitor_diagnostics.png``.
+GSNR, the norm / inner-product / orthogonality tests, update size, distance from the start), the
+per-sample loss statistics and the step-size quality alpha (from the losses handed over with
+``record_loss``) on every ``--every``-th step; each step's statistics and diagnostics go to
+TensorBoard (when ``tensorboard`` is installed: ``tensorboard --logdir OUT/tb``) with gradient
+element histograms binned by the monitor, and at the end the dashboard
+``plot_diagnostics(monitor)`` is written to ``OUT/monitor_diagnostics.png``.
 
 Run ``python examples/monitor_diagnostics.py`` (a few seconds on a CPU; ``--steps``, ``--every``)
 or call :func:`main` (the test suite runs it for a few steps).
@@ -31,6 +33,7 @@ ECONOMY = (
     "update_size",
     "distance",
 )
+LOSSES = ("loss_mean", "loss_var", "alpha")  # from monitor.record_loss(per-sample losses)
 
 
 def stripes(n: int, *, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,15 +70,19 @@ def main(steps: int = 100, every: int = 4, batch: int = 32, out: Path = DEFAULT_
     except ImportError:  # tensorboard is optional: the dashboard is still drawn
         writer = None
     # ema: the noise scale's numerator and denominator are averaged over the diagnostic steps
-    with GradientMonitor(net, diagnostics=ECONOMY, every=every, ema=0.9) as monitor:
+    with GradientMonitor(
+        net, diagnostics=ECONOMY + LOSSES, every=every, ema=0.9, histogram_bins=64
+    ) as monitor:
         for step in range(steps):
             x, y = stripes(batch, generator=gen)
             opt.zero_grad()
-            loss = nn.functional.cross_entropy(net(x), y)  # the mean of per-sample losses
+            losses = nn.functional.cross_entropy(net(x), y, reduction="none")  # (B,)
+            monitor.record_loss(losses)
+            loss = losses.mean()
             loss.backward()
             opt.step()
             if writer is not None and step % every == 0:
-                write_tensorboard(writer, monitor, model=net)
+                write_tensorboard(writer, monitor)  # alpha of the step before: written now
                 writer.add_scalar("loss", loss.item(), step)
     if writer is not None:
         writer.close()

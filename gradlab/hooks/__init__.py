@@ -9,6 +9,7 @@ keeps no reference to the model. :class:`GradientMonitor` also computes training
 from gradlab.hooks._capture import CapturedGrads, capture_grads
 from gradlab.hooks._dashboard import plot_diagnostics, write_tensorboard
 from gradlab.hooks._diagnostics import DIAGNOSTICS
+from gradlab.hooks._histograms import GradHistogram
 from gradlab.hooks._monitor import GradientMonitor, LayerStats, NonfiniteSource, StepStats
 from gradlab.hooks._plot import grad_flow_table, plot_grad_flow
 from gradlab.hooks._retain import RetainedGrads, retain_grads
@@ -16,6 +17,7 @@ from gradlab.hooks._retain import RetainedGrads, retain_grads
 __all__ = [
     "DIAGNOSTICS",
     "CapturedGrads",
+    "GradHistogram",
     "GradientMonitor",
     "LayerStats",
     "NonfiniteSource",

@@ -26,8 +26,15 @@ _TITLES = {
     "orthogonality_test": "Orthogonality test\nlower: samples agree on the direction",
     "update_size": "Update size ||theta_t - theta_(t-1)||\nsteady or falling; spikes: unstable",
     "distance": "Distance from start ||theta_t - theta_0||\ngrows, then levels off",
+    "loss_mean": "Mean per-sample loss\nfalling",
+    "loss_var": "Variance of the per-sample losses\nhow much the samples disagree",
+    "tic": "Takeuchi information criterion (TIC, diagonal)\nlower: less noise per curvature",
+    "tic_trace": "TIC from the Hessian's trace\nlower: less noise per curvature",
+    "alpha": "Step-size quality alpha\n0: lands on the minimum; >0 overshoots, -1: no progress",
 }
 _SIGNED = ("noise_scale", "ddp_noise_scale")  # unbiased estimates that can come out <= 0
+_LINEAR = ("alpha",)  # a position on a parabola: always a linear axis
+_LATE = ("alpha",)  # known for step t once step t+1 has run
 _MODULE_LINES = 8  # modules drawn per panel (the largest ones at the last step)
 
 
@@ -139,9 +146,13 @@ def _panel(
     finite = [v for v in every if math.isfinite(v)]
     positive = [v for v in finite if v > 0]
     signed = name in _SIGNED  # estimates that may come out <= 0: marked, not drawn
-    log = bool(positive) and (
-        (signed and len(positive) < len(finite))
-        or (len(positive) == len(finite) and max(positive) / min(positive) > 20)
+    log = (
+        bool(positive)
+        and name not in _LINEAR
+        and (
+            (signed and len(positive) < len(finite))
+            or (len(positive) == len(finite) and max(positive) / min(positive) > 20)
+        )
     )
 
     def drawn(vs: list[float]) -> list[float]:
@@ -164,6 +175,8 @@ def _panel(
                 clip_on=False,
                 label="estimate <= 0 (noise > signal)",
             )
+    if name == "alpha":  # 0: the step lands on the minimum of the fit along it
+        ax.axhline(0.0, color="tab:green", lw=0.9, ls="--", label="minimum along the step")
     ax.set_title(_TITLES.get(name, name), fontsize=9)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
@@ -180,21 +193,34 @@ def write_tensorboard(
     """Write the last recorded step to a TensorBoard ``SummaryWriter``.
 
     Every key of :meth:`GradientMonitor.scalars` goes to ``writer.add_scalar`` (statistics and
-    diagnostics alike), and with ``model`` each parameter's current ``.grad`` to
-    ``writer.add_histogram`` under ``grad/hist/<parameter>`` (the gradient element histograms
-    Cockpit users read). Call it after ``loss.backward()`` (and the optimizer step, for
-    ``update_size``), inside or after the monitor's context.
+    diagnostics alike). Gradient element histograms (what Cockpit users read) go under
+    ``grad/hist/<parameter>``, one of two ways:
+
+    * a monitor built with ``histogram_bins=`` (the cheap way): the
+      :attr:`~GradientMonitor.grad_histograms` it binned on the device at the end of the
+      last step's backward, through ``writer.add_histogram_raw`` (nothing but the counts
+      reaches the host; on steps without histograms, ``every > 1``, none are written);
+    * ``model=``: each parameter's current ``.grad`` through ``writer.add_histogram`` (every
+      gradient is copied to the host and binned there).
+
+    ``alpha`` of a step is known only once the next step has run: each call also writes the
+    ``diagnostics/alpha`` of the diagnostic step before the last one, under that step's number.
+    Call it after ``loss.backward()`` (and the optimizer step, for ``update_size``), inside or
+    after the monitor's context.
 
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (anything with ``add_scalar`` and
             ``add_histogram``).
         monitor: the monitor.
         step: the global step to log under (default: the monitor's step number).
-        model: the model whose ``.grad`` histograms to write (default: none).
+        model: the model whose ``.grad`` histograms to write (default: none); not with a
+            monitor that keeps its own histograms.
 
     Raises:
-        TypeError: ``writer`` lacks ``add_scalar``, or ``model`` is not a module.
-        ValueError: nothing recorded yet.
+        TypeError: ``writer`` lacks ``add_scalar`` (or ``add_histogram_raw`` for a monitor
+            with ``histogram_bins``), or ``model`` is not a module.
+        ValueError: nothing recorded yet, or ``model`` given for a monitor with
+            ``histogram_bins`` (two ways to write the same histograms).
 
     Example:
         A writer that only records what it is given stands in for a ``SummaryWriter`` here:
@@ -215,6 +241,19 @@ def write_tensorboard(
         ...     write_tensorboard(writer, monitor, model=net)
         >>> [t for t in writer.tags if t.startswith("grad/hist/")]
         ['grad/hist/0.weight', 'grad/hist/0.bias', 'grad/hist/2.weight', 'grad/hist/2.bias']
+
+        With ``histogram_bins=`` the monitor bins the gradients itself (``add_histogram_raw``):
+
+        >>> class RawRecorder(Recorder):
+        ...     def add_histogram_raw(self, tag, lo, hi, num, total, total_sq, limits,
+        ...                           counts, step):
+        ...         self.tags.append((tag, len(counts), sum(counts)))
+        >>> writer = RawRecorder()
+        >>> with GradientMonitor(net, histogram_bins=8) as monitor:
+        ...     net(torch.randn(16, 4)).pow(2).mean().backward()
+        ...     write_tensorboard(writer, monitor)
+        >>> [t for t in writer.tags if isinstance(t, tuple)][:2]
+        [('grad/hist/0.weight', 9, 32.0), ('grad/hist/0.bias', 9, 8.0)]
     """
     fn = "write_tensorboard"
     if not callable(getattr(writer, "add_scalar", None)):
@@ -228,13 +267,68 @@ def write_tensorboard(
             )
         )
     check_type(fn, "monitor", monitor, GradientMonitor)
+    kept = monitor._hist is not None
     if model is not None:
         check_type(fn, "model", model, nn.Module)
+        if kept:
+            raise ValueError(
+                f"{fn}: model= writes histograms of the current .grad, but the monitor keeps "
+                "its own (histogram_bins=); drop model= (or build the monitor without "
+                "histogram_bins)"
+            )
+    if kept and not callable(getattr(writer, "add_histogram_raw", None)):
+        raise TypeError(
+            message(
+                fn,
+                "writer",
+                "a SummaryWriter with add_histogram_raw (the monitor keeps histograms)",
+                writer,
+                "Pass torch.utils.tensorboard.SummaryWriter(log_dir)",
+            )
+        )
     logs = monitor.scalars()
-    at = monitor.history[-1].step if step is None else step
+    last = monitor.history[-1].step
+    at = last if step is None else step
+    late = {f"diagnostics/{n}" for n in _LATE}
     for key, value in logs.items():
+        if key in late and not math.isfinite(value):
+            continue  # not known yet: written by the next call (below)
         writer.add_scalar(key, value, at)
+    _write_late(writer, monitor, last, at)
+    for name, h in monitor.grad_histograms.items():
+        if h.step == last:
+            writer.add_histogram_raw(
+                f"grad/hist/{name}",
+                h.min,
+                h.max,
+                h.num,
+                h.sum,
+                h.sum_squares,
+                h.bucket_limits,
+                h.bucket_counts,
+                at,
+            )
     if model is not None:
         for name, p in model.named_parameters():
             if p.grad is not None and p.grad.numel():
                 writer.add_histogram(f"grad/hist/{name}", p.grad.detach().float().cpu(), at)
+
+
+def _write_late(writer: Any, monitor: GradientMonitor, last: int, at: int) -> None:
+    """The diagnostics known for a step only after the next one ran (``alpha``): those of the
+    latest earlier diagnostic step, under that step's number (shifted as ``at`` is), once."""
+    late = [n for n in monitor.diagnostics if n in _LATE]
+    if not late:
+        return
+    history = monitor.history
+    for i in range(2, min(len(history), monitor.every + 1) + 1):
+        rec = history[-i]
+        if rec.step <= monitor._late_written:
+            return
+        if rec.diagnostics:
+            for name in late:
+                value = rec.diagnostics.get(name, math.nan)
+                if math.isfinite(value):
+                    writer.add_scalar(f"diagnostics/{name}", value, at - (last - rec.step))
+            monitor._late_written = rec.step
+            return

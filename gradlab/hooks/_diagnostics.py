@@ -14,6 +14,9 @@ step t ran at):
   (the actual change, whatever the optimizer; measured when an optimizer's ``step()`` returns,
   and again when the next backward starts or the monitor exits);
 * ``origin_sq``: ``||p_t - p_0||^2``, ``p_0`` at the first diagnostic step.
+
+Whole-model ingredients (rows with ``per_module=False``): the per-sample losses' mean and
+variance (:mod:`~gradlab.hooks._losses`) and alpha's observations (:mod:`~gradlab.hooks._alpha`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 import torch
 
+from gradlab.hooks._alpha import ALPHA_NEEDS, alpha_from_observations
 from gradlab.hooks._ddp import two_batch_noise_scale
 
 __all__ = ["DIAGNOSTICS", "Diagnostic", "ParamTracker", "StepDiagnostics", "check_diagnostics"]
@@ -130,6 +134,44 @@ DIAGNOSTICS: dict[str, Diagnostic] = {
             "all-reduced one (B_big): McCandlish's two-batch estimator (DDP models only)",
             per_module=False,
         ),
+        Diagnostic(
+            "tic",
+            ("tic_sum",),
+            lambda g: g["tic_sum"],
+            "sum_j v_j / (h_j + 1e-7), v_j = (1/B) sum_i g_ij^2, h the exact Hessian diagonal "
+            "of the mean loss (from record_tic): Takeuchi's information criterion (Thomas et "
+            "al. 2019; Cockpit's TICDiag)",
+        ),
+        Diagnostic(
+            "tic_trace",
+            ("tic_v", "tic_h"),
+            lambda g: g["tic_v"] / (g["tic_h"] + 1e-7),
+            "sum_j v_j / (sum_j h_j + 1e-7): the TIC with the Hessian's trace (Cockpit's TICTrace)",
+        ),
+        Diagnostic(
+            "loss_mean",
+            ("loss_mean",),
+            lambda g: g["loss_mean"],
+            "(1/B) sum_i l_i: the mean of the per-sample losses given to record_loss",
+            per_module=False,
+        ),
+        Diagnostic(
+            "loss_var",
+            ("loss_var",),
+            lambda g: g["loss_var"],
+            "1/(B-1) sum_i (l_i - mean)^2: the unbiased variance of the per-sample losses "
+            "given to record_loss",
+            per_module=False,
+        ),
+        Diagnostic(
+            "alpha",
+            ALPHA_NEEDS,
+            alpha_from_observations,
+            "2 t / alpha_bar - 1: where the step landed on a noise-aware quadratic fit of the "
+            "loss along the actual update (-1 stayed, 0 the minimum, 1 the other side; "
+            "Mahsereci & Hennig 2017; Cockpit's Alpha); stored on step t once step t+1 ran",
+            per_module=False,
+        ),
     )
 }
 
@@ -160,7 +202,7 @@ def check_diagnostics(fn: str, diagnostics: object) -> tuple[str, ...]:
 class StepDiagnostics:
     """The per-group ingredient sums of one step (tensors until read) and the diagnostics."""
 
-    __slots__ = ("_done", "_lazy", "groups", "names", "sums")
+    __slots__ = ("_done", "_lazy", "_restored", "groups", "names", "sums")
 
     def __init__(self, names: tuple[str, ...], groups: Sequence[str]) -> None:
         self.names = names
@@ -168,6 +210,7 @@ class StepDiagnostics:
         self.sums: dict[str, Any] = {}  # ingredient -> (G + 1,) tensor or list of floats
         self._lazy: list[Callable[[], dict[str, float]]] = []  # whole-model ingredients
         self._done: tuple[dict[str, float], dict[str, dict[str, float]]] | None = None
+        self._restored = False  # values from a checkpoint: later ingredients are ignored
 
     def set(self, ingredient: str, per_group: torch.Tensor) -> None:
         """Store an ingredient: a (G,) tensor of per-group sums (the total is added)."""
@@ -177,6 +220,15 @@ class StepDiagnostics:
     def set_all(self, ingredient: str, values: torch.Tensor) -> None:
         """Store an ingredient given per group and for the whole model: a (G + 1,) tensor."""
         self.sums[ingredient] = values
+        self._done = None
+
+    def set_total(self, ingredient: str, value: torch.Tensor) -> None:
+        """Store a whole-model ingredient (a 0-dim tensor); its per-group entries are NaN."""
+        if self._restored:
+            return
+        value = value.detach().to(torch.float64).reshape(1)
+        nan = torch.full((len(self.groups),), math.nan, dtype=torch.float64, device=value.device)
+        self.sums[ingredient] = torch.cat([nan, value])
         self._done = None
 
     def set_total_later(self, ingredients: Callable[[], dict[str, float]]) -> None:
@@ -217,6 +269,7 @@ class StepDiagnostics:
     ) -> StepDiagnostics:
         """One from saved values (a checkpoint)."""
         out = cls(tuple(total), tuple(next(iter(by_module.values()), {})))
+        out._restored = True
         out._done = (
             {k: float(v) for k, v in total.items()},
             {k: {m: float(x) for m, x in v.items()} for k, v in by_module.items()},

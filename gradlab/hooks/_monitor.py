@@ -27,7 +27,7 @@ step, never during backward.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -42,11 +42,14 @@ from gradlab._validate import (
     check_type,
     message,
 )
+from gradlab.hooks._alpha import AlphaSteps
 from gradlab.hooks._buffer import PassBuffer, Pending, to_host
 from gradlab.hooks._ddp import DDPNoiseRecorder, attach
 from gradlab.hooks._diagnostics import ParamTracker, StepDiagnostics, check_diagnostics
 from gradlab.hooks._engine import HookContext, PassClock
+from gradlab.hooks._histograms import GradHistogram, HistogramSteps
 from gradlab.hooks._history import History, HistoryView
+from gradlab.hooks._losses import LOSS_DIAGNOSTICS, LossSteps, check_losses
 from gradlab.hooks._persample import PER_SAMPLE, PerSampleSteps
 from gradlab.hooks._records import (
     STATE_VERSION,
@@ -59,6 +62,7 @@ from gradlab.hooks._records import (
     step_scalars,
 )
 from gradlab.hooks._select import check_model, select_modules
+from gradlab.hooks._tic import TicSteps
 from gradlab.hooks._trace import PARAM, CallTracker, Slot
 
 __all__ = ["GradientMonitor", "LayerStats", "NonfiniteSource", "StepStats"]
@@ -103,7 +107,21 @@ class GradientMonitor(HookContext):
       step after backward t (any optimizer; take it inside the context); ``distance``:
       ``||theta_t - theta_0||`` from the first diagnostic step;
     * ``ddp_noise_scale`` (a DDP model): McCandlish's two-batch estimate from each rank's
-      local gradient and the all-reduced one, recorded by a communication hook.
+      local gradient and the all-reduced one, recorded by a communication hook;
+    * ``loss_mean``, ``loss_var``: mean and unbiased variance of the per-sample losses ``l_i``
+      handed over with :meth:`record_loss`;
+    * ``alpha``: the step-size quality of Mahsereci & Hennig (Cockpit's ``Alpha``) for any
+      optimizer: a weighted least-squares quadratic ``c + b x + a x^2`` fitted along the
+      actual update ``d = theta_{t+1} - theta_t`` to the loss mean and the mean projection
+      ``g_i . d/||d||`` at step t (x = 0) and step t+1 (x = ``||d||``), weights the inverse
+      per-sample variances; ``alpha = 2 ||d|| / (-b/a) - 1`` (-1: no progress, 0: the
+      minimum, 1: the other side; -1 for a concave fit or a zero step). Stored on step t
+      once step t+1 has run (NaN for the last step or without :meth:`record_loss`); with
+      ``every > 1`` the step after each diagnostic step also runs a per-sample pass;
+    * ``tic``, ``tic_trace``: the Takeuchi information criterion ``sum_j v_j / (h_j + 1e-7)``
+      and ``sum_j v_j / (sum_j h_j + 1e-7)``, ``v_j = (1/B) sum_i g_ij^2``, ``h`` the exact
+      Hessian diagonal of the mean loss, on the steps where :meth:`record_tic` hands over the
+      loss as a function (Thomas et al. 2019; Cockpit's TICDiag, TICTrace).
 
     B = 1 gives NaN (S is undefined; warned once); BatchNorm in training mode is refused.
 
@@ -116,7 +134,10 @@ class GradientMonitor(HookContext):
     adds second moments, the two tests a dot product per module), ``update_size`` a copy of
     the parameters until the optimizer step, ``distance`` one copy for the run,
     ``ddp_noise_scale`` two norms per all-reduce bucket and a 2-number all-reduce (its
-    communication hook stays on the DDP model after exit, as DDP's plain averaging).
+    communication hook stays on the DDP model after exit, as DDP's plain averaging);
+    ``alpha`` a copy of the parameters and the per-sample pass's layer inputs and output
+    gradients kept from backward t to forward t+1, and two dot products per layer; ``tic``
+    a copy of the model and an exact Hessian diagonal per :meth:`record_tic` call.
 
     **Mixed precision, DDP.** With ``scaler=`` every statistic is of the unscaled gradient, and
     a step whose gradients overflow (``GradScaler.step`` skips it) is marked ``skipped``,
@@ -141,6 +162,9 @@ class GradientMonitor(HookContext):
         loss_reduction: ``"mean"`` (the loss is ``(1/B) sum_i l_i``, default) or ``"sum"``.
         ema: smoothing factor in [0, 1) of the noise scale's numerator and denominator
             (default None: none).
+        histogram_bins: keep a histogram of every monitored parameter gradient's elements
+            with this many bins, on steps ``0, every, ...`` (:attr:`grad_histograms`,
+            written by :func:`write_tensorboard`; default None: none).
 
     Raises:
         TypeError: ``model`` is not a module, a pattern is not a string, ``scaler`` is not a
@@ -192,6 +216,7 @@ class GradientMonitor(HookContext):
         every: int = 1,
         loss_reduction: str = "mean",
         ema: float | None = None,
+        histogram_bins: int | None = None,
     ) -> None:
         super().__init__()
         fn = "GradientMonitor"
@@ -210,6 +235,8 @@ class GradientMonitor(HookContext):
             scaler,
         )
         self.diagnostics = check_diagnostics(fn, diagnostics)
+        if histogram_bins is not None:
+            check_int(fn, "histogram_bins", histogram_bins, minimum=1, fix="E.g. 64, or None: none")
         self._ddp: weakref.ref[nn.Module] | None = None
         self._recorder: DDPNoiseRecorder | None = None
         if "ddp_noise_scale" in self.diagnostics:
@@ -261,6 +288,31 @@ class GradientMonitor(HookContext):
                 loss_reduction,
                 ema,
             )
+        self._losses: LossSteps | None = None
+        self._fwd_step: int | None = None  # the step whose forward ran last (record_loss)
+        self._late_written = -1  # the last step whose alpha write_tensorboard wrote
+        if any(d in LOSS_DIAGNOSTICS for d in self.diagnostics):
+            self._losses = LossSteps(self.diagnostics, self._history)
+        self._alpha: AlphaSteps | None = None
+        if "alpha" in self.diagnostics and self._ps is not None:
+            self._alpha = AlphaSteps(weakref.ref(model), [n for n, _, _ in chosen], every)
+        self._tic: TicSteps | None = None
+        if {"tic", "tic_trace"} & set(self.diagnostics):
+            self._tic = TicSteps(
+                weakref.ref(model),
+                [n for n, _, _ in chosen],
+                [owners.index(o) for _, o, _ in chosen],
+                len(owners),
+                loss_reduction,
+            )
+        self._ps_step: int | None = None  # the step of the per-sample context last finished
+        if self._ps is not None:
+            self._ps.on_finish = self._context_done
+        self._hist = (
+            None
+            if histogram_bins is None
+            else HistogramSteps(histogram_bins, [n for n, _, _ in chosen])
+        )
         self._model = weakref.ref(model)
         # scalars() key of the root module (a model that is itself a leaf, or matched by "*")
         self._root_key = "model" if "model" not in {n for n, _ in self._modules} else "model(root)"
@@ -309,10 +361,11 @@ class GradientMonitor(HookContext):
             for pname, _, p_ref in self._diag_params:
                 p = self._deref(p_ref, pname)
                 self._bag.module(p.register_hook(_leaf_hook(ps, pname)))
+        if self._ps is not None or self._losses is not None:
             model = self._deref(self._model, "the model")
             self._bag.module(model.register_forward_pre_hook(_forward_start(weakref.ref(self))))
-            if self._history.count % self.every == 0:
-                self._ps.start()  # raises here for a model the per-sample engine refuses
+        if self._ps is not None and self._wants_ps(self._history.count):
+            self._ps.start()  # raises here for a model the per-sample engine refuses
 
     def _after_exit(self) -> None:
         ddp = None if self._ddp is None else self._ddp()
@@ -325,22 +378,198 @@ class GradientMonitor(HookContext):
         if self._ps is not None:
             if not self._ps.finish():
                 self._ps.close()
+        if self._alpha is not None:  # the update of the last start point (optimizer inside)
+            self._alpha.params_moved(self._live_params())
         self._materialize()
 
     def _on_forward_start(self) -> None:
         """The model is about to run: finish the last per-sample step, open the next one."""
+        self._fwd_step = self._history.count
         ps = self._ps
         if ps is None:
             return
         ps.finish()
-        if not ps.open and self._history.count % self.every == 0:
+        if self._alpha is not None:  # the optimizer has stepped: project onto its update
+            self._alpha.params_moved(self._live_params())
+        if not ps.open and self._wants_ps(self._history.count):
             ps.start()
+
+    def _context_done(self, ps: Any, scale: Any) -> bool:
+        """A per-sample context's statistics were taken; True: alpha keeps it open."""
+        step, self._ps_step = self._ps_step, None
+        if self._tic is not None and step is not None:
+            self._tic.moments(step, ps, scale, self._history.extras.get(step))
+        return self._alpha is not None and self._alpha.context_done(ps, scale)
+
+    def _wants_ps(self, step: int) -> bool:
+        """Whether step ``step`` runs a per-sample context (alpha also wants step t+1's)."""
+        if self._alpha is not None:
+            return self._alpha.wants_context(step)
+        return step % self.every == 0
 
     def _read(self) -> None:
         """Everything recorded so far, ready to read (per-sample work and the host copy)."""
         if self._ps is not None:
             self._ps.finish()
         self._materialize()
+
+    def record_loss(self, losses: torch.Tensor) -> None:
+        r"""Hand the monitor the per-sample losses ``l_i`` of the current step, shape ``(B,)``.
+
+        Gives the diagnostics ``loss_mean`` = ``(1/B) sum_i l_i`` and ``loss_var`` =
+        ``1/(B-1) sum_i (l_i - loss_mean)^2`` (unbiased; NaN for B = 1), and the loss
+        observations of ``alpha``. A method rather than an argument: the losses exist only
+        inside each step, and the monitor never sees the loss function. The losses belong to
+        the step whose forward ran last (the monitor marks each forward of the model), so call
+        it after the forward, before or after ``backward()``, once per step. The tensor is
+        copied (detached, float64); nothing is synchronised until the diagnostics are read.
+        With ``every > 1`` losses of steps without diagnostics are dropped, except those of
+        the step after a diagnostic step when ``alpha`` is computed (its end point).
+
+        Args:
+            losses: a ``(B,)`` tensor of per-sample losses, e.g. from
+                ``nn.functional.cross_entropy(out, y, reduction="none")``; the loss you
+                backpropagate is their mean (or sum, ``loss_reduction="sum"``).
+
+        Raises:
+            TypeError: ``losses`` is not a real floating-point tensor.
+            ValueError: the monitor computes no loss diagnostic (``loss_mean``, ``loss_var``,
+                ``alpha``), no forward of the model ran inside the context yet, ``losses`` is
+                not of shape ``(B,)`` (or its B is not the batch the per-sample engine saw),
+                or the losses of this step were already recorded.
+
+        Example:
+            >>> from torch import nn
+            >>> from gradlab.hooks import GradientMonitor
+            >>> _ = torch.manual_seed(0)
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+            >>> with GradientMonitor(net, diagnostics=("loss_mean", "loss_var")) as monitor:
+            ...     losses = net(torch.randn(16, 4)).pow(2).flatten()  # (B,) per-sample losses
+            ...     monitor.record_loss(losses)
+            ...     losses.mean().backward()
+            >>> {k: round(v, 4) for k, v in monitor.history[0].diagnostics.items()}
+            {'loss_mean': 0.0308, 'loss_var': 0.0013}
+            >>> round(losses.mean().item(), 4), round(losses.var().item(), 4)
+            (0.0308, 0.0013)
+        """
+        fn = "GradientMonitor.record_loss"
+        if self._losses is None:
+            raise ValueError(
+                message(
+                    fn,
+                    "diagnostics",
+                    "one of 'loss_mean', 'loss_var', 'alpha' for the losses to be used",
+                    self.diagnostics,
+                    "Build the monitor with diagnostics=(..., 'loss_mean', 'loss_var') or "
+                    "'alpha', or drop the call",
+                )
+            )
+        values = check_losses(fn, losses)
+        step = self._fwd_step
+        if step is None:
+            raise ValueError(
+                f"{fn}: no forward of the model has run inside the monitor's context yet; "
+                "call it after `out = model(x)` inside `with GradientMonitor(...) as monitor:`"
+            )
+        b = self._batch_of(step)
+        if b is not None and b != values.numel():
+            raise ValueError(
+                f"{fn}: losses must have one entry per sample of the step's batch (B={b}, "
+                f"what the per-sample engine saw), got shape {tuple(values.shape)}. Pass the "
+                "per-sample losses of this batch (reduction='none')"
+            )
+        self._losses.record(fn, step, values)
+
+    def record_tic(self, loss_fn: Callable[[nn.Module], torch.Tensor]) -> None:
+        r"""Take the exact Hessian diagonal for the TIC of the current step (``"tic"``).
+
+        With ``v_j = (1/B) sum_i g_ij^2`` from the per-sample pass and ``h`` the exact diagonal
+        of the Hessian of the step's mean loss (:func:`gradlab.hessian_diagonal`,
+        ``method="exact"``: Hessian backpropagation for chains of linear and convolution
+        layers, else one Hessian-vector product per parameter entry), ``tic`` =
+        ``sum_j v_j / (h_j + 1e-7)`` and ``tic_trace`` = ``sum_j v_j / (sum_j h_j + 1e-7)``
+        (Thomas et al. 2019; Cockpit's TICDiag and TICTrace with ``diag_h``), per module and
+        for the whole model.
+
+        The Hessian needs the loss as a function of the model: ``loss_fn(model)`` recomputes
+        the step's loss (the mean over the batch, or the sum with ``loss_reduction="sum"``) on
+        the same batch; the monitor calls it on a copy of the model without hooks (so neither
+        it nor the per-sample engine records those passes), at once. Call it after the forward
+        and before ``optimizer.step()``. Opt-in and as often as you like: the TIC is computed
+        on the diagnostic steps where it is called (call it e.g. every 100th step) and is NaN
+        on the others; on a step without diagnostics (``every``) the call does nothing.
+
+        Args:
+            loss_fn: ``loss_fn(model) -> scalar loss`` of the step's batch, e.g.
+                ``lambda m: nn.functional.cross_entropy(m(x), y)``.
+
+        Raises:
+            TypeError: ``loss_fn`` is not callable.
+            ValueError: the monitor computes neither ``"tic"`` nor ``"tic_trace"``, no forward
+                of the model ran inside the context yet, the step's Hessian was already
+                taken, or ``loss_fn`` does not return a scalar tensor.
+
+        Example:
+            >>> from torch import nn
+            >>> from gradlab.hooks import GradientMonitor
+            >>> _ = torch.manual_seed(0)
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+            >>> x, y = torch.randn(16, 4), torch.randn(16, 1)
+            >>> loss_fn = lambda m: nn.functional.mse_loss(m(x), y)
+            >>> with GradientMonitor(net, diagnostics=("tic", "tic_trace")) as monitor:
+            ...     loss_fn(net).backward()
+            ...     monitor.record_tic(loss_fn)
+            >>> {k: round(v, 3) for k, v in monitor.history[0].diagnostics.items()}
+            {'tic': 55.133, 'tic_trace': 2.031}
+        """
+        fn = "GradientMonitor.record_tic"
+        if self._tic is None:
+            raise ValueError(
+                message(
+                    fn,
+                    "diagnostics",
+                    "one of 'tic', 'tic_trace' for the Hessian diagonal to be used",
+                    self.diagnostics,
+                    "Build the monitor with diagnostics=(..., 'tic') or drop the call",
+                )
+            )
+        if not callable(loss_fn):
+            raise TypeError(
+                message(
+                    fn,
+                    "loss_fn",
+                    "a function loss_fn(model) returning the step's loss",
+                    loss_fn,
+                    "E.g. lambda m: nn.functional.cross_entropy(m(x), y)",
+                )
+            )
+        step = self._fwd_step
+        if step is None:
+            raise ValueError(
+                f"{fn}: no forward of the model has run inside the monitor's context yet; "
+                "call it after the step's forward (and before optimizer.step())"
+            )
+        if step % self.every:
+            return
+        if step in self._tic.done:
+            raise ValueError(
+                f"{fn}: the Hessian diagonal of step {step} was already taken; call "
+                "record_tic once per step"
+            )
+        self._tic.hessian(fn, step, self._history.extras.get(step), loss_fn)
+
+    def _batch_of(self, step: int) -> int | None:
+        """The batch size the per-sample context of ``step`` saw, if known."""
+        if self._alpha is not None and step in self._alpha.sizes:
+            return self._alpha.sizes[step]
+        ctx = getattr(self._ps, "_ps", None)  # the open (or done, not finished) context
+        b = getattr(ctx, "_b", None)
+        return (
+            b
+            if isinstance(b, int)
+            and step == self._history.count - (0 if self._ps is not None and self._ps.open else 1)
+            else None
+        )
 
     # -- backward side ----------------------------------------------------------------------
     def _start_pass(self) -> None:
@@ -379,6 +608,14 @@ class GradientMonitor(HookContext):
             params = self._live_params()
             if params is not None:
                 self._tracker.end_of_backward(params, diag)
+            if self._losses is not None:
+                self._losses.attach(step, diag)
+        if self._hist is not None and step % self.every == 0:
+            self._hist.take(step, self._live_params())
+        if self._ps is not None and self._ps.open:
+            self._ps_step = step
+        if self._alpha is not None and self._ps is not None:
+            self._alpha.backward_done(step, diag, self._live_params(), self._ps.open)
         if self._ps is not None:
             self._ps.backward_done(diag, scale)
 
@@ -420,6 +657,29 @@ class GradientMonitor(HookContext):
         """
         self._read()
         return HistoryView(self._history)
+
+    @property
+    def grad_histograms(self) -> dict[str, GradHistogram]:
+        """``{parameter: GradHistogram}``: gradient element histograms of the latest step.
+
+        Only with ``histogram_bins=``: taken at the end of each diagnostic step's backward
+        (steps ``0, every, ...``) from every monitored parameter's ``.grad``, in
+        ``histogram_bins`` equal bins over its ``[min, max]``, on its device; only the latest
+        step is kept (not in :meth:`state_dict`). A gradient holding NaN/Inf gets none.
+        :func:`write_tensorboard` logs them with ``add_histogram_raw``.
+
+        Example:
+            >>> from torch import nn
+            >>> from gradlab.hooks import GradientMonitor
+            >>> _ = torch.manual_seed(0)
+            >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+            >>> with GradientMonitor(net, histogram_bins=16) as monitor:
+            ...     net(torch.randn(32, 4)).pow(2).mean().backward()
+            >>> h = monitor.grad_histograms["0.weight"]
+            >>> h.step, h.num, len(h.bucket_limits), sum(h.bucket_counts)
+            (0, 32, 17, 32.0)
+        """
+        return {} if self._hist is None else self._hist.latest()
 
     @property
     def steps(self) -> int:
@@ -594,6 +854,10 @@ class GradientMonitor(HookContext):
         h.vanishing, h.exploding = vanishing, exploding
         h.records = records
         h.extras = extras
+        if self._losses is not None:  # what was kept for the steps before the load
+            self._losses.reset()
+        if self._alpha is not None:
+            self._alpha.close()
         h.count = int(state_dict["steps"])
         h.source = None if src is None else NonfiniteSource(str(src[0]), int(src[1]), src[2])
         theta0 = state_dict.get("theta0")

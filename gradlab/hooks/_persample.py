@@ -21,7 +21,7 @@ are, per group:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +38,9 @@ PER_SAMPLE: dict[str, tuple[str, ...]] = {
     "gsnr": ("norm", "sum_sq"),
     "inner_product_test": ("norm", "dot"),
     "orthogonality_test": ("norm", "dot"),
+    "alpha": ("dot",),  # projections onto the update (gradlab.hooks._alpha), not dots with m
+    "tic": ("sum_sq",),  # (1/B) sum_i g_i^2 (gradlab.hooks._tic)
+    "tic_trace": ("sum_sq",),
 }
 
 
@@ -72,6 +75,11 @@ class PerSampleSteps:
         # dot with zeros outside each module is used from then on (a pass per module)
         self._private_dots = True
         self._dots_checked = False
+        # dots with m (the two tests); alpha's "dot" is for projections onto the update
+        self._dot_m = any(d != "alpha" and "dot" in PER_SAMPLE.get(d, ()) for d in diagnostics)
+        # called with (context, loss scale) once a step's statistics are taken; returns True
+        # to keep the context open (alpha projects it onto the update later, then closes it)
+        self.on_finish: Callable[[Any, Any], bool] | None = None
 
     def ema_state(self) -> list[list[float]] | None:
         """The noise scale's smoothed (numerator, denominator) per group, for a checkpoint."""
@@ -133,12 +141,16 @@ class PerSampleSteps:
             return False
         ps, diag, grads, scale = self._done
         self._ps = self._done = None
+        keep = False
         try:
             ps.__exit__(None, None, None)
             if diag is not None:
                 self._compute(ps, diag, grads, scale)
+            if self.on_finish is not None:
+                keep = self.on_finish(ps, scale)
         finally:
-            ps.close()
+            if not keep:
+                ps.close()
         return diag is not None
 
     def _compute(
@@ -187,7 +199,7 @@ class PerSampleSteps:
                 diag.set_all("gsnr_sum", per_group(terms))
                 numel = [torch.tensor(float(m[n].numel()), dtype=torch.float64) for n in names]
                 diag.set_all("gsnr_numel", per_group(numel))
-            if "dot" in self.stats:
+            if self._dot_m:
                 dots = _group_dots(
                     ps, m, group_of, g_count, b, device, self._model, private=self._private_dots
                 )  # (G, B)
