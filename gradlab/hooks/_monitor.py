@@ -260,6 +260,7 @@ class GradientMonitor(HookContext):
                 self.diagnostics,
                 loss_reduction,
                 ema,
+                scaler,
             )
         self._model = weakref.ref(model)
         # scalars() key of the root module (a model that is itself a leaf, or matched by "*")

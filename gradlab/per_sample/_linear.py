@@ -58,9 +58,9 @@ def seq_moments(
     the sum only ``with_sum``. Two GEMMs of the weight gradient's size, no per-sample tensor."""
     if a.shape[2] != 1:
         return None
-    a2, d2 = a[:, :, 0], d[:, :, 0]  # (B, G, I), (B, G, O)
-    total = torch.einsum("bgo,bgi->goi", d2, a2) if with_sum else None
-    sq = torch.einsum("bgo,bgi->goi", d2.square(), a2.square())
+    a2, d2 = a[:, :, 0].transpose(0, 1), d[:, :, 0].permute(1, 2, 0)  # (G, B, I), (G, O, B)
+    total = d2 @ a2 if with_sum else None
+    sq = d2.square() @ a2.square()
     return total, sq
 
 
@@ -117,4 +117,28 @@ def _moments(
     return out
 
 
-register(nn.Linear, Rule(grad=_grad, norm_sq=_norm_sq, dot=_dot, moments=_moments))
+def _dot_mean(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
+    """``g_i . m`` per parameter, ``m = (1/B) sum_k g_k``. One position: with Gram matrices,
+    ``g_i . g_k = (a_i . a_k)(d_i . d_k)``, so ``g_i . m = (1/B) sum_k (a_i . a_k)(d_i . d_k)``
+    (``O(B^2 (I + O))``) where that beats ``m`` first and ``d_i^T m a_i`` (two GEMMs,
+    ``O(B I O)`` each); sequences: the latter."""
+    a4, d4 = _flat(module, a, d)
+    b, t, i, o = a4.shape[0], a4.shape[2], a4.shape[3], d4.shape[3]
+    out = {}
+    db = d4[:, 0, 0] if t == 1 else d4[:, 0].sum(1)  # (B, O): the per-sample bias gradients
+    if "weight" in names:
+        if t == 1 and b * (i + o) <= 2 * i * o:
+            a2 = a4[:, 0, 0]
+            out["weight"] = ((a2 @ a2.T) * (db @ db.T)).mean(1)
+        else:
+            m = torch.einsum("bgto,bgti->goi", d4, a4) / b
+            out["weight"] = seq_dot(a4, d4, m)
+    if "bias" in names:
+        out["bias"] = db @ db.mean(0)
+    return out
+
+
+register(
+    nn.Linear,
+    Rule(grad=_grad, norm_sq=_norm_sq, dot=_dot, moments=_moments, dot_mean=_dot_mean),
+)
