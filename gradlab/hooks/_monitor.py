@@ -113,8 +113,9 @@ class GradientMonitor(HookContext):
     :attr:`history` or :attr:`first_nonfinite`, none during backward; about 32 bytes per
     recorded gradient and step of history. Diagnostics cost only on their steps: the
     per-sample ones a :class:`~gradlab.per_sample.PerSampleGradients` pass (norms; ``gsnr``
-    adds second moments, the two tests a dot product per module), ``update_size`` a copy of
-    the parameters until the optimizer step, ``distance`` one copy for the run,
+    adds second moments and a copy of the gradients, the two tests each sample's dot with the
+    batch mean), ``update_size`` a copy of the parameters until the optimizer step,
+    ``distance`` one copy for the run,
     ``ddp_noise_scale`` two norms per all-reduce bucket and a 2-number all-reduce (its
     communication hook stays on the DDP model after exit, as DDP's plain averaging).
 

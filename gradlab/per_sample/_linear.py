@@ -80,8 +80,15 @@ def _grad(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
 
 
 def _norm_sq(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
-    a4, d4 = _flat(module, a, d)  # type: ignore[arg-type]
     out = {}
+    if a.dim() == 2:  # one position: ||g_i||^2 = ||a_i||^2 ||d_i||^2, ||d_i||^2 for the bias
+        nd = torch.linalg.vector_norm(d, dim=1).square()
+        if "weight" in names:
+            out["weight"] = torch.linalg.vector_norm(a, dim=1).square_().mul_(nd)
+        if "bias" in names:
+            out["bias"] = nd
+        return out
+    a4, d4 = _flat(module, a, d)  # type: ignore[arg-type]
     if "weight" in names:
         out["weight"] = seq_norm_sq(a4, d4)
     if "bias" in names:
