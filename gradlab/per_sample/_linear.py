@@ -111,6 +111,14 @@ def _dot(
 def _moments(
     module: Any, a: torch.Tensor, d: torch.Tensor, names: Names, with_sum: bool
 ) -> dict | None:
+    if a.dim() == 2:  # one position, no groups: plain GEMMs
+        out = {}
+        d_sq = d.square()
+        if "weight" in names:
+            out["weight"] = (d.t() @ a if with_sum else None, d_sq.t() @ a.square())
+        if "bias" in names:
+            out["bias"] = (d.sum(0), d_sq.sum(0))
+        return out
     a4, d4 = _flat(module, a, d)
     m = seq_moments(a4, d4, with_sum)
     if m is None:
@@ -129,9 +137,23 @@ def _dot_mean(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> di
     ``g_i . g_k = (a_i . a_k)(d_i . d_k)``, so ``g_i . m = (1/B) sum_k (a_i . a_k)(d_i . d_k)``
     (``O(B^2 (I + O))``) where that beats ``m`` first and ``d_i^T m a_i`` (two GEMMs,
     ``O(B I O)`` each); sequences: the latter."""
-    a4, d4 = _flat(module, a, d)
-    b, t, i, o = a4.shape[0], a4.shape[2], a4.shape[3], d4.shape[3]
+    b, i, o = a.shape[0], a.shape[-1], d.shape[-1]
     out = {}
+    if a.dim() == 2:  # one position: the Gram matrices, or m first
+        if b * (i + o) <= 2 * i * o:
+            dd = d @ d.t()
+            if "weight" in names:
+                out["weight"] = (a @ a.t()).mul_(dd).mean(1)
+            if "bias" in names:
+                out["bias"] = dd.mean(1)
+            return out
+        if "weight" in names:
+            out["weight"] = ((d @ ((d.t() @ a) / b)) * a).sum(1)
+        if "bias" in names:
+            out["bias"] = d @ d.mean(0)
+        return out
+    a4, d4 = _flat(module, a, d)
+    t = a4.shape[2]
     db = d4[:, 0, 0] if t == 1 else d4[:, 0].sum(1)  # (B, O): the per-sample bias gradients
     if "weight" in names:
         if t == 1 and b * (i + o) <= 2 * i * o:
