@@ -327,6 +327,7 @@ class GradientMonitor(HookContext):
         if self._ps is not None:
             if not self._ps.finish():
                 self._ps.close()
+            self._ps.release()
         self._materialize()
 
     def _on_forward_start(self) -> None:

@@ -138,6 +138,12 @@ class PerSampleSteps:
         self._done = (self._ps, diag, self._grads, scale)
         self._grads = {}
 
+    def release(self) -> None:
+        """Drop the engine (it holds the model) and the kept buffers: the monitor exited."""
+        self._engine = None
+        self._buffers = {}
+        self._scratch = {}
+
     def close(self) -> None:
         """Exit an open context without computing anything."""
         ps, self._ps, self._done = self._ps, None, None
