@@ -72,7 +72,6 @@ class PerSampleSteps:
         # this backward's gradient of each parameter (gsnr), else its squared norm
         self._grads: dict[str, torch.Tensor] = {}
         self._buffers: dict[str, torch.Tensor] = {}  # gsnr: the gradients, kept between steps
-        self._scratch: dict[str, torch.Tensor] = {}
         self._warned = False
         self._scaler = scaler
 
@@ -128,7 +127,7 @@ class PerSampleSteps:
                     buf = self._buffers[name] = torch.empty_like(g)
                 self._grads[name] = buf.copy_(g)
             else:
-                self._grads[name] = torch.linalg.vector_norm(g).to(torch.float64).square()
+                self._grads[name] = torch.linalg.vector_norm(g)  # squared in _compute
 
     def backward_done(self, diag: StepDiagnostics | None, scale: Any) -> None:
         """The backward pass ended (an engine callback: nothing is computed here)."""
@@ -142,7 +141,6 @@ class PerSampleSteps:
         """Drop the engine (it holds the model) and the kept buffers: the monitor exited."""
         self._engine = None
         self._buffers = {}
-        self._scratch = {}
 
     def close(self) -> None:
         """Exit an open context without computing anything."""
@@ -183,35 +181,39 @@ class PerSampleSteps:
             device = grads[names[0]].device
             owner = torch.tensor([group_of[n] for n in names], device=device)
 
-            def per_group(values: list[torch.Tensor]) -> torch.Tensor:
+            def per_group(values: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+                if isinstance(values, list):
+                    values = torch.stack([v.to(device) for v in values])
                 out = torch.zeros(g_count, dtype=torch.float64, device=device)
-                out.index_add_(0, owner, torch.stack([v.to(device, torch.float64) for v in values]))
+                out.index_add_(0, owner, values.to(torch.float64))
                 return torch.cat([out, out.sum().view(1)])
 
-            norms = ps.norm_by_param
-            sum_norm_sq = per_group([norms[n].to(torch.float64).square().sum() for n in names])
+            norms = ps.norm_by_param  # (P, B) stacked: a few launches, not a few per parameter
+            per_sample = torch.stack([norms[n].to(device) for n in names]).to(torch.float64)
+            sum_norm_sq = per_group(per_sample.square_().sum(1))
             ones = torch.ones(g_count + 1, dtype=torch.float64, device=device)
             diag.set_all("ps_b", ones * b)
             diag.set_all("ps_sum_norm_sq", sum_norm_sq)
             if "sum_sq" in self.stats:
-                # m in the gradient's own dtype, in our buffers; sums in float64
-                m = [grads[n] if unscale == 1.0 else grads[n].mul_(unscale) for n in names]
-                mean_sq = per_group([t.to(torch.float64).square() for t in torch._foreach_norm(m)])
-                sum_sq = ps.sum_sq  # the engine's tensors, recomputed every step: ours to reuse
-                terms = []
-                for n, mn in zip(names, m):
-                    m_sq = self._scratch.get(n)
-                    if m_sq is None or m_sq.shape != mn.shape or m_sq.dtype != mn.dtype:
-                        m_sq = self._scratch[n] = torch.empty_like(mn)
-                    torch.mul(mn, mn, out=m_sq)
-                    den = sum_sq[n].div_(b)  # (1/B) sum_i g_ij^2 - m_j^2 + eps
-                    den.sub_(m_sq).add_(GSNR_EPS)
-                    terms.append(m_sq.div_(den).sum(dtype=torch.float64))
-                diag.set_all("gsnr_sum", per_group(terms))
-                numel = [torch.tensor(float(mn.numel()), dtype=torch.float64) for mn in m]
+                # m in the gradient's own dtype, in our buffers (overwritten here); float64 sums
+                m = [grads[n] for n in names]
+                if unscale != 1.0:
+                    torch._foreach_mul_(m, unscale)
+                mean_sq = per_group(torch.stack(torch._foreach_norm(m)).to(torch.float64).square())
+                # the engine's sum_sq tensors are recomputed every step: ours to overwrite
+                sum_sq = ps.sum_sq
+                den = [sum_sq[n] for n in names]
+                torch._foreach_mul_(m, m)  # m_j^2
+                torch._foreach_div_(den, float(b))  # (1/B) sum_i g_ij^2 - m_j^2 + eps
+                torch._foreach_sub_(den, m)
+                torch._foreach_add_(den, GSNR_EPS)
+                torch._foreach_div_(m, den)
+                diag.set_all("gsnr_sum", per_group([t.sum(dtype=torch.float64) for t in m]))
+                numel = torch.tensor([float(t.numel()) for t in m], dtype=torch.float64)
                 diag.set_all("gsnr_numel", per_group(numel))
             else:
-                mean_sq = per_group([grads[n] * (unscale * unscale) for n in names])
+                norm_m = torch.stack([grads[n].to(device) for n in names]).to(torch.float64)
+                mean_sq = per_group(norm_m.square_() * (unscale * unscale))
             diag.set_all("ps_mean_sq", mean_sq)
             if "dot_mean" in self.stats:
                 # g_i . m over a group is the sum of its parameters' terms (the engine's m is
