@@ -202,12 +202,12 @@ class PerSampleSteps:
                 mean_sq = per_group(torch.stack(torch._foreach_norm(m)).to(torch.float64).square())
                 # the engine's sum_sq tensors are recomputed every step: ours to overwrite
                 sum_sq = ps.sum_sq
-                den = [sum_sq[n] for n in names]
+                gsnr_den = [sum_sq[n] for n in names]
                 torch._foreach_mul_(m, m)  # m_j^2
-                torch._foreach_div_(den, float(b))  # (1/B) sum_i g_ij^2 - m_j^2 + eps
-                torch._foreach_sub_(den, m)
-                torch._foreach_add_(den, GSNR_EPS)
-                torch._foreach_div_(m, den)
+                torch._foreach_div_(gsnr_den, float(b))  # (1/B) sum_i g_ij^2 - m_j^2 + eps
+                torch._foreach_sub_(gsnr_den, m)
+                torch._foreach_add_(gsnr_den, GSNR_EPS)
+                torch._foreach_div_(m, gsnr_den)
                 diag.set_all("gsnr_sum", per_group([t.sum(dtype=torch.float64) for t in m]))
                 numel = torch.tensor([float(t.numel()) for t in m], dtype=torch.float64)
                 diag.set_all("gsnr_numel", per_group(numel))
