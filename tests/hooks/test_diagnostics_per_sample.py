@@ -263,3 +263,17 @@ def test_grads_zeroed_in_place_before_the_next_forward_do_not_leak_in() -> None:
         expected = _formulas(_flat(grads, None))
         for name in _NAMES:
             assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
+
+
+@pytest.mark.parametrize("factory", [_mlp, _cnn], ids=["mlp", "cnn"])
+def test_under_a_grad_scaler_the_diagnostics_are_of_the_unscaled_gradients(factory) -> None:  # type: ignore[no-untyped-def]
+    """The loss scaled by a GradScaler (scale 2^10): every diagnostic as without it."""
+    model = factory()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = _data(model, 0)
+    ref = _ref(factory, model, x, y)
+    with GradientMonitor(model, diagnostics=_NAMES, scaler=scaler) as monitor:
+        scaler.scale(_loss(model(x), y)).backward()
+    expected = _formulas(_flat(ref, None))
+    for name in _NAMES:
+        assert monitor.history[0].diagnostics[name] == pytest.approx(expected[name], rel=_TOL)
