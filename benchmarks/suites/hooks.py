@@ -13,6 +13,12 @@ forward, ``loss.backward()``) with a different kind of instrumentation:
 ``monitor_economy`` the monitor with the economy set of diagnostics (``noise_scale``, ``gsnr``,
                     ``norm_test``, ``inner_product_test``, ``orthogonality_test``,
                     ``update_size``, ``distance``) on every step;
+``cockpit_economy`` (where ``cockpit-for-pytorch`` and ``backpack-for-pytorch`` are installed)
+                    Cockpit's ``"economy"`` configuration (Alpha, Distance, GradHist1d,
+                    GradNorm, InnerTest, Loss, NormTest, OrthoTest, UpdateSize) on its own
+                    BackPACK-extended copy, the same loss as an ``MSELoss`` to zeros, with the
+                    ``SGD(lr=1e-6)`` step its Alpha needs (an optimizer step is a few passes
+                    over the parameters; the other variants take none);
 ``hook_floor``      a no-op forward hook on every leaf module that puts a no-op gradient hook
                     (node pre-hook) on its output: the mechanism the capture and the monitor
                     are built on, doing nothing; no implementation of them can cost less;
@@ -28,7 +34,8 @@ forward, ``loss.backward()``) with a different kind of instrumentation:
 Models: a 10-layer ``Linear(256)`` MLP at batch 64, a 10-layer ``Conv2d(16, 3x3)`` CNN on
 8x3x32x32, and an overhead-bound MLP (4 layers of width 16, batch 8) where per-hook Python cost
 dominates. Goals: ``capture_all`` <= 1.10x, ``monitor`` <= 1.3x and ``monitor_economy`` <= 1.5x
-on the first two.
+on the first two; the DDP noise-scale hook <= 1.05x a plain DDP step (a second table, 2 gloo
+processes, default and full sizes only: :mod:`benchmarks.suites._ddp_noise`).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from benchmarks._core import Context, Suite, Table, Timing, judge, time_alternating
+from benchmarks._core import Context, Ratio, Suite, Table, Timing, judge, time_alternating
 from gradlab.hooks import GradientMonitor, capture_grads
 
 # The goals: overhead ratio at most this, on the MLP and CNN cases (not the tiny one).
@@ -78,6 +85,41 @@ def _cnn(depth: int, channels: int) -> nn.Module:
 
 def _leaves(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if next(m.children(), None) is None]
+
+
+def _cockpit_step(model: nn.Module, inp: torch.Tensor) -> Callable[[], None] | None:
+    """Cockpit's economy configuration on its own copy of ``model``; None where not installed."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cockpit imports pkg_resources
+            from backpack import extend
+            from cockpit import Cockpit
+            from cockpit.utils.configuration import configuration
+    except Exception:  # not installed, or broken against this torch
+        return None
+    net = extend(copy.deepcopy(model))
+    loss_fn = extend(nn.MSELoss(reduction="mean"))
+    opt = torch.optim.SGD(net.parameters(), lr=1e-6)
+    cockpit = Cockpit(net.parameters(), quantities=configuration("economy"))
+    state = {"step": 0}
+
+    def step() -> None:
+        k = state["step"]
+        state["step"] = k + 1
+        opt.zero_grad(set_to_none=True)
+        out = net(inp)
+        target = torch.zeros_like(out)
+        losses = (out - target).square().flatten(1).mean(1)  # per-sample terms for Loss
+        loss = loss_fn(out, target)  # == out.square().mean(), the other variants' loss
+        info = {"batch_size": inp.shape[0], "individual_losses": losses, "loss": loss}
+        info["optimizer"] = opt
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with cockpit(k, info=info):
+                loss.backward(create_graph=cockpit.create_graph(k))
+        opt.step()
+
+    return step
 
 
 def make_steps(
@@ -174,7 +216,7 @@ def make_steps(
             with torch.autograd.set_detect_anomaly(True):
                 step()
 
-    return {
+    steps = {
         "plain": step,
         "hook_floor": floor(keep=False),
         "hold_floor": floor(keep=True),
@@ -186,9 +228,72 @@ def make_steps(
         "full_backward": full_backward,
         "anomaly": anomaly,
     }
+    cockpit = _cockpit_step(model, inp)
+    if cockpit is not None:
+        steps["cockpit_economy"] = cockpit
+    return steps
 
 
 def run(ctx: Context) -> list[Table]:
+    """The overhead table, and at the default and full sizes the DDP hook's, at one thread on
+    CPU (the ratios of a single-threaded step: what OpenMP scaling would otherwise blur)."""
+    threads = torch.get_num_threads()
+    if ctx.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        tables = [_overhead_table(ctx)]
+        if ctx.size != "quick" and not ctx.smoke:
+            tables.append(_ddp_table(ctx))
+    finally:
+        torch.set_num_threads(threads)
+    return tables
+
+
+def _ddp_table(ctx: Context) -> Table:
+    """The DDP noise-scale hook against plain DDP: 2 gloo processes (CPU, one thread each)."""
+    from benchmarks.suites._ddp_noise import BLOCK, SKIP, measure
+
+    table = Table(
+        "DDP step (2 gloo processes, MLP 10x Linear(256), b=64 per rank) with the noise-scale "
+        "communication hook, ratio to plain DDP",
+        ["case", "variant", "median_s", "iqr_s", "overhead_ratio", "target"],
+        notes=[
+            f"Rank 0's step times; the two DDP copies alternate in runs of {BLOCK} steps (the "
+            f"first {SKIP} not recorded), in the same seeded order on both ranks. ddp_noise_hook: "
+            "gradlab.hooks._ddp's recorder as the communication hook (a norm of each bucket "
+            "before and after the all-reduce, one 2-number all-reduce per step), its "
+            "ingredients read every step, as GradientMonitor(ddp, diagnostics=("
+            "'ddp_noise_scale',)) does. Goal: <= 1.05x.",
+        ],
+    )
+    ctx.progress("DDP: plain vs noise-scale hook (2 gloo processes)")
+    res = measure(turns=ctx.pick(6, 12, 30))
+    turns, times = res["turns"], res["times"]
+    base = Timing.from_times(times["ddp_plain"])
+    table.add(
+        case="DDP MLP",
+        variant="ddp_plain",
+        median_s=base.median,
+        iqr_s=base.iqr,
+        overhead_ratio=1.0,
+    )
+    hooked = Timing.from_times(times["ddp_noise_hook"])
+    ratio = Ratio(
+        [h / p for h, p in zip(turns["ddp_noise_hook"], turns["ddp_plain"])],
+        medians_ratio=hooked.median / base.median,
+    )
+    table.add(
+        case="DDP MLP",
+        variant="ddp_noise_hook",
+        median_s=hooked.median,
+        iqr_s=hooked.iqr,
+        overhead_ratio=ratio,
+        target=judge(ratio, at_most=1.05),
+    )
+    return table
+
+
+def _overhead_table(ctx: Context) -> Table:
     dev = ctx.device
     cases = [
         ("MLP 10x Linear(256), b=64", _mlp(10, 256), torch.randn(64, 256)),
@@ -214,6 +319,8 @@ def run(ctx: Context) -> list[Table]:
             "monitor/nan_trace/monitor_economy: entered once for their pair (own model copy), "
             "first_nonfinite read every step (one sync per step; the economy set's per-sample "
             "statistics are finished then).",
+            "One torch thread. cockpit_economy (where Cockpit installs): Cockpit's economy "
+            "configuration, its SGD step included (Alpha needs it); no target.",
         ],
     )
     for i, (label, model, inp) in enumerate(cases):
@@ -223,7 +330,7 @@ def run(ctx: Context) -> list[Table]:
         plain: list[float] = []
         rows: list[dict[str, object]] = []
         for name in steps:
-            if name == "plain":
+            if name == "plain" or (name == "cockpit_economy" and i >= 2):
                 continue
             # Each variant against plain alone: a monitor left active, or another variant's
             # garbage and cache footprint, would slow the baseline and flatter the ratios.
@@ -258,7 +365,7 @@ def run(ctx: Context) -> list[Table]:
             if row["target"] is not None:  # judged on the spread shown
                 row["target"] = judge(ratio, at_most=row["target"])  # type: ignore[arg-type]
             table.add(case=label, **row)
-    return [table]
+    return table
 
 
 SUITE = Suite(
@@ -266,5 +373,5 @@ SUITE = Suite(
     description="Overhead of gradlab.hooks capture/monitoring vs retain_grad, full-backward "
     "hooks and anomaly mode",
     run=run,
-    seconds={"quick": 38, "default": 62, "full": 270},
+    seconds={"quick": 38, "default": 100, "full": 330},
 )

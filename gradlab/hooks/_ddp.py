@@ -92,7 +92,8 @@ class DDPNoiseRecorder:
         norms.batch = self.batch
         buf = bucket.buffer()
         with torch.no_grad():
-            norms.local.append(torch.linalg.vector_norm(buf, dtype=torch.float64).square())
+            # the norm in the bucket's dtype (a float64 norm of a float32 bucket would copy it)
+            norms.local.append(torch.linalg.vector_norm(buf).to(torch.float64).square())
             if bucket.is_last():
                 t = torch.stack(
                     [
@@ -106,7 +107,7 @@ class DDPNoiseRecorder:
         def reduced(f: Any) -> torch.Tensor:
             out = f.value()
             with torch.no_grad():
-                norms.reduced.append(torch.linalg.vector_norm(out, dtype=torch.float64).square())
+                norms.reduced.append(torch.linalg.vector_norm(out).to(torch.float64).square())
             return out
 
         return fut.then(reduced)

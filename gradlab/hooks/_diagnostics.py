@@ -302,13 +302,14 @@ class ParamTracker:
         self._snapshot: list[torch.Tensor] | None = None
         self._target: StepDiagnostics | None = None
         self._versions: list[int] = []  # parameter versions at the last update measurement
+        self._buffer: list[torch.Tensor] | None = None  # the snapshot, kept from step to step
 
     def _per_group(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            diffs = torch._foreach_sub(a, b)
-            norms = torch._foreach_norm(diffs)
+            # ||a - b|| fused (torch.dist): no parameter-sized temporary
+            norms = [torch.dist(x, y) for x, y in zip(a, b)]
             device = norms[0].device
-            sq = torch.stack([n.to(device, torch.float64) for n in norms]).square()
+            sq = torch.stack(norms).to(torch.float64).square()
             out = torch.zeros(self._groups, dtype=torch.float64, device=device)
             return out.index_add_(0, self._owner.to(device), sq)
 
@@ -322,7 +323,14 @@ class ParamTracker:
                     self.theta0 = [p.detach().clone() for p in params]
                 diag.set("origin_sq", self._per_group([p.detach() for p in params], self.theta0))
             if self.update:
-                self._snapshot = [p.detach().clone() for p in params]
+                snap = self._buffer
+                if snap is None or any(
+                    b.shape != p.shape or b.dtype != p.dtype or b.device != p.device
+                    for b, p in zip(snap, params)
+                ):
+                    snap = self._buffer = [torch.empty_like(p) for p in params]
+                torch._foreach_copy_(snap, [p.detach() for p in params])
+                self._snapshot = snap
                 self._target = diag
                 self._versions = []
 

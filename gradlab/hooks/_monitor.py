@@ -131,8 +131,9 @@ class GradientMonitor(HookContext):
     :attr:`history` or :attr:`first_nonfinite`, none during backward; about 32 bytes per
     recorded gradient and step of history. Diagnostics cost only on their steps: the
     per-sample ones a :class:`~gradlab.per_sample.PerSampleGradients` pass (norms; ``gsnr``
-    adds second moments, the two tests a dot product per module), ``update_size`` a copy of
-    the parameters until the optimizer step, ``distance`` one copy for the run,
+    adds second moments and a copy of the gradients, the two tests each sample's dot with the
+    batch mean), ``update_size`` a copy of the parameters until the optimizer step,
+    ``distance`` one copy for the run,
     ``ddp_noise_scale`` two norms per all-reduce bucket and a 2-number all-reduce (its
     communication hook stays on the DDP model after exit, as DDP's plain averaging);
     ``alpha`` a copy of the parameters and the per-sample pass's layer inputs and output
@@ -287,6 +288,7 @@ class GradientMonitor(HookContext):
                 self.diagnostics,
                 loss_reduction,
                 ema,
+                scaler,
             )
         self._losses: LossSteps | None = None
         self._fwd_step: int | None = None  # the step whose forward ran last (record_loss)
@@ -306,8 +308,8 @@ class GradientMonitor(HookContext):
                 loss_reduction,
             )
         self._ps_step: int | None = None  # the step of the per-sample context last finished
-        if self._ps is not None:
-            self._ps.on_finish = self._context_done
+        if self._ps is not None:  # through a weak reference: no monitor <-> engine cycle
+            self._ps.on_finish = _context_done_hook(weakref.ref(self))
         self._hist = (
             None
             if histogram_bins is None
@@ -380,6 +382,8 @@ class GradientMonitor(HookContext):
                 self._ps.close()
         if self._alpha is not None:  # the update of the last start point (optimizer inside)
             self._alpha.params_moved(self._live_params())
+        if self._ps is not None:
+            self._ps.release()  # after alpha: its kept context is the engine's
         self._materialize()
 
     def _on_forward_start(self) -> None:
@@ -1034,6 +1038,14 @@ def _batch_hook(ref: weakref.ref[DDPNoiseRecorder]) -> Any:
         recorder = ref()
         if recorder is not None:
             recorder.start_forward(args, kwargs)
+
+    return hook
+
+
+def _context_done_hook(ref: weakref.ref[GradientMonitor]) -> Any:
+    def hook(ps: Any, scale: Any) -> bool:
+        monitor = ref()
+        return False if monitor is None else monitor._context_done(ps, scale)
 
     return hook
 

@@ -4,9 +4,11 @@ On a diagnostic step the monitor runs one :class:`~gradlab.per_sample.PerSampleG
 context over that step's forward and backward (opened before the forward, finished when the next
 forward starts, the history is read or the monitor exits: never inside the autograd engine's
 callbacks). With ``g_i`` the gradient of sample i's loss term (no 1/B) restricted to a group of
-parameters (one monitored module, or all of them) and ``m = (1/B) sum_i g_i`` (taken from the
-gradient this backward contributed, before it is accumulated into ``.grad``), the ingredients
-are, per group:
+parameters (one monitored module, or all of them) and ``m = (1/B) sum_i g_i`` (from the
+gradient this backward contributed, read by a leaf hook before it is accumulated into ``.grad``
+and never held: its squared norm, or for ``gsnr`` a copy into a buffer kept between steps; the
+dots ``g_i . m`` come from the engine's ``dot_mean``, whose ``m`` is the mean of its ``g_i``),
+the ingredients are, per group:
 
 * ``ps_b``: ``B``;
 * ``ps_sum_norm_sq``: ``sum_i ||g_i||^2``; ``ps_mean_sq``: ``||m||^2``;
@@ -36,9 +38,9 @@ PER_SAMPLE: dict[str, tuple[str, ...]] = {
     "noise_scale": ("norm",),
     "norm_test": ("norm",),
     "gsnr": ("norm", "sum_sq"),
-    "inner_product_test": ("norm", "dot"),
-    "orthogonality_test": ("norm", "dot"),
-    "alpha": ("dot",),  # projections onto the update (gradlab.hooks._alpha), not dots with m
+    "inner_product_test": ("norm", "dot_mean"),
+    "orthogonality_test": ("norm", "dot_mean"),
+    "alpha": ("dot",),  # projections onto the update (gradlab.hooks._alpha)
     "tic": ("sum_sq",),  # (1/B) sum_i g_i^2 (gradlab.hooks._tic)
     "tic_trace": ("sum_sq",),
 }
@@ -56,6 +58,7 @@ class PerSampleSteps:
         diagnostics: Sequence[str],
         loss_reduction: str,
         ema: float | None,
+        scaler: Any = None,
     ) -> None:
         self._model = model  # a weakref to the model
         self._names = list(names)
@@ -67,16 +70,13 @@ class PerSampleSteps:
         self._ema = ema
         self._ema_state: tuple[torch.Tensor, torch.Tensor] | None = None
         self._ps: Any = None  # the open context
+        self._engine: Any = None
         self._done: tuple[Any, StepDiagnostics | None, dict[str, torch.Tensor], Any] | None = None
-        self._grads: dict[str, torch.Tensor] = {}  # this backward's gradient of each parameter
+        # this backward's gradient of each parameter (gsnr), else its squared norm
+        self._grads: dict[str, torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor] = {}  # gsnr: the gradients, kept between steps
         self._warned = False
-        # per-module dots from the engine's recorded calls (one pass), checked once against the
-        # engine's public dot (another pass): should its internals have changed, the public
-        # dot with zeros outside each module is used from then on (a pass per module)
-        self._private_dots = True
-        self._dots_checked = False
-        # dots with m (the two tests); alpha's "dot" is for projections onto the update
-        self._dot_m = any(d != "alpha" and "dot" in PER_SAMPLE.get(d, ()) for d in diagnostics)
+        self._scaler = scaler
         # called with (context, loss scale) once a step's statistics are taken; returns True
         # to keep the context open (alpha projects it onto the update later, then closes it)
         self.on_finish: Callable[[Any, Any], bool] | None = None
@@ -108,15 +108,32 @@ class PerSampleSteps:
         model = self._model()
         if model is None:
             return
-        ps = PerSampleGradients(model, stats=self.stats, loss_reduction=self._reduction)
+        ps = self._engine
+        if ps is None:  # one engine for the run, entered per diagnostic step
+            ps = self._engine = PerSampleGradients(
+                model, stats=self.stats, loss_reduction=self._reduction, scaler=self._scaler
+            )
         ps.__enter__()
         self._ps = ps
         self._grads = {}
 
     def grad(self, name: str, g: torch.Tensor) -> None:
-        """A parameter's gradient from this backward (a leaf tensor hook), while open."""
-        if self.open:
-            self._grads[name] = g
+        """A parameter's gradient from this backward (a leaf tensor hook), while open.
+
+        Never kept: holding it would make autograd copy it into ``.grad`` instead of moving
+        it (a fresh parameter-sized allocation per step). ``gsnr`` needs ``m`` entry by entry:
+        copied into a buffer kept from step to step; otherwise only ``||g||^2`` is kept.
+        """
+        if not self.open:
+            return
+        with torch.no_grad():
+            if "sum_sq" in self.stats:
+                buf = self._buffers.get(name)
+                if buf is None or buf.shape != g.shape or buf.dtype != g.dtype:
+                    buf = self._buffers[name] = torch.empty_like(g)
+                self._grads[name] = buf.copy_(g)
+            else:
+                self._grads[name] = torch.linalg.vector_norm(g)  # squared in _compute
 
     def backward_done(self, diag: StepDiagnostics | None, scale: Any) -> None:
         """The backward pass ended (an engine callback: nothing is computed here)."""
@@ -125,6 +142,11 @@ class PerSampleSteps:
         # diag None: not a diagnostic step after all; dropped at finish(), not in this callback
         self._done = (self._ps, diag, self._grads, scale)
         self._grads = {}
+
+    def release(self) -> None:
+        """Drop the engine (it holds the model) and the kept buffers: the monitor exited."""
+        self._engine = None
+        self._buffers = {}
 
     def close(self) -> None:
         """Exit an open context without computing anything."""
@@ -144,10 +166,10 @@ class PerSampleSteps:
         keep = False
         try:
             ps.__exit__(None, None, None)
+            if self.on_finish is not None:  # first: _compute overwrites the engine's sum_sq
+                keep = self.on_finish(ps, scale)
             if diag is not None:
                 self._compute(ps, diag, grads, scale)
-            if self.on_finish is not None:
-                keep = self.on_finish(ps, scale)
         finally:
             if not keep:
                 ps.close()
@@ -166,50 +188,51 @@ class PerSampleSteps:
             unscale = 1.0 if scale is None else 1.0 / float(scale)
             if self._reduction == "sum":
                 unscale /= b
-            # m in the gradient's own dtype (no copy without a scale); sums in float64
-            m = {
-                n: grads[n].detach() if unscale == 1.0 else grads[n].detach() * unscale
-                for n in names
-            }
-            device = m[names[0]].device
+            device = grads[names[0]].device
             owner = torch.tensor([group_of[n] for n in names], device=device)
 
-            def per_group(values: list[torch.Tensor]) -> torch.Tensor:
+            def per_group(values: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+                if isinstance(values, list):
+                    values = torch.stack([v.to(device) for v in values])
                 out = torch.zeros(g_count, dtype=torch.float64, device=device)
-                out.index_add_(0, owner, torch.stack([v.to(device, torch.float64) for v in values]))
+                out.index_add_(0, owner, values.to(torch.float64))
                 return torch.cat([out, out.sum().view(1)])
 
-            norms = ps.norm_by_param
-            sum_norm_sq = per_group([norms[n].to(torch.float64).square().sum() for n in names])
-            mean_sq = per_group(
-                [t.to(torch.float64).square() for t in torch._foreach_norm([m[n] for n in names])]
-            )
+            norms = ps.norm_by_param  # (P, B) stacked: a few launches, not a few per parameter
+            per_sample = torch.stack([norms[n].to(device) for n in names]).to(torch.float64)
+            sum_norm_sq = per_group(per_sample.square_().sum(1))
             ones = torch.ones(g_count + 1, dtype=torch.float64, device=device)
             diag.set_all("ps_b", ones * b)
             diag.set_all("ps_sum_norm_sq", sum_norm_sq)
-            diag.set_all("ps_mean_sq", mean_sq)
             if "sum_sq" in self.stats:
+                # m in the gradient's own dtype, in our buffers (overwritten here); float64 sums
+                m = [grads[n] for n in names]
+                if unscale != 1.0:
+                    torch._foreach_mul_(m, unscale)
+                mean_sq = per_group(torch.stack(torch._foreach_norm(m)).to(torch.float64).square())
+                # the engine's sum_sq tensors are recomputed every step: ours to overwrite
                 sum_sq = ps.sum_sq
-                terms = []
-                for n in names:
-                    m_sq = m[n].square()
-                    den = sum_sq[n] / b  # (1/B) sum_i g_ij^2 - m_j^2 + eps
-                    den.sub_(m_sq).add_(GSNR_EPS)
-                    terms.append(m_sq.div_(den).sum(dtype=torch.float64))
-                diag.set_all("gsnr_sum", per_group(terms))
-                numel = [torch.tensor(float(m[n].numel()), dtype=torch.float64) for n in names]
+                gsnr_den = [sum_sq[n] for n in names]
+                torch._foreach_mul_(m, m)  # m_j^2
+                torch._foreach_div_(gsnr_den, float(b))  # (1/B) sum_i g_ij^2 - m_j^2 + eps
+                torch._foreach_sub_(gsnr_den, m)
+                torch._foreach_add_(gsnr_den, GSNR_EPS)
+                torch._foreach_div_(m, gsnr_den)
+                diag.set_all("gsnr_sum", per_group([t.sum(dtype=torch.float64) for t in m]))
+                numel = torch.tensor([float(t.numel()) for t in m], dtype=torch.float64)
                 diag.set_all("gsnr_numel", per_group(numel))
-            if self._dot_m:
-                dots = _group_dots(
-                    ps, m, group_of, g_count, b, device, self._model, private=self._private_dots
-                )  # (G, B)
-                if self._private_dots and not self._dots_checked:
-                    self._dots_checked = True
-                    self._private_dots = _agrees_with_public_dot(ps, m, dots, self._model)
-                    if not self._private_dots:
-                        dots = _group_dots(
-                            ps, m, group_of, g_count, b, device, self._model, private=False
-                        )
+            else:
+                norm_m = torch.stack([grads[n].to(device) for n in names]).to(torch.float64)
+                mean_sq = per_group(norm_m.square_() * (unscale * unscale))
+            diag.set_all("ps_mean_sq", mean_sq)
+            if "dot_mean" in self.stats:
+                # g_i . m over a group is the sum of its parameters' terms (the engine's m is
+                # the mean of its g_i: this backward's gradient, to rounding)
+                by_param = ps.dot_mean_by_param
+                dots = torch.zeros(g_count, b, dtype=torch.float64, device=device)
+                dots.index_add_(
+                    0, owner, torch.stack([by_param[n].to(torch.float64) for n in names])
+                )
                 sq = dots.square().sum(1)
                 total = dots.sum(0).square().sum()
                 diag.set_all("ps_sum_dot_sq", torch.cat([sq, total.view(1)]))
@@ -238,75 +261,3 @@ class PerSampleSteps:
                 self._ema_state = (num, den)
             diag.set_all("ns_num", num)
             diag.set_all("ns_den", den)
-
-
-def _group_dots(
-    ps: Any,
-    m: dict[str, torch.Tensor],
-    group_of: dict[str, int],
-    groups: int,
-    b: int,
-    device: torch.device,
-    model_ref: Any,
-    *,
-    private: bool = True,
-) -> torch.Tensor:
-    """(G, B): ``g_i . m`` over each group's parameters.
-
-    The engine's :meth:`~gradlab.per_sample.PerSampleGradients.dot` sums over every parameter;
-    a group's dot through it would pass zeros for the others and cost a full pass per group.
-    Each call the engine recorded belongs to one module, so its rule's dot is taken once, with
-    ``m``, and added to its module's group (the engine's own records and rules: the same
-    computation as ``dot``). Should the engine's internals change, the public ``dot`` with
-    zeros elsewhere is used (G passes, same result).
-    """
-    out = torch.zeros(groups, b, dtype=torch.float64, device=device)
-    records, replayed = getattr(ps, "_records", None), getattr(ps, "_dot_grads", None)
-    if (
-        private
-        and isinstance(records, list)
-        and isinstance(replayed, dict)
-        and not getattr(ps, "_closed", True)
-    ):
-        for call in records:
-            by_group: dict[int, dict[str, torch.Tensor]] = {}  # a call's names: one group, mostly
-            for ln, n in call.names.items():
-                if n in group_of:
-                    by_group.setdefault(group_of[n], {})[ln] = m[n]
-            for gi, vv in by_group.items():
-                if call.rule.dot is not None:
-                    part = call.rule.dot(call.module, call.a, call.d, vv)
-                else:
-                    gs = call.rule.grad(call.module, call.a, call.d, tuple(vv))
-                    part = sum((gs[ln] * vv[ln].to(gs[ln].dtype)).flatten(1).sum(1) for ln in gs)
-                out[gi] += part.to(torch.float64) * getattr(call, "factor", 1.0)
-        for n, g in replayed.items():
-            if n in group_of:
-                out[group_of[n]] += (g * m[n].to(g.dtype)).flatten(1).sum(1).to(torch.float64)
-        return out
-    params = dict(model_ref().named_parameters())
-    zeros = {n: torch.zeros_like(p) for n, p in params.items() if p.requires_grad}
-    for g_index in range(groups):
-        v = dict(zeros)
-        for n, gi in group_of.items():
-            if gi == g_index:
-                v[n] = m[n].to(zeros[n].dtype)
-        out[g_index] = ps.dot(v).to(torch.float64)
-    return out
-
-
-def _agrees_with_public_dot(
-    ps: Any, m: dict[str, torch.Tensor], dots: torch.Tensor, model_ref: Any
-) -> bool:
-    """Whether the per-module dots add up to the engine's public ``dot`` (to rounding)."""
-    params = {n: p for n, p in model_ref().named_parameters() if p.requires_grad}
-    v = {n: m[n].to(p.dtype) if n in m else torch.zeros_like(p) for n, p in params.items()}
-    try:
-        public = ps.dot(v).to(torch.float64)
-    except Exception:  # the engine refuses: keep what it gave through its records
-        return True
-    total = dots.sum(0)
-    scale = float(public.abs().max()) if public.numel() else 0.0
-    eps = torch.finfo(next(iter(m.values())).dtype).eps
-    tol = 1e3 * eps * max(scale, 1e-30) * max(1, len(params))
-    return bool(float((total - public).abs().max()) <= tol) if public.numel() else True

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradlab.per_sample._linear import seq_dot, seq_grad, seq_moments, seq_norm_sq
+from gradlab.per_sample._linear import seq_moments, seq_norm_sq
 from gradlab.per_sample._registry import Names, Rule, register
 
 __all__ = ["unfold"]
@@ -79,63 +79,128 @@ def _bias_grad(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return d.reshape(d.shape[0], d.shape[1], -1).sum(-1)
 
 
-def _grad_by_groups(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
-    """Per-sample weight gradients as one convolution weight gradient with the batch folded
-    into the groups (``B * groups`` groups: the samples' convolutions are independent), without
-    unfolding; ``None`` where the layer pads by other means than zeros or asymmetrically."""
-    if isinstance(module, nn.modules.conv._ConvTransposeNd) or module.padding_mode != "zeros":
-        return None
+def _as_conv(module: Any, a: torch.Tensor, d: torch.Tensor) -> tuple[Any, ...]:
+    """The layer as a plain zero-padded convolution ``out = conv(inp, W)`` in the weight:
+    ``(inp, out, padding)``. A padding mode other than zeros (or an asymmetric ``"same"``) is
+    applied to the input here; a transposed convolution is its adjoint (input ``d``, output
+    gradient ``a``), so that ``g_i . V = <out_i, conv(inp_i, V)>`` for either."""
+    n = len(module.kernel_size)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return d, a, list(module.padding)
     padding = module.padding
-    if isinstance(padding, str):
-        if padding != "valid":
-            return None
-        padding = (0,) * len(module.kernel_size)
-    b, w = a.shape[0], module.weight
-    x = a.reshape(1, b * a.shape[1], *a.shape[2:])
-    go = d.reshape(1, b * d.shape[1], *d.shape[2:])
-    weight = torch.empty(b * w.shape[0], *w.shape[1:], dtype=d.dtype, device=d.device)
+    if module.padding_mode == "zeros" and not isinstance(padding, str):
+        return a, d, list(padding)
+    pad = _pad(module)
+    if any(pad):
+        a = F.pad(
+            a, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode
+        )
+    return a, d, [0] * n
+
+
+def _crop(t: torch.Tensor, shape: Any) -> torch.Tensor:
+    """``t``'s leading ``shape`` positions in each spatial dimension (a view)."""
+    for k, size in enumerate(shape):
+        t = t.narrow(2 + k, 0, size)
+    return t
+
+
+def _conv(module: Any, inp: torch.Tensor, w: torch.Tensor, padding: list[int]) -> torch.Tensor:
+    n = len(module.kernel_size)
+    return torch.convolution(
+        inp,
+        w,
+        None,
+        list(module.stride),
+        padding,
+        list(module.dilation),
+        False,
+        [0] * n,
+        module.groups,
+    )
+
+
+def _weight_grad(
+    module: Any, inp: torch.Tensor, out: torch.Tensor, padding: list[int], groups: int
+) -> torch.Tensor:
+    """The weight gradient of ``<out, conv(inp, W)>`` with ``groups`` groups (one weight-gradient
+    convolution; ``out`` may have trailing positions the convolution does not reach)."""
+    n = len(module.kernel_size)
+    w = module.weight
+    cout = out.shape[1]
+    weight = torch.empty(
+        cout, inp.shape[1] // groups, *w.shape[2:], dtype=out.dtype, device=out.device
+    )
+    shape = [
+        (inp.shape[2 + k] + 2 * padding[k] - module.dilation[k] * (w.shape[2 + k] - 1) - 1)
+        // module.stride[k]
+        + 1
+        for k in range(n)
+    ]
+    if list(out.shape[2:]) != shape:  # a transposed convolution's output_padding
+        out = _crop(out, shape)
     _, gw, _ = torch.ops.aten.convolution_backward(
-        go,
-        x,
+        out,
+        inp,
         weight,
         None,
         list(module.stride),
-        list(padding),
+        padding,
         list(module.dilation),
         False,
-        [0] * len(module.kernel_size),
-        b * module.groups,
+        [0] * n,
+        groups,
         [False, True, False],
     )
-    return gw.reshape(b, *w.shape)
+    return gw
+
+
+def _grad_by_groups(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients as one convolution weight gradient with the batch folded
+    into the groups (``B * groups`` groups: the samples' convolutions are independent), without
+    unfolding."""
+    inp, out, padding = _as_conv(module, a, d)
+    b = a.shape[0]
+    x = inp.reshape(1, b * inp.shape[1], *inp.shape[2:])
+    go = out.reshape(1, b * out.shape[1], *out.shape[2:])
+    gw = _weight_grad(module, x, go, padding, b * module.groups)
+    return gw.reshape(b, *module.weight.shape)
 
 
 def _grad(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
     out = {}
     if "weight" in names:
-        w = module.weight
-        g = _grad_by_groups(module, a, d)
-        if g is None:
-            cols, outs = _patches(module, a, d)
-            g = seq_grad(cols, outs).reshape(a.shape[0], *w.shape)
-        out["weight"] = g
+        out["weight"] = _grad_by_groups(module, a, d)
     if "bias" in names:
         out["bias"] = _bias_grad(module, a, d)
     return out
 
 
+def _ghost_cheaper(module: Any, a: torch.Tensor, d: torch.Tensor) -> bool:
+    """Whether ``sum_ll' (a_l.a_l')(d_l.d_l')`` (``O(L^2 (I + O))``) beats forming the
+    per-sample gradient (``O(L I O)``): ``2 L^2 < I O`` per group."""
+    inp, out, _ = _as_conv(module, a, d)
+    g = module.groups
+    positions = out[0, 0].numel()
+    i = inp.shape[1] // g * math.prod(module.kernel_size)
+    return 2 * positions * positions < i * (out.shape[1] // g)
+
+
 def _norm_sq(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
     out = {}
     if "weight" in names:
-        # the patches are prod(kernel) times the input: unfolded a few samples at a time
-        b = a.shape[0]
-        chunk = max(1, b // max(1, math.prod(module.kernel_size)))
-        out["weight"] = torch.cat(
-            [
-                seq_norm_sq(*_patches(module, a[k : k + chunk], d[k : k + chunk]))
-                for k in range(0, b, chunk)
-            ]
-        )
+        if _ghost_cheaper(module, a, d):
+            # the patches are prod(kernel) times the input: unfolded a few samples at a time
+            b = a.shape[0]
+            chunk = max(1, b // max(1, math.prod(module.kernel_size)))
+            out["weight"] = torch.cat(
+                [
+                    seq_norm_sq(*_patches(module, a[k : k + chunk], d[k : k + chunk]))
+                    for k in range(0, b, chunk)
+                ]
+            )
+        else:
+            out["weight"] = _grad_by_groups(module, a, d).flatten(1).square().sum(1)
     if "bias" in names:
         out["bias"] = _bias_grad(module, a, d).square().sum(1)
     return out
@@ -144,15 +209,36 @@ def _norm_sq(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dic
 def _dot(
     module: Any, a: torch.Tensor, d: torch.Tensor, v: Mapping[str, torch.Tensor]
 ) -> torch.Tensor:
+    """``g_i . V = <out_i, conv(inp_i, V)>``: one convolution of the batch with ``V`` as the
+    weight and a per-sample inner product, no per-sample gradient."""
     result = torch.zeros(a.shape[0], dtype=d.dtype, device=d.device)
     if "weight" in v:
-        cols, outs = _patches(module, a, d)
-        g = module.groups
-        vw = v["weight"].to(d.dtype).reshape(g, outs.shape[-1], cols.shape[-1])
-        result = result + seq_dot(cols, outs, vw)
+        inp, out, padding = _as_conv(module, a, d)
+        y = _conv(module, inp, v["weight"].to(d.dtype), padding)
+        if y.shape != out.shape:  # a transposed convolution's output_padding
+            out = _crop(out, y.shape[2:])
+        result = result + (y * out).flatten(1).sum(1)
     if "bias" in v:
         result = result + _bias_grad(module, a, d) @ v["bias"].to(d.dtype)
     return result
+
+
+def _dot_mean(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict | None:
+    """``g_i . m`` with ``m = (1/B) sum_k g_k`` per parameter, without per-sample weight
+    gradients: ``m`` by one weight-gradient convolution of the batch, then :func:`_dot`'s
+    convolution. ``None`` (form them) where they are no larger than the layer's activations."""
+    b = a.shape[0]
+    out = {}
+    if "weight" in names:
+        if b * module.weight.numel() <= a.numel() + d.numel():
+            return None
+        inp, go, padding = _as_conv(module, a, d)
+        mean = _weight_grad(module, inp, go, padding, module.groups) / b
+        out["weight"] = _dot(module, a, d, {"weight": mean})
+    if "bias" in names:
+        db = _bias_grad(module, a, d)
+        out["bias"] = db @ db.mean(0)
+    return out
 
 
 def _moments(
@@ -175,7 +261,7 @@ def _moments(
     return out
 
 
-_RULE = Rule(grad=_grad, norm_sq=_norm_sq, dot=_dot, moments=_moments)
+_RULE = Rule(grad=_grad, norm_sq=_norm_sq, dot=_dot, moments=_moments, dot_mean=_dot_mean)
 for _cls in (
     nn.Conv1d,
     nn.Conv2d,

@@ -63,4 +63,17 @@ def _dot(
     return (v["weight"].to(dd.dtype)[idx] * dd).sum((1, 2))
 
 
-register(nn.Embedding, Rule(grad=_grad, norm_sq=_norm_sq, dot=_dot, check=_check))
+def _dot_mean(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
+    """``g_i . m``: ``m`` (the table's batch gradient over ``B``) by one scatter-add, then
+    :func:`_dot`; never ``B`` copies of the table."""
+    idx, dd = _flat(module, a, d)
+    w = module.weight  # type: ignore[union-attr]
+    m = torch.zeros(w.shape, dtype=dd.dtype, device=dd.device)
+    m.index_add_(0, idx.reshape(-1), dd.reshape(-1, dd.shape[-1]))
+    return {"weight": (m[idx] * dd).sum((1, 2)) / idx.shape[0]}
+
+
+register(
+    nn.Embedding,
+    Rule(grad=_grad, norm_sq=_norm_sq, dot=_dot, check=_check, dot_mean=_dot_mean),
+)

@@ -34,7 +34,7 @@ from gradlab.per_sample._registry import Rule, rule_for
 __all__ = ["STATS", "PerSampleGradients"]
 
 #: The statistics :class:`PerSampleGradients` can compute (its ``stats=`` argument).
-STATS = ("norm", "grad", "sum_sq", "variance", "dot")
+STATS = ("norm", "grad", "sum_sq", "variance", "dot", "dot_mean")
 _REDUCTIONS = ("mean", "sum")
 _LOW = (torch.float16, torch.bfloat16)
 _FN = "PerSampleGradients"
@@ -114,7 +114,10 @@ class PerSampleGradients(HookContext):
     * :attr:`sum_sq` ``{name: p.shape}``: ``sum_i g_i**2`` (``"sum_sq"``);
     * :attr:`variance` ``{name: p.shape}``: ``(1/B) sum_i (g_i - mean_i g_i)**2``
       (``"variance"``);
-    * :meth:`dot` ``(B,)``: ``g_i . v`` for a ``{name: tensor}`` dict ``v`` (``"dot"``);
+    * :meth:`dot` ``(B,)``: ``g_i . v`` for a ``{name: tensor}`` dict ``v`` (``"dot"``), and
+      :meth:`dot_by_param` ``{name: (B,)}`` its terms;
+    * :attr:`dot_mean` ``(B,)``: ``g_i . m``, ``m = (1/B) sum_k g_k``, and
+      :attr:`dot_mean_by_param` (``"dot_mean"``: computed during the backward, nothing kept);
     * :meth:`gather`: all of these over the global batch under ``torch.distributed`` (DDP).
 
     Names are those of ``model.named_parameters()`` (a tied weight appears once, summed over
@@ -142,7 +145,7 @@ class PerSampleGradients(HookContext):
     Args:
         model: the model; every trainable parameter gets statistics.
         stats: which statistics, from ``"norm"``, ``"grad"``, ``"sum_sq"``, ``"variance"``,
-            ``"dot"`` (norms are always computed).
+            ``"dot"``, ``"dot_mean"`` (norms are always computed).
         loss_reduction: ``"mean"`` (loss ``(1/B) sum_i l_i``) or ``"sum"``.
         scaler: the ``torch.amp.GradScaler`` whose scaled loss is backpropagated, if any.
 
@@ -210,6 +213,7 @@ class PerSampleGradients(HookContext):
         self._sum: dict[str, torch.Tensor] = {}  # sum_i g_i, for gather()'s variance
         self._acc: dict[str, torch.Tensor] = {}
         self._dot_grads: dict[str, torch.Tensor] = {}
+        self._dot_mean: dict[str, torch.Tensor] = {}
         self._got_grad: set[str] = set()
         self._backward = False
         self._final = False
@@ -371,24 +375,34 @@ class PerSampleGradients(HookContext):
                     self._add(call.names[ln], g)
 
     def _single(self, call: _Call, a: torch.Tensor, d: torch.Tensor, names: tuple[str, ...]):
-        """Statistics of parameters used by this call alone: from the rule's ghost norms and
-        moments where it has them, from the per-sample gradients for the rest."""
+        """Statistics of parameters used by this call alone: from the rule's closed forms
+        (ghost norms, moments, dots with the mean) where it has them; where one of the asked
+        statistics has none, every statistic from the per-sample gradients, formed once."""
         rule, m = call.rule, call.module
-        keep = "grad" in self._stats
-        need_norm, need_moments = True, self._moments
-        if rule.norm_sq is not None and not keep:
+        form = "grad" in self._stats
+        moments = dots = None
+        if self._moments and not form:
+            if rule.moments is not None:
+                moments = rule.moments(m, a, d, names, "variance" in self._stats)
+            form = moments is None
+        if "dot_mean" in self._stats and not form:
+            if rule.dot_mean is not None:
+                dots = rule.dot_mean(m, a, d, names)
+            form = dots is None
+        if form:
+            for ln, g in rule.grad(m, a, d, names).items():
+                self._finish(call.names[ln], g)
+            return
+        if rule.norm_sq is not None:
             for ln, ns in rule.norm_sq(m, a, d, names).items():
                 self._norm_sq[call.names[ln]] = ns
-            need_norm = False
-        if need_moments and rule.moments is not None:
-            moments = rule.moments(m, a, d, names, "variance" in self._stats)
-            if moments is not None:
-                for ln, (s, sq) in moments.items():
-                    self._set_moments(call.names[ln], s, sq, call.b)
-                need_moments = False
-        if need_norm or need_moments or keep:
+        else:
             for ln, g in rule.grad(m, a, d, names).items():
-                self._finish(call.names[ln], g, norm=need_norm, moments=need_moments)
+                self._finish(call.names[ln], g, norm_only=True)
+        for ln, (total, sq) in (moments or {}).items():
+            self._set_moments(call.names[ln], total, sq, call.b)
+        for ln, dm in (dots or {}).items():
+            self._dot_mean[call.names[ln]] = dm
 
     def _add(self, name: str, g: torch.Tensor) -> None:
         prev = self._acc.get(name)
@@ -400,16 +414,22 @@ class PerSampleGradients(HookContext):
             self._sum[name] = s
             self._variance[name] = (sq / b - (s / b).square()).clamp_min(0)
 
-    def _finish(self, name: str, g: torch.Tensor, *, norm: bool = True, moments: bool = True):
-        """The statistics of one parameter from its per-sample gradients ``(B, *shape)``."""
+    def _finish(self, name: str, g: torch.Tensor, *, norm_only: bool = False):
+        """The statistics of one parameter from its per-sample gradients ``(B, *shape)``
+        (``norm_only``: the norms, and the gradients if kept). The norms of kept gradients are
+        taken when read (:meth:`_norms_sq`): a step that only wants ``ps.grad`` never pays."""
+        moments = not norm_only
+        flat = g.flatten(1)
         if "grad" in self._stats:
-            self._grad[name] = g  # its norms are taken when read (_norms_sq), if ever
-        elif norm:
-            self._norm_sq[name] = torch.linalg.vector_norm(g.flatten(1), dim=1).square()
+            self._grad[name] = g
+        else:
+            self._norm_sq[name] = torch.linalg.vector_norm(flat, dim=1).square()
         if moments and self._moments:
             self._sum[name] = g.sum(0)
             self._sum_sq[name] = g.square().sum(0)
             self._variance[name] = g.var(0, unbiased=False)
+        if moments and "dot_mean" in self._stats:
+            self._dot_mean[name] = flat @ flat.mean(0)
 
     # -- finishing ----------------------------------------------------------------------------
     def _fallback_params(self, module: nn.Module) -> dict[str, nn.Parameter]:
@@ -538,6 +558,24 @@ class PerSampleGradients(HookContext):
         self._result("variance")
         return {n: self._variance[n] for n in self._params}
 
+    @property
+    def dot_mean_by_param(self) -> dict[str, torch.Tensor]:
+        """``{name: (B,)}``: ``g_i . m`` over one parameter, ``m = (1/B) sum_k g_k`` its batch
+        mean (``stats`` has ``"dot_mean"``; of this process's batch, also under DDP)."""
+        self._result("dot_mean")
+        return {n: self._dot_mean[n] for n in self._params}
+
+    @property
+    def dot_mean(self) -> torch.Tensor:
+        """``(B,)``: ``g_i . m`` over every trainable parameter, ``m = (1/B) sum_k g_k``
+        (``"dot_mean"``). Computed during the backward pass, nothing kept: Gram matrices or
+        ``m`` first for linear layers, a convolution with ``m`` for convolutions."""
+        by_param = self.dot_mean_by_param
+        total = sum(by_param.values())
+        if not isinstance(total, torch.Tensor):
+            return torch.zeros(self._b or 0)
+        return total
+
     def gather(self, group: Any = None) -> GatheredStats:
         """The statistics of the global batch under ``torch.distributed`` (DDP).
 
@@ -563,7 +601,7 @@ class PerSampleGradients(HookContext):
 
         Needs ``"dot"`` in ``stats``; works after the context exits until :meth:`close`.
         Linear, convolution and embedding layers never form their per-sample gradients for
-        it: ``g_i . V = sum_t d_t^T V a_t``.
+        it: ``g_i . V = sum_t d_t^T V a_t`` (a convolution: ``<d_i, conv(x_i, V)>``).
 
         Args:
             v: ``{name: tensor of the parameter's shape}`` for every trainable parameter
@@ -574,21 +612,29 @@ class PerSampleGradients(HookContext):
             ValueError: ``v`` misses or adds names, or a tensor has the wrong shape.
             GradlabError: ``"dot"`` was not asked for, or :meth:`close` has run.
         """
-        self._result("dot")
-        if self._closed:
-            raise GradlabError(
-                f"{_FN}.dot: close() has run, which drops what dot needs; call dot before close()"
-            )
+        by_param = self._dots(v, "dot")
+        total = sum(by_param.values())
+        if not isinstance(total, torch.Tensor):
+            p0 = next(iter(self._params.values()), None)
+            return torch.zeros(self._b or 0, device=None if p0 is None else p0.device)
+        return total
+
+    def dot_by_param(self, v: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{name: (B,)}``: ``g_i . v[name]`` over each trainable parameter alone (their sum
+        is :meth:`dot`); the same arguments, requirements and errors as :meth:`dot`."""
+        return self._dots(v, "dot_by_param")
+
+    def _check_v(self, v: Any, fn: str) -> None:
         if not isinstance(v, Mapping):
             raise TypeError(
-                f"{_FN}.dot: v must be a dict {{name: tensor}}, got {type(v).__name__}. Build it "
+                f"{fn}: v must be a dict {{name: tensor}}, got {type(v).__name__}. Build it "
                 f"as {{n: t for n, t in ...}} with the names of model.named_parameters()"
             )
         missing = [n for n in self._params if n not in v]
         extra = [n for n in v if n not in self._params]
         if missing or extra:
             raise ValueError(
-                f"{_FN}.dot: v must have one tensor per trainable parameter; missing "
+                f"{fn}: v must have one tensor per trainable parameter; missing "
                 f"{missing!r}, unknown {extra!r}. Use the names of model.named_parameters() "
                 f"(trainable ones)"
             )
@@ -597,29 +643,42 @@ class PerSampleGradients(HookContext):
             if not isinstance(t, torch.Tensor) or t.shape != p.shape:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(
-                    f"{_FN}.dot: v[{n!r}] must have the parameter's shape {tuple(p.shape)}, "
-                    f"got {got}"
+                    f"{fn}: v[{n!r}] must have the parameter's shape {tuple(p.shape)}, got {got}"
                 )
+
+    def _dots(self, v: Mapping[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
+        fn = f"{_FN}.{method}"
+        self._result("dot")
+        if self._closed:
+            raise GradlabError(
+                f"{fn}: close() has run, which drops what it needs; call {method} before close()"
+            )
+        self._check_v(v, fn)
         b = self._b or 0
-        out: torch.Tensor | None = None
+        out: dict[str, torch.Tensor] = {}
+
+        def add(name: str, part: torch.Tensor) -> None:
+            prev = out.get(name)
+            out[name] = part if prev is None else prev + part
+
         with torch.no_grad():
             for call in self._records:
                 a, d = call.a, call.d
                 assert a is not None and d is not None
-                vv = {ln: v[n].detach() for ln, n in call.names.items()}
-                if call.rule.dot is not None:
-                    part = call.rule.dot(call.module, a, d, vv)
-                else:
-                    gs = call.rule.grad(call.module, a, d, tuple(vv))
-                    part = sum((gs[ln] * vv[ln].to(gs[ln].dtype)).flatten(1).sum(1) for ln in gs)  # type: ignore[assignment]
-                out = part if out is None else out + part
+                for ln, n in call.names.items():
+                    vv = {ln: v[n].detach()}
+                    if call.rule.dot is not None:
+                        add(n, call.rule.dot(call.module, a, d, vv))
+                    else:
+                        g = call.rule.grad(call.module, a, d, (ln,))[ln]
+                        add(n, (g * vv[ln].to(g.dtype)).flatten(1).sum(1))
             for n, g in self._dot_grads.items():
-                part = (g * v[n].detach().to(g.dtype)).flatten(1).sum(1)
-                out = part if out is None else out + part
-        if out is None:
-            p0 = next(iter(self._params.values()), None)
-            return torch.zeros(b, device=None if p0 is None else p0.device)
-        return out
+                add(n, (g * v[n].detach().to(g.dtype)).flatten(1).sum(1))
+            for n, p in self._params.items():
+                if n not in out:
+                    dtype = p.dtype if p.dtype not in _LOW else torch.float32
+                    out[n] = torch.zeros(b, dtype=dtype, device=p.device)
+        return {n: out[n] for n in self._params}
 
 
 def _forward_hook(ref: weakref.ref, method: str, owner: str, rule: Rule | None):

@@ -58,9 +58,9 @@ def seq_moments(
     the sum only ``with_sum``. Two GEMMs of the weight gradient's size, no per-sample tensor."""
     if a.shape[2] != 1:
         return None
-    a2, d2 = a[:, :, 0], d[:, :, 0]  # (B, G, I), (B, G, O)
-    total = torch.einsum("bgo,bgi->goi", d2, a2) if with_sum else None
-    sq = torch.einsum("bgo,bgi->goi", d2.square(), a2.square())
+    a2, d2 = a[:, :, 0].transpose(0, 1), d[:, :, 0].permute(1, 2, 0)  # (G, B, I), (G, O, B)
+    total = d2 @ a2 if with_sum else None
+    sq = d2.square() @ a2.square()
     return total, sq
 
 
@@ -80,8 +80,15 @@ def _grad(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
 
 
 def _norm_sq(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
-    a4, d4 = _flat(module, a, d)  # type: ignore[arg-type]
     out = {}
+    if a.dim() == 2:  # one position: ||g_i||^2 = ||a_i||^2 ||d_i||^2, ||d_i||^2 for the bias
+        nd = torch.linalg.vector_norm(d, dim=1).square()
+        if "weight" in names:
+            out["weight"] = torch.linalg.vector_norm(a, dim=1).square_().mul_(nd)
+        if "bias" in names:
+            out["bias"] = nd
+        return out
+    a4, d4 = _flat(module, a, d)  # type: ignore[arg-type]
     if "weight" in names:
         out["weight"] = seq_norm_sq(a4, d4)
     if "bias" in names:
@@ -104,6 +111,14 @@ def _dot(
 def _moments(
     module: Any, a: torch.Tensor, d: torch.Tensor, names: Names, with_sum: bool
 ) -> dict | None:
+    if a.dim() == 2:  # one position, no groups: plain GEMMs
+        out = {}
+        d_sq = d.square()
+        if "weight" in names:
+            out["weight"] = (d.t() @ a if with_sum else None, d_sq.t() @ a.square())
+        if "bias" in names:
+            out["bias"] = (d.sum(0), d_sq.sum(0))
+        return out
     a4, d4 = _flat(module, a, d)
     m = seq_moments(a4, d4, with_sum)
     if m is None:
@@ -117,4 +132,42 @@ def _moments(
     return out
 
 
-register(nn.Linear, Rule(grad=_grad, norm_sq=_norm_sq, dot=_dot, moments=_moments))
+def _dot_mean(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
+    """``g_i . m`` per parameter, ``m = (1/B) sum_k g_k``. One position: with Gram matrices,
+    ``g_i . g_k = (a_i . a_k)(d_i . d_k)``, so ``g_i . m = (1/B) sum_k (a_i . a_k)(d_i . d_k)``
+    (``O(B^2 (I + O))``) where that beats ``m`` first and ``d_i^T m a_i`` (two GEMMs,
+    ``O(B I O)`` each); sequences: the latter."""
+    b, i, o = a.shape[0], a.shape[-1], d.shape[-1]
+    out = {}
+    if a.dim() == 2:  # one position: the Gram matrices, or m first
+        if b * (i + o) <= 2 * i * o:
+            dd = d @ d.t()
+            if "weight" in names:
+                out["weight"] = (a @ a.t()).mul_(dd).mean(1)
+            if "bias" in names:
+                out["bias"] = dd.mean(1)
+            return out
+        if "weight" in names:
+            out["weight"] = ((d @ ((d.t() @ a) / b)) * a).sum(1)
+        if "bias" in names:
+            out["bias"] = d @ d.mean(0)
+        return out
+    a4, d4 = _flat(module, a, d)
+    t = a4.shape[2]
+    db = d4[:, 0, 0] if t == 1 else d4[:, 0].sum(1)  # (B, O): the per-sample bias gradients
+    if "weight" in names:
+        if t == 1 and b * (i + o) <= 2 * i * o:
+            a2 = a4[:, 0, 0]
+            out["weight"] = ((a2 @ a2.T) * (db @ db.T)).mean(1)
+        else:
+            m = torch.einsum("bgto,bgti->goi", d4, a4) / b
+            out["weight"] = seq_dot(a4, d4, m)
+    if "bias" in names:
+        out["bias"] = db @ db.mean(0)
+    return out
+
+
+register(
+    nn.Linear,
+    Rule(grad=_grad, norm_sq=_norm_sq, dot=_dot, moments=_moments, dot_mean=_dot_mean),
+)

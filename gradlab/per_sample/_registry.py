@@ -42,6 +42,10 @@ class Rule:
         moments: optional ``(module, a, d, names, with_sum) -> {name: (sum_i g_i, sum_i
             g_i**2)}`` without materialising (the sum may be ``None`` unless ``with_sum``), or
             ``None`` where that is not cheaper (sequences).
+        dot_mean: optional ``(module, a, d, names) -> {name: (B,)}``, ``g_i . m`` per
+            parameter with ``m = (1/B) sum_k g_k`` the batch mean, without materialising (Gram
+            matrices, or ``m`` first and then :attr:`dot`), or ``None`` where forming the
+            per-sample gradients is cheaper (the engine then takes it from them).
         check: optional ``module -> None`` run when the context is entered; raises
             :class:`ValueError` for a configuration that makes the samples dependent.
 
@@ -72,6 +76,7 @@ class Rule:
     dot: DotFn | None = None
     moments: Callable[..., dict[str, tuple[torch.Tensor, torch.Tensor]] | None] | None = None
     check: Callable[[nn.Module], None] | None = None
+    dot_mean: Callable[..., dict[str, torch.Tensor] | None] | None = None
 
 
 #: The closed-form rule of each layer type (filled by :func:`register`); a module whose type is

@@ -272,10 +272,12 @@ def test_backward_that_raises_does_not_swallow_the_next_step(device: torch.devic
     assert "0.weight" in hist[1].params
 
 
-def test_nothing_kept_alive(device: torch.device) -> None:
+@pytest.mark.parametrize("diagnostics", [(), ("gsnr", "inner_product_test", "update_size")])
+def test_nothing_kept_alive(device: torch.device, diagnostics) -> None:  # type: ignore[no-untyped-def]
     model = mlp().to(device)
-    with GradientMonitor(model) as monitor:
-        model(input_for(model, device)).sum().backward()
+    with GradientMonitor(model, diagnostics=diagnostics) as monitor:
+        for _ in range(2):
+            model(input_for(model, device)).sum().backward()
     model_ref = weakref.ref(model)
     del model
     gc.collect()

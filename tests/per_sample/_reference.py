@@ -53,3 +53,8 @@ def stats_of(g: dict[str, torch.Tensor]) -> dict[str, object]:
 
 def dot_of(g: dict[str, torch.Tensor], v: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum((g[n] * v[n]).flatten(1).sum(1) for n in g)  # type: ignore[return-value]
+
+
+def dot_mean_of(g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{name: (B,)}``: ``g_i . m`` per parameter, ``m = (1/B) sum_k g_k``, written out."""
+    return {n: (t * t.mean(0)).flatten(1).sum(1) for n, t in g.items()}

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradlab.per_sample import PerSampleGradients
-from tests.per_sample._reference import dot_of, reference_grads, stats_of
+from tests.per_sample._reference import dot_mean_of, dot_of, reference_grads, stats_of
 
-ALL = ("norm", "grad", "sum_sq", "variance", "dot")
+ALL = ("norm", "grad", "sum_sq", "variance", "dot", "dot_mean")
 TOL64 = {"rtol": 1e-10, "atol": 1e-10}
 
 
@@ -160,9 +160,15 @@ def _check(ps: PerSampleGradients, ref: dict[str, torch.Tensor], stats, tol) -> 
             got = getattr(ps, stat)
             assert got.keys() == ref.keys()
             torch.testing.assert_close(got, want[stat], **tol)
+    if "dot_mean" in stats:
+        want_dm = dot_mean_of(ref)
+        torch.testing.assert_close(ps.dot_mean_by_param, want_dm, **tol)
+        torch.testing.assert_close(ps.dot_mean, sum(want_dm.values()), **tol)
     if "dot" in stats:
         v = {n: torch.randn_like(g[0]) for n, g in ref.items()}
         torch.testing.assert_close(ps.dot(v), dot_of(ref, v), **tol)
+        by_param = {n: (ref[n] * v[n]).flatten(1).sum(1) for n in ref}
+        torch.testing.assert_close(ps.dot_by_param(v), by_param, **tol)
         ps.close()
 
 
@@ -175,7 +181,15 @@ def _loss_for(name: str, reduction: str):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize(
-    "stats", [ALL, ("norm",), ("norm", "sum_sq", "variance")], ids=["all", "norm", "moments"]
+    "stats",
+    [
+        ALL,
+        ("norm",),
+        ("norm", "sum_sq", "variance"),
+        ("norm", "dot_mean"),
+        ("norm", "sum_sq", "dot_mean", "dot"),
+    ],
+    ids=["all", "norm", "moments", "dot_mean", "economy"],
 )
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_vmap_grad_float64(name: str, stats, reduction: str, device) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from gradlab.per_sample import RULES, PerSampleGradients
 from gradlab.per_sample._conv import unfold
 from gradlab.per_sample._linear import seq_dot, seq_grad, seq_norm_sq
-from tests.per_sample._reference import dot_of, reference_grads, stats_of
+from tests.per_sample._reference import dot_mean_of, dot_of, reference_grads, stats_of
 
 TOL64 = {"rtol": 1e-10, "atol": 1e-10}
 
@@ -99,7 +99,11 @@ def _mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out, target)
 
 
-@pytest.mark.parametrize("stats", [("norm", "dot"), ("grad", "sum_sq", "variance", "dot")])
+@pytest.mark.parametrize(
+    "stats",
+    [("norm", "dot"), ("grad", "sum_sq", "variance", "dot"), ("norm", "dot_mean", "dot")],
+    ids=["ghost", "formed", "dot_mean"],
+)
 @pytest.mark.parametrize("cls", list(LAYERS), ids=lambda c: c.__name__)
 def test_each_layer_alone(cls, stats) -> None:
     make, data = LAYERS[cls]
@@ -121,6 +125,8 @@ def test_each_layer_alone(cls, stats) -> None:
             torch.testing.assert_close(getattr(ps, stat), want[stat], **TOL64)
     v = {n: torch.randn_like(g[0]) for n, g in ref.items()}
     torch.testing.assert_close(ps.dot(v), dot_of(ref, v), **TOL64)
+    if "dot_mean" in stats:
+        torch.testing.assert_close(ps.dot_mean_by_param, dot_mean_of(ref), **TOL64)
 
 
 def test_embedding_ghost_norm_for_large_vocabularies() -> None:
@@ -184,3 +190,68 @@ def test_registering_a_rule_for_a_custom_layer(monkeypatch: pytest.MonkeyPatch) 
         loss_fn(model(x), y).backward()
     assert calls  # the registered rule ran, not the fallback
     torch.testing.assert_close(ps.grad, ref, **TOL64)
+
+
+CONVS = {
+    "conv1d_strided_dilated_grouped": (
+        lambda: nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+        (4, 11),
+    ),
+    "conv2d_same_even_kernel_reflect": (
+        lambda: nn.Conv2d(4, 4, (4, 3), padding="same", padding_mode="reflect"),
+        (4, 7, 6),
+    ),
+    "conv2d_circular_grouped": (
+        lambda: nn.Conv2d(2, 6, 3, padding=1, padding_mode="circular", groups=2),
+        (2, 5, 5),
+    ),
+    "conv2d_replicate_strided": (
+        lambda: nn.Conv2d(3, 4, 3, stride=2, padding=(1, 2), padding_mode="replicate"),
+        (3, 6, 7),
+    ),
+    "conv2d_wide_few_positions": (lambda: nn.Conv2d(3, 64, 3), (3, 4, 4)),
+    "conv3d_mixed": (
+        lambda: nn.Conv3d(2, 4, 2, stride=(1, 2, 1), padding=(1, 0, 1), dilation=(2, 1, 1)),
+        (2, 5, 4, 4),
+    ),
+    "convT1d_grouped_output_padding": (
+        lambda: nn.ConvTranspose1d(
+            4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=2
+        ),
+        (4, 5),
+    ),
+    "convT2d_strided": (
+        lambda: nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1),
+        (2, 3, 3),
+    ),
+    "convT2d_wide": (lambda: nn.ConvTranspose2d(16, 32, 2), (16, 2, 2)),
+    "convT3d": (lambda: nn.ConvTranspose3d(2, 2, 2, stride=2), (2, 2, 2, 3)),
+}
+
+
+@pytest.mark.parametrize(
+    "stats",
+    [("norm",), ("norm", "dot_mean", "dot"), ("norm", "sum_sq", "variance", "dot_mean", "dot")],
+    ids=["norm", "dots", "economy"],
+)
+@pytest.mark.parametrize("case", list(CONVS))
+def test_convolutions_every_path(case: str, stats) -> None:
+    """Ghost or formed norms, the dot through a convolution with V, the dot with the batch
+    mean (formed, or the mean first by a weight-gradient convolution), second moments."""
+    make, shape = CONVS[case]
+    model = _Ids(make().double(), None)
+    x = torch.randn(5, *shape, dtype=torch.float64)
+    y = torch.randn_like(model(x))
+    ref = reference_grads(model, _mse, x, y)
+    with PerSampleGradients(model, stats=stats) as ps:
+        _mse(model(x), y).backward()
+    want = stats_of(ref)
+    torch.testing.assert_close(ps.norm_by_param, want["norm_by_param"], **TOL64)
+    if "sum_sq" in stats:
+        torch.testing.assert_close(ps.sum_sq, want["sum_sq"], **TOL64)
+        torch.testing.assert_close(ps.variance, want["variance"], **TOL64)
+    if "dot" in stats:
+        v = {n: torch.randn_like(g[0]) for n, g in ref.items()}
+        torch.testing.assert_close(ps.dot(v), dot_of(ref, v), **TOL64)
+        torch.testing.assert_close(ps.dot_mean_by_param, dot_mean_of(ref), **TOL64)
+    ps.close()

@@ -1,0 +1,137 @@
+"""The DDP noise scale's communication hook against a plain DDP step: 2 gloo processes.
+
+Each rank holds two DistributedDataParallel copies of the same MLP: one plain (DDP's own
+averaging all-reduce, no communication hook), one whose all-reduce goes through
+:mod:`gradlab.hooks._ddp`'s recorder (a norm of each bucket before and after the all-reduce, and
+a 2-number all-reduce of the local squared norm and the batch size), read every step as the
+monitor does. A step is ``zero_grad``, forward, ``backward`` (the all-reduce) and, for the
+hooked copy, the recorder's ingredients (which waits for its small all-reduce). The two run in
+alternating runs of :data:`BLOCK` steps (the first :data:`SKIP` not recorded), in the same
+seeded order on both ranks (every collective must match); rank 0's times are returned.
+
+Used by the ``hooks`` suite at the default and full sizes (two processes take seconds to
+start); run alone with ``python -m benchmarks.suites._ddp_noise``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import random
+import tempfile
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["BLOCK", "SKIP", "measure"]
+
+BLOCK, SKIP = 8, 2
+_WORLD = 2
+
+
+def _mlp(depth: int, width: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _steps(rank: int, turns: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from gradlab.hooks._ddp import DDPNoiseRecorder, attach
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = _mlp(10, 256)
+    plain = nn.parallel.DistributedDataParallel(net)
+    hooked = nn.parallel.DistributedDataParallel(_mlp(10, 256))
+    hooked.module.load_state_dict(net.state_dict())
+    recorder = DDPNoiseRecorder(hooked.process_group)
+    attach("benchmark", hooked, recorder)
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(rank))
+
+    def plain_step() -> None:
+        plain.zero_grad(set_to_none=True)
+        plain(x).square().mean().backward()
+
+    def hooked_step() -> None:
+        hooked.zero_grad(set_to_none=True)
+        recorder.start_forward((x,), {})
+        hooked(x).square().mean().backward()
+        recorder.take().ingredients()  # what a monitor reads each step (waits for it)
+
+    fns = {"ddp_plain": plain_step, "ddp_noise_hook": hooked_step}
+    for _ in range(3):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    turn_medians: dict[str, list[float]] = {n: [] for n in fns}
+    shuffle = random.Random(0)  # the same order on both ranks
+    for _ in range(turns):
+        order = list(fns)
+        shuffle.shuffle(order)
+        for name in order:
+            run = []
+            for k in range(BLOCK):
+                t0 = time.perf_counter()
+                fns[name]()
+                if k >= SKIP:
+                    run.append(time.perf_counter() - t0)
+            times[name].extend(run)
+            run.sort()
+            turn_medians[name].append(run[len(run) // 2])
+    dist.barrier()
+    if rank == 0:
+        torch.save({"times": times, "turns": turn_medians}, out)
+
+
+def _worker(rank: int, turns: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/store",
+        rank=rank,
+        world_size=_WORLD,
+        timeout=datetime.timedelta(seconds=300),
+    )
+    try:
+        _steps(rank, turns, os.path.join(tmp, "times.pt"))  # wrappers freed on return
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def measure(turns: int = 20, seconds: int = 300) -> dict[str, Any]:
+    """Per-call times of rank 0 (``"times"``) and per-turn medians (``"turns"``) for
+    ``"ddp_plain"`` and ``"ddp_noise_hook"``; raises if the processes fail or time out."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(
+            _worker, args=(turns, tmp), nprocs=_WORLD, join=False, start_method="spawn"
+        )
+        try:
+            deadline = time.monotonic() + seconds
+            while not ctx.join(timeout=5):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"DDP benchmark: 2 gloo processes ran over {seconds} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        return torch.load(os.path.join(tmp, "times.pt"))
+
+
+if __name__ == "__main__":
+    import statistics
+
+    res = measure()
+    ratios = [h / p for h, p in zip(res["turns"]["ddp_noise_hook"], res["turns"]["ddp_plain"])]
+    for name, t in res["times"].items():
+        print(f"{name}: median {statistics.median(t) * 1e3:.2f} ms")
+    print(f"ratio (median over turns): {statistics.median(ratios):.3f}")
