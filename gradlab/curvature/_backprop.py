@@ -62,6 +62,8 @@ piecewise-linear activations).
 
 from __future__ import annotations
 
+import itertools
+import operator
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -132,6 +134,8 @@ def _usable(module: nn.Module) -> bool:
         return not module.training or module.p == 0
     if type(module) is nn.Flatten:
         return module.start_dim == 1 and module.end_dim == -1
+    if type(module) in (nn.MaxPool2d, nn.AdaptiveMaxPool2d):
+        return not module.return_indices
     if type(module) is nn.Conv2d:
         return (
             module.groups == 1
@@ -331,6 +335,8 @@ def _derivatives(call: _Call) -> tuple[torch.Tensor, torch.Tensor | None]:
         fn, piecewise = call.function
     else:
         fn, piecewise = call.module.forward, _ELEMENTWISE[type(call.module)]
+    if fn is torch.relu or type(call.module) is nn.ReLU:  # the common case, without autograd
+        return (z > 0).to(z.dtype), None  # relu's derivative at 0 is 0 in autograd too
     with torch.enable_grad():
         zl = z.clone().requires_grad_()
         h = fn(zl.clone())
@@ -435,8 +441,8 @@ def exact_diagonal(
     H_out, g_out = found
     C = g_out.shape[1]
 
-    # activations: sigma' and sigma'' (every one follows a parametrised layer: the chain
-    # starts at one); second[k]: the residual term g * sigma'' is not zero
+    # activations: sigma' and sigma'' (every one follows a layer: the chain starts at one);
+    # second[k]: the residual term g * sigma'' is not zero
     second = [False] * len(chain)
     derivs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for k, c in enumerate(chain):
@@ -444,20 +450,24 @@ def exact_diagonal(
             d1, d2 = _derivatives(c)
             second[k] = d2 is not None and bool(d2.any())
             derivs[k] = (d1.reshape(N, -1), d2.reshape(N, -1) if second[k] else None)  # type: ignore[union-attr]
+    # the gradient is needed at position k only for residual terms further down the chain
+    # (none at all for piecewise-linear activations)
+    need_g = list(itertools.accumulate(second[:-1], operator.or_, initial=False))
 
     slot = {id(p): i for i, p in enumerate(params)}
     acc: dict[int, torch.Tensor] = {}
     rows = _chunk_rows(chain, ops, C, second, N)
     for lo in range(0, N, rows):
         hi = min(N, lo + rows)
-        curv = _Curvature.output(H_out[lo:hi], root)
+        curv = _Curvature.output(H_out[:, lo:hi] if root else H_out[lo:hi], root)
         g = g_out[lo:hi]
         for k in range(len(chain) - 1, -1, -1):
             if k not in ops:
                 d1, d2 = derivs[k]
                 residual = None if d2 is None else g * d2[lo:hi]
                 curv = curv.scale(d1[lo:hi], residual)
-                g = g * d1[lo:hi]
+                if need_g[k]:
+                    g = g * d1[lo:hi]
                 continue
             op = ops[k]
             wanted = {
@@ -471,6 +481,7 @@ def exact_diagonal(
                     acc[i] = diagonals[name] if i not in acc else acc[i] + diagonals[name]
             if k == 0:
                 break
-            curv = curv.back(op)
-            g = op.grad_back(g)
+            curv = curv.back(op, lo, hi)
+            if need_g[k]:
+                g = op.grad_back(g, lo, hi)
     return [acc[i].reshape(p.shape).to(p.dtype) for i, p in enumerate(params)]
