@@ -311,7 +311,7 @@ class _PoolOp(_LayerOp):
                     )
                 else:
                     _, idx = nn.functional.adaptive_max_pool2d(
-                        self.x, module.output_size, return_indices=True
+                        self.x, self.out_shape[1:], return_indices=True
                     )
             C, plane = self.in_shape[0], self.in_shape[1] * self.in_shape[2]
             offsets = torch.arange(C, device=idx.device).reshape(1, C, 1, 1) * plane
@@ -327,9 +327,7 @@ class _PoolOp(_LayerOp):
         with torch.enable_grad():
             z = F.new_zeros(m * n, *self.in_shape, requires_grad=True)
             # the module's forward, not __call__: the user's hooks do not fire again
-            (x,) = torch.autograd.grad(
-                self.module.forward(z), z, F.reshape(m * n, *self.out_shape)
-            )
+            (x,) = torch.autograd.grad(self.module.forward(z), z, F.reshape(m * n, *self.out_shape))
         return x.reshape(m, n, self.d_in)
 
 
