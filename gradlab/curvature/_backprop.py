@@ -17,9 +17,11 @@ Fast path (everything else: ``None``, and the caller falls back to Hessian-vecto
   ``Hardtanh``, ``Hardsigmoid``, ``Hardswish``, ``Sigmoid``, ``Tanh``, ``ELU``, ``SELU``,
   ``CELU``, ``GELU``, ``SiLU``, ``Mish``, ``Softplus``, ``LogSigmoid``, ``Softsign``,
   ``Tanhshrink``; in-place variants too), ``Dropout`` in eval mode, ``Flatten()`` (from dim 1),
-  modules that return their input (``Identity``), and the functions ``torch.relu``,
+  modules that return their input (``Identity``), the functions ``torch.relu``,
   ``torch.tanh``, ``torch.sigmoid``, ``F.silu``, ``F.gelu``, ``F.leaky_relu`` applied to a
-  layer's output (recognised by their autograd node; not in place);
+  layer's output (recognised by their autograd node; not in place), and the pooling modules
+  ``MaxPool2d``, ``AvgPool2d``, ``AdaptiveAvgPool2d``, ``AdaptiveMaxPool2d`` (any options but
+  ``return_indices=True``; their second derivative is zero);
 * the chain: each module's input is the previous module's output (the same tensor object,
   unmodified); the first parametrised module's input does not depend on ``params``; each listed
   parameter belongs to exactly one call of one chain module; the chain's modules may also hold
@@ -29,15 +31,17 @@ Fast path (everything else: ``None``, and the caller falls back to Hessian-vecto
   reduction, plus whatever follows the chain: a ``Softmax``, a scaling). The loss may not use the
   parameters otherwise (no weight decay term, no residual connection around the chain).
 
-Not on the fast path: other convolutions (1-d, 3-d, grouped, transposed), pooling,
-normalisation layers, attention, shared or tied weights, residual connections, parameters passed
-as non-leaf tensors, losses that couple samples, and outputs so wide that the per-sample loss
-Hessians (N x C x C) would exceed ``_MAX_OUTPUT_HESSIAN`` elements (2^25).
+Not on the fast path: other convolutions (1-d, 3-d, grouped, transposed), other pooling
+(1-d, 3-d, functional calls such as ``F.max_pool2d``), normalisation layers, attention, shared
+or tied weights, residual connections, parameters passed as non-leaf tensors, losses that couple
+samples, and outputs so wide that the per-sample loss Hessians (N x C x C) would exceed
+``_MAX_OUTPUT_HESSIAN`` elements (2^25).
 
 Algorithm. With :math:`\ell = \sum_n \ell_n(o_n)` and per-sample Hessians
-:math:`H^o_n = \nabla^2_{o_n} \ell` (found by autograd: C Hessian-vector products through the
-loss part only, C the output width; separability checked with one more product on a random
-vector), the per-sample Hessian w.r.t. each pre-activation follows from
+:math:`H^o_n = \nabla^2_{o_n} \ell` (in closed form for ``cross_entropy``, as a square root;
+else by autograd: C Hessian-vector products through the loss part only, C the output width;
+separability checked with one more product on a random vector), the per-sample Hessian w.r.t.
+each pre-activation follows from
 
 .. math::
     H^{x}_n = W^\top H^{z}_n W, \qquad
@@ -49,14 +53,17 @@ and :math:`g^h_n` the gradient w.r.t. :math:`h_n`. Then
 :math:`\operatorname{diag} H_{b_i} = \sum_n [H^z_n]_{ii}`. :math:`H^z_n` is kept factored,
 :math:`A_n H^o_n A_n^\top + B_n \operatorname{diag}(s_n) B_n^\top + \operatorname{diag}(r_n)`
 with :math:`A_n = J_n^\top` the transposed Jacobian of the output (so the loss Hessian needs no
-square root, and may be indefinite) and signed square-root columns for the residual diagonals
-(each becomes :math:`d` more columns when it passes a layer), while the factor is narrower than
-the layer, and as the full
-:math:`d \times d` matrix otherwise; samples are processed in chunks that bound the memory.
-A convolution applies :math:`W^\top` to the factor by ``conv2d_input`` and gets its weight
-diagonal from the unfolded input, as BackPACK does.
-Cost: one forward pass, C + 1 products through the loss, and per linear layer
-:math:`O(N d_{in} d_{out} m)` with :math:`m \le d` the factor width (:math:`m = C` for
+square root, and may be indefinite; for cross-entropy its square root is used instead, as in
+BackPACK) and signed square-root columns for the residual diagonals (each becomes :math:`d`
+more columns when it passes a layer), while the factor is narrower than the layer, and as the
+full :math:`d \times d` matrix otherwise; samples are processed in chunks that bound the memory.
+A convolution applies :math:`W^\top` to all the factor's columns as one ``conv_transpose2d``
+and gets its weight diagonal from the unfolded input, as BackPACK does; a pooling layer
+scatters them to the argmax (max) or applies its linear map by autograd (average). The gradient
+:math:`g` is propagated only as far as a residual term needs it (not at all for
+piecewise-linear activations).
+Cost: one forward pass, C + 1 products through the loss (none for cross-entropy), and per
+linear layer :math:`O(N d_{in} d_{out} m)` with :math:`m \le d` the factor width (:math:`m = C` for
 piecewise-linear activations).
 """
 
