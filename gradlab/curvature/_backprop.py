@@ -358,26 +358,29 @@ def _chunk_rows(
     chain: list[_Call], ops: dict[int, _LayerOp], C: int, second: list[bool], n: int
 ) -> int:
     """Samples per chunk so that the curvature storage stays under _CHUNK_ELEMENTS: replays the
-    choices of :meth:`_Curvature.back` (factor while narrower than the layer, else full)."""
-    full, width, dim, residual = False, C, C, False
+    choices of :meth:`_Curvature.back` (factor while narrower than the layer, else full) and
+    bounds the elements per sample that each step holds."""
+    full, width, dim, residual = False, C, C, False  # width: the factor's columns (A and B)
     peak = C * C
     for k in range(len(chain) - 1, -1, -1):
         if k not in ops:
             residual = residual or second[k]
             continue
         op = ops[k]
-        if isinstance(op, _ConvOp):  # the unfolded input and its products with the factors
-            J = op.W[0].numel()
-            peak = max(peak, J * (op.d_out // op.out_shape[0] + op.out_shape[0] * (width + dim)))
+        cols = dim if full else width  # a full matrix becomes dim columns (factored())
+        peak = max(peak, cols * dim)
+        if isinstance(op, _ConvOp):  # the unfolded input, the per-column weight gradients
+            J, C_out = op.W[0].numel(), op.out_shape[0]
+            peak = max(peak, J * (op.d_out // C_out) + 2 * C_out * J * cols)
         if k == 0:
             break
         after = width + (dim if residual else 0)
         if not full and after < op.d_in:
             width = after
-            peak = max(peak, op.d_in * width)
+            peak = max(peak, op.d_in * width, dim * dim if residual else 0)
         else:
             full = True
-            peak = max(peak, dim * dim, op.d_in * dim, op.d_in * op.d_in, dim * width)
+            peak = max(peak, dim * dim, op.d_in * dim, op.d_in * op.d_in)
         dim, residual = op.d_in, False
     return max(1, min(n, _CHUNK_ELEMENTS // peak))
 
