@@ -469,7 +469,7 @@ def exact_diagonal(
     rows = _chunk_rows(chain, ops, C, second, N)
     for lo in range(0, N, rows):
         hi = min(N, lo + rows)
-        curv = _Curvature.output(H_out[:, lo:hi] if root else H_out[lo:hi], root)
+        curv = _Curvature.output(H_out[lo:hi], root)
         g = g_out[lo:hi]
         for k in range(len(chain) - 1, -1, -1):
             if k not in ops:

@@ -7,10 +7,10 @@ Hessian diagonals of its weight and bias. Pooling layers are maps without parame
 derivative is zero (average pooling is linear, max pooling piecewise linear): they only pass the
 curvature on.
 
-Layout: a factor's columns come first, then the samples, then the features, ``(m, n, d)``
-(BackPACK's ``(V, N, ...)``). A linear layer's transposed map is then one matrix product on the
-last dimension, and a convolution's one ``conv_transpose2d`` on the ``m * n`` columns viewed as
-images, without copies.
+Layout: samples first, then a factor's columns, then the features, ``(n, m, d)``. A linear
+layer's transposed map is then one matrix product on the last dimension, a convolution's one
+``conv_transpose2d`` on the ``n * m`` columns viewed as images, and a convolution's per-sample
+weight gradients one batched product with the unfolded input, all without copies.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ class _Curvature:
     """Per-sample Hessians of a chunk of n samples w.r.t. one activation of width d.
 
     Either ``full`` (n, d, d), or the sum of three terms: the loss term ``A^T M A`` per sample
-    (A of shape (m, n or 1, d): the factor's m columns, M (n, m, m) the loss Hessian, or ``None``
+    (A of shape (n or 1, m, d): the factor's m columns, M (n, m, m) the loss Hessian, or ``None``
     for the identity when A is a square root of it), the residual terms ``B^T diag(s) B``
-    (B (k, n, d), s (n, k) of +-1) and ``diag(r)`` (n, d).
+    (B (n, k, d), s (n, k) of +-1) and ``diag(r)`` (n, d).
     """
 
     def __init__(
@@ -51,13 +51,13 @@ class _Curvature:
 
     @classmethod
     def output(cls, H: torch.Tensor, root: bool) -> _Curvature:
-        """At the chain's output: with ``root``, ``H`` (C, n, C) is a square root of the
-        per-sample loss Hessians (``sum_a H[a, i] H[a, j]``); else ``H`` (n, C, C) are the loss
-        Hessians themselves, and A = I."""
+        """At the chain's output: with ``root``, ``H`` (n, C, C) is a square root of the
+        per-sample loss Hessians (``sum_a H[n, a, i] H[n, a, j]``); else ``H`` (n, C, C) are the
+        loss Hessians themselves, and A = I."""
         if root:
             return cls(A=H)
         eye = torch.eye(H.shape[1], dtype=H.dtype, device=H.device)
-        return cls(A=eye.unsqueeze(1), M=H)
+        return cls(A=eye.unsqueeze(0), M=H)
 
     def diag(self) -> torch.Tensor:
         """The diagonals of the per-sample Hessians, (n, d)."""
@@ -65,12 +65,11 @@ class _Curvature:
             return self.full.diagonal(dim1=1, dim2=2)
         assert self.A is not None
         if self.M is None:
-            out = (self.A * self.A).sum(0)
+            out = (self.A * self.A).sum(1)
         else:
-            A = self.A.transpose(0, 1)  # (n, m, d)
-            out = ((self.M @ A) * A).sum(1)
+            out = ((self.M @ self.A) * self.A).sum(1)
         if self.B is not None:
-            out = out + torch.einsum("knd,nk->nd", self.B * self.B, self.s)
+            out = out + torch.einsum("nkd,nk->nd", self.B * self.B, self.s)
         return out if self.r is None else out + self.r
 
     def scale(self, d1: torch.Tensor, residual: torch.Tensor | None) -> _Curvature:
@@ -81,20 +80,21 @@ class _Curvature:
                 full.diagonal(dim1=1, dim2=2).add_(residual)
             return _Curvature(full=full)
         assert self.A is not None
-        B = None if self.B is None else self.B * d1
+        col = d1.unsqueeze(1)
+        B = None if self.B is None else self.B * col
         r = None if self.r is None else self.r * d1 * d1
         if residual is not None:
             r = residual if r is None else r + residual
-        return _Curvature(A=self.A * d1, M=self.M, B=B, s=self.s, r=r)
+        return _Curvature(A=self.A * col, M=self.M, B=B, s=self.s, r=r)
 
     def to_full(self) -> torch.Tensor:
         if self.full is not None:
             return self.full
         assert self.A is not None
-        A = self.A.transpose(0, 1)  # (n, m, d)
+        A = self.A
         full = A.mT @ (A if self.M is None else self.M @ A)
         if self.B is not None:
-            B = self.B.transpose(0, 1)
+            B = self.B
             full = full + B.mT @ (self.s.unsqueeze(2) * B)  # type: ignore[union-attr]
         if self.r is not None:
             full.diagonal(dim1=1, dim2=2).add_(self.r)
@@ -103,8 +103,8 @@ class _Curvature:
     def width_after(self) -> int:
         """Factor width after a layer (the residual diagonal adds d columns)."""
         assert self.A is not None
-        m, d = self.A.shape[0], self.A.shape[2]
-        return m + (0 if self.B is None else self.B.shape[0]) + (0 if self.r is None else d)
+        m, d = self.A.shape[1], self.A.shape[2]
+        return m + (0 if self.B is None else self.B.shape[1]) + (0 if self.r is None else d)
 
     def back(self, op: _LayerOp, lo: int, hi: int) -> _Curvature:
         """J^T H J for a layer with Jacobian J (samples lo:hi), kept factored while narrower."""
@@ -113,7 +113,7 @@ class _Curvature:
             B, s = (None, None) if self.B is None else (op.left(self.B, lo, hi), self.s)
             if self.r is not None:
                 B_r = op.residual_columns(self.r, lo, hi)
-                B = B_r if B is None else torch.cat([B, B_r])
+                B = B_r if B is None else torch.cat([B, B_r], dim=1)
                 s = self.r.sign() if s is None else torch.cat([s, self.r.sign()], dim=1)
             return _Curvature(A=op.left(self.A, lo, hi), M=self.M, B=B, s=s)
         return _Curvature(full=op.full_back(self.to_full(), lo, hi))
@@ -123,7 +123,7 @@ class _Curvature:
         if self.full is None:
             return self
         eye = torch.eye(self.full.shape[1], dtype=self.full.dtype, device=self.full.device)
-        return _Curvature(A=eye.unsqueeze(1), M=self.full)
+        return _Curvature(A=eye.unsqueeze(0), M=self.full)
 
 
 class _LayerOp:
@@ -134,19 +134,19 @@ class _LayerOp:
     d_out: int
 
     def left(self, F: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """J^T applied to each of F's columns, F (m, n or 1, d_out) -> (m, n, d_in); the n
-        samples are lo:hi."""
+        """J^T applied to each of F's columns, F (n or 1, m, d_out) -> (n or 1, m, d_in) (1
+        only for a layer whose J is the same for every sample); the n samples are lo:hi."""
         raise NotImplementedError
 
     def residual_columns(self, r: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """Columns B (d_out, n, d_in) with ``B^T diag(sign r) B = J^T diag(r) J`` per sample."""
+        """Columns B (n, d_out, d_in) with ``B^T diag(sign r) B = J^T diag(r) J`` per sample."""
         eye = torch.eye(self.d_out, dtype=r.dtype, device=r.device)
-        return self.left(eye.unsqueeze(1) * r.abs().sqrt().T.unsqueeze(2), lo, hi)
+        return self.left(eye * r.abs().sqrt().unsqueeze(2), lo, hi)
 
     def full_back(self, full: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """J^T H J per sample, H (n, d_out, d_out) -> (n, d_in, d_in)."""
-        half = self.left(full.permute(2, 0, 1), lo, hi)  # [j, n, :] = J^T H[:, j]
-        return self.left(half.permute(2, 1, 0), lo, hi).transpose(0, 1)
+        half = self.left(full.mT, lo, hi)  # [n, j, :] = J^T H[:, j]
+        return self.left(half.mT, lo, hi)  # (J^T H J)^T, symmetric
 
     def diagonals(self, curv: _Curvature, lo: int, hi: int) -> dict[str, torch.Tensor]:
         """Hessian diagonals of weight and bias from samples lo:hi, curvature at the output."""
@@ -154,7 +154,7 @@ class _LayerOp:
 
     def grad_back(self, g: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Gradient (n, d_out) at the output -> (n, d_in) at the input."""
-        return self.left(g.unsqueeze(0), lo, hi).squeeze(0)
+        return self.left(g.unsqueeze(1), lo, hi).squeeze(1)
 
 
 class _SharedOp(_LayerOp):
@@ -164,7 +164,7 @@ class _SharedOp(_LayerOp):
         raise NotImplementedError
 
     def residual_columns(self, r: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        return self.matrix().unsqueeze(1) * r.abs().sqrt().T.unsqueeze(2)
+        return self.matrix() * r.abs().sqrt().unsqueeze(2)
 
     def full_back(self, full: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         J = self.matrix()
@@ -230,9 +230,9 @@ class _ConvOp(_SharedOp):
         self._matrix: torch.Tensor | None = None
 
     def left(self, F: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        m, n, _ = F.shape
+        n, m, _ = F.shape
         x = nn.functional.conv_transpose2d(
-            F.reshape(m * n, *self.out_shape),
+            F.reshape(n * m, *self.out_shape),
             self.W,
             None,
             self.stride,
@@ -241,12 +241,12 @@ class _ConvOp(_SharedOp):
             1,
             self.dilation,
         )
-        return x.reshape(m, n, self.d_in)
+        return x.reshape(n, m, self.d_in)
 
     def matrix(self) -> torch.Tensor:
         if self._matrix is None:
             eye = torch.eye(self.d_out, dtype=self.W.dtype, device=self.W.device)
-            self._matrix = self.left(eye.unsqueeze(1), 0, 1).squeeze(1)
+            self._matrix = self.left(eye.unsqueeze(0), 0, 1).squeeze(0)
         return self._matrix
 
     def diagonals(self, curv: _Curvature, lo: int, hi: int) -> dict[str, torch.Tensor]:
@@ -259,9 +259,9 @@ class _ConvOp(_SharedOp):
 
         def weights(F: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """Per sample and column, the weight and bias gradients: (n, k, C_out, J), (n, k,
-            C_out), from F (k, n or 1, C_out * P)."""
-            k = F.shape[0]
-            Fn = F.expand(k, n, -1).transpose(0, 1).reshape(n, k * C_out, P)
+            C_out), from F (n or 1, k, C_out * P)."""
+            k = F.shape[1]
+            Fn = F.expand(n, k, -1).reshape(n, k * C_out, P)
             return (Fn @ Xt).reshape(n, k, C_out, -1), Fn.reshape(n, k, C_out, P).sum(3)
 
         G, gb = weights(curv.A)
@@ -318,17 +318,16 @@ class _PoolOp(_LayerOp):
             self.index = (idx + offsets).reshape(self.rows, self.d_out)
 
     def left(self, F: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        m = F.shape[0]
-        n = hi - lo
-        F = F.expand(m, n, self.d_out)
+        n, m = hi - lo, F.shape[1]
+        F = F.expand(n, m, self.d_out)
         if self.index is not None:
-            index = self.index[lo:hi].expand(m, n, self.d_out)
-            return F.new_zeros(m, n, self.d_in).scatter_add_(2, index, F)
+            index = self.index[lo:hi].unsqueeze(1).expand(n, m, self.d_out)
+            return F.new_zeros(n, m, self.d_in).scatter_add_(2, index, F)
         with torch.enable_grad():
-            z = F.new_zeros(m * n, *self.in_shape, requires_grad=True)
+            z = F.new_zeros(n * m, *self.in_shape, requires_grad=True)
             # the module's forward, not __call__: the user's hooks do not fire again
-            (x,) = torch.autograd.grad(self.module.forward(z), z, F.reshape(m * n, *self.out_shape))
-        return x.reshape(m, n, self.d_in)
+            (x,) = torch.autograd.grad(self.module.forward(z), z, F.reshape(n * m, *self.out_shape))
+        return x.reshape(n, m, self.d_in)
 
 
 # Modules on the fast path, and their per-sample maps (a type with parameters is a *layer* whose

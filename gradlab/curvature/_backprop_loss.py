@@ -75,7 +75,7 @@ def _cross_entropy_hessian(
     no label smoothing; reshapes of the scalar loss are looked through): the square root
     :math:`R_n = \sqrt{w_n}(\operatorname{diag}\sqrt{p_n} - p_n \sqrt{p_n}^\top)` of
     :math:`H_n = R_n R_n^\top = w_n(\operatorname{diag} p_n - p_n p_n^\top)` (as BackPACK's), as
-    ``(C, N, C)`` with its columns first, and :math:`g_n = w_n (p_n - e_{y_n})`. None for
+    ``(N, C, C)``, ``R[n, a]`` its column ``a``, and :math:`g_n = w_n (p_n - e_{y_n})`. None for
     anything else (then autograd finds them)."""
     nll: Any = loss.grad_fn
     while type(nll).__name__ == "ViewBackward0":  # a reshape of the scalar (one element)
@@ -105,7 +105,7 @@ def _cross_entropy_hessian(
     if bool((w < 0).any()):
         return None
     g = (p - nn.functional.one_hot(y, p.shape[1]).to(p.dtype)) * w.unsqueeze(1)
-    # R[a, n, i] = sqrt(w_n p_na) (delta_ai - p_ni): sum_a R[a, n, i] R[a, n, j] = H_n[i, j]
+    # R[n, a, i] = sqrt(w_n p_na) (delta_ai - p_ni): sum_a R[n, a, i] R[n, a, j] = H_n[i, j]
     eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
-    R = (p * w.unsqueeze(1)).sqrt().T.unsqueeze(2) * (eye.unsqueeze(1) - p)
+    R = (p * w.unsqueeze(1)).sqrt().unsqueeze(2) * (eye - p.unsqueeze(1))
     return R, g
