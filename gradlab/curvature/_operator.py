@@ -111,7 +111,7 @@ class HessianOperator(CurvatureOperator):
         self._mode = mode
         self._batched = self._chunk > 1
         self._checked = False  # unused parameters checked after the first pass
-        self._used = torch.zeros(len(self.params), dtype=torch.int64)
+        self._used = [0] * len(self.params)  # batches whose graph reaches each parameter
         if distributed:
             if data is None:
                 raise ValueError(
@@ -134,10 +134,14 @@ class HessianOperator(CurvatureOperator):
 
     def _loss(self, batch: Any, index: int | None) -> torch.Tensor:
         fn = self._fn
-        with contextlib.ExitStack() as stack, torch.enable_grad():
-            for module in self._modules:
-                stack.enter_context(model_state(module, self._mode))
-            loss = self._loss_fn() if index is None else self._loss_fn(batch)
+        with torch.enable_grad():
+            if self._modules:
+                with contextlib.ExitStack() as stack:
+                    for module in self._modules:
+                        stack.enter_context(model_state(module, self._mode))
+                    loss = self._loss_fn() if index is None else self._loss_fn(batch)
+            else:  # tensors given as params: nothing to set or shield
+                loss = self._loss_fn() if index is None else self._loss_fn(batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
@@ -149,6 +153,8 @@ class HessianOperator(CurvatureOperator):
                 f"{fn}: the loss does not depend on params (no grad_fn); check that loss_fn "
                 f"uses the parameters you passed, with grad enabled"
             )
+        if loss.dim() == 0:
+            return loss
         with torch.enable_grad():
             return loss.reshape(())
 
@@ -173,7 +179,9 @@ class HessianOperator(CurvatureOperator):
     def _check_unused(self) -> None:
         if self._checked:
             return
-        used = self._reduced(self._used.clone()) if self._distributed else self._used
+        used = self._used
+        if self._distributed:
+            used = self._reduced(torch.tensor(used, dtype=torch.int64)).tolist()
         missing = [self.names[i] for i in range(len(self.params)) if int(used[i]) == 0]
         if missing:
             raise GraphError(
