@@ -12,11 +12,9 @@ from gradlab.curvature._args import (
     GeneratorArg,
     ParamsArg,
     ProgressArg,
-    check_generator,
 )
 from gradlab.curvature._estimators import DIAGONAL_METHODS, check_estimator, run_estimator
-from gradlab.curvature._operator import build
-from gradlab.curvature._progress import Progress
+from gradlab.curvature._operator import front
 
 if TYPE_CHECKING:
     pass
@@ -80,16 +78,7 @@ def hessian_diagonal(
     """
     fn = "hessian_diagonal"
     entry = check_estimator(fn, DIAGONAL_METHODS, method, samples)
-    gen = check_generator(fn, generator)
-    prog = Progress(fn, progress)
-    op, structure = build(
-        fn,
-        loss_fn,
-        params,
-        mode=mode,
-        data=data,
-        batch_weight=batch_weight,
-        distributed=distributed,
-        progress=prog,
+    f = front(fn, loss_fn, params, generator, mode, data, batch_weight, distributed, progress)
+    return f.op._unflatten(
+        run_estimator(entry, f.op, samples, f.generator, f.progress), f.structure
     )
-    return op._unflatten(run_estimator(entry, op, samples, gen, prog), structure)

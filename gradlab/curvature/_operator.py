@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -42,10 +42,13 @@ from gradlab._errors import GraphError
 from gradlab.curvature import _distributed as dist_
 from gradlab.curvature._args import (
     BatchWeight,
+    GeneratorArg,
     ParamsArg,
+    ProgressArg,
     check_batch_weight,
     check_data,
     check_distributed,
+    check_generator,
     check_loss_closure,
     check_mode,
     check_params,
@@ -234,10 +237,12 @@ class HessianOperator(CurvatureOperator):
         return super().apply(vs)
 
 
-def build(
+def operator(
     fn: str,
     loss_fn: Callable[..., torch.Tensor],
-    params: ParamsArg,
+    tensors: list[torch.Tensor],
+    names: list[str],
+    modules: list[nn.Module],
     *,
     mode: str | None,
     data: Any,
@@ -245,21 +250,20 @@ def build(
     distributed: bool,
     progress: Progress | None = None,
     eager: bool = False,
-) -> tuple[HessianOperator, Any]:
-    """Check the arguments every curvature function shares; the operator and the structure."""
+) -> HessianOperator:
+    """Check the options every curvature function shares; the operator on checked tensors."""
     check_mode(fn, mode)
-    tensors, structure = check_params(fn, params)
     data = check_data(fn, data)
     batch_weight = check_batch_weight(fn, batch_weight)
     check_distributed(fn, distributed)
     if batch_weight is not None and data is None:
         raise ValueError(f"{fn}: batch_weight= is only used with data=; pass data= too")
-    op = HessianOperator(
+    return HessianOperator(
         fn,
         loss_fn,
         tensors,
-        param_names(params, len(tensors)),
-        modules=[params] if isinstance(params, nn.Module) else [],
+        names,
+        modules=modules,
         mode=mode,
         data=data,
         batch_weight=batch_weight,
@@ -267,7 +271,56 @@ def build(
         progress=progress,
         eager=eager,
     )
-    return op, structure
+
+
+def _checked_params(
+    fn: str, params: ParamsArg, mode: str | None
+) -> tuple[list[torch.Tensor], Any, list[str], list[nn.Module]]:
+    """``params`` checked: its tensors, structure and names, and the module among them."""
+    check_mode(fn, mode)
+    tensors, structure = check_params(fn, params)
+    modules = [params] if isinstance(params, nn.Module) else []
+    return tensors, structure, param_names(params, len(tensors)), modules
+
+
+class Front(NamedTuple):
+    """What a ``hessian_*`` estimator's front end checks and builds (see :func:`front`)."""
+
+    op: HessianOperator
+    structure: Any  # how to shape a flat result like ``params`` (``op._unflatten``)
+    generator: torch.Generator | None
+    progress: Progress
+
+
+def front(
+    fn: str,
+    loss_fn: Callable[..., torch.Tensor],
+    params: ParamsArg,
+    generator: GeneratorArg,
+    mode: str | None,
+    data: Any,
+    batch_weight: Any,
+    distributed: bool,
+    progress: ProgressArg,
+) -> Front:
+    """The arguments every ``hessian_*`` estimator shares (in its signature's order), checked:
+    the generator, the progress counter and the operator counting on it."""
+    tensors, structure, names, modules = _checked_params(fn, params, mode)
+    gen = check_generator(fn, generator)
+    prog = Progress(fn, progress)
+    op = operator(
+        fn,
+        loss_fn,
+        tensors,
+        names,
+        modules,
+        mode=mode,
+        data=data,
+        batch_weight=batch_weight,
+        distributed=distributed,
+        progress=prog,
+    )
+    return Front(op, structure, gen, prog)
 
 
 def hessian_operator(
@@ -318,14 +371,17 @@ def hessian_operator(
         >>> H.shape, H.matvec(torch.tensor([1.0, 1.0]))
         ((2, 2), tensor([12., 48.]))
     """
-    op, _ = build(
-        "hessian_operator",
+    fn = "hessian_operator"
+    tensors, _, names, modules = _checked_params(fn, params, mode)
+    return operator(
+        fn,
         loss_fn,
-        params,
+        tensors,
+        names,
+        modules,
         mode=mode,
         data=data,
         batch_weight=batch_weight,
         distributed=distributed,
         eager=True,
     )
-    return op
