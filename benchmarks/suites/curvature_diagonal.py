@@ -188,7 +188,11 @@ def _case(
             vs_backprop = hvp_over_backprop
             vs_backpack = hvp_over_backprop * ratios["Hessian backprop"] if bp else None
         else:
-            vs_backprop = ratios[name] / ratios["Hessian backprop"]
+            # its own row: exactly 1 (a plain number, so that the target row's one spread is
+            # the ratio to BackPACK the verdict is about)
+            vs_backprop = (
+                1.0 if name == "Hessian backprop" else ratios[name] / ratios["Hessian backprop"]
+            )
             vs_backpack = ratios[name] if bp else None
         target = None
         if name == "Hessian backprop" and vs_backpack is not None:
