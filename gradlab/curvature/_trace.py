@@ -68,7 +68,8 @@ def hessian_trace(
         distributed: sum over the ranks of the ``torch.distributed`` group (each passes its shard).
         progress: ``True`` for a status line on stderr, or a callable ``progress(done, total)``
             (see the module docs); counts batches x Hessian-vector products (``samples``, or n
-            for ``"exact"``).
+            for ``"exact"``, less n for each batch done by Hessian backpropagation, which runs
+            none).
 
     Returns:
         A 0-dim tensor in the parameters' dtype.
