@@ -242,6 +242,29 @@ def test_pooling_first_and_last_in_the_chain_and_returning_indices():
     )
 
 
+class _SharedPool(nn.Module):  # one pooling and one activation module, each called twice
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 2, 3), nn.Conv2d(2, 3, 3)
+        self.pool, self.act = nn.MaxPool2d(2), nn.Tanh()
+        self.flat, self.fc = nn.Flatten(), nn.Linear(3 * 2 * 2, 4)
+
+    def forward(self, x):
+        x = self.pool(self.act(self.c1(x)))
+        return self.fc(self.flat(self.pool(self.act(self.c2(x)))))
+
+
+def test_pooling_module_called_twice(device):
+    torch.manual_seed(0)
+    model = _SharedPool().double().to(device)
+    x = torch.randn(5, 1, 14, 14, dtype=torch.float64, device=device)
+    lo = _losses(5, 4, device)["ce-mean"]
+    _assert_equal(
+        exact_diagonal(lambda: lo(model(x)), list(model.parameters())),
+        _dense_diagonal(model, lo, x),
+    )
+
+
 def test_pooling_does_not_run_the_users_hooks():
     model = nn.Sequential(
         nn.Conv2d(1, 2, 3), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 2)
