@@ -17,9 +17,11 @@ Fast path (everything else: ``None``, and the caller falls back to Hessian-vecto
   ``Hardtanh``, ``Hardsigmoid``, ``Hardswish``, ``Sigmoid``, ``Tanh``, ``ELU``, ``SELU``,
   ``CELU``, ``GELU``, ``SiLU``, ``Mish``, ``Softplus``, ``LogSigmoid``, ``Softsign``,
   ``Tanhshrink``; in-place variants too), ``Dropout`` in eval mode, ``Flatten()`` (from dim 1),
-  modules that return their input (``Identity``), and the functions ``torch.relu``,
+  modules that return their input (``Identity``), the functions ``torch.relu``,
   ``torch.tanh``, ``torch.sigmoid``, ``F.silu``, ``F.gelu``, ``F.leaky_relu`` applied to a
-  layer's output (recognised by their autograd node; not in place);
+  layer's output (recognised by their autograd node; not in place), and the pooling modules
+  ``MaxPool2d``, ``AvgPool2d``, ``AdaptiveAvgPool2d``, ``AdaptiveMaxPool2d`` (any options but
+  ``return_indices=True``; their second derivative is zero);
 * the chain: each module's input is the previous module's output (the same tensor object,
   unmodified); the first parametrised module's input does not depend on ``params``; each listed
   parameter belongs to exactly one call of one chain module; the chain's modules may also hold
@@ -29,15 +31,17 @@ Fast path (everything else: ``None``, and the caller falls back to Hessian-vecto
   reduction, plus whatever follows the chain: a ``Softmax``, a scaling). The loss may not use the
   parameters otherwise (no weight decay term, no residual connection around the chain).
 
-Not on the fast path: other convolutions (1-d, 3-d, grouped, transposed), pooling,
-normalisation layers, attention, shared or tied weights, residual connections, parameters passed
-as non-leaf tensors, losses that couple samples, and outputs so wide that the per-sample loss
-Hessians (N x C x C) would exceed ``_MAX_OUTPUT_HESSIAN`` elements (2^25).
+Not on the fast path: other convolutions (1-d, 3-d, grouped, transposed), other pooling
+(1-d, 3-d, functional calls such as ``F.max_pool2d``), normalisation layers, attention, shared
+or tied weights, residual connections, parameters passed as non-leaf tensors, losses that couple
+samples, and outputs so wide that the per-sample loss Hessians (N x C x C) would exceed
+``_MAX_OUTPUT_HESSIAN`` elements (2^25).
 
 Algorithm. With :math:`\ell = \sum_n \ell_n(o_n)` and per-sample Hessians
-:math:`H^o_n = \nabla^2_{o_n} \ell` (found by autograd: C Hessian-vector products through the
-loss part only, C the output width; separability checked with one more product on a random
-vector), the per-sample Hessian w.r.t. each pre-activation follows from
+:math:`H^o_n = \nabla^2_{o_n} \ell` (in closed form for ``cross_entropy``, as a square root;
+else by autograd: C Hessian-vector products through the loss part only, C the output width;
+separability checked with one more product on a random vector), the per-sample Hessian w.r.t.
+each pre-activation follows from
 
 .. math::
     H^{x}_n = W^\top H^{z}_n W, \qquad
@@ -49,19 +53,24 @@ and :math:`g^h_n` the gradient w.r.t. :math:`h_n`. Then
 :math:`\operatorname{diag} H_{b_i} = \sum_n [H^z_n]_{ii}`. :math:`H^z_n` is kept factored,
 :math:`A_n H^o_n A_n^\top + B_n \operatorname{diag}(s_n) B_n^\top + \operatorname{diag}(r_n)`
 with :math:`A_n = J_n^\top` the transposed Jacobian of the output (so the loss Hessian needs no
-square root, and may be indefinite) and signed square-root columns for the residual diagonals
-(each becomes :math:`d` more columns when it passes a layer), while the factor is narrower than
-the layer, and as the full
-:math:`d \times d` matrix otherwise; samples are processed in chunks that bound the memory.
-A convolution applies :math:`W^\top` to the factor by ``conv2d_input`` and gets its weight
-diagonal from the unfolded input, as BackPACK does.
-Cost: one forward pass, C + 1 products through the loss, and per linear layer
-:math:`O(N d_{in} d_{out} m)` with :math:`m \le d` the factor width (:math:`m = C` for
+square root, and may be indefinite; for cross-entropy its square root is used instead, as in
+BackPACK) and signed square-root columns for the residual diagonals (each becomes :math:`d`
+more columns when it passes a layer), while the factor is narrower than the layer, and as the
+full :math:`d \times d` matrix otherwise; samples are processed in chunks that bound the memory.
+A convolution applies :math:`W^\top` to all the factor's columns as one ``conv_transpose2d``
+and gets its weight diagonal from the unfolded input, as BackPACK does; a pooling layer
+scatters them to the argmax (max) or applies its linear map by autograd (average). The gradient
+:math:`g` is propagated only as far as a residual term needs it (not at all for
+piecewise-linear activations).
+Cost: one forward pass, C + 1 products through the loss (none for cross-entropy), and per
+linear layer :math:`O(N d_{in} d_{out} m)` with :math:`m \le d` the factor width (:math:`m = C` for
 piecewise-linear activations).
 """
 
 from __future__ import annotations
 
+import itertools
+import operator
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -132,6 +141,8 @@ def _usable(module: nn.Module) -> bool:
         return not module.training or module.p == 0
     if type(module) is nn.Flatten:
         return module.start_dim == 1 and module.end_dim == -1
+    if type(module) in (nn.MaxPool2d, nn.AdaptiveMaxPool2d):
+        return not module.return_indices
     if type(module) is nn.Conv2d:
         return (
             module.groups == 1
@@ -331,6 +342,8 @@ def _derivatives(call: _Call) -> tuple[torch.Tensor, torch.Tensor | None]:
         fn, piecewise = call.function
     else:
         fn, piecewise = call.module.forward, _ELEMENTWISE[type(call.module)]
+    if fn is torch.relu or type(call.module) is nn.ReLU:  # the common case, without autograd
+        return (z > 0).to(z.dtype), None  # relu's derivative at 0 is 0 in autograd too
     with torch.enable_grad():
         zl = z.clone().requires_grad_()
         h = fn(zl.clone())
@@ -345,26 +358,29 @@ def _chunk_rows(
     chain: list[_Call], ops: dict[int, _LayerOp], C: int, second: list[bool], n: int
 ) -> int:
     """Samples per chunk so that the curvature storage stays under _CHUNK_ELEMENTS: replays the
-    choices of :meth:`_Curvature.back` (factor while narrower than the layer, else full)."""
-    full, width, dim, residual = False, C, C, False
+    choices of :meth:`_Curvature.back` (factor while narrower than the layer, else full) and
+    bounds the elements per sample that each step holds."""
+    full, width, dim, residual = False, C, C, False  # width: the factor's columns (A and B)
     peak = C * C
     for k in range(len(chain) - 1, -1, -1):
         if k not in ops:
             residual = residual or second[k]
             continue
         op = ops[k]
-        if isinstance(op, _ConvOp):  # the unfolded input and its products with the factors
-            J = op.W[0].numel()
-            peak = max(peak, J * (op.d_out // op.out_shape[0] + op.out_shape[0] * (width + dim)))
+        cols = dim if full else width  # a full matrix becomes dim columns (factored())
+        peak = max(peak, cols * dim)
+        if isinstance(op, _ConvOp):  # the unfolded input, the per-column weight gradients
+            J, C_out = op.W[0].numel(), op.out_shape[0]
+            peak = max(peak, J * (op.d_out // C_out) + 2 * C_out * J * cols)
         if k == 0:
             break
         after = width + (dim if residual else 0)
         if not full and after < op.d_in:
             width = after
-            peak = max(peak, op.d_in * width)
+            peak = max(peak, op.d_in * width, dim * dim if residual else 0)
         else:
             full = True
-            peak = max(peak, dim * dim, op.d_in * dim, op.d_in * op.d_in, dim * width)
+            peak = max(peak, dim * dim, op.d_in * dim, op.d_in * op.d_in)
         dim, residual = op.d_in, False
     return max(1, min(n, _CHUNK_ELEMENTS // peak))
 
@@ -435,8 +451,8 @@ def exact_diagonal(
     H_out, g_out = found
     C = g_out.shape[1]
 
-    # activations: sigma' and sigma'' (every one follows a parametrised layer: the chain
-    # starts at one); second[k]: the residual term g * sigma'' is not zero
+    # activations: sigma' and sigma'' (every one follows a layer: the chain starts at one);
+    # second[k]: the residual term g * sigma'' is not zero
     second = [False] * len(chain)
     derivs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for k, c in enumerate(chain):
@@ -444,6 +460,9 @@ def exact_diagonal(
             d1, d2 = _derivatives(c)
             second[k] = d2 is not None and bool(d2.any())
             derivs[k] = (d1.reshape(N, -1), d2.reshape(N, -1) if second[k] else None)  # type: ignore[union-attr]
+    # the gradient is needed at position k only for residual terms further down the chain
+    # (none at all for piecewise-linear activations)
+    need_g = list(itertools.accumulate(second[:-1], operator.or_, initial=False))
 
     slot = {id(p): i for i, p in enumerate(params)}
     acc: dict[int, torch.Tensor] = {}
@@ -457,7 +476,8 @@ def exact_diagonal(
                 d1, d2 = derivs[k]
                 residual = None if d2 is None else g * d2[lo:hi]
                 curv = curv.scale(d1[lo:hi], residual)
-                g = g * d1[lo:hi]
+                if need_g[k]:
+                    g = g * d1[lo:hi]
                 continue
             op = ops[k]
             wanted = {
@@ -471,6 +491,7 @@ def exact_diagonal(
                     acc[i] = diagonals[name] if i not in acc else acc[i] + diagonals[name]
             if k == 0:
                 break
-            curv = curv.back(op)
-            g = op.grad_back(g)
+            curv = curv.back(op, lo, hi)
+            if need_g[k]:
+                g = op.grad_back(g, lo, hi)
     return [acc[i].reshape(p.shape).to(p.dtype) for i, p in enumerate(params)]

@@ -72,11 +72,14 @@ def _cross_entropy_hessian(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     r"""Closed form when the loss is exactly ``F.cross_entropy(out, target)`` of a 2-d output
     (``nll_loss(log_softmax(out, 1))``, mean or sum, class weights and ``ignore_index`` allowed;
-    no label smoothing): the square root
+    no label smoothing; reshapes of the scalar loss are looked through): the square root
     :math:`R_n = \sqrt{w_n}(\operatorname{diag}\sqrt{p_n} - p_n \sqrt{p_n}^\top)` of
-    :math:`H_n = R_n R_n^\top = w_n(\operatorname{diag} p_n - p_n p_n^\top)` (as BackPACK's), and
-    :math:`g_n = w_n (p_n - e_{y_n})`. None for anything else (then autograd finds them)."""
+    :math:`H_n = R_n R_n^\top = w_n(\operatorname{diag} p_n - p_n p_n^\top)` (as BackPACK's), as
+    ``(N, C, C)``, ``R[n, a]`` its column ``a``, and :math:`g_n = w_n (p_n - e_{y_n})`. None for
+    anything else (then autograd finds them)."""
     nll: Any = loss.grad_fn
+    while type(nll).__name__ == "ViewBackward0":  # a reshape of the scalar (one element)
+        nll = nll.next_functions[0][0]
     if type(nll).__name__ != "NllLossBackward0" or out.dim() != 2 or out.shape[0] != N:
         return None
     lsm: Any = nll.next_functions[0][0]
@@ -102,6 +105,7 @@ def _cross_entropy_hessian(
     if bool((w < 0).any()):
         return None
     g = (p - nn.functional.one_hot(y, p.shape[1]).to(p.dtype)) * w.unsqueeze(1)
-    sp = p.sqrt()
-    R = torch.diag_embed(sp) - p.unsqueeze(2) * sp.unsqueeze(1)  # R R^T = diag p - p p^T
-    return R * w.sqrt().reshape(N, 1, 1), g
+    # R[n, a, i] = sqrt(w_n p_na) (delta_ai - p_ni): sum_a R[n, a, i] R[n, a, j] = H_n[i, j]
+    eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+    R = (p * w.unsqueeze(1)).sqrt().unsqueeze(2) * (eye - p.unsqueeze(1))
+    return R, g

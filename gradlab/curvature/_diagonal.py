@@ -12,11 +12,9 @@ from gradlab.curvature._args import (
     GeneratorArg,
     ParamsArg,
     ProgressArg,
-    check_generator,
 )
 from gradlab.curvature._estimators import DIAGONAL_METHODS, check_estimator, run_estimator
-from gradlab.curvature._operator import build
-from gradlab.curvature._progress import Progress
+from gradlab.curvature._operator import front
 
 if TYPE_CHECKING:
     pass
@@ -46,7 +44,8 @@ def hessian_diagonal(
     (:mod:`gradlab.curvature._backprop`, no Hessian-vector products) where it supports the model;
     otherwise :math:`H_{jj} = e_j^\top H e_j` by n products (batched for small n). The fast path
     takes parameters that sit in a chain of ``nn.Linear``/``nn.Conv2d`` layers (``nn.Flatten``,
-    eval-mode ``nn.Dropout``, ``nn.Identity`` between them) and element-wise activations (ReLU,
+    eval-mode ``nn.Dropout``, ``nn.Identity``, ``nn.MaxPool2d``, ``nn.AvgPool2d`` and their
+    adaptive forms between them) and element-wise activations (ReLU,
     LeakyReLU, ELU, GELU, SiLU, Softplus, Tanh, Sigmoid, as modules or functions) followed by a
     loss separable over samples; the full list is in ``gradlab.curvature._backprop``.
 
@@ -62,7 +61,8 @@ def hessian_diagonal(
         batch_weight: ``batch_weight(batch) -> float`` (default: the batch size).
         distributed: sum over the ranks of the ``torch.distributed`` group (each passes its shard).
         progress: ``True`` for a status line on stderr, or a callable ``progress(done, total)``;
-            counts batches x Hessian-vector products (``samples``, or n for ``"exact"``).
+            counts batches x Hessian-vector products (``samples``, or n for ``"exact"``; a batch
+            done by Hessian backpropagation runs none and takes its n off the total).
 
     Returns:
         Structured like ``params``: a tensor for a tensor, a tuple for a sequence, a dict
@@ -80,16 +80,7 @@ def hessian_diagonal(
     """
     fn = "hessian_diagonal"
     entry = check_estimator(fn, DIAGONAL_METHODS, method, samples)
-    gen = check_generator(fn, generator)
-    prog = Progress(fn, progress)
-    op, structure = build(
-        fn,
-        loss_fn,
-        params,
-        mode=mode,
-        data=data,
-        batch_weight=batch_weight,
-        distributed=distributed,
-        progress=prog,
+    f = front(fn, loss_fn, params, generator, mode, data, batch_weight, distributed, progress)
+    return f.op._unflatten(
+        run_estimator(entry, f.op, samples, f.generator, f.progress), f.structure
     )
-    return op._unflatten(run_estimator(entry, op, samples, gen, prog), structure)

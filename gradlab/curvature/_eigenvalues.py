@@ -12,11 +12,9 @@ from gradlab.curvature._args import (
     GeneratorArg,
     ParamsArg,
     ProgressArg,
-    check_generator,
 )
 from gradlab.curvature._estimators import check_eigen, run_eigen
-from gradlab.curvature._operator import build
-from gradlab.curvature._progress import Progress
+from gradlab.curvature._operator import front
 from gradlab.curvature._results import Eigenpairs
 
 __all__ = ["Eigenpairs", "hessian_eigenvalues"]
@@ -84,16 +82,5 @@ def hessian_eigenvalues(
     """
     fn = "hessian_eigenvalues"
     entry = check_eigen(fn, method, k, max_iter, tol)
-    gen = check_generator(fn, generator)
-    prog = Progress(fn, progress)
-    op, _ = build(
-        fn,
-        loss_fn,
-        params,
-        mode=mode,
-        data=data,
-        batch_weight=batch_weight,
-        distributed=distributed,
-        progress=prog,
-    )
-    return run_eigen(fn, entry, op, k, max_iter, tol, gen, prog)
+    f = front(fn, loss_fn, params, generator, mode, data, batch_weight, distributed, progress)
+    return run_eigen(fn, entry, f.op, k, max_iter, tol, f.generator, f.progress)

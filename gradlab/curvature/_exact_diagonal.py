@@ -73,7 +73,8 @@ def hessian_exact_diagonal(op: HessianOperator) -> torch.Tensor:
     backpropagation, no products), and where it does not support the model (it returns
     ``None``), :math:`H_{jj} = e_j^\top H e_j` by n products. The batches are combined as
     :math:`\sum_b w_b \operatorname{diag} H_b / \sum_b w_b` and summed over ranks. Progress counts
-    n per batch either way.
+    the products that run: n per batch on the product path, none on the backprop path (its n are
+    taken off the total).
     """
     out = torch.zeros(op.n, dtype=op.dtype, device=op.device)
     if op._cache is not None:  # a kept graph: products on it
@@ -99,7 +100,7 @@ def hessian_exact_diagonal(op: HessianOperator) -> torch.Tensor:
                 op._used[i] += 1
             for i, d in enumerate(diag):
                 out[op.offsets[i] : op.offsets[i + 1]].add_(d.reshape(-1).to(op.dtype), alpha=w)
-            op._count(op.n)
+            op._skip(op.n)  # none of the n products counted for this batch ran
         else:
             graph = op._graph_of(closure)  # a fresh forward: the recorded one may be spent
             if single:

@@ -1,7 +1,8 @@
 r"""Hutchinson's trace estimator and the Hutchinson-Bekas diagonal estimator.
 
-Rademacher probes :math:`z` drawn chunk by chunk from one seed (never all stored); every batch of
-the operator gets all of them in one pass. Cost: ``samples`` products.
+Rademacher probes :math:`z` drawn chunk by chunk from one seed (never all stored; see
+:mod:`gradlab.curvature._probes` for the draw); every batch of the operator gets all of them in
+one pass. Cost: ``samples`` products.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from gradlab.curvature._base import CurvatureOperator, Pieces
+from gradlab.curvature._probes import rademacher_chunks
 
 __all__ = ["hutchinson_diagonal", "hutchinson_trace"]
 
@@ -22,7 +24,7 @@ def hutchinson_trace(
     drawn chunk by chunk (never all stored) and every batch graph gets all of them in one pass.
     """
     acc = torch.zeros((), dtype=op.dtype, device=op.device)
-    chunks, draw = op._random_chunks(samples, seed)
+    chunks, draw = rademacher_chunks(op, samples, seed)
     masks = (
         None if rows is None else [m.reshape(s) for m, s in zip(rows.split(op.sizes), op.shapes)]
     )
@@ -42,7 +44,7 @@ def hutchinson_trace(
 def hutchinson_diagonal(op: CurvatureOperator, samples: int, seed: int) -> torch.Tensor:
     """:math:`\\frac1m \\sum_i z_i \\odot A z_i`, flat, with ``samples`` Rademacher probes."""
     out = torch.zeros(op.n, dtype=op.dtype, device=op.device)
-    chunks, vectors = op._random_chunks(samples, seed)
+    chunks, vectors = rademacher_chunks(op, samples, seed)
 
     def accumulate(c: int, V: Pieces, HV: Pieces, w: float) -> None:
         for i, (v, h) in enumerate(zip(V, HV)):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -42,16 +42,19 @@ from gradlab._errors import GraphError
 from gradlab.curvature import _distributed as dist_
 from gradlab.curvature._args import (
     BatchWeight,
+    GeneratorArg,
     ParamsArg,
+    ProgressArg,
     check_batch_weight,
     check_data,
     check_distributed,
+    check_generator,
     check_loss_closure,
     check_mode,
     check_params,
     param_names,
 )
-from gradlab.curvature._base import CurvatureOperator, Pieces
+from gradlab.curvature._base import CurvatureOperator, Pieces, _nothing
 from gradlab.curvature._exact_diagonal import hessian_exact_diagonal
 from gradlab.curvature._progress import Progress
 from gradlab.curvature._state import model_state
@@ -127,7 +130,7 @@ class HessianOperator(CurvatureOperator):
         self._mode = mode
         self._batched = self._chunk > 1
         self._checked = False  # unused parameters checked after the first pass
-        self._used = torch.zeros(len(self.params), dtype=torch.int64)
+        self._used = [0] * len(self.params)  # batches whose graph reaches each parameter
         if distributed:
             if data is None:
                 raise ValueError(
@@ -140,15 +143,24 @@ class HessianOperator(CurvatureOperator):
             for _ in self._states():
                 pass
 
+    def _set_progress(self, progress: Progress | None) -> None:
+        super()._set_progress(progress)
+        # the exact diagonal's backprop path takes the n products it does not run off the total
+        self._skip: Callable[[int], None] = progress.skip if progress else _nothing
+
     # ----------------------------------------------------------------------------------------
     # batches and graphs
 
     def _loss(self, batch: Any, index: int | None) -> torch.Tensor:
         fn = self._fn
-        with contextlib.ExitStack() as stack, torch.enable_grad():
-            for module in self._modules:
-                stack.enter_context(model_state(module, self._mode))
-            loss = self._loss_fn() if index is None else self._loss_fn(batch)
+        with torch.enable_grad():
+            if self._modules:
+                with contextlib.ExitStack() as stack:
+                    for module in self._modules:
+                        stack.enter_context(model_state(module, self._mode))
+                    loss = self._loss_fn() if index is None else self._loss_fn(batch)
+            else:  # tensors given as params: nothing to set or shield
+                loss = self._loss_fn() if index is None else self._loss_fn(batch)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(
@@ -160,6 +172,8 @@ class HessianOperator(CurvatureOperator):
                 f"{fn}: the loss does not depend on params (no grad_fn); check that loss_fn "
                 f"uses the parameters you passed, with grad enabled"
             )
+        if loss.dim() == 0:
+            return loss
         with torch.enable_grad():
             return loss.reshape(())
 
@@ -184,7 +198,9 @@ class HessianOperator(CurvatureOperator):
     def _check_unused(self) -> None:
         if self._checked:
             return
-        used = self._reduced(self._used.clone()) if self._distributed else self._used
+        used = self._used
+        if self._distributed:
+            used = self._reduced(torch.tensor(used, dtype=torch.int64)).tolist()
         missing = [self.names[i] for i in range(len(self.params)) if int(used[i]) == 0]
         if missing:
             raise GraphError(
@@ -237,10 +253,12 @@ class HessianOperator(CurvatureOperator):
         return super().apply(vs)
 
 
-def build(
+def operator(
     fn: str,
     loss_fn: Callable[..., torch.Tensor],
-    params: ParamsArg,
+    tensors: list[torch.Tensor],
+    names: list[str],
+    modules: list[nn.Module],
     *,
     mode: str | None,
     data: Any,
@@ -248,21 +266,20 @@ def build(
     distributed: bool,
     progress: Progress | None = None,
     eager: bool = False,
-) -> tuple[HessianOperator, Any]:
-    """Check the arguments every curvature function shares; the operator and the structure."""
+) -> HessianOperator:
+    """Check the options every curvature function shares; the operator on checked tensors."""
     check_mode(fn, mode)
-    tensors, structure = check_params(fn, params)
     data = check_data(fn, data)
     batch_weight = check_batch_weight(fn, batch_weight)
     check_distributed(fn, distributed)
     if batch_weight is not None and data is None:
         raise ValueError(f"{fn}: batch_weight= is only used with data=; pass data= too")
-    op = HessianOperator(
+    return HessianOperator(
         fn,
         loss_fn,
         tensors,
-        param_names(params, len(tensors)),
-        modules=[params] if isinstance(params, nn.Module) else [],
+        names,
+        modules=modules,
         mode=mode,
         data=data,
         batch_weight=batch_weight,
@@ -270,7 +287,56 @@ def build(
         progress=progress,
         eager=eager,
     )
-    return op, structure
+
+
+def _checked_params(
+    fn: str, params: ParamsArg, mode: str | None
+) -> tuple[list[torch.Tensor], Any, list[str], list[nn.Module]]:
+    """``params`` checked: its tensors, structure and names, and the module among them."""
+    check_mode(fn, mode)
+    tensors, structure = check_params(fn, params)
+    modules = [params] if isinstance(params, nn.Module) else []
+    return tensors, structure, param_names(params, len(tensors)), modules
+
+
+class Front(NamedTuple):
+    """What a ``hessian_*`` estimator's front end checks and builds (see :func:`front`)."""
+
+    op: HessianOperator
+    structure: Any  # how to shape a flat result like ``params`` (``op._unflatten``)
+    generator: torch.Generator | None
+    progress: Progress
+
+
+def front(
+    fn: str,
+    loss_fn: Callable[..., torch.Tensor],
+    params: ParamsArg,
+    generator: GeneratorArg,
+    mode: str | None,
+    data: Any,
+    batch_weight: Any,
+    distributed: bool,
+    progress: ProgressArg,
+) -> Front:
+    """The arguments every ``hessian_*`` estimator shares (in its signature's order), checked:
+    the generator, the progress counter and the operator counting on it."""
+    tensors, structure, names, modules = _checked_params(fn, params, mode)
+    gen = check_generator(fn, generator)
+    prog = Progress(fn, progress)
+    op = operator(
+        fn,
+        loss_fn,
+        tensors,
+        names,
+        modules,
+        mode=mode,
+        data=data,
+        batch_weight=batch_weight,
+        distributed=distributed,
+        progress=prog,
+    )
+    return Front(op, structure, gen, prog)
 
 
 def hessian_operator(
@@ -321,14 +387,17 @@ def hessian_operator(
         >>> H.shape, H.matvec(torch.tensor([1.0, 1.0]))
         ((2, 2), tensor([12., 48.]))
     """
-    op, _ = build(
-        "hessian_operator",
+    fn = "hessian_operator"
+    tensors, _, names, modules = _checked_params(fn, params, mode)
+    return operator(
+        fn,
         loss_fn,
-        params,
+        tensors,
+        names,
+        modules,
         mode=mode,
         data=data,
         batch_weight=batch_weight,
         distributed=distributed,
         eager=True,
     )
-    return op

@@ -19,7 +19,9 @@ class Progress:
     B. ``progress=True``: one status line on stderr, rewritten in place with ``\\r`` at most ten
     times a second (plus the first and the last update), ended by a newline. A callable: called
     as ``progress(done, total)`` after every batch of products. When a method stops early
-    (converged), the last update reports ``(done, done)``, so a bar ends full.
+    (converged), the last update reports ``(done, done)``, so a bar ends full. Products that a
+    method finds it does not need (the exact diagonal by Hessian backpropagation runs none) are
+    taken off the total as it finds so (:meth:`skip`): only products that run are counted.
     """
 
     interval = 0.1  # seconds between two printed updates
@@ -41,6 +43,7 @@ class Progress:
         self.total = 0
         self.products = 0
         self.done = 0
+        self.skipped = 0
         self.start = 0.0
         self.last = -math.inf
         self.width = 0
@@ -54,7 +57,8 @@ class Progress:
         """
         self.products = products
         total = products * (batches or 1)
-        self.total, self.done, self.start = total, 0, time.perf_counter()
+        self.total, self.done, self.skipped = total, 0, 0
+        self.start = time.perf_counter()
         if self.active and self.callback is None:
             self._print(final=False)
         try:
@@ -74,9 +78,20 @@ class Progress:
 
     def set_batches(self, batches: int) -> None:
         """The number of batches, once a first pass over data without ``len()`` has counted it."""
-        self.total = self.products * batches
+        self.total = self.products * batches - self.skipped
         if self.callback is not None:
             self.callback(self.done, self.total)
+
+    def skip(self, n: int) -> None:
+        """``n`` of the counted products will not run: the total shrinks by ``n``."""
+        if not self.active:
+            return
+        self.skipped += n
+        self.total = max(self.done, self.total - n)  # data without len(): fixed by set_batches
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+        elif time.perf_counter() - self.last >= self.interval:
+            self._print(final=False)
 
     def advance(self, n: int) -> None:
         if not self.active:
@@ -91,7 +106,10 @@ class Progress:
     def _print(self, *, final: bool) -> None:
         now = time.perf_counter()
         elapsed = now - self.start
-        line = f"{self.fn}: {self.done}/{self.total} Hessian-vector products, {elapsed:.1f} s"
+        line = f"{self.fn}: {self.done}/{self.total} Hessian-vector products"
+        if self.skipped:
+            line += f" ({self.skipped} not needed)"
+        line += f", {elapsed:.1f} s"
         if not final and self.done:
             line += f", ETA {elapsed / self.done * (self.total - self.done):.1f} s"
         sys.stderr.write("\r" + line.ljust(self.width) + ("\n" if final else ""))

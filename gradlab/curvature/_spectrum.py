@@ -12,11 +12,9 @@ from gradlab.curvature._args import (
     GeneratorArg,
     ParamsArg,
     ProgressArg,
-    check_generator,
 )
 from gradlab.curvature._estimators import check_spectrum, run_spectrum
-from gradlab.curvature._operator import build
-from gradlab.curvature._progress import Progress
+from gradlab.curvature._operator import front
 from gradlab.curvature._results import Spectrum
 
 __all__ = ["Spectrum", "hessian_spectrum"]
@@ -80,16 +78,5 @@ def hessian_spectrum(
     """
     fn = "hessian_spectrum"
     check_spectrum(fn, probes, steps, grid_size, sigma)
-    gen = check_generator(fn, generator)
-    prog = Progress(fn, progress)
-    op, _ = build(
-        fn,
-        loss_fn,
-        params,
-        mode=mode,
-        data=data,
-        batch_weight=batch_weight,
-        distributed=distributed,
-        progress=prog,
-    )
-    return run_spectrum(op, probes, steps, grid_size, sigma, gen, prog)
+    f = front(fn, loss_fn, params, generator, mode, data, batch_weight, distributed, progress)
+    return run_spectrum(f.op, probes, steps, grid_size, sigma, f.generator, f.progress)

@@ -14,10 +14,7 @@ from gradlab.curvature._args import (
     GeneratorArg,
     ParamsArg,
     ProgressArg,
-    check_batch_weight,
     check_choice,
-    check_data,
-    check_distributed,
     check_generator,
     check_mode,
     check_params,
@@ -26,7 +23,7 @@ from gradlab.curvature._args import (
 from gradlab.curvature._distributed import shared_seed
 from gradlab.curvature._estimators import TRACE_METHODS, check_estimator, run_estimator
 from gradlab.curvature._hutchinson import hutchinson_trace
-from gradlab.curvature._operator import HessianOperator, build
+from gradlab.curvature._operator import front, operator
 from gradlab.curvature._progress import Progress
 
 __all__ = ["hessian_trace", "hessian_trace_by_block"]
@@ -71,7 +68,8 @@ def hessian_trace(
         distributed: sum over the ranks of the ``torch.distributed`` group (each passes its shard).
         progress: ``True`` for a status line on stderr, or a callable ``progress(done, total)``
             (see the module docs); counts batches x Hessian-vector products (``samples``, or n
-            for ``"exact"``).
+            for ``"exact"``, less n for each batch done by Hessian backpropagation, which runs
+            none).
 
     Returns:
         A 0-dim tensor in the parameters' dtype.
@@ -88,19 +86,8 @@ def hessian_trace(
     """
     fn = "hessian_trace"
     entry = check_estimator(fn, TRACE_METHODS, method, samples)
-    gen = check_generator(fn, generator)
-    prog = Progress(fn, progress)
-    op, _ = build(
-        fn,
-        loss_fn,
-        params,
-        mode=mode,
-        data=data,
-        batch_weight=batch_weight,
-        distributed=distributed,
-        progress=prog,
-    )
-    return run_estimator(entry, op, samples, gen, prog)
+    f = front(fn, loss_fn, params, generator, mode, data, batch_weight, distributed, progress)
+    return run_estimator(entry, f.op, samples, f.generator, f.progress)
 
 
 def _blocks(
@@ -241,17 +228,12 @@ def hessian_trace_by_block(
                 union_names.append(label)
     if len({t.dtype for t in union}) > 1:
         raise TypeError(f"{fn}: the blocks mix dtypes; convert the model to one dtype")
-    data = check_data(fn, data)
-    batch_weight = check_batch_weight(fn, batch_weight)
-    if batch_weight is not None and data is None:
-        raise ValueError(f"{fn}: batch_weight= is only used with data=; pass data= too")
-    check_distributed(fn, distributed)
-    op = HessianOperator(
+    op = operator(
         fn,
         loss_fn,
         union,
         union_names,
-        modules=modules,
+        modules,
         mode=mode,
         data=data,
         batch_weight=batch_weight,

@@ -168,6 +168,119 @@ def test_convolutions_equal_dense_hessian_diagonal(act, padding, stride, dilatio
     _assert_equal(got, _dense_diagonal(mse, lo2, x[..., :6, :6], ["0.weight", "0.bias"]))
 
 
+_POOLS = {
+    "max-overlapping-padded": lambda: nn.MaxPool2d(3, stride=2, padding=1),
+    "max-dilated-ceil": lambda: nn.MaxPool2d(2, stride=2, dilation=2, ceil_mode=True),
+    "avg": lambda: nn.AvgPool2d(2),
+    "avg-padded-exclude-ceil": lambda: nn.AvgPool2d(
+        3, stride=2, padding=1, ceil_mode=True, count_include_pad=False
+    ),
+    "avg-divisor": lambda: nn.AvgPool2d(2, stride=1, divisor_override=3),
+    "adaptive-avg": lambda: nn.AdaptiveAvgPool2d((3, 2)),
+    "adaptive-max": lambda: nn.AdaptiveMaxPool2d(3),
+}
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+@pytest.mark.parametrize("pool", list(_POOLS))
+def test_pooling_equals_dense_hessian_diagonal(pool, act, monkeypatch, device):
+    # conv (stride 2, padding) -> act -> pool -> act -> conv -> flatten -> linear: tanh puts a
+    # residual term before the pooling, which its transposed map then carries
+    Act = {"relu": nn.ReLU, "tanh": nn.Tanh}[act]
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        Act(),
+        _POOLS[pool](),
+        Act(),
+        nn.Conv2d(3, 2, 1),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    ).double()
+    model = model.to(device)
+    x = torch.randn(5, 2, 11, 11, dtype=torch.float64, device=device)
+    model(x)  # materialise the lazy layer
+    lo = _losses(5, 3, device)["ce-mean"]
+    ref = _dense_diagonal(model, lo, x)
+    _assert_equal(exact_diagonal(lambda: lo(model(x)), list(model.parameters())), ref)
+    monkeypatch.setattr(_backprop, "_CHUNK_ELEMENTS", 1)  # one sample per chunk
+    _assert_equal(exact_diagonal(lambda: lo(model(x)), list(model.parameters())), ref)
+    # the pooling's own full and factored maps (forced), with an MSE loss (no square root)
+    mse = _losses(5, 3, device)["mse-sum"]
+    ref = _dense_diagonal(model, mse, x)
+    for forced in (lambda self: 0, lambda self: 10**9):
+        monkeypatch.setattr(_backprop._Curvature, "width_after", forced)
+        _assert_equal(exact_diagonal(lambda: mse(model(x)), list(model.parameters())), ref)
+
+
+def test_pooling_first_and_last_in_the_chain_and_returning_indices():
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 6, 6, dtype=torch.float64)
+    # pooling before the first layer (outside the chain) and on the chain's output
+    model = nn.Sequential(
+        nn.MaxPool2d(2), nn.Conv2d(1, 2, 2), nn.Sigmoid(), nn.AvgPool2d(2)
+    ).double()
+    t = torch.randn(4, 2, 1, 1, dtype=torch.float64)
+
+    def lo(o):
+        return F.mse_loss(o, t)
+
+    _assert_equal(
+        exact_diagonal(lambda: lo(model(x)), list(model.parameters())),
+        _dense_diagonal(model, lo, x),
+    )
+    # a max pooling that returns its indices (a tuple) is not a chain module: it becomes part
+    # of the loss, whose per-sample Hessian autograd then finds
+    indices = nn.Sequential(nn.Conv2d(1, 2, 2), nn.MaxPool2d(2, return_indices=True)).double()
+
+    def lo2(o):
+        return o[0].square().sum()
+
+    _assert_equal(
+        exact_diagonal(lambda: lo2(indices(x)), list(indices.parameters())),
+        _dense_diagonal(indices, lo2, x),
+    )
+
+
+class _SharedPool(nn.Module):  # one pooling and one activation module, each called twice
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 2, 3), nn.Conv2d(2, 3, 3)
+        self.pool, self.act = nn.MaxPool2d(2), nn.Tanh()
+        self.flat, self.fc = nn.Flatten(), nn.Linear(3 * 2 * 2, 4)
+
+    def forward(self, x):
+        x = self.pool(self.act(self.c1(x)))
+        return self.fc(self.flat(self.pool(self.act(self.c2(x)))))
+
+
+def test_pooling_module_called_twice(device):
+    torch.manual_seed(0)
+    model = _SharedPool().double().to(device)
+    x = torch.randn(5, 1, 14, 14, dtype=torch.float64, device=device)
+    lo = _losses(5, 4, device)["ce-mean"]
+    _assert_equal(
+        exact_diagonal(lambda: lo(model(x)), list(model.parameters())),
+        _dense_diagonal(model, lo, x),
+    )
+
+
+def test_pooling_does_not_run_the_users_hooks():
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 2)
+    ).double()
+    calls = []
+    handle = model[2].register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64)
+    lo = _losses(3, 2, torch.device("cpu"))["ce-sum"]
+    try:
+        got = exact_diagonal(lambda: lo(model(x)), list(model.parameters()))
+    finally:
+        handle.remove()
+    assert calls == [1]  # the forward pass only
+    _assert_equal(got, _dense_diagonal(model, lo, x))
+
+
 class _Functional(nn.Module):  # activations as functions, one activation module reused
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -466,3 +579,21 @@ def test_hessian_diagonal_exact_takes_the_fast_path(monkeypatch):
     slow = gl.hessian_diagonal(lambda: lo(model(x)), model, method="exact")
     _assert_equal(list(slow.values()), ref)
     assert products  # and that one did run products
+
+
+def test_public_api_uses_the_cross_entropy_closed_form(monkeypatch):
+    # the operator hands exact_diagonal its loss reshaped to a 0-d view: the closed form must
+    # see through it (else C + 1 autograd products through the loss run instead)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).double()
+    x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    lo = _losses(6, 3, torch.device("cpu"))["ce-mean"]
+    ref = _dense_diagonal(model, lo, x)
+
+    def refuse(*args):
+        raise AssertionError("autograd's loss Hessian was used")
+
+    monkeypatch.setattr(_backprop, "_output_hessian", refuse)
+    diag = gl.hessian_diagonal(lambda: lo(model(x)), model, method="exact")
+    _assert_equal(list(diag.values()), ref)
+    reshaped = exact_diagonal(lambda: lo(model(x)).reshape(1).reshape(()), list(model.parameters()))
+    _assert_equal(reshaped, ref)

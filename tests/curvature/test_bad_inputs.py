@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import pytest
 import torch
 from torch import nn
@@ -86,3 +89,45 @@ def test_by_block_refuses_only_parameterless_blocks():
         gl.hessian_trace_by_block(
             lambda: nn.functional.cross_entropy(model(x), y), {"act": model[1]}
         )
+
+
+def _f3(a, /, b, *args, c):
+    pass
+
+
+def _f6(a, b, *, c=1, d):
+    pass
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda: 0,
+        lambda batch: 0,
+        lambda batch=1, *rest: 0,
+        lambda batch, *, scale=2.0: 0,
+        lambda *, key: 0,
+        _f3,
+        _f6,
+        functools.partial(lambda a, b: 0, 1),
+        functools.wraps(lambda a: 0)(lambda *a, **k: 0),
+    ],
+)
+def test_loss_closure_arity_read_from_code_agrees_with_inspect_signature(fn):
+    # the fast path for plain functions reads the code object; inspect.signature is the reference
+    from gradlab.curvature._args import _positional
+
+    required = accepted = 0
+    expected: tuple[int, int] | None = None
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            expected = (required, 1 << 30)
+            break
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            accepted += 1
+            required += p.default is p.empty
+        elif p.kind is p.KEYWORD_ONLY and p.default is p.empty:
+            break
+    else:
+        expected = (required, accepted)
+    assert _positional(fn) == expected

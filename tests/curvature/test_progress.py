@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
 
 import gradlab as gl
 from tests.curvature._helpers import _setup
@@ -122,3 +123,55 @@ def test_progress_line_is_ended_when_the_run_fails(capsys):
         raise RuntimeError("boom")
     err = capsys.readouterr().err
     assert err.endswith("\n") and err.count("\n") == 1  # the shell prompt starts on a new line
+
+
+def _backprop_problem():
+    # on the Hessian-backprop fast path (no BatchNorm): the exact diagonal runs no products
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    batches = [
+        (torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 2, (5,))) for _ in range(3)
+    ]
+
+    def loss_fn(batch):
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y)
+
+    return model, batches, loss_fn, sum(p.numel() for p in model.parameters())
+
+
+def test_exact_diagonal_by_backprop_counts_only_products_that_run(monkeypatch):
+    from gradlab._derivatives._hvp_engine import GradGraph
+
+    def no_products(*args, **kwargs):
+        raise AssertionError("a Hessian-vector product ran")
+
+    monkeypatch.setattr(GradGraph, "hvp", no_products)
+    model, batches, loss_fn, n = _backprop_problem()
+    seen: list[tuple[int, int]] = []
+    gl.hessian_diagonal(
+        loss_fn, model, method="exact", data=batches, progress=lambda *a: seen.append(a)
+    )
+    assert seen == [(0, 2 * n), (0, n), (0, 0)]  # each batch takes its n products off the total
+    seen.clear()
+    gl.hessian_trace(
+        lambda: loss_fn(batches[0]), model, method="exact", progress=lambda *a: seen.append(a)
+    )
+    assert seen == [(0, 0)]
+
+    class Stream:  # no len(): the total is only known after the first pass
+        def __iter__(self):
+            return iter(batches)
+
+    seen.clear()
+    gl.hessian_diagonal(
+        loss_fn, model, method="exact", data=Stream(), progress=lambda *a: seen.append(a)
+    )
+    assert all(d == 0 and t >= 0 for d, t in seen) and seen[-1] == (0, 0)
+
+
+def test_exact_diagonal_by_backprop_status_line(capsys):
+    model, batches, loss_fn, n = _backprop_problem()
+    gl.hessian_diagonal(lambda: loss_fn(batches[0]), model, method="exact", progress=True)
+    final = capsys.readouterr().err.split("\r")[-1]
+    assert final.startswith(f"hessian_diagonal: 0/0 Hessian-vector products ({n} not needed), ")
