@@ -25,6 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from gradlab.curvature import _distributed as dist_
+from gradlab.curvature._probes import rademacher
 from gradlab.curvature._progress import Progress
 
 __all__ = ["CurvatureOperator"]
@@ -111,6 +112,9 @@ class CurvatureOperator:
     def _set_progress(self, progress: Progress | None) -> None:
         self._count: Callable[[int], None] = progress.advance if progress else _nothing
         self._on_batches: Callable[[int], None] = progress.set_batches if progress else _nothing
+        # a closed-form path (an exact diagonal by backpropagation) takes the n products it
+        # does not run off the total: progress counts what runs
+        self._skip: Callable[[int], None] = progress.skip if progress else _nothing
 
     def _with_progress(self, progress: Progress | None) -> CurvatureOperator:
         """A shallow copy counting its products on ``progress`` (the caller's is left alone)."""
@@ -505,29 +509,6 @@ class CurvatureOperator:
         return (
             f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
         )
-
-
-_BITS = 1 << 16  # from this many entries on, probes come from random bytes (8 signs per byte)
-
-
-def rademacher(
-    shape: Sequence[int], gen: torch.Generator, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Independent uniform signs +-1 of ``shape``, drawn from ``gen``.
-
-    Large draws take one random byte per 8 signs (its bits, unpacked), an eighth of the
-    generator calls of one ``randint`` per sign; small ones use ``randint`` (fewer kernels).
-    """
-    numel = math.prod(shape)
-    if numel < _BITS:
-        t = torch.randint(0, 2, tuple(shape), generator=gen, dtype=dtype, device=device)
-        return t.mul_(2).sub_(1)
-    masks = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
-    raw = torch.randint(
-        0, 256, ((numel + 7) // 8,), generator=gen, dtype=torch.uint8, device=device
-    )
-    bits = torch.bitwise_and(raw[:, None], masks).reshape(-1)[:numel]
-    return bits.to(dtype).sign_().mul_(2).sub_(1).reshape(tuple(shape))
 
 
 def _unaliased(hs: Pieces, vs: Pieces) -> Pieces:

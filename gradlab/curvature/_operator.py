@@ -54,7 +54,7 @@ from gradlab.curvature._args import (
     check_params,
     param_names,
 )
-from gradlab.curvature._base import CurvatureOperator, Pieces, _nothing
+from gradlab.curvature._base import CurvatureOperator, Pieces
 from gradlab.curvature._exact_diagonal import hessian_exact_diagonal
 from gradlab.curvature._progress import Progress
 from gradlab.curvature._state import model_state
@@ -142,11 +142,6 @@ class HessianOperator(CurvatureOperator):
         if eager and data is None:  # one graph, built now (errors show at once) and kept
             for _ in self._states():
                 pass
-
-    def _set_progress(self, progress: Progress | None) -> None:
-        super()._set_progress(progress)
-        # the exact diagonal's backprop path takes the n products it does not run off the total
-        self._skip: Callable[[int], None] = progress.skip if progress else _nothing
 
     # ----------------------------------------------------------------------------------------
     # batches and graphs

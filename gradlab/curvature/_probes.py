@@ -18,12 +18,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from gradlab.curvature._base import CurvatureOperator, Pieces
+# (no import of _base, not even for types: _base draws its probes from here)
+Pieces = list[torch.Tensor]
 
 __all__ = ["rademacher", "rademacher_chunks"]
 
@@ -70,9 +70,7 @@ def rademacher(
     return signs.reshape(-1)[:numel].view(shape)
 
 
-def rademacher_chunks(
-    op: CurvatureOperator, m: int, seed: int
-) -> tuple[int, Callable[[int], Pieces]]:
+def rademacher_chunks(op: Any, m: int, seed: int) -> tuple[int, Callable[[int], Pieces]]:
     """``m`` Rademacher vectors as ``(chunks, vectors)`` for the operator's ``_sweep``.
 
     Each chunk is one draw of ``(rows, n)`` signs split into per-parameter pieces
