@@ -244,6 +244,105 @@ def _derivative_variants(x: torch.Tensor, k: int) -> dict[str, Callable[[], obje
     return fns
 
 
+def _grad_pairs(dev: torch.device) -> dict[str, dict[str, Callable[[], object]]]:
+    """``gl.grad`` against ``torch.autograd.grad`` on an overhead-bound graph (an MLP of 4
+    Linear(16) + Tanh layers, batch 8: a call of about a hundred microseconds, most of it
+    Python and dispatch), w.r.t. the input and w.r.t. the parameters. Each call builds the
+    graph again (forward, mean of squares) and differentiates it."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(4):
+        layers += [nn.Linear(16, 16), nn.Tanh()]
+    mlp = nn.Sequential(*layers).to(dev)
+    x = torch.randn(8, 16, device=dev, requires_grad=True)
+    params = list(mlp.parameters())
+    return {
+        "gl.grad w.r.t. the input, MLP 4x16 b=8": {
+            "torch.autograd.grad": lambda: torch.autograd.grad(mlp(x).pow(2).mean(), x),
+            "gl.grad": lambda: gl.grad(mlp(x).pow(2).mean(), x),
+        },
+        "gl.grad w.r.t. 8 parameters, MLP 4x16 b=8": {
+            "torch.autograd.grad": lambda: torch.autograd.grad(mlp(x).pow(2).mean(), params),
+            "gl.grad": lambda: gl.grad(mlp(x).pow(2).mean(), params),
+        },
+    }
+
+
+def _hvp_pair(
+    hidden: int, batch: int, dev: torch.device
+) -> tuple[int, dict[str, Callable[[], object]]]:
+    """``gl.hvp`` (``"auto"``, which runs double backward) against the same double backward
+    written out by hand, on the same functional cross-entropy loss of an MLP 784-hidden-10
+    w.r.t. its parameter dict: (number of parameters, the two variants)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, hidden), nn.Tanh(), nn.Linear(hidden, 10)).to(dev)
+    fm = gl.functional(model)
+    params = fm.params
+    x = torch.randn(batch, 784, device=dev)
+    y = torch.randint(0, 10, (batch,), device=dev)
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    names, p_list, v_list = list(params), list(params.values()), list(v.values())
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(fm(p, x), y)
+
+    def hand() -> object:
+        ps = [p.detach().requires_grad_(True) for p in p_list]
+        value = loss(dict(zip(names, ps)))
+        g = torch.autograd.grad(value, ps, create_graph=True)
+        hv = torch.autograd.grad(g, ps, v_list)
+        return value.detach(), dict(zip(names, hv))
+
+    n = sum(p.numel() for p in p_list)
+    return n, {"hand-written double backward": hand, "gl.hvp": lambda: gl.hvp(loss, params, v)}
+
+
+def _thin_wrappers(ctx: Context) -> Table:
+    """gl.grad / torch.autograd.grad (target <= 1.10x) and gl.hvp / a hand-written double
+    backward (target <= 1.05x at ~100k and ~1M parameters), one torch thread."""
+    table = Table(
+        "Thin wrappers against the torch code they wrap, one thread",
+        ["case", "variant", "median_s", "ratio", "target"],
+        notes=[
+            "ratio: median over turns of time(variant) / time(baseline), the two alternating in "
+            "runs of 8 calls, the first not recorded (time_alternating, block=8, skip=1); "
+            "torch.set_num_threads(1) for this table. gl.grad: each call builds the graph "
+            "(forward, mean of squares) and differentiates it. gl.hvp: strategy 'auto' at its "
+            "steady state (it runs double backward), against the same double backward of the "
+            "same functional loss written out (detached leaves, autograd.grad with "
+            "create_graph=True, then autograd.grad(g, params, v)).",
+        ],
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cases: list[tuple[str, str, dict[str, Callable[[], object]], float]] = [
+            (case, "torch.autograd.grad", fns, 1.10)
+            for case, fns in _grad_pairs(ctx.device).items()
+        ]
+        for hidden in (128, 1270):
+            n, fns = _hvp_pair(hidden, 64, ctx.device)
+            case = f"gl.hvp, MLP 784-{hidden}-10 ({n:,} params) b=64"
+            cases.append((case, "hand-written double backward", fns, 1.05))
+        for case, base, fns, target in cases:
+            ctx.progress(case)
+            _settle({"auto": fns["gl.hvp"]} if "gl.hvp" in fns else {})
+            timings, ratios = time_alternating(
+                fns, ctx=ctx, baseline=base, rounds=ctx.rounds, block=8, skip=1
+            )
+            for name in fns:
+                table.add(
+                    case=case,
+                    variant=name,
+                    median_s=timings[name].median,
+                    ratio=ratios[name],
+                    target="-" if name == base else judge(ratios[name], at_most=target),
+                )
+    finally:
+        torch.set_num_threads(threads)
+    return table
+
+
 def run(ctx: Context) -> list[Table]:
     dev = ctx.device
     summary: list[dict[str, object]] = []
@@ -385,7 +484,9 @@ def run(ctx: Context) -> list[Table]:
         t_auto.notes.append(
             f"{col.split('_')[0]}: worst {worst[col]:.3f}x ({worst['case']}); target <= {target}x"
         )
-    return [t_h, t_j, t_v, t_d, t_auto]
+    ctx.progress("thin wrappers")
+    t_thin = _thin_wrappers(ctx)
+    return [t_h, t_j, t_v, t_d, t_auto, t_thin]
 
 
 SUITE = Suite(
