@@ -77,6 +77,11 @@ class _Trial:
         order = (self.challenger, self.baseline) if pair % 2 else (self.baseline, self.challenger)
         return order[second]
 
+    def undo(self) -> None:
+        """Give back the turn just taken (a call whose time is not recorded)."""
+        with self.lock:
+            self.turn -= 1
+
     def record(self, name: str, seconds: float) -> float | None:
         """Add one call's time; the median ratio baseline/challenger once the trial is over
         (after ``_TRIAL_PAIRS`` pairs, or sooner when the challenger is clearly slower)."""
@@ -193,7 +198,10 @@ def autotune(enabled: bool) -> Iterator[None]:
     9 pairs, the challenger replaces the strategy in place if the median time ratio of the
     pairs exceeds ``1.1``; the trial ends after the first pair whose running median shows the
     challenger slower by more than ``1.1x``, so a clearly slower challenger costs one call of
-    its own time. Then the next challenger's trial starts, against the winner. Once no
+    its own time. A forward-mode challenger's first run on a function also checks that the
+    function runs no code with grad mode off (which forward mode would differentiate through),
+    which makes that run slower: it is not timed. Then the next challenger's trial starts,
+    against the winner. Once no
     challenger is left, every call runs the chosen strategy once. A function whose key changes on
     every call (it closes over a list it appends to) is measured for its first 16 signatures per
     operation, then runs the heuristic.
@@ -449,6 +457,13 @@ def _trial_call(op: Operation, problem: Problem, key: tuple, entry: _Entry, fkey
     name = trial.next()
     if op.auto_safe(name) != name:  # forward mode while other threads are alive: not timed
         return op.run_with_fallback(op.auto_safe(name), problem, fkey)[1]
+    if op.probes(name, fkey):  # its first forward-mode run is probed: slower, not timed
+        trial.undo()
+        used, result = op.run_with_fallback(name, problem, fkey)
+        if used != name:
+            winner = trial.baseline if name == trial.challenger else trial.challenger
+            _next(key, entry, winner, f"trial: {name!r} fell back")
+        return result
     devices = problem.devices()
     _sync(devices)
     t0 = _registry.clock()

@@ -223,6 +223,11 @@ class Operation(Generic[P]):
     def candidate_names(self, problem: P) -> Sequence[str]:
         return self.names if self.candidates is None else self.candidates(problem)
 
+    def probes(self, strategy: str, fkey: Any) -> bool:
+        """Whether running ``strategy`` now runs the grad-mode probe (the first forward-mode run
+        of the function): a run several times slower than the strategy's own cost."""
+        return strategy in self.forward_ad and (self.name, fkey) not in _PROBED
+
     def run(self, strategy: str, problem: P, fkey: Any = None) -> Any:
         """Run one strategy (no fallback); forward-mode ones under the forward-AD lock.
 

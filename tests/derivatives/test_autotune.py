@@ -746,3 +746,41 @@ def test_measuring_leaves_grad_mode_and_forward_ad_as_they_were(op, monkeypatch)
     assert torch._C._functorch.peek_interpreter_stack() is None
     _, tangent = torch.func.jvp(torch.sin, (x.detach(),), (torch.ones(5, dtype=torch.float64),))
     torch.testing.assert_close(tangent, torch.cos(x.detach()))  # no level left entered
+
+
+def test_a_probed_forward_mode_run_is_not_timed(monkeypatch):
+    """A forward-mode challenger's first run carries the grad-mode probe (a TorchFunctionMode,
+    several times slower): the trial runs it untimed and times the next one, so the probe does
+    not decide against it."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    from gradlab._derivatives import _registry
+
+    clock = _FakeClock()
+    ran = []
+
+    def strategy(name, cost):
+        def run(p):
+            probed = bool(_get_current_function_mode_stack())
+            ran.append((name, probed))
+            clock.now += cost + (10.0 if probed else 0.0)
+            return name
+
+        return run
+
+    op = _registry.Operation(
+        name="fake-forward",
+        strategies={"h": strategy("h", 2.0), "c": strategy("c", 1.0)},
+        first="h",
+        heuristic=lambda p, r: "h",
+        fallback={"c": "h"},
+        forward_ad=frozenset({"c"}),
+    )
+    monkeypatch.setattr(_registry, "clock", clock)
+    problem = _FakeProblem(lambda: None)
+    with gl.autotune(True):
+        _until_decided(lambda: _autotune.run_auto(op, problem))
+    assert ran[:4] == [("h", False), ("h", False), ("c", True), ("c", False)]
+    assert [n for n, probed in ran if probed] == ["c"]  # probed once, never timed
+    (entry,) = [e for k, e in _autotune._CACHE.items() if k[0] == "fake-forward"]
+    assert entry.choice == "c", entry.note
