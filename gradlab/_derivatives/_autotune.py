@@ -185,9 +185,13 @@ def autotune(enabled: bool) -> Iterator[None]:
 
     **The bound:** a key's first call costs at most ``2.5 T`` plus one row (order) of an abandoned
     candidate, and in every operation of gradlab at most ``2 T`` plus one row, since each has at
-    most one candidate that runs in steps (``T`` is a call of the heuristic, except for
-    ``jacobian``, whose first call runs ``"reverse"``). A call of a function used once costs
-    nothing more.
+    most one candidate that runs in steps (``T`` is a call of the heuristic). The exception is a
+    ``jacobian`` whose heuristic turns out to be ``"forward"``: its first call ran ``"reverse"``
+    (to learn the output size) and times nothing more: it costs one ``"reverse"`` call, which
+    for a Jacobian with many more outputs than inputs can cost several ``"forward"`` calls. A
+    call of a function used once costs nothing more. (``jacobian`` does not try the other
+    direction at all where the output and input sizes differ by more than 2x: there the
+    heuristic's direction is known to win.)
 
     **The next calls** try the rest, one challenger at a time: a vectorised candidate not timed
     yet, or a stopped-midway one that beat ``T`` by more than ``1.1x`` in the first call (a
@@ -420,8 +424,8 @@ def _measure(
     end = clock() + _BUDGET * t_ran
     won: dict[str, float] = {}
     for n in names:
-        if n not in op.steps or n == ran:
-            continue
+        if n not in op.steps or n == ran or ran != baseline:
+            continue  # (a first run of another strategy than the heuristic: nothing to beat)
         now = clock()
         limit = min(end, now + t_ran / MARGIN)  # slower than this, it cannot win
         if end - now < _MIN_SLOT:

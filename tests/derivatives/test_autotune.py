@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 
@@ -784,3 +785,20 @@ def test_a_probed_forward_mode_run_is_not_timed(monkeypatch):
     assert [n for n, probed in ran if probed] == ["c"]  # probed once, never timed
     (entry,) = [e for k, e in _autotune._CACHE.items() if k[0] == "fake-forward"]
     assert entry.choice == "c", entry.note
+
+
+def test_a_first_run_of_another_strategy_times_nothing(monkeypatch):
+    """jacobian's case: the first call runs a strategy ("r") that turns out not to be the
+    heuristic ("h"); there is no heuristic time to beat, so no loop is timed, and "r" (already
+    run once) is tried against "h" on the next calls."""
+    from gradlab._derivatives import _registry
+
+    ran = []
+    op, clock = _fake_op({"h": 1.0, "r": 1.5, "loop": 0.5}, ran, loops=("loop",))
+    op = dataclasses.replace(op, first="r")
+    monkeypatch.setattr(_registry, "clock", clock)
+    with gl.autotune(True):
+        _autotune.run_auto(op, _FakeProblem(lambda: None))
+    assert ran == ["r"]
+    (entry,) = [e for k, e in _autotune._CACHE.items() if k[0] == "fake"]
+    assert entry.trial is not None and (entry.trial.baseline, entry.trial.challenger) == ("h", "r")
