@@ -10,15 +10,21 @@ Cases (the matrix of issue 3):
   ``F.linear`` and with ``W @ x``;
 * Jacobians 512 -> 16 and 16 -> 512 of ``tanh(W x)``;
 * HVP of an MLP (784-128-10) cross-entropy loss w.r.t. its ~100k parameters at batch 64 and 512;
-* k-th derivative of ``tanh`` (elementwise) for k = 1..8: cost per strategy and growth per order.
+* k-th derivative of ``tanh`` (elementwise) for k = 1..8: cost per strategy and growth per order;
+* thin wrappers, one thread: ``gl.grad`` against ``torch.autograd.grad`` on an overhead-bound MLP
+  (target <= 1.10x) and ``gl.hvp`` against the same double backward written out, at 101,770 and
+  1,009,660 parameters (target <= 1.05x).
 
 The strategies timed are the registries' (``gradlab._derivatives.OPERATIONS``), so a new strategy
-appears here without touching this file. ``auto`` is timed after its one-time measurement (which
-happens in the warm-up call), i.e. at its steady-state cost: key, cache look-up and the chosen
+appears here without touching this file. ``auto`` is timed after its measurement (the first call
+and its trials, run before timing), i.e. at its steady-state cost: key, cache look-up and the chosen
 strategy. ``heuristic`` is ``auto`` with measurement off (``gl.autotune(False)``): the documented
-heuristic at the same look-up cost. The last table gives ``auto/best`` and ``heuristic/best`` per
+heuristic at the same look-up cost. The summary table gives ``auto/best`` and ``heuristic/best`` per
 case (targets: <= 1.1x and <= 1.5x on an idle machine), best being the fastest other variant,
 measured again with auto and heuristic alone.
+Its ``first_call_ratio`` (target <= 3x) is a key's first ``auto`` call over a steady one, and
+``worst_trial_call_ratio`` the slowest of the calls after it that try the challengers the first
+call did not run (``help(gradlab.autotune)``).
 """
 
 from __future__ import annotations
