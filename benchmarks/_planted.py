@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CASES", "Case", "caught_by_gradlab", "caught_by_torch"]
+__all__ = ["CASES", "Case", "caught_by_gradlab", "caught_by_torch", "tanh_affine", "tanh_problem"]
 
 F64 = torch.float64
 Made = tuple[Callable[..., Any], tuple[torch.Tensor, ...]]
@@ -312,14 +312,47 @@ def _complex(bad: bool) -> Made:
 # ----------------------------------------------------------------------------- 9: classic
 
 
-def _one_entry(bad: bool) -> Made:
-    """``tanh(A @ x)`` (n = 64) whose backward is off by 1e-3 in Jacobian entry (21, 42)."""
-    n, (i, j), delta = 64, (21, 42), 1e-3
-    A = torch.randn(n, n, dtype=F64, generator=_gen(n)) / n**0.5
-    onehot = torch.zeros(n, dtype=F64)
+def tanh_affine(
+    A: torch.Tensor,
+    *,
+    style: str = "new",
+    wrong: tuple[int, int] | None = None,
+    delta: float = 0.0,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> tanh(A @ x)`` as a custom ``autograd.Function`` whose backward adds ``delta`` to
+    Jacobian entry ``wrong = (i, j)`` (none when ``wrong`` is None).
+
+    The wrong vjp is ``J^T g + delta * g[i] * e_j``, i.e. the Jacobian ``J + delta e_i e_j^T``.
+    ``style="old"``: ctx in forward (cannot be vmapped); ``"new"``: setup_context + vmap rule.
+    The one definition of this function: the ``checking`` suite's power table, the classic
+    planted bug below and the tests of :mod:`gradlab.testing` use it.
+    """
+    n = A.shape[1]
+    onehot = torch.zeros(n, dtype=A.dtype, device=A.device)
+    i, j = wrong if wrong is not None else (0, 0)
     onehot[j] = 1.0
 
-    class TanhAffine(torch.autograd.Function):
+    def vjp(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        gx = (g * (1 - y * y)) @ A
+        return gx + delta * g[..., i : i + 1] * onehot if wrong is not None else gx
+
+    if style == "old":
+
+        class Old(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):  # type: ignore[override]
+                y = torch.tanh(A @ x)
+                ctx.save_for_backward(y)
+                return y
+
+            @staticmethod
+            def backward(ctx, g):  # type: ignore[override]
+                (y,) = ctx.saved_tensors
+                return vjp(y, g)
+
+        return Old.apply
+
+    class New(torch.autograd.Function):
         generate_vmap_rule = True
 
         @staticmethod
@@ -333,11 +366,28 @@ def _one_entry(bad: bool) -> Made:
         @staticmethod
         def backward(ctx, g):  # type: ignore[override]
             (y,) = ctx.saved_tensors
-            gx = (g * (1 - y * y)) @ A
-            return gx + delta * g[..., i : i + 1] * onehot if bad else gx
+            return vjp(y, g)
 
+    return New.apply
+
+
+def tanh_problem(
+    n: int, dtype: torch.dtype = F64, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A well-scaled ``A`` (entries ~ 1/sqrt(n)) and ``x`` for :func:`tanh_affine` (seeded by n)."""
+    gen = _gen(n)
+    A = torch.randn(n, n, generator=gen, dtype=F64) / n**0.5
+    x = torch.randn(n, generator=gen, dtype=F64)
+    return A.to(dtype=dtype, device=device), x.to(dtype=dtype, device=device)
+
+
+def _one_entry(bad: bool) -> Made:
+    """``tanh(A @ x)`` (n = 64) whose backward is off by 1e-3 in Jacobian entry (21, 42)."""
+    n = 64
+    A = torch.randn(n, n, dtype=F64, generator=_gen(n)) / n**0.5
+    fn = tanh_affine(A, wrong=(21, 42) if bad else None, delta=1e-3)
     x = torch.randn(n, dtype=F64, generator=_gen(n + 1)).requires_grad_(True)
-    return TanhAffine.apply, (x,)
+    return fn, (x,)
 
 
 # ----------------------------------------------------------------------------- 10: in place

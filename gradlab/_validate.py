@@ -55,7 +55,6 @@ __all__ = [
     "check_choice",
     "check_float",
     "check_generator",
-    "check_in_range",
     "check_int",
     "check_nonnegative",
     "check_positive",
@@ -326,23 +325,6 @@ def check_nonnegative(
     if type(value) is float and 0.0 <= value < math.inf:  # the hot path
         return value
     return check_float(fn, name, value, low=0.0, fix=fix)
-
-
-def check_in_range(
-    fn: str,
-    name: str,
-    value: Any,
-    low: float,
-    high: float,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-    fix: str = "",
-) -> float:
-    """A float in ``[low, high]`` (``low_open``/``high_open`` exclude an end)."""
-    return check_float(
-        fn, name, value, low=low, high=high, low_open=low_open, high_open=high_open, fix=fix
-    )
 
 
 def check_probability(

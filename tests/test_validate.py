@@ -127,12 +127,14 @@ def test_check_positive_and_nonnegative() -> None:
 def test_check_float_ranges() -> None:
     assert v.check_float("f", "arg", math.inf, finite=False) == math.inf
     _raises(ValueError, lambda: v.check_float("f", "arg", math.nan, finite=False), "nan")
-    assert v.check_in_range("f", "arg", 1.0, 0.0, 1.0) == 1.0
+    assert v.check_float("f", "arg", 1.0, low=0.0, high=1.0) == 1.0
     text = _raises(
-        ValueError, lambda: v.check_in_range("f", "arg", 1.0, 0.0, 1.0, high_open=True), "1.0"
+        ValueError, lambda: v.check_float("f", "arg", 1.0, low=0.0, high=1.0, high_open=True), "1.0"
     )
     assert "in [0, 1)" in text
-    _raises(ValueError, lambda: v.check_in_range("f", "arg", 0.0, 0.0, 1.0, low_open=True), "0.0")
+    _raises(
+        ValueError, lambda: v.check_float("f", "arg", 0.0, low=0.0, high=1.0, low_open=True), "0.0"
+    )
     text = _raises(ValueError, lambda: v.check_float("f", "arg", 5.0, high=1.0), "5.0")
     assert "<= 1," in text
     assert v.check_probability("f", "arg", 0) == 0.0

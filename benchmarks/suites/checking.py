@@ -21,40 +21,8 @@ from collections.abc import Callable
 import torch
 
 from benchmarks._core import Context, Suite, Table, judge, time_interleaved
-from benchmarks._planted import CASES, caught_by_gradlab, caught_by_torch
+from benchmarks._planted import CASES, caught_by_gradlab, caught_by_torch, tanh_affine, tanh_problem
 from gradlab.testing import GradientCheckError, check_gradients
-
-
-def _planted(A: torch.Tensor, wrong: tuple[int, int], delta: float) -> Callable[..., torch.Tensor]:
-    """``tanh(A @ x)`` whose vjp adds ``delta * g[i]`` to ``grad[j]`` (Jacobian entry (i, j))."""
-    i, j = wrong
-    onehot = torch.zeros(A.shape[1], dtype=A.dtype, device=A.device)
-    onehot[j] = 1.0
-
-    class Planted(torch.autograd.Function):
-        generate_vmap_rule = True
-
-        @staticmethod
-        def forward(x):  # type: ignore[override]
-            return torch.tanh(A @ x)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):  # type: ignore[override]
-            ctx.save_for_backward(output)
-
-        @staticmethod
-        def backward(ctx, g):  # type: ignore[override]
-            (y,) = ctx.saved_tensors
-            return (g * (1 - y * y)) @ A + delta * g[..., i : i + 1] * onehot
-
-    return Planted.apply
-
-
-def _problem(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(n)
-    A = torch.randn(n, n, generator=gen, dtype=torch.float64) / n**0.5
-    x = torch.randn(n, generator=gen, dtype=torch.float64)
-    return A.to(device), x.to(device)
 
 
 def _caught_gradlab(fn: Callable[..., torch.Tensor], x: torch.Tensor, mode: str) -> bool:
@@ -99,7 +67,7 @@ def run(ctx: Context) -> list[Table]:
         ],
     )
     for n in sizes:
-        A, x = _problem(n, dev)
+        A, x = tanh_problem(n, device=dev)
 
         def fn(v: torch.Tensor, A: torch.Tensor = A) -> torch.Tensor:
             return torch.tanh(A @ v)
@@ -139,8 +107,8 @@ def run(ctx: Context) -> list[Table]:
         ((128, 1.0), (128, 1e-3), (512, 1.0), (512, 1e-3)),
     )
     for n, delta in cases:
-        A, x = _problem(n, dev)
-        bad = _planted(A, (n // 3, (2 * n) // 3), delta)
+        A, x = tanh_problem(n, device=dev)
+        bad = tanh_affine(A, wrong=(n // 3, (2 * n) // 3), delta=delta)
         label = f"n={n}, entry ({n // 3}, {(2 * n) // 3}) off by {delta:g}"
         ctx.progress(label)
         caught = {

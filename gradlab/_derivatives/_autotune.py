@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import math
 import os
 import statistics
 import threading
@@ -40,22 +39,25 @@ _CACHE_SIZE = 1024
 # A measured strategy replaces the heuristic only when the heuristic is slower by more than this
 # factor, in the first call's timing and again over the trial calls that follow.
 MARGIN = 1.1
-# The first call's measurement stops after this multiple of the time of the call's own run.
+# The first call's measurement of the candidates that stop midway stops after this multiple of
+# the time of the call's own run.
 _BUDGET = 1.5
 # A candidate costs Python time of its own before any work (setting up a torch.func transform:
 # on the order of 100 us on a CPU). No candidate is started with less than this much budget
 # left, so a call shorter than _MIN_SLOT / _BUDGET is not measured at all.
 _MIN_SLOT = 200e-6
-# The trial of a challenger: this many pairs of ordinary calls, one of each strategy.
+# The trial of a challenger: at most this many pairs of ordinary calls, one of each strategy.
 _TRIAL_PAIRS = 9
 
 
 class _Trial:
-    """A challenger that beat the heuristic in the first call's one-shot timing, confirmed (or
-    not) over the next ``2 * _TRIAL_PAIRS`` calls of the key: they run the two strategies in
-    turn (each call runs one of them, whose result it returns: no call is repeated) and the
-    median of the pairs' time ratios decides. Pairs are back to back and their order alternates,
-    so a drift of the machine's speed cancels out of the ratios."""
+    """A challenger tried against the strategy in place (the baseline) over the next calls of the
+    key: they run the two strategies in turn (each call runs one of them, whose result it
+    returns: no call is repeated) and the median of the pairs' time ratios decides, over at most
+    ``_TRIAL_PAIRS`` pairs; the trial ends after the first pair whose running median says the
+    challenger is slower by more than ``MARGIN`` (so a clearly slower challenger costs one call).
+    Pairs are back to back and their order alternates, so a drift of the machine's speed cancels
+    out of the ratios."""
 
     __slots__ = ("baseline", "challenger", "lock", "pending", "ratios", "turn")
 
@@ -75,16 +77,23 @@ class _Trial:
         order = (self.challenger, self.baseline) if pair % 2 else (self.baseline, self.challenger)
         return order[second]
 
+    def undo(self) -> None:
+        """Give back the turn just taken (a call whose time is not recorded)."""
+        with self.lock:
+            self.turn -= 1
+
     def record(self, name: str, seconds: float) -> float | None:
-        """Add one call's time; the median ratio heuristic/challenger once the trial is over."""
+        """Add one call's time; the median ratio baseline/challenger once the trial is over
+        (after ``_TRIAL_PAIRS`` pairs, or sooner when the challenger is clearly slower)."""
         with self.lock:
             self.pending[name] = seconds
             if len(self.pending) == 2:
                 h, c = self.pending[self.baseline], self.pending[self.challenger]
                 self.ratios.append(h / max(c, 1e-9))
                 self.pending.clear()
-            if len(self.ratios) >= _TRIAL_PAIRS:
-                return statistics.median(self.ratios)
+                median = statistics.median(self.ratios)
+                if len(self.ratios) >= _TRIAL_PAIRS or median * MARGIN < 1.0:
+                    return median
         return None
 
 
@@ -94,6 +103,7 @@ class _Entry:
     choice: str | None  # None: not decided yet (measurement off, busy, RNG used, or a trial)
     note: str
     trial: _Trial | None = None
+    queue: tuple[str, ...] = ()  # challengers whose trials follow this one
 
 
 _CACHE: dict[tuple, _Entry] = {}
@@ -169,33 +179,46 @@ def autotune(enabled: bool) -> Iterator[None]:
 
     **The first call** of a key runs the function once with the heuristic strategy (which gives the
     result returned; ``jacobian`` runs ``"reverse"`` on a key's first call, to learn the output size
-    its heuristic needs), timing that run (``T``). If measurement is on, it then runs each other
-    candidate strategy **once**, under a deadline, and never runs anything again for timing:
+    its heuristic needs), timing that run (``T``). If measurement is on, it then times the
+    candidates that run in steps and can be stopped midway (``"loop"`` of ``jacobian`` and
+    ``hessian``, nested ``"reverse"`` of ``derivative``), each **once**, under a deadline:
 
-    * the measurement stops starting candidates once it has spent ``1.5 T``, or when less than
-      200 microseconds of that budget is left (setting up a ``torch.func`` transform alone costs
-      on the order of 100 microseconds of Python; so a call shorter than about 130 microseconds
-      is not measured at all and runs its heuristic);
-    * a candidate is abandoned as soon as it is slower than the fastest so far (the heuristic:
-      ``1.1x`` the fastest), checked between the rows of the strategies that loop in Python
-      (``"loop"``, nested ``"reverse"``), which are the ones that can be tens of times slower; a
-      vectorised candidate (one ``vmap``/``jvp`` call) runs to its end and is dropped if late;
-    * ``jacobian`` does not time the other direction when the output and input sizes differ by
-      more than 2x (there the heuristic's direction is known to win).
+    * a candidate is abandoned, between two of its rows (orders), as soon as it can no longer
+      beat ``T`` by ``1.1x``; so it costs at most ``T / 1.1`` plus one row;
+    * nothing starts once ``1.5 T`` has been spent, or with less than 200 microseconds of that
+      left (setting up a ``torch.func`` transform alone costs on the order of 100 microseconds
+      of Python; so a call shorter than about 130 microseconds runs its heuristic only).
 
-    **The bound:** a first call costs at most ``2.5 T`` plus the overrun of one vectorised
-    candidate past its deadline (``T`` is a call of the heuristic, except for ``jacobian``, whose
-    first call runs ``"reverse"``). Calls too expensive to repeat are thus bounded by their own
-    cost: there is no fixed number of repetitions.
+    A candidate that is one vectorised call (``vmap``, ``jvp``: every other strategy) cannot be
+    stopped midway, and can be several times slower than the heuristic, so the first call never
+    runs it.
 
-    A single timing is noisy, so a challenger that beat the heuristic by more than ``1.1x`` in it
-    is not adopted at once: the next 18 calls of the key run the two in turn (each call runs one
-    strategy and returns its result: nothing is repeated, and no call is slower than the slower
-    of the two) and the challenger replaces the heuristic only if the median time ratio over
-    those 9 back-to-back pairs (order alternating, which cancels the machine's drift) exceeds
-    ``1.1``; otherwise the heuristic stands. Later calls run the chosen strategy once. A function
-    whose key changes on every call (it closes over a list it appends to) is measured for its first
-    16 signatures per operation, then runs the heuristic.
+    **The bound:** a key's first call costs at most ``2.5 T`` plus one row (order) of an abandoned
+    candidate, and in every operation of gradlab at most ``2 T`` plus one row, since each has at
+    most one candidate that runs in steps (``T`` is a call of the heuristic). The exception is a
+    ``jacobian`` whose heuristic turns out to be ``"forward"``: its first call ran ``"reverse"``
+    (to learn the output size) and times nothing more: it costs one ``"reverse"`` call, which
+    for a Jacobian with many more outputs than inputs can cost several ``"forward"`` calls. A
+    call of a function used once costs nothing more. (``jacobian`` does not try the other
+    direction at all where the output and input sizes differ by more than 2x: there the
+    heuristic's direction is known to win.)
+
+    **The next calls** try the rest, one challenger at a time: a vectorised candidate not timed
+    yet, or a stopped-midway one that beat ``T`` by more than ``1.1x`` in the first call (a
+    single timing is noisy). The key's next calls run the challenger and the strategy in place in
+    turn, each call running **one** strategy and returning its result (the same values: nothing
+    is repeated, and no call costs more than one run of the slower of the two), and time them in
+    back-to-back pairs whose order alternates (which cancels the machine's drift). After at most
+    9 pairs, the challenger replaces the strategy in place if the median time ratio of the
+    pairs exceeds ``1.1``; the trial ends after the first pair whose running median shows the
+    challenger slower by more than ``1.1x``, so a clearly slower challenger costs one call of
+    its own time. A forward-mode challenger's first run on a function also checks that the
+    function runs no code with grad mode off (which forward mode would differentiate through),
+    which makes that run slower: it is not timed. Then the next challenger's trial starts,
+    against the winner. Once no
+    challenger is left, every call runs the chosen strategy once. A function whose key changes on
+    every call (it closes over a list it appends to) is measured for its first 16 signatures per
+    operation, then runs the heuristic.
 
     **Random and stateful functions.** The global RNG state (CPU, and CUDA for the devices involved)
     is read, never written, around the single call that produces the result. If it changed, the
@@ -365,13 +388,13 @@ def run_auto(op: Operation, problem: Problem, validate: Callable[[], None] | Non
         return result
     _LOCAL.measuring = True
     try:
-        choice, note, trial = _measure(op, problem, heuristic, used, elapsed, devices)
+        choice, note, trial, queue = _measure(op, problem, heuristic, used, elapsed, devices)
         if not _same(before, _rng_states(devices)):
-            choice, note, trial = heuristic, "measured runs drew random numbers: kept", None
+            choice, note, trial, queue = heuristic, "measured runs drew random numbers", None, ()
     finally:
         _LOCAL.measuring = False
         _MEASURING.release()
-    _store(key, _Entry(heuristic, choice, note, trial))
+    _store(key, _Entry(heuristic, choice, note, trial, queue))
     with _CACHE_LOCK:
         _MEASURED[base] = _MEASURED.get(base, 0) + 1
     return result
@@ -407,19 +430,21 @@ def _measure(
     ran: str,
     t_ran: float,
     devices: Sequence[torch.device],
-) -> tuple[str | None, str, _Trial | None]:
-    """The first call's measurement: ``(choice or None, why, trial or None)``.
+) -> tuple[str | None, str, _Trial | None, tuple[str, ...]]:
+    """The first call's measurement: ``(choice or None, why, trial or None, queued challengers)``.
 
-    Each candidate runs once (the one the call already ran is not run again), in registry order,
-    under a deadline (:data:`~gradlab._derivatives._registry.DEADLINE`): the end of the budget
-    (``_BUDGET`` times the call's own run ``t_ran``), or sooner the time of the fastest so far
-    (for the heuristic, ``MARGIN`` times it), past which it cannot win and is abandoned (between
-    rows in the strategies that loop in Python; a vectorised candidate runs to its end and is
-    dropped when it returns late). The deadline is never checked from inside a torch function
-    or transform (a TorchFunctionMode raising there would skip torch's own clean-up, e.g. the
+    Only the candidates that stop midway (:attr:`Operation.steps`: they check
+    :data:`~gradlab._derivatives._registry.DEADLINE` between their rows or orders) are timed
+    here, each once, in registry order, under a deadline: the end of the budget (``_BUDGET``
+    times the call's own run ``t_ran``), or sooner the time of the fastest so far, past which it
+    cannot win and is abandoned. The deadline is never checked from inside a torch function or
+    transform (a TorchFunctionMode raising there would skip torch's own clean-up, e.g. the
     restoring of grad mode): only between whole autograd calls, where nothing is half done.
-    Once the budget is spent nothing more starts. If a challenger beat the heuristic by more than
-    ``MARGIN``, a :class:`_Trial` of the two confirms it over the next calls.
+
+    A candidate that runs as one vectorised call cannot be stopped, so it is not run here: it
+    is queued for a :class:`_Trial` over the key's next calls, as is a stopping candidate that
+    beat the call's own run by more than ``MARGIN``. With nothing queued the heuristic is the
+    choice at once.
     """
     # While other Python threads are alive, forward-mode candidates are neither timed nor
     # chosen: forward-AD levels are process-global in torch, so timing one could break a
@@ -427,41 +452,40 @@ def _measure(
     # represented by its reverse-mode fallback.
     baseline = op.auto_safe(heuristic)
     names = [
-        n for n in dict.fromkeys([baseline, *op.candidate_names(problem)]) if n == op.auto_safe(n)
+        n for n in dict.fromkeys(op.candidate_names(problem)) if n == op.auto_safe(n) != baseline
     ]
-    times = {ran: t_ran} if ran in names else {}
     clock = _registry.clock
     end = clock() + _BUDGET * t_ran
+    won: dict[str, float] = {}
     for n in names:
-        if n in times:
-            continue
+        if n not in op.steps or n == ran or ran != baseline:
+            continue  # (a first run of another strategy than the heuristic: nothing to beat)
         now = clock()
-        best = min(times.values(), default=math.inf)
-        limit = min(end, now + (MARGIN * best if n == baseline else best))
+        limit = min(end, now + t_ran / MARGIN)  # slower than this, it cannot win
         if end - now < _MIN_SLOT:
             break  # the budget is spent (or too short to start and abandon a candidate in)
         token = _registry.DEADLINE.set(limit)
         try:
             t = _time_once(functools.partial(op.run, n, problem), devices)
         except _registry.Abandoned:
-            t = math.inf
+            continue
         except Exception:  # this strategy cannot handle the function: not a candidate
             continue
         finally:
             _registry.DEADLINE.reset(token)
-        if now + t > limit:  # abandoned, or returned past its deadline
-            if n != baseline:
-                continue
-            t = limit - now  # the heuristic's time is at least this
-        times[n] = t
-    if baseline not in times:
-        return heuristic, "heuristic kept: not timed within the budget", None
-    challenger = min(times, key=lambda n: times[n])
-    ratio = times[baseline] / max(times[challenger], 1e-9)
-    if challenger == baseline or ratio <= MARGIN:
-        return heuristic, "heuristic kept: within the margin of the fastest", None
-    note = f"trial: {challenger!r} {ratio:.2f}x faster than {baseline!r} in one call"
-    return None, note, _Trial(baseline, challenger)
+        if now + t <= limit:
+            won[n] = t
+    queue = (
+        *sorted(won, key=lambda n: won[n]),
+        *(n for n in names if n not in op.steps),
+    )
+    if ran != baseline and ran in names and ran not in queue:
+        queue = (ran, *queue)  # jacobian: its first run used the other direction
+    if not queue:
+        return heuristic, "heuristic kept: no candidate within the margin of it", None, ()
+    timed = ", ".join(f"{n!r} {t_ran / won[n]:.2f}x faster" for n in won) or "none timed"
+    note = f"trial: {queue[0]!r} against {baseline!r} ({timed} in the first call)"
+    return None, note, _Trial(baseline, queue[0]), queue[1:]
 
 
 def _trial_call(op: Operation, problem: Problem, key: tuple, entry: _Entry, fkey: Any) -> Any:
@@ -471,27 +495,49 @@ def _trial_call(op: Operation, problem: Problem, key: tuple, entry: _Entry, fkey
     name = trial.next()
     if op.auto_safe(name) != name:  # forward mode while other threads are alive: not timed
         return op.run_with_fallback(op.auto_safe(name), problem, fkey)[1]
+    if op.probes(name, fkey):  # its first forward-mode run is probed: slower, not timed
+        trial.undo()
+        used, result = op.run_with_fallback(name, problem, fkey)
+        if used != name:
+            winner = trial.baseline if name == trial.challenger else trial.challenger
+            _next(key, entry, winner, f"trial: {name!r} fell back")
+        return result
     devices = problem.devices()
     _sync(devices)
     t0 = _registry.clock()
     used, result = op.run_with_fallback(name, problem, fkey)
     _sync(devices)
     seconds = _registry.clock() - t0
-    if used != name:  # one of the two cannot run every input of this key: the heuristic stays
-        _finish(key, _Entry(entry.heuristic, entry.heuristic, f"trial: {name!r} fell back"))
+    if used != name:  # one of the two cannot run every input of this key: it is out
+        winner = trial.baseline if name == trial.challenger else trial.challenger
+        _next(key, entry, winner, f"trial: {name!r} fell back")
         return result
     ratio = trial.record(name, seconds)
     if ratio is not None:
         won = ratio > MARGIN
-        verdict = "measured" if won else "heuristic kept"
-        note = f"{verdict}: {trial.challenger!r} {ratio:.2f}x faster than {trial.baseline!r}"
-        _finish(key, _Entry(entry.heuristic, trial.challenger if won else entry.heuristic, note))
+        verdict = "measured" if won else "kept"
+        note = (
+            f"{verdict}: {trial.challenger!r} {ratio:.2f}x faster than {trial.baseline!r} "
+            f"over {len(trial.ratios)} pairs of calls"
+        )
+        _next(key, entry, trial.challenger if won else trial.baseline, note)
     return result
 
 
-def _finish(key: tuple, entry: _Entry) -> None:
-    """Replace a trial's entry by its verdict (unless the cache was cleared meanwhile)."""
+def _next(key: tuple, entry: _Entry, winner: str, note: str) -> None:
+    """A trial is over: the next queued challenger's trial against ``winner``, or the choice."""
+    if entry.queue:
+        following = _Trial(winner, entry.queue[0])
+        note = f"{note}; trial: {entry.queue[0]!r} against {winner!r}"
+        _finish(key, entry, _Entry(entry.heuristic, None, note, following, entry.queue[1:]))
+    else:
+        _finish(key, entry, _Entry(entry.heuristic, winner, note))
+
+
+def _finish(key: tuple, old: _Entry, entry: _Entry) -> None:
+    """Replace a trial's entry by what follows it (unless the cache was cleared meanwhile, or
+    another thread ended the same trial first)."""
     with _CACHE_LOCK:
-        old = _CACHE.get(key)
-        if old is not None and old.trial is not None:
+        current = _CACHE.get(key)
+        if current is not None and current.trial is old.trial:
             _CACHE[key] = entry

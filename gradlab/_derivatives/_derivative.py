@@ -25,9 +25,9 @@ from gradlab._validate import check_bool, check_callable, check_int, check_tenso
 
 __all__ = ["DERIVATIVE", "DerivativeProblem", "derivative"]
 
-# Nested jvp costs at least 2^k; at k = 4 it is already far behind the other two, so "auto" does
+# Nested jvp costs at least 2^k; at k = 3 it is already far behind the other two, so "auto" does
 # not time it above this order.
-_FORWARD_MAX_ORDER = 3
+_FORWARD_MAX_ORDER = 2
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ DERIVATIVE: Operation[DerivativeProblem] = Operation(
     fallback={"taylor": "reverse", "forward": "reverse"},
     forward_ad=frozenset({"forward"}),
     candidates=_candidates,
+    steps=frozenset({"reverse"}),
 )
 
 

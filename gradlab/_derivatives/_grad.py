@@ -159,6 +159,23 @@ def _capture(store: dict[int, torch.Tensor], key: int):  # type: ignore[no-untyp
     return hook
 
 
+def _scalar_grad(
+    output: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    retain_graph: bool | None,
+    create_graph: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad`` of one scalar output (implicit weight 1), grad mode on."""
+    if torch.is_grad_enabled():
+        return torch.autograd.grad(
+            output, inputs, None, retain_graph, create_graph, allow_unused=True
+        )
+    with torch.enable_grad():
+        return torch.autograd.grad(
+            output, inputs, None, retain_graph, create_graph, allow_unused=True
+        )
+
+
 def grad(
     outputs: TensorOrTensors,
     inputs: TensorOrTensors,
@@ -214,27 +231,27 @@ def grad(
     """
     if (
         isinstance(outputs, torch.Tensor)
-        and isinstance(inputs, torch.Tensor)
         and grad_outputs is None
         and unused == "zeros"
         and outputs.requires_grad
-        and inputs.requires_grad
         and outputs.numel() == 1
         and outputs.is_floating_point()
     ):
-        # The common call, checked in a few attribute reads: one scalar output, one input.
+        # The common call, checked in a few attribute reads: one scalar output, one input or a
+        # list/tuple of inputs that all require grad (else the general path names the bad one).
         # torch.autograd.grad creates the implicit weight 1 itself; grad mode is switched on only
         # when it is off (the context manager costs a few microseconds a call).
-        if torch.is_grad_enabled():
-            (g,) = torch.autograd.grad(
-                outputs, inputs, None, retain_graph, create_graph, allow_unused=True
-            )
-        else:
-            with torch.enable_grad():
-                (g,) = torch.autograd.grad(
-                    outputs, inputs, None, retain_graph, create_graph, allow_unused=True
-                )
-        return torch.zeros_like(inputs) if g is None else g
+        if isinstance(inputs, torch.Tensor):
+            if inputs.requires_grad:
+                (g,) = _scalar_grad(outputs, (inputs,), retain_graph, create_graph)
+                return torch.zeros_like(inputs) if g is None else g
+        elif type(inputs) in (list, tuple) and inputs:
+            for t in inputs:
+                if not isinstance(t, torch.Tensor) or not t.requires_grad:
+                    break
+            else:
+                gs = _scalar_grad(outputs, inputs, retain_graph, create_graph)
+                return tuple([torch.zeros_like(t) if g is None else g for g, t in zip(gs, inputs)])
     outs, gos, ins = _prepare("grad", outputs, inputs, grad_outputs, unused)
     with torch.enable_grad():
         grads = torch.autograd.grad(

@@ -25,6 +25,8 @@ from gradlab._typing import PyTree
 
 __all__ = ["assemble", "jac_forward_chunked", "rows", "stand_ins", "wants_graph", "with_diff"]
 
+_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad  # type: ignore[attr-defined]
+
 
 def stand_ins(
     args: tuple, nums: tuple[int, ...], grad_on: bool
@@ -71,18 +73,21 @@ def wants_graph(
                 stack.append(o.grad_fn)
     # The nodes themselves, not their ids: torch 2.8 and 2.11 (not 2.13) make a new Python object
     # for a node at each access once the last one is freed, so an id can come back for another.
+    # This walk runs on every call of the autograd strategies: it asks a node's type, not for a
+    # ``variable`` attribute that all but the leaves lack (a raised AttributeError each).
     seen: set[Any] = set()
+    push = stack.append
+    leaf = _ACCUMULATE_GRAD
     while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
-        if variable is not None:
-            if id(variable) not in ours:
-                return True
-            continue
-        stack.extend(n for n, _ in node.next_functions if n is not None)
+        for n, _ in stack.pop().next_functions:
+            if n is None or n in seen:
+                continue
+            seen.add(n)
+            if type(n) is leaf:
+                if id(n.variable) not in ours:  # type: ignore[attr-defined]
+                    return True
+            else:
+                push(n)
     return False
 
 

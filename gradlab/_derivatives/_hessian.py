@@ -59,6 +59,7 @@ HESSIAN: Operation[ArgnumsProblem] = Operation(
     heuristic=_heuristic,
     fallback={"fwd-rev": "rev-rev"},
     forward_ad=frozenset({"fwd-rev"}),
+    steps=frozenset({"loop"}),
 )
 
 

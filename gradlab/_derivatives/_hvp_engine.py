@@ -10,9 +10,16 @@ themselves, once per product; batching (``batched=True``) is the caller's decisi
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
+
+
+def _grad_on() -> contextlib.AbstractContextManager:
+    """Grad mode on for a block: a no-op when it is on already (the usual case; entering
+    ``torch.enable_grad()`` costs microseconds on every product)."""
+    return contextlib.nullcontext() if torch.is_grad_enabled() else torch.enable_grad()
 
 
 class GradGraph:
@@ -28,13 +35,23 @@ class GradGraph:
 
     def __init__(self, value: torch.Tensor, inputs: Sequence[torch.Tensor]) -> None:
         self.inputs = list(inputs)
-        with torch.enable_grad():
+        with _grad_on():
             gs = torch.autograd.grad(value, self.inputs, create_graph=True, allow_unused=True)
-        self.unused = [i for i, g in enumerate(gs) if g is None]
-        self.used = [i for i, g in enumerate(gs) if g is not None and g.requires_grad]
-        self.grads = [gs[i] for i in self.used]
         self.first = list(gs)
-        self._used_inputs = [self.inputs[i] for i in self.used]
+        self.unused: list[int] = []
+        self.used: list[int] = []
+        for i, g in enumerate(gs):  # one pass: this runs on every gl.hvp call
+            if g is None:
+                self.unused.append(i)
+            elif g.requires_grad:
+                self.used.append(i)
+        self._all_used = len(self.used) == len(self.inputs)
+        if self._all_used:
+            self.grads = self.first
+            self._used_inputs = self.inputs
+        else:
+            self.grads = [gs[i] for i in self.used]
+            self._used_inputs = [self.inputs[i] for i in self.used]
 
     def hvp(
         self,
@@ -50,9 +67,21 @@ class GradGraph:
         computed in one vmapped backward (``is_grads_batched``). Inputs without a second-order
         path get zeros.
         """
+        if self._all_used:  # the usual case: no index mapping
+            with _grad_on():
+                hv = torch.autograd.grad(
+                    self.grads,  # type: ignore[arg-type]
+                    self.inputs,
+                    grad_outputs=list(vs),
+                    retain_graph=retain_graph or create_graph,
+                    create_graph=create_graph,
+                    allow_unused=True,
+                    is_grads_batched=batched,
+                )
+            return [torch.zeros_like(v) if h is None else h for h, v in zip(hv, vs)]
         out: list[torch.Tensor | None] = [None] * len(self.inputs)
         if self.used:
-            with torch.enable_grad():
+            with _grad_on():
                 hv = torch.autograd.grad(
                     self.grads,  # type: ignore[arg-type]
                     self._used_inputs,

@@ -72,6 +72,7 @@ JACOBIAN: Operation[ArgnumsProblem] = Operation(
     fallback={"forward": "reverse"},
     forward_ad=frozenset({"forward"}),
     candidates=_candidates,
+    steps=frozenset({"loop"}),
 )
 
 

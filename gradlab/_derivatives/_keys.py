@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["function_key", "signature"]
+__all__ = ["function_key", "leaf_signature", "signature"]
 
 # Nesting depth (closures of closures, containers in containers) beyond which a value is keyed
 # by identity: bounds the cost of a key and ends any cycle.
@@ -83,7 +83,8 @@ _Tensor = torch.Tensor
 _SCALARS = (int, float, bool, str, type(None))
 
 
-def _leaf_sig(x: Any) -> Any:
+def leaf_signature(x: Any) -> Any:
+    """Hashable description of one leaf: a tensor's shape, dtype, device and ``requires_grad``."""
     if isinstance(x, _Tensor):
         return (x.shape, x.dtype, x.device, x.requires_grad)  # torch.Size is a hashable tuple
     if isinstance(x, float):
@@ -126,14 +127,14 @@ def signature(tree: Any) -> tuple:
         return ("plain", _plain(tree, 0))
     except _NotPlain:
         leaves, spec = pytree.tree_flatten(tree)
-        return (str(spec), tuple(_leaf_sig(x) for x in leaves))
+        return (str(spec), tuple(leaf_signature(x) for x in leaves))
 
 
 def _value_key(v: Any, seen: set[int], depth: int) -> Any:
     if isinstance(v, _Tensor):
         return (v.shape, v.dtype, v.device, v.requires_grad)
     if isinstance(v, _SCALARS):
-        return _leaf_sig(v)
+        return leaf_signature(v)
     if depth >= _MAX_DEPTH:
         return _Ref(v)
     if callable(v):

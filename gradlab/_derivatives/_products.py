@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
 from gradlab._derivatives._checks import check_call, check_like, devices_of, primals, scalar
 from gradlab._derivatives._dispatch import dispatch
-from gradlab._derivatives._graph import stand_ins, wants_graph
+from gradlab._derivatives._graph import wants_graph
 from gradlab._derivatives._hvp_engine import GradGraph
-from gradlab._derivatives._keys import signature
+from gradlab._derivatives._keys import leaf_signature
 from gradlab._derivatives._registry import FORWARD_AD_LOCK, Operation
 from gradlab._derivatives._tree import flatten, unflatten
 from gradlab._typing import PyTree, TensorFn
@@ -71,15 +72,35 @@ class JVP(NamedTuple):
 
 @dataclass(frozen=True)
 class HvpProblem:
-    """A validated ``hvp`` call: ``f(*primals)``, tangents structured like the primals."""
+    """A validated ``hvp`` call: ``f(*primals)``, tangents structured like the primals.
+
+    The two trees are flattened once per call (:attr:`flat`), for the cache key and for
+    ``"double-backward"``: they are walked on every call, so once is what it costs.
+    """
 
     f: TensorFn
     primals: tuple
     tangents: tuple
     keep = None  # results keep a graph when grad mode is on (see Operation.run)
+    # (primal leaves, primal spec, tangent leaves, tangent spec) (_tree.flatten), set on creation
+    flat: tuple[list[Any], Any, list[Any], Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        p_leaves, p_spec = flatten(self.primals)
+        t_leaves, t_spec = flatten(self.tangents)
+        object.__setattr__(self, "flat", (p_leaves, p_spec, t_leaves, t_spec))
 
     def key(self) -> tuple:
-        return (signature(self.primals), signature(self.tangents), torch.is_grad_enabled())
+        """Both trees' structure and per-leaf shape, dtype, device and ``requires_grad``, and the
+        grad mode: everything the argument checks look at (see :func:`hvp`)."""
+        p_leaves, p_spec, t_leaves, t_spec = self.flat
+        return (
+            p_spec,
+            tuple([leaf_signature(t) for t in p_leaves]),
+            t_spec,
+            tuple([leaf_signature(t) for t in t_leaves]),
+            torch.is_grad_enabled(),
+        )
 
     def devices(self) -> Sequence[torch.device]:
         return devices_of(self.primals)
@@ -104,21 +125,28 @@ def _rev_rev(p: HvpProblem) -> tuple[Any, Any]:
 
 
 def _double_backward(p: HvpProblem) -> tuple[Any, Any]:
-    """The shared engine (:class:`GradGraph`, ``_hvp_engine.py``) behind a graph-rule wrapper."""
-    nums = tuple(range(len(p.primals)))
-    flat_t = flatten(p.tangents)[0]
+    """The shared engine (:class:`GradGraph`, ``_hvp_engine.py``) behind a graph-rule wrapper.
+
+    Written out (rather than with :func:`~gradlab._derivatives._graph.stand_ins`) because it runs
+    on every call of the common ``hvp``: the trees are flattened once (:attr:`HvpProblem.flat`),
+    and grad mode is switched on only when it is off.
+    """
+    p_leaves, spec, flat_t, _ = p.flat
     grad_on = torch.is_grad_enabled()
-    with torch.enable_grad():
-        full, zs, linked = stand_ins(p.primals, nums, grad_on)
-        value = scalar("hvp", p.f)(*full)
+    linked = grad_on and any(t.requires_grad for t in p_leaves)
+    zs = [
+        t.view_as(t) if linked and t.requires_grad else t.detach().requires_grad_(True)
+        for t in p_leaves
+    ]
+    with contextlib.nullcontext() if grad_on else torch.enable_grad():
+        value = scalar("hvp", p.f)(*unflatten(zs, spec))
         keep_value = wants_graph(grad_on, [value], zs, linked)  # v does not enter the value
         keep = keep_value or (grad_on and any(t.requires_grad for t in flat_t))
         if value.requires_grad:
             res = GradGraph(value, zs).hvp(flat_t, retain_graph=False, create_graph=keep)
         else:
             res = [torch.zeros_like(z) for z in zs]
-    spec = flatten(p.primals)[1]
-    return (value if keep_value else value.detach()), unflatten(list(res), spec)
+    return (value if keep_value else value.detach()), unflatten(res, spec)
 
 
 def _heuristic(p: HvpProblem, result: Any) -> str:

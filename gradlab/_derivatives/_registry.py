@@ -179,6 +179,11 @@ class Operation(Generic[P]):
             each must have a ``fallback`` that does not, which ``"auto"`` runs instead while other
             Python threads are alive (:meth:`auto_safe`).
         candidates: ``problem -> names`` worth timing (default: every strategy).
+        steps: strategies that run in steps (rows, orders) and call :func:`check_deadline`
+            between them, so that a timed run stops as soon as it cannot win: ``"auto"`` times
+            them in a key's first call. The others run as one vectorised call, which cannot be
+            stopped midway: ``"auto"`` tries them on the key's later calls instead, each such
+            call running one strategy and returning its result.
     """
 
     name: str
@@ -188,6 +193,7 @@ class Operation(Generic[P]):
     fallback: Mapping[str, str] = field(default_factory=dict)
     forward_ad: frozenset[str] = frozenset()
     candidates: Callable[[P], Sequence[str]] | None = None
+    steps: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         for name in self.forward_ad:
@@ -216,6 +222,11 @@ class Operation(Generic[P]):
 
     def candidate_names(self, problem: P) -> Sequence[str]:
         return self.names if self.candidates is None else self.candidates(problem)
+
+    def probes(self, strategy: str, fkey: Any) -> bool:
+        """Whether running ``strategy`` now runs the grad-mode probe (the first forward-mode run
+        of the function): a run several times slower than the strategy's own cost."""
+        return strategy in self.forward_ad and (self.name, fkey) not in _PROBED
 
     def run(self, strategy: str, problem: P, fkey: Any = None) -> Any:
         """Run one strategy (no fallback); forward-mode ones under the forward-AD lock.

@@ -4,7 +4,7 @@ The arguments are almost always a tensor, a tuple of tensors or a model's parame
 these helpers run on every call: ``torch.utils._pytree`` costs tens of microseconds per call on
 a parameter dict (spec objects, registry look-ups). :func:`flatten` walks tensors, tuples, lists
 and dicts directly (the same leaf order as ``pytree``: insertion order for dicts) and hands any
-other node to ``pytree``; its spec is a plain tuple, so two specs compare with ``==``.
+other node to ``pytree``; its spec is a plain tuple, so two specs compare with ``==`` and hash.
 """
 
 from __future__ import annotations
@@ -30,13 +30,38 @@ def _walk(tree: Any, leaves: list[Any]) -> Any:
         leaves.append(tree)
         return _LEAF
     t = type(tree)
-    if t is dict:
-        return (dict, tuple(tree), tuple([_walk(x, leaves) for x in tree.values()]))
-    if t is tuple or t is list:
-        return (t, len(tree), tuple([_walk(x, leaves) for x in tree]))
+    if t is dict or t is tuple or t is list:
+        specs = []
+        for x in tree.values() if t is dict else tree:
+            if isinstance(x, torch.Tensor):  # inline: most children are tensors
+                leaves.append(x)
+                specs.append(_LEAF)
+            else:
+                specs.append(_walk(x, leaves))
+        return (dict, tuple(tree), tuple(specs)) if t is dict else (t, len(tree), tuple(specs))
     sub, spec = pytree.tree_flatten(tree)
     leaves.extend(sub)
-    return ("pytree", spec, len(sub))
+    return ("pytree", _Spec(spec), len(sub))
+
+
+class _Spec:
+    """A ``pytree`` spec that hashes and compares by its text, so that every spec :func:`flatten`
+    returns can be part of a cache key (``TreeSpec`` hashes in some torch releases only)."""
+
+    __slots__ = ("spec", "text")
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.text = str(spec)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Spec) and self.text == other.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return self.text
 
 
 def unflatten(leaves: list[Any], spec: Any) -> Any:
@@ -52,4 +77,4 @@ def _build(it: Any, spec: Any) -> Any:
         return {k: _build(it, s) for k, s in zip(spec[1], spec[2])}
     if kind is tuple or kind is list:
         return kind(_build(it, s) for s in spec[2])
-    return pytree.tree_unflatten([next(it) for _ in range(spec[2])], spec[1])
+    return pytree.tree_unflatten([next(it) for _ in range(spec[2])], spec[1].spec)

@@ -116,15 +116,26 @@ def register_penalty(entry: PenaltyEntry) -> PenaltyEntry:
     return entry
 
 
-def twin_of(primary: Callable[P, Any]) -> Callable[[Callable[..., R]], Callable[P, R]]:
-    """Decorator: the decorated ``*_and_norms`` twin takes ``primary``'s parameters.
+def twin_of(
+    primary: Callable[P, Any], *, rename: dict[str, str] | None = None
+) -> Callable[[Callable[..., R]], Callable[P, R]]:
+    """Decorator: the decorated function takes ``primary``'s parameters.
 
-    The twin is written ``def twin(*args, **kwargs) -> PenaltyWithNorms`` with its own real
-    docstring, and gets ``primary``'s signature (and its own return annotation) for
-    :func:`inspect.signature`, :func:`help`, Sphinx and the type checker (through the
-    ``ParamSpec``), so the keyword list is written once, on the penalty.
+    The decorated function is written ``def f(*args, **kwargs) -> ...`` with its own real
+    docstring, and gets ``primary``'s signature (with its own return annotation, and the
+    parameters in ``rename`` renamed) for :func:`inspect.signature`, :func:`help`, Sphinx and the
+    type checker (through the ``ParamSpec``), so the keyword list is written once, on the
+    penalty: the ``*_and_norms`` twins take their penalty's, and
+    :func:`~gradlab.penalties.r2_penalty` takes :func:`~gradlab.penalties.r1_penalty`'s with
+    ``real`` renamed ``fake``.
     """
     signature = inspect.signature(primary)
+    if rename:
+        signature = signature.replace(
+            parameters=[
+                p.replace(name=rename.get(p.name, p.name)) for p in signature.parameters.values()
+            ]
+        )
 
     def decorate(twin: Callable[..., R]) -> Callable[P, R]:
         returns = inspect.signature(twin).return_annotation

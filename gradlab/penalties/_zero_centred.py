@@ -5,7 +5,7 @@ caller's forward pass (``outputs=``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -28,10 +28,16 @@ from gradlab.penalties._checks import (
     check_requires_grad,
     check_scaler,
 )
-from gradlab.penalties._core import exact_penalty, make_spec, penalty_of_outputs
+from gradlab.penalties._core import (
+    PenaltyWithNorms,
+    exact_penalty,
+    make_spec,
+    penalty_of_outputs,
+)
 from gradlab.penalties._finite_difference import DEFAULT_SIGMA, finite_difference_penalty
+from gradlab.penalties._registry import PenaltyEntry, register_penalty
 
-__all__ = ["zero_centred_penalty"]
+__all__ = ["register_zero_centred", "with_norms", "zero_centred_penalty"]
 
 
 def zero_centred_penalty(
@@ -119,3 +125,16 @@ def zero_centred_penalty(
         return penalty, sq
     kwargs = check_critic_kwargs(fn, critic_kwargs)  # the perturbed forward needs them too
     return finite_difference_penalty(spec, critic, xs, kwargs, outputs, step, generator)
+
+
+def with_norms(penalty: torch.Tensor, squared_norms: torch.Tensor) -> PenaltyWithNorms:
+    """What the ``*_and_norms`` twins of R1 and R2 return: the per-sample norms detached."""
+    return PenaltyWithNorms(penalty, squared_norms.detach().sqrt())
+
+
+def register_zero_centred(
+    name: str, fn: Callable[..., torch.Tensor], twin: Callable[..., PenaltyWithNorms], sample: str
+) -> PenaltyEntry:
+    """Register a zero-centred penalty on one sample argument (R1: ``"real"``, R2: ``"fake"``)."""
+    entry = PenaltyEntry(name, fn, (sample,), zero_centred=True, with_norms=twin, methods=METHODS)
+    return register_penalty(entry)

@@ -9,12 +9,13 @@ import torch
 
 from gradlab._typing import TensorFn, TensorOrTensors
 from gradlab.penalties._core import PenaltyWithNorms
-from gradlab.penalties._registry import PenaltyEntry, bind, register_penalty, twin_of
-from gradlab.penalties._zero_centred import zero_centred_penalty
+from gradlab.penalties._registry import bind, twin_of
+from gradlab.penalties._zero_centred import register_zero_centred, with_norms, zero_centred_penalty
 
 __all__ = ["r1_penalty", "r1_penalty_and_norms"]
 
 _R1 = ("r1_penalty", "real")  # the function and sample argument that messages name
+_R1_NORMS = "r1_penalty_and_norms"
 
 
 def r1_penalty(
@@ -145,17 +146,7 @@ def r1_penalty_and_norms(*args: Any, **kwargs: Any) -> PenaltyWithNorms:
         >>> penalty.shape, norms.shape
         (torch.Size([]), torch.Size([4]))
     """
-    penalty, sq = zero_centred_penalty(_R1, *bind("r1_penalty_and_norms", r1_penalty, args, kwargs))
-    return PenaltyWithNorms(penalty, sq.detach().sqrt())
+    return with_norms(*zero_centred_penalty(_R1, *bind(_R1_NORMS, r1_penalty, args, kwargs)))
 
 
-register_penalty(
-    PenaltyEntry(
-        "r1",
-        r1_penalty,
-        inputs=("real",),
-        zero_centred=True,
-        with_norms=r1_penalty_and_norms,
-        methods=("exact", "finite-difference"),
-    )
-)
+register_zero_centred("r1", r1_penalty, r1_penalty_and_norms, "real")

@@ -2,33 +2,22 @@ r"""R2: the zero-centred squared gradient norm on fake samples (exact or finite-
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from gradlab._typing import TensorFn, TensorOrTensors
 from gradlab.penalties._core import PenaltyWithNorms
-from gradlab.penalties._registry import PenaltyEntry, bind, register_penalty, twin_of
-from gradlab.penalties._zero_centred import zero_centred_penalty
+from gradlab.penalties._registry import bind, twin_of
+from gradlab.penalties._zero_centred import register_zero_centred, with_norms, zero_centred_penalty
+from gradlab.penalties.r1 import r1_penalty
 
 __all__ = ["r2_penalty", "r2_penalty_and_norms"]
 
 _R2 = ("r2_penalty", "fake")  # the function and sample argument that messages name
 
 
-def r2_penalty(
-    critic: TensorFn,
-    fake: TensorOrTensors,
-    *,
-    gamma: float = 10.0,
-    outputs: torch.Tensor | None = None,
-    critic_kwargs: Mapping[str, Any] | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    method: str = "exact",
-    sigma: float | None = None,
-    generator: torch.Generator | int | None = None,
-) -> torch.Tensor:
+@twin_of(r1_penalty, rename={"real": "fake"})
+def r2_penalty(*args: Any, **kwargs: Any) -> torch.Tensor:
     r"""The R2 regularizer: zero-centred squared gradient norm on fake samples.
 
     .. math::
@@ -75,9 +64,7 @@ def r2_penalty(
     References:
         Mescheder et al., "Which Training Methods for GANs do actually Converge?", ICML 2018.
     """
-    return zero_centred_penalty(
-        _R2, critic, fake, gamma, outputs, critic_kwargs, scaler, method, sigma, generator
-    )[0]
+    return zero_centred_penalty(_R2, *bind("r2_penalty", r2_penalty, args, kwargs))[0]
 
 
 @twin_of(r2_penalty)
@@ -94,17 +81,9 @@ def r2_penalty_and_norms(*args: Any, **kwargs: Any) -> PenaltyWithNorms:
         >>> out.penalty.shape, out.norms.shape
         (torch.Size([]), torch.Size([4]))
     """
-    penalty, sq = zero_centred_penalty(_R2, *bind("r2_penalty_and_norms", r2_penalty, args, kwargs))
-    return PenaltyWithNorms(penalty, sq.detach().sqrt())
-
-
-register_penalty(
-    PenaltyEntry(
-        "r2",
-        r2_penalty,
-        inputs=("fake",),
-        zero_centred=True,
-        with_norms=r2_penalty_and_norms,
-        methods=("exact", "finite-difference"),
+    return with_norms(
+        *zero_centred_penalty(_R2, *bind("r2_penalty_and_norms", r2_penalty, args, kwargs))
     )
-)
+
+
+register_zero_centred("r2", r2_penalty, r2_penalty_and_norms, "fake")

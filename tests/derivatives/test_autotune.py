@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 import gradlab as gl
-from gradlab._derivatives import HESSIAN, JACOBIAN, _autotune
+from gradlab._derivatives import HESSIAN, JACOBIAN, OPERATIONS, _autotune
 from gradlab._derivatives._keys import function_key
 
 
@@ -21,6 +22,16 @@ def _fresh_cache():
     gl.clear_autotune_cache()
 
 
+def _until_decided(call, limit=200):
+    """Call until no key is on trial (the first call, then the trials' calls, if any)."""
+    call()
+    for _ in range(limit):
+        if not any(e.trial is not None for e in list(_autotune._CACHE.values())):
+            return
+        call()
+    raise AssertionError(f"still on trial after {limit} calls")
+
+
 def test_auto_measures_once_and_caches():
     x = torch.randn(6)
     W = torch.randn(4, 6)
@@ -28,9 +39,10 @@ def test_auto_measures_once_and_caches():
     def f(z):
         return torch.tanh(W @ z)
 
-    def settle(g):  # the first call, then the calls of a trial if one started
-        for _ in range(1 + 2 * _autotune._TRIAL_PAIRS):
-            torch.testing.assert_close(gl.jacobian(g, x), torch.func.jacrev(g)(x))
+    def settle(g):  # the first call, then the calls of the trials if any started
+        _until_decided(
+            lambda: torch.testing.assert_close(gl.jacobian(g, x), torch.func.jacrev(g)(x))
+        )
 
     with gl.autotune(True):
         settle(f)
@@ -66,8 +78,7 @@ def test_cache_hit_runs_only_the_chosen_strategy():
     with gl.autotune(True):
         gl.jacobian(f, torch.randn(6))  # cache miss: one call, then the measurement
         measured = calls.n
-        for _ in range(2 * _autotune._TRIAL_PAIRS):  # a trial, if one started
-            gl.jacobian(f, torch.randn(6))
+        _until_decided(lambda: gl.jacobian(f, torch.randn(6)))  # the trials, if any
         (chosen,) = gl.autotune_choices().values()
         calls.n = 0
         gl.jacobian(f, torch.randn(6), strategy=chosen)
@@ -385,6 +396,7 @@ def _fake_op(costs, ran, loops=()):
         strategies={n: strategy(n) for n in costs},
         first="h",
         heuristic=lambda p, r: "h",
+        steps=frozenset(loops),
     )
     return op, clock
 
@@ -392,20 +404,20 @@ def _fake_op(costs, ran, loops=()):
 @pytest.mark.parametrize(
     ("costs", "loops", "timed", "spent", "trial"),
     [
-        # "c" returns past its deadline (the heuristic's 1.0) and is dropped; "slow" is a loop,
-        # abandoned at the first row past the budget's end (2.5)
-        ({"h": 1.0, "c": 1.25, "slow": 50.0}, ("slow",), ["c", "slow"], 1.625, None),
-        # within the margin (1.0 / 0.9375 = 1.07x): no trial
-        ({"h": 1.0, "c": 0.9375, "d": 1.125}, (), ["c", "d"], 2.0625, None),
-        # a tie: "d" would be allowed 1.0 but the budget ends sooner (2.5)
-        ({"h": 1.0, "c": 1.0, "d": 8.0}, ("d",), ["c", "d"], 1.625, None),
-        # a clearly faster challenger goes to a trial; "slow" is abandoned past the best (1.0)
-        ({"h": 2.0, "c": 1.0, "slow": 40.0}, ("slow",), ["c", "slow"], 2.125, "c"),
+        # "c" is vectorised: never run in the first call, tried on the next ones; "slow" is a
+        # loop, abandoned at the first row that cannot beat the heuristic's 1.0 by MARGIN
+        ({"h": 1.0, "c": 1.25, "slow": 50.0}, ("slow",), ["slow"], 1.0, "c"),
+        # only vectorised candidates: the first call runs nothing else
+        ({"h": 1.0, "c": 0.9375, "d": 1.125}, (), [], 0.0, "c"),
+        # a loop that beats the heuristic clearly goes to a trial
+        ({"h": 2.0, "slow": 1.0}, ("slow",), ["slow"], 1.0, "slow"),
+        # a loop abandoned and nothing else: the heuristic is the choice at once
+        ({"h": 1.0, "slow": 40.0}, ("slow",), ["slow"], 1.0, None),
     ],
 )
 def test_first_call_measurement_is_bounded(monkeypatch, costs, loops, timed, spent, trial):
-    """Each candidate runs once; the measurement spends at most 1.5x the first run (plus a
-    vectorised candidate's overrun) and abandons a loop as soon as it is slower than the best."""
+    """The first call runs the heuristic and times only the candidates that stop midway, each
+    once, abandoned as soon as they cannot win: it spends at most T / MARGIN plus one row."""
     from gradlab._derivatives import _registry
 
     ran = []
@@ -415,8 +427,8 @@ def test_first_call_measurement_is_bounded(monkeypatch, costs, loops, timed, spe
         assert _autotune.run_auto(op, _FakeProblem(lambda: None)) == "h"
     assert ran == ["h", *timed]  # one run each: nothing is timed twice
     assert clock.now - costs["h"] == pytest.approx(spent)
-    overrun = max((c for n, c in costs.items() if n not in loops and n != "h"), default=0.0)
-    assert clock.now - costs["h"] <= _autotune._BUDGET * costs["h"] + overrun + _ROW
+    assert clock.now - costs["h"] <= costs["h"] / _autotune.MARGIN + _ROW
+    assert clock.now - costs["h"] <= _autotune._BUDGET * costs["h"] + _ROW
     (entry,) = [e for k, e in _autotune._CACHE.items() if k[0] == "fake"]
     if trial is None:
         assert (entry.choice, entry.trial) == ("h", None), entry.note
@@ -424,12 +436,20 @@ def test_first_call_measurement_is_bounded(monkeypatch, costs, loops, timed, spe
         assert entry.choice is None and entry.trial.challenger == trial, entry.note
 
 
-@pytest.mark.parametrize(("trial_costs", "expected"), [((2.0, 1.0), "c"), ((1.0, 1.05), "h")])
+@pytest.mark.parametrize(
+    ("trial_costs", "calls", "expected"),
+    [
+        ((2.0, 1.0), 2 * _autotune._TRIAL_PAIRS, "c"),  # a clear winner: 9 pairs
+        ((1.0, 1.05), 2 * _autotune._TRIAL_PAIRS, "h"),  # within the margin: 9 pairs, kept
+        ((1.0, 2.0), 2, "h"),  # clearly slower: the trial ends after its first pair
+    ],
+)
 def test_trial_runs_each_call_once_and_decides_by_the_median_ratio(
-    monkeypatch, trial_costs, expected
+    monkeypatch, trial_costs, calls, expected
 ):
-    """After a one-shot win, the next 18 calls alternate the two strategies (one run per call)
-    and the median pair ratio decides: a fluke of the first timing is rejected."""
+    """A vectorised candidate is tried on the calls after the first, which alternate the two
+    strategies (one run per call, its result returned) and the median pair ratio decides; a
+    clearly slower challenger is dropped after one pair."""
     from gradlab._derivatives import _registry
 
     ran = []
@@ -438,22 +458,40 @@ def test_trial_runs_each_call_once_and_decides_by_the_median_ratio(
     problem = _FakeProblem(lambda: None)
     with gl.autotune(True):
         _autotune.run_auto(op, problem)
-        assert ran == ["h", "c"]
-        costs = dict(zip("hc", trial_costs))  # the costs in the trial (a fluke of the first?)
+        assert ran == ["h"]
+        costs = dict(zip("hc", trial_costs))
         for name in "hc":
             monkeypatch.setitem(
                 op.strategies, name, lambda p, n=name: ran.append(n) or _advance(clock, costs[n])
             )
         ran.clear()
-        for _ in range(2 * _autotune._TRIAL_PAIRS):
-            _autotune.run_auto(op, problem)
-        assert len(ran) == 2 * _autotune._TRIAL_PAIRS  # one strategy per call
-        assert ran[:4] == ["h", "c", "c", "h"]  # pairs in alternating order
+        for _ in range(calls):
+            assert _autotune.run_auto(op, problem) == "result"
+        assert len(ran) == calls  # one strategy per call
+        assert ran[:4] == ["h", "c", "c", "h"][:calls]  # pairs in alternating order
         (entry,) = [e for k, e in _autotune._CACHE.items() if k[0] == "fake"]
         assert entry.trial is None and entry.choice == expected, entry.note
         ran.clear()
         _autotune.run_auto(op, problem)
         assert ran == [expected]
+
+
+def test_trials_follow_one_another_against_the_winner(monkeypatch):
+    """Two vectorised candidates: "c" (slower) is dropped after a pair, then "d" (faster) is tried
+    against the heuristic and replaces it."""
+    from gradlab._derivatives import _registry
+
+    ran = []
+    op, clock = _fake_op({"h": 2.0, "c": 3.0, "d": 1.0}, ran)
+    monkeypatch.setattr(_registry, "clock", clock)
+    problem = _FakeProblem(lambda: None)
+    with gl.autotune(True):
+        for _ in range(1 + 2 + 2 * _autotune._TRIAL_PAIRS):
+            _autotune.run_auto(op, problem)
+    assert ran[:3] == ["h", "h", "c"]
+    assert ran[3:].count("d") == _autotune._TRIAL_PAIRS and "c" not in ran[3:]
+    (entry,) = [e for k, e in _autotune._CACHE.items() if k[0] == "fake"]
+    assert (entry.trial, entry.choice) == (None, "d"), entry.note
 
 
 def _advance(clock, seconds):
@@ -499,7 +537,7 @@ def test_a_call_too_short_to_measure_runs_no_candidate(monkeypatch):
 
     ran = []
     short = _autotune._MIN_SLOT / _autotune._BUDGET / 2
-    op, clock = _fake_op({"h": short, "c": short / 4}, ran)
+    op, clock = _fake_op({"h": short, "c": short / 4}, ran, loops=("c",))
     monkeypatch.setattr(_registry, "clock", clock)
     with gl.autotune(True):
         _autotune.run_auto(op, _FakeProblem(lambda: None))
@@ -552,9 +590,8 @@ def test_threads_same_function_default_strategy():
     assert errors == [] and len(results) == 40
     for h in results:
         torch.testing.assert_close(h, expected)
-    with gl.autotune(True):  # the calls of a trial, if the measurement started one
-        for _ in range(2 * _autotune._TRIAL_PAIRS):
-            torch.testing.assert_close(gl.hessian(f, x), expected)
+    with gl.autotune(True):  # the calls of the trials, if the measurement started any
+        _until_decided(lambda: torch.testing.assert_close(gl.hessian(f, x), expected))
     assert len(gl.autotune_choices()) == 1  # one choice for the one key
 
 
@@ -675,13 +712,20 @@ def test_auto_uses_forward_mode_when_its_thread_is_alone(monkeypatch):
 
 @pytest.mark.parametrize("op", ["jacobian", "hessian", "hvp", "derivative"])
 def test_measuring_leaves_grad_mode_and_forward_ad_as_they_were(op, monkeypatch):
-    """A first "auto" call measures every candidate (forward mode and abandoned loops included)
-    under torch.no_grad(): grad mode stays off, no forward-AD level is left entered, and the
-    functorch interpreter stack is empty afterwards."""
+    """The "auto" calls that measure (the first call, abandoned loops included, and the trials of
+    the other candidates, forward mode included) under torch.no_grad(): grad mode stays off, no
+    forward-AD level is left entered, and the functorch interpreter stack is empty afterwards."""
+    from gradlab._derivatives import _registry
+
     monkeypatch.setattr(_autotune, "_MIN_SLOT", 0.0)  # measure however short the call
-    timed = []
-    real = _autotune._time_once
-    monkeypatch.setattr(_autotune, "_time_once", lambda fn, d: timed.append(1) or real(fn, d))
+    ran = set()
+    real = _registry.Operation.run
+
+    def run(self, strategy, problem, fkey=None):
+        ran.add(strategy)
+        return real(self, strategy, problem, fkey)
+
+    monkeypatch.setattr(_registry.Operation, "run", run)
     W = torch.randn(5, 5, dtype=torch.float64)
     x = torch.randn(5, dtype=torch.float64, requires_grad=True)
 
@@ -695,10 +739,66 @@ def test_measuring_leaves_grad_mode_and_forward_ad_as_they_were(op, monkeypatch)
         "derivative": lambda: gl.derivative(torch.tanh, x, order=2),
     }
     with gl.autotune(True), torch.no_grad():
-        calls[op]()
-        assert not torch.is_grad_enabled()
-    assert timed  # candidates were timed
+        for _ in range(1 + 2 * _autotune._TRIAL_PAIRS * 3):
+            calls[op]()
+            assert not torch.is_grad_enabled()
+    assert ran == set(OPERATIONS[op].names)  # every strategy ran
     assert torch.is_grad_enabled()
     assert torch._C._functorch.peek_interpreter_stack() is None
     _, tangent = torch.func.jvp(torch.sin, (x.detach(),), (torch.ones(5, dtype=torch.float64),))
     torch.testing.assert_close(tangent, torch.cos(x.detach()))  # no level left entered
+
+
+def test_a_probed_forward_mode_run_is_not_timed(monkeypatch):
+    """A forward-mode challenger's first run carries the grad-mode probe (a TorchFunctionMode,
+    several times slower): the trial runs it untimed and times the next one, so the probe does
+    not decide against it."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    from gradlab._derivatives import _registry
+
+    clock = _FakeClock()
+    ran = []
+
+    def strategy(name, cost):
+        def run(p):
+            probed = bool(_get_current_function_mode_stack())
+            ran.append((name, probed))
+            clock.now += cost + (10.0 if probed else 0.0)
+            return name
+
+        return run
+
+    op = _registry.Operation(
+        name="fake-forward",
+        strategies={"h": strategy("h", 2.0), "c": strategy("c", 1.0)},
+        first="h",
+        heuristic=lambda p, r: "h",
+        fallback={"c": "h"},
+        forward_ad=frozenset({"c"}),
+    )
+    monkeypatch.setattr(_registry, "clock", clock)
+    problem = _FakeProblem(lambda: None)
+    with gl.autotune(True):
+        _until_decided(lambda: _autotune.run_auto(op, problem))
+    assert ran[:4] == [("h", False), ("h", False), ("c", True), ("c", False)]
+    assert [n for n, probed in ran if probed] == ["c"]  # probed once, never timed
+    (entry,) = [e for k, e in _autotune._CACHE.items() if k[0] == "fake-forward"]
+    assert entry.choice == "c", entry.note
+
+
+def test_a_first_run_of_another_strategy_times_nothing(monkeypatch):
+    """jacobian's case: the first call runs a strategy ("r") that turns out not to be the
+    heuristic ("h"); there is no heuristic time to beat, so no loop is timed, and "r" (already
+    run once) is tried against "h" on the next calls."""
+    from gradlab._derivatives import _registry
+
+    ran = []
+    op, clock = _fake_op({"h": 1.0, "r": 1.5, "loop": 0.5}, ran, loops=("loop",))
+    op = dataclasses.replace(op, first="r")
+    monkeypatch.setattr(_registry, "clock", clock)
+    with gl.autotune(True):
+        _autotune.run_auto(op, _FakeProblem(lambda: None))
+    assert ran == ["r"]
+    (entry,) = [e for k, e in _autotune._CACHE.items() if k[0] == "fake"]
+    assert entry.trial is not None and (entry.trial.baseline, entry.trial.challenger) == ("h", "r")

@@ -191,3 +191,28 @@ def test_the_fast_path_gives_autograd_grad(case):
         assert got.grad_fn is None
     (ref,) = torch.autograd.grad(y, x, retain_graph=True)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("container", [list, tuple])
+def test_the_fast_path_of_several_inputs_gives_autograd_grad(container):
+    """One scalar output and a list/tuple of inputs: the fast path returns what
+    torch.autograd.grad returns (a tuple), zeros for an unused input, bit for bit; an input
+    that does not require grad still gets the general path's error naming it."""
+    g = torch.Generator().manual_seed(0)
+    a, b, unused = (
+        torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3)
+    )
+    y = (a.sin() * b).sum()
+    got = gl.grad(y, container([a, b, unused]), retain_graph=True)
+    ref = torch.autograd.grad(y, [a, b], retain_graph=True)
+    assert isinstance(got, tuple) and len(got) == 3
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)
+    assert torch.equal(got[2], torch.zeros(3, dtype=torch.float64))
+    with torch.no_grad():
+        second = gl.grad(y, container([a, b]), create_graph=True, retain_graph=True)
+    assert all(t.requires_grad for t in second)  # create_graph under no_grad
+    with pytest.raises(
+        ValueError, match=r"grad: inputs\[1\] must be a tensor that requires grad, got tensor"
+    ):
+        gl.grad(y, container([a, torch.ones(3)]))

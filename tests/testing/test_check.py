@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import gradlab
+from benchmarks._planted import tanh_affine
+from benchmarks._planted import tanh_problem as problem
 from gradlab.testing import (
     GradientCheckError,
     GradientCheckReport,
@@ -16,7 +18,6 @@ from gradlab.testing import (
     check_gradients,
     numerical_jacobian,
 )
-from tests.testing._functions import problem, tanh_affine
 
 MODES = ["full", "fast"]
 STYLES = ["old", "new"]

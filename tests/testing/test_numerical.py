@@ -7,9 +7,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks._planted import tanh_affine
+from benchmarks._planted import tanh_problem as problem
 from gradlab.testing import check_gradients, numerical_jacobian
 from gradlab.testing import strategies as gst
-from tests.testing._functions import problem, tanh_affine
 
 
 def _autograd_jacobian(fn, *inputs):
