@@ -70,11 +70,14 @@ def unflatten(leaves: list[Any], spec: Any) -> Any:
 
 
 def _build(it: Any, spec: Any) -> Any:
-    if spec == _LEAF:
+    if spec is _LEAF:
         return next(it)
     kind = spec[0]
     if kind is dict:
-        return {k: _build(it, s) for k, s in zip(spec[1], spec[2])}
+        subs = spec[2]
+        if all(s is _LEAF for s in subs):  # a parameter dict: no recursion
+            return dict(zip(spec[1], it))
+        return {k: _build(it, s) for k, s in zip(spec[1], subs)}
     if kind is tuple or kind is list:
         return kind(_build(it, s) for s in spec[2])
     return pytree.tree_unflatten([next(it) for _ in range(spec[2])], spec[1].spec)
