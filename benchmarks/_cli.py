@@ -15,6 +15,7 @@ import pkgutil
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +157,10 @@ def run(args: argparse.Namespace) -> int:
                         "threads stall each other on busy CPUs",
                     )
             t0, c0 = time.perf_counter(), time.process_time()
+            quiet = progress.without_heartbeat() if suite.single_threaded else nullcontext()
             try:
-                tables: list[Table] = suite.run(ctx)
+                with quiet:
+                    tables: list[Table] = suite.run(ctx)
             finally:
                 torch.set_num_threads(threads)
             cuts = budget.report()

@@ -324,6 +324,10 @@ class Suite:
     run: Callable[[Context], list[Table]]
     devices: Sequence[str] = ("cpu", "cuda")
     seconds: Mapping[str, float] = field(default_factory=dict)
+    #: The suite times code that behaves differently while other Python threads are alive
+    #: (gradlab's ``strategy="auto"`` runs no forward mode then): the run's heartbeat thread is
+    #: paused for it, so that it measures a single-threaded program, as most users run.
+    single_threaded: bool = False
 
 
 @dataclass

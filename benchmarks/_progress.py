@@ -17,10 +17,11 @@ measurements beyond that), so the ETA follows the machine instead of sticking at
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TextIO
 
 from benchmarks._budget import BUDGET_FACTOR, Budget
@@ -70,12 +71,35 @@ class Progress:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._heartbeat = heartbeat
         self._sample_load()
-        if heartbeat > 0:
+        self._start_beat()
+
+    def _start_beat(self) -> None:
+        if self._heartbeat > 0:
+            self._stop = threading.Event()
             self._thread = threading.Thread(
-                target=self._beat, args=(heartbeat,), name="bench-heartbeat", daemon=True
+                target=self._beat,
+                args=(self._heartbeat, self._stop),
+                name="bench-heartbeat",
+                daemon=True,
             )
             self._thread.start()
+
+    @contextlib.contextmanager
+    def without_heartbeat(self) -> Iterator[None]:
+        """No heartbeat thread inside (a suite that needs the process single-threaded: see
+        :attr:`benchmarks._core.Suite.single_threaded`); progress lines still print."""
+        running = self._thread is not None
+        if running:
+            self._stop.set()
+            self._thread.join()  # type: ignore[union-attr]
+            self._thread = None
+        try:
+            yield
+        finally:
+            if running:
+                self._start_beat()
 
     @property
     def total(self) -> int:
@@ -132,15 +156,15 @@ class Progress:
         if load is not None:
             self.max_load = load[0] if self.max_load is None else max(self.max_load, load[0])
 
-    def _beat(self, every: float) -> None:
+    def _beat(self, every: float, stop: threading.Event) -> None:
         while True:
             with self._lock:
                 wait = every - (time.perf_counter() - self._last_line)
             if wait > 0:
-                if self._stop.wait(wait):
+                if stop.wait(wait):
                     return
                 continue
-            if self._stop.is_set():
+            if stop.is_set():
                 return
             self._sample_load()
             with self._lock:

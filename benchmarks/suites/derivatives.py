@@ -501,4 +501,5 @@ SUITE = Suite(
     description="Hessian / Jacobian / HVP / k-th derivative: every strategy, auto, torch's own",
     run=run,
     seconds={"quick": 38, "default": 83, "full": 355},
+    single_threaded=True,  # auto runs no forward mode while other threads are alive
 )

@@ -200,7 +200,20 @@ def _norm_sq(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dic
                 ]
             )
         else:
-            out["weight"] = _grad_by_groups(module, a, d).flatten(1).square().sum(1)
+            # formed a few samples at a time: each chunk's per-sample gradients are no larger
+            # than the layer's input, which autograd holds anyway (the norms step's peak memory
+            # stays that of a plain step)
+            b = a.shape[0]
+            chunk = max(1, min(b, a.numel() // max(1, module.weight.numel())))
+            out["weight"] = torch.cat(
+                [
+                    _grad_by_groups(module, a[k : k + chunk], d[k : k + chunk])
+                    .flatten(1)
+                    .square()
+                    .sum(1)
+                    for k in range(0, b, chunk)
+                ]
+            )
     if "bias" in names:
         out["bias"] = _bias_grad(module, a, d).square().sum(1)
     return out

@@ -26,7 +26,12 @@ __all__ = ["seq_dot", "seq_grad", "seq_moments", "seq_norm_sq"]
 
 
 def seq_grad(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``a (B, G, T, I)``, ``d (B, G, T, O)`` -> per-sample ``(B, G, O, I)``."""
+    """``a (B, G, T, I)``, ``d (B, G, T, O)`` -> per-sample ``(B, G, O, I)``.
+
+    One position: an outer product by broadcasting (a batched matrix product with an inner
+    dimension of 1 writes the same ``B O I`` numbers about 8% slower on CPU)."""
+    if a.shape[2] == 1:
+        return d[:, :, 0, :, None] * a[:, :, 0, None, :]
     return d.transpose(-1, -2) @ a
 
 

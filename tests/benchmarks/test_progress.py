@@ -40,3 +40,27 @@ def test_heartbeat_repeats_the_last_message() -> None:
     n = len(out.getvalue())
     time.sleep(0.15)
     assert len(out.getvalue()) == n  # closed: no more lines
+
+
+def test_no_heartbeat_thread_inside_a_single_threaded_suite() -> None:
+    # gradlab's auto runs no forward mode while another Python thread is alive: a suite that
+    # measures it (derivatives) runs with the heartbeat paused, then the heartbeat resumes
+    from gradlab._derivatives._registry import only_thread
+
+    out = io.StringIO()
+    p = Progress(["a"], heartbeat=0.05, stream=out)
+    try:
+        p.begin("a")
+        assert not only_thread()
+        with p.without_heartbeat():
+            assert only_thread()
+            p("inside")  # progress lines still print
+            time.sleep(0.15)
+            during = out.getvalue()
+        assert not only_thread()
+        p("after")
+        time.sleep(0.2)
+    finally:
+        p.close()
+    assert "] inside" in during and "inside ... still running" not in during
+    assert "after ... still running" in out.getvalue()
