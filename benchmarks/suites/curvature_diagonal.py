@@ -276,5 +276,5 @@ SUITE = Suite(
     name="curvature_diagonal",
     description="exact Hessian diagonal: Hessian backprop vs BackPACK DiagHessian vs HVPs",
     run=run,
-    seconds={"quick": 2, "default": 26},
+    seconds={"quick": 2, "default": 31},
 )

@@ -230,5 +230,5 @@ SUITE = Suite(
     name="curvature_operators",
     description="GGN matvec, KFAC construction and the exact GGN diagonal vs curvlinops/BackPACK",
     run=run,
-    seconds={"quick": 8},  # an estimate (12 s measured at load 5.6 on 2 CPUs)
+    seconds={"quick": 8, "default": 37},  # quick: an estimate (12 s at load 5.6 on 2 CPUs)
 )

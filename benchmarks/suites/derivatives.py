@@ -500,6 +500,6 @@ SUITE = Suite(
     name="derivatives",
     description="Hessian / Jacobian / HVP / k-th derivative: every strategy, auto, torch's own",
     run=run,
-    seconds={"quick": 38, "default": 83, "full": 355},
+    seconds={"quick": 38, "default": 115, "full": 355},
     single_threaded=True,  # auto runs no forward mode while other threads are alive
 )

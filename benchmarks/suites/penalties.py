@@ -359,5 +359,5 @@ SUITE = Suite(
         "R1 exact vs finite-difference"
     ),
     run=run,
-    seconds={"quick": 8, "default": 35},
+    seconds={"quick": 8, "default": 39},
 )

@@ -325,5 +325,5 @@ SUITE = Suite(
     description="Per-sample gradient norms, moments and gradients (gradlab.per_sample) vs a "
     "plain step, vmap(grad), BackPACK and Opacus",
     run=run,
-    seconds={"quick": 9, "default": 150, "full": 900},
+    seconds={"quick": 9, "default": 145, "full": 900},
 )

@@ -191,7 +191,7 @@ def autotune(enabled: bool) -> Iterator[None]:
 
     A candidate that is one vectorised call (``vmap``, ``jvp``: every other strategy) cannot be
     stopped midway, and can be several times slower than the heuristic, so the first call never
-    runs it.
+    runs it; nor a stepped one with a single step (``derivative`` of order 1).
 
     **The bound:** a key's first call costs at most ``2.5 T`` plus one row (order) of an abandoned
     candidate, and in every operation of gradlab at most ``2 T`` plus one row, since each has at
@@ -457,8 +457,9 @@ def _measure(
     clock = _registry.clock
     end = clock() + _BUDGET * t_ran
     won: dict[str, float] = {}
+    stepped = op.stepped(problem)
     for n in names:
-        if n not in op.steps or n == ran or ran != baseline:
+        if n not in stepped or n == ran or ran != baseline:
             continue  # (a first run of another strategy than the heuristic: nothing to beat)
         now = clock()
         limit = min(end, now + t_ran / MARGIN)  # slower than this, it cannot win
@@ -477,7 +478,7 @@ def _measure(
             won[n] = t
     queue = (
         *sorted(won, key=lambda n: won[n]),
-        *(n for n in names if n not in op.steps),
+        *(n for n in names if n not in stepped),
     )
     if ran != baseline and ran in names and ran not in queue:
         queue = (ran, *queue)  # jacobian: its first run used the other direction

@@ -95,6 +95,7 @@ DERIVATIVE: Operation[DerivativeProblem] = Operation(
     forward_ad=frozenset({"forward"}),
     candidates=_candidates,
     steps=frozenset({"reverse"}),
+    one_step=lambda p: p.order == 1,  # one order: nothing to stop between (tried later)
 )
 
 

@@ -184,6 +184,9 @@ class Operation(Generic[P]):
             them in a key's first call. The others run as one vectorised call, which cannot be
             stopped midway: ``"auto"`` tries them on the key's later calls instead, each such
             call running one strategy and returning its result.
+        one_step: ``problem -> bool``, where the ``steps`` strategies have a single step for
+            ``problem`` (a first derivative: one order): nothing to stop between, so they are
+            tried on later calls like the vectorised ones (default: never).
     """
 
     name: str
@@ -194,6 +197,13 @@ class Operation(Generic[P]):
     forward_ad: frozenset[str] = frozenset()
     candidates: Callable[[P], Sequence[str]] | None = None
     steps: frozenset[str] = frozenset()
+    one_step: Callable[[P], bool] | None = None
+
+    def stepped(self, problem: P) -> frozenset[str]:
+        """The :attr:`steps` strategies that can stop midway on ``problem``."""
+        if self.one_step is not None and self.one_step(problem):
+            return frozenset()
+        return self.steps
 
     def __post_init__(self) -> None:
         for name in self.forward_ad:
