@@ -9,10 +9,12 @@ The ETA adds, for the suite running now, what is left of its expected duration, 
 suite still to come, its expected duration. Expected durations come from the previous run's
 results JSON of the same size and device in the output folder (each suite records its
 ``seconds``), else from the suite's own ``Suite.seconds`` (typical idle times); a suite with
-neither counts as unknown, and the ETA then says ``+?``. On a busy machine the expected durations
-are stretched by how much slower than idle the run is going (the running suite's
-:meth:`benchmarks._budget.Budget.slowdown`, capped at the budget factor, since the budget cuts
-measurements beyond that), so the ETA follows the machine instead of sticking at the idle figure.
+neither counts as unknown, and the ETA then says ``+?``. On a busy machine the budget cuts each
+suite's timing loops by its CPU share, so the expected (idle) durations stay the estimate (beside
+two busy loops on 2 CPUs the default run took 0.93x its idle time, while the estimate stretched
+by the slowdown had started at 16 minutes for a 9.5-minute run); with the budget off (``--no-budget``) they are stretched by how much
+slower than idle the run is going (:meth:`benchmarks._budget.Budget.slowdown`, capped at the
+budget factor). A suite running past its estimate counts at most up to its budget.
 """
 
 from __future__ import annotations
@@ -117,7 +119,8 @@ class Progress:
         """Seconds left, as text: ``1m50s``, ``1m50s+?`` (some suite unknown), ``?``."""
         now = time.perf_counter()
         budget = self.budget
-        stretch = 1.0 if budget is None else min(budget.slowdown(), BUDGET_FACTOR)
+        # an enabled budget cuts the timing loops by the CPU share: the idle times stand
+        stretch = 1.0 if budget is None or budget.enabled else min(budget.slowdown(), BUDGET_FACTOR)
         left, unknown = 0.0, False
         for i, name in enumerate(self.suites):
             if i + 1 < self.index:
