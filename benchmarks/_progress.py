@@ -12,9 +12,10 @@ results JSON of the same size and device in the output folder (each suite record
 neither counts as unknown, and the ETA then says ``+?``. On a busy machine the budget cuts each
 suite's timing loops by its CPU share, so the expected (idle) durations stay the estimate (beside
 two busy loops on 2 CPUs the default run took 0.93x its idle time, while the estimate stretched
-by the slowdown had started at 16 minutes for a 9.5-minute run); with the budget off (``--no-budget``) they are stretched by how much
-slower than idle the run is going (:meth:`benchmarks._budget.Budget.slowdown`, capped at the
-budget factor). A suite running past its estimate counts at most up to its budget.
+by the slowdown had started at 16 minutes for a 9.5-minute run); with the budget off
+(``--no-budget``) they are stretched by how much slower than idle the run is going
+(:meth:`benchmarks._budget.Budget.slowdown`, capped at the budget factor). A suite running
+past its estimate counts at most up to its budget.
 """
 
 from __future__ import annotations
