@@ -62,7 +62,7 @@ nitpick_ignore_regex = [
     # Type variables and typing internals that have no page anywhere.
     ("py:.*", r"(typing\.)?(T|K|V|P|R|_\w+)"),
     # Private type aliases of gradlab's modules, shown by their short name in signatures.
-    ("py:class", r"FreezeTarget|Kind"),
+    ("py:class", r"FreezeTarget|Kind|TensorFn|TensorOrTensors"),
 ]
 
 # Short spellings that gradlab's string annotations use (``nn.Module`` with ``from torch import

@@ -44,7 +44,7 @@ class Rule:
             ``None`` where that is not cheaper (sequences).
         dot_mean: optional ``(module, a, d, names) -> {name: (B,)}``, ``g_i . m`` per
             parameter with ``m = (1/B) sum_k g_k`` the batch mean, without materialising (Gram
-            matrices, or ``m`` first and then :attr:`dot`), or ``None`` where forming the
+            matrices, or ``m`` first and then ``dot``), or ``None`` where forming the
             per-sample gradients is cheaper (the engine then takes it from them).
         check: optional ``module -> None`` run when the context is entered; raises
             :class:`ValueError` for a configuration that makes the samples dependent.
