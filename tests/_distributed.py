@@ -13,11 +13,14 @@ every worker runs its DDP/FSDP code in a function that returns (freeing the wrap
 
 from __future__ import annotations
 
+import datetime
 import gc
+import os
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -53,3 +56,51 @@ def end_process_group() -> None:
     """Destroy the default group, once every DDP/FSDP wrapper of this rank is unreachable."""
     gc.collect()  # wrappers kept alive only by reference cycles go first
     dist.destroy_process_group()
+
+
+def run_gloo(
+    body: Callable[..., None],
+    args: tuple[Any, ...],
+    store: str | os.PathLike[str],
+    *,
+    world: int = 2,
+    fork_server: bool = False,
+    seconds: int = 300,
+) -> None:
+    """``body(rank, *args)`` on ``world`` ranks of one gloo process group, then torn down.
+
+    Each rank runs one torch thread and joins the group through a file store in the empty
+    folder ``store`` (no TCP port to pick, so no race for one). ``body`` must be a module-level
+    function that returns once its DDP/FSDP wrappers are unreachable: the group is destroyed
+    after it returns (see the module docstring for why that order). ``fork_server``: start the
+    ranks from a fork server that has imported torch and ``body``'s module once (faster than
+    ``spawn`` where several tests start ranks; never a plain fork of this process, which may
+    hold gloo threads of an earlier test). The test fails, never hangs, after ``seconds``.
+    """
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    method = "spawn"
+    if fork_server and "forkserver" in mp.get_all_start_methods():
+        method = "forkserver"
+        mp.get_context(method).set_forkserver_preload(
+            ["torch", "torch._dynamo", "torch.distributed", body.__module__]
+        )
+    rank_args = (body, world, os.fspath(store), args)
+    run_ranks(_gloo_rank, rank_args, world, start_method=method, seconds=seconds)
+
+
+def _gloo_rank(
+    rank: int, body: Callable[..., None], world: int, store: str, args: tuple[Any, ...]
+) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}/store",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    try:
+        body(rank, *args)
+    finally:
+        end_process_group()

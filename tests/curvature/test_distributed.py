@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 import gradlab as gl
-from tests._distributed import end_process_group, run_ranks
+from tests._distributed import run_gloo
 from tests.curvature._helpers import dataset_problem
 
 # rank 0 holds 7 samples in two batches, rank 1 holds 9 in one: unequal sample counts
@@ -59,25 +59,20 @@ def _compute(loss_fn, model, data, seeds, **kw):
     }
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _rank(rank: int, out_dir: str) -> None:
+    model, x, y, loss_fn, _, _ = dataset_problem(dense=False)
+    shard = [(x[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    # different seeds on the ranks: rank 0's seed must be used everywhere
+    res = _compute(loss_fn, model, shard, 3 + 100 * rank, distributed=True)
+    params = list(model.parameters())
+    if rank == 1:
+        params = params[:-1]
     try:
-        model, x, y, loss_fn, _, _ = dataset_problem(dense=False)
-        shard = [(x[a:b], y[a:b]) for a, b in SHARDS[rank]]
-        # different seeds on the ranks: rank 0's seed must be used everywhere
-        res = _compute(loss_fn, model, shard, 3 + 100 * rank, distributed=True)
-        params = list(model.parameters())
-        if rank == 1:
-            params = params[:-1]
-        try:
-            gl.hessian_trace(loss_fn, params, data=shard, distributed=True)
-            res["mismatch"] = "no error"
-        except ValueError as e:
-            res["mismatch"] = str(e)
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        end_process_group()
+        gl.hessian_trace(loss_fn, params, data=shard, distributed=True)
+        res["mismatch"] = "no error"
+    except ValueError as e:
+        res["mismatch"] = str(e)
+    torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_two_gloo_processes_equal_one_process_on_the_union():
@@ -85,7 +80,7 @@ def test_two_gloo_processes_equal_one_process_on_the_union():
         pytest.skip("torch.distributed is not available")
     model, x, y, loss_fn, H, _ = dataset_problem()
     with tempfile.TemporaryDirectory() as tmp:
-        run_ranks(_worker, (2, os.path.join(tmp, "init"), tmp), 2)
+        run_gloo(_rank, (tmp,), tmp)
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     union = [(x[a:b], y[a:b]) for r in (0, 1) for a, b in SHARDS[r]]
     single = _compute(loss_fn, model, union, 3)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import datetime
-
 import pytest
 import torch
 from torch import nn
 
 from gradlab.hooks import GradientMonitor
-from tests._distributed import end_process_group, run_ranks
+from tests._distributed import run_gloo
 
 _B = 6  # samples per rank
 
@@ -34,23 +32,8 @@ def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.T
     return (model(x) - y).pow(2).mean()
 
 
-def _worker(rank: int, world: int, tmp: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/store",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    try:
-        _steps(rank, tmp)  # its DDP wrapper is freed when it returns, before the teardown
-    finally:
-        end_process_group()
-
-
 def _steps(rank: int, tmp: str) -> None:
+    """One rank's steps (its DDP wrapper is freed when it returns, before the teardown)."""
     # tiny buckets: several all-reduces per step, the batch all-reduce rides on the last one
     ddp = nn.parallel.DistributedDataParallel(_net(), bucket_cap_mb=1e-4)
     grads = []
@@ -105,17 +88,7 @@ def _per_sample_noise_scale(rank: int, step: int) -> float:
 
 
 def test_ddp_noise_scale_equals_the_two_batch_formula(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    if method == "forkserver":
-        mp.get_context(method).set_forkserver_preload(
-            ["torch", "torch._dynamo", "torch.distributed", __name__]
-        )
-    run_ranks(_worker, (2, str(tmp_path)), 2, start_method=method)
+    run_gloo(_steps, (str(tmp_path),), tmp_path, fork_server=True)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert [bool(v) for v in got["values"]] == [True, False, True]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime
 import io
 import pickle
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from torch import nn
 
 from gradlab.hooks import GradientMonitor, StepStats
 from gradlab.hooks._monitor import HISTORY_SIZE
-from tests._distributed import end_process_group, run_ranks
+from tests._distributed import run_gloo
 from tests.hooks._helpers import NaNLayer
 
 
@@ -328,23 +327,8 @@ def _ddp_batch(rank: int) -> torch.Tensor:
     )
 
 
-def _ddp_worker(rank: int, world: int, tmp: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp}/store",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    try:
-        _ddp_step(rank, tmp)  # its DDP wrapper is freed when it returns, before the teardown
-    finally:
-        end_process_group()
-
-
 def _ddp_step(rank: int, tmp: str) -> None:
+    """One rank's step (its DDP wrapper is freed when it returns, before the teardown)."""
     ddp = nn.parallel.DistributedDataParallel(_ddp_net())
     with GradientMonitor(ddp) as monitor:
         ddp(_ddp_batch(rank)).pow(2).sum().backward()
@@ -365,20 +349,7 @@ def _local_reference(rank: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]
 
 
 def test_ddp_rank_sees_its_local_gradients(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    # Not a plain fork: this pytest process may hold gloo threads of an earlier test (a forked
-    # child then hangs on their locks). A fork server is a fresh process; it imports torch and
-    # torch._dynamo (which DDP imports when first built) once, instead of once per child.
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    if method == "forkserver":
-        mp.get_context(method).set_forkserver_preload(
-            ["torch", "torch._dynamo", "torch.distributed", __name__]
-        )
-    run_ranks(_ddp_worker, (2, str(tmp_path)), 2, start_method=method)
+    run_gloo(_ddp_step, (str(tmp_path),), tmp_path, fork_server=True)
     names = [n for n, _ in _ddp_net().named_parameters()]
     refs = [_local_reference(r) for r in range(2)]
     for rank in range(2):

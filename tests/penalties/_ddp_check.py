@@ -11,16 +11,13 @@ critic's outputs.
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from gradlab.penalties import PenaltyEntry
-from tests._distributed import end_process_group, run_ranks
+from tests._distributed import run_gloo
 from tests.penalties._shared import call
 
 WORLD = 2
@@ -54,18 +51,8 @@ def _cases(entries: list[PenaltyEntry]) -> list[tuple[PenaltyEntry, str]]:
     return [(e, m) for e in entries for m in e.methods]
 
 
-def _worker(rank: int, port: int, entries: list[PenaltyEntry], out: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        _steps(rank, entries, out)  # its DDP wrappers are freed when it returns
-    finally:
-        end_process_group()
-
-
 def _steps(rank: int, entries: list[PenaltyEntry], out: str) -> None:
+    """One rank's steps (its DDP wrappers are freed when it returns, before the teardown)."""
     real, fake = _data()
     mine = slice(rank * HALF, (rank + 1) * HALF)
     result = {}
@@ -104,15 +91,9 @@ def _reference(entry: PenaltyEntry, method: str) -> list[list[torch.Tensor]]:
     return steps
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def check_ddp(entries: list[PenaltyEntry], tmp_path: Path) -> None:
     """Run the DDP steps of every entry and method on 2 ranks and compare with one process."""
-    run_ranks(_worker, (_free_port(), entries, str(tmp_path)), WORLD)
+    run_gloo(_steps, (entries, str(tmp_path)), tmp_path, world=WORLD)
     for entry, method in _cases(entries):
         want = _reference(entry, method)
         for rank in range(WORLD):

@@ -11,8 +11,6 @@ backward). Parameters are updated by SGD between steps, so ranks that drifted ap
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gradlab.penalties import PENALTIES, gradient_penalty, interpolate, r1_penalty
-from tests._distributed import end_process_group, run_ranks
+from tests._distributed import run_gloo
 from tests.penalties._ddp_check import check_ddp
 from tests.penalties._reference import hand_gp, loop_sq_norms
 
@@ -61,18 +59,8 @@ def _grads(model: nn.Module) -> list[torch.Tensor]:
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        _steps(rank, out)  # its DDP wrappers are freed when it returns, before the teardown
-    finally:
-        end_process_group()
-
-
 def _steps(rank: int, out: str) -> None:
+    """One rank's steps (its DDP wrappers are freed when it returns, before the teardown)."""
     result: dict[str, object] = {}
     critic = _critic()
     ddp = nn.parallel.DistributedDataParallel(critic)
@@ -167,15 +155,9 @@ def _reference() -> list[list[torch.Tensor]]:
     return steps
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_two_ranks_match_single_process_on_combined_batch(tmp_path: Path) -> None:
-    run_ranks(_worker, (_free_port(), str(tmp_path)), WORLD)
+    run_gloo(_steps, (str(tmp_path),), tmp_path, world=WORLD)
     reference = _reference()
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")

@@ -10,8 +10,6 @@ backward).
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gradlab.penalties import PENALTIES
-from tests._distributed import end_process_group, run_ranks
+from tests._distributed import run_gloo
 from tests.penalties._shared import check_fsdp_refused
 
 WORLD = 2
@@ -66,18 +64,8 @@ def _full_grads(kind: str, model: nn.Module) -> list[torch.Tensor]:
         return [p.grad.clone() for p in model.parameters()]
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        _steps(rank, out)  # its FSDP wrappers are freed when it returns, before the teardown
-    finally:
-        end_process_group()
-
-
 def _steps(rank: int, out: str) -> None:
+    """One rank's steps (its FSDP wrappers are freed when it returns, before the teardown)."""
     from gradlab.penalties import PENALTIES, r1_penalty
     from tests.penalties._shared import call
 
@@ -142,17 +130,11 @@ def _reference() -> dict[str, list[torch.Tensor]]:
     return {"adversarial+r1": adversarial, "r1-only": list(only)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed/gloo"
 )
 def test_fsdp_exact_refused_and_finite_difference_matches_single_process(tmp_path: Path) -> None:
-    run_ranks(_worker, (_free_port(), str(tmp_path)), WORLD)
+    run_gloo(_steps, (str(tmp_path),), tmp_path, world=WORLD)
     reference = _reference()
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")

@@ -3,8 +3,6 @@ ranks may differ), give the statistics of one process on the union of the batche
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradlab.per_sample import PerSampleGradients
-from tests._distributed import end_process_group, run_ranks
+from tests._distributed import run_gloo
 from tests.per_sample._reference import reference_grads, stats_of
 
 WORLD = 2
@@ -33,17 +31,6 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 2, 6, generator=g, dtype=torch.float64), torch.randint(
         0, 2, (n,), generator=g
     )
-
-
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        _step(rank, out)
-    finally:
-        end_process_group()
 
 
 def _step(rank: int, out: str) -> None:
@@ -68,15 +55,9 @@ def _step(rank: int, out: str) -> None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_gather_matches_one_process_on_the_union(tmp_path: Path) -> None:
-    run_ranks(_worker, (_free_port(), str(tmp_path)), WORLD)
+    run_gloo(_step, (str(tmp_path),), tmp_path, world=WORLD)
     model = _model()
     x, y = _data()
     want = stats_of(reference_grads(model, F.cross_entropy, x, y))
