@@ -45,7 +45,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Sequence
-from typing import Any, TypeVar, overload
+from typing import Any, NamedTuple, TypeVar, overload
 
 import torch
 
@@ -226,34 +226,10 @@ def check_int(
 
     A bool is refused (``True`` is not a count); any other integral (``numpy.int64``, a 0-d integer
     tensor) is accepted through ``operator.index``. TypeError for a non-integer, ValueError for an
-    integer out of range.
+    integer out of range. (:func:`check_float`'s check with integers: one numeric check.)
     """
-    if type(value) is not int:
-        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-            raise TypeError(
-                message(
-                    fn,
-                    name,
-                    _int_requirement(minimum, maximum),
-                    value,
-                    fix or f"Pass {_int_requirement(minimum, maximum)}",
-                )
-            )
-        value = value.__index__()
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        requirement = _int_requirement(minimum, maximum)
-        raise ValueError(message(fn, name, requirement, value, fix or f"Pass {requirement}"))
-    return value
-
-
-def _int_requirement(minimum: int | None, maximum: int | None) -> str:
-    if minimum is not None and maximum is not None:
-        return f"an int in [{minimum}, {maximum}]"
-    if minimum is not None:
-        return f"an int >= {minimum}"
-    if maximum is not None:
-        return f"an int <= {maximum}"
-    return "an int"
+    result: int = _check_number(fn, name, value, _Number(True, minimum, maximum), fix)
+    return result
 
 
 def check_float(
@@ -262,8 +238,8 @@ def check_float(
     value: Any,
     *,
     low: float | None = None,
-    high: float | None = None,
     low_open: bool = False,
+    high: float | None = None,
     high_open: bool = False,
     finite: bool = True,
     fix: str = "",
@@ -275,36 +251,73 @@ def check_float(
     ``finite=False``) or a number outside ``low``/``high`` (``low_open``/``high_open`` make that end
     exclusive).
     """
+    number = _Number(False, low, high, low_open, high_open, finite)
+    result: float = _check_number(fn, name, value, number, fix)
+    return result
+
+
+class _Number(NamedTuple):
+    """What :func:`_check_number` accepts: an int or a float, and the interval it must lie in."""
+
+    integer: bool
+    low: float | None
+    high: float | None
+    low_open: bool = False
+    high_open: bool = False
+    finite: bool = True  # (ints are always finite)
+
+    def requirement(self) -> str:
+        """What the message says a value must be: ``"an int >= 1"``, ``"a finite number > 0"``."""
+        low, high = self.low, self.high
+        if self.integer:
+            if low is not None and high is not None:
+                return f"an int in [{low}, {high}]"
+            if low is not None:
+                return f"an int >= {low}"
+            if high is not None:
+                return f"an int <= {high}"
+            return "an int"
+        kind = "a finite number" if self.finite else "a number"
+        if low is not None and high is not None:
+            left = "(" if self.low_open else "["
+            right = ")" if self.high_open else "]"
+            return f"{kind} in {left}{low:g}, {high:g}{right}"
+        if low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {low:g}"
+        if high is not None:
+            return f"{kind} {'<' if self.high_open else '<='} {high:g}"
+        return kind
+
+
+def _check_number(fn: str, name: str, value: Any, number: _Number, fix: str) -> Any:
+    """The one numeric check behind :func:`check_int` and :func:`check_float`: ``value``
+    converted (``__index__`` for an int, ``float()`` for a float; bools refused, and tensors for
+    floats), TypeError if it cannot be, ValueError outside ``number``'s interval (or NaN, or an
+    infinity when finite)."""
     t = type(value)
-    if t is not float:
+    if number.integer:
+        if t is not int:
+            if t is bool or isinstance(value, bool) or not hasattr(t, "__index__"):
+                raise TypeError(_number_message(fn, name, value, number, fix))
+            value = value.__index__()
+    elif t is not float:
         if t is bool or isinstance(value, (bool, torch.Tensor)) or not hasattr(t, "__float__"):
-            requirement = _float_requirement(low, high, low_open, high_open, finite)
-            raise TypeError(message(fn, name, requirement, value, fix or f"Pass {requirement}"))
+            raise TypeError(_number_message(fn, name, value, number, fix))
         value = float(value)
+    low, high = number.low, number.high
     if (
-        (finite and not math.isfinite(value))
+        (number.finite and not number.integer and not math.isfinite(value))
         or value != value  # NaN fails every interval
-        or (low is not None and (value <= low if low_open else value < low))
-        or (high is not None and (value >= high if high_open else value > high))
+        or (low is not None and (value <= low if number.low_open else value < low))
+        or (high is not None and (value >= high if number.high_open else value > high))
     ):
-        requirement = _float_requirement(low, high, low_open, high_open, finite)
-        raise ValueError(message(fn, name, requirement, value, fix or f"Pass {requirement}"))
+        raise ValueError(_number_message(fn, name, value, number, fix))
     return value
 
 
-def _float_requirement(
-    low: float | None, high: float | None, low_open: bool, high_open: bool, finite: bool
-) -> str:
-    kind = "a finite number" if finite else "a number"
-    if low is not None and high is not None:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        return f"{kind} in {left}{low:g}, {high:g}{right}"
-    if low is not None:
-        return f"{kind} {'>' if low_open else '>='} {low:g}"
-    if high is not None:
-        return f"{kind} {'<' if high_open else '<='} {high:g}"
-    return kind
+def _number_message(fn: str, name: str, value: Any, number: _Number, fix: str) -> str:
+    requirement = number.requirement()
+    return message(fn, name, requirement, value, fix or f"Pass {requirement}")
 
 
 def check_positive(fn: str, name: str, value: Any, *, integer: bool = False, fix: str = "") -> Any:

@@ -102,6 +102,11 @@ def test_check_int() -> None:
     text = _raises(ValueError, lambda: v.check_int("f", "arg", 9, minimum=1, maximum=8), "9")
     assert "an int in [1, 8]" in text
     _raises(ValueError, lambda: v.check_int("f", "arg", 9, maximum=8), "9")
+    # ints share check_float's numeric check but are never converted to float: no overflow, no
+    # rounding, and the bounds print as ints
+    assert v.check_int("f", "arg", 10**400, minimum=0) == 10**400
+    text = _raises(ValueError, lambda: v.check_int("f", "arg", 2**60, maximum=2**53), str(2**60))
+    assert f"an int <= {2**53}" in text
 
 
 def test_check_positive_and_nonnegative() -> None:

@@ -356,7 +356,8 @@ def run_auto(op: Operation, problem: Problem, validate: Callable[[], None] | Non
     entry = _CACHE.get(key)
     if entry is None and validate is not None:
         validate()
-    enabled = is_autotune_enabled() and not getattr(_LOCAL, "measuring", False)
+    scoped = _SCOPED.get()  # is_autotune_enabled(), inline: this runs on every call
+    enabled = (_ENABLED if scoped is None else scoped) and not getattr(_LOCAL, "measuring", False)
     if entry is not None and (entry.choice is not None or not enabled):
         chosen = entry.choice if enabled and entry.choice is not None else entry.heuristic
         return op.run_with_fallback(op.auto_safe(chosen), problem, fkey)[1]

@@ -74,19 +74,21 @@ def wants_graph(
     # The nodes themselves, not their ids: torch 2.8 and 2.11 (not 2.13) make a new Python object
     # for a node at each access once the last one is freed, so an id can come back for another.
     # This walk runs on every call of the autograd strategies: it asks a node's type, not for a
-    # ``variable`` attribute that all but the leaves lack (a raised AttributeError each).
+    # ``variable`` attribute that all but the leaves lack (a raised AttributeError each), and
+    # records only the inner nodes it has seen (a leaf has nothing below it: one reached twice
+    # is looked at twice, which is cheaper than a set's add and look-up for every leaf).
     seen: set[Any] = set()
-    push = stack.append
+    push, add = stack.append, seen.add
     leaf = _ACCUMULATE_GRAD
     while stack:
         for n, _ in stack.pop().next_functions:
-            if n is None or n in seen:
+            if n is None:
                 continue
-            seen.add(n)
             if type(n) is leaf:
                 if id(n.variable) not in ours:  # type: ignore[attr-defined]
                     return True
-            else:
+            elif n not in seen:
+                add(n)
                 push(n)
     return False
 

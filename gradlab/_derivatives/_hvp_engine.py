@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+__all__ = ["GradGraph", "hvp_once"]
+
 
 def _grad_on() -> contextlib.AbstractContextManager:
     """Grad mode on for a block: a no-op when it is on already (the usual case; entering
@@ -33,14 +35,26 @@ class GradGraph:
         grads: the first-order gradients of the ``used`` inputs (with a graph).
     """
 
-    def __init__(self, value: torch.Tensor, inputs: Sequence[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        value: torch.Tensor,
+        inputs: Sequence[torch.Tensor],
+        *,
+        grads: Sequence[torch.Tensor | None] | None = None,
+    ) -> None:
+        """``grads``: the first-order gradients when the caller took them already (with
+        ``create_graph=True`` and ``allow_unused=True``, as here)."""
         self.inputs = list(inputs)
-        with _grad_on():
-            gs = torch.autograd.grad(value, self.inputs, create_graph=True, allow_unused=True)
+        if grads is None:
+            with _grad_on():
+                grads = torch.autograd.grad(
+                    value, self.inputs, create_graph=True, allow_unused=True
+                )
+        gs = grads
         self.first = list(gs)
         self.unused: list[int] = []
         self.used: list[int] = []
-        for i, g in enumerate(gs):  # one pass: this runs on every gl.hvp call
+        for i, g in enumerate(gs):
             if g is None:
                 self.unused.append(i)
             elif g.requires_grad:
@@ -94,3 +108,30 @@ class GradGraph:
             for i, h in zip(self.used, hv):
                 out[i] = h
         return [torch.zeros_like(v) if h is None else h for h, v in zip(out, vs)]
+
+
+def hvp_once(
+    value: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    *,
+    create_graph: bool,
+) -> list[torch.Tensor]:
+    """One product: ``GradGraph(value, inputs).hvp(vs, retain_graph=False, create_graph=...)``.
+
+    What :func:`gradlab.hvp` runs on every call, so the usual case (every input has a second
+    derivative) is the two ``autograd.grad`` calls of a hand-written double backward and nothing
+    else: no object, no index lists. Call with grad mode on. Anything else goes through
+    :class:`GradGraph`, which maps the inputs without a second-order path to zeros.
+    """
+    gs = torch.autograd.grad(value, inputs, create_graph=True, allow_unused=True)
+    for g in gs:
+        if g is None or not g.requires_grad:
+            break
+    else:
+        hv = torch.autograd.grad(
+            gs, inputs, vs, retain_graph=create_graph, create_graph=create_graph, allow_unused=True
+        )
+        return [torch.zeros_like(v) if h is None else h for h, v in zip(hv, vs)]
+    graph = GradGraph(value, inputs, grads=gs)
+    return graph.hvp(vs, retain_graph=False, create_graph=create_graph)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -12,7 +10,7 @@ import torch
 from gradlab._derivatives._checks import check_call, check_like, devices_of, primals, scalar
 from gradlab._derivatives._dispatch import dispatch
 from gradlab._derivatives._graph import wants_graph
-from gradlab._derivatives._hvp_engine import GradGraph
+from gradlab._derivatives._hvp_engine import hvp_once
 from gradlab._derivatives._keys import leaf_signature
 from gradlab._derivatives._registry import FORWARD_AD_LOCK, Operation
 from gradlab._derivatives._tree import flatten, unflatten
@@ -20,6 +18,8 @@ from gradlab._typing import PyTree, TensorFn
 from gradlab._validate import check_callable
 
 __all__ = ["HVP", "HVP_OP", "JVP", "VJP", "HvpProblem", "hvp", "jvp", "vjp"]
+
+_Tensor = torch.Tensor
 
 
 class HVP(NamedTuple):
@@ -70,35 +70,45 @@ class JVP(NamedTuple):
     jvp: PyTree
 
 
-@dataclass(frozen=True)
 class HvpProblem:
     """A validated ``hvp`` call: ``f(*primals)``, tangents structured like the primals.
 
     The two trees are flattened once per call (:attr:`flat`), for the cache key and for
-    ``"double-backward"``: they are walked on every call, so once is what it costs.
+    ``"double-backward"``: they are walked on every call, so once is what it costs. A plain
+    slotted class, not a frozen dataclass: it is built on every call (as
+    :class:`~gradlab._derivatives._checks.ArgnumsProblem`).
     """
 
-    f: TensorFn
-    primals: tuple
-    tangents: tuple
+    __slots__ = ("f", "flat", "primals", "tangents")
     keep = None  # results keep a graph when grad mode is on (see Operation.run)
-    # (primal leaves, primal spec, tangent leaves, tangent spec) (_tree.flatten), set on creation
-    flat: tuple[list[Any], Any, list[Any], Any] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        p_leaves, p_spec = flatten(self.primals)
-        t_leaves, t_spec = flatten(self.tangents)
-        object.__setattr__(self, "flat", (p_leaves, p_spec, t_leaves, t_spec))
+    def __init__(self, f: TensorFn, primals: tuple, tangents: tuple) -> None:
+        self.f = f
+        self.primals = primals
+        self.tangents = tangents
+        p_leaves, p_spec = flatten(primals)
+        t_leaves, t_spec = flatten(tangents)
+        # (primal leaves, primal spec, tangent leaves, tangent spec) (_tree.flatten)
+        self.flat: tuple[list[Any], Any, list[Any], Any] = (p_leaves, p_spec, t_leaves, t_spec)
 
     def key(self) -> tuple:
         """Both trees' structure and per-leaf shape, dtype, device and ``requires_grad``, and the
         grad mode: everything the argument checks look at (see :func:`hvp`)."""
         p_leaves, p_spec, t_leaves, t_spec = self.flat
+        # One signature per leaf, the primals' then the tangents' (the two specs say how many of
+        # each): tensors keyed inline (the usual leaves, on every "auto" call), the rest through
+        # leaf_signature (the checks of a cache miss then refuse them).
         return (
             p_spec,
-            tuple([leaf_signature(t) for t in p_leaves]),
             t_spec,
-            tuple([leaf_signature(t) for t in t_leaves]),
+            tuple(
+                [
+                    (t.shape, t.dtype, t.device, t.requires_grad)
+                    if isinstance(t, _Tensor)
+                    else leaf_signature(t)
+                    for t in p_leaves + t_leaves
+                ]
+            ),
             torch.is_grad_enabled(),
         )
 
@@ -125,27 +135,43 @@ def _rev_rev(p: HvpProblem) -> tuple[Any, Any]:
 
 
 def _double_backward(p: HvpProblem) -> tuple[Any, Any]:
-    """The shared engine (:class:`GradGraph`, ``_hvp_engine.py``) behind a graph-rule wrapper.
+    """The shared engine (:func:`~gradlab._derivatives._hvp_engine.hvp_once`) behind a graph-rule
+    wrapper.
 
     Written out (rather than with :func:`~gradlab._derivatives._graph.stand_ins`) because it runs
     on every call of the common ``hvp``: the trees are flattened once (:attr:`HvpProblem.flat`),
     and grad mode is switched on only when it is off.
     """
+    if torch.is_grad_enabled():
+        return _double_backward_on(p, True)
+    with torch.enable_grad():
+        return _double_backward_on(p, False)
+
+
+def _any_requires_grad(leaves: list[Any]) -> bool:
+    for t in leaves:  # a loop, not any() over a generator: this runs twice on every call
+        if t.requires_grad:
+            return True
+    return False
+
+
+def _double_backward_on(p: HvpProblem, grad_on: bool) -> tuple[Any, Any]:
+    """:func:`_double_backward` with grad mode on; ``grad_on``: the caller's grad mode."""
     p_leaves, spec, flat_t, _ = p.flat
-    grad_on = torch.is_grad_enabled()
-    linked = grad_on and any(t.requires_grad for t in p_leaves)
-    zs = [
-        t.view_as(t) if linked and t.requires_grad else t.detach().requires_grad_(True)
-        for t in p_leaves
-    ]
-    with contextlib.nullcontext() if grad_on else torch.enable_grad():
-        value = scalar("hvp", p.f)(*unflatten(zs, spec))
-        keep_value = wants_graph(grad_on, [value], zs, linked)  # v does not enter the value
-        keep = keep_value or (grad_on and any(t.requires_grad for t in flat_t))
-        if value.requires_grad:
-            res = GradGraph(value, zs).hvp(flat_t, retain_graph=False, create_graph=keep)
-        else:
-            res = [torch.zeros_like(z) for z in zs]
+    linked = grad_on and _any_requires_grad(p_leaves)
+    if linked:
+        zs = [
+            t.view_as(t) if t.requires_grad else t.detach().requires_grad_(True) for t in p_leaves
+        ]
+    else:
+        zs = [t.detach().requires_grad_(True) for t in p_leaves]
+    value = scalar("hvp", p.f)(*unflatten(zs, spec))
+    keep_value = wants_graph(grad_on, [value], zs, linked)  # v does not enter the value
+    keep = keep_value or (grad_on and _any_requires_grad(flat_t))
+    if value.requires_grad:
+        res = hvp_once(value, zs, flat_t, create_graph=keep)
+    else:
+        res = [torch.zeros_like(z) for z in zs]
     return (value if keep_value else value.detach()), unflatten(res, spec)
 
 

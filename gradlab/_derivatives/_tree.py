@@ -17,23 +17,35 @@ import torch.utils._pytree as pytree
 __all__ = ["flatten", "unflatten"]
 
 _LEAF = "leaf"
+_LEAVES = [(_LEAF,) * n for n in range(64)]  # the specs of the children of all-tensor containers
+_Tensor = torch.Tensor
 
 
 def flatten(tree: Any) -> tuple[list[Any], Any]:
     """``(leaves, spec)``; :func:`unflatten` ``(leaves, spec)`` rebuilds the tree."""
     leaves: list[Any] = []
+    if type(tree) is tuple and len(tree) == 1:  # f's arguments, a single one: (x,)
+        return leaves, (tuple, 1, (_walk(tree[0], leaves),))
     return leaves, _walk(tree, leaves)
 
 
 def _walk(tree: Any, leaves: list[Any]) -> Any:
-    if isinstance(tree, torch.Tensor):
+    if isinstance(tree, _Tensor):
         leaves.append(tree)
         return _LEAF
     t = type(tree)
     if t is dict or t is tuple or t is list:
+        children = tuple(tree.values()) if t is dict else tree
+        for x in children:
+            if not isinstance(x, _Tensor):
+                break
+        else:  # only tensors (a parameter dict, a tuple of tensors): no spec per child
+            leaves.extend(children)
+            same = _LEAVES[len(children)] if len(children) < 64 else (_LEAF,) * len(children)
+            return (dict, tuple(tree), same) if t is dict else (t, len(tree), same)
         specs = []
-        for x in tree.values() if t is dict else tree:
-            if isinstance(x, torch.Tensor):  # inline: most children are tensors
+        for x in children:
+            if isinstance(x, _Tensor):  # inline: most children are tensors
                 leaves.append(x)
                 specs.append(_LEAF)
             else:
@@ -65,8 +77,16 @@ class _Spec:
 
 
 def unflatten(leaves: list[Any], spec: Any) -> Any:
-    it = iter(leaves)
-    return _build(it, spec)
+    if spec is _LEAF:
+        return leaves[0]
+    kind = spec[0]
+    subs = spec[2]
+    if kind is tuple and len(subs) == 1 and subs[0] is not _LEAF:  # f's arguments: (tree,)
+        return (unflatten(leaves, subs[0]),)
+    if (kind is dict or kind is tuple or kind is list) and subs.count(_LEAF) == len(subs):
+        # only tensors (a parameter dict, a tuple of tensors): no recursion
+        return dict(zip(spec[1], leaves)) if kind is dict else kind(leaves)
+    return _build(iter(leaves), spec)
 
 
 def _build(it: Any, spec: Any) -> Any:

@@ -9,9 +9,11 @@ from gradlab._validate import check_generator
 from gradlab.penalties._checks import check_pair
 
 __all__ = [
+    "Perturbation",
     "interpolate",
     "interpolate_leaves",
     "per_sample_coefficients",
+    "perturb",
     "uniform_like",
 ]
 
@@ -87,6 +89,28 @@ def _leaf(r: torch.Tensor, f: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         r, f = r.detach(), (r if f is r else f.detach())
     x = _lerp(r, f, a)
     return (x.detach() if x is r else x).requires_grad_(True)
+
+
+def perturb(
+    xs: tuple[torch.Tensor, ...], noise_scale: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, ...]:
+    """DRAGAN's perturbed points ``x + noise_scale * std(x) * U[0, 1)`` (std over the batch)."""
+    out = []
+    for x in xs:
+        std = x.std() if x.numel() > 1 else torch.zeros((), dtype=x.dtype, device=x.device)
+        out.append(x + (noise_scale * std) * uniform_like(x, tuple(x.shape), generator))
+    return tuple(out)
+
+
+class Perturbation:
+    """The far end of DRAGAN's interpolates, in place of fake samples: the real samples
+    perturbed by :func:`perturb` with ``noise_scale`` (not validated here: the penalty checks it
+    in its turn, see :func:`~gradlab.penalties.wgan_gp.interpolates_penalty`)."""
+
+    __slots__ = ("noise_scale",)
+
+    def __init__(self, noise_scale: float) -> None:
+        self.noise_scale = noise_scale
 
 
 def interpolate(

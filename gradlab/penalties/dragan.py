@@ -8,58 +8,24 @@ from typing import Any
 import torch
 
 from gradlab._typing import TensorFn, TensorOrTensors
-from gradlab._validate import check_generator, check_nonnegative
-from gradlab.penalties._checks import (
-    as_tensors,
-    check_critic,
-    check_critic_kwargs,
-    check_nonempty,
-    check_scaler,
-)
-from gradlab.penalties._core import PenaltyWithNorms, exact_penalty, make_spec
-from gradlab.penalties._interpolate import interpolate_leaves, uniform_like
+from gradlab.penalties._core import PenaltyWithNorms
+from gradlab.penalties._interpolate import Perturbation, perturb
 from gradlab.penalties._registry import PenaltyEntry, bind, register_penalty, twin_of
+from gradlab.penalties.wgan_gp import interpolates_penalty
 
 __all__ = ["dragan_penalty", "dragan_penalty_and_norms", "perturb"]
 
-
-def perturb(
-    xs: tuple[torch.Tensor, ...], noise_scale: float, generator: torch.Generator | None
-) -> tuple[torch.Tensor, ...]:
-    """DRAGAN's perturbed points ``x + noise_scale * std(x) * U[0, 1)`` (std over the batch)."""
-    out = []
-    for x in xs:
-        std = x.std() if x.numel() > 1 else torch.zeros((), dtype=x.dtype, device=x.device)
-        out.append(x + (noise_scale * std) * uniform_like(x, tuple(x.shape), generator))
-    return tuple(out)
+_FN = "dragan_penalty"
 
 
-def _dragan_penalty(
-    critic: TensorFn,
-    real: TensorOrTensors,
-    weight: float,
-    center: float,
-    noise_scale: float,
-    critic_kwargs: Mapping[str, Any] | None,
-    scaler: torch.amp.GradScaler | None,
-    generator: torch.Generator | int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(penalty, norms)`` (norms not detached); the arguments of the public signature."""
-    fn = "dragan_penalty"
-    spec = make_spec(
-        fn, check_nonnegative(fn, "weight", weight), check_nonnegative(fn, "center", center)
+def _dragan_penalty(args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(penalty, norms)`` (norms not detached) from :func:`dragan_penalty`'s arguments, in its
+    order: WGAN-GP's core with the real samples' :class:`Perturbation` as the far end."""
+    critic, real, weight, center, noise_scale, critic_kwargs, scaler, generator = args
+    far = Perturbation(noise_scale)
+    return interpolates_penalty(
+        _FN, critic, real, far, weight, center, False, critic_kwargs, scaler, generator
     )
-    noise_scale = check_nonnegative(fn, "noise_scale", noise_scale)
-    xs = as_tensors(fn, "real", real)
-    check_nonempty(fn, "real", xs)
-    kwargs = check_critic_kwargs(fn, critic_kwargs)
-    scaler = check_scaler(fn, scaler)
-    generator = check_generator(fn, "generator", generator)
-    check_critic(fn, critic)
-    with torch.no_grad():
-        xs = tuple(x.detach() for x in xs)
-        leaves = interpolate_leaves(xs, perturb(xs, noise_scale, generator), generator)
-    return exact_penalty(spec, critic, leaves, kwargs, scaler)
 
 
 def dragan_penalty(
@@ -120,9 +86,8 @@ def dragan_penalty(
     References:
         Kodali et al., "On Convergence and Stability of GANs", arXiv:1705.07215, 2017.
     """
-    return _dragan_penalty(
-        critic, real, weight, center, noise_scale, critic_kwargs, scaler, generator
-    )[0]
+    args = (critic, real, weight, center, noise_scale, critic_kwargs, scaler, generator)
+    return _dragan_penalty(args)[0]
 
 
 @twin_of(dragan_penalty)
@@ -138,9 +103,7 @@ def dragan_penalty_and_norms(*args: Any, **kwargs: Any) -> PenaltyWithNorms:
         >>> penalty.shape, norms.shape
         (torch.Size([]), torch.Size([4]))
     """
-    penalty, norms = _dragan_penalty(
-        *bind("dragan_penalty_and_norms", dragan_penalty, args, kwargs)
-    )
+    penalty, norms = _dragan_penalty(bind("dragan_penalty_and_norms", dragan_penalty, args, kwargs))
     return PenaltyWithNorms(penalty, norms.detach())
 
 

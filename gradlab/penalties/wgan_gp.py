@@ -10,6 +10,7 @@ import torch
 from gradlab._typing import TensorFn, TensorOrTensors
 from gradlab._validate import check_generator, check_nonnegative
 from gradlab.penalties._checks import (
+    as_tensors,
     check_critic,
     check_critic_kwargs,
     check_nonempty,
@@ -17,16 +18,19 @@ from gradlab.penalties._checks import (
     check_scaler,
 )
 from gradlab.penalties._core import PenaltyWithNorms, exact_penalty, make_spec
-from gradlab.penalties._interpolate import interpolate_leaves
+from gradlab.penalties._interpolate import Perturbation, interpolate_leaves, perturb
 from gradlab.penalties._registry import PenaltyEntry, bind, register_penalty, twin_of
 
-__all__ = ["gradient_penalty", "gradient_penalty_and_norms"]
+__all__ = ["gradient_penalty", "gradient_penalty_and_norms", "interpolates_penalty"]
+
+_FN = "gradient_penalty"
 
 
-def _gradient_penalty(
+def interpolates_penalty(
+    fn: str,
     critic: TensorFn,
     real: TensorOrTensors,
-    fake: TensorOrTensors,
+    fake: TensorOrTensors | Perturbation,
     weight: float,
     center: float,
     one_sided: bool,
@@ -34,26 +38,42 @@ def _gradient_penalty(
     scaler: torch.amp.GradScaler | None,
     generator: torch.Generator | int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(penalty, norms)`` (norms not detached): validate, interpolate, hand over to the core.
+    """``(penalty, norms)`` (norms not detached) of the penalties on random interpolates:
+    validate, interpolate, hand over to the core (``_core.py``).
 
-    The arguments are those of the public signature, in order. Each check accepts the common
-    case (float options, one tensor per sample, no scaler) with a type test or two, so this is
-    as cheap as a hand-written step up to a few Python calls.
+    :func:`gradient_penalty` (``fn="gradient_penalty"``) passes its arguments in order;
+    :func:`~gradlab.penalties.dragan_penalty` passes, for ``fake``, a
+    :class:`~gradlab.penalties._interpolate.Perturbation` (the real samples perturbed, drawn
+    from ``generator`` before the coefficients) and ``one_sided=False``. The arguments are
+    checked in the order of the public signature (``noise_scale`` where DRAGAN has it, after
+    ``center``), and each check accepts the common case (float options, one tensor per sample,
+    no scaler) with a type test or two, so this is as cheap as a hand-written step up to a few
+    Python calls.
     """
-    fn = "gradient_penalty"
     spec = make_spec(
         fn,
         check_nonnegative(fn, "weight", weight),
         check_nonnegative(fn, "center", center),
         bool(one_sided),
     )
-    r, f = check_pair(fn, real, fake)
+    f: tuple[torch.Tensor, ...] = ()
+    if isinstance(fake, Perturbation):  # DRAGAN: the far end is the real samples, perturbed
+        noise_scale = check_nonnegative(fn, "noise_scale", fake.noise_scale)
+        r = as_tensors(fn, "real", real)
+    else:
+        r, f = check_pair(fn, real, fake)
     check_nonempty(fn, "real", r)
     kwargs = check_critic_kwargs(fn, critic_kwargs)
     scaler = check_scaler(fn, scaler)
     generator = check_generator(fn, "generator", generator)
     check_critic(fn, critic)
-    return exact_penalty(spec, critic, interpolate_leaves(r, f, generator), kwargs, scaler)
+    if isinstance(fake, Perturbation):
+        with torch.no_grad():
+            r = tuple(x.detach() for x in r)
+            leaves = interpolate_leaves(r, perturb(r, noise_scale, generator), generator)
+    else:
+        leaves = interpolate_leaves(r, f, generator)
+    return exact_penalty(spec, critic, leaves, kwargs, scaler)
 
 
 def gradient_penalty(
@@ -141,8 +161,8 @@ def gradient_penalty(
         Gulrajani et al., "Improved Training of Wasserstein GANs", NeurIPS 2017.
         Petzka et al., "On the regularization of Wasserstein GANs", ICLR 2018.
     """
-    return _gradient_penalty(
-        critic, real, fake, weight, center, one_sided, critic_kwargs, scaler, generator
+    return interpolates_penalty(
+        _FN, critic, real, fake, weight, center, one_sided, critic_kwargs, scaler, generator
     )[0]
 
 
@@ -162,7 +182,7 @@ def gradient_penalty_and_norms(*args: Any, **kwargs: Any) -> PenaltyWithNorms:
         (torch.Size([]), torch.Size([8]))
     """
     args = bind("gradient_penalty_and_norms", gradient_penalty, args, kwargs)
-    penalty, norms = _gradient_penalty(*args)
+    penalty, norms = interpolates_penalty(_FN, *args)
     return PenaltyWithNorms(penalty, norms.detach())
 
 

@@ -179,6 +179,28 @@ def test_hvp_parameter_dict_and_unused_input(strategy, device):
     torch.testing.assert_close(h0, 6 * x * x)
 
 
+@pytest.mark.parametrize("strategy", [*HVP_OP.names, "auto"])
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_hvp_linear_unused_and_curved_inputs_together(strategy, grad_mode, device):
+    """An input with a constant gradient (no second-order path), an unused one and a curved one
+    in one call: the double-backward engine's general path (its fast path needs every input
+    curved), against the Hessian written out (H = diag(6 a) on a, zero elsewhere)."""
+    g = torch.Generator().manual_seed(5)
+    a, b, c, va, vb, vc = (torch.randn(4, generator=g, dtype=torch.float64) for _ in range(6))
+    a, b, c, va, vb, vc = (t.to(device) for t in (a, b, c, va, vb, vc))
+
+    def f(a, b, c):
+        return (a**3).sum() + (2.0 * b).sum()  # b: linear, c: unused
+
+    with torch.set_grad_enabled(grad_mode):
+        value, (ha, hb, hc) = gl.hvp(f, (a, b, c), (va, vb, vc), strategy=strategy)
+    torch.testing.assert_close(value, f(a, b, c))
+    torch.testing.assert_close(ha, 6 * a * va)
+    torch.testing.assert_close(hb, torch.zeros_like(b))
+    torch.testing.assert_close(hc, torch.zeros_like(c))
+    assert value.grad_fn is None and all(h.grad_fn is None for h in (ha, hb, hc))
+
+
 def test_vjp_and_jvp_match_jacobian(device):
     g = torch.Generator().manual_seed(3)
     f = _net(4, 3, g, device)

@@ -22,6 +22,12 @@ TREES = {
     "namedtuple": Pair(T[0], {"x": T[1]}),
     "ordereddict": OrderedDict(w=T[0], b=T[1]),
     "empty": (),
+    "one-tensor-tuple": (T[0],),
+    "one-dict-tuple": ({"w": T[0], "b": T[1]},),  # hvp's arguments for a parameter dict
+    "one-list-tuple": ([T[0], T[1]],),
+    "one-nested-tuple": ((T[0], [T[1]]),),
+    "list-in-dict": {"w": [T[0], T[1]], "b": T[2]},
+    "empty-dict-tuple": ({},),
 }
 
 
