@@ -114,10 +114,18 @@ def output_grads(
 
 
 def _unfold(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
-    """``(N, C_in * kh * kw, positions)`` patches, ordered like ``weight.reshape(C_out, -1)``."""
+    """``(N, C_in * kh * kw, positions)`` patches, ordered like ``weight.reshape(C_out, -1)``:
+    ``F.unfold``'s result, from sliding-window views of the zero-padded input and one copy
+    (about half the time of ``F.unfold`` on CPU)."""
     padding = module.padding
     assert not isinstance(padding, str)  # refused by layer_problem
-    return F.unfold(a, module.kernel_size, module.dilation, padding, module.stride)
+    (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+    if padding[0] or padding[1]:
+        a = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
+    windows = a.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+    windows = windows[..., ::dh, ::dw]  # (N, C_in, H_out, W_out, kh, kw)
+    N, C, H, W = windows.shape[:4]
+    return windows.permute(0, 1, 4, 5, 2, 3).reshape(N, C * kh * kw, H * W)
 
 
 def input_rows(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
