@@ -453,14 +453,7 @@ class GGNOperator(CurvatureOperator):
             for name, m in layers.items():
                 a = input_rows(m, seen[name][0][0])  # (N, R, d_in)
                 chunks = [output_rows(m, c) for c in grads[name][0]]  # (k, N, R, d_out) each
-                if a.shape[1] == 1:  # no weight sharing: sum the squares over columns first
-                    g2 = sum(c[:, :, 0].square().sum(0) for c in chunks)  # (N, d_out)
-                    assert isinstance(g2, torch.Tensor)
-                    sq[(name, "weight")] = g2.T @ a[:, 0].square()
-                    sq[(name, "bias")] = g2.sum(0)
-                else:
-                    sq[(name, "weight")] = sum(_per_sample_squares(c, a) for c in chunks)  # type: ignore[assignment]
-                    sq[(name, "bias")] = sum(c.sum(2).square_().sum((0, 1)) for c in chunks)  # type: ignore[assignment]
+                sq[(name, "weight")], sq[(name, "bias")] = _squares(chunks, a)
             for i, (name, _, kind) in enumerate(layout):
                 out[self.offsets[i] : self.offsets[i + 1]].add_(
                     sq[(name, kind)].reshape(-1), alpha=w
@@ -606,16 +599,59 @@ class _Pending:
         self.built: _Batch | None = None  # the graph, once several vectors needed it
 
 
-def _per_sample_squares(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    r""":math:`\sum_{k,n} (\sum_r g_{knr} a_{nr}^\top)^2` (entrywise) for ``g`` of shape
-    ``(k, N, R, d_out)`` and ``a`` of shape ``(N, R, d_in)``: per column, one batched matrix
-    product over the samples (on the tensors' own strides: a conv's patches and output
-    gradients are transposed views, which the product reads without a copy)."""
-    at = a.transpose(1, 2)  # (N, d_in, R)
-    out = torch.zeros(at.shape[1], g.shape[-1], dtype=g.dtype, device=g.device)
-    for j in range(g.shape[0]):
-        out += torch.bmm(at, g[j]).square_().sum(0)  # (N, d_in, d_out) per-sample gradients
-    return out.T
+# Elements of the per-sample weight gradients (columns x N x d_out x d_in) held at once
+_SQUARES_ELEMENTS = 1 << 20
+
+
+def _squares(chunks: list[torch.Tensor], a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The squared per-sample weight and bias gradients, summed over columns and samples:
+    :math:`\sum_{k,n} (\sum_r g_{knr} a_{nr}^\top)^{\circ 2}` of shape ``(d_out, d_in)`` and
+    :math:`\sum_{k,n} (\sum_r g_{knr})^{\circ 2}`, for the columns ``g`` given as chunks
+    ``(k, N, R, d_out)`` and the inputs ``a`` of shape ``(N, R, d_in)``.
+
+    Without weight sharing (R = 1) the squares are summed over the columns first (one product
+    in all). Else each column's per-sample gradients are one batched matrix product over the
+    samples (on the tensors' own strides: a conv's patches and output gradients are transposed
+    views, which the product reads without a copy), written into a buffer of up to
+    ``_SQUARES_ELEMENTS`` that is squared and summed once: a few operations per column, as the
+    columns of a small layer cost little more than dispatching them.
+    """
+    N, R, d_in = a.shape
+    if R == 1:  # no weight sharing: sum the squares over columns first
+        g2: torch.Tensor | None = None
+        for c in chunks:
+            c = c[:, :, 0]  # (k, N, d_out)
+            if c.shape[0] > 1:
+                s = c.square().sum(0)
+                g2 = s if g2 is None else g2.add_(s)
+            else:
+                g2 = c[0].square() if g2 is None else g2.addcmul_(c[0], c[0])
+        assert g2 is not None
+        return g2.T @ a[:, 0].square(), g2.sum(0)
+    d_out = chunks[0].shape[-1]
+    m = sum(c.shape[0] for c in chunks)
+    group = max(1, min(m, _SQUARES_ELEMENTS // (N * d_out * d_in)))
+    G = a.new_empty(group, N, d_out, d_in)  # per column and sample, the weight gradient
+    B = a.new_empty(group, N, d_out)  # and the bias gradient
+    weight, bias = a.new_zeros(d_out, d_in), a.new_zeros(d_out)
+
+    def flush(i: int) -> None:
+        weight.add_(G[:i].square_().sum((0, 1)))
+        bias.add_(B[:i].square_().sum((0, 1)))
+
+    Gs, Bs = G.unbind(), B.unbind()
+    i = 0
+    for c in chunks:
+        for g in c.transpose(2, 3).unbind():  # (N, d_out, R) per column
+            torch.bmm(g, a, out=Gs[i])
+            torch.sum(g, 2, out=Bs[i])
+            i += 1
+            if i == group:
+                flush(i)
+                i = 0
+    if i:
+        flush(i)
+    return weight, bias
 
 
 def _builtin_graph(out: torch.Tensor) -> bool:
