@@ -848,15 +848,16 @@ def ggn_diagonal(
 
     ``"exact"`` (BackPACK's ``DiagGGNExact``): :math:`\operatorname{diag} G = \sum_n \sum_j
     (J_n^\top s_{jn})^2` with :math:`S_n = [s_{1n}, \dots]` a square root of the loss Hessian
-    w.r.t. sample n's output (:math:`S_n S_n^\top = c\nabla^2_f \ell`; C columns for C-class
-    cross-entropy, D for a D-output squared error). ``"mc"`` (``DiagGGNMC``): the same with
-    :math:`S_n` replaced by ``mc_samples`` gradients at targets drawn from the model's predictive
-    distribution (scaled by :math:`\sqrt{c/S}`), an unbiased estimate, equal to the diagonal of
-    :func:`fisher_operator` with ``kind="mc"`` and the same ``generator``. No product of the
-    full matrix: when every trainable parameter sits in an ``nn.Linear`` or ``nn.Conv2d``
-    called once, the columns are backpropagated to the layer outputs and each sample's weight
-    gradient is formed there from the layer input (conv patches); otherwise each column is a
-    per-sample vector-Jacobian product, vmapped over the samples.
+    w.r.t. sample n's output (:math:`S_n S_n^\top = c\nabla^2_f \ell`; C - 1 columns for
+    C-class cross-entropy, the Hessian's rank, D for a D-output squared error). ``"mc"``
+    (``DiagGGNMC``): the same with :math:`S_n` replaced by ``mc_samples`` gradients at targets
+    drawn from the model's predictive distribution (scaled by :math:`\sqrt{c/S}`), an unbiased
+    estimate, equal to the diagonal of :func:`fisher_operator` with ``kind="mc"`` and the same
+    ``generator``. No product of the full matrix: when every trainable parameter sits in an
+    ``nn.Linear`` or ``nn.Conv2d`` called once, the columns are backpropagated to the layer
+    outputs and each sample's weight gradient is formed there from the layer input (conv
+    patches); otherwise each column is a per-sample vector-Jacobian product, vmapped over the
+    samples.
 
     Args:
         model, loss_fn, batch, data, batch_weight, distributed, mode: as in
