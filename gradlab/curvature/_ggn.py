@@ -601,6 +601,8 @@ class _Pending:
 
 # Elements of the per-sample weight gradients (columns x N x d_out x d_in) held at once
 _SQUARES_ELEMENTS = 1 << 20
+# Elements of a layer's output gradients (columns x N x d_out x R) stacked for one product
+_STACKED_ELEMENTS = 1 << 20
 
 
 def _squares(chunks: list[torch.Tensor], a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -610,11 +612,12 @@ def _squares(chunks: list[torch.Tensor], a: torch.Tensor) -> tuple[torch.Tensor,
     ``(k, N, R, d_out)`` and the inputs ``a`` of shape ``(N, R, d_in)``.
 
     Without weight sharing (R = 1) the squares are summed over the columns first (one product
-    in all). Else each column's per-sample gradients are one batched matrix product over the
-    samples (on the tensors' own strides: a conv's patches and output gradients are transposed
-    views, which the product reads without a copy), written into a buffer of up to
-    ``_SQUARES_ELEMENTS`` that is squared and summed once: a few operations per column, as the
-    columns of a small layer cost little more than dispatching them.
+    in all). Else, while the gradients are small (``_STACKED_ELEMENTS``), they are copied into
+    one ``(N, m d_out, R)`` stack and all columns' per-sample gradients are one batched product
+    (larger matrices, fewer calls); above, each column's are one batched product over the samples
+    (on the tensors' own strides: a conv's patches and output gradients are transposed views,
+    which the product reads without a copy), written into a buffer of up to
+    ``_SQUARES_ELEMENTS`` that is squared and summed once.
     """
     N, R, d_in = a.shape
     if R == 1:  # no weight sharing: sum the squares over columns first
@@ -630,6 +633,10 @@ def _squares(chunks: list[torch.Tensor], a: torch.Tensor) -> tuple[torch.Tensor,
         return g2.T @ a[:, 0].square(), g2.sum(0)
     d_out = chunks[0].shape[-1]
     m = sum(c.shape[0] for c in chunks)
+    if m * N * d_out * R <= _STACKED_ELEMENTS:  # small: one copy, one product for all columns
+        S = torch.cat([c.transpose(2, 3).transpose(0, 1) for c in chunks], 1)  # (N, m, d_out, R)
+        G = torch.bmm(S.view(N, m * d_out, R), a)
+        return G.square_().view(N * m, d_out, d_in).sum(0), S.sum(3).square_().sum((0, 1))
     group = max(1, min(m, _SQUARES_ELEMENTS // (N * d_out * d_in)))
     G = a.new_empty(group, N, d_out, d_in)  # per column and sample, the weight gradient
     B = a.new_empty(group, N, d_out)  # and the bias gradient
