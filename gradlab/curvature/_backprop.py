@@ -53,9 +53,10 @@ and :math:`g^h_n` the gradient w.r.t. :math:`h_n`. Then
 :math:`\operatorname{diag} H_{b_i} = \sum_n [H^z_n]_{ii}`. :math:`H^z_n` is kept factored,
 :math:`A_n H^o_n A_n^\top + B_n \operatorname{diag}(s_n) B_n^\top + \operatorname{diag}(r_n)`
 with :math:`A_n = J_n^\top` the transposed Jacobian of the output (so the loss Hessian needs no
-square root, and may be indefinite; for cross-entropy its square root is used instead, as in
-BackPACK) and signed square-root columns for the residual diagonals (each becomes :math:`d`
-more columns when it passes a layer), while the factor is narrower than the layer, and as the
+square root, and may be indefinite; for cross-entropy a square root is used instead, as in
+BackPACK, with C - 1 columns, the Hessian's rank, where BackPACK has C) and signed
+square-root columns for the residual diagonals (each becomes :math:`d` more columns when it
+passes a layer), while the factor is narrower than the layer, and as the
 full :math:`d \times d` matrix otherwise; samples are processed in chunks that bound the memory.
 A convolution applies :math:`W^\top` to all the factor's columns as one ``conv_transpose2d``
 and gets its weight diagonal from the unfolded input, as BackPACK does; a pooling layer

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from gradlab.curvature._layers import patches
+
 
 def _weight(module: nn.Module) -> torch.Tensor:
     w = module._parameters["weight"]
@@ -51,9 +53,9 @@ class _Curvature:
 
     @classmethod
     def output(cls, H: torch.Tensor, root: bool) -> _Curvature:
-        """At the chain's output: with ``root``, ``H`` (n, C, C) is a square root of the
-        per-sample loss Hessians (``sum_a H[n, a, i] H[n, a, j]``); else ``H`` (n, C, C) are the
-        loss Hessians themselves, and A = I."""
+        """At the chain's output: with ``root``, ``H`` (n, m, C) holds m columns of a square
+        root of the per-sample loss Hessians (``sum_a H[n, a, i] H[n, a, j]``); else ``H``
+        (n, C, C) are the loss Hessians themselves, and A = I."""
         if root:
             return cls(A=H)
         eye = torch.eye(H.shape[1], dtype=H.dtype, device=H.device)
@@ -200,8 +202,8 @@ def _images(inp: torch.Tensor) -> torch.Tensor:
 
 class _ConvOp(_SharedOp):
     """nn.Conv2d (groups 1, zero padding): J^T by ``conv_transpose2d`` on all columns at once,
-    weight diagonals from the unfolded input (``F.unfold``), as in BackPACK's convolution
-    extensions."""
+    weight diagonals from the unfolded input (:func:`~gradlab.curvature._layers.patches`), as in
+    BackPACK's convolution extensions."""
 
     def __init__(self, module: nn.Module, inp: torch.Tensor, out: torch.Tensor):
         m = module
@@ -252,7 +254,7 @@ class _ConvOp(_SharedOp):
     def diagonals(self, curv: _Curvature, lo: int, hi: int) -> dict[str, torch.Tensor]:
         curv = curv.factored()
         assert curv.A is not None
-        X = nn.functional.unfold(
+        X = patches(
             self.x[lo:hi], self.W.shape[2:], self.dilation, self.padding, self.stride
         )  # (n, J, P)
         n, (C_out, P), Xt = X.shape[0], (self.out_shape[0], X.shape[2]), X.transpose(1, 2)

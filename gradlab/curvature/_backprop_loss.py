@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradlab.curvature._losses import ce_root
+
 
 def _output_hessian(
     loss: torch.Tensor, out: torch.Tensor, N: int
@@ -72,11 +74,11 @@ def _cross_entropy_hessian(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     r"""Closed form when the loss is exactly ``F.cross_entropy(out, target)`` of a 2-d output
     (``nll_loss(log_softmax(out, 1))``, mean or sum, class weights and ``ignore_index`` allowed;
-    no label smoothing; reshapes of the scalar loss are looked through): the square root
-    :math:`R_n = \sqrt{w_n}(\operatorname{diag}\sqrt{p_n} - p_n \sqrt{p_n}^\top)` of
-    :math:`H_n = R_n R_n^\top = w_n(\operatorname{diag} p_n - p_n p_n^\top)` (as BackPACK's), as
-    ``(N, C, C)``, ``R[n, a]`` its column ``a``, and :math:`g_n = w_n (p_n - e_{y_n})`. None for
-    anything else (then autograd finds them)."""
+    no label smoothing; reshapes of the scalar loss are looked through):
+    C - 1 columns :math:`R_{na} = \sqrt{w_n}\, s_a(p_n)` of a square root of
+    :math:`H_n = w_n(\operatorname{diag} p_n - p_n p_n^\top) = \sum_a R_{na} R_{na}^\top`
+    (:func:`~gradlab.curvature._losses.ce_root`; BackPACK uses C), as ``(N, C - 1, C)``, and
+    :math:`g_n = w_n (p_n - e_{y_n})`. None for anything else (then autograd finds them)."""
     nll: Any = loss.grad_fn
     while type(nll).__name__ == "ViewBackward0":  # a reshape of the scalar (one element)
         nll = nll.next_functions[0][0]
@@ -105,7 +107,6 @@ def _cross_entropy_hessian(
     if bool((w < 0).any()):
         return None
     g = (p - nn.functional.one_hot(y, p.shape[1]).to(p.dtype)) * w.unsqueeze(1)
-    # R[n, a, i] = sqrt(w_n p_na) (delta_ai - p_ni): sum_a R[n, a, i] R[n, a, j] = H_n[i, j]
-    eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
-    R = (p * w.unsqueeze(1)).sqrt().unsqueeze(2) * (eye - p.unsqueeze(1))
+    # R[n, a] = sqrt(w_n) s_a(p_n), a < C - 1: sum_a R[n, a, i] R[n, a, j] = H_n[i, j]
+    R = ce_root(p).movedim(0, 1) * w.sqrt().reshape(-1, 1, 1)
     return R, g

@@ -453,14 +453,7 @@ class GGNOperator(CurvatureOperator):
             for name, m in layers.items():
                 a = input_rows(m, seen[name][0][0])  # (N, R, d_in)
                 chunks = [output_rows(m, c) for c in grads[name][0]]  # (k, N, R, d_out) each
-                if a.shape[1] == 1:  # no weight sharing: sum the squares over columns first
-                    g2 = sum(c[:, :, 0].square().sum(0) for c in chunks)  # (N, d_out)
-                    assert isinstance(g2, torch.Tensor)
-                    sq[(name, "weight")] = g2.T @ a[:, 0].square()
-                    sq[(name, "bias")] = g2.sum(0)
-                else:
-                    sq[(name, "weight")] = sum(_per_sample_squares(c, a) for c in chunks)  # type: ignore[assignment]
-                    sq[(name, "bias")] = sum(c.sum(2).square_().sum((0, 1)) for c in chunks)  # type: ignore[assignment]
+                sq[(name, "weight")], sq[(name, "bias")] = _squares(chunks, a)
             for i, (name, _, kind) in enumerate(layout):
                 out[self.offsets[i] : self.offsets[i + 1]].add_(
                     sq[(name, kind)].reshape(-1), alpha=w
@@ -606,16 +599,66 @@ class _Pending:
         self.built: _Batch | None = None  # the graph, once several vectors needed it
 
 
-def _per_sample_squares(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    r""":math:`\sum_{k,n} (\sum_r g_{knr} a_{nr}^\top)^2` (entrywise) for ``g`` of shape
-    ``(k, N, R, d_out)`` and ``a`` of shape ``(N, R, d_in)``: per column, one batched matrix
-    product over the samples (on the tensors' own strides: a conv's patches and output
-    gradients are transposed views, which the product reads without a copy)."""
-    at = a.transpose(1, 2)  # (N, d_in, R)
-    out = torch.zeros(at.shape[1], g.shape[-1], dtype=g.dtype, device=g.device)
-    for j in range(g.shape[0]):
-        out += torch.bmm(at, g[j]).square_().sum(0)  # (N, d_in, d_out) per-sample gradients
-    return out.T
+# Elements of the per-sample weight gradients (columns x N x d_out x d_in) held at once
+_SQUARES_ELEMENTS = 1 << 20
+# Elements of a layer's output gradients (columns x N x d_out x R) stacked for one product
+_STACKED_ELEMENTS = 1 << 20
+
+
+def _squares(chunks: list[torch.Tensor], a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The squared per-sample weight and bias gradients, summed over columns and samples:
+    :math:`\sum_{k,n} (\sum_r g_{knr} a_{nr}^\top)^{\circ 2}` of shape ``(d_out, d_in)`` and
+    :math:`\sum_{k,n} (\sum_r g_{knr})^{\circ 2}`, for the columns ``g`` given as chunks
+    ``(k, N, R, d_out)`` and the inputs ``a`` of shape ``(N, R, d_in)``.
+
+    Without weight sharing (R = 1) the squares are summed over the columns first (one product
+    in all). Else, while the gradients are small (``_STACKED_ELEMENTS``), they are copied into
+    one ``(N, m d_out, R)`` stack and all columns' per-sample gradients are one batched product
+    (larger matrices, fewer calls); above, each column's are one batched product over the samples
+    (on the tensors' own strides: a conv's patches and output gradients are transposed views,
+    which the product reads without a copy), written into a buffer of up to
+    ``_SQUARES_ELEMENTS`` that is squared and summed once.
+    """
+    N, R, d_in = a.shape
+    if R == 1:  # no weight sharing: sum the squares over columns first
+        g2: torch.Tensor | None = None
+        for c in chunks:
+            c = c[:, :, 0]  # (k, N, d_out)
+            if c.shape[0] > 1:
+                s = c.square().sum(0)
+                g2 = s if g2 is None else g2.add_(s)
+            else:
+                g2 = c[0].square() if g2 is None else g2.addcmul_(c[0], c[0])
+        assert g2 is not None
+        return g2.T @ a[:, 0].square(), g2.sum(0)
+    d_out = chunks[0].shape[-1]
+    m = sum(c.shape[0] for c in chunks)
+    if m * N * d_out * R <= _STACKED_ELEMENTS:  # small: one copy, one product for all columns
+        S = torch.cat([c.transpose(2, 3).transpose(0, 1) for c in chunks], 1)  # (N, m, d_out, R)
+        G = torch.bmm(S.view(N, m * d_out, R), a)
+        return G.square_().view(N * m, d_out, d_in).sum(0), S.sum(3).square_().sum((0, 1))
+    group = max(1, min(m, _SQUARES_ELEMENTS // (N * d_out * d_in)))
+    G = a.new_empty(group, N, d_out, d_in)  # per column and sample, the weight gradient
+    B = a.new_empty(group, N, d_out)  # and the bias gradient
+    weight, bias = a.new_zeros(d_out, d_in), a.new_zeros(d_out)
+
+    def flush(i: int) -> None:
+        weight.add_(G[:i].square_().sum((0, 1)))
+        bias.add_(B[:i].square_().sum((0, 1)))
+
+    Gs, Bs = G.unbind(), B.unbind()
+    i = 0
+    for c in chunks:
+        for g in c.transpose(2, 3).unbind():  # (N, d_out, R) per column
+            torch.bmm(g, a, out=Gs[i])
+            torch.sum(g, 2, out=Bs[i])
+            i += 1
+            if i == group:
+                flush(i)
+                i = 0
+    if i:
+        flush(i)
+    return weight, bias
 
 
 def _builtin_graph(out: torch.Tensor) -> bool:
@@ -812,15 +855,16 @@ def ggn_diagonal(
 
     ``"exact"`` (BackPACK's ``DiagGGNExact``): :math:`\operatorname{diag} G = \sum_n \sum_j
     (J_n^\top s_{jn})^2` with :math:`S_n = [s_{1n}, \dots]` a square root of the loss Hessian
-    w.r.t. sample n's output (:math:`S_n S_n^\top = c\nabla^2_f \ell`; C columns for C-class
-    cross-entropy, D for a D-output squared error). ``"mc"`` (``DiagGGNMC``): the same with
-    :math:`S_n` replaced by ``mc_samples`` gradients at targets drawn from the model's predictive
-    distribution (scaled by :math:`\sqrt{c/S}`), an unbiased estimate, equal to the diagonal of
-    :func:`fisher_operator` with ``kind="mc"`` and the same ``generator``. No product of the
-    full matrix: when every trainable parameter sits in an ``nn.Linear`` or ``nn.Conv2d``
-    called once, the columns are backpropagated to the layer outputs and each sample's weight
-    gradient is formed there from the layer input (conv patches); otherwise each column is a
-    per-sample vector-Jacobian product, vmapped over the samples.
+    w.r.t. sample n's output (:math:`S_n S_n^\top = c\nabla^2_f \ell`; C - 1 columns for
+    C-class cross-entropy, the Hessian's rank, D for a D-output squared error). ``"mc"``
+    (``DiagGGNMC``): the same with :math:`S_n` replaced by ``mc_samples`` gradients at targets
+    drawn from the model's predictive distribution (scaled by :math:`\sqrt{c/S}`), an unbiased
+    estimate, equal to the diagonal of :func:`fisher_operator` with ``kind="mc"`` and the same
+    ``generator``. No product of the full matrix: when every trainable parameter sits in an
+    ``nn.Linear`` or ``nn.Conv2d`` called once, the columns are backpropagated to the layer
+    outputs and each sample's weight gradient is formed there from the layer input (conv
+    patches); otherwise each column is a per-sample vector-Jacobian product, vmapped over the
+    samples.
 
     Args:
         model, loss_fn, batch, data, batch_weight, distributed, mode: as in

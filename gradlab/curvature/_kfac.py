@@ -13,7 +13,7 @@ the curvature matrix :math:`\sum_n J_n^\top M_n J_n` w.r.t. :math:`W` is approxi
 
 The bias of a layer has block :math:`B`. The conventions are curvlinops' ``KFACLinearOperator``
 (``separate_weight_and_bias=True``). One forward and ``m`` backward passes per batch (``m`` the
-factor columns: C for C-class cross-entropy), only to the layer outputs (no parameter
+factor columns: C - 1 for C-class cross-entropy), only to the layer outputs (no parameter
 gradients). Products cost :math:`O(d_{out}^2 d_{in} + d_{out} d_{in}^2)` per layer.
 """
 

@@ -29,6 +29,7 @@ __all__ = [
     "output_columns",
     "output_grads",
     "output_rows",
+    "patches",
 ]
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
@@ -113,11 +114,30 @@ def output_grads(
     return grads
 
 
+def patches(
+    a: torch.Tensor,
+    kernel_size: tuple[int, ...],
+    dilation: tuple[int, ...],
+    padding: tuple[int, ...],
+    stride: tuple[int, ...],
+) -> torch.Tensor:
+    """``F.unfold(a, kernel_size, dilation, padding, stride)``, ``(N, C * kh * kw, positions)``,
+    from sliding-window views of the zero-padded input and one copy (about half the time of
+    ``F.unfold`` on CPU)."""
+    (kh, kw), (dh, dw), (sh, sw) = kernel_size, dilation, stride
+    if padding[0] or padding[1]:
+        a = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
+    windows = a.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+    windows = windows[..., ::dh, ::dw]  # (N, C, H_out, W_out, kh, kw)
+    N, C, H, W = windows.shape[:4]
+    return windows.permute(0, 1, 4, 5, 2, 3).reshape(N, C * kh * kw, H * W)
+
+
 def _unfold(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     """``(N, C_in * kh * kw, positions)`` patches, ordered like ``weight.reshape(C_out, -1)``."""
     padding = module.padding
     assert not isinstance(padding, str)  # refused by layer_problem
-    return F.unfold(a, module.kernel_size, module.dilation, padding, module.stride)
+    return patches(a, module.kernel_size, module.dilation, padding, module.stride)
 
 
 def input_rows(module: nn.Module, a: torch.Tensor) -> torch.Tensor:

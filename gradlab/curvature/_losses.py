@@ -52,13 +52,34 @@ def _bce_hessian(f: torch.Tensor, y: torch.Tensor) -> Callable[[torch.Tensor], t
     return lambda U: d * U
 
 
+def ce_root(p: torch.Tensor) -> torch.Tensor:
+    r"""C - 1 factors :math:`s_j` (shape ``(C - 1, *p.shape)``) of the cross-entropy Hessian
+    :math:`\operatorname{diag} p - p p^\top = \sum_j s_j s_j^\top` for probabilities ``p``
+    over dimension 1: as many as its rank (C would do, with one more column to propagate).
+
+    With :math:`u = \sqrt p` (a unit vector), the Hessian is :math:`D (I - u u^\top) D`,
+    :math:`D = \operatorname{diag} u`, and :math:`I - u u^\top = Q Q^\top` for the first C - 1
+    columns :math:`Q = I_{:, :C-1} - v v_{:C-1}^\top / (1 + u_C)` of the Householder reflection
+    :math:`I - v v^\top / (1 + u_C)`, :math:`v = u + e_C`, which maps :math:`e_C` to :math:`-u`
+    (stable: :math:`1 + u_C \ge 1`). So :math:`s_j = D q_j`.
+    """
+    u = p.sqrt()
+    C = p.shape[1]
+    if C == 1:  # one class: p = 1, zero Hessian
+        return torch.zeros_like(p).unsqueeze(0)
+    v = u.clone()
+    v.narrow(1, C - 1, 1).add_(1)
+    # s_j = u * (e_j - v v_j / (1 + u_C)), j < C - 1, as (C - 1, *p.shape)
+    vj = v.narrow(1, 0, C - 1).movedim(1, 0).unsqueeze(2)  # (C - 1, N, 1, ...)
+    w = (u * v / v.narrow(1, C - 1, 1)).unsqueeze(0)  # u v / (1 + u_C), (1, N, C, ...)
+    S = -vj * w
+    eye = torch.eye(C, dtype=p.dtype, device=p.device)[: C - 1]
+    S += eye.reshape([C - 1, 1, C] + [1] * (p.dim() - 2)) * u.unsqueeze(0)
+    return S
+
+
 def _ce_sqrt(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    p = f.softmax(1)
-    C = f.shape[1]
-    eye = torch.eye(C, dtype=f.dtype, device=f.device)
-    shape = [C, 1, C] + [1] * (f.dim() - 2)
-    # s_c = sqrt(p_c) (e_c - p): sum_c s_c s_c^T = diag(p) - p p^T
-    return p.sqrt().movedim(1, 0).unsqueeze(2) * (eye.reshape(shape) - p.unsqueeze(0))
+    return ce_root(f.softmax(1))
 
 
 def _onehot(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:

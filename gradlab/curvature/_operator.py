@@ -248,27 +248,32 @@ class HessianOperator(CurvatureOperator):
         return super().apply(vs)
 
 
+# Parameters checked by _checked_params: tensors, structure (to shape flat results), names, and
+# the module among them
+Checked = tuple[list[torch.Tensor], Any, list[str], list[nn.Module]]
+
+
 def operator(
     fn: str,
     loss_fn: Callable[..., torch.Tensor],
-    tensors: list[torch.Tensor],
-    names: list[str],
-    modules: list[nn.Module],
-    *,
+    checked: Checked,
     mode: str | None,
     data: Any,
     batch_weight: Any,
     distributed: bool,
+    *,
     progress: Progress | None = None,
     eager: bool = False,
 ) -> HessianOperator:
-    """Check the options every curvature function shares; the operator on checked tensors."""
+    """Check the options every curvature function shares (in the order of its signature); the
+    operator on the checked parameters."""
     check_mode(fn, mode)
     data = check_data(fn, data)
     batch_weight = check_batch_weight(fn, batch_weight)
     check_distributed(fn, distributed)
     if batch_weight is not None and data is None:
         raise ValueError(f"{fn}: batch_weight= is only used with data=; pass data= too")
+    tensors, _, names, modules = checked
     return HessianOperator(
         fn,
         loss_fn,
@@ -284,9 +289,7 @@ def operator(
     )
 
 
-def _checked_params(
-    fn: str, params: ParamsArg, mode: str | None
-) -> tuple[list[torch.Tensor], Any, list[str], list[nn.Module]]:
+def _checked_params(fn: str, params: ParamsArg, mode: str | None) -> Checked:
     """``params`` checked: its tensors, structure and names, and the module among them."""
     check_mode(fn, mode)
     tensors, structure = check_params(fn, params)
@@ -316,22 +319,11 @@ def front(
 ) -> Front:
     """The arguments every ``hessian_*`` estimator shares (in its signature's order), checked:
     the generator, the progress counter and the operator counting on it."""
-    tensors, structure, names, modules = _checked_params(fn, params, mode)
+    checked = _checked_params(fn, params, mode)
     gen = check_generator(fn, generator)
     prog = Progress(fn, progress)
-    op = operator(
-        fn,
-        loss_fn,
-        tensors,
-        names,
-        modules,
-        mode=mode,
-        data=data,
-        batch_weight=batch_weight,
-        distributed=distributed,
-        progress=prog,
-    )
-    return Front(op, structure, gen, prog)
+    op = operator(fn, loss_fn, checked, mode, data, batch_weight, distributed, progress=prog)
+    return Front(op, checked[1], gen, prog)
 
 
 def hessian_operator(
@@ -383,16 +375,5 @@ def hessian_operator(
         ((2, 2), tensor([12., 48.]))
     """
     fn = "hessian_operator"
-    tensors, _, names, modules = _checked_params(fn, params, mode)
-    return operator(
-        fn,
-        loss_fn,
-        tensors,
-        names,
-        modules,
-        mode=mode,
-        data=data,
-        batch_weight=batch_weight,
-        distributed=distributed,
-        eager=True,
-    )
+    checked = _checked_params(fn, params, mode)
+    return operator(fn, loss_fn, checked, mode, data, batch_weight, distributed, eager=True)

@@ -228,18 +228,8 @@ def hessian_trace_by_block(
                 union_names.append(label)
     if len({t.dtype for t in union}) > 1:
         raise TypeError(f"{fn}: the blocks mix dtypes; convert the model to one dtype")
-    op = operator(
-        fn,
-        loss_fn,
-        union,
-        union_names,
-        modules,
-        mode=mode,
-        data=data,
-        batch_weight=batch_weight,
-        distributed=distributed,
-        progress=prog,
-    )
+    checked = (union, None, union_names, modules)  # no structure: results are per block
+    op = operator(fn, loss_fn, checked, mode, data, batch_weight, distributed, progress=prog)
     masks = []
     for group in groups:
         mask = torch.zeros(op.n, dtype=op.dtype, device=op.device)

@@ -521,3 +521,37 @@ def test_ggn_diagonal_linear_layers_on_sequences(device):
     G2 = _dense_ggn(twice, nn.CrossEntropyLoss(), X[:, 0], y)
     d2 = gl.ggn_diagonal(twice, nn.CrossEntropyLoss(), (X[:, 0], y))
     torch.testing.assert_close(_flat_dict(d2), G2.diagonal(), **TOL)
+
+
+@pytest.mark.parametrize(
+    ("stacked", "buffer", "limit"),
+    [(1 << 20, 1 << 20, 1 << 19), (0, 1 << 20, 1 << 19), (0, 1, 0), (0, 1000, 0)],
+    ids=["stacked", "one-buffer", "per-column", "buffer-remainder"],
+)
+def test_exact_ggn_diagonal_squares_paths(stacked, buffer, limit, monkeypatch, device):
+    """Every way of forming the squared per-sample gradients (all columns stacked into one
+    product; a buffer of all columns; one column at a time; groups of 3 of the 4 columns, then
+    the remainder), with the columns backpropagated batched or one by one, gives the dense
+    diagonal."""
+    from gradlab.curvature import _ggn
+
+    monkeypatch.setattr(_ggn, "_STACKED_ELEMENTS", stacked)
+    monkeypatch.setattr(_ggn, "_SQUARES_ELEMENTS", buffer)
+    monkeypatch.setattr(_ggn, "_STACK_LIMIT", limit)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 4, 2, dilation=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    )
+    model = model.double().to(device)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(6, 2, 7, 7, generator=g, dtype=torch.float64).to(device)
+    y = torch.randint(0, 5, (6,), generator=g).to(device)
+    loss_fn = nn.CrossEntropyLoss()
+    G = _dense_ggn(model, loss_fn, X, y)
+    d = gl.ggn_diagonal(model, loss_fn, (X, y))
+    torch.testing.assert_close(_flat_dict(d), G.diagonal(), **TOL)
