@@ -192,8 +192,7 @@ def hessian_trace_by_block(
 
     Returns:
         A dict with the keys of ``blocks`` (in order, blocks without parameters left out), each
-        a 0-dim tensor in the parameters'
-        dtype.
+        a 0-dim tensor in the parameters' dtype.
 
     Raises:
         TypeError: ``blocks`` is not a dict or a module, a block is not a tensor, sequence or
