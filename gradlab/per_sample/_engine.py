@@ -459,9 +459,10 @@ class PerSampleGradients(HookContext):
         else:
             self._norm_sq[name] = torch.linalg.vector_norm(flat, dim=1).square()
         if moments and self._moments:
-            self._sum[name] = g.sum(0)
             self._sum_sq[name] = g.square().sum(0)
-            self._variance[name] = g.var(0, unbiased=False)
+            if "variance" in self._stats:  # the sum: for gather()'s variance
+                self._sum[name] = g.sum(0)
+                self._variance[name] = g.var(0, unbiased=False)
         if moments and "dot_mean" in self._stats:
             self._dot_mean[name] = flat @ flat.mean(0)
 
