@@ -3,12 +3,14 @@
 On a diagnostic step the monitor runs one :class:`~gradlab.per_sample.PerSampleGradients`
 context over that step's forward and backward (opened before the forward, finished when the next
 forward starts, the history is read or the monitor exits: never inside the autograd engine's
-callbacks). With ``g_i`` the gradient of sample i's loss term (no 1/B) restricted to a group of
-parameters (one monitored module, or all of them) and ``m = (1/B) sum_i g_i`` (from the
-gradient this backward contributed, read by a leaf hook before it is accumulated into ``.grad``
-and never held: its squared norm, or for ``gsnr`` a copy into a buffer kept between steps; the
-dots ``g_i . m`` come from the engine's ``dot_mean``, whose ``m`` is the mean of its ``g_i``),
-the ingredients are, per group:
+callbacks). The engine's module and parameter hooks stay installed from one diagnostic step to
+the next (inactive in between) and come off for a step without diagnostics and at exit. With
+``g_i`` the gradient of sample i's loss term (no 1/B) restricted to a group of parameters (one
+monitored module, or all of them) and ``m = (1/B) sum_i g_i`` (from the gradient this backward
+contributed, read by a leaf hook before it is accumulated into ``.grad`` and never held: its
+squared norm, or for ``gsnr`` a copy into a buffer kept between steps; the dots ``g_i . m``
+come from the engine's ``dot_mean``, whose ``m`` is the mean of its ``g_i``), the ingredients
+are, per group:
 
 * ``ps_b``: ``B``;
 * ``ps_sum_norm_sq``: ``sum_i ||g_i||^2``; ``ps_mean_sq``: ``||m||^2``;
