@@ -243,15 +243,16 @@ class PerSampleSteps:
                 # the engine's sum_sq tensors are recomputed every step: ours to overwrite
                 sum_sq = ps.sum_sq
                 gsnr_den = [sum_sq[n] for n in names]
+                # m_j^2 / ((1/B) v_j - m_j^2 + eps) = B m_j^2 / (v_j - B m_j^2 + B eps), v_j =
+                # sum_i g_ij^2: four passes (no division of v by B)
                 torch._foreach_mul_(m, m)  # m_j^2
-                torch._foreach_div_(gsnr_den, float(b))  # (1/B) sum_i g_ij^2 - m_j^2 + eps
-                torch._foreach_sub_(gsnr_den, m)
-                torch._foreach_add_(gsnr_den, GSNR_EPS)
+                torch._foreach_add_(gsnr_den, m, alpha=-float(b))  # v_j - B m_j^2
+                torch._foreach_add_(gsnr_den, b * GSNR_EPS)
                 torch._foreach_div_(m, gsnr_den)
                 # summed in the gradient's dtype (float32 for half precision), then float64: a
                 # float64 accumulation of float32 is ~6x slower on CPU
                 acc = [t.sum(dtype=torch.float32 if t.dtype in _LOW else None) for t in m]
-                diag.set_all("gsnr_sum", per_group(torch.stack(acc)))
+                diag.set_all("gsnr_sum", per_group(torch.stack(acc)) * b)
                 diag.set_all("gsnr_numel", per_group([float(t.numel()) for t in m]))
             else:
                 mean_sq = per_group([grads[n] for n in names]) * (unscale * unscale)
