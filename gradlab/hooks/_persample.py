@@ -37,6 +37,8 @@ __all__ = ["GSNR_EPS", "PER_SAMPLE", "PerSampleSteps"]
 
 GSNR_EPS = 1e-5  # Cockpit's MeanGSNR epsilon
 _LOW = (torch.float16, torch.bfloat16)
+# (groups + 1) x parameters up to this: per-group sums by one product with a 0/1 matrix
+_MATRIX_MAX = 4096
 # diagnostics that need the per-sample engine, and the PerSampleGradients stats each needs
 PER_SAMPLE: dict[str, tuple[str, ...]] = {
     "noise_scale": ("norm",),
@@ -69,7 +71,7 @@ class PerSampleSteps:
         self._owner = list(owner)
         self._index = {n: i for i, n in enumerate(self._names)}
         self._groups = groups
-        self._matrix: tuple[Any, torch.Tensor] | None = None  # _group_matrix's, kept
+        self._summer: tuple[Any, Callable[[torch.Tensor], torch.Tensor]] | None = None
         stats = {s for d in diagnostics if d in PER_SAMPLE for s in PER_SAMPLE[d]}
         self.stats = tuple(sorted(stats))
         self._reduction = loss_reduction
@@ -195,17 +197,33 @@ class PerSampleSteps:
                 ps.close()
         return diag is not None
 
-    def _group_matrix(self, names: list[str], device: Any) -> torch.Tensor:
-        """(G + 1, P) float64: row g sums the parameters of group g, the last row all of them
-        (one matrix product gives every group's sum and the total)."""
+    def _group_sum(self, names: list[str], device: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function of ``(P, ...)`` per-parameter values -> ``(G + 1, ...)``: each group's sum,
+        then the total. Few parameters: one product with a kept ``(G + 1, P)`` 0/1 matrix (one
+        op); many: ``index_add`` (the matrix would cost ``O(G P)`` memory and work)."""
         key = (tuple(names), device)
-        hit = self._matrix
+        hit = self._summer
         if hit is None or hit[0] != key:
-            owner = [self._owner[self._index[n]] for n in names]
-            mat = torch.zeros(self._groups + 1, len(names), dtype=torch.float64)
-            mat[torch.tensor(owner, dtype=torch.long), torch.arange(len(names))] = 1.0
-            mat[-1] = 1.0
-            hit = self._matrix = (key, mat.to(device))
+            owner = torch.tensor([self._owner[self._index[n]] for n in names], dtype=torch.long)
+            groups = self._groups
+            if (groups + 1) * len(names) <= _MATRIX_MAX:
+                mat = torch.zeros(groups + 1, len(names), dtype=torch.float64)
+                mat[owner, torch.arange(len(names))] = 1.0
+                mat[-1] = 1.0
+                mat = mat.to(device)
+
+                def fn(values: torch.Tensor) -> torch.Tensor:
+                    return mat @ values
+
+            else:
+                index = owner.to(device)
+
+                def fn(values: torch.Tensor) -> torch.Tensor:
+                    out = values.new_zeros(groups, *values.shape[1:])
+                    out.index_add_(0, index, values)
+                    return torch.cat([out, values.sum(0, keepdim=True)])
+
+            hit = self._summer = (key, fn)
         return hit[1]
 
     def _compute(self, ps: Any, diag: StepDiagnostics, grads: dict[str, Any], scale: Any) -> None:
@@ -220,7 +238,7 @@ class PerSampleSteps:
                 unscale /= b
             norms_sq = ps._norms_sq()  # {name: (B,)} squared: the engine's own, not sqrt'ed
             device = norms_sq[names[0]].device
-            mat = self._group_matrix(names, device)
+            group_sum = self._group_sum(names, device)
 
             def per_group(values: list[Any] | torch.Tensor) -> torch.Tensor:
                 if isinstance(values, list):
@@ -228,7 +246,7 @@ class PerSampleSteps:
                         values = torch.tensor(values, dtype=f64, device=device)
                     else:
                         values = torch.stack([torch.as_tensor(v).to(device, f64) for v in values])
-                return mat @ values.to(f64)
+                return group_sum(values.to(f64))
 
             per_sample = torch.stack([norms_sq[n].to(device) for n in names])  # (P, B)
             sum_norm_sq = per_group(per_sample.sum(1, dtype=f64))
@@ -261,7 +279,7 @@ class PerSampleSteps:
                 # g_i . m over a group is the sum of its parameters' terms (the engine's m is
                 # the mean of its g_i: this backward's gradient, to rounding)
                 by_param = ps.dot_mean_by_param
-                dots = mat @ torch.stack([by_param[n] for n in names]).to(f64)  # (G + 1, B)
+                dots = group_sum(torch.stack([by_param[n] for n in names]).to(f64))  # (G + 1, B)
                 diag.set_all("ps_sum_dot_sq", dots.square().sum(1))
             if b > 1:
                 s = (sum_norm_sq - b * mean_sq) / (b - 1)

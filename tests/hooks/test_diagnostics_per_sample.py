@@ -118,6 +118,32 @@ def test_every_diagnostic_equals_its_formula(factory, opt_kind, device) -> None:
                 assert got == pytest.approx(expected[name], rel=_TOL), (name, module)
 
 
+def test_per_module_sums_without_the_group_matrix(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Models with many parameters sum per module by index_add instead of a 0/1 matrix: the
+    same values."""
+    import gradlab.hooks._persample as persample
+
+    monkeypatch.setattr(persample, "_MATRIX_MAX", 0)
+    factory = _cnn
+    model = factory()
+    refs = []
+    with GradientMonitor(model, diagnostics=_NAMES) as monitor:
+        for step in range(2):
+            x, y = _data(model, step)
+            refs.append(_ref(factory, model, x, y))
+            model.zero_grad()
+            _loss(model(x), y).backward()
+    for rec, grads in zip(monitor.history, refs):
+        expected = _formulas(_flat(grads, None))
+        for name in _NAMES:
+            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
+        for module in _owners(model):
+            expected = _formulas(_flat(grads, module))
+            for name in _NAMES:
+                got = rec.diagnostics_by_module[name][module]
+                assert got == pytest.approx(expected[name], rel=_TOL), (name, module)
+
+
 def test_sum_reduction_and_gradient_accumulation() -> None:
     """loss_reduction='sum'; .grad accumulated over two steps does not enter m."""
     factory = _mlp
