@@ -11,7 +11,13 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from gradlab._validate import check_choice
-from gradlab.hooks._engine import HookContext, PassClock, on_grad, register_global_forward_hook
+from gradlab.hooks._engine import (
+    REPLAY,
+    HookContext,
+    PassClock,
+    on_grad,
+    register_global_forward_hook,
+)
 from gradlab.hooks._select import check_model, select_modules
 
 __all__ = ["CapturedGrads", "capture_grads"]
@@ -172,7 +178,7 @@ def _output_hook(
 
     def hook(module: nn.Module, args: Any, *rest: Any) -> None:  # rest: ([kwargs,] output)
         hit = get(id(module))
-        if hit is None or hit[1]() is not module:
+        if hit is None or hit[1]() is not module or REPLAY.depth:  # REPLAY: not the user's call
             return
         store = ref()
         if store is not None:
@@ -186,7 +192,7 @@ def _input_hook(ref: weakref.ref[CapturedGrads], name: str) -> Any:
     # (ReLU(inplace=True)) still reports the gradient w.r.t. the value it received.
     def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
         store = ref()
-        if store is not None:
+        if store is not None and not REPLAY.depth:
             store._hook_tensors(
                 (args, kwargs) if kwargs else args[0] if len(args) == 1 else args, name
             )

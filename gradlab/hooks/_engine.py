@@ -12,6 +12,7 @@ calls, each of which counts as its own pass; use ``use_reentrant=False``.
 from __future__ import annotations
 
 import inspect
+import threading
 import weakref
 from collections.abc import Callable
 from functools import partial
@@ -22,7 +23,28 @@ import torch
 from torch.nn.modules import module as _module
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["HandleBag", "HookContext", "PassClock", "on_grad", "register_global_forward_hook"]
+__all__ = [
+    "REPLAY",
+    "HandleBag",
+    "HookContext",
+    "PassClock",
+    "on_grad",
+    "register_global_forward_hook",
+]
+
+
+class _Replay(threading.local):
+    """How deep this thread is in a per-sample engine's ``torch.func`` replay of a module.
+
+    The replay calls the module again (and its children) on single samples under ``vmap``:
+    not a forward of the user's, so the hooks of the other contexts skip it
+    (``if REPLAY.depth: return``); recording it would also run ops that vmap cannot batch.
+    """
+
+    depth = 0
+
+
+REPLAY = _Replay()
 
 
 class PassClock:
@@ -75,6 +97,9 @@ class HandleBag:
 
     def module(self, handle: RemovableHandle) -> None:
         self._module.append(handle)
+
+    def has_module_hooks(self) -> bool:
+        return bool(self._module)
 
     def tensor(self, handle: RemovableHandle) -> None:
         self._tensor.append(handle)

@@ -46,7 +46,7 @@ from gradlab.hooks._alpha import AlphaSteps
 from gradlab.hooks._buffer import PassBuffer, Pending, to_host
 from gradlab.hooks._ddp import DDPNoiseRecorder, attach
 from gradlab.hooks._diagnostics import ParamTracker, StepDiagnostics, check_diagnostics
-from gradlab.hooks._engine import HookContext, PassClock
+from gradlab.hooks._engine import REPLAY, HookContext, PassClock
 from gradlab.hooks._histograms import GradHistogram, HistogramSteps
 from gradlab.hooks._history import History, HistoryView
 from gradlab.hooks._losses import LOSS_DIAGNOSTICS, LossSteps, check_losses
@@ -395,8 +395,11 @@ class GradientMonitor(HookContext):
         ps.finish()
         if self._alpha is not None:  # the optimizer has stepped: project onto its update
             self._alpha.params_moved(self._live_params())
-        if not ps.open and self._wants_ps(self._history.count):
-            ps.start()
+        if not ps.open:
+            if self._wants_ps(self._history.count):
+                ps.start()
+            else:  # a step without diagnostics: no per-sample hooks (they stay while every=1)
+                ps.idle()
 
     def _context_done(self, ps: Any, scale: Any) -> bool:
         """A per-sample context's statistics were taken; True: alpha keeps it open."""
@@ -985,7 +988,7 @@ def _check_thresholds(fn: str, vanishing: object, exploding: object) -> tuple[fl
 def _pre_hook(ref: weakref.ref[CallTracker], name: str) -> Any:
     def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
         calls = ref()
-        if calls is not None:
+        if calls is not None and not REPLAY.depth:
             calls.before_call(name, (args, kwargs) if kwargs else args)  # args: a tuple
 
     return hook
@@ -996,7 +999,7 @@ def _fwd_hook(ref: weakref.ref[CallTracker], name: str, inputs: bool) -> Any:
 
     def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         calls = ref()
-        if calls is None:
+        if calls is None or REPLAY.depth:  # a per-sample engine's replay: not the user's
             return
         if inputs:
             calls.after_call(name, (args, kwargs) if kwargs else args, output)
@@ -1027,7 +1030,7 @@ def _leaf_hook(ref: weakref.ref[PerSampleSteps], name: str) -> Any:
 def _forward_start(ref: weakref.ref[GradientMonitor]) -> Any:
     def hook(module: nn.Module, args: Any) -> None:
         monitor = ref()
-        if monitor is not None:
+        if monitor is not None and not REPLAY.depth:
             monitor._on_forward_start()
 
     return hook
@@ -1036,7 +1039,7 @@ def _forward_start(ref: weakref.ref[GradientMonitor]) -> Any:
 def _batch_hook(ref: weakref.ref[DDPNoiseRecorder]) -> Any:
     def hook(module: nn.Module, args: Any, kwargs: Any) -> None:
         recorder = ref()
-        if recorder is not None:
+        if recorder is not None and not REPLAY.depth:
             recorder.start_forward(args, kwargs)
 
     return hook

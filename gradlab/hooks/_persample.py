@@ -3,12 +3,14 @@
 On a diagnostic step the monitor runs one :class:`~gradlab.per_sample.PerSampleGradients`
 context over that step's forward and backward (opened before the forward, finished when the next
 forward starts, the history is read or the monitor exits: never inside the autograd engine's
-callbacks). With ``g_i`` the gradient of sample i's loss term (no 1/B) restricted to a group of
-parameters (one monitored module, or all of them) and ``m = (1/B) sum_i g_i`` (from the
-gradient this backward contributed, read by a leaf hook before it is accumulated into ``.grad``
-and never held: its squared norm, or for ``gsnr`` a copy into a buffer kept between steps; the
-dots ``g_i . m`` come from the engine's ``dot_mean``, whose ``m`` is the mean of its ``g_i``),
-the ingredients are, per group:
+callbacks). The engine's module and parameter hooks stay installed from one diagnostic step to
+the next (inactive in between) and come off for a step without diagnostics and at exit. With
+``g_i`` the gradient of sample i's loss term (no 1/B) restricted to a group of parameters (one
+monitored module, or all of them) and ``m = (1/B) sum_i g_i`` (from the gradient this backward
+contributed, read by a leaf hook before it is accumulated into ``.grad`` and never held: its
+squared norm, or for ``gsnr`` a copy into a buffer kept between steps; the dots ``g_i . m``
+come from the engine's ``dot_mean``, whose ``m`` is the mean of its ``g_i``), the ingredients
+are, per group:
 
 * ``ps_b``: ``B``;
 * ``ps_sum_norm_sq``: ``sum_i ||g_i||^2``; ``ps_mean_sq``: ``||m||^2``;
@@ -29,10 +31,14 @@ from typing import Any
 import torch
 
 from gradlab.hooks._diagnostics import StepDiagnostics
+from gradlab.hooks._stats import blas_sum_sq
 
 __all__ = ["GSNR_EPS", "PER_SAMPLE", "PerSampleSteps"]
 
 GSNR_EPS = 1e-5  # Cockpit's MeanGSNR epsilon
+_LOW = (torch.float16, torch.bfloat16)
+# (groups + 1) x parameters up to this: per-group sums by one product with a 0/1 matrix
+_MATRIX_MAX = 4096
 # diagnostics that need the per-sample engine, and the PerSampleGradients stats each needs
 PER_SAMPLE: dict[str, tuple[str, ...]] = {
     "noise_scale": ("norm",),
@@ -63,7 +69,9 @@ class PerSampleSteps:
         self._model = model  # a weakref to the model
         self._names = list(names)
         self._owner = list(owner)
+        self._index = {n: i for i, n in enumerate(self._names)}
         self._groups = groups
+        self._summer: tuple[Any, Callable[[torch.Tensor], torch.Tensor]] | None = None
         stats = {s for d in diagnostics if d in PER_SAMPLE for s in PER_SAMPLE[d]}
         self.stats = tuple(sorted(stats))
         self._reduction = loss_reduction
@@ -71,9 +79,10 @@ class PerSampleSteps:
         self._ema_state: tuple[torch.Tensor, torch.Tensor] | None = None
         self._ps: Any = None  # the open context
         self._engine: Any = None
-        self._done: tuple[Any, StepDiagnostics | None, dict[str, torch.Tensor], Any] | None = None
-        # this backward's gradient of each parameter (gsnr), else its squared norm
-        self._grads: dict[str, torch.Tensor] = {}
+        self._done: tuple[Any, StepDiagnostics | None, dict[str, Any], Any] | None = None
+        # this backward's gradient of each parameter (gsnr), else its squared norm (a float or
+        # a 0-dim tensor)
+        self._grads: dict[str, Any] = {}
         self._buffers: dict[str, torch.Tensor] = {}  # gsnr: the gradients, kept between steps
         self._warned = False
         self._scaler = scaler
@@ -113,6 +122,7 @@ class PerSampleSteps:
             ps = self._engine = PerSampleGradients(
                 model, stats=self.stats, loss_reduction=self._reduction, scaler=self._scaler
             )
+            ps._keep_installed()  # its module hooks stay (inactive between steps) until release
         ps.__enter__()
         self._ps = ps
         self._grads = {}
@@ -122,7 +132,8 @@ class PerSampleSteps:
 
         Never kept: holding it would make autograd copy it into ``.grad`` instead of moving
         it (a fresh parameter-sized allocation per step). ``gsnr`` needs ``m`` entry by entry:
-        copied into a buffer kept from step to step; otherwise only ``||g||^2`` is kept.
+        copied into a buffer kept from step to step; otherwise only ``||g||^2`` is kept (a
+        float from one BLAS dot while ``g`` is in cache, where it can; else a 0-dim tensor).
         """
         if not self.open:
             return
@@ -133,7 +144,10 @@ class PerSampleSteps:
                     buf = self._buffers[name] = torch.empty_like(g)
                 self._grads[name] = buf.copy_(g)
             else:
-                self._grads[name] = torch.linalg.vector_norm(g)  # squared in _compute
+                sq = blas_sum_sq(g)
+                self._grads[name] = (
+                    torch.linalg.vector_norm(g).square() if sq is None else sq  # type: ignore[assignment]
+                )
 
     def backward_done(self, diag: StepDiagnostics | None, scale: Any) -> None:
         """The backward pass ended (an engine callback: nothing is computed here)."""
@@ -143,8 +157,16 @@ class PerSampleSteps:
         self._done = (self._ps, diag, self._grads, scale)
         self._grads = {}
 
+    def idle(self) -> None:
+        """A step without a context: remove the engine's hooks (kept from step to step while
+        every step has one), so that such a step pays nothing."""
+        if self._engine is not None and not self.open:
+            self._engine._uninstall()
+
     def release(self) -> None:
         """Drop the engine (it holds the model) and the kept buffers: the monitor exited."""
+        if self._engine is not None:
+            self._engine._uninstall()
         self._engine = None
         self._buffers = {}
 
@@ -175,67 +197,90 @@ class PerSampleSteps:
                 ps.close()
         return diag is not None
 
-    def _compute(
-        self, ps: Any, diag: StepDiagnostics, grads: dict[str, torch.Tensor], scale: Any
-    ) -> None:
+    def _group_sum(self, names: list[str], device: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function of ``(P, ...)`` per-parameter values -> ``(G + 1, ...)``: each group's sum,
+        then the total. Few parameters: one product with a kept ``(G + 1, P)`` 0/1 matrix (one
+        op); many: ``index_add`` (the matrix would cost ``O(G P)`` memory and work)."""
+        key = (tuple(names), device)
+        hit = self._summer
+        if hit is None or hit[0] != key:
+            owner = torch.tensor([self._owner[self._index[n]] for n in names], dtype=torch.long)
+            groups = self._groups
+            if (groups + 1) * len(names) <= _MATRIX_MAX:
+                mat = torch.zeros(groups + 1, len(names), dtype=torch.float64)
+                mat[owner, torch.arange(len(names))] = 1.0
+                mat[-1] = 1.0
+                mat = mat.to(device)
+
+                def fn(values: torch.Tensor) -> torch.Tensor:
+                    return mat @ values
+
+            else:
+                index = owner.to(device)
+
+                def fn(values: torch.Tensor) -> torch.Tensor:
+                    out = values.new_zeros(groups, *values.shape[1:])
+                    out.index_add_(0, index, values)
+                    return torch.cat([out, values.sum(0, keepdim=True)])
+
+            hit = self._summer = (key, fn)
+        return hit[1]
+
+    def _compute(self, ps: Any, diag: StepDiagnostics, grads: dict[str, Any], scale: Any) -> None:
         b = ps.batch_size
         names = [n for n in self._names if n in grads]
         if not names:
             return
-        g_count = self._groups
-        group_of = {n: self._owner[self._names.index(n)] for n in names}
+        f64 = torch.float64
         with torch.no_grad():
             unscale = 1.0 if scale is None else 1.0 / float(scale)
             if self._reduction == "sum":
                 unscale /= b
-            device = grads[names[0]].device
-            owner = torch.tensor([group_of[n] for n in names], device=device)
+            norms_sq = ps._norms_sq()  # {name: (B,)} squared: the engine's own, not sqrt'ed
+            device = norms_sq[names[0]].device
+            group_sum = self._group_sum(names, device)
 
-            def per_group(values: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+            def per_group(values: list[Any] | torch.Tensor) -> torch.Tensor:
                 if isinstance(values, list):
-                    values = torch.stack([v.to(device) for v in values])
-                out = torch.zeros(g_count, dtype=torch.float64, device=device)
-                out.index_add_(0, owner, values.to(torch.float64))
-                return torch.cat([out, out.sum().view(1)])
+                    if all(isinstance(v, float) for v in values):
+                        values = torch.tensor(values, dtype=f64, device=device)
+                    else:
+                        values = torch.stack([torch.as_tensor(v).to(device, f64) for v in values])
+                return group_sum(values.to(f64))
 
-            norms = ps.norm_by_param  # (P, B) stacked: a few launches, not a few per parameter
-            per_sample = torch.stack([norms[n].to(device) for n in names]).to(torch.float64)
-            sum_norm_sq = per_group(per_sample.square_().sum(1))
-            ones = torch.ones(g_count + 1, dtype=torch.float64, device=device)
-            diag.set_all("ps_b", ones * b)
+            per_sample = torch.stack([norms_sq[n].to(device) for n in names])  # (P, B)
+            sum_norm_sq = per_group(per_sample.sum(1, dtype=f64))
+            diag.set_all("ps_b", torch.full_like(sum_norm_sq, float(b)))
             diag.set_all("ps_sum_norm_sq", sum_norm_sq)
             if "sum_sq" in self.stats:
                 # m in the gradient's own dtype, in our buffers (overwritten here); float64 sums
                 m = [grads[n] for n in names]
                 if unscale != 1.0:
                     torch._foreach_mul_(m, unscale)
-                mean_sq = per_group(torch.stack(torch._foreach_norm(m)).to(torch.float64).square())
+                mean_sq = per_group(torch.stack(torch._foreach_norm(m)).to(f64).square())
                 # the engine's sum_sq tensors are recomputed every step: ours to overwrite
                 sum_sq = ps.sum_sq
                 gsnr_den = [sum_sq[n] for n in names]
+                # m_j^2 / ((1/B) v_j - m_j^2 + eps) = B m_j^2 / (v_j - B m_j^2 + B eps), v_j =
+                # sum_i g_ij^2: four passes (no division of v by B)
                 torch._foreach_mul_(m, m)  # m_j^2
-                torch._foreach_div_(gsnr_den, float(b))  # (1/B) sum_i g_ij^2 - m_j^2 + eps
-                torch._foreach_sub_(gsnr_den, m)
-                torch._foreach_add_(gsnr_den, GSNR_EPS)
+                torch._foreach_add_(gsnr_den, m, alpha=-float(b))  # v_j - B m_j^2
+                torch._foreach_add_(gsnr_den, b * GSNR_EPS)
                 torch._foreach_div_(m, gsnr_den)
-                diag.set_all("gsnr_sum", per_group([t.sum(dtype=torch.float64) for t in m]))
-                numel = torch.tensor([float(t.numel()) for t in m], dtype=torch.float64)
-                diag.set_all("gsnr_numel", per_group(numel))
+                # summed in the gradient's dtype (float32 for half precision), then float64: a
+                # float64 accumulation of float32 is ~6x slower on CPU
+                acc = [t.sum(dtype=torch.float32 if t.dtype in _LOW else None) for t in m]
+                diag.set_all("gsnr_sum", per_group(torch.stack(acc)) * b)
+                diag.set_all("gsnr_numel", per_group([float(t.numel()) for t in m]))
             else:
-                norm_m = torch.stack([grads[n].to(device) for n in names]).to(torch.float64)
-                mean_sq = per_group(norm_m.square_() * (unscale * unscale))
+                mean_sq = per_group([grads[n] for n in names]) * (unscale * unscale)
             diag.set_all("ps_mean_sq", mean_sq)
             if "dot_mean" in self.stats:
                 # g_i . m over a group is the sum of its parameters' terms (the engine's m is
                 # the mean of its g_i: this backward's gradient, to rounding)
                 by_param = ps.dot_mean_by_param
-                dots = torch.zeros(g_count, b, dtype=torch.float64, device=device)
-                dots.index_add_(
-                    0, owner, torch.stack([by_param[n].to(torch.float64) for n in names])
-                )
-                sq = dots.square().sum(1)
-                total = dots.sum(0).square().sum()
-                diag.set_all("ps_sum_dot_sq", torch.cat([sq, total.view(1)]))
+                dots = group_sum(torch.stack([by_param[n] for n in names]).to(f64))  # (G + 1, B)
+                diag.set_all("ps_sum_dot_sq", dots.square().sum(1))
             if b > 1:
                 s = (sum_norm_sq - b * mean_sq) / (b - 1)
                 num, den = s, mean_sq - s / b

@@ -20,7 +20,7 @@ try:  # optional (the ``fast`` extra): BLAS level 1 through SciPy for CPU gradie
 except ImportError:  # pragma: no cover - depends on the environment
     _blas = None
 
-__all__ = ["ROWS", "CpuArena", "blas_stats", "stats_fused"]
+__all__ = ["ROWS", "CpuArena", "blas_stats", "blas_sum_sq", "stats_fused"]
 
 ROWS = 3  # sum of squares, L1 norm, max |g|
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -64,6 +64,21 @@ def blas_stats(g: torch.Tensor) -> tuple[float, float, float] | None:
     sq = float(dot(a, a))
     hi = abs(float(a[iamax(a)])) if sq == sq else math.nan
     return sq, float(asum(a)), hi
+
+
+def blas_sum_sq(g: torch.Tensor) -> float | None:
+    """``sum(g**2)`` of a CPU gradient by one BLAS dot (no torch op), or None where
+    :func:`blas_stats` would return None."""
+    fns = _BLAS.get(g.dtype)
+    if fns is None or not g.is_contiguous():
+        return None
+    try:
+        a = (g.detach() if g.requires_grad else g).view(-1).numpy()
+    except (RuntimeError, TypeError):
+        return None
+    if not 0 < a.size <= _BLAS_MAX:
+        return None
+    return float(fns[0](a, a))
 
 
 def stats_fused(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:

@@ -270,7 +270,7 @@ def _moments(
         out["weight"] = (total, m[1].reshape(shape))
     if "bias" in names:
         db = _bias_grad(module, a, d)
-        out["bias"] = (db.sum(0), db.square().sum(0))
+        out["bias"] = (db.sum(0) if with_sum else None, db.square().sum(0))
     return out
 
 

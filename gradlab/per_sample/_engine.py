@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from gradlab._errors import GradlabError
-from gradlab.hooks._engine import HookContext, on_grad
+from gradlab.hooks._engine import REPLAY, HandleBag, HookContext, on_grad
 from gradlab.per_sample._fallback import Replay, dropout_in, replay_grads
 from gradlab.per_sample._gather import GatheredStats, gather
 from gradlab.per_sample._registry import Rule, rule_for
@@ -198,6 +198,9 @@ class PerSampleGradients(HookContext):
                     self._owners[self._pname[id(p)]].append((m, ln))
         self._ref = weakref.ref(self)
         self._replaying = False
+        self._fixed: HandleBag | None = None  # hooks kept between entries (_keep_installed)
+        # per module: local parameter name -> model parameter name (trainable ones)
+        self._local: dict[int, tuple[weakref.ref, dict[str, str]]] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -223,12 +226,23 @@ class PerSampleGradients(HookContext):
     # -- context ----------------------------------------------------------------------------
     def _install(self) -> None:
         self._reset()
+        bag = self._fixed
+        if bag is None:
+            self._hook_model(self._bag)
+        elif not bag.has_module_hooks():  # kept installed between entries (_keep_installed)
+            try:
+                self._hook_model(bag)
+            except BaseException:
+                bag.remove_all()
+                raise
+
+    def _hook_model(self, bag: HandleBag) -> None:
         ref = self._ref
         for name, m in self._model.named_modules():
             if _uses_batch_stats(m):
                 raise _batch_norm_error(name, m)
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                self._bag.module(m.register_forward_pre_hook(_bn_hook(name)))
+                bag.module(m.register_forward_pre_hook(_bn_hook(ref, name)))
             if not m._parameters or all(p is None for p in m._parameters.values()):
                 continue
             rule = rule_for(m)
@@ -240,9 +254,22 @@ class PerSampleGradients(HookContext):
                 hook = _forward_hook(ref, "_on_forward", name, rule)
             else:
                 hook = _forward_hook(ref, "_on_forward_fallback", name, None)
-            self._bag.module(m.register_forward_hook(hook, with_kwargs=True))
+            bag.module(m.register_forward_hook(hook, with_kwargs=True))
         for name, p in self._params.items():
-            self._bag.module(p.register_post_accumulate_grad_hook(_param_hook(ref, name)))
+            bag.module(p.register_post_accumulate_grad_hook(_param_hook(ref, name)))
+
+    def _keep_installed(self) -> None:
+        """Keep the module and parameter hooks between entries (for a caller that enters this
+        context every step, as GradientMonitor does): installed on the first entry, inactive
+        outside the context, removed by :meth:`_uninstall`. Gradient hooks on a step's outputs
+        still go at each exit."""
+        if self._fixed is None:
+            self._fixed = HandleBag()
+
+    def _uninstall(self) -> None:
+        """Remove the hooks kept by :meth:`_keep_installed`; safe to repeat."""
+        if self._fixed is not None:
+            self._fixed.remove_all()
 
     def __exit__(
         self,
@@ -288,14 +315,19 @@ class PerSampleGradients(HookContext):
             )
 
     def _local_names(self, module: nn.Module) -> dict[str, str]:
-        return {
+        hit = self._local.get(id(module))
+        if hit is not None and hit[0]() is module:
+            return hit[1]
+        names = {
             ln: self._pname[id(p)]
             for ln, p in module._parameters.items()
             if p is not None and id(p) in self._pname
         }
+        self._local[id(module)] = (weakref.ref(module), names)  # read-only for the callers
+        return names
 
     def _on_forward(self, owner: str, rule: Rule, module: nn.Module, args: Any, kw: Any, out: Any):
-        if self._replaying or not torch.is_grad_enabled():
+        if not self._active or self._replaying or not torch.is_grad_enabled():
             return
         if not isinstance(out, torch.Tensor) or not out.requires_grad:
             return
@@ -311,7 +343,7 @@ class PerSampleGradients(HookContext):
     def _on_forward_fallback(
         self, owner: str, rule: None, module: nn.Module, args: Any, kw: Any, out: Any
     ):
-        if self._replaying or not torch.is_grad_enabled():
+        if not self._active or self._replaying or not torch.is_grad_enabled():
             return
         flat_out, _ = tree_flatten(out)
         if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat_out):
@@ -337,6 +369,8 @@ class PerSampleGradients(HookContext):
         rep.receive(k, g)
 
     def _on_param_grad(self, name: str) -> None:
+        if not self._active:
+            return
         self._backward = True
         self._got_grad.add(name)
 
@@ -425,9 +459,10 @@ class PerSampleGradients(HookContext):
         else:
             self._norm_sq[name] = torch.linalg.vector_norm(flat, dim=1).square()
         if moments and self._moments:
-            self._sum[name] = g.sum(0)
             self._sum_sq[name] = g.square().sum(0)
-            self._variance[name] = g.var(0, unbiased=False)
+            if "variance" in self._stats:  # the sum: for gather()'s variance
+                self._sum[name] = g.sum(0)
+                self._variance[name] = g.var(0, unbiased=False)
         if moments and "dot_mean" in self._stats:
             self._dot_mean[name] = flat @ flat.mean(0)
 
@@ -459,6 +494,7 @@ class PerSampleGradients(HookContext):
                 f"loss.backward() inside `with PerSampleGradients(...)`, then read the statistics"
             )
         self._replaying = True
+        REPLAY.depth += 1
         try:
             with torch.no_grad():
                 for rep in self._replays:
@@ -480,6 +516,7 @@ class PerSampleGradients(HookContext):
                 self._fill_unused()
         finally:
             self._replaying = False
+            REPLAY.depth -= 1
         self._final = True
 
     def _fill_unused(self) -> None:
@@ -699,8 +736,11 @@ def _param_hook(ref: weakref.ref, name: str):
     return hook
 
 
-def _bn_hook(name: str):
+def _bn_hook(ref: weakref.ref, name: str):
     def hook(module: nn.Module, args: Any) -> None:
+        obj = ref()
+        if obj is None or not obj._active:
+            return
         if _uses_batch_stats(module) and torch.is_grad_enabled():
             raise _batch_norm_error(name, module)
 

@@ -122,7 +122,7 @@ def _moments(
         if "weight" in names:
             out["weight"] = (d.t() @ a if with_sum else None, d_sq.t() @ a.square())
         if "bias" in names:
-            out["bias"] = (d.sum(0), d_sq.sum(0))
+            out["bias"] = (d.sum(0) if with_sum else None, d_sq.sum(0))
         return out
     a4, d4 = _flat(module, a, d)
     m = seq_moments(a4, d4, with_sum)
@@ -133,7 +133,7 @@ def _moments(
         out["weight"] = (None if m[0] is None else m[0][0], m[1][0])
     if "bias" in names:
         db = d4[:, 0, 0]
-        out["bias"] = (db.sum(0), db.square().sum(0))
+        out["bias"] = (db.sum(0) if with_sum else None, db.square().sum(0))
     return out
 
 

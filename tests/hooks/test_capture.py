@@ -399,3 +399,25 @@ def test_nested_raising_and_threaded_contexts_restore_the_global_tables() -> Non
         t.join()
     assert errors == []
     assert global_snapshot() == before
+
+
+def test_a_per_sample_replay_inside_the_capture_is_not_captured() -> None:
+    """PerSampleGradients replays a module without a closed form (an eval-mode BatchNorm) with
+    torch.func on single samples when its statistics are finished; the capture keeps the
+    user's own forward and backward, exactly as without the engine."""
+    from gradlab.per_sample import PerSampleGradients
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    model(torch.randn(8, 5, dtype=torch.float64))  # running statistics
+    model.eval()
+    x = torch.randn(8, 5, dtype=torch.float64)
+    with capture_grads(model) as plain:
+        model(x).square().mean().backward()
+    with capture_grads(model) as grads:
+        with PerSampleGradients(model) as ps:
+            model(x).square().mean().backward()
+        assert ps.norm.shape == (8,)  # finished (and replayed) inside the capture
+    assert sorted(grads) == sorted(plain) == ["0", "1", "2"]
+    for name in plain:
+        torch.testing.assert_close(grads[name], plain[name], rtol=0, atol=0)

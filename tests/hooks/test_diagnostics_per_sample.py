@@ -118,6 +118,32 @@ def test_every_diagnostic_equals_its_formula(factory, opt_kind, device) -> None:
                 assert got == pytest.approx(expected[name], rel=_TOL), (name, module)
 
 
+def test_per_module_sums_without_the_group_matrix(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Models with many parameters sum per module by index_add instead of a 0/1 matrix: the
+    same values."""
+    import gradlab.hooks._persample as persample
+
+    monkeypatch.setattr(persample, "_MATRIX_MAX", 0)
+    factory = _cnn
+    model = factory()
+    refs = []
+    with GradientMonitor(model, diagnostics=_NAMES) as monitor:
+        for step in range(2):
+            x, y = _data(model, step)
+            refs.append(_ref(factory, model, x, y))
+            model.zero_grad()
+            _loss(model(x), y).backward()
+    for rec, grads in zip(monitor.history, refs):
+        expected = _formulas(_flat(grads, None))
+        for name in _NAMES:
+            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
+        for module in _owners(model):
+            expected = _formulas(_flat(grads, module))
+            for name in _NAMES:
+                got = rec.diagnostics_by_module[name][module]
+                assert got == pytest.approx(expected[name], rel=_TOL), (name, module)
+
+
 def test_sum_reduction_and_gradient_accumulation() -> None:
     """loss_reduction='sum'; .grad accumulated over two steps does not enter m."""
     factory = _mlp
@@ -200,6 +226,57 @@ def test_batchnorm_in_training_is_the_per_sample_engines_error() -> None:
         x, y = _data(_mlp(), 0)
         _loss(model(x), y).backward()
     assert math.isfinite(monitor.history[0].diagnostics["noise_scale"])
+
+
+def _eval_bn() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3))
+    model = model.double()
+    model(torch.randn(16, 5, dtype=torch.float64))  # running statistics
+    return model.eval()
+
+
+@pytest.mark.parametrize("read_each_step", [False, True], ids=["next_forward", "history_read"])
+def test_a_replayed_module_over_several_steps(read_each_step: bool) -> None:
+    """An eval-mode BatchNorm has no closed form: the engine replays it with torch.func when a
+    step is finished (at the next forward or a read, inside the context). The replay must not
+    fire the monitor's own hooks (it crashed under vmap from the second step on)."""
+    model = _eval_bn()
+    refs = []
+    with GradientMonitor(model, diagnostics=_NAMES) as monitor:
+        for step in range(3):
+            x, y = _data(_mlp(), step)
+            refs.append(_ref(_eval_bn, model, x, y))
+            _loss(model(x), y).backward()
+            if read_each_step:
+                assert len(monitor.history) == step + 1
+    assert [r.step for r in monitor.history] == [0, 1, 2]
+    assert list(monitor.history[0].outputs) == ["0", "1", "2", "3"]  # no replay recorded
+    for rec, grads in zip(monitor.history, refs):
+        expected = _formulas(_flat(grads, None))
+        for name in _NAMES:
+            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
+
+
+def test_batchnorm_put_in_training_during_the_run_is_refused_and_hooks_go() -> None:
+    """The engine's hooks stay from step to step: a BatchNorm switched to training mode after
+    the first step is refused at its forward, and the monitor's exit removes every hook."""
+    from tests.hooks._helpers import hook_counts
+
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    model.eval()
+    before = hook_counts(model)
+    x, y = _data(_mlp(), 0)
+    with pytest.raises(
+        ValueError, match=r"PerSampleGradients: model has .*\(BatchNorm1d\) using batch"
+    ):
+        with GradientMonitor(model, diagnostics=("noise_scale",)) as monitor:
+            _loss(model(x), y).backward()
+            _ = monitor.history  # step 0 finished (its eval-mode BatchNorm replayed) first
+            model.train()
+            _loss(model(x), y).backward()
+    assert math.isfinite(monitor.history[0].diagnostics["noise_scale"])
+    assert hook_counts(model) == before
 
 
 def test_no_hooks_left_behind() -> None:

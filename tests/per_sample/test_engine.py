@@ -261,6 +261,42 @@ def test_grad_unchanged_and_no_hooks_left(name: str) -> None:
     assert ps._records == [] and ps._replays == [] and ps._acc == {}
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer_tied", "lstm"])
+def test_hooks_kept_between_entries_give_each_step_its_own_statistics(name: str) -> None:
+    """_keep_installed (the monitor's mode, one entry per step): every entry's statistics equal
+    the reference of its own step, a backward run outside the context leaves nothing behind, and
+    _uninstall removes every hook."""
+    make, data, loop = CASES[name]
+    model = make().double()
+    loss_fn = _loss_for(name, "mean")
+    before = _hook_total(model)
+    ps = PerSampleGradients(model, stats=ALL)
+    ps._keep_installed()
+    for step in range(3):
+        torch.manual_seed(step)
+        x, y = data(4)
+        x = x.double() if x.is_floating_point() else x
+        ref = reference_grads(model, loss_fn, x, y, loop=loop)
+        with ps:
+            loss_fn(model(x), y).backward()
+        assert _hook_total(model) > before  # kept: inactive until the next entry
+        loss_fn(model(x), y).backward()  # outside the context: not recorded
+        _check(ps, ref, ALL, TOL64)
+        ps.close()
+    ps._uninstall()
+    assert _hook_total(model) == before
+
+
+def _hook_total(model: nn.Module) -> int:
+    hooks = 0
+    for m in model.modules():
+        hooks += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+    for p in model.parameters():
+        hooks += len(getattr(p, "_post_accumulate_grad_hooks", None) or {})
+        hooks += len(p._backward_hooks or {})
+    return hooks
+
+
 def test_module_called_twice_sums_before_the_norm() -> None:
     lin = nn.Linear(4, 4).double()
     model = nn.Sequential(lin, nn.Tanh(), lin)
