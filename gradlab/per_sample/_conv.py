@@ -21,10 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradlab.per_sample import _alloc
 from gradlab.per_sample._linear import seq_moments, seq_norm_sq
 from gradlab.per_sample._registry import Names, Rule, register
 
-__all__ = ["unfold"]
+__all__ = ["CHUNK_BYTES", "unfold"]
+
+#: Per-sample convolution weight gradients are computed a few samples at a time, so that one
+#: call's result is at most this many bytes (one sample at least): on CPU the grouped
+#: weight-gradient convolution of a whole batch slows down severalfold once its result outgrows
+#: the caches (wide layers at few positions; the ``per_sample`` benchmark suite's CNN at batch
+#: 64), and each chunk's temporary reuses the memory its predecessor freed.
+CHUNK_BYTES = 4 << 20
 
 
 def unfold(
@@ -156,15 +164,28 @@ def _weight_grad(
 
 
 def _grad_by_groups(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients as one convolution weight gradient with the batch folded
-    into the groups (``B * groups`` groups: the samples' convolutions are independent), without
-    unfolding."""
+    """Per-sample weight gradients as convolution weight gradients with the samples folded
+    into the groups (``n * groups`` groups: the samples' convolutions are independent), without
+    unfolding; ``n`` samples at a time, so that each call's result stays small (see
+    :data:`CHUNK_BYTES`), copied into one buffer of :func:`gradlab.per_sample._alloc.empty`."""
     inp, out, padding = _as_conv(module, a, d)
     b = a.shape[0]
-    x = inp.reshape(1, b * inp.shape[1], *inp.shape[2:])
-    go = out.reshape(1, b * out.shape[1], *out.shape[2:])
-    gw = _weight_grad(module, x, go, padding, b * module.groups)
-    return gw.reshape(b, *module.weight.shape)
+    shape = module.weight.shape
+
+    def by_groups(x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        x = x.reshape(1, n * x.shape[1], *x.shape[2:])
+        go = go.reshape(1, n * go.shape[1], *go.shape[2:])
+        return _weight_grad(module, x, go, padding, n * module.groups).view(n, *shape)
+
+    n = max(1, CHUNK_BYTES // (math.prod(shape) * out.element_size()))
+    if n >= b:
+        return by_groups(inp, out)
+    n = -(-b // -(-b // n))  # as many calls, sizes as even as they can be
+    result = _alloc.empty((b, *shape), dtype=out.dtype, device=out.device)
+    for k in range(0, b, n):
+        result[k : k + n] = by_groups(inp[k : k + n], out[k : k + n])
+    return result
 
 
 def _grad(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:

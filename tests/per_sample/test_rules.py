@@ -255,3 +255,23 @@ def test_convolutions_every_path(case: str, stats) -> None:
         torch.testing.assert_close(ps.dot(v), dot_of(ref, v), **TOL64)
         torch.testing.assert_close(ps.dot_mean_by_param, dot_mean_of(ref), **TOL64)
     ps.close()
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 700], ids=["one_sample_per_call", "uneven_chunks"])
+@pytest.mark.parametrize("case", list(CONVS))
+def test_convolution_grads_a_few_samples_at_a_time(
+    case: str, chunk_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-sample weight gradients of a convolution computed in chunks of samples (as for
+    large layers) are those of the whole batch at once, and of the reference."""
+    from gradlab.per_sample import _conv
+
+    make, shape = CONVS[case]
+    model = _Ids(make().double(), None)
+    x = torch.randn(7, *shape, dtype=torch.float64)
+    y = torch.randn_like(model(x))
+    ref = reference_grads(model, _mse, x, y)
+    monkeypatch.setattr(_conv, "CHUNK_BYTES", chunk_bytes)
+    with PerSampleGradients(model, stats=("grad",)) as ps:
+        _mse(model(x), y).backward()
+    torch.testing.assert_close(ps.grad, ref, **TOL64)
