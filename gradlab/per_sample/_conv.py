@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradlab.per_sample import _alloc
-from gradlab.per_sample._linear import seq_moments, seq_norm_sq
+from gradlab.per_sample._linear import seq_grad, seq_moments, seq_norm_sq
 from gradlab.per_sample._registry import Names, Rule, register
 
 __all__ = ["CHUNK_BYTES", "unfold"]
@@ -163,14 +163,28 @@ def _weight_grad(
     return gw
 
 
-def _grad_by_groups(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients as convolution weight gradients with the samples folded
-    into the groups (``n * groups`` groups: the samples' convolutions are independent), without
-    unfolding; ``n`` samples at a time, so that each call's result stays small (see
-    :data:`CHUNK_BYTES`), copied into one buffer of :func:`gradlab.per_sample._alloc.empty`."""
+def _unfold_cheaper(module: Any, out: torch.Tensor) -> bool:
+    """Whether the per-sample weight gradients are better formed from the unfolded input, one
+    batched matrix product written straight into the result, than by grouped convolutions:
+    where the patches (``L x I`` per sample and group) are no larger than the gradients
+    (``O x I``), i.e. at most as many output positions ``L`` as output channels per group
+    (wide layers late in a CNN). Convolutions only, not transposed ones."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return False
+    return math.prod(out.shape[2:]) <= out.shape[1] // module.groups
+
+
+def _per_sample_weight(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``(B, *weight.shape)`` per-sample weight gradients. From unfolded patches where those
+    are small (:func:`_unfold_cheaper`); else as convolution weight gradients with the samples
+    folded into the groups (``n * groups`` groups: the samples' convolutions are independent),
+    ``n`` samples at a time so that each call's result stays small (:data:`CHUNK_BYTES`),
+    copied into one buffer of :func:`gradlab.per_sample._alloc.empty`."""
     inp, out, padding = _as_conv(module, a, d)
     b = a.shape[0]
     shape = module.weight.shape
+    if _unfold_cheaper(module, out):
+        return seq_grad(*_patches(module, a, d)).view(b, *shape)
 
     def by_groups(x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -191,7 +205,7 @@ def _grad_by_groups(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.Tens
 def _grad(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
     out = {}
     if "weight" in names:
-        out["weight"] = _grad_by_groups(module, a, d)
+        out["weight"] = _per_sample_weight(module, a, d)
     if "bias" in names:
         out["bias"] = _bias_grad(module, a, d)
     return out
@@ -228,7 +242,7 @@ def _norm_sq(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dic
             chunk = max(1, min(b, a.numel() // max(1, module.weight.numel())))
             out["weight"] = torch.cat(
                 [
-                    _grad_by_groups(module, a[k : k + chunk], d[k : k + chunk])
+                    _per_sample_weight(module, a[k : k + chunk], d[k : k + chunk])
                     .flatten(1)
                     .square()
                     .sum(1)
