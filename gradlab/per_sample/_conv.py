@@ -57,7 +57,11 @@ def unfold(
             x = x[..., :: dilation[i]]
     # (B, C, *out, *k) -> (B, C, *k, *out)
     x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
-    return x.reshape(x.shape[0], -1, math.prod(x.shape[2 + n :]))
+    shape = (x.shape[0], -1, math.prod(x.shape[2 + n :]))
+    if x.is_contiguous():
+        return x.view(shape)
+    patches = _alloc.empty(tuple(x.shape), dtype=x.dtype, device=x.device)  # written once
+    return patches.copy_(x).view(shape)
 
 
 def _pad(module: Any) -> list[int]:
