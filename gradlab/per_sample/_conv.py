@@ -196,7 +196,7 @@ def _per_sample_weight(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.T
         go = go.reshape(1, n * go.shape[1], *go.shape[2:])
         return _weight_grad(module, x, go, padding, n * module.groups).view(n, *shape)
 
-    n = max(1, CHUNK_BYTES // (math.prod(shape) * out.element_size()))
+    n = max(1, CHUNK_BYTES // max(1, math.prod(shape) * out.element_size()))
     if n >= b:
         return by_groups(inp, out)
     n = -(-b // -(-b // n))  # as many calls, sizes as even as they can be

@@ -38,3 +38,12 @@ def test_seq_grad_of_non_contiguous_inputs() -> None:
     d = torch.randn(3, 2, 6, 5, dtype=torch.float64).transpose(2, 3)
     want = torch.einsum("bgto,bgti->bgoi", d, a)
     torch.testing.assert_close(seq_grad(a, d), want, **TOL64)
+
+
+@pytest.mark.parametrize("t", [1, 3], ids=["outer_product", "batched_product"])
+def test_seq_grad_stays_differentiable(t: int) -> None:
+    """Called on tensors that require gradients (outside the engine), the per-sample gradients
+    are differentiable in ``a`` and ``d`` (float64 gradcheck)."""
+    a = torch.randn(2, 1, t, 3, dtype=torch.float64, requires_grad=True)
+    d = torch.randn(2, 1, t, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(seq_grad, (a, d))
