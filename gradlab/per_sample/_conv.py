@@ -21,10 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradlab.per_sample._linear import seq_moments, seq_norm_sq
+from gradlab.per_sample import _alloc
+from gradlab.per_sample._linear import seq_grad, seq_moments, seq_norm_sq
 from gradlab.per_sample._registry import Names, Rule, register
 
-__all__ = ["unfold"]
+__all__ = ["CHUNK_BYTES", "unfold"]
+
+#: Per-sample convolution weight gradients are computed a few samples at a time, so that one
+#: call's result is at most this many bytes (one sample at least): on CPU the grouped
+#: weight-gradient convolution of a whole batch slows down severalfold once its result outgrows
+#: the caches (wide layers at few positions; the ``per_sample`` benchmark suite's CNN at batch
+#: 64), and each chunk's temporary reuses the memory its predecessor freed.
+CHUNK_BYTES = 4 << 20
 
 
 def unfold(
@@ -49,7 +57,11 @@ def unfold(
             x = x[..., :: dilation[i]]
     # (B, C, *out, *k) -> (B, C, *k, *out)
     x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
-    return x.reshape(x.shape[0], -1, math.prod(x.shape[2 + n :]))
+    shape = (x.shape[0], -1, math.prod(x.shape[2 + n :]))
+    if x.is_contiguous():
+        return x.view(shape)
+    patches = _alloc.empty(tuple(x.shape), dtype=x.dtype, device=x.device)  # written once
+    return patches.copy_(x).view(shape)
 
 
 def _pad(module: Any) -> list[int]:
@@ -155,22 +167,49 @@ def _weight_grad(
     return gw
 
 
-def _grad_by_groups(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients as one convolution weight gradient with the batch folded
-    into the groups (``B * groups`` groups: the samples' convolutions are independent), without
-    unfolding."""
+def _unfold_cheaper(module: Any, out: torch.Tensor) -> bool:
+    """Whether the per-sample weight gradients are better formed from the unfolded input, one
+    batched matrix product written straight into the result, than by grouped convolutions:
+    where the patches (``L x I`` per sample and group) are no larger than the gradients
+    (``O x I``), i.e. at most as many output positions ``L`` as output channels per group
+    (wide layers late in a CNN). Convolutions only, not transposed ones."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return False
+    return math.prod(out.shape[2:]) <= out.shape[1] // module.groups
+
+
+def _per_sample_weight(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``(B, *weight.shape)`` per-sample weight gradients. From unfolded patches where those
+    are small (:func:`_unfold_cheaper`); else as convolution weight gradients with the samples
+    folded into the groups (``n * groups`` groups: the samples' convolutions are independent),
+    ``n`` samples at a time so that each call's result stays small (:data:`CHUNK_BYTES`),
+    copied into one buffer of :func:`gradlab.per_sample._alloc.empty`."""
     inp, out, padding = _as_conv(module, a, d)
     b = a.shape[0]
-    x = inp.reshape(1, b * inp.shape[1], *inp.shape[2:])
-    go = out.reshape(1, b * out.shape[1], *out.shape[2:])
-    gw = _weight_grad(module, x, go, padding, b * module.groups)
-    return gw.reshape(b, *module.weight.shape)
+    shape = module.weight.shape
+    if _unfold_cheaper(module, out):
+        return seq_grad(*_patches(module, a, d)).view(b, *shape)
+
+    def by_groups(x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        x = x.reshape(1, n * x.shape[1], *x.shape[2:])
+        go = go.reshape(1, n * go.shape[1], *go.shape[2:])
+        return _weight_grad(module, x, go, padding, n * module.groups).view(n, *shape)
+
+    n = max(1, CHUNK_BYTES // max(1, math.prod(shape) * out.element_size()))
+    if n >= b:
+        return by_groups(inp, out)
+    n = -(-b // -(-b // n))  # as many calls, sizes as even as they can be
+    result = _alloc.empty((b, *shape), dtype=out.dtype, device=out.device)
+    for k in range(0, b, n):
+        result[k : k + n] = by_groups(inp[k : k + n], out[k : k + n])
+    return result
 
 
 def _grad(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
     out = {}
     if "weight" in names:
-        out["weight"] = _grad_by_groups(module, a, d)
+        out["weight"] = _per_sample_weight(module, a, d)
     if "bias" in names:
         out["bias"] = _bias_grad(module, a, d)
     return out
@@ -207,7 +246,7 @@ def _norm_sq(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dic
             chunk = max(1, min(b, a.numel() // max(1, module.weight.numel())))
             out["weight"] = torch.cat(
                 [
-                    _grad_by_groups(module, a[k : k + chunk], d[k : k + chunk])
+                    _per_sample_weight(module, a[k : k + chunk], d[k : k + chunk])
                     .flatten(1)
                     .square()
                     .sum(1)

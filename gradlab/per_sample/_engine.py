@@ -390,23 +390,41 @@ class PerSampleGradients(HookContext):
                 d = d.float()
             if a.is_floating_point() and a.dtype != d.dtype:
                 a = a.to(d.dtype)
+            names = tuple(call.names)
+            single = self._calls[id(call.module)] == 1 and all(
+                len(self._owners[n]) == 1 for n in call.names.values()
+            )
             # Every rule is linear in d: scaling d (activation-sized) scales every per-sample
-            # gradient to g_i, without a pass over them.
-            d = d * self._factor(call.b)
+            # quantity to that of g_i, without a pass over them; where only per-sample
+            # gradients are formed and they are smaller than d (early convolutions), those are
+            # scaled instead.
+            f = self._factor(call.b)
+            formed = "dot" not in self._stats and (not single or "grad" in self._stats)
+            if f != 1.0 and formed and self._grad_numel(call) < d.numel():
+                call.a = None
+                for ln, g in call.rule.grad(call.module, a, d, names).items():
+                    (self._finish if single else self._add)(call.names[ln], g * f)
+                return
+            d = d * f
             if "dot" in self._stats:
                 call.a, call.d = a, d
                 self._records.append(call)
             else:
                 call.a = None
-            names = tuple(call.names)
-            single = self._calls[id(call.module)] == 1 and all(
-                len(self._owners[n]) == 1 for n in call.names.values()
-            )
             if single:
                 self._single(call, a, d, names)
             else:
                 for ln, g in call.rule.grad(call.module, a, d, names).items():
                     self._add(call.names[ln], g)
+
+    @staticmethod
+    def _grad_numel(call: _Call) -> int:
+        """How many numbers the call's per-sample gradients hold: ``B`` times its parameters'."""
+        n = 0
+        for ln in call.names:
+            p = call.module._parameters[ln]
+            n += 0 if p is None else p.numel()
+        return call.b * n
 
     def _single(self, call: _Call, a: torch.Tensor, d: torch.Tensor, names: tuple[str, ...]):
         """Statistics of parameters used by this call alone: from the rule's closed forms

@@ -345,3 +345,37 @@ def test_under_no_grad_the_forward_is_ignored() -> None:
             model(x)
         F.cross_entropy(model(x), y).backward()
     _check(ps, reference_grads(model, F.cross_entropy, x, y), ("norm",), TOL64)
+
+
+class _ConvTwice(nn.Module):
+    """One small convolution called twice: its per-sample gradients are summed over the calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(2 * 12 * 12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(self.conv(x).tanh()).flatten(1))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    "stats", [("grad",), ("grad", "sum_sq", "variance", "dot_mean")], ids=["grad", "with_moments"]
+)
+@pytest.mark.parametrize("twice", [False, True], ids=["one_call", "called_twice"])
+def test_gradients_smaller_than_the_output_gradient_scaled_after_the_rule(
+    twice: bool, stats, reduction: str
+) -> None:
+    """A convolution of few weights over many positions: its per-sample gradients (``B x 38``)
+    are smaller than its output gradient (``B x 2 x 12 x 12``), so the engine scales them, not
+    the output gradient, to those of ``l_i``; the same numbers either way."""
+    model = (
+        _ConvTwice()
+        if twice
+        else nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 144, 3))
+    ).double()
+    x, y = torch.randn(5, 2, 12, 12, dtype=torch.float64), torch.randint(0, 3, (5,))
+    loss_fn = F.cross_entropy if reduction == "mean" else ce_sum
+    ref = reference_grads(model, loss_fn, x, y)
+    _check(_run(model, loss_fn, x, y, reduction, stats), ref, stats, TOL64)

@@ -255,3 +255,41 @@ def test_convolutions_every_path(case: str, stats) -> None:
         torch.testing.assert_close(ps.dot(v), dot_of(ref, v), **TOL64)
         torch.testing.assert_close(ps.dot_mean_by_param, dot_mean_of(ref), **TOL64)
     ps.close()
+
+
+_WAYS = {
+    "grouped_one_sample_per_call": (False, 1),
+    "grouped_uneven_chunks": (False, 700),
+    "grouped_whole_batch": (False, 1 << 40),
+    "unfold": (True, 1 << 40),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "way"),
+    [
+        (case, way)
+        for case in CONVS
+        for way in _WAYS
+        if not (way == "unfold" and case.startswith("convT"))  # never unfolded
+    ],
+)
+def test_convolution_grads_every_way_of_forming_them(
+    case: str, way: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-sample weight gradients of a convolution, from unfolded patches (convolutions,
+    not transposed ones) or by grouped weight-gradient convolutions of chunks of samples or of
+    the whole batch, whichever the layer's size would pick, are those of the reference."""
+    from gradlab.per_sample import _conv
+
+    make, shape = CONVS[case]
+    unfold, chunk_bytes = _WAYS[way]
+    model = _Ids(make().double(), None)
+    x = torch.randn(7, *shape, dtype=torch.float64)
+    y = torch.randn_like(model(x))
+    ref = reference_grads(model, _mse, x, y)
+    monkeypatch.setattr(_conv, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(_conv, "_unfold_cheaper", lambda module, out: unfold)
+    with PerSampleGradients(model, stats=("grad",)) as ps:
+        _mse(model(x), y).backward()
+    torch.testing.assert_close(ps.grad, ref, **TOL64)
