@@ -8,8 +8,9 @@ Every variant runs one step (``zero_grad(set_to_none=True)``, forward, cross-ent
                           ``ps.norm`` read (ghost norms on linear layers);
 ``gradlab_norms_sum_sq``  ``stats=("norm", "sum_sq")``;
 ``gradlab_grads``         ``stats=("grad",)``: every per-sample gradient stored;
-``vmap_grad``             :func:`gradlab.per_sample.per_sample_grads` (``vmap(grad)``) and the
-                          norms from it (the ``torch.func`` recipe, ``B x P`` stored);
+``vmap_grad``             :func:`gradlab.per_sample.per_sample_grads` (``vmap(grad)``, the
+                          ``torch.func`` recipe: the per-sample gradients alone, ``B x P``
+                          stored, no ``.grad``);
 ``backpack_*``            BackPACK's ``BatchL2Grad``, ``BatchL2Grad + SumGradSquared`` and
                           ``BatchGrad`` (when ``backpack-for-pytorch`` is installed);
 ``opacus_ghost``          Opacus ``GradSampleModuleFastGradientClipping`` (ghost norms),
@@ -119,8 +120,7 @@ def make_steps(
         def loss(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(functional_call(net_v, p, (xb,)), yb)
 
-        g = per_sample_grads(loss, params, x, y)
-        return torch.stack([t.flatten(1).square().sum(1) for t in g.values()]).sum(0).sqrt()
+        return per_sample_grads(loss, params, x, y)  # the gradients alone, as gradlab_grads
 
     steps: dict[str, Callable[[], object]] = {
         "plain": plain_step(model),
