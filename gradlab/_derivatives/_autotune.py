@@ -353,14 +353,44 @@ def run_auto(op: Operation, problem: Problem, validate: Callable[[], None] | Non
     """
     fkey = function_key(problem.f)
     key = (op.name, fkey, *problem.key())
-    entry = _CACHE.get(key)
+    return run_keyed(op, problem, validate, fkey, key, _CACHE.get(key))
+
+
+# The cached entry of a key, or None (a single dict look-up: reads take no lock).
+cached = _CACHE.get
+
+
+def steady(entry: _Entry) -> str | None:
+    """The strategy a call that found ``entry`` runs as it is, with nothing measured or tried:
+    the measured choice, or the heuristic while measurement is off (here, or inside a
+    measurement); ``None`` while the key's choice is still open (a trial: :func:`run_keyed`)."""
+    scoped = _SCOPED.get()  # is_autotune_enabled(), inline: this runs on every call
+    if (_ENABLED if scoped is None else scoped) and not getattr(_LOCAL, "measuring", False):
+        return entry.choice
+    return entry.heuristic
+
+
+def run_keyed(
+    op: Operation,
+    problem: Problem,
+    validate: Callable[[], None] | None,
+    fkey: Any,
+    key: tuple,
+    entry: _Entry | None,
+) -> Any:
+    """:func:`run_auto` once the key (``(op.name, fkey, *problem.key())``) and its cached entry
+    (``None`` on a miss) are known: for a caller that built them itself (:func:`gradlab.hvp`)."""
     if entry is None and validate is not None:
         validate()
-    scoped = _SCOPED.get()  # is_autotune_enabled(), inline: this runs on every call
+    if entry is not None:
+        chosen = steady(entry)
+        if chosen is not None:
+            impl = op.direct.get(chosen)  # (the usual hit: run_with_fallback would only call it)
+            if impl is not None:
+                return impl(problem)
+            return op.run_with_fallback(op.auto_safe(chosen), problem, fkey)[1]
+    scoped = _SCOPED.get()
     enabled = (_ENABLED if scoped is None else scoped) and not getattr(_LOCAL, "measuring", False)
-    if entry is not None and (entry.choice is not None or not enabled):
-        chosen = entry.choice if enabled and entry.choice is not None else entry.heuristic
-        return op.run_with_fallback(op.auto_safe(chosen), problem, fkey)[1]
     if entry is not None and entry.trial is not None:
         return _trial_call(op, problem, key, entry, fkey)
     strategy = op.auto_safe(entry.heuristic if entry is not None else op.first)
