@@ -114,7 +114,13 @@ _MAX_MEASURED = 16
 _MEASURED: dict[tuple, int] = {}
 _CACHE_LOCK = threading.Lock()  # writes; reads are single dict look-ups
 _MEASURING = threading.Lock()  # one measurement at a time in the process
-_LOCAL = threading.local()  # .measuring: this thread is inside a measurement
+
+
+class _Local(threading.local):
+    measuring = False  # this thread is inside a measurement (a class default: no getattr miss)
+
+
+_LOCAL = _Local()
 
 
 def set_autotune(enabled: bool) -> bool:
@@ -365,7 +371,7 @@ def steady(entry: _Entry) -> str | None:
     the measured choice, or the heuristic while measurement is off (here, or inside a
     measurement); ``None`` while the key's choice is still open (a trial: :func:`run_keyed`)."""
     scoped = _SCOPED.get()  # is_autotune_enabled(), inline: this runs on every call
-    if (_ENABLED if scoped is None else scoped) and not getattr(_LOCAL, "measuring", False):
+    if (_ENABLED if scoped is None else scoped) and not _LOCAL.measuring:
         return entry.choice
     return entry.heuristic
 
@@ -390,7 +396,7 @@ def run_keyed(
                 return impl(problem)
             return op.run_with_fallback(op.auto_safe(chosen), problem, fkey)[1]
     scoped = _SCOPED.get()
-    enabled = (_ENABLED if scoped is None else scoped) and not getattr(_LOCAL, "measuring", False)
+    enabled = (_ENABLED if scoped is None else scoped) and not _LOCAL.measuring
     if entry is not None and entry.trial is not None:
         return _trial_call(op, problem, key, entry, fkey)
     strategy = op.auto_safe(entry.heuristic if entry is not None else op.first)

@@ -29,6 +29,7 @@ from gradlab._validate import check_callable
 __all__ = ["HVP", "HVP_OP", "JVP", "VJP", "HvpProblem", "hvp", "jvp", "vjp"]
 
 _Tensor = torch.Tensor
+_new_tuple = tuple.__new__
 
 
 class HVP(NamedTuple):
@@ -271,7 +272,8 @@ def hvp(f: TensorFn, args: Any, v: Any, *, strategy: str = "auto") -> HVP:
         >>> value.item(), hv
         (9.0, tensor([6., 0.]))
     """
-    HVP_OP.check(strategy)
+    if strategy != "auto":
+        HVP_OP.check(strategy)
     check_callable("hvp", "f", f, what="a callable (the function to differentiate)")
     prim, single = primals("hvp", args)
     if single:
@@ -292,7 +294,8 @@ def hvp(f: TensorFn, args: Any, v: Any, *, strategy: str = "auto") -> HVP:
         chosen = None if entry is None else steady(entry)
         if chosen is not None and HVP_OP.direct.get(chosen) is _double_backward:
             value, res = _double_backward_leaves(f, p_leaves, p_spec, t_leaves)
-            return HVP(value, unflatten_one(res, p_spec) if single else unflatten(res, p_spec))
+            out = unflatten_one(res, p_spec) if single else tuple(unflatten(res, p_spec))
+            return _new_tuple(HVP, (value, out))  # HVP(value, out), less a Python-level __new__
         problem = HvpProblem(f, prim, tangents, (p_leaves, p_spec, t_leaves, t_spec))
         validate = functools.partial(_validate, f, prim, tangents)
         value, hv = run_keyed(HVP_OP, problem, validate, fkey, key, entry)

@@ -34,11 +34,25 @@ _ONE_LEAF = (tuple, 1, (_LEAF,))  # the spec of (x,), x a tensor
 
 
 def flatten_one(tree: Any) -> tuple[list[Any], Any]:
-    """``flatten((tree,))``, without making the tuple: f's arguments when it takes one."""
+    """``flatten((tree,))``, without making the tuple: f's arguments when it takes one (a tensor
+    and a parameter dict, the usual ones, inline)."""
     if isinstance(tree, _Tensor):
         return [tree], _ONE_LEAF
-    leaves: list[Any] = []
+    leaves: list[Any]
+    if type(tree) is dict:
+        leaves = list(tree.values())
+        for x in leaves:
+            if not isinstance(x, _Tensor):
+                break
+        else:  # _walk's spec of an all-tensor dict
+            return leaves, (tuple, 1, ((dict, tuple(tree), _same(len(leaves))),))
+    leaves = []
     return leaves, (tuple, 1, (_walk(tree, leaves),))
+
+
+def _same(n: int) -> tuple:
+    """The children's specs of an all-tensor container of ``n``."""
+    return _LEAVES[n] if n < 64 else (_LEAF,) * n
 
 
 def unflatten_one(leaves: Sequence[Any], spec: Any) -> Any:
@@ -59,7 +73,7 @@ def _walk(tree: Any, leaves: list[Any]) -> Any:
                 break
         else:  # only tensors (a parameter dict, a tuple of tensors): no spec per child
             leaves.extend(children)
-            same = _LEAVES[len(children)] if len(children) < 64 else (_LEAF,) * len(children)
+            same = _same(len(children))
             return (dict, tuple(tree), same) if t is dict else (t, len(tree), same)
         specs = []
         for x in children:
