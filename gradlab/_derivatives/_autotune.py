@@ -291,6 +291,7 @@ def clear_autotune_cache() -> None:
     with _CACHE_LOCK:
         _CACHE.clear()
         _MEASURED.clear()
+        _changed()
 
 
 def autotune_choices() -> dict[tuple, str]:
@@ -328,6 +329,7 @@ def _store(key: tuple, entry: _Entry) -> None:
         _CACHE[key] = entry
         while len(_CACHE) > _CACHE_SIZE:
             del _CACHE[next(iter(_CACHE))]  # oldest first
+        _changed()
 
 
 def _sync(devices: Sequence[torch.device]) -> None:
@@ -359,11 +361,36 @@ def run_auto(op: Operation, problem: Problem, validate: Callable[[], None] | Non
     """
     fkey = function_key(problem.f)
     key = (op.name, fkey, *problem.key())
-    return run_keyed(op, problem, validate, fkey, key, _CACHE.get(key))
+    return run_keyed(op, problem, validate, fkey, key, cached(key))
 
 
-# The cached entry of a key, or None (a single dict look-up: reads take no lock).
-cached = _CACHE.get
+# The last key found by cached(), its entry and the cache's version then: a call with the key
+# of the call before it (a loop) compares its key to that one instead of hashing it (hashing a
+# key costs as much as comparing it, every time: tuples do not keep their hash). _VERSION
+# changes (under _CACHE_LOCK) on every write to _CACHE, which makes the memo stale.
+_VERSION = 0
+_LAST: tuple[int, tuple, _Entry] | None = None
+
+
+def _changed() -> None:
+    """Call under ``_CACHE_LOCK`` after writing to ``_CACHE``."""
+    global _VERSION
+    _VERSION += 1
+
+
+def cached(key: tuple) -> _Entry | None:
+    """The cached entry of ``key``, or None. Reads take no lock: a dict look-up, or none when
+    ``key`` equals the last one found and the cache has not changed since (a write between this
+    thread's read of the version and its look-up leaves a memo that is stale from the start)."""
+    global _LAST
+    version = _VERSION
+    last = _LAST
+    if last is not None and last[0] == version and last[1] == key:
+        return last[2]
+    entry = _CACHE.get(key)
+    if entry is not None:
+        _LAST = (version, key, entry)
+    return entry
 
 
 def steady(entry: _Entry) -> str | None:
@@ -579,3 +606,4 @@ def _finish(key: tuple, old: _Entry, entry: _Entry) -> None:
         current = _CACHE.get(key)
         if current is not None and current.trial is old.trial:
             _CACHE[key] = entry
+            _changed()
