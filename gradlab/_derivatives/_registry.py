@@ -187,6 +187,9 @@ class Operation(Generic[P]):
         one_step: ``problem -> bool``, where the ``steps`` strategies have a single step for
             ``problem`` (a first derivative: one order): nothing to stop between, so they are
             tried on later calls like the vectorised ones (default: never).
+        direct: derived, not passed: ``{strategy: implementation}`` for the strategies that
+            :meth:`run_with_fallback` would only call (no forward mode, no fallback), which
+            ``"auto"`` calls directly on a cache hit.
     """
 
     name: str
