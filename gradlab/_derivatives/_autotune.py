@@ -114,7 +114,13 @@ _MAX_MEASURED = 16
 _MEASURED: dict[tuple, int] = {}
 _CACHE_LOCK = threading.Lock()  # writes; reads are single dict look-ups
 _MEASURING = threading.Lock()  # one measurement at a time in the process
-_LOCAL = threading.local()  # .measuring: this thread is inside a measurement
+
+
+class _Local(threading.local):
+    measuring = False  # this thread is inside a measurement (a class default: no getattr miss)
+
+
+_LOCAL = _Local()
 
 
 def set_autotune(enabled: bool) -> bool:
@@ -285,6 +291,7 @@ def clear_autotune_cache() -> None:
     with _CACHE_LOCK:
         _CACHE.clear()
         _MEASURED.clear()
+        _changed()
 
 
 def autotune_choices() -> dict[tuple, str]:
@@ -322,6 +329,7 @@ def _store(key: tuple, entry: _Entry) -> None:
         _CACHE[key] = entry
         while len(_CACHE) > _CACHE_SIZE:
             del _CACHE[next(iter(_CACHE))]  # oldest first
+        _changed()
 
 
 def _sync(devices: Sequence[torch.device]) -> None:
@@ -353,14 +361,69 @@ def run_auto(op: Operation, problem: Problem, validate: Callable[[], None] | Non
     """
     fkey = function_key(problem.f)
     key = (op.name, fkey, *problem.key())
+    return run_keyed(op, problem, validate, fkey, key, cached(key))
+
+
+# The last key found by cached(), its entry and the cache's version then: a call with the key
+# of the call before it (a loop) compares its key to that one instead of hashing it (hashing a
+# key costs as much as comparing it, every time: tuples do not keep their hash). _VERSION
+# changes (under _CACHE_LOCK) on every write to _CACHE, which makes the memo stale.
+_VERSION = 0
+_LAST: tuple[int, tuple, _Entry] | None = None
+
+
+def _changed() -> None:
+    """Call under ``_CACHE_LOCK`` after writing to ``_CACHE``."""
+    global _VERSION
+    _VERSION += 1
+
+
+def cached(key: tuple) -> _Entry | None:
+    """The cached entry of ``key``, or None. Reads take no lock: a dict look-up, or none when
+    ``key`` equals the last one found and the cache has not changed since (a write between this
+    thread's read of the version and its look-up leaves a memo that is stale from the start)."""
+    global _LAST
+    version = _VERSION
+    last = _LAST
+    if last is not None and last[0] == version and last[1] == key:
+        return last[2]
     entry = _CACHE.get(key)
+    if entry is not None:
+        _LAST = (version, key, entry)
+    return entry
+
+
+def steady(entry: _Entry) -> str | None:
+    """The strategy a call that found ``entry`` runs as it is, with nothing measured or tried:
+    the measured choice, or the heuristic while measurement is off (here, or inside a
+    measurement); ``None`` while the key's choice is still open (a trial: :func:`run_keyed`)."""
+    scoped = _SCOPED.get()  # is_autotune_enabled(), inline: this runs on every call
+    if (_ENABLED if scoped is None else scoped) and not _LOCAL.measuring:
+        return entry.choice
+    return entry.heuristic
+
+
+def run_keyed(
+    op: Operation,
+    problem: Problem,
+    validate: Callable[[], None] | None,
+    fkey: Any,
+    key: tuple,
+    entry: _Entry | None,
+) -> Any:
+    """:func:`run_auto` once the key (``(op.name, fkey, *problem.key())``) and its cached entry
+    (``None`` on a miss) are known: for a caller that built them itself (:func:`gradlab.hvp`)."""
     if entry is None and validate is not None:
         validate()
-    scoped = _SCOPED.get()  # is_autotune_enabled(), inline: this runs on every call
-    enabled = (_ENABLED if scoped is None else scoped) and not getattr(_LOCAL, "measuring", False)
-    if entry is not None and (entry.choice is not None or not enabled):
-        chosen = entry.choice if enabled and entry.choice is not None else entry.heuristic
-        return op.run_with_fallback(op.auto_safe(chosen), problem, fkey)[1]
+    if entry is not None:
+        chosen = steady(entry)
+        if chosen is not None:
+            impl = op.direct.get(chosen)  # (the usual hit: run_with_fallback would only call it)
+            if impl is not None:
+                return impl(problem)
+            return op.run_with_fallback(op.auto_safe(chosen), problem, fkey)[1]
+    scoped = _SCOPED.get()
+    enabled = (_ENABLED if scoped is None else scoped) and not _LOCAL.measuring
     if entry is not None and entry.trial is not None:
         return _trial_call(op, problem, key, entry, fkey)
     strategy = op.auto_safe(entry.heuristic if entry is not None else op.first)
@@ -543,3 +606,4 @@ def _finish(key: tuple, old: _Entry, entry: _Entry) -> None:
         current = _CACHE.get(key)
         if current is not None and current.trial is old.trial:
             _CACHE[key] = entry
+            _changed()

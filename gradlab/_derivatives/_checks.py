@@ -17,6 +17,7 @@ from gradlab._validate import check_callable, check_int, message
 
 __all__ = [
     "Argnums",
+    "call_scalar",
     "check_call",
     "check_diff_leaves",
     "check_like",
@@ -158,26 +159,32 @@ def scalar(fn: str, f: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap f so that a non-scalar result raises a clear error inside any transform."""
 
     def g(*a: Any) -> torch.Tensor:
-        try:
-            out = f(*a)
-        except RuntimeError as exc:
-            if _reads_data(exc):
-                raise _left_torch(fn, exc) from exc
-            raise
-        if not isinstance(out, torch.Tensor) or out.ndim != 0:
-            raise ValueError(
-                message(
-                    fn,
-                    "f",
-                    "a function returning a scalar (0-dim) tensor",
-                    out,
-                    "Reduce its output (e.g. .sum() or .mean()), or use jacobian for "
-                    "vector-valued functions",
-                )
-            )
-        return out
+        return call_scalar(fn, f, a)
 
     return g
+
+
+def call_scalar(fn: str, f: Callable[..., Any], args: tuple) -> torch.Tensor:
+    """``f(*args)``, with the checks of :func:`scalar` (which wraps this), without a wrapper
+    function per call (for the autograd strategies, which call ``f`` directly)."""
+    try:
+        out = f(*args)
+    except RuntimeError as exc:
+        if _reads_data(exc):
+            raise _left_torch(fn, exc) from exc
+        raise
+    if not isinstance(out, torch.Tensor) or out.ndim != 0:
+        raise ValueError(
+            message(
+                fn,
+                "f",
+                "a function returning a scalar (0-dim) tensor",
+                out,
+                "Reduce its output (e.g. .sum() or .mean()), or use jacobian for "
+                "vector-valued functions",
+            )
+        )
+    return out
 
 
 def devices_of(tree: PyTree) -> list[torch.device]:

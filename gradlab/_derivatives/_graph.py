@@ -50,46 +50,66 @@ def stand_ins(
 
 
 def wants_graph(
-    grad_on: bool, outs: Sequence[Any], zs: Sequence[torch.Tensor], linked: bool
+    grad_on: bool,
+    outs: Sequence[Any],
+    zs: Sequence[torch.Tensor],
+    linked: bool,
+    reached: int | None = None,
 ) -> bool:
     """Whether results computed from ``outs`` must carry a graph, as torch.func's would.
 
     True when grad mode is on and ``outs`` depend on a tensor that requires grad other than the
     detached stand-ins ``zs``: ``linked`` (an input or tangent requires grad) or a leaf reached
     by walking the autograd graph of ``outs`` (a parameter or tensor ``f`` closes over).
+
+    ``reached``: how many of ``zs`` have a gradient, when the caller took the gradients of
+    ``outs`` w.r.t. ``zs`` already (with ``allow_unused=True``: those that are not ``None``).
+    Each of those is a leaf the walk meets, so when it meets no more leaves than that (counting
+    a leaf once per edge to it, so never fewer than there are distinct ones), they are all
+    ``zs``, and none needs to be looked at.
     """
     if not grad_on:
         return False
     if linked:
         return True
-    ours = {id(z) for z in zs}
+    ours: set[int] | None = None
     stack = []
     for o in outs:
         if isinstance(o, torch.Tensor) and o.requires_grad:
-            if o.grad_fn is None:
+            fn = o.grad_fn  # (once: each access makes the node's Python object anew)
+            if fn is None:
+                if ours is None:
+                    ours = {id(z) for z in zs}
                 if id(o) not in ours:
                     return True
             else:
-                stack.append(o.grad_fn)
+                stack.append(fn)
     # The nodes themselves, not their ids: torch 2.8 and 2.11 (not 2.13) make a new Python object
     # for a node at each access once the last one is freed, so an id can come back for another.
     # This walk runs on every call of the autograd strategies: it asks a node's type, not for a
     # ``variable`` attribute that all but the leaves lack (a raised AttributeError each), and
     # records only the inner nodes it has seen (a leaf has nothing below it: one reached twice
-    # is looked at twice, which is cheaper than a set's add and look-up for every leaf).
+    # is listed twice, which is cheaper than a set's add and look-up for every leaf).
     seen: set[Any] = set()
-    push, add = stack.append, seen.add
+    met: list[Any] = []  # the leaves, once per edge to them
+    push, add, meet = stack.append, seen.add, met.append
     leaf = _ACCUMULATE_GRAD
     while stack:
         for n, _ in stack.pop().next_functions:
             if n is None:
                 continue
             if type(n) is leaf:
-                if id(n.variable) not in ours:  # type: ignore[attr-defined]
-                    return True
+                meet(n)
             elif n not in seen:
                 add(n)
                 push(n)
+    if len(met) == reached:
+        return False
+    if ours is None:
+        ours = {id(z) for z in zs}
+    for n in met:
+        if id(n.variable) not in ours:
+            return True
     return False
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -116,22 +117,37 @@ def hvp_once(
     vs: Sequence[torch.Tensor],
     *,
     create_graph: bool,
-) -> list[torch.Tensor]:
+    grads: Sequence[torch.Tensor | None] | None = None,
+) -> Sequence[torch.Tensor]:
     """One product: ``GradGraph(value, inputs).hvp(vs, retain_graph=False, create_graph=...)``.
 
     What :func:`gradlab.hvp` runs on every call, so the usual case (every input has a second
     derivative) is the two ``autograd.grad`` calls of a hand-written double backward and nothing
-    else: no object, no index lists. Call with grad mode on. Anything else goes through
-    :class:`GradGraph`, which maps the inputs without a second-order path to zeros.
+    else: no object, no index lists. Call with grad mode on; ``grads``: the first-order
+    gradients, when the caller took them already (with ``create_graph=True`` and
+    ``allow_unused=True``). Anything else goes through :class:`GradGraph`, which maps the inputs
+    without a second-order path to zeros.
     """
-    gs = torch.autograd.grad(value, inputs, create_graph=True, allow_unused=True)
+    gs = (
+        torch.autograd.grad(value, inputs, create_graph=True, allow_unused=True)
+        if grads is None
+        else grads
+    )
     for g in gs:
         if g is None or not g.requires_grad:
             break
     else:
         hv = torch.autograd.grad(
-            gs, inputs, vs, retain_graph=create_graph, create_graph=create_graph, allow_unused=True
+            cast(Sequence[torch.Tensor], gs),  # (none is None: checked above)
+            inputs,
+            vs,
+            retain_graph=create_graph,
+            create_graph=create_graph,
+            allow_unused=True,
         )
-        return [torch.zeros_like(v) if h is None else h for h, v in zip(hv, vs)]
+        for h in hv:
+            if h is None:  # an input the gradients do not depend on: a zero block
+                return [torch.zeros_like(v) if h is None else h for h, v in zip(hv, vs)]
+        return hv
     graph = GradGraph(value, inputs, grads=gs)
     return graph.hvp(vs, retain_graph=False, create_graph=create_graph)

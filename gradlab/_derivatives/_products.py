@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 
-from gradlab._derivatives._checks import check_call, check_like, devices_of, primals, scalar
+from gradlab._derivatives._autotune import cached, run_keyed, steady
+from gradlab._derivatives._checks import (
+    call_scalar,
+    check_call,
+    check_like,
+    devices_of,
+    primals,
+    scalar,
+)
 from gradlab._derivatives._dispatch import dispatch
 from gradlab._derivatives._graph import wants_graph
 from gradlab._derivatives._hvp_engine import hvp_once
-from gradlab._derivatives._keys import leaf_signature
+from gradlab._derivatives._keys import function_key, leaf_signature
 from gradlab._derivatives._registry import FORWARD_AD_LOCK, Operation
-from gradlab._derivatives._tree import flatten, unflatten
+from gradlab._derivatives._tree import flatten, flatten_one, unflatten, unflatten_one
 from gradlab._typing import PyTree, TensorFn
 from gradlab._validate import check_callable
 
 __all__ = ["HVP", "HVP_OP", "JVP", "VJP", "HvpProblem", "hvp", "jvp", "vjp"]
 
 _Tensor = torch.Tensor
+_new_tuple = tuple.__new__
 
 
 class HVP(NamedTuple):
@@ -82,38 +92,44 @@ class HvpProblem:
     __slots__ = ("f", "flat", "primals", "tangents")
     keep = None  # results keep a graph when grad mode is on (see Operation.run)
 
-    def __init__(self, f: TensorFn, primals: tuple, tangents: tuple) -> None:
+    def __init__(
+        self, f: TensorFn, primals: tuple, tangents: tuple, flat: tuple | None = None
+    ) -> None:
+        """``flat``: the two trees flattened, when the caller did that already (:func:`hvp`)."""
         self.f = f
         self.primals = primals
         self.tangents = tangents
-        p_leaves, p_spec = flatten(primals)
-        t_leaves, t_spec = flatten(tangents)
+        if flat is None:
+            p_leaves, p_spec = flatten(primals)
+            t_leaves, t_spec = flatten(tangents)
+            flat = (p_leaves, p_spec, t_leaves, t_spec)
         # (primal leaves, primal spec, tangent leaves, tangent spec) (_tree.flatten)
-        self.flat: tuple[list[Any], Any, list[Any], Any] = (p_leaves, p_spec, t_leaves, t_spec)
+        self.flat: tuple[list[Any], Any, list[Any], Any] = flat
 
     def key(self) -> tuple:
         """Both trees' structure and per-leaf shape, dtype, device and ``requires_grad``, and the
-        grad mode: everything the argument checks look at (see :func:`hvp`)."""
+        grad mode: everything the argument checks look at (see :func:`hvp`, which builds the same
+        key itself)."""
         p_leaves, p_spec, t_leaves, t_spec = self.flat
-        # One signature per leaf, the primals' then the tangents' (the two specs say how many of
-        # each): tensors keyed inline (the usual leaves, on every "auto" call), the rest through
-        # leaf_signature (the checks of a cache miss then refuse them).
-        return (
-            p_spec,
-            t_spec,
-            tuple(
-                [
-                    (t.shape, t.dtype, t.device, t.requires_grad)
-                    if isinstance(t, _Tensor)
-                    else leaf_signature(t)
-                    for t in p_leaves + t_leaves
-                ]
-            ),
-            torch.is_grad_enabled(),
-        )
+        return (p_spec, t_spec, _signatures(p_leaves + t_leaves), torch.is_grad_enabled())
 
     def devices(self) -> Sequence[torch.device]:
         return devices_of(self.primals)
+
+
+def _signatures(leaves: list[Any]) -> tuple:
+    """One signature per leaf (the primals' then the tangents': the two specs say how many of
+    each): tensors keyed inline (the usual leaves, on every "auto" call), the rest through
+    :func:`~gradlab._derivatives._keys.leaf_signature` (the checks of a cache miss then refuse
+    them)."""
+    return tuple(
+        [
+            (t.shape, t.dtype, t.device, t.requires_grad)
+            if isinstance(t, _Tensor)
+            else leaf_signature(t)
+            for t in leaves
+        ]
+    )
 
 
 def _fwd_rev(p: HvpProblem) -> tuple[Any, Any]:
@@ -136,43 +152,62 @@ def _rev_rev(p: HvpProblem) -> tuple[Any, Any]:
 
 def _double_backward(p: HvpProblem) -> tuple[Any, Any]:
     """The shared engine (:func:`~gradlab._derivatives._hvp_engine.hvp_once`) behind a graph-rule
-    wrapper.
+    wrapper: :func:`_double_backward_leaves` on the flattened trees (:attr:`HvpProblem.flat`)."""
+    p_leaves, spec, t_leaves, _ = p.flat
+    value, res = _double_backward_leaves(p.f, p_leaves, spec, t_leaves)
+    return value, unflatten(res, spec)
 
-    Written out (rather than with :func:`~gradlab._derivatives._graph.stand_ins`) because it runs
-    on every call of the common ``hvp``: the trees are flattened once (:attr:`HvpProblem.flat`),
-    and grad mode is switched on only when it is off.
+
+def _double_backward_leaves(
+    f: TensorFn, p_leaves: list[Any], spec: Any, t_leaves: list[Any], grad_on: bool | None = None
+) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
+    """``(value, H v as a list of leaves)`` of ``f(*unflatten(p_leaves, spec))``, tangent leaves
+    ``t_leaves``: what ``"double-backward"`` runs, and what :func:`hvp` calls directly when
+    ``"auto"`` finds it chosen (the strategy less its wrapping, which only rebuilds the tree).
+
+    Written out (rather than with :func:`~gradlab._derivatives._graph.stand_ins`) and in one
+    function, because it runs on every call of the common ``hvp``. Grad mode is switched on only
+    when it is off (``grad_on``: the caller's grad mode, given by the call that switched it).
+    The first-order gradients are taken before the graph rule is decided (they need
+    ``create_graph=True`` either way): :func:`wants_graph` then only counts the leaves it meets
+    against the inputs that have a gradient, instead of looking at each.
     """
-    if torch.is_grad_enabled():
-        return _double_backward_on(p, True)
-    with torch.enable_grad():
-        return _double_backward_on(p, False)
-
-
-def _any_requires_grad(leaves: list[Any]) -> bool:
-    for t in leaves:  # a loop, not any() over a generator: this runs twice on every call
-        if t.requires_grad:
-            return True
-    return False
-
-
-def _double_backward_on(p: HvpProblem, grad_on: bool) -> tuple[Any, Any]:
-    """:func:`_double_backward` with grad mode on; ``grad_on``: the caller's grad mode."""
-    p_leaves, spec, flat_t, _ = p.flat
-    linked = grad_on and _any_requires_grad(p_leaves)
+    if grad_on is None:
+        grad_on = torch.is_grad_enabled()
+        if not grad_on:
+            with torch.enable_grad():
+                return _double_backward_leaves(f, p_leaves, spec, t_leaves, False)
+    linked = False
+    if grad_on:
+        for t in p_leaves:  # loops, not any() over a generator: this runs on every call
+            if t.requires_grad:
+                linked = True
+                break
     if linked:
         zs = [
             t.view_as(t) if t.requires_grad else t.detach().requires_grad_(True) for t in p_leaves
         ]
     else:
         zs = [t.detach().requires_grad_(True) for t in p_leaves]
-    value = scalar("hvp", p.f)(*unflatten(zs, spec))
-    keep_value = wants_graph(grad_on, [value], zs, linked)  # v does not enter the value
-    keep = keep_value or (grad_on and _any_requires_grad(flat_t))
-    if value.requires_grad:
-        res = hvp_once(value, zs, flat_t, create_graph=keep)
+    value = call_scalar("hvp", f, unflatten(zs, spec))
+    if not value.requires_grad:
+        keep_value = wants_graph(grad_on, [value], zs, linked)
+        res: Sequence[torch.Tensor] = [torch.zeros_like(z) for z in zs]
     else:
-        res = [torch.zeros_like(z) for z in zs]
-    return (value if keep_value else value.detach()), unflatten(res, spec)
+        grads = torch.autograd.grad(value, zs, create_graph=True, allow_unused=True)
+        reached = 0
+        for g in grads:
+            if g is not None:
+                reached += 1
+        keep_value = wants_graph(grad_on, [value], zs, linked, reached)  # v: not in the value
+        keep = keep_value
+        if grad_on and not keep:
+            for t in t_leaves:
+                if t.requires_grad:
+                    keep = True
+                    break
+        res = hvp_once(value, zs, t_leaves, create_graph=keep, grads=grads)
+    return (value if keep_value else value.detach()), res
 
 
 def _heuristic(p: HvpProblem, result: Any) -> str:
@@ -237,17 +272,44 @@ def hvp(f: TensorFn, args: Any, v: Any, *, strategy: str = "auto") -> HVP:
         >>> value.item(), hv
         (9.0, tensor([6., 0.]))
     """
-    HVP_OP.check(strategy)
+    if strategy != "auto":
+        HVP_OP.check(strategy)
     check_callable("hvp", "f", f, what="a callable (the function to differentiate)")
     prim, single = primals("hvp", args)
-    tangents = (v,) if single else primals("hvp", v)[0]
-
-    def validate() -> None:  # skipped by "auto" on a cache hit: its key implies these checks
-        check_call("hvp", f, prim, tuple(range(len(prim))), None)
-        check_like("hvp", "v", tangents, prim, "args")
-
-    value, hv = dispatch(HVP_OP, strategy, HvpProblem(f, prim, tangents), validate)
+    if single:
+        tangents = (v,)
+        p_leaves, p_spec = flatten_one(args)
+        t_leaves, t_spec = flatten_one(v)
+    else:
+        tangents = primals("hvp", v)[0]
+        p_leaves, p_spec = flatten(prim)
+        t_leaves, t_spec = flatten(tangents)
+    if strategy == "auto":
+        # run_auto, written out: the key (HvpProblem.key) from the leaves at hand, and on the
+        # usual hit (double backward chosen) its implementation called directly.
+        fkey = function_key(f)
+        grad_on = torch.is_grad_enabled()
+        key = ("hvp", fkey, p_spec, t_spec, _signatures(p_leaves + t_leaves), grad_on)
+        entry = cached(key)
+        chosen = None if entry is None else steady(entry)
+        if chosen is not None and HVP_OP.direct.get(chosen) is _double_backward:
+            value, res = _double_backward_leaves(f, p_leaves, p_spec, t_leaves)
+            out = unflatten_one(res, p_spec) if single else tuple(unflatten(res, p_spec))
+            return _new_tuple(HVP, (value, out))  # HVP(value, out), less a Python-level __new__
+        problem = HvpProblem(f, prim, tangents, (p_leaves, p_spec, t_leaves, t_spec))
+        validate = functools.partial(_validate, f, prim, tangents)
+        value, hv = run_keyed(HVP_OP, problem, validate, fkey, key, entry)
+    else:
+        problem = HvpProblem(f, prim, tangents, (p_leaves, p_spec, t_leaves, t_spec))
+        validate = functools.partial(_validate, f, prim, tangents)
+        value, hv = dispatch(HVP_OP, strategy, problem, validate)
     return HVP(value, hv[0] if single else tuple(hv))
+
+
+def _validate(f: TensorFn, prim: tuple, tangents: tuple) -> None:
+    """:func:`hvp`'s argument checks (skipped by "auto" on a cache hit: its key implies them)."""
+    check_call("hvp", f, prim, tuple(range(len(prim))), None)
+    check_like("hvp", "v", tangents, prim, "args")
 
 
 def vjp(f: TensorFn, args: Any, v: Any) -> VJP:

@@ -187,6 +187,9 @@ class Operation(Generic[P]):
         one_step: ``problem -> bool``, where the ``steps`` strategies have a single step for
             ``problem`` (a first derivative: one order): nothing to stop between, so they are
             tried on later calls like the vectorised ones (default: never).
+        direct: derived, not passed: ``{strategy: implementation}`` for the strategies that
+            :meth:`run_with_fallback` would only call (no forward mode, no fallback), which
+            ``"auto"`` calls directly on a cache hit.
     """
 
     name: str
@@ -198,6 +201,7 @@ class Operation(Generic[P]):
     candidates: Callable[[P], Sequence[str]] | None = None
     steps: frozenset[str] = frozenset()
     one_step: Callable[[P], bool] | None = None
+    direct: Mapping[str, Callable[[P], Any]] = field(init=False, repr=False)
 
     def stepped(self, problem: P) -> frozenset[str]:
         """The :attr:`steps` strategies that can stop midway on ``problem``."""
@@ -212,6 +216,15 @@ class Operation(Generic[P]):
                     f"Operation {self.name!r}: forward-mode strategy {name!r} needs a fallback "
                     f"that does not use forward mode"
                 )
+        # The strategies that :meth:`run_with_fallback` runs as their bare implementation (no
+        # forward mode, so no lock or probe; no fallback, so nothing to catch): what "auto"
+        # calls directly on a cache hit (``{name: implementation}``).
+        direct = {
+            n: impl
+            for n, impl in self.strategies.items()
+            if n not in self.forward_ad and n not in self.fallback
+        }
+        object.__setattr__(self, "direct", direct)
 
     def auto_safe(self, strategy: str) -> str:
         """``strategy``, or its reverse-mode fallback if it uses forward mode and another Python

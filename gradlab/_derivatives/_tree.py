@@ -9,12 +9,13 @@ other node to ``pytree``; its spec is a plain tuple, so two specs compare with `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["flatten", "unflatten"]
+__all__ = ["flatten", "flatten_one", "unflatten", "unflatten_one"]
 
 _LEAF = "leaf"
 _LEAVES = [(_LEAF,) * n for n in range(64)]  # the specs of the children of all-tensor containers
@@ -23,10 +24,41 @@ _Tensor = torch.Tensor
 
 def flatten(tree: Any) -> tuple[list[Any], Any]:
     """``(leaves, spec)``; :func:`unflatten` ``(leaves, spec)`` rebuilds the tree."""
-    leaves: list[Any] = []
     if type(tree) is tuple and len(tree) == 1:  # f's arguments, a single one: (x,)
-        return leaves, (tuple, 1, (_walk(tree[0], leaves),))
+        return flatten_one(tree[0])
+    leaves: list[Any] = []
     return leaves, _walk(tree, leaves)
+
+
+_ONE_LEAF = (tuple, 1, (_LEAF,))  # the spec of (x,), x a tensor
+
+
+def flatten_one(tree: Any) -> tuple[list[Any], Any]:
+    """``flatten((tree,))``, without making the tuple: f's arguments when it takes one (a tensor
+    and a parameter dict, the usual ones, inline)."""
+    if isinstance(tree, _Tensor):
+        return [tree], _ONE_LEAF
+    leaves: list[Any]
+    if type(tree) is dict:
+        leaves = list(tree.values())
+        for x in leaves:
+            if not isinstance(x, _Tensor):
+                break
+        else:  # _walk's spec of an all-tensor dict
+            return leaves, (tuple, 1, ((dict, tuple(tree), _same(len(leaves))),))
+    leaves = []
+    return leaves, (tuple, 1, (_walk(tree, leaves),))
+
+
+def _same(n: int) -> tuple:
+    """The children's specs of an all-tensor container of ``n``."""
+    return _LEAVES[n] if n < 64 else (_LEAF,) * n
+
+
+def unflatten_one(leaves: Sequence[Any], spec: Any) -> Any:
+    """``unflatten(leaves, spec)[0]``, for a ``spec`` of :func:`flatten_one`: the tree itself."""
+    sub = spec[2][0]
+    return leaves[0] if sub is _LEAF else unflatten(leaves, sub)
 
 
 def _walk(tree: Any, leaves: list[Any]) -> Any:
@@ -41,7 +73,7 @@ def _walk(tree: Any, leaves: list[Any]) -> Any:
                 break
         else:  # only tensors (a parameter dict, a tuple of tensors): no spec per child
             leaves.extend(children)
-            same = _LEAVES[len(children)] if len(children) < 64 else (_LEAF,) * len(children)
+            same = _same(len(children))
             return (dict, tuple(tree), same) if t is dict else (t, len(tree), same)
         specs = []
         for x in children:
@@ -76,7 +108,7 @@ class _Spec:
         return self.text
 
 
-def unflatten(leaves: list[Any], spec: Any) -> Any:
+def unflatten(leaves: Sequence[Any], spec: Any) -> Any:
     if spec is _LEAF:
         return leaves[0]
     kind = spec[0]

@@ -802,3 +802,33 @@ def test_a_first_run_of_another_strategy_times_nothing(monkeypatch):
     assert ran == ["r"]
     (entry,) = [e for k, e in _autotune._CACHE.items() if k[0] == "fake"]
     assert entry.trial is not None and (entry.trial.baseline, entry.trial.challenger) == ("h", "r")
+
+
+def test_cached_memo_never_outlives_a_write_to_the_cache():
+    """cached() answers a repeated key from its memo without hashing: every write to the cache
+    (a store, the end of a trial, a clear) must make that memo stale, so it always agrees with
+    a plain look-up."""
+    f = lambda x: (x**3).sum()
+    x = torch.ones(3)
+    with gl.autotune(False):
+        gl.hvp(f, x, x)
+    (key,) = [k for k in _autotune._CACHE if k[0] == "hvp"]
+    first = _autotune.cached(key)
+    assert first is _autotune._CACHE[key] and _autotune.cached(key) is first  # memo hit
+    assert _autotune.cached(("hvp", "another key")) is None
+    assert _autotune.cached(key) is first
+    replaced = _autotune._Entry(first.heuristic, "rev-rev", "test")
+    _autotune._store(key, replaced)
+    assert _autotune.cached(key) is replaced
+    trial = _autotune._Trial("double-backward", "rev-rev")
+    on_trial = _autotune._Entry(first.heuristic, None, "test", trial)
+    _autotune._store(key, on_trial)
+    assert _autotune.cached(key) is on_trial
+    done = _autotune._Entry(first.heuristic, "double-backward", "test")
+    _autotune._finish(key, on_trial, done)
+    assert _autotune.cached(key) is done
+    gl.clear_autotune_cache()
+    assert _autotune.cached(key) is None
+    stamp = _autotune._VERSION
+    _autotune._LAST = (stamp - 1, key, done)  # a memo made before a write: never used
+    assert _autotune.cached(key) is None
