@@ -295,7 +295,6 @@ class ParamTracker:
 
     def __init__(self, owner: Sequence[int], groups: int, update: bool, origin: bool) -> None:
         self._owner = torch.tensor(list(owner), dtype=torch.long)
-        self._owners: dict[Any, torch.Tensor] = {}  # self._owner on each device
         self._groups = groups
         self.update = update
         self.origin = origin
@@ -304,55 +303,33 @@ class ParamTracker:
         self._target: StepDiagnostics | None = None
         self._versions: list[int] = []  # parameter versions at the last update measurement
         self._buffer: list[torch.Tensor] | None = None  # the snapshot, kept from step to step
-        self._diff: list[torch.Tensor] | None = None  # p - reference, kept from step to step
 
-    def _per_group(
-        self, a: list[torch.Tensor], b: list[torch.Tensor], *, consume: bool = False
-    ) -> torch.Tensor:
-        """``||a_k - b_k||^2`` summed per group: ``a - b`` into kept buffers (or into ``b``
-        itself when ``consume``: it is not needed afterwards), then one fused norm. No
-        parameter-sized allocation per step: a fresh one is faulted in page by page (on CPU
-        glibc hands memory of this size back to the OS when it is freed)."""
+    def _per_group(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            if consume:
-                diff = b
-                torch._foreach_sub_(diff, a)  # b - a: the same norm
-            else:
-                diff = self._diff  # type: ignore[assignment]
-                if diff is None or any(
-                    d.shape != x.shape or d.dtype != x.dtype or d.device != x.device
-                    for d, x in zip(diff, a)
-                ):
-                    diff = self._diff = [torch.empty_like(x) for x in a]
-                torch._foreach_copy_(diff, a)
-                torch._foreach_sub_(diff, b)
-            norms = torch._foreach_norm(diff)
+            # ||a - b|| fused (torch.dist): no parameter-sized temporary
+            norms = [torch.dist(x, y) for x, y in zip(a, b)]
             device = norms[0].device
-            sq = torch.stack(norms).to(torch.float64).square_()
-            owner = self._owners.get(device)
-            if owner is None:
-                owner = self._owners[device] = self._owner.to(device)
+            sq = torch.stack(norms).to(torch.float64).square()
             out = torch.zeros(self._groups, dtype=torch.float64, device=device)
-            return out.index_add_(0, owner, sq)
+            return out.index_add_(0, self._owner.to(device), sq)
 
     def end_of_backward(self, params: list[torch.Tensor], diag: StepDiagnostics) -> None:
         """A diagnostic step's backward finished: distance now, snapshot for the update."""
         if not params:
             return
         with torch.no_grad():
-            live = [p.detach() for p in params]
             if self.origin:
                 if self.theta0 is None:
-                    self.theta0 = [p.clone() for p in live]
-                diag.set("origin_sq", self._per_group(live, self.theta0))
+                    self.theta0 = [p.detach().clone() for p in params]
+                diag.set("origin_sq", self._per_group([p.detach() for p in params], self.theta0))
             if self.update:
                 snap = self._buffer
                 if snap is None or any(
                     b.shape != p.shape or b.dtype != p.dtype or b.device != p.device
-                    for b, p in zip(snap, live)
+                    for b, p in zip(snap, params)
                 ):
-                    snap = self._buffer = [torch.empty_like(p) for p in live]
-                torch._foreach_copy_(snap, live)
+                    snap = self._buffer = [torch.empty_like(p) for p in params]
+                torch._foreach_copy_(snap, [p.detach() for p in params])
                 self._snapshot = snap
                 self._target = diag
                 self._versions = []
@@ -362,15 +339,13 @@ class ParamTracker:
 
         Measured again only if a parameter was modified since the last measurement (its
         in-place version counter moved): the usual final call after an optimizer hook is free.
-        The final measurement subtracts in the snapshot itself (no longer needed after it).
         """
         snap, target = self._snapshot, self._target
         if snap is None or target is None:
             return
         versions = [p._version for p in params]
         if versions != self._versions:
-            live = [p.detach() for p in params]
-            target.set("update_sq", self._per_group(live, snap, consume=final))
+            target.set("update_sq", self._per_group([p.detach() for p in params], snap))
             self._versions = versions
         if final:
             self._snapshot = self._target = None
