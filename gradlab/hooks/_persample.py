@@ -245,7 +245,14 @@ class PerSampleSteps:
                     if all(isinstance(v, float) for v in values):
                         values = torch.tensor(values, dtype=f64, device=device)
                     else:
-                        values = torch.stack([torch.as_tensor(v).to(device, f64) for v in values])
+                        values = torch.stack(
+                            [
+                                torch.tensor(v, dtype=f64, device=device)
+                                if isinstance(v, float)  # as_tensor: float32, rounded
+                                else v.to(device, f64)
+                                for v in values
+                            ]
+                        )
                 return group_sum(values.to(f64))
 
             per_sample = torch.stack([norms_sq[n].to(device) for n in names])  # (P, B)

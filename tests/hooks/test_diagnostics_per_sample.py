@@ -354,3 +354,31 @@ def test_under_a_grad_scaler_the_diagnostics_are_of_the_unscaled_gradients(facto
     expected = _formulas(_flat(ref, None))
     for name in _NAMES:
         assert monitor.history[0].diagnostics[name] == pytest.approx(expected[name], rel=_TOL)
+
+
+def _mlp_strided() -> nn.Sequential:
+    """The MLP with its first weight stored transposed (non-contiguous: its gradient is too)."""
+    model = _mlp()
+    w = model[0].weight.detach()
+    model[0].weight = nn.Parameter(w.t().contiguous().t())
+    return model
+
+
+def test_a_non_contiguous_gradient_among_contiguous_ones() -> None:
+    """||m||^2 of a non-contiguous gradient is a tensor, the others' are BLAS floats: the
+    mixed list is summed in float64 (it once went through float32, off by ~1e-8)."""
+    model = _mlp_strided()
+    assert not model[0].weight.is_contiguous()
+    names = ("noise_scale", "norm_test", "inner_product_test", "orthogonality_test")
+    refs = []
+    with GradientMonitor(model, diagnostics=names) as monitor:
+        for step in range(2):
+            model.zero_grad(set_to_none=True)
+            x, y = _data(model, step)
+            refs.append(_ref(_mlp_strided, model, x, y))
+            _loss(model(x), y).backward()
+    assert not model[0].weight.grad.is_contiguous()
+    for rec, grads in zip(monitor.history, refs):
+        expected = _formulas(_flat(grads, None))
+        for name in names:
+            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
