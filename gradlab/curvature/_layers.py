@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from gradlab.per_sample._conv import unfold
 
 __all__ = [
     "SUPPORTED",
@@ -121,16 +122,11 @@ def patches(
     padding: tuple[int, ...],
     stride: tuple[int, ...],
 ) -> torch.Tensor:
-    """``F.unfold(a, kernel_size, dilation, padding, stride)``, ``(N, C * kh * kw, positions)``,
-    from sliding-window views of the zero-padded input and one copy (about half the time of
-    ``F.unfold`` on CPU)."""
-    (kh, kw), (dh, dw), (sh, sw) = kernel_size, dilation, stride
-    if padding[0] or padding[1]:
-        a = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
-    windows = a.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
-    windows = windows[..., ::dh, ::dw]  # (N, C, H_out, W_out, kh, kw)
-    N, C, H, W = windows.shape[:4]
-    return windows.permute(0, 1, 4, 5, 2, 3).reshape(N, C * kh * kw, H * W)
+    """``F.unfold(a, kernel_size, dilation, padding, stride)``, ``(N, C * kh * kw, positions)``:
+    the per-sample rules' patches (:func:`gradlab.per_sample._conv.unfold`: sliding-window views
+    of the zero-padded input and one copy, about half the time of ``F.unfold`` on CPU)."""
+    pad = [p for p in reversed(padding) for _ in range(2)]  # F.pad order: last dimension first
+    return unfold(a, tuple(kernel_size), tuple(stride), tuple(dilation), pad, "zeros")
 
 
 def _unfold(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
