@@ -130,12 +130,7 @@ def outputs(fn: str, f: Callable[..., Any]) -> Callable[..., Any]:
     leaves torch (``.numpy()``), raises a clear error inside any transform."""
 
     def g(*a: Any) -> Any:
-        try:
-            out = f(*a)
-        except RuntimeError as exc:
-            if _reads_data(exc):
-                raise _left_torch(fn, exc) from exc
-            raise
+        out = _call(fn, f, a)
         if isinstance(out, torch.Tensor):
             return out
         leaves = pytree.tree_leaves(out)
@@ -155,6 +150,17 @@ def outputs(fn: str, f: Callable[..., Any]) -> Callable[..., Any]:
     return g
 
 
+def _call(fn: str, f: Callable[..., Any], args: tuple) -> Any:
+    """``f(*args)``; an ``f`` that leaves torch (``.numpy()`` inside a transform) raises a clear
+    error (:func:`outputs` and :func:`call_scalar` check the result)."""
+    try:
+        return f(*args)
+    except RuntimeError as exc:
+        if _reads_data(exc):
+            raise _left_torch(fn, exc) from exc
+        raise
+
+
 def scalar(fn: str, f: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap f so that a non-scalar result raises a clear error inside any transform."""
 
@@ -167,12 +173,7 @@ def scalar(fn: str, f: Callable[..., Any]) -> Callable[..., Any]:
 def call_scalar(fn: str, f: Callable[..., Any], args: tuple) -> torch.Tensor:
     """``f(*args)``, with the checks of :func:`scalar` (which wraps this), without a wrapper
     function per call (for the autograd strategies, which call ``f`` directly)."""
-    try:
-        out = f(*args)
-    except RuntimeError as exc:
-        if _reads_data(exc):
-            raise _left_torch(fn, exc) from exc
-        raise
+    out = _call(fn, f, args)
     if not isinstance(out, torch.Tensor) or out.ndim != 0:
         raise ValueError(
             message(
