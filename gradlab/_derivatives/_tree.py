@@ -35,18 +35,10 @@ _ONE_LEAF = (tuple, 1, (_LEAF,))  # the spec of (x,), x a tensor
 
 def flatten_one(tree: Any) -> tuple[list[Any], Any]:
     """``flatten((tree,))``, without making the tuple: f's arguments when it takes one (a tensor
-    and a parameter dict, the usual ones, inline)."""
+    inline; anything else, a parameter dict included, by :func:`_walk`)."""
     if isinstance(tree, _Tensor):
         return [tree], _ONE_LEAF
-    leaves: list[Any]
-    if type(tree) is dict:
-        leaves = list(tree.values())
-        for x in leaves:
-            if not isinstance(x, _Tensor):
-                break
-        else:  # _walk's spec of an all-tensor dict
-            return leaves, (tuple, 1, ((dict, tuple(tree), _same(len(leaves))),))
-    leaves = []
+    leaves: list[Any] = []
     return leaves, (tuple, 1, (_walk(tree, leaves),))
 
 
