@@ -296,12 +296,11 @@ def hvp(f: TensorFn, args: Any, v: Any, *, strategy: str = "auto") -> HVP:
             value, res = _double_backward_leaves(f, p_leaves, p_spec, t_leaves)
             out = unflatten_one(res, p_spec) if single else tuple(unflatten(res, p_spec))
             return _new_tuple(HVP, (value, out))  # HVP(value, out), less a Python-level __new__
-        problem = HvpProblem(f, prim, tangents, (p_leaves, p_spec, t_leaves, t_spec))
-        validate = functools.partial(_validate, f, prim, tangents)
+    problem = HvpProblem(f, prim, tangents, (p_leaves, p_spec, t_leaves, t_spec))
+    validate = functools.partial(_validate, f, prim, tangents)
+    if strategy == "auto":
         value, hv = run_keyed(HVP_OP, problem, validate, fkey, key, entry)
     else:
-        problem = HvpProblem(f, prim, tangents, (p_leaves, p_spec, t_leaves, t_spec))
-        validate = functools.partial(_validate, f, prim, tangents)
         value, hv = dispatch(HVP_OP, strategy, problem, validate)
     return HVP(value, hv[0] if single else tuple(hv))
 
