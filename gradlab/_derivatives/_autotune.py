@@ -397,10 +397,13 @@ def steady(entry: _Entry) -> str | None:
     """The strategy a call that found ``entry`` runs as it is, with nothing measured or tried:
     the measured choice, or the heuristic while measurement is off (here, or inside a
     measurement); ``None`` while the key's choice is still open (a trial: :func:`run_keyed`)."""
+    return entry.choice if _measuring_on() else entry.heuristic
+
+
+def _measuring_on() -> bool:
+    """Measurement is on here: :func:`is_autotune_enabled`, and not inside a measurement."""
     scoped = _SCOPED.get()  # is_autotune_enabled(), inline: this runs on every call
-    if (_ENABLED if scoped is None else scoped) and not _LOCAL.measuring:
-        return entry.choice
-    return entry.heuristic
+    return (_ENABLED if scoped is None else scoped) and not _LOCAL.measuring
 
 
 def run_keyed(
@@ -422,8 +425,7 @@ def run_keyed(
             if impl is not None:
                 return impl(problem)
             return op.run_with_fallback(op.auto_safe(chosen), problem, fkey)[1]
-    scoped = _SCOPED.get()
-    enabled = (_ENABLED if scoped is None else scoped) and not _LOCAL.measuring
+    enabled = _measuring_on()
     if entry is not None and entry.trial is not None:
         return _trial_call(op, problem, key, entry, fkey)
     strategy = op.auto_safe(entry.heuristic if entry is not None else op.first)
