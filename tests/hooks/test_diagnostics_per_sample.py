@@ -91,6 +91,25 @@ def _flat(grads: dict[str, torch.Tensor], module: str | None) -> torch.Tensor:
     )
 
 
+def _check_history(
+    monitor: GradientMonitor,
+    refs: list[dict[str, torch.Tensor]],
+    model: nn.Module | None = None,
+    names: tuple[str, ...] = _NAMES,
+) -> None:
+    """Each recorded step's diagnostics ``names`` equal the formulas on its reference
+    per-sample gradients: for the whole model, and with ``model`` for each of its modules."""
+    for rec, grads in zip(monitor.history, refs):
+        expected = _formulas(_flat(grads, None))
+        for name in names:
+            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
+        for module in [] if model is None else _owners(model):
+            expected = _formulas(_flat(grads, module))
+            for name in names:
+                got = rec.diagnostics_by_module[name][module]
+                assert got == pytest.approx(expected[name], rel=_TOL), (name, module)
+
+
 @pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
 @pytest.mark.parametrize("factory", [_mlp, _cnn], ids=["mlp", "cnn"])
 def test_every_diagnostic_equals_its_formula(factory, opt_kind, device) -> None:  # type: ignore[no-untyped-def]
@@ -107,15 +126,7 @@ def test_every_diagnostic_equals_its_formula(factory, opt_kind, device) -> None:
             opt.zero_grad()
             _loss(model(x), y).backward()
             opt.step()
-    for rec, grads in zip(monitor.history, refs):
-        expected = _formulas(_flat(grads, None))
-        for name in _NAMES:
-            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
-        for module in _owners(model):
-            expected = _formulas(_flat(grads, module))
-            for name in _NAMES:
-                got = rec.diagnostics_by_module[name][module]
-                assert got == pytest.approx(expected[name], rel=_TOL), (name, module)
+    _check_history(monitor, refs, model)
 
 
 def test_per_module_sums_without_the_group_matrix(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -133,15 +144,7 @@ def test_per_module_sums_without_the_group_matrix(monkeypatch) -> None:  # type:
             refs.append(_ref(factory, model, x, y))
             model.zero_grad()
             _loss(model(x), y).backward()
-    for rec, grads in zip(monitor.history, refs):
-        expected = _formulas(_flat(grads, None))
-        for name in _NAMES:
-            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
-        for module in _owners(model):
-            expected = _formulas(_flat(grads, module))
-            for name in _NAMES:
-                got = rec.diagnostics_by_module[name][module]
-                assert got == pytest.approx(expected[name], rel=_TOL), (name, module)
+    _check_history(monitor, refs, model)
 
 
 def test_sum_reduction_and_gradient_accumulation() -> None:
@@ -154,10 +157,7 @@ def test_sum_reduction_and_gradient_accumulation() -> None:
             x, y = _data(model, step)
             refs.append(_ref(factory, model, x, y))
             (_loss(model(x), y) * x.shape[0]).backward()
-    for rec, grads in zip(monitor.history, refs):
-        expected = _formulas(_flat(grads, None))
-        for name in _NAMES:
-            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
+    _check_history(monitor, refs)
 
 
 def test_ema_smooths_numerator_and_denominator_separately() -> None:
@@ -252,10 +252,7 @@ def test_a_replayed_module_over_several_steps(read_each_step: bool) -> None:
                 assert len(monitor.history) == step + 1
     assert [r.step for r in monitor.history] == [0, 1, 2]
     assert list(monitor.history[0].outputs) == ["0", "1", "2", "3"]  # no replay recorded
-    for rec, grads in zip(monitor.history, refs):
-        expected = _formulas(_flat(grads, None))
-        for name in _NAMES:
-            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
+    _check_history(monitor, refs)
 
 
 def test_batchnorm_put_in_training_during_the_run_is_refused_and_hooks_go() -> None:
@@ -336,10 +333,7 @@ def test_grads_zeroed_in_place_before_the_next_forward_do_not_leak_in() -> None:
             opt.zero_grad(set_to_none=False)
             _loss(model(x), y).backward()
             opt.step()
-    for rec, grads in zip(monitor.history, refs):
-        expected = _formulas(_flat(grads, None))
-        for name in _NAMES:
-            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
+    _check_history(monitor, refs)
 
 
 @pytest.mark.parametrize("factory", [_mlp, _cnn], ids=["mlp", "cnn"])
@@ -378,7 +372,4 @@ def test_a_non_contiguous_gradient_among_contiguous_ones() -> None:
             refs.append(_ref(_mlp_strided, model, x, y))
             _loss(model(x), y).backward()
     assert not model[0].weight.grad.is_contiguous()
-    for rec, grads in zip(monitor.history, refs):
-        expected = _formulas(_flat(grads, None))
-        for name in names:
-            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
+    _check_history(monitor, refs, names=names)
