@@ -18,6 +18,7 @@ once per DDP model and, outside a monitor's context, is DDP's default averaging 
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any
 
@@ -25,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.utils._pytree import tree_flatten
+
+from gradlab.hooks._stats import blas_sum_sq
 
 __all__ = ["DDPNoiseRecorder", "StepNorms", "attach", "two_batch_noise_scale"]
 
@@ -46,8 +49,9 @@ class StepNorms:
     def __init__(self, batch: int, world: int) -> None:
         self.batch = batch
         self.world = world
-        self.local: list[torch.Tensor] = []  # per bucket, before the all-reduce (this rank)
-        self.reduced: list[torch.Tensor] = []  # per bucket, after it (the average over ranks)
+        # per bucket: before the all-reduce (this rank), after it (the average over ranks)
+        self.local: list[float | torch.Tensor] = []
+        self.reduced: list[float | torch.Tensor] = []
         self.work: tuple[Any, torch.Tensor] | None = None  # the mean-over-ranks all-reduce
 
     def ingredients(self) -> dict[str, float]:
@@ -57,7 +61,7 @@ class StepNorms:
         work, t = self.work
         work.wait()
         small_sq, b_sum = (float(x) for x in t.tolist())
-        big_sq = float(torch.stack(self.reduced).sum())
+        big_sq = float(_total(self.reduced))
         return {
             "ddp_small_sq": small_sq / self.world,
             "ddp_big_sq": big_sq,
@@ -92,12 +96,12 @@ class DDPNoiseRecorder:
         norms.batch = self.batch
         buf = bucket.buffer()
         with torch.no_grad():
-            # the norm in the bucket's dtype (a float64 norm of a float32 bucket would copy it)
-            norms.local.append(torch.linalg.vector_norm(buf).to(torch.float64).square())
+            norms.local.append(_sum_sq(buf))
             if bucket.is_last():
+                local = _total(norms.local)
                 t = torch.stack(
                     [
-                        torch.stack(norms.local).sum(),
+                        torch.as_tensor(local, dtype=torch.float64, device=buf.device),
                         buf.new_tensor(float(norms.batch), dtype=torch.float64),
                     ]
                 )
@@ -107,10 +111,29 @@ class DDPNoiseRecorder:
         def reduced(f: Any) -> torch.Tensor:
             out = f.value()
             with torch.no_grad():
-                norms.reduced.append(torch.linalg.vector_norm(out).to(torch.float64).square())
+                norms.reduced.append(_sum_sq(out))
             return out
 
         return fut.then(reduced)
+
+
+def _sum_sq(buf: torch.Tensor) -> float | torch.Tensor:
+    """``sum(buf**2)``: one BLAS dot for a CPU bucket (a float, about 5x faster than
+    ``vector_norm`` there), else a float64 0-dim tensor from the norm in the bucket's dtype (a
+    float64 norm of a float32 bucket would copy it). Accumulated in the bucket's precision
+    either way."""
+    sq = blas_sum_sq(buf)
+    if sq is not None:
+        return sq
+    return torch.linalg.vector_norm(buf).to(torch.float64).square()
+
+
+def _total(values: list[float | torch.Tensor]) -> float | torch.Tensor:
+    """The sum of per-bucket squared norms: a float when every bucket gave one (no torch op),
+    else a 0-dim tensor on the buckets' device (no host sync)."""
+    if all(isinstance(v, float) for v in values):
+        return math.fsum(values)  # type: ignore[arg-type]
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in values]).sum()
 
 
 class _HookState:
