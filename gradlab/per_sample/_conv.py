@@ -71,9 +71,15 @@ def _pad(module: Any) -> list[int]:
 def _patches(module: Any, a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The "linear over positions" view of :func:`_as_conv`'s convolution: ``(B, G, L, I)``
     patches and ``(B, G, L, O)`` output gradients."""
+    return _patches_of(module, *_as_conv(module, a, d))
+
+
+def _patches_of(
+    module: Any, inp: torch.Tensor, out: torch.Tensor, padding: list[int]
+) -> tuple[torch.Tensor, ...]:
+    """:func:`_patches` of the convolution ``out = conv(inp, W)`` (``padding`` zeros)."""
     g = module.groups
-    b = a.shape[0]
-    inp, out, padding = _as_conv(module, a, d)
+    b = inp.shape[0]
     pad = []
     for p in reversed(padding):
         pad += [p, p]
@@ -194,16 +200,29 @@ def _unfold_cheaper(module: Any, out: torch.Tensor) -> bool:
 
 
 def _per_sample_weight(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``(B, *weight.shape)`` per-sample weight gradients. From unfolded patches where those
-    are small (:func:`_unfold_cheaper`); else as convolution weight gradients with the samples
-    folded into the groups (``n * groups`` groups: the samples' convolutions are independent),
-    ``n`` samples at a time so that each call's result stays small (:data:`CHUNK_BYTES`),
-    copied into one buffer of :func:`gradlab.per_sample._alloc.empty`."""
+    """``(B, *weight.shape)`` per-sample weight gradients in one buffer of
+    :func:`gradlab.per_sample._alloc.empty`. From unfolded patches where those are small
+    (:func:`_unfold_cheaper`), the patches of ``n`` samples at a time (at most
+    :data:`CHUNK_BYTES` of them: a temporary no larger than that, read back from the caches)
+    and their products written straight into the result; else as convolution weight gradients
+    with the samples folded into the groups (``n * groups`` groups: the samples' convolutions
+    are independent), ``n`` samples at a time so that each call's result stays small
+    (:data:`CHUNK_BYTES`), copied into the result."""
     inp, out, padding = _as_conv(module, a, d)
     b = a.shape[0]
     shape = module.weight.shape
     if _unfold_cheaper(module, out):
-        return seq_grad(*_patches(module, a, d)).view(b, *shape)
+        per_sample = math.prod(out.shape[2:]) * inp.shape[1] * math.prod(module.kernel_size)
+        n = max(1, CHUNK_BYTES // max(1, per_sample * out.element_size()))
+        if n >= b:
+            return seq_grad(*_patches_of(module, inp, out, padding)).view(b, *shape)
+        n = -(-b // -(-b // n))  # as many chunks, sizes as even as they can be
+        g = module.groups
+        result = _alloc.empty((b, *shape), dtype=out.dtype, device=out.device)
+        for k in range(0, b, n):
+            part = result[k : k + n].view(-1, g, shape[0] // g, math.prod(shape[1:]))
+            seq_grad(*_patches_of(module, inp[k : k + n], out[k : k + n], padding), out=part)
+        return result
 
     def by_groups(x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]

@@ -276,12 +276,25 @@ def test_convolutions_every_path(case: str, stats) -> None:
     ps.close()
 
 
+# (unfolded patches or grouped convolutions, CHUNK_BYTES); None: the patches of 3 samples, so
+# that a batch of 7 is unfolded in chunks of 3, 3 and 1
 _WAYS = {
     "grouped_one_sample_per_call": (False, 1),
     "grouped_uneven_chunks": (False, 700),
     "grouped_whole_batch": (False, 1 << 40),
-    "unfold": (True, 1 << 40),
+    "unfold_one_sample_per_chunk": (True, 1),
+    "unfold_uneven_chunks": (True, None),
+    "unfold_whole_batch": (True, 1 << 40),
 }
+
+
+def _patch_bytes(layer: nn.Module, x: torch.Tensor) -> int:
+    """The bytes of one sample's unfolded patches (of the layer seen as a convolution)."""
+    from gradlab.per_sample import _conv
+
+    with torch.no_grad():
+        cols, _ = _conv._patches(layer, x[:1], layer(x[:1]))
+    return cols.numel() * cols.element_size()
 
 
 @pytest.mark.parametrize(
@@ -292,7 +305,7 @@ def test_convolution_grads_every_way_of_forming_them(
     case: str, way: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The per-sample weight gradients of a convolution or a transposed one (the adjoint
-    convolution), from unfolded patches or by grouped weight-gradient convolutions of chunks of
+    convolution), from unfolded patches or by grouped weight-gradient convolutions, of chunks of
     samples or of the whole batch, whichever the layer's size would pick, are those of the
     reference."""
     from gradlab.per_sample import _conv
@@ -303,6 +316,8 @@ def test_convolution_grads_every_way_of_forming_them(
     x = torch.randn(7, *shape, dtype=torch.float64)
     y = torch.randn_like(model(x))
     ref = reference_grads(model, _mse, x, y)
+    if chunk_bytes is None:
+        chunk_bytes = 3 * _patch_bytes(model.layer, x)
     monkeypatch.setattr(_conv, "CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(_conv, "_unfold_cheaper", lambda module, out: unfold)
     with PerSampleGradients(model, stats=("grad",)) as ps:
