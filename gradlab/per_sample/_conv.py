@@ -69,19 +69,21 @@ def _pad(module: Any) -> list[int]:
 
 
 def _patches(module: Any, a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The "linear over positions" view: ``(B, G, L, I)`` patches and ``(B, G, L, O)`` grads."""
+    """The "linear over positions" view of :func:`_as_conv`'s convolution: ``(B, G, L, I)``
+    patches and ``(B, G, L, O)`` output gradients."""
+    return _patches_of(module, *_as_conv(module, a, d))
+
+
+def _patches_of(
+    module: Any, inp: torch.Tensor, out: torch.Tensor, padding: list[int]
+) -> tuple[torch.Tensor, ...]:
+    """:func:`_patches` of the convolution ``out = conv(inp, W)`` (``padding`` zeros)."""
     g = module.groups
-    b = a.shape[0]
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        inp, out = d, a  # the adjoint convolution: input d, output gradient a
-        pad = []
-        for p in reversed(module.padding):
-            pad += [p, p]
-        mode = "zeros"
-    else:
-        inp, out = a, d
-        pad, mode = _pad(module), module.padding_mode  # type: ignore[assignment]
-    cols = unfold(inp, module.kernel_size, module.stride, module.dilation, pad, mode)  # type: ignore[arg-type]
+    b = inp.shape[0]
+    pad = []
+    for p in reversed(padding):
+        pad += [p, p]
+    cols = unfold(inp, module.kernel_size, module.stride, module.dilation, pad, "zeros")
     cols = cols.reshape(b, g, -1, cols.shape[-1]).transpose(-1, -2)
     outs = out.reshape(b, g, out.shape[1] // g, -1).transpose(-1, -2)
     return cols, outs
@@ -95,10 +97,13 @@ def _as_conv(module: Any, a: torch.Tensor, d: torch.Tensor) -> tuple[Any, ...]:
     """The layer as a plain zero-padded convolution ``out = conv(inp, W)`` in the weight:
     ``(inp, out, padding)``. A padding mode other than zeros (or an asymmetric ``"same"``) is
     applied to the input here; a transposed convolution is its adjoint (input ``d``, output
-    gradient ``a``), so that ``g_i . V = <out_i, conv(inp_i, V)>`` for either."""
+    gradient ``a``), so that ``g_i . V = <out_i, conv(inp_i, V)>`` for either. Where an
+    ``output_padding`` of at least the stride (allowed below the dilation) gives that convolution
+    more positions than ``a`` has, ``a`` is extended by zeros: nothing reaches them."""
     n = len(module.kernel_size)
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return d, a, list(module.padding)
+        padding = [int(p) for p in module.padding]
+        return d, _fit(a, _positions(module, d, padding)), padding
     padding = module.padding
     if module.padding_mode == "zeros" and not isinstance(padding, str):
         return a, d, list(padding)
@@ -110,11 +115,26 @@ def _as_conv(module: Any, a: torch.Tensor, d: torch.Tensor) -> tuple[Any, ...]:
     return a, d, [0] * n
 
 
-def _crop(t: torch.Tensor, shape: Any) -> torch.Tensor:
-    """``t``'s leading ``shape`` positions in each spatial dimension (a view)."""
-    for k, size in enumerate(shape):
-        t = t.narrow(2 + k, 0, size)
-    return t
+def _positions(module: Any, inp: torch.Tensor, padding: list[int]) -> list[int]:
+    """The output positions per spatial dimension of the convolution of ``inp`` (``padding``
+    zeros on both sides)."""
+    return [
+        (size + 2 * p - dil * (k - 1) - 1) // s + 1
+        for size, p, dil, k, s in zip(
+            inp.shape[2:], padding, module.dilation, module.kernel_size, module.stride
+        )
+    ]
+
+
+def _fit(t: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """``t`` with ``shape`` positions per spatial dimension: trailing zeros added (or trailing
+    positions dropped); ``t`` itself where it has them."""
+    if list(t.shape[2:]) == shape:
+        return t
+    pad = []
+    for size, want in zip(reversed(t.shape[2:]), reversed(shape)):
+        pad += [0, want - size]
+    return F.pad(t, pad)
 
 
 def _conv(module: Any, inp: torch.Tensor, w: torch.Tensor, padding: list[int]) -> torch.Tensor:
@@ -136,21 +156,13 @@ def _weight_grad(
     module: Any, inp: torch.Tensor, out: torch.Tensor, padding: list[int], groups: int
 ) -> torch.Tensor:
     """The weight gradient of ``<out, conv(inp, W)>`` with ``groups`` groups (one weight-gradient
-    convolution; ``out`` may have trailing positions the convolution does not reach)."""
+    convolution)."""
     n = len(module.kernel_size)
     w = module.weight
     cout = out.shape[1]
     weight = torch.empty(
         cout, inp.shape[1] // groups, *w.shape[2:], dtype=out.dtype, device=out.device
     )
-    shape = [
-        (inp.shape[2 + k] + 2 * padding[k] - module.dilation[k] * (w.shape[2 + k] - 1) - 1)
-        // module.stride[k]
-        + 1
-        for k in range(n)
-    ]
-    if list(out.shape[2:]) != shape:  # a transposed convolution's output_padding
-        out = _crop(out, shape)
     _, gw, _ = torch.ops.aten.convolution_backward(
         out,
         inp,
@@ -169,26 +181,48 @@ def _weight_grad(
 
 def _unfold_cheaper(module: Any, out: torch.Tensor) -> bool:
     """Whether the per-sample weight gradients are better formed from the unfolded input, one
-    batched matrix product written straight into the result, than by grouped convolutions:
-    where the patches (``L x I`` per sample and group) are no larger than the gradients
-    (``O x I``), i.e. at most as many output positions ``L`` as output channels per group
-    (wide layers late in a CNN). Convolutions only, not transposed ones."""
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return False
-    return math.prod(out.shape[2:]) <= out.shape[1] // module.groups
+    batched matrix product written straight into the result, than by grouped weight-gradient
+    convolutions with the samples folded into the groups. ``out`` is the output gradient of the
+    layer seen as a convolution (:func:`_as_conv`: a transposed convolution's input).
+
+    The product multiplies ``O x L`` by ``L x I`` per sample and group (``L`` output positions,
+    ``O`` output channels per group, ``I`` the patch length); the grouped convolution does the
+    same ``O(B L I O)`` arithmetic, and they differ in the memory around it. The unfold first
+    writes the patches, ``L x I`` numbers per sample and group (``prod(kernel)`` times the
+    input), which the product then reads: nothing to copy for a kernel of one element (the
+    patches are the input, or a strided view of it), and at most twice the result where
+    ``L <= 2 O``. With more positions the patches outweigh the result and the convolution, which
+    never forms them, is the faster; with fewer the batched convolution is the slower, up to
+    severalfold (its result, ``B`` weights, goes through the library's blocked weight layout and
+    back). The ``per_sample`` benchmark suite's CNN has both kinds of layer."""
+    positions = math.prod(out.shape[2:])
+    return math.prod(module.kernel_size) == 1 or positions <= 2 * (out.shape[1] // module.groups)
 
 
 def _per_sample_weight(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``(B, *weight.shape)`` per-sample weight gradients. From unfolded patches where those
-    are small (:func:`_unfold_cheaper`); else as convolution weight gradients with the samples
-    folded into the groups (``n * groups`` groups: the samples' convolutions are independent),
-    ``n`` samples at a time so that each call's result stays small (:data:`CHUNK_BYTES`),
-    copied into one buffer of :func:`gradlab.per_sample._alloc.empty`."""
+    """``(B, *weight.shape)`` per-sample weight gradients in one buffer of
+    :func:`gradlab.per_sample._alloc.empty`. From unfolded patches where those are small
+    (:func:`_unfold_cheaper`), the patches of ``n`` samples at a time (at most
+    :data:`CHUNK_BYTES` of them: a temporary no larger than that, read back from the caches)
+    and their products written straight into the result; else as convolution weight gradients
+    with the samples folded into the groups (``n * groups`` groups: the samples' convolutions
+    are independent), ``n`` samples at a time so that each call's result stays small
+    (:data:`CHUNK_BYTES`), copied into the result."""
     inp, out, padding = _as_conv(module, a, d)
     b = a.shape[0]
     shape = module.weight.shape
     if _unfold_cheaper(module, out):
-        return seq_grad(*_patches(module, a, d)).view(b, *shape)
+        per_sample = math.prod(out.shape[2:]) * inp.shape[1] * math.prod(module.kernel_size)
+        n = max(1, CHUNK_BYTES // max(1, per_sample * out.element_size()))
+        if n >= b:
+            return seq_grad(*_patches_of(module, inp, out, padding)).view(b, *shape)
+        n = -(-b // -(-b // n))  # as many chunks, sizes as even as they can be
+        g = module.groups
+        result = _alloc.empty((b, *shape), dtype=out.dtype, device=out.device)
+        for k in range(0, b, n):
+            part = result[k : k + n].view(-1, g, shape[0] // g, math.prod(shape[1:]))
+            seq_grad(*_patches_of(module, inp[k : k + n], out[k : k + n], padding), out=part)
+        return result
 
     def by_groups(x: torch.Tensor, go: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -267,8 +301,6 @@ def _dot(
     if "weight" in v:
         inp, out, padding = _as_conv(module, a, d)
         y = _conv(module, inp, v["weight"].to(d.dtype), padding)
-        if y.shape != out.shape:  # a transposed convolution's output_padding
-            out = _crop(out, y.shape[2:])
         result = result + (y * out).flatten(1).sum(1)
     if "bias" in v:
         result = result + _bias_grad(module, a, d) @ v["bias"].to(d.dtype)

@@ -47,3 +47,19 @@ def test_seq_grad_stays_differentiable(t: int) -> None:
     a = torch.randn(2, 1, t, 3, dtype=torch.float64, requires_grad=True)
     d = torch.randn(2, 1, t, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(seq_grad, (a, d))
+
+
+@pytest.mark.parametrize("t", [1, 3], ids=["outer_product", "batched_product"])
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_seq_grad_into_a_given_buffer(t: int, differentiable: bool) -> None:
+    """``out=`` (a slice of a larger result, as the convolutions' chunks use it) receives the
+    per-sample gradients, and is what is returned; the rest of the result is not touched."""
+    a = torch.randn(3, 2, t, 5, dtype=torch.float64, requires_grad=differentiable)
+    d = torch.randn(3, 2, t, 4, dtype=torch.float64, requires_grad=differentiable)
+    result = torch.zeros(5, 2, 4, 5, dtype=torch.float64)
+    part = result[1:4]
+    got = seq_grad(a, d, out=part)
+    assert got.data_ptr() == part.data_ptr()
+    want = torch.einsum("bgto,bgti->bgoi", d, a)
+    torch.testing.assert_close(result[1:4], want.detach(), **TOL64)
+    assert not result[0].any() and not result[4].any()

@@ -210,6 +210,13 @@ CONVS = {
         (3, 6, 7),
     ),
     "conv2d_wide_few_positions": (lambda: nn.Conv2d(3, 64, 3), (3, 4, 4)),
+    "conv2d_1x1_strided_padded": (lambda: nn.Conv2d(4, 6, 1, stride=2, padding=1), (4, 5, 6)),
+    "conv3d_same_dilated_grouped_circular": (
+        lambda: nn.Conv3d(
+            4, 4, 3, padding="same", dilation=(1, 2, 1), groups=2, padding_mode="circular"
+        ),
+        (4, 3, 5, 4),
+    ),
     "conv3d_mixed": (
         lambda: nn.Conv3d(2, 4, 2, stride=(1, 2, 1), padding=(1, 0, 1), dilation=(2, 1, 1)),
         (2, 5, 4, 4),
@@ -226,6 +233,18 @@ CONVS = {
     ),
     "convT2d_wide": (lambda: nn.ConvTranspose2d(16, 32, 2), (16, 2, 2)),
     "convT3d": (lambda: nn.ConvTranspose3d(2, 2, 2, stride=2), (2, 2, 2, 3)),
+    # output_padding >= stride (allowed below the dilation): the adjoint convolution has more
+    # positions than the layer's input
+    "convT1d_output_padding_beyond_stride": (
+        lambda: nn.ConvTranspose1d(2, 3, 3, stride=1, dilation=3, output_padding=2),
+        (2, 5),
+    ),
+    "convT2d_grouped_output_padding_beyond_stride": (
+        lambda: nn.ConvTranspose2d(
+            4, 6, 3, stride=(2, 1), padding=1, dilation=(1, 3), output_padding=(1, 2), groups=2
+        ),
+        (4, 4, 5),
+    ),
 }
 
 
@@ -257,29 +276,38 @@ def test_convolutions_every_path(case: str, stats) -> None:
     ps.close()
 
 
+# (unfolded patches or grouped convolutions, CHUNK_BYTES); None: the patches of 3 samples, so
+# that a batch of 7 is unfolded in chunks of 3, 3 and 1
 _WAYS = {
     "grouped_one_sample_per_call": (False, 1),
     "grouped_uneven_chunks": (False, 700),
     "grouped_whole_batch": (False, 1 << 40),
-    "unfold": (True, 1 << 40),
+    "unfold_one_sample_per_chunk": (True, 1),
+    "unfold_uneven_chunks": (True, None),
+    "unfold_whole_batch": (True, 1 << 40),
 }
+
+
+def _patch_bytes(layer: nn.Module, x: torch.Tensor) -> int:
+    """The bytes of one sample's unfolded patches (of the layer seen as a convolution)."""
+    from gradlab.per_sample import _conv
+
+    with torch.no_grad():
+        cols, _ = _conv._patches(layer, x[:1], layer(x[:1]))
+    return cols.numel() * cols.element_size()
 
 
 @pytest.mark.parametrize(
     ("case", "way"),
-    [
-        (case, way)
-        for case in CONVS
-        for way in _WAYS
-        if not (way == "unfold" and case.startswith("convT"))  # never unfolded
-    ],
+    [(case, way) for case in CONVS for way in _WAYS],
 )
 def test_convolution_grads_every_way_of_forming_them(
     case: str, way: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The per-sample weight gradients of a convolution, from unfolded patches (convolutions,
-    not transposed ones) or by grouped weight-gradient convolutions of chunks of samples or of
-    the whole batch, whichever the layer's size would pick, are those of the reference."""
+    """The per-sample weight gradients of a convolution or a transposed one (the adjoint
+    convolution), from unfolded patches or by grouped weight-gradient convolutions, of chunks of
+    samples or of the whole batch, whichever the layer's size would pick, are those of the
+    reference."""
     from gradlab.per_sample import _conv
 
     make, shape = CONVS[case]
@@ -288,8 +316,49 @@ def test_convolution_grads_every_way_of_forming_them(
     x = torch.randn(7, *shape, dtype=torch.float64)
     y = torch.randn_like(model(x))
     ref = reference_grads(model, _mse, x, y)
+    if chunk_bytes is None:
+        chunk_bytes = 3 * _patch_bytes(model.layer, x)
     monkeypatch.setattr(_conv, "CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(_conv, "_unfold_cheaper", lambda module, out: unfold)
     with PerSampleGradients(model, stats=("grad",)) as ps:
         _mse(model(x), y).backward()
+    torch.testing.assert_close(ps.grad, ref, **TOL64)
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "unfolded"),
+    [
+        (lambda: nn.Conv2d(16, 16, 1), (16, 32, 32), True),  # 1x1: the patches are the input
+        (lambda: nn.Conv1d(8, 8, 1, stride=2), (8, 64), True),  # a strided view of it
+        (lambda: nn.Conv2d(8, 32, 3, padding=1), (8, 8, 8), True),  # L = 64 = 2 O
+        (lambda: nn.Conv2d(8, 32, 3, padding=1), (8, 9, 9), False),  # L = 81 > 2 O
+        (lambda: nn.Conv2d(8, 32, 3, padding=1, groups=4), (8, 4, 4), True),  # L = 16 = 2 O/G
+        (lambda: nn.Conv2d(8, 32, 3, padding=1, groups=4), (8, 5, 5), False),
+        (lambda: nn.ConvTranspose2d(32, 8, 3, stride=2), (32, 8, 8), True),  # L = 64 = 2 x 32
+        (lambda: nn.ConvTranspose2d(32, 8, 3, stride=2), (32, 9, 9), False),
+    ],
+)
+def test_default_way_of_forming_convolution_grads(make, shape, unfolded: bool) -> None:
+    """The default picks unfolded patches for kernels of one element and where there are at
+    most twice as many output positions ``L`` as output channels per group ``O`` of the layer
+    seen as a convolution (a transposed convolution's input positions and channels), grouped
+    weight-gradient convolutions beyond; either way the gradients are the reference's."""
+    from gradlab.per_sample import _conv
+
+    model = _Ids(make().double(), None)
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    y = torch.randn_like(model(x))
+    picked = []
+    choose = _conv._unfold_cheaper
+
+    def spy(module: nn.Module, out: torch.Tensor) -> bool:
+        picked.append(choose(module, out))
+        return picked[-1]
+
+    ref = reference_grads(model, _mse, x, y)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_conv, "_unfold_cheaper", spy)
+        with PerSampleGradients(model, stats=("grad",)) as ps:
+            _mse(model(x), y).backward()
+    assert picked == [unfolded]
     torch.testing.assert_close(ps.grad, ref, **TOL64)
