@@ -17,17 +17,17 @@ from typing import cast
 import torch
 from torch.overrides import has_torch_function
 
-__all__ = ["GradGraph", "grad", "hvp_once"]
+__all__ = ["GradGraph", "engine_grad", "hvp_once"]
 
 # The function through which torch.autograd.grad runs the engine (private to torch, hence looked
-# up: without it, grad() below calls torch.autograd.grad).
+# up: without it, engine_grad() below calls torch.autograd.grad).
 _RUN_BACKWARD = getattr(torch.autograd.graph, "_engine_run_backward", None)
 _ones_like = torch.ones_like
 _same_size = torch.is_same_size
 _preserve = torch.preserve_format
 
 
-def grad(
+def engine_grad(
     outputs: Sequence[torch.Tensor],
     inputs: Sequence[torch.Tensor],
     grad_outputs: Sequence[torch.Tensor] | None,
@@ -110,7 +110,7 @@ class GradGraph:
         self.inputs = list(inputs)
         if grads is None:
             with _grad_on():
-                grads = grad((value,), self.inputs, None, True, True)
+                grads = engine_grad((value,), self.inputs, None, True, True)
         gs = grads
         self.first = list(gs)
         self.unused: list[int] = []
@@ -170,11 +170,11 @@ class GradGraph:
         create_graph: bool,
         batched: bool,
     ) -> Sequence[torch.Tensor | None]:
-        """One backward through the first-order graph: :func:`grad`, or, batched,
+        """One backward through the first-order graph: :func:`engine_grad`, or, batched,
         ``torch.autograd.grad(is_grads_batched=True)``."""
         outs = cast(Sequence[torch.Tensor], gs)  # (the used inputs' gradients: none is None)
         if not batched:
-            return grad(outs, inputs, vs, retain_graph or create_graph, create_graph)
+            return engine_grad(outs, inputs, vs, retain_graph or create_graph, create_graph)
         return torch.autograd.grad(
             outs,
             inputs,
@@ -198,17 +198,17 @@ def hvp_once(
 
     What :func:`gradlab.hvp` runs on every call, so the usual case (every input has a second
     derivative) is the two backward passes of a hand-written double backward (through
-    :func:`grad`) and nothing else: no object, no index lists. Call with grad mode on;
+    :func:`engine_grad`) and nothing else: no object, no index lists. Call with grad mode on;
     ``grads``: the first-order gradients, when the caller took them already (with
     ``create_graph=True`` and ``allow_unused=True``). Anything else goes through
     :class:`GradGraph`, which maps the inputs without a second-order path to zeros.
     """
-    gs = grad((value,), inputs, None, True, True) if grads is None else grads
+    gs = engine_grad((value,), inputs, None, True, True) if grads is None else grads
     for g in gs:
         if g is None or not g.requires_grad:
             break
     else:
-        hv = grad(
+        hv = engine_grad(
             cast(Sequence[torch.Tensor], gs),  # (none is None: checked above)
             inputs,
             vs,

@@ -1,4 +1,4 @@
-"""The HVP engine's backward call, ``_hvp_engine.grad``: ``torch.autograd.grad(...,
+"""The HVP engine's backward call, ``_hvp_engine.engine_grad``: ``torch.autograd.grad(...,
 allow_unused=True)`` less torch's Python argument handling. It must give what
 ``torch.autograd.grad`` gives (values, graphs, ``None`` for unused inputs) and, for any argument
 that handling exists for (a grad_output of another size, a non-scalar output without one, a
@@ -12,7 +12,7 @@ import torch
 
 import gradlab as gl
 from gradlab._derivatives import _hvp_engine
-from gradlab._derivatives._hvp_engine import grad
+from gradlab._derivatives._hvp_engine import engine_grad
 
 
 def _graph(device, dtype=torch.float64):
@@ -46,7 +46,7 @@ def test_first_and_second_backward_equal_torch_autograd_grad(
         if not private:
             m.setattr(_hvp_engine, "_RUN_BACKWARD", None)
         m.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
-        ours = grad((value,), leaves, None, True, True)
+        ours = engine_grad((value,), leaves, None, True, True)
     assert len(calls) == (0 if private else 1)  # the engine call, or torch.autograd.grad
     ref = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
     _assert_same(ours, ref)
@@ -56,7 +56,7 @@ def test_first_and_second_backward_equal_torch_autograd_grad(
         if not private:
             m.setattr(_hvp_engine, "_RUN_BACKWARD", None)
         m.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real(*a, **k))
-        second = grad(used, leaves[:2], vs, True, create_graph)
+        second = engine_grad(used, leaves[:2], vs, True, create_graph)
     assert len(calls) == (0 if private else 2)
     expected = torch.autograd.grad(
         used, leaves[:2], vs, retain_graph=True, create_graph=create_graph, allow_unused=True
@@ -66,20 +66,20 @@ def test_first_and_second_backward_equal_torch_autograd_grad(
 
 def test_a_grad_output_of_another_size_raises_torchs_error(device):
     """The engine alone would reduce a broadcastable grad_output (a (2, 3) one for a (3,)
-    output) silently; torch.autograd.grad refuses it, and so does grad (it hands it over)."""
+    output) silently; torch.autograd.grad refuses it, and so does engine_grad (it hands it over)."""
     value, leaves = _graph(device)
     (ga, _, _) = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
     wide = torch.ones(2, 3, dtype=ga.dtype, device=device)
     with pytest.raises(RuntimeError, match="Mismatch in shape"):
         torch.autograd.grad([ga], [leaves[0]], [wide], allow_unused=True)
     with pytest.raises(RuntimeError, match="Mismatch in shape"):
-        grad([ga], [leaves[0]], [wide], True, False)
+        engine_grad([ga], [leaves[0]], [wide], True, False)
 
 
 def test_a_non_scalar_output_without_grad_outputs_raises_torchs_error(device):
     a = torch.ones(3, device=device, requires_grad=True)
     with pytest.raises(RuntimeError, match="only for scalar outputs"):
-        grad((a * 2,), [a], None, False, False)
+        engine_grad((a * 2,), [a], None, False, False)
 
 
 class _Tagged(torch.Tensor):
@@ -97,13 +97,13 @@ class _Tagged(torch.Tensor):
 def test_a_torch_function_subclass_goes_through_torch_autograd_grad():
     x = torch.randn(4, dtype=torch.float64).as_subclass(_Tagged).requires_grad_(True)
     _Tagged.grads = 0
-    (g,) = grad(((x**3).sum(),), [x], None, False, False)
+    (g,) = engine_grad(((x**3).sum(),), [x], None, False, False)
     assert _Tagged.grads == 1  # torch.autograd.grad saw the subclass (its override ran)
     torch.testing.assert_close(g.as_subclass(torch.Tensor), 3 * x.detach() ** 2)
 
 
 def test_hvp_agrees_with_and_without_the_private_engine_function(monkeypatch, device):
-    """gl.hvp through grad (both backward passes) against torch.func's forward-over-reverse
+    """gl.hvp through engine_grad (both backward passes) against torch.func's forward-over-reverse
     HVP, with the engine call and with torch.autograd.grad in its place."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, generator=g, dtype=torch.float64).to(device)
