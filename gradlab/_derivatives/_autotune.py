@@ -190,7 +190,11 @@ def autotune(enabled: bool) -> Iterator[None]:
     ``hessian``, nested ``"reverse"`` of ``derivative``), each **once**, under a deadline:
 
     * a candidate is abandoned, between two of its rows (orders), as soon as it can no longer
-      beat ``T`` by ``1.1x``; so it costs at most ``T / 1.1`` plus one row;
+      beat ``T`` by ``1.1x``; so it costs at most ``T / 1.1`` plus one row; nested
+      ``"reverse"`` (``derivative``), whose orders each cost at least as much as the one before,
+      stops before an order as soon as the orders left, at the last one's cost each, cannot end
+      in time (at high orders one order costs more than all the earlier ones together: running
+      one more only to abandon it after would cost more than the whole measurement so far);
     * nothing starts once ``1.5 T`` has been spent, or with less than 200 microseconds of that
       left (setting up a ``torch.func`` transform alone costs on the order of 100 microseconds
       of Python; so a call shorter than about 130 microseconds runs its heuristic only).

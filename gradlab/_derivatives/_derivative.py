@@ -10,16 +10,18 @@ pytorch/pytorch#111563).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from gradlab._derivatives import _registry
 from gradlab._derivatives._dispatch import dispatch
 from gradlab._derivatives._graph import stand_ins, wants_graph
 from gradlab._derivatives._keys import signature
-from gradlab._derivatives._registry import Operation, check_deadline
+from gradlab._derivatives._registry import DEADLINE, Operation, check_deadline
 from gradlab._derivatives._taylor import check_shape, taylor
 from gradlab._validate import check_bool, check_callable, check_int, check_tensor
 
@@ -65,13 +67,20 @@ def _reverse(p: DerivativeProblem) -> torch.Tensor:
         _, (z,), linked = stand_ins((p.x,), (0,), p.keep)
         y = check_shape(p.f(z), p.x)
         keep = wants_graph(p.keep, [y], [z], linked)
+        timed = DEADLINE.get() != math.inf  # a measurement: each order's time is taken
+        step = 0.0  # the last order's time (timed only)
         for k in range(p.order):
-            check_deadline()  # a timed candidate stops as soon as it cannot win
+            # A timed candidate stops as soon as it cannot win: the orders left cost at least
+            # the last one each (each differentiates a graph that holds the one before).
+            check_deadline((p.order - k) * step)
             if not y.requires_grad:
                 return torch.zeros_like(p.x)
+            start = _registry.clock() if timed else 0.0
             (y,) = torch.autograd.grad(
                 y.sum(), z, create_graph=keep or k < p.order - 1, allow_unused=True
             )
+            if timed:
+                step = _registry.clock() - start
             if y is None:
                 return torch.zeros_like(p.x)
     return y if keep else y.detach()

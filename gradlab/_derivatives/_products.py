@@ -19,7 +19,7 @@ from gradlab._derivatives._checks import (
 )
 from gradlab._derivatives._dispatch import dispatch
 from gradlab._derivatives._graph import wants_graph
-from gradlab._derivatives._hvp_engine import hvp_once
+from gradlab._derivatives._hvp_engine import engine_grad, hvp_once
 from gradlab._derivatives._keys import function_key, leaf_signature
 from gradlab._derivatives._registry import FORWARD_AD_LOCK, Operation
 from gradlab._derivatives._tree import flatten, flatten_one, unflatten, unflatten_one
@@ -194,7 +194,7 @@ def _double_backward_leaves(
         keep_value = wants_graph(grad_on, [value], zs, linked)
         res: Sequence[torch.Tensor] = [torch.zeros_like(z) for z in zs]
     else:
-        grads = torch.autograd.grad(value, zs, create_graph=True, allow_unused=True)
+        grads = engine_grad((value,), zs, None, True, True)  # autograd.grad, less its wrapping
         reached = 0
         for g in grads:
             if g is not None:

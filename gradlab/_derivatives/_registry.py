@@ -82,15 +82,22 @@ class Abandoned(Exception):
     measurement's budget (raised by :func:`check_deadline`)."""
 
 
-def check_deadline() -> None:
-    """Abandon the candidate being timed once its deadline has passed.
+def check_deadline(rest: float = 0.0) -> None:
+    """Abandon the candidate being timed once it cannot end before its deadline.
 
     Called between the rows of the strategies that loop in Python (``"loop"``, nested
     ``"reverse"``), so a slow candidate stops as soon as it cannot win; outside a measurement the
     deadline is infinite and this costs a context-variable read.
+
+    Args:
+        rest: a lower bound on the time the candidate's remaining steps take (seconds; 0: none
+            known). It stops now when that much more would run past the deadline: nested
+            ``"reverse"`` passes the orders left times the last order's time (each order
+            differentiates a graph that holds the previous one, so none is cheaper), which
+            saves running one more order, the costliest so far, only to abandon after it.
     """
     deadline = DEADLINE.get()
-    if deadline != math.inf and clock() > deadline:
+    if deadline != math.inf and clock() + rest > deadline:
         raise Abandoned
 
 

@@ -38,6 +38,13 @@ def flatten_one(tree: Any) -> tuple[list[Any], Any]:
     inline; anything else, a parameter dict included, by :func:`_walk`)."""
     if isinstance(tree, _Tensor):
         return [tree], _ONE_LEAF
+    if type(tree) is dict:  # a parameter dict (hvp's usual argument, on every call): inline
+        values = list(tree.values())
+        for x in values:
+            if not isinstance(x, _Tensor):
+                break
+        else:  # the spec _walk gives an all-tensor dict
+            return values, (tuple, 1, ((dict, tuple(tree), _same(len(values))),))
     leaves: list[Any] = []
     return leaves, (tuple, 1, (_walk(tree, leaves),))
 
@@ -50,7 +57,11 @@ def _same(n: int) -> tuple:
 def unflatten_one(leaves: Sequence[Any], spec: Any) -> Any:
     """``unflatten(leaves, spec)[0]``, for a ``spec`` of :func:`flatten_one`: the tree itself."""
     sub = spec[2][0]
-    return leaves[0] if sub is _LEAF else unflatten(leaves, sub)
+    if sub is _LEAF:
+        return leaves[0]
+    if sub[0] is dict and sub[2].count(_LEAF) == len(sub[2]):  # an all-tensor dict
+        return dict(zip(sub[1], leaves))
+    return unflatten(leaves, sub)
 
 
 def _walk(tree: Any, leaves: list[Any]) -> Any:

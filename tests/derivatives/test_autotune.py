@@ -530,6 +530,47 @@ def test_a_real_loop_candidate_is_abandoned(monkeypatch):
     assert seen == ["start"]  # started, abandoned before its end
 
 
+def test_nested_reverse_stops_before_an_order_that_cannot_end_in_time(monkeypatch):
+    """gl.derivative's nested "reverse", timed in a first call, stops before an order once the
+    orders left, none cheaper than the last, cannot end before its deadline: with orders that
+    cost 1, 2, 4, ... against a heuristic of 10 (deadline 10 / MARGIN), it runs two orders
+    (3 spent; 2 + 4 x 2 more cannot fit) instead of four (15 spent, past the deadline), and the
+    result (the heuristic's) is the 6th derivative of tanh."""
+    from gradlab._derivatives import _registry
+    from gradlab._derivatives._derivative import DERIVATIVE
+
+    x = torch.linspace(-1.5, 1.5, 7, dtype=torch.float64)
+    expected = x.detach().requires_grad_(True)
+    y = torch.tanh(expected)
+    for _ in range(6):  # the reference: nested autograd.grad, written out
+        (y,) = torch.autograd.grad(y.sum(), expected, create_graph=True)
+    expected = y.detach()
+
+    clock = _FakeClock()
+    monkeypatch.setattr(_registry, "clock", clock)
+    taylor = DERIVATIVE.strategies["taylor"]
+
+    def heuristic(p):
+        clock.now += 10.0
+        return taylor(p)
+
+    monkeypatch.setitem(DERIVATIVE.strategies, "taylor", heuristic)
+    orders = []
+    real_grad = torch.autograd.grad
+
+    def grad(*args, **kwargs):
+        clock.now += 2.0 ** len(orders)  # order k costs 2^k units: none cheaper than the last
+        orders.append(clock.now)
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    with gl.autotune(True):
+        d = gl.derivative(torch.tanh, x, order=6)
+    torch.testing.assert_close(d, expected, rtol=1e-10, atol=1e-10)
+    assert orders == [11.0, 13.0]  # two orders timed, then abandoned
+    assert clock.now - 10.0 <= 10.0 / _autotune.MARGIN
+
+
 def test_a_call_too_short_to_measure_runs_no_candidate(monkeypatch):
     """A first run shorter than _MIN_SLOT / _BUDGET leaves no slot to start (and abandon) a
     candidate in: nothing but the call itself runs, and the heuristic is kept."""

@@ -28,6 +28,7 @@ TREES = {
     "one-nested-tuple": ((T[0], [T[1]]),),
     "list-in-dict": {"w": [T[0], T[1]], "b": T[2]},
     "empty-dict-tuple": ({},),
+    "empty-dict": {},
 }
 
 
