@@ -208,8 +208,13 @@ class HessianOperator(CurvatureOperator):
     # ----------------------------------------------------------------------------------------
     # products
 
-    def _batch_products(self, graph: GradGraph, V: Pieces) -> Pieces:
-        """H_b applied to the k vectors in ``V`` (pieces with a leading dimension k)."""
+    def _batch_products(self, graph: GradGraph, V: Pieces, spend: bool = False) -> Pieces:
+        """H_b applied to the k vectors in ``V`` (pieces with a leading dimension k).
+
+        ``spend``: the graph's last use; its last backward frees the saved tensors as it goes
+        (``retain_graph=False``). A vmapped product always retains: one that fails part way (an
+        op without a batching rule) must leave the graph whole for the one-at-a-time fallback.
+        """
         k = V[0].shape[0]
         if k > 1 and self._batched:
             try:
@@ -217,9 +222,14 @@ class HessianOperator(CurvatureOperator):
             except RuntimeError:  # an op without a batching rule: one at a time from now on
                 self._batched = False
         if k == 1:
-            return [h.unsqueeze(0) for h in graph.hvp([v[0] for v in V])]
-        cols = [graph.hvp([v[j] for v in V]) for j in range(k)]
+            return [h.unsqueeze(0) for h in graph.hvp([v[0] for v in V], retain_graph=not spend)]
+        cols = [
+            graph.hvp([v[j] for v in V], retain_graph=not (spend and j == k - 1)) for j in range(k)
+        ]
         return [torch.stack(hs) for hs in zip(*cols)]
+
+    def _last_products(self, graph: GradGraph, V: Pieces) -> Pieces:
+        return self._batch_products(graph, V, spend=True)
 
     def _apply_one(self, graph: GradGraph, vs: Pieces) -> Pieces:
         return graph.hvp(vs)
@@ -323,6 +333,7 @@ def front(
     gen = check_generator(fn, generator)
     prog = Progress(fn, progress)
     op = operator(fn, loss_fn, checked, mode, data, batch_weight, distributed, progress=prog)
+    op._disposable = True  # the caller's own: its estimator's last sweep may free the graph
     return Front(op, checked[1], gen, prog)
 
 
