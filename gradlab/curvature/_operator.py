@@ -64,6 +64,45 @@ __all__ = ["BATCHED_MAX_N", "HessianOperator", "hessian_operator"]
 BATCHED_MAX_N = 4096  # batched (vmapped) products up to this many entries, see the module docs
 _MAX_CHUNK = 64  # vectors per batched backward
 
+# torch.autograd.grad's call into the C++ engine (torch >= 2.3), without its Python front: the
+# tuple conversions, the __torch_function__ dispatch and _make_grads' per-output shape checks
+# (about 0.1 ms a product, the same order as a small model's whole double backward). None on a
+# torch without it: products then go through torch.autograd.grad.
+_ENGINE: Callable[..., tuple[torch.Tensor | None, ...]] | None = getattr(
+    torch.autograd.graph, "_engine_run_backward", None
+)
+
+
+class _Graph(GradGraph):
+    """A batch's gradient graph, with the operator's one-vector product.
+
+    :meth:`product` is :meth:`GradGraph.hvp` for one vector, made of pieces the operator built
+    (each exactly its parameter's shape and dtype): where every parameter has a second-order
+    path and no tensor involved overrides ``__torch_function__``, it calls the autograd engine
+    directly (the engine still checks each piece against its output's shape).
+    """
+
+    def __init__(self, value: torch.Tensor, inputs: Sequence[torch.Tensor]) -> None:
+        super().__init__(value, inputs)
+        self._outputs = tuple(self.grads)
+        self._inputs = tuple(self.inputs)
+        self._direct = (
+            _ENGINE is not None
+            and self._all_used
+            and not torch.overrides.has_torch_function(self._outputs + self._inputs)
+        )
+
+    def product(self, vs: Sequence[torch.Tensor], retain_graph: bool = True) -> list[torch.Tensor]:
+        """:math:`Hv` for one vector ``vs`` (pieces shaped like the inputs, no leading dim)."""
+        vs = tuple(vs)
+        if not self._direct or torch.overrides.has_torch_function(vs):
+            return self.hvp(vs, retain_graph=retain_graph)
+        assert _ENGINE is not None  # (checked in __init__)
+        hv = _ENGINE(
+            self._outputs, vs, retain_graph, False, self._inputs, True, accumulate_grad=False
+        )
+        return [torch.zeros_like(v) if h is None else h for h, v in zip(hv, vs)]
+
 
 class HessianOperator(CurvatureOperator):
     """The Hessian of a loss w.r.t. some parameters, as a symmetric linear operator.
@@ -177,14 +216,14 @@ class HessianOperator(CurvatureOperator):
         for batch, index, w in self._iter_data():
             yield functools.partial(self._loss, batch, index), w
 
-    def _graph_of(self, closure: Callable[[], torch.Tensor]) -> GradGraph:
-        graph = GradGraph(closure(), self.params)
+    def _graph_of(self, closure: Callable[[], torch.Tensor]) -> _Graph:
+        graph = _Graph(closure(), self.params)
         for i in range(len(self.params)):
             if i not in graph.unused:
                 self._used[i] += 1
         return graph
 
-    def _prepare(self, batch: Any, index: int | None) -> GradGraph:
+    def _prepare(self, batch: Any, index: int | None) -> _Graph:
         return self._graph_of(functools.partial(self._loss, batch, index))
 
     def _after_pass(self) -> None:
@@ -208,7 +247,7 @@ class HessianOperator(CurvatureOperator):
     # ----------------------------------------------------------------------------------------
     # products
 
-    def _batch_products(self, graph: GradGraph, V: Pieces, spend: bool = False) -> Pieces:
+    def _batch_products(self, graph: _Graph, V: Pieces, spend: bool = False) -> Pieces:
         """H_b applied to the k vectors in ``V`` (pieces with a leading dimension k).
 
         ``spend``: the graph's last use; its last backward frees the saved tensors as it goes
@@ -222,17 +261,15 @@ class HessianOperator(CurvatureOperator):
             except RuntimeError:  # an op without a batching rule: one at a time from now on
                 self._batched = False
         if k == 1:
-            return [h.unsqueeze(0) for h in graph.hvp([v[0] for v in V], retain_graph=not spend)]
-        cols = [
-            graph.hvp([v[j] for v in V], retain_graph=not (spend and j == k - 1)) for j in range(k)
-        ]
+            return [h.unsqueeze(0) for h in graph.product([v[0] for v in V], not spend)]
+        cols = [graph.product([v[j] for v in V], not (spend and j == k - 1)) for j in range(k)]
         return [torch.stack(hs) for hs in zip(*cols)]
 
-    def _last_products(self, graph: GradGraph, V: Pieces) -> Pieces:
+    def _last_products(self, graph: _Graph, V: Pieces) -> Pieces:
         return self._batch_products(graph, V, spend=True)
 
-    def _apply_one(self, graph: GradGraph, vs: Pieces) -> Pieces:
-        return graph.hvp(vs)
+    def _apply_one(self, graph: _Graph, vs: Pieces) -> Pieces:
+        return graph.product(vs)
 
     def _exact_diagonal(self) -> torch.Tensor:
         return hessian_exact_diagonal(self)
