@@ -168,6 +168,7 @@ class HessianOperator(CurvatureOperator):
         self._modules = list(modules)
         self._mode = mode
         self._batched = self._chunk > 1
+        self._batch_ran = False  # a vmapped product has run (so one cannot fail part way)
         self._checked = False  # unused parameters checked after the first pass
         self._used = [0] * len(self.params)  # batches whose graph reaches each parameter
         if distributed:
@@ -251,15 +252,21 @@ class HessianOperator(CurvatureOperator):
         """H_b applied to the k vectors in ``V`` (pieces with a leading dimension k).
 
         ``spend``: the graph's last use; its last backward frees the saved tensors as it goes
-        (``retain_graph=False``). A vmapped product always retains: one that fails part way (an
-        op without a batching rule) must leave the graph whole for the one-at-a-time fallback.
+        (``retain_graph=False``). A vmapped product spends it only once one has run on this
+        model: a first one that fails part way (an op without a batching rule) must leave the
+        graph whole for the one-at-a-time fallback.
         """
         k = V[0].shape[0]
         if k > 1 and self._batched:
             try:
-                return graph.hvp(V, batched=True)
+                out = graph.hvp(V, batched=True, retain_graph=not (spend and self._batch_ran))
             except RuntimeError:  # an op without a batching rule: one at a time from now on
+                if spend and self._batch_ran:  # the graph may be part spent: no fallback on it
+                    raise
                 self._batched = False
+            else:
+                self._batch_ran = True
+                return out
         if k == 1:
             return [h.unsqueeze(0) for h in graph.product([v[0] for v in V], not spend)]
         cols = [graph.product([v[j] for v in V], not (spend and j == k - 1)) for j in range(k)]
