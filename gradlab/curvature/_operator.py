@@ -5,12 +5,15 @@ r"""The Hessian of a loss as a linear operator: one batch, a whole dataset, or a
 engine, :class:`gradlab._derivatives._hvp_engine.GradGraph`, shared with :func:`gradlab.hvp`):
 
 - ``data=None``: the loss is ``loss_fn()``; its gradient graph is built once and kept, so each
-  product costs one double backward (what a hand-written PyHessian-style loop pays).
+  product costs one double backward (what a hand-written PyHessian-style loop pays, less the
+  Python checks of ``torch.autograd.grad``: one-vector products call the engine directly, see
+  ``_Graph``). A ``hessian_*`` function's own operator frees the graph in its last product.
 - ``data=batches``: the loss is the dataset mean
   :math:`L = \sum_b w_b L_b / \sum_b w_b` of the batch losses ``loss_fn(batch)``, with
   :math:`w_b` the batch size (the length of the batch's first tensor) or ``batch_weight(batch)``;
   so :math:`Hv = \sum_b w_b H_b v / \sum_b w_b`. One batch graph is alive at a time (memory does
-  not grow with the number of batches); every pass over the data rebuilds each batch's graph (one
+  not grow with the number of batches: a batch's last product frees its graph as it runs, before
+  the next batch's forward); every pass over the data rebuilds each batch's graph (one
   forward and backward per batch), except with a single batch, whose graph is kept. Estimators
   that know all their vectors up front (Hutchinson, the exact diagonal) apply all of them to each
   batch graph in one pass.
