@@ -107,6 +107,9 @@ class CurvatureOperator:
         else:
             self._batches = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
         self._cache: tuple[Any, float] | None = None  # a single batch's state, kept
+        # made for one estimator call (the hessian_* functions' own operator), never seen by the
+        # user: its estimator's last sweep may spend the kept state (see _sweep)
+        self._disposable = False
         self._total_weight: float | None = None  # sum of all batch weights (all ranks)
 
     def _set_progress(self, progress: Progress | None) -> None:
@@ -132,6 +135,10 @@ class CurvatureOperator:
     def _batch_products(self, state: Any, V: Pieces) -> Pieces:
         """One batch's matrix applied to the k vectors in ``V`` (leading dimension k)."""
         raise NotImplementedError
+
+    def _last_products(self, state: Any, V: Pieces) -> Pieces:
+        """As :meth:`_batch_products`, the last use of ``state``: it may free what it holds."""
+        return self._batch_products(state, V)
 
     def _apply_one(self, state: Any, vs: Pieces) -> Pieces:
         """One batch's matrix applied to one vector (no leading dimension)."""
@@ -228,6 +235,8 @@ class CurvatureOperator:
         vectors: Callable[[int], Pieces],
         accumulate: Accumulate,
         buffers: Sequence[torch.Tensor] | Callable[[], Sequence[torch.Tensor]],
+        *,
+        final: bool = False,
     ) -> None:
         """Apply every batch's matrix to ``vectors(c)`` for each chunk ``c``.
 
@@ -235,12 +244,26 @@ class CurvatureOperator:
         ``accumulate(c, V, A_b V, w_b)`` adds its weighted contribution into ``buffers`` (a list,
         or a callable giving it after the pass), which are then summed over ranks and divided by
         the total weight: the result is linear in :math:`A = \\sum_b w_b A_b / \\sum_b w_b`.
+
+        A batch's state that is not kept (``data=`` with several batches) is spent by its last
+        chunk (:meth:`_last_products`: a Hessian graph frees its saved tensors as the product
+        runs, rather than living on beside the next batch's). ``final=True``: this sweep is the
+        caller's last use of the operator, so on a :attr:`_disposable` operator the kept state
+        is spent too, and dropped.
         """
+        spend = final and self._disposable
         for state, w in self._states():
+            last = chunks - 1 if spend or self._cache is None else -1
             for c in range(chunks):
                 V = vectors(c)
-                accumulate(c, V, self._batch_products(state, V), w)
+                if c == last:
+                    HV = self._last_products(state, V)
+                else:
+                    HV = self._batch_products(state, V)
+                accumulate(c, V, HV, w)
                 self._count(V[0].shape[0])
+        if spend:
+            self._cache = None
         self._finish(buffers() if callable(buffers) else buffers)
 
     def _finish(self, buffers: Sequence[torch.Tensor]) -> None:
@@ -292,8 +315,11 @@ class CurvatureOperator:
         out = done()
         return out[0] if len(out) == 1 else torch.cat(out)
 
-    def _rows_forms(self, rows: torch.Tensor) -> torch.Tensor:
-        """:math:`v_i^\\top A v_i` for each row ``v_i`` of ``rows`` (shape ``(m, n)``)."""
+    def _rows_forms(self, rows: torch.Tensor, *, final: bool = False) -> torch.Tensor:
+        """:math:`v_i^\\top A v_i` for each row ``v_i`` of ``rows`` (shape ``(m, n)``).
+
+        ``final``: the caller's last use of the operator (see :meth:`_sweep`).
+        """
         m = rows.shape[0]
         out = torch.zeros(m, dtype=self.dtype, device=self.device)
         k = self._chunk
@@ -306,7 +332,7 @@ class CurvatureOperator:
             forms = sum((v * h).reshape(kk, -1).sum(1) for v, h in zip(V, HV))
             out[c * k : c * k + kk].add_(forms, alpha=w)  # type: ignore[arg-type]
 
-        self._sweep(math.ceil(m / k), vectors, accumulate, [out])
+        self._sweep(math.ceil(m / k), vectors, accumulate, [out], final=final)
         return out
 
     def _exact_diagonal(self) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from gradlab.curvature._base import CurvatureOperator, Pieces
-from gradlab.curvature._probes import rademacher_chunks
+from gradlab.curvature._probes import pieces, rademacher_chunks, rademacher_rows
 
 __all__ = ["hutchinson_diagonal", "hutchinson_trace"]
 
@@ -22,22 +22,26 @@ def hutchinson_trace(
 
     ``rows``: an optional 0/1 mask (length n) restricting the probes to a block. The probes are
     drawn chunk by chunk (never all stored) and every batch graph gets all of them in one pass.
+    Per chunk the forms cost one ``dot`` of the drawn ``(k, n)`` signs with the products (laid
+    side by side), added into a device scalar: no per-parameter sums, no host sync.
     """
     acc = torch.zeros((), dtype=op.dtype, device=op.device)
-    chunks, draw = rademacher_chunks(op, samples, seed)
-    masks = (
-        None if rows is None else [m.reshape(s) for m, s in zip(rows.split(op.sizes), op.shapes)]
-    )
+    chunks, draw = rademacher_rows(op, samples, seed)
+    drawn: list[torch.Tensor] = []  # the flat signs of the chunk being applied
 
     def vectors(c: int) -> Pieces:
-        V = draw(c)
-        return V if masks is None else [v.mul_(m) for v, m in zip(V, masks)]
+        Z = draw(c)
+        if rows is not None:
+            Z.mul_(rows)
+        drawn[:] = [Z]
+        return pieces(op, Z)
 
     def accumulate(c: int, V: Pieces, HV: Pieces, w: float) -> None:
-        total = sum(torch.dot(v.reshape(-1), h.reshape(-1)) for v, h in zip(V, HV))
-        acc.add_(total, alpha=w)  # type: ignore[arg-type]
+        k = V[0].shape[0]
+        AZ = HV[0] if len(HV) == 1 else torch.cat([h.reshape(k, -1) for h in HV], 1)
+        acc.add_(torch.dot(drawn[0].reshape(-1), AZ.reshape(-1)), alpha=w)
 
-    op._sweep(chunks, vectors, accumulate, [acc])
+    op._sweep(chunks, vectors, accumulate, [acc], final=True)
     return acc / samples
 
 
@@ -50,5 +54,5 @@ def hutchinson_diagonal(op: CurvatureOperator, samples: int, seed: int) -> torch
         for i, (v, h) in enumerate(zip(V, HV)):
             out[op.offsets[i] : op.offsets[i + 1]].add_((v * h).sum(0).reshape(-1), alpha=w)
 
-    op._sweep(chunks, vectors, accumulate, [out])
+    op._sweep(chunks, vectors, accumulate, [out], final=True)
     return out.div_(samples)

@@ -22,5 +22,5 @@ def hutch_plus_plus(op: CurvatureOperator, samples: int, seed: int) -> torch.Ten
     Q, _ = torch.linalg.qr(op._rows_products(S).T)  # (n, k)
     G = op._random_rows(rest, seed + 1)
     G = G - (G @ Q) @ Q.T
-    forms = op._rows_forms(torch.cat([Q.T, G]))
+    forms = op._rows_forms(torch.cat([Q.T, G]), final=True)
     return forms[:k].sum() + forms[k:].sum() / rest

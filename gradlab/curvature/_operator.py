@@ -5,12 +5,15 @@ r"""The Hessian of a loss as a linear operator: one batch, a whole dataset, or a
 engine, :class:`gradlab._derivatives._hvp_engine.GradGraph`, shared with :func:`gradlab.hvp`):
 
 - ``data=None``: the loss is ``loss_fn()``; its gradient graph is built once and kept, so each
-  product costs one double backward (what a hand-written PyHessian-style loop pays).
+  product costs one double backward (what a hand-written PyHessian-style loop pays, less the
+  Python checks of ``torch.autograd.grad``: one-vector products call the engine directly, see
+  ``_Graph``). A ``hessian_*`` function's own operator frees the graph in its last product.
 - ``data=batches``: the loss is the dataset mean
   :math:`L = \sum_b w_b L_b / \sum_b w_b` of the batch losses ``loss_fn(batch)``, with
   :math:`w_b` the batch size (the length of the batch's first tensor) or ``batch_weight(batch)``;
   so :math:`Hv = \sum_b w_b H_b v / \sum_b w_b`. One batch graph is alive at a time (memory does
-  not grow with the number of batches); every pass over the data rebuilds each batch's graph (one
+  not grow with the number of batches: a batch's last product frees its graph as it runs, before
+  the next batch's forward); every pass over the data rebuilds each batch's graph (one
   forward and backward per batch), except with a single batch, whose graph is kept. Estimators
   that know all their vectors up front (Hutchinson, the exact diagonal) apply all of them to each
   batch graph in one pass.
@@ -63,6 +66,45 @@ __all__ = ["BATCHED_MAX_N", "HessianOperator", "hessian_operator"]
 
 BATCHED_MAX_N = 4096  # batched (vmapped) products up to this many entries, see the module docs
 _MAX_CHUNK = 64  # vectors per batched backward
+
+# torch.autograd.grad's call into the C++ engine (torch >= 2.3), without its Python front: the
+# tuple conversions, the __torch_function__ dispatch and _make_grads' per-output shape checks
+# (about 0.1 ms a product, the same order as a small model's whole double backward). None on a
+# torch without it: products then go through torch.autograd.grad.
+_ENGINE: Callable[..., tuple[torch.Tensor | None, ...]] | None = getattr(
+    torch.autograd.graph, "_engine_run_backward", None
+)
+
+
+class _Graph(GradGraph):
+    """A batch's gradient graph, with the operator's one-vector product.
+
+    :meth:`product` is :meth:`GradGraph.hvp` for one vector, made of pieces the operator built
+    (each exactly its parameter's shape and dtype): where every parameter has a second-order
+    path and no tensor involved overrides ``__torch_function__``, it calls the autograd engine
+    directly (the engine still checks each piece against its output's shape).
+    """
+
+    def __init__(self, value: torch.Tensor, inputs: Sequence[torch.Tensor]) -> None:
+        super().__init__(value, inputs)
+        self._outputs = tuple(self.grads)
+        self._inputs = tuple(self.inputs)
+        self._direct = (
+            _ENGINE is not None
+            and self._all_used
+            and not torch.overrides.has_torch_function(self._outputs + self._inputs)
+        )
+
+    def product(self, vs: Sequence[torch.Tensor], retain_graph: bool = True) -> list[torch.Tensor]:
+        """:math:`Hv` for one vector ``vs`` (pieces shaped like the inputs, no leading dim)."""
+        vs = tuple(vs)
+        if not self._direct or torch.overrides.has_torch_function(vs):
+            return self.hvp(vs, retain_graph=retain_graph)
+        assert _ENGINE is not None  # (checked in __init__)
+        hv = _ENGINE(
+            self._outputs, vs, retain_graph, False, self._inputs, True, accumulate_grad=False
+        )
+        return [torch.zeros_like(v) if h is None else h for h, v in zip(hv, vs)]
 
 
 class HessianOperator(CurvatureOperator):
@@ -129,6 +171,7 @@ class HessianOperator(CurvatureOperator):
         self._modules = list(modules)
         self._mode = mode
         self._batched = self._chunk > 1
+        self._batch_ran = False  # a vmapped product has run (so one cannot fail part way)
         self._checked = False  # unused parameters checked after the first pass
         self._used = [0] * len(self.params)  # batches whose graph reaches each parameter
         if distributed:
@@ -177,14 +220,14 @@ class HessianOperator(CurvatureOperator):
         for batch, index, w in self._iter_data():
             yield functools.partial(self._loss, batch, index), w
 
-    def _graph_of(self, closure: Callable[[], torch.Tensor]) -> GradGraph:
-        graph = GradGraph(closure(), self.params)
+    def _graph_of(self, closure: Callable[[], torch.Tensor]) -> _Graph:
+        graph = _Graph(closure(), self.params)
         for i in range(len(self.params)):
             if i not in graph.unused:
                 self._used[i] += 1
         return graph
 
-    def _prepare(self, batch: Any, index: int | None) -> GradGraph:
+    def _prepare(self, batch: Any, index: int | None) -> _Graph:
         return self._graph_of(functools.partial(self._loss, batch, index))
 
     def _after_pass(self) -> None:
@@ -208,21 +251,35 @@ class HessianOperator(CurvatureOperator):
     # ----------------------------------------------------------------------------------------
     # products
 
-    def _batch_products(self, graph: GradGraph, V: Pieces) -> Pieces:
-        """H_b applied to the k vectors in ``V`` (pieces with a leading dimension k)."""
+    def _batch_products(self, graph: _Graph, V: Pieces, spend: bool = False) -> Pieces:
+        """H_b applied to the k vectors in ``V`` (pieces with a leading dimension k).
+
+        ``spend``: the graph's last use; its last backward frees the saved tensors as it goes
+        (``retain_graph=False``). A vmapped product spends it only once one has run on this
+        model: a first one that fails part way (an op without a batching rule) must leave the
+        graph whole for the one-at-a-time fallback.
+        """
         k = V[0].shape[0]
         if k > 1 and self._batched:
             try:
-                return graph.hvp(V, batched=True)
+                out = graph.hvp(V, batched=True, retain_graph=not (spend and self._batch_ran))
             except RuntimeError:  # an op without a batching rule: one at a time from now on
+                if spend and self._batch_ran:  # the graph may be part spent: no fallback on it
+                    raise
                 self._batched = False
+            else:
+                self._batch_ran = True
+                return out
         if k == 1:
-            return [h.unsqueeze(0) for h in graph.hvp([v[0] for v in V])]
-        cols = [graph.hvp([v[j] for v in V]) for j in range(k)]
+            return [h.unsqueeze(0) for h in graph.product([v[0] for v in V], not spend)]
+        cols = [graph.product([v[j] for v in V], not (spend and j == k - 1)) for j in range(k)]
         return [torch.stack(hs) for hs in zip(*cols)]
 
-    def _apply_one(self, graph: GradGraph, vs: Pieces) -> Pieces:
-        return graph.hvp(vs)
+    def _last_products(self, graph: _Graph, V: Pieces) -> Pieces:
+        return self._batch_products(graph, V, spend=True)
+
+    def _apply_one(self, graph: _Graph, vs: Pieces) -> Pieces:
+        return graph.product(vs)
 
     def _exact_diagonal(self) -> torch.Tensor:
         return hessian_exact_diagonal(self)
@@ -323,6 +380,7 @@ def front(
     gen = check_generator(fn, generator)
     prog = Progress(fn, progress)
     op = operator(fn, loss_fn, checked, mode, data, batch_weight, distributed, progress=prog)
+    op._disposable = True  # the caller's own: its estimator's last sweep may free the graph
     return Front(op, checked[1], gen, prog)
 
 

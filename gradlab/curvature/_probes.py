@@ -25,7 +25,7 @@ import torch
 # (no import of _base, not even for types: _base draws its probes from here)
 Pieces = list[torch.Tensor]
 
-__all__ = ["rademacher", "rademacher_chunks"]
+__all__ = ["pieces", "rademacher", "rademacher_chunks", "rademacher_rows"]
 
 _LOOKUP = 1 << 13  # from this many entries on, signs come from random bytes and the table
 _BYTES = 7  # random bytes per int64 draw from [0, 2**56)
@@ -70,23 +70,35 @@ def rademacher(
     return signs.reshape(-1)[:numel].view(shape)
 
 
-def rademacher_chunks(op: Any, m: int, seed: int) -> tuple[int, Callable[[int], Pieces]]:
-    """``m`` Rademacher vectors as ``(chunks, vectors)`` for the operator's ``_sweep``.
+def rademacher_rows(op: Any, m: int, seed: int) -> tuple[int, Callable[[int], torch.Tensor]]:
+    """``m`` Rademacher vectors as ``(chunks, rows)``: ``rows(c)`` is chunk ``c``'s one draw.
 
-    Each chunk is one draw of ``(rows, n)`` signs split into per-parameter pieces
-    ``(rows, *shape)`` (views). The same seed gives the same vectors on every call and every
+    Chunk ``c`` holds ``min(k, m - c k)`` vectors (``k`` = the operator's chunk), drawn as one
+    contiguous ``(rows, n)`` tensor. The same seed gives the same vectors on every call and every
     rank: the generator is reseeded at chunk 0, and chunks are asked for in order.
     """
     k = op._chunk
     gen = torch.Generator(device=op.device)
 
-    def vectors(c: int) -> Pieces:
+    def rows(c: int) -> torch.Tensor:
         if c == 0:
             gen.manual_seed(seed)
-        rows = min(k, m - c * k)
-        flat = rademacher((rows, op.n), gen, op.dtype, op.device)
-        return [
-            piece.view(rows, *shape) for piece, shape in zip(flat.split(op.sizes, 1), op.shapes)
-        ]
+        return rademacher((min(k, m - c * k), op.n), gen, op.dtype, op.device)
 
-    return math.ceil(m / k), vectors
+    return math.ceil(m / k), rows
+
+
+def pieces(op: Any, flat: torch.Tensor) -> Pieces:
+    """Rows ``(k, n)`` as per-parameter views ``(k, *shape)`` (no copy)."""
+    k = flat.shape[0]
+    return [piece.view(k, *shape) for piece, shape in zip(flat.split(op.sizes, 1), op.shapes)]
+
+
+def rademacher_chunks(op: Any, m: int, seed: int) -> tuple[int, Callable[[int], Pieces]]:
+    """``m`` Rademacher vectors as ``(chunks, vectors)`` for the operator's ``_sweep``.
+
+    Each chunk is one draw of ``(rows, n)`` signs (:func:`rademacher_rows`) split into
+    per-parameter pieces ``(rows, *shape)`` (views).
+    """
+    chunks, rows = rademacher_rows(op, m, seed)
+    return chunks, lambda c: pieces(op, rows(c))

@@ -13,6 +13,7 @@ from torch import nn
 import gradlab as gl
 from gradlab.curvature import _backprop
 from gradlab.curvature._backprop import exact_diagonal
+from tests.curvature._helpers import count_products
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -551,16 +552,7 @@ def test_hessian_diagonal_exact_takes_the_fast_path(monkeypatch):
     model = _mlp([4, 6, 3], nn.Tanh)
     x = torch.randn(8, 4, dtype=torch.float64)
     lo = _losses(8, 3, torch.device("cpu"))["ce-mean"]
-    from gradlab._derivatives._hvp_engine import GradGraph
-
-    real_hvp = GradGraph.hvp
-    products = []
-
-    def counting_hvp(self, *args, **kwargs):
-        products.append(1)
-        return real_hvp(self, *args, **kwargs)
-
-    monkeypatch.setattr(GradGraph, "hvp", counting_hvp)
+    products = count_products(monkeypatch)
     diag = gl.hessian_diagonal(lambda: lo(model(x)), model, method="exact")
     assert products == []  # no Hessian-vector products were needed
     ref = _dense_diagonal(model, lo, x)

@@ -10,7 +10,7 @@ import torch
 import gradlab as gl
 from gradlab._derivatives._hvp_engine import GradGraph
 from gradlab.curvature import _operator
-from tests.curvature._helpers import dataset_problem
+from tests.curvature._helpers import count_products, dataset_problem
 
 
 def test_matvec_matmat_match_the_dense_hessian():
@@ -39,16 +39,21 @@ def test_batched_and_looped_products_agree(batched, monkeypatch):
 
 def test_an_op_that_cannot_be_batched_falls_back_to_one_at_a_time(monkeypatch):
     model, x, y, loss_fn, H, _ = dataset_problem()
-    real = GradGraph.hvp
+    real, real_product = GradGraph.hvp, _operator._Graph.product
     calls = {"batched": 0, "single": 0}
 
     def hvp(self, vs, *, retain_graph=True, create_graph=False, batched=False):
-        calls["batched" if batched else "single"] += 1
         if batched:
+            calls["batched"] += 1
             raise RuntimeError("no batching rule")
         return real(self, vs, retain_graph=retain_graph, create_graph=create_graph)
 
+    def product(self, vs, retain_graph=True):  # the operator's one-vector products
+        calls["single"] += 1
+        return real_product(self, vs, retain_graph)
+
     monkeypatch.setattr(GradGraph, "hvp", hvp)
+    monkeypatch.setattr(_operator._Graph, "product", product)
     op = gl.hessian_operator(lambda: loss_fn((x, y)), model)
     V = torch.randn(H.shape[0], 5, dtype=torch.float64)
     torch.testing.assert_close(op.matmat(V), H @ V, rtol=1e-12, atol=1e-12)
@@ -113,14 +118,7 @@ def test_the_number_of_products_is_the_documented_one(batched, monkeypatch):
     model, x, y, loss_fn, _, _ = dataset_problem()
     if not batched:
         monkeypatch.setattr(_operator, "BATCHED_MAX_N", 0)
-    real = GradGraph.hvp
-    vectors = []
-
-    def hvp(self, vs, *, retain_graph=True, create_graph=False, batched=False):
-        vectors.append(vs[0].shape[0] if batched else 1)
-        return real(self, vs, retain_graph=retain_graph, create_graph=create_graph, batched=batched)
-
-    monkeypatch.setattr(GradGraph, "hvp", hvp)
+    vectors = count_products(monkeypatch)
     seen = []
     gl.hessian_trace(
         lambda: loss_fn((x, y)), model, samples=30, progress=lambda d, t: seen.append(d)

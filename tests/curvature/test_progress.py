@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import gradlab as gl
-from tests.curvature._helpers import _setup
+from tests.curvature._helpers import _setup, count_products
 
 
 def test_progress_true_prints_one_updating_line_to_stderr(capsys, device):
@@ -141,12 +141,7 @@ def _backprop_problem():
 
 
 def test_exact_diagonal_by_backprop_counts_only_products_that_run(monkeypatch):
-    from gradlab._derivatives._hvp_engine import GradGraph
-
-    def no_products(*args, **kwargs):
-        raise AssertionError("a Hessian-vector product ran")
-
-    monkeypatch.setattr(GradGraph, "hvp", no_products)
+    count_products(monkeypatch, refuse=True)
     model, batches, loss_fn, n = _backprop_problem()
     seen: list[tuple[int, int]] = []
     gl.hessian_diagonal(
