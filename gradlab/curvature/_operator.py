@@ -7,7 +7,8 @@ engine, :class:`gradlab._derivatives._hvp_engine.GradGraph`, shared with :func:`
 - ``data=None``: the loss is ``loss_fn()``; its gradient graph is built once and kept, so each
   product costs one double backward (what a hand-written PyHessian-style loop pays, less the
   Python checks of ``torch.autograd.grad``: one-vector products call the engine directly, see
-  ``_Graph``). A ``hessian_*`` function's own operator frees the graph in its last product.
+  :func:`gradlab._derivatives._hvp_engine.engine_grad`). A ``hessian_*`` function's own
+  operator frees the graph in its last product.
 - ``data=batches``: the loss is the dataset mean
   :math:`L = \sum_b w_b L_b / \sum_b w_b` of the batch losses ``loss_fn(batch)``, with
   :math:`w_b` the batch size (the length of the batch's first tensor) or ``batch_weight(batch)``;
@@ -67,44 +68,15 @@ __all__ = ["BATCHED_MAX_N", "HessianOperator", "hessian_operator"]
 BATCHED_MAX_N = 4096  # batched (vmapped) products up to this many entries, see the module docs
 _MAX_CHUNK = 64  # vectors per batched backward
 
-# torch.autograd.grad's call into the C++ engine (torch >= 2.3), without its Python front: the
-# tuple conversions, the __torch_function__ dispatch and _make_grads' per-output shape checks
-# (about 0.1 ms a product, the same order as a small model's whole double backward). None on a
-# torch without it: products then go through torch.autograd.grad.
-_ENGINE: Callable[..., tuple[torch.Tensor | None, ...]] | None = getattr(
-    torch.autograd.graph, "_engine_run_backward", None
-)
-
 
 class _Graph(GradGraph):
-    """A batch's gradient graph, with the operator's one-vector product.
-
-    :meth:`product` is :meth:`GradGraph.hvp` for one vector, made of pieces the operator built
-    (each exactly its parameter's shape and dtype): where every parameter has a second-order
-    path and no tensor involved overrides ``__torch_function__``, it calls the autograd engine
-    directly (the engine still checks each piece against its output's shape).
-    """
-
-    def __init__(self, value: torch.Tensor, inputs: Sequence[torch.Tensor]) -> None:
-        super().__init__(value, inputs)
-        self._outputs = tuple(self.grads)
-        self._inputs = tuple(self.inputs)
-        self._direct = (
-            _ENGINE is not None
-            and self._all_used
-            and not torch.overrides.has_torch_function(self._outputs + self._inputs)
-        )
+    """A batch's gradient graph, with the operator's one-vector product."""
 
     def product(self, vs: Sequence[torch.Tensor], retain_graph: bool = True) -> list[torch.Tensor]:
-        """:math:`Hv` for one vector ``vs`` (pieces shaped like the inputs, no leading dim)."""
-        vs = tuple(vs)
-        if not self._direct or torch.overrides.has_torch_function(vs):
-            return self.hvp(vs, retain_graph=retain_graph)
-        assert _ENGINE is not None  # (checked in __init__)
-        hv = _ENGINE(
-            self._outputs, vs, retain_graph, False, self._inputs, True, accumulate_grad=False
-        )
-        return [torch.zeros_like(v) if h is None else h for h, v in zip(hv, vs)]
+        """:math:`Hv` for one vector ``vs`` (pieces shaped like the inputs, no leading dim):
+        :meth:`GradGraph.hvp`, which calls the autograd engine directly where it can
+        (:func:`gradlab._derivatives._hvp_engine.engine_grad`)."""
+        return self.hvp(vs, retain_graph=retain_graph)
 
 
 class HessianOperator(CurvatureOperator):
