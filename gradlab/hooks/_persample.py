@@ -137,17 +137,17 @@ class PerSampleSteps:
         """
         if not self.open:
             return
-        with torch.no_grad():
-            if "sum_sq" in self.stats:
-                buf = self._buffers.get(name)
-                if buf is None or buf.shape != g.shape or buf.dtype != g.dtype:
-                    buf = self._buffers[name] = torch.empty_like(g)
-                self._grads[name] = buf.copy_(g)
-            else:
-                sq = blas_sum_sq(g)
-                self._grads[name] = (
-                    torch.linalg.vector_norm(g).square() if sq is None else sq  # type: ignore[assignment]
-                )
+        g = g.detach() if g.requires_grad else g  # a double backward's: no graph to record
+        if "sum_sq" in self.stats:
+            buf = self._buffers.get(name)
+            if buf is None or buf.shape != g.shape or buf.dtype != g.dtype:
+                buf = self._buffers[name] = torch.empty_like(g)
+            self._grads[name] = buf.copy_(g)
+        else:
+            sq = blas_sum_sq(g)
+            self._grads[name] = (
+                torch.linalg.vector_norm(g).square() if sq is None else sq  # type: ignore[assignment]
+            )
 
     def backward_done(self, diag: StepDiagnostics | None, scale: Any) -> None:
         """The backward pass ended (an engine callback: nothing is computed here)."""

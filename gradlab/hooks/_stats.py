@@ -51,10 +51,13 @@ def blas_stats(g: torch.Tensor) -> tuple[float, float, float] | None:
     when ``g`` is not a contiguous, plain (no conjugate/negative bit) float32/float64 CPU tensor
     with 1 to 2**31 - 1 entries.
     """
-    found = _blas_view(g)
-    if found is None:
+    fns = _BLAS.get(g.dtype)
+    if fns is None:
         return None
-    (dot, asum, iamax), a = found
+    a = _flat_numpy(g)
+    if a is None:
+        return None
+    dot, asum, iamax = fns
     sq = float(dot(a, a))
     hi = abs(float(a[iamax(a)])) if sq == sq else math.nan
     return sq, float(asum(a)), hi
@@ -63,26 +66,26 @@ def blas_stats(g: torch.Tensor) -> tuple[float, float, float] | None:
 def blas_sum_sq(g: torch.Tensor) -> float | None:
     """``sum(g**2)`` of a CPU gradient by one BLAS dot (no torch op), or None where
     :func:`blas_stats` would return None."""
-    found = _blas_view(g)
-    if found is None:
-        return None
-    (dot, _, _), a = found
-    return float(dot(a, a))
-
-
-def _blas_view(g: torch.Tensor) -> tuple[Any, Any] | None:
-    """``(BLAS functions of g's dtype, g as a flat numpy array)``, or None where BLAS cannot
-    take ``g`` (see :func:`blas_stats`)."""
     fns = _BLAS.get(g.dtype)
-    if fns is None or not g.is_contiguous():
+    if fns is None:
+        return None
+    a = _flat_numpy(g)
+    return None if a is None else float(fns[0](a, a))
+
+
+def _flat_numpy(g: torch.Tensor) -> Any:
+    """``g`` as a flat numpy array sharing its memory, or None where BLAS cannot take it (see
+    :func:`blas_stats`). The hot path of every gradient hook: ``numpy()`` then a numpy
+    ``reshape`` (a torch ``view(-1)`` first would cost twice the rest)."""
+    if not g.is_contiguous():
         return None
     try:  # numpy() refuses what BLAS cannot take: CUDA, a conjugate or negative bit
-        a = (g.detach() if g.requires_grad else g).view(-1).numpy()
+        a = (g.detach() if g.requires_grad else g).numpy().reshape(-1)
     except (RuntimeError, TypeError):
         return None
     if not 0 < a.size <= _BLAS_MAX:
         return None
-    return fns, a
+    return a
 
 
 def stats_fused(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:

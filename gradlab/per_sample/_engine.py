@@ -382,40 +382,46 @@ class PerSampleGradients(HookContext):
 
     def _on_output_grad(self, call: _Call, d: torch.Tensor) -> None:
         self._backward = True
-        with torch.no_grad():
-            a = call.a
-            assert a is not None
-            d = d.detach()
-            if d.dtype in _LOW:
-                d = d.float()
-            if a.is_floating_point() and a.dtype != d.dtype:
-                a = a.to(d.dtype)
-            names = tuple(call.names)
-            single = self._calls[id(call.module)] == 1 and all(
-                len(self._owners[n]) == 1 for n in call.names.values()
-            )
-            # Every rule is linear in d: scaling d (activation-sized) scales every per-sample
-            # quantity to that of g_i, without a pass over them; where only per-sample
-            # gradients are formed and they are smaller than d (early convolutions), those are
-            # scaled instead.
-            f = self._factor(call.b)
-            formed = "dot" not in self._stats and (not single or "grad" in self._stats)
-            if f != 1.0 and formed and self._grad_numel(call) < d.numel():
-                call.a = None
-                for ln, g in call.rule.grad(call.module, a, d, names).items():
-                    (self._finish if single else self._add)(call.names[ln], g * f)
-                return
-            d = d * f
-            if "dot" in self._stats:
-                call.a, call.d = a, d
-                self._records.append(call)
-            else:
-                call.a = None
-            if single:
-                self._single(call, a, d, names)
-            else:
-                for ln, g in call.rule.grad(call.module, a, d, names).items():
-                    self._add(call.names[ln], g)
+        if torch.is_grad_enabled():  # a double backward's hooks run with grad mode on
+            with torch.no_grad():
+                self._output_grad(call, d)
+        else:  # an ordinary backward's run with it off: no context to enter (a hot path)
+            self._output_grad(call, d)
+
+    def _output_grad(self, call: _Call, d: torch.Tensor) -> None:
+        a = call.a
+        assert a is not None
+        d = d.detach()
+        if d.dtype in _LOW:
+            d = d.float()
+        if a.is_floating_point() and a.dtype != d.dtype:
+            a = a.to(d.dtype)
+        names = tuple(call.names)
+        single = self._calls[id(call.module)] == 1 and all(
+            len(self._owners[n]) == 1 for n in call.names.values()
+        )
+        # Every rule is linear in d: scaling d (activation-sized) scales every per-sample
+        # quantity to that of g_i, without a pass over them; where only per-sample
+        # gradients are formed and they are smaller than d (early convolutions), those are
+        # scaled instead.
+        f = self._factor(call.b)
+        formed = "dot" not in self._stats and (not single or "grad" in self._stats)
+        if f != 1.0 and formed and self._grad_numel(call) < d.numel():
+            call.a = None
+            for ln, g in call.rule.grad(call.module, a, d, names).items():
+                (self._finish if single else self._add)(call.names[ln], g * f)
+            return
+        d = d * f
+        if "dot" in self._stats:
+            call.a, call.d = a, d
+            self._records.append(call)
+        else:
+            call.a = None
+        if single:
+            self._single(call, a, d, names)
+        else:
+            for ln, g in call.rule.grad(call.module, a, d, names).items():
+                self._add(call.names[ln], g)
 
     @staticmethod
     def _grad_numel(call: _Call) -> int:
