@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 try:  # optional (the ``fast`` extra): BLAS level 1 through SciPy for CPU gradients
@@ -20,7 +21,7 @@ try:  # optional (the ``fast`` extra): BLAS level 1 through SciPy for CPU gradie
 except ImportError:  # pragma: no cover - depends on the environment
     _blas = None
 
-__all__ = ["ROWS", "CpuArena", "blas_stats", "blas_sum_sq", "stats_fused"]
+__all__ = ["ROWS", "CpuArena", "DistScratch", "blas_stats", "blas_sum_sq", "stats_fused"]
 
 ROWS = 3  # sum of squares, L1 norm, max |g|
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -71,6 +72,36 @@ def blas_sum_sq(g: torch.Tensor) -> float | None:
         return None
     a = _flat_numpy(g)
     return None if a is None else float(fns[0](a, a))
+
+
+class DistScratch:
+    """``||x - y||^2`` of CPU tensors by a numpy subtraction into a kept buffer and a BLAS dot.
+
+    ``torch.dist`` allocates ``x - y`` (a parameter-sized temporary, which the allocator may
+    hand back to the OS and fault in again every step) and reduces it with a slower kernel than
+    BLAS's dot; this writes the difference into one buffer per dtype, reused for every tensor
+    (so it stays in cache), and sums its squares with ``dot`` (in the tensors' precision, like
+    ``torch.dist``). :meth:`dist_sq` returns None where BLAS cannot take the pair (see
+    :func:`blas_stats`; also for tensors of different dtypes or sizes).
+    """
+
+    __slots__ = ("_buffers",)
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, Any] = {}
+
+    def dist_sq(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
+        fns = _BLAS.get(x.dtype)
+        if fns is None or y.dtype != x.dtype:
+            return None
+        a, b = _flat_numpy(x), _flat_numpy(y)
+        if a is None or b is None or a.size != b.size:
+            return None
+        buf = self._buffers.get(x.dtype)
+        if buf is None or buf.size < a.size:
+            buf = self._buffers[x.dtype] = np.empty(a.size, dtype=a.dtype)
+        d = np.subtract(a, b, out=buf[: a.size])
+        return float(fns[0](d, d))
 
 
 def _flat_numpy(g: torch.Tensor) -> Any:
