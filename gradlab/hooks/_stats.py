@@ -77,12 +77,13 @@ def blas_sum_sq(g: torch.Tensor) -> float | None:
 class DistScratch:
     """``||x - y||^2`` of CPU tensors by a numpy subtraction into a kept buffer and a BLAS dot.
 
-    ``torch.dist`` allocates ``x - y`` (a parameter-sized temporary, which the allocator may
-    hand back to the OS and fault in again every step) and reduces it with a slower kernel than
-    BLAS's dot; this writes the difference into one buffer per dtype, reused for every tensor
-    (so it stays in cache), and sums its squares with ``dot`` (in the tensors' precision, like
-    ``torch.dist``). :meth:`dist_sq` returns None where BLAS cannot take the pair (see
-    :func:`blas_stats`; also for tensors of different dtypes or sizes).
+    ``torch.dist`` allocates ``x - y`` (``aten::sub``: a parameter-sized temporary, which the
+    allocator may hand back to the OS and fault in again every step) and reduces it with a
+    slower kernel than BLAS's dot; this writes the difference into one buffer per dtype, reused
+    for every tensor (so it stays in cache), and sums its squares with ``dot``, accumulated in
+    the tensors' precision (float32 for float32). :meth:`dist_sq` returns None where BLAS
+    cannot take the pair (see :func:`blas_stats`; also for tensors of different dtypes or
+    sizes).
     """
 
     __slots__ = ("_buffers",)
