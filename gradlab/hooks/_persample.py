@@ -122,7 +122,9 @@ class PerSampleSteps:
             ps = self._engine = PerSampleGradients(
                 model, stats=self.stats, loss_reduction=self._reduction, scaler=self._scaler
             )
-            ps._keep_installed()  # its module hooks stay (inactive between steps) until release
+            # its module hooks stay (inactive between steps) until release; our leaf hooks
+            # report the parameters' gradients (grad()): it hooks no parameter of ours
+            ps._keep_installed(notified=self._names)
         ps.__enter__()
         self._ps = ps
         self._grads = {}
@@ -136,6 +138,9 @@ class PerSampleSteps:
         None: a norm of the copy later); ``gsnr`` also needs ``m`` entry by entry: copied into
         a buffer kept from step to step.
         """
+        engine = self._engine
+        if engine is not None:  # in place of its own post-accumulate hook (_keep_installed)
+            engine._on_param_grad(name)
         if not self.open:
             return
         g = g.detach() if g.requires_grad else g  # a double backward's: no graph to record

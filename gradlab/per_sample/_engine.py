@@ -199,6 +199,7 @@ class PerSampleGradients(HookContext):
         self._ref = weakref.ref(self)
         self._replaying = False
         self._fixed: HandleBag | None = None  # hooks kept between entries (_keep_installed)
+        self._notified: frozenset[str] = frozenset()  # parameters the caller reports
         # per module: local parameter name -> model parameter name (trainable ones)
         self._local: dict[int, tuple[weakref.ref, dict[str, str]]] = {}
         self._reset()
@@ -256,15 +257,19 @@ class PerSampleGradients(HookContext):
                 hook = _forward_hook(ref, "_on_forward_fallback", name, None)
             bag.module(m.register_forward_hook(hook, with_kwargs=True))
         for name, p in self._params.items():
-            bag.module(p.register_post_accumulate_grad_hook(_param_hook(ref, name)))
+            if name not in self._notified:
+                bag.module(p.register_post_accumulate_grad_hook(_param_hook(ref, name)))
 
-    def _keep_installed(self) -> None:
+    def _keep_installed(self, notified: Iterable[str] = ()) -> None:
         """Keep the module and parameter hooks between entries (for a caller that enters this
         context every step, as GradientMonitor does): installed on the first entry, inactive
         outside the context, removed by :meth:`_uninstall`. Gradient hooks on a step's outputs
-        still go at each exit."""
+        still go at each exit. ``notified``: parameters whose gradients the caller's own hooks
+        report (it calls :meth:`_on_param_grad` for them): no hook of this context's on them
+        (one Python hook per parameter and step fewer)."""
         if self._fixed is None:
             self._fixed = HandleBag()
+        self._notified = frozenset(notified)
 
     def _uninstall(self) -> None:
         """Remove the hooks kept by :meth:`_keep_installed`; safe to repeat."""
@@ -369,6 +374,7 @@ class PerSampleGradients(HookContext):
         rep.receive(k, g)
 
     def _on_param_grad(self, name: str) -> None:
+        """Parameter ``name`` received a gradient in this backward (a hook's call)."""
         if not self._active:
             return
         self._backward = True
