@@ -30,6 +30,7 @@ import torch
 
 from gradlab.hooks._alpha import ALPHA_NEEDS, alpha_from_observations
 from gradlab.hooks._ddp import two_batch_noise_scale
+from gradlab.hooks._stats import DistScratch
 
 __all__ = ["DIAGNOSTICS", "Diagnostic", "ParamTracker", "StepDiagnostics", "check_diagnostics"]
 
@@ -303,13 +304,19 @@ class ParamTracker:
         self._target: StepDiagnostics | None = None
         self._versions: list[int] = []  # parameter versions at the last update measurement
         self._buffer: list[torch.Tensor] | None = None  # the snapshot, kept from step to step
+        self._scratch = DistScratch()
 
     def _per_group(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            # ||a - b|| fused (torch.dist): no parameter-sized temporary
-            norms = [torch.dist(x, y) for x, y in zip(a, b)]
-            device = norms[0].device
-            sq = torch.stack(norms).to(torch.float64).square()
+            device = a[0].device
+            # CPU float32/float64 (with SciPy): a subtraction into a kept buffer and a BLAS dot
+            # per tensor; else torch.dist (which allocates a - b)
+            found = [self._scratch.dist_sq(x, y) for x, y in zip(a, b)] if a[0].is_cpu else []
+            if found and all(v is not None for v in found):
+                sq = torch.tensor(found, dtype=torch.float64)
+            else:
+                norms = [torch.dist(x, y) for x, y in zip(a, b)]
+                sq = torch.stack(norms).to(torch.float64).square()
             out = torch.zeros(self._groups, dtype=torch.float64, device=device)
             return out.index_add_(0, self._owner.to(device), sq)
 

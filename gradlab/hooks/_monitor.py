@@ -1012,8 +1012,9 @@ def _fwd_hook(ref: weakref.ref[CallTracker], name: str, inputs: bool) -> Any:
 def _param_hook(ref: weakref.ref[PassBuffer], slot: Slot) -> Any:
     def hook(p: torch.Tensor) -> None:
         buffer = ref()
-        if buffer is not None and p.grad is not None:
-            buffer.add(slot, p.grad)
+        grad = p.grad  # (read once: each read wraps the tensor anew)
+        if buffer is not None and grad is not None:
+            buffer.add(slot, grad)
 
     return hook
 

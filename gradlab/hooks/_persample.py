@@ -8,7 +8,7 @@ the next (inactive in between) and come off for a step without diagnostics and a
 ``g_i`` the gradient of sample i's loss term (no 1/B) restricted to a group of parameters (one
 monitored module, or all of them) and ``m = (1/B) sum_i g_i`` (from the gradient this backward
 contributed, read by a leaf hook before it is accumulated into ``.grad`` and never held: its
-squared norm, or for ``gsnr`` a copy into a buffer kept between steps; the dots ``g_i . m``
+squared norm, and for ``gsnr`` a copy into a buffer kept between steps; the dots ``g_i . m``
 come from the engine's ``dot_mean``, whose ``m`` is the mean of its ``g_i``), the ingredients
 are, per group:
 
@@ -122,7 +122,9 @@ class PerSampleSteps:
             ps = self._engine = PerSampleGradients(
                 model, stats=self.stats, loss_reduction=self._reduction, scaler=self._scaler
             )
-            ps._keep_installed()  # its module hooks stay (inactive between steps) until release
+            # its module hooks stay (inactive between steps) until release; our leaf hooks
+            # report the parameters' gradients (grad()): it hooks no parameter of ours
+            ps._keep_installed(notified=self._names)
         ps.__enter__()
         self._ps = ps
         self._grads = {}
@@ -131,23 +133,28 @@ class PerSampleSteps:
         """A parameter's gradient from this backward (a leaf tensor hook), while open.
 
         Never kept: holding it would make autograd copy it into ``.grad`` instead of moving
-        it (a fresh parameter-sized allocation per step). ``gsnr`` needs ``m`` entry by entry:
-        copied into a buffer kept from step to step; otherwise only ``||g||^2`` is kept (a
-        float from one BLAS dot while ``g`` is in cache, where it can; else a 0-dim tensor).
+        it (a fresh parameter-sized allocation per step). ``||g||^2`` is kept (a float from one
+        BLAS dot while ``g`` is in cache, where it can; else a 0-dim tensor, or for ``gsnr``
+        None: a norm of the copy later); ``gsnr`` also needs ``m`` entry by entry: copied into
+        a buffer kept from step to step.
         """
+        engine = self._engine
+        if engine is not None:  # in place of its own post-accumulate hook (_keep_installed)
+            engine._on_param_grad(name)
         if not self.open:
             return
-        with torch.no_grad():
-            if "sum_sq" in self.stats:
-                buf = self._buffers.get(name)
-                if buf is None or buf.shape != g.shape or buf.dtype != g.dtype:
-                    buf = self._buffers[name] = torch.empty_like(g)
-                self._grads[name] = buf.copy_(g)
-            else:
-                sq = blas_sum_sq(g)
-                self._grads[name] = (
-                    torch.linalg.vector_norm(g).square() if sq is None else sq  # type: ignore[assignment]
-                )
+        g = g.detach() if g.requires_grad else g  # a double backward's: no graph to record
+        if "sum_sq" in self.stats:
+            buf = self._buffers.get(name)
+            if buf is None or buf.shape != g.shape or buf.dtype != g.dtype:
+                buf = self._buffers[name] = torch.empty_like(g)
+            # (the copy, ||g||^2 by a BLAS dot while g is in cache where it can, else None)
+            self._grads[name] = (buf.copy_(g), blas_sum_sq(g))
+        else:
+            sq = blas_sum_sq(g)
+            self._grads[name] = (
+                torch.linalg.vector_norm(g).square() if sq is None else sq  # type: ignore[assignment]
+            )
 
     def backward_done(self, diag: StepDiagnostics | None, scale: Any) -> None:
         """The backward pass ended (an engine callback: nothing is computed here)."""
@@ -261,10 +268,14 @@ class PerSampleSteps:
             diag.set_all("ps_sum_norm_sq", sum_norm_sq)
             if "sum_sq" in self.stats:
                 # m in the gradient's own dtype, in our buffers (overwritten here); float64 sums
-                m = [grads[n] for n in names]
+                m = [grads[n][0] for n in names]
+                sqs = [grads[n][1] for n in names]
                 if unscale != 1.0:
                     torch._foreach_mul_(m, unscale)
-                mean_sq = per_group(torch.stack(torch._foreach_norm(m)).to(f64).square())
+                if all(v is not None for v in sqs):  # from the leaf hooks: no pass over m
+                    mean_sq = per_group(sqs) * (unscale * unscale)
+                else:
+                    mean_sq = per_group(torch.stack(torch._foreach_norm(m)).to(f64).square())
                 # the engine's sum_sq tensors are recomputed every step: ours to overwrite
                 sum_sq = ps.sum_sq
                 gsnr_den = [sum_sq[n] for n in names]

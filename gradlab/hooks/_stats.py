@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 try:  # optional (the ``fast`` extra): BLAS level 1 through SciPy for CPU gradients
@@ -20,7 +21,7 @@ try:  # optional (the ``fast`` extra): BLAS level 1 through SciPy for CPU gradie
 except ImportError:  # pragma: no cover - depends on the environment
     _blas = None
 
-__all__ = ["ROWS", "CpuArena", "blas_stats", "blas_sum_sq", "stats_fused"]
+__all__ = ["ROWS", "CpuArena", "DistScratch", "blas_stats", "blas_sum_sq", "stats_fused"]
 
 ROWS = 3  # sum of squares, L1 norm, max |g|
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -51,10 +52,13 @@ def blas_stats(g: torch.Tensor) -> tuple[float, float, float] | None:
     when ``g`` is not a contiguous, plain (no conjugate/negative bit) float32/float64 CPU tensor
     with 1 to 2**31 - 1 entries.
     """
-    found = _blas_view(g)
-    if found is None:
+    fns = _BLAS.get(g.dtype)
+    if fns is None:
         return None
-    (dot, asum, iamax), a = found
+    a = _flat_numpy(g)
+    if a is None:
+        return None
+    dot, asum, iamax = fns
     sq = float(dot(a, a))
     hi = abs(float(a[iamax(a)])) if sq == sq else math.nan
     return sq, float(asum(a)), hi
@@ -63,26 +67,57 @@ def blas_stats(g: torch.Tensor) -> tuple[float, float, float] | None:
 def blas_sum_sq(g: torch.Tensor) -> float | None:
     """``sum(g**2)`` of a CPU gradient by one BLAS dot (no torch op), or None where
     :func:`blas_stats` would return None."""
-    found = _blas_view(g)
-    if found is None:
-        return None
-    (dot, _, _), a = found
-    return float(dot(a, a))
-
-
-def _blas_view(g: torch.Tensor) -> tuple[Any, Any] | None:
-    """``(BLAS functions of g's dtype, g as a flat numpy array)``, or None where BLAS cannot
-    take ``g`` (see :func:`blas_stats`)."""
     fns = _BLAS.get(g.dtype)
-    if fns is None or not g.is_contiguous():
+    if fns is None:
+        return None
+    a = _flat_numpy(g)
+    return None if a is None else float(fns[0](a, a))
+
+
+class DistScratch:
+    """``||x - y||^2`` of CPU tensors by a numpy subtraction into a kept buffer and a BLAS dot.
+
+    ``torch.dist`` allocates ``x - y`` (``aten::sub``: a parameter-sized temporary, which the
+    allocator may hand back to the OS and fault in again every step) and reduces it with a
+    slower kernel than BLAS's dot; this writes the difference into one buffer per dtype, reused
+    for every tensor (so it stays in cache), and sums its squares with ``dot``, accumulated in
+    the tensors' precision (float32 for float32). :meth:`dist_sq` returns None where BLAS
+    cannot take the pair (see :func:`blas_stats`; also for tensors of different dtypes or
+    sizes).
+    """
+
+    __slots__ = ("_buffers",)
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, Any] = {}
+
+    def dist_sq(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
+        fns = _BLAS.get(x.dtype)
+        if fns is None or y.dtype != x.dtype:
+            return None
+        a, b = _flat_numpy(x), _flat_numpy(y)
+        if a is None or b is None or a.size != b.size:
+            return None
+        buf = self._buffers.get(x.dtype)
+        if buf is None or buf.size < a.size:
+            buf = self._buffers[x.dtype] = np.empty(a.size, dtype=a.dtype)
+        d = np.subtract(a, b, out=buf[: a.size])
+        return float(fns[0](d, d))
+
+
+def _flat_numpy(g: torch.Tensor) -> Any:
+    """``g`` as a flat numpy array sharing its memory, or None where BLAS cannot take it (see
+    :func:`blas_stats`). The hot path of every gradient hook: ``numpy()`` then a numpy
+    ``reshape`` (a torch ``view(-1)`` first would cost twice the rest)."""
+    if not g.is_contiguous():
         return None
     try:  # numpy() refuses what BLAS cannot take: CUDA, a conjugate or negative bit
-        a = (g.detach() if g.requires_grad else g).view(-1).numpy()
+        a = (g.detach() if g.requires_grad else g).numpy().reshape(-1)
     except (RuntimeError, TypeError):
         return None
     if not 0 < a.size <= _BLAS_MAX:
         return None
-    return fns, a
+    return a
 
 
 def stats_fused(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:

@@ -97,27 +97,38 @@ class CallTracker:
 
     def _hook_inputs(self, name: str, seq: int, args: Any) -> None:
         a0 = args[0] if len(args) == 1 else None
-        flat = [a0] if isinstance(a0, torch.Tensor) else tree_flatten(args)[0]
-        for t in flat:
-            if not (isinstance(t, torch.Tensor) and t.requires_grad):
-                continue
-            hit = self._produced.get(id(t))
-            if hit is not None and hit[0]() is t and hit[1] == t._version:
-                hit[2].consumers += ((name, seq),)  # same gradient as that output: reuse it
-            else:
-                self._bag.tensor(on_grad(t, self._target, "add", Slot(IN, name, seq)))
+        if isinstance(a0, torch.Tensor):  # the common case: no list, no tree walk
+            if a0.requires_grad:
+                self._hook_input(name, seq, a0)
+            return
+        for t in tree_flatten(args)[0]:
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                self._hook_input(name, seq, t)
+
+    def _hook_input(self, name: str, seq: int, t: torch.Tensor) -> None:
+        hit = self._produced.get(id(t))
+        if hit is not None and hit[0]() is t and hit[1] == t._version:
+            hit[2].consumers += ((name, seq),)  # same gradient as that output: reuse it
+        else:
+            self._bag.tensor(on_grad(t, self._target, "add", Slot(IN, name, seq)))
 
     def _hook_outputs(self, name: str, seq: int, output: Any) -> None:
-        outs = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
-        for t in outs:
-            if not (isinstance(t, torch.Tensor) and t.requires_grad):
-                continue
-            slot = Slot(OUT, name, seq)
-            self._bag.tensor(on_grad(t, self._target, "add", slot))
-            if self.trace:
-                self._produced[id(t)] = (weakref.ref(t), t._version, slot)
-                if len(self._produced) > _PRODUCED_MAX:
-                    self.prune()
+        if isinstance(output, torch.Tensor):  # the common case: no list, no tree walk
+            if output.requires_grad:
+                self._hook_output(name, seq, output)
+            return
+        for t in tree_flatten(output)[0]:
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                self._hook_output(name, seq, t)
+
+    def _hook_output(self, name: str, seq: int, t: torch.Tensor) -> None:
+        slot = Slot(OUT, name, seq)
+        self._bag.tensor(on_grad(t, self._target, "add", slot))
+        if self.trace:
+            produced = self._produced
+            produced[id(t)] = (weakref.ref(t), t._version, slot)
+            if len(produced) > _PRODUCED_MAX:
+                self.prune()
 
 
 def find_source(step: int, slots: list[Any], linf: list[float]) -> NonfiniteSource | None:

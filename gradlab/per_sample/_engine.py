@@ -199,6 +199,7 @@ class PerSampleGradients(HookContext):
         self._ref = weakref.ref(self)
         self._replaying = False
         self._fixed: HandleBag | None = None  # hooks kept between entries (_keep_installed)
+        self._notified: frozenset[str] = frozenset()  # parameters the caller reports
         # per module: local parameter name -> model parameter name (trainable ones)
         self._local: dict[int, tuple[weakref.ref, dict[str, str]]] = {}
         self._reset()
@@ -256,15 +257,19 @@ class PerSampleGradients(HookContext):
                 hook = _forward_hook(ref, "_on_forward_fallback", name, None)
             bag.module(m.register_forward_hook(hook, with_kwargs=True))
         for name, p in self._params.items():
-            bag.module(p.register_post_accumulate_grad_hook(_param_hook(ref, name)))
+            if name not in self._notified:
+                bag.module(p.register_post_accumulate_grad_hook(_param_hook(ref, name)))
 
-    def _keep_installed(self) -> None:
+    def _keep_installed(self, notified: Iterable[str] = ()) -> None:
         """Keep the module and parameter hooks between entries (for a caller that enters this
         context every step, as GradientMonitor does): installed on the first entry, inactive
         outside the context, removed by :meth:`_uninstall`. Gradient hooks on a step's outputs
-        still go at each exit."""
+        still go at each exit. ``notified``: parameters whose gradients the caller's own hooks
+        report (it calls :meth:`_on_param_grad` for them): no hook of this context's on them
+        (one Python hook per parameter and step fewer)."""
         if self._fixed is None:
             self._fixed = HandleBag()
+        self._notified = frozenset(notified)
 
     def _uninstall(self) -> None:
         """Remove the hooks kept by :meth:`_keep_installed`; safe to repeat."""
@@ -369,6 +374,7 @@ class PerSampleGradients(HookContext):
         rep.receive(k, g)
 
     def _on_param_grad(self, name: str) -> None:
+        """Parameter ``name`` received a gradient in this backward (a hook's call)."""
         if not self._active:
             return
         self._backward = True
@@ -382,40 +388,46 @@ class PerSampleGradients(HookContext):
 
     def _on_output_grad(self, call: _Call, d: torch.Tensor) -> None:
         self._backward = True
-        with torch.no_grad():
-            a = call.a
-            assert a is not None
-            d = d.detach()
-            if d.dtype in _LOW:
-                d = d.float()
-            if a.is_floating_point() and a.dtype != d.dtype:
-                a = a.to(d.dtype)
-            names = tuple(call.names)
-            single = self._calls[id(call.module)] == 1 and all(
-                len(self._owners[n]) == 1 for n in call.names.values()
-            )
-            # Every rule is linear in d: scaling d (activation-sized) scales every per-sample
-            # quantity to that of g_i, without a pass over them; where only per-sample
-            # gradients are formed and they are smaller than d (early convolutions), those are
-            # scaled instead.
-            f = self._factor(call.b)
-            formed = "dot" not in self._stats and (not single or "grad" in self._stats)
-            if f != 1.0 and formed and self._grad_numel(call) < d.numel():
-                call.a = None
-                for ln, g in call.rule.grad(call.module, a, d, names).items():
-                    (self._finish if single else self._add)(call.names[ln], g * f)
-                return
-            d = d * f
-            if "dot" in self._stats:
-                call.a, call.d = a, d
-                self._records.append(call)
-            else:
-                call.a = None
-            if single:
-                self._single(call, a, d, names)
-            else:
-                for ln, g in call.rule.grad(call.module, a, d, names).items():
-                    self._add(call.names[ln], g)
+        if torch.is_grad_enabled():  # a double backward's hooks run with grad mode on
+            with torch.no_grad():
+                self._output_grad(call, d)
+        else:  # an ordinary backward's run with it off: no context to enter (a hot path)
+            self._output_grad(call, d)
+
+    def _output_grad(self, call: _Call, d: torch.Tensor) -> None:
+        a = call.a
+        assert a is not None
+        d = d.detach()
+        if d.dtype in _LOW:
+            d = d.float()
+        if a.is_floating_point() and a.dtype != d.dtype:
+            a = a.to(d.dtype)
+        names = tuple(call.names)
+        single = self._calls[id(call.module)] == 1 and all(
+            len(self._owners[n]) == 1 for n in call.names.values()
+        )
+        # Every rule is linear in d: scaling d (activation-sized) scales every per-sample
+        # quantity to that of g_i, without a pass over them; where only per-sample
+        # gradients are formed and they are smaller than d (early convolutions), those are
+        # scaled instead.
+        f = self._factor(call.b)
+        formed = "dot" not in self._stats and (not single or "grad" in self._stats)
+        if f != 1.0 and formed and self._grad_numel(call) < d.numel():
+            call.a = None
+            for ln, g in call.rule.grad(call.module, a, d, names).items():
+                (self._finish if single else self._add)(call.names[ln], g * f)
+            return
+        d = d * f
+        if "dot" in self._stats:
+            call.a, call.d = a, d
+            self._records.append(call)
+        else:
+            call.a = None
+        if single:
+            self._single(call, a, d, names)
+        else:
+            for ln, g in call.rule.grad(call.module, a, d, names).items():
+                self._add(call.names[ln], g)
 
     @staticmethod
     def _grad_numel(call: _Call) -> int:

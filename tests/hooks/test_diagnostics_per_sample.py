@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from gradlab._errors import GradlabError
 from gradlab.hooks import GradientMonitor
 from tests.per_sample._reference import reference_grads
 
@@ -373,3 +374,22 @@ def test_a_non_contiguous_gradient_among_contiguous_ones() -> None:
             _loss(model(x), y).backward()
     assert not model[0].weight.grad.is_contiguous()
     _check_history(monitor, refs, names=names)
+
+
+def test_a_parameter_used_outside_its_module_is_the_engines_error() -> None:
+    # The monitor's leaf hooks report each parameter's gradient to the per-sample engine, which
+    # then puts no hook of its own on it: its check must still see a weight that received a
+    # gradient without its module's forward running (as PerSampleGradients alone does).
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.lin.weight.T
+
+    model = Odd()
+    with pytest.raises(GradlabError, match=r"'lin.weight' received a gradient, but not through"):
+        with GradientMonitor(model, diagnostics=("noise_scale",)) as monitor:
+            model(torch.randn(4, 3)).sum().backward()
+            _ = monitor.history

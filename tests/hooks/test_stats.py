@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradlab.hooks import _stats as _stats_module
-from gradlab.hooks._stats import ROWS, CpuArena, blas_stats, stats_fused
+from gradlab.hooks._stats import ROWS, CpuArena, DistScratch, blas_stats, stats_fused
 
 
 def _grads(device: torch.device) -> list[torch.Tensor]:
@@ -142,3 +142,30 @@ def test_blas_statistics_decline() -> None:
     assert blas_stats(torch.randn(4, 4)[:, 1]) is None  # strided
     g = torch.randn(3, requires_grad=True) * 2  # a gradient that requires grad (create_graph)
     assert blas_stats(g) == pytest.approx(_reference(g.detach()), rel=1e-6)
+
+
+@needs_scipy
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dist_scratch_is_the_squared_distance(dtype: torch.dtype) -> None:
+    # ||x - y||^2 against the float64 sum written out; one scratch serves tensors of several
+    # sizes (a larger one grows it, a smaller one after it uses its start)
+    torch.manual_seed(0)
+    scratch = DistScratch()
+    for shape in [(7,), (300, 20), (3, 4), (1,)]:
+        x = torch.randn(shape, dtype=dtype)
+        y = x + 1e-3 * torch.randn(shape, dtype=dtype)
+        want = (x.double() - y.double()).square().sum().item()
+        got = scratch.dist_sq(x, y)
+        assert got == pytest.approx(want, rel=1e-12 if dtype == torch.float64 else 1e-5)
+    assert scratch.dist_sq(torch.zeros(3), torch.zeros(3)) == 0.0
+
+
+@needs_scipy
+def test_dist_scratch_declines() -> None:
+    scratch = DistScratch()
+    x = torch.randn(4, 4)
+    assert scratch.dist_sq(x, x.double()) is None  # mixed dtypes
+    assert scratch.dist_sq(x, torch.randn(5)) is None  # sizes differ
+    assert scratch.dist_sq(x[:, 1], torch.randn(4)) is None  # strided
+    assert scratch.dist_sq(x.half(), x.half()) is None  # no BLAS for float16
+    assert scratch.dist_sq(torch.empty(0), torch.empty(0)) is None
