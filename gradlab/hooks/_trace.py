@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -96,14 +97,7 @@ class CallTracker:
             self._hook_outputs(name, seq, output)
 
     def _hook_inputs(self, name: str, seq: int, args: Any) -> None:
-        a0 = args[0] if len(args) == 1 else None
-        if isinstance(a0, torch.Tensor):  # the common case: no list, no tree walk
-            if a0.requires_grad:
-                self._hook_input(name, seq, a0)
-            return
-        for t in tree_flatten(args)[0]:
-            if isinstance(t, torch.Tensor) and t.requires_grad:
-                self._hook_input(name, seq, t)
+        _each_needing_grad(args[0] if len(args) == 1 else args, self._hook_input, name, seq)
 
     def _hook_input(self, name: str, seq: int, t: torch.Tensor) -> None:
         hit = self._produced.get(id(t))
@@ -113,13 +107,7 @@ class CallTracker:
             self._bag.tensor(on_grad(t, self._target, "add", Slot(IN, name, seq)))
 
     def _hook_outputs(self, name: str, seq: int, output: Any) -> None:
-        if isinstance(output, torch.Tensor):  # the common case: no list, no tree walk
-            if output.requires_grad:
-                self._hook_output(name, seq, output)
-            return
-        for t in tree_flatten(output)[0]:
-            if isinstance(t, torch.Tensor) and t.requires_grad:
-                self._hook_output(name, seq, t)
+        _each_needing_grad(output, self._hook_output, name, seq)
 
     def _hook_output(self, name: str, seq: int, t: torch.Tensor) -> None:
         slot = Slot(OUT, name, seq)
@@ -162,3 +150,17 @@ def find_source(step: int, slots: list[Any], linf: list[float]) -> NonfiniteSour
     if first_bad_out is not None:
         return NonfiniteSource(first_bad_out, step, "incoming")
     return None
+
+
+def _each_needing_grad(
+    obj: Any, fn: Callable[[str, int, torch.Tensor], None], name: str, seq: int
+) -> None:
+    """``fn(name, seq, t)`` for each tensor ``t`` in ``obj`` (a tensor or a tree of them) that
+    requires grad. One tensor, the common case, takes no list and no tree walk."""
+    if isinstance(obj, torch.Tensor):
+        if obj.requires_grad:
+            fn(name, seq, obj)
+        return
+    for t in tree_flatten(obj)[0]:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            fn(name, seq, t)

@@ -25,20 +25,25 @@ def _setup(device, train: bool = False):
     def loss_fn():
         return nn.functional.cross_entropy(model(x), y)
 
-    # dense reference: the same loss as a function of a flat parameter vector
+    # dense reference: the same loss as a function of the parameters
     fm = gl.functional(model, batchnorm="batch-stats")
+    H = dense_hessian(model, lambda params: nn.functional.cross_entropy(fm(params, x), y))
+    return model, loss_fn, H
+
+
+def dense_hessian(model, loss_of_params):
+    """The dense Hessian of ``loss_of_params({name: tensor})`` at ``model``'s parameters, over
+    the flat vector of its parameters in order (``torch.func.hessian``)."""
     names = [n for n, p in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
     sizes = [p.numel() for p in model.parameters()]
 
     def flat_loss(theta):
         pieces = torch.split(theta, sizes)
-        params = {n: p.reshape(s) for n, p, s in zip(names, pieces, shapes)}
-        return nn.functional.cross_entropy(fm(params, x), y)
+        return loss_of_params({n: p.reshape(s) for n, p, s in zip(names, pieces, shapes)})
 
     theta = torch.cat([p.detach().flatten() for p in model.parameters()])
-    H = torch.func.hessian(flat_loss)(theta)
-    return model, loss_fn, H
+    return torch.func.hessian(flat_loss)(theta)
 
 
 def _snapshot(model):

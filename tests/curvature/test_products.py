@@ -12,6 +12,7 @@ import gradlab as gl
 from gradlab.curvature import _operator
 from gradlab.curvature._hutchinson import hutchinson_trace
 from gradlab.curvature._probes import rademacher_rows
+from tests.curvature._helpers import dense_hessian
 
 
 def _problem(device):
@@ -28,17 +29,12 @@ def _problem(device):
     def loss_fn(batch):
         return nn.functional.cross_entropy(model(batch[0]), batch[1])
 
-    names = [k for k, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-
-    def flat_loss(theta):
-        pieces = torch.split(theta, sizes)
-        params = {k: p.reshape(s) for k, p, s in zip(names, pieces, shapes)}
-        return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
-
-    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
-    H = torch.func.hessian(flat_loss)(theta)
+    H = dense_hessian(
+        model,
+        lambda params: nn.functional.cross_entropy(
+            torch.func.functional_call(model, params, (x,)), y
+        ),
+    )
     batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]  # equal sizes: same mean
     return model, x, y, loss_fn, batches, H
 

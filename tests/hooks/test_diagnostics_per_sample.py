@@ -15,7 +15,7 @@ from torch import nn
 
 from gradlab._errors import GradlabError
 from gradlab.hooks import GradientMonitor
-from tests.per_sample._reference import reference_grads
+from tests.per_sample._reference import WeightUsedOutside, reference_grads
 
 _NAMES = ("noise_scale", "gsnr", "norm_test", "inner_product_test", "orthogonality_test")
 _TOL = 1e-10
@@ -380,15 +380,7 @@ def test_a_parameter_used_outside_its_module_is_the_engines_error() -> None:
     # The monitor's leaf hooks report each parameter's gradient to the per-sample engine, which
     # then puts no hook of its own on it: its check must still see a weight that received a
     # gradient without its module's forward running (as PerSampleGradients alone does).
-    class Odd(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(3, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x @ self.lin.weight.T
-
-    model = Odd()
+    model = WeightUsedOutside()
     with pytest.raises(GradlabError, match=r"'lin.weight' received a gradient, but not through"):
         with GradientMonitor(model, diagnostics=("noise_scale",)) as monitor:
             model(torch.randn(4, 3)).sum().backward()

@@ -58,3 +58,15 @@ def dot_of(g: dict[str, torch.Tensor], v: dict[str, torch.Tensor]) -> torch.Tens
 def dot_mean_of(g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``{name: (B,)}``: ``g_i . m`` per parameter, ``m = (1/B) sum_k g_k``, written out."""
     return {n: (t * t.mean(0)).flatten(1).sum(1) for n, t in g.items()}
+
+
+class WeightUsedOutside(nn.Module):
+    """A module whose ``lin.weight`` is used by its own code, never through ``lin``'s forward:
+    a per-sample engine must refuse it (its gradient arrives without a call of its module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.lin.weight.T

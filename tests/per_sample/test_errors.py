@@ -9,6 +9,7 @@ from torch import nn
 
 from gradlab import GradlabError
 from gradlab.per_sample import PerSampleGradients, per_sample_grads
+from tests.per_sample._reference import WeightUsedOutside
 
 
 def _mlp() -> nn.Module:
@@ -147,15 +148,7 @@ def test_embedding_scale_grad_by_freq_is_refused() -> None:
 
 
 def test_parameter_used_outside_its_module() -> None:
-    class Odd(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(3, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x @ self.lin.weight.T
-
-    model = Odd()
+    model = WeightUsedOutside()
     with pytest.raises(GradlabError, match=r"'lin.weight' received a gradient, but not through"):
         with PerSampleGradients(model) as ps:
             model(torch.randn(4, 3)).sum().backward()
