@@ -99,7 +99,7 @@ class PassBuffer:
         self.slots.append(slot)
         n = g.numel()
         self.numels.append(n)
-        if g.is_cpu and "cpu" in _GROUPED_DEVICES:  # (is_cpu: 7x cheaper than device.type)
+        if g.is_cpu and "cpu" in _GROUPED_DEVICES:  # (is_cpu: cheaper than device.type)
             host = blas_stats(g)
             if host is not None:  # three BLAS reads while g is in cache, no torch op
                 self._host += host
@@ -146,7 +146,7 @@ class PassBuffer:
             chunks.append(torch.stack(self._eager).view(-1, ROWS).t())
             columns.extend(self._eager_idx)
         if self._host:
-            # numpy builds the tensor from the list of floats ~10x faster than torch.tensor
+            # numpy builds the tensor from the list of floats faster than torch.tensor
             host = torch.from_numpy(np.array(self._host, dtype=np.float64))
             chunks.append(host.view(-1, ROWS).t())
             columns.extend(self._host_idx)

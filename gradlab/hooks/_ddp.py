@@ -118,8 +118,8 @@ class DDPNoiseRecorder:
 
 
 def _sum_sq(buf: torch.Tensor) -> float | torch.Tensor:
-    """``sum(buf**2)``: one BLAS dot for a CPU bucket (a float, about 5x faster than
-    ``vector_norm`` there), else a float64 0-dim tensor from the norm in the bucket's dtype (a
+    """``sum(buf**2)``: one BLAS dot for a CPU bucket (a float; faster than ``vector_norm``
+    there), else a float64 0-dim tensor from the norm in the bucket's dtype (a
     float64 norm of a float32 bucket would copy it). Accumulated in the bucket's precision
     either way."""
     sq = blas_sum_sq(buf)
