@@ -69,16 +69,6 @@ BATCHED_MAX_N = 4096  # batched (vmapped) products up to this many entries, see 
 _MAX_CHUNK = 64  # vectors per batched backward
 
 
-class _Graph(GradGraph):
-    """A batch's gradient graph, with the operator's one-vector product."""
-
-    def product(self, vs: Sequence[torch.Tensor], retain_graph: bool = True) -> list[torch.Tensor]:
-        """:math:`Hv` for one vector ``vs`` (pieces shaped like the inputs, no leading dim):
-        :meth:`GradGraph.hvp`, which calls the autograd engine directly where it can
-        (:func:`gradlab._derivatives._hvp_engine.engine_grad`)."""
-        return self.hvp(vs, retain_graph=retain_graph)
-
-
 class HessianOperator(CurvatureOperator):
     """The Hessian of a loss w.r.t. some parameters, as a symmetric linear operator.
 
@@ -192,14 +182,14 @@ class HessianOperator(CurvatureOperator):
         for batch, index, w in self._iter_data():
             yield functools.partial(self._loss, batch, index), w
 
-    def _graph_of(self, closure: Callable[[], torch.Tensor]) -> _Graph:
-        graph = _Graph(closure(), self.params)
+    def _graph_of(self, closure: Callable[[], torch.Tensor]) -> GradGraph:
+        graph = GradGraph(closure(), self.params)
         for i in range(len(self.params)):
             if i not in graph.unused:
                 self._used[i] += 1
         return graph
 
-    def _prepare(self, batch: Any, index: int | None) -> _Graph:
+    def _prepare(self, batch: Any, index: int | None) -> GradGraph:
         return self._graph_of(functools.partial(self._loss, batch, index))
 
     def _after_pass(self) -> None:
@@ -223,7 +213,7 @@ class HessianOperator(CurvatureOperator):
     # ----------------------------------------------------------------------------------------
     # products
 
-    def _batch_products(self, graph: _Graph, V: Pieces, spend: bool = False) -> Pieces:
+    def _batch_products(self, graph: GradGraph, V: Pieces, spend: bool = False) -> Pieces:
         """H_b applied to the k vectors in ``V`` (pieces with a leading dimension k).
 
         ``spend``: the graph's last use; its last backward frees the saved tensors as it goes
@@ -243,15 +233,16 @@ class HessianOperator(CurvatureOperator):
                 self._batch_ran = True
                 return out
         if k == 1:
-            return [h.unsqueeze(0) for h in graph.product([v[0] for v in V], not spend)]
-        cols = [graph.product([v[j] for v in V], not (spend and j == k - 1)) for j in range(k)]
+            return [h.unsqueeze(0) for h in graph.hvp([v[0] for v in V], retain_graph=not spend)]
+        last = k - 1 if spend else -1
+        cols = [graph.hvp([v[j] for v in V], retain_graph=j != last) for j in range(k)]
         return [torch.stack(hs) for hs in zip(*cols)]
 
-    def _last_products(self, graph: _Graph, V: Pieces) -> Pieces:
+    def _last_products(self, graph: GradGraph, V: Pieces) -> Pieces:
         return self._batch_products(graph, V, spend=True)
 
-    def _apply_one(self, graph: _Graph, vs: Pieces) -> Pieces:
-        return graph.product(vs)
+    def _apply_one(self, graph: GradGraph, vs: Pieces) -> Pieces:
+        return graph.hvp(vs)
 
     def _exact_diagonal(self) -> torch.Tensor:
         return hessian_exact_diagonal(self)

@@ -97,38 +97,20 @@ def dataset_problem(n: int = 16, seed: int = 0, *, dense: bool = True):
 
 
 def count_products(monkeypatch, *, refuse: bool = False) -> list[int]:
-    """Count the Hessian-vector products the operator runs: the vectors of each backward.
-
-    Products go through the operator graph's one-vector ``product`` (which calls
-    ``GradGraph.hvp`` only where it cannot call the engine itself) or ``GradGraph.hvp`` (vmapped
-    blocks); both are patched, a product counted once. ``refuse=True``: any product fails.
-    """
+    """Count the Hessian-vector products the operator runs: the vectors of each backward
+    (every product goes through ``GradGraph.hvp``). ``refuse=True``: any product fails."""
     from gradlab._derivatives._hvp_engine import GradGraph
-    from gradlab.curvature import _operator
 
-    real_hvp, real_product = GradGraph.hvp, _operator._Graph.product
+    real_hvp = GradGraph.hvp
     vectors: list[int] = []
-    inside = [False]
 
     def hvp(self, vs, *, retain_graph=True, create_graph=False, batched=False):
         if refuse:
             raise AssertionError("a Hessian-vector product ran")
-        if not inside[0]:
-            vectors.append(vs[0].shape[0] if batched else 1)
+        vectors.append(vs[0].shape[0] if batched else 1)
         return real_hvp(
             self, vs, retain_graph=retain_graph, create_graph=create_graph, batched=batched
         )
 
-    def product(self, vs, retain_graph=True):
-        if refuse:
-            raise AssertionError("a Hessian-vector product ran")
-        vectors.append(1)
-        inside[0] = True
-        try:
-            return real_product(self, vs, retain_graph)
-        finally:
-            inside[0] = False
-
     monkeypatch.setattr(GradGraph, "hvp", hvp)
-    monkeypatch.setattr(_operator._Graph, "product", product)
     return vectors

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import gradlab as gl
+from gradlab._derivatives._hvp_engine import GradGraph
 from gradlab.curvature import _operator
 from gradlab.curvature._hutchinson import hutchinson_trace
 from gradlab.curvature._probes import rademacher_rows
@@ -73,17 +74,17 @@ def test_hutchinson_trace_is_the_mean_of_its_probes_quadratic_forms(
 
 def test_the_direct_product_equals_autograd_grad(device):
     model, x, y, loss_fn, _, H = _problem(device)
-    graph = _operator._Graph(loss_fn((x, y)), list(model.parameters()))
+    graph = GradGraph(loss_fn((x, y)), list(model.parameters()))
     vs = [torch.randn_like(p) for p in model.parameters()]
     ref = torch.autograd.grad(graph.grads, graph.inputs, vs, retain_graph=True)
-    got = graph.product(vs)
+    got = graph.hvp(vs)
     assert all(torch.equal(a, b) for a, b in zip(got, ref))  # the same engine call, bit for bit
     flat = torch.cat([h.flatten() for h in got])
     torch.testing.assert_close(flat, H @ torch.cat([v.flatten() for v in vs]), rtol=1e-10, atol=0)
-    got = graph.product(vs, retain_graph=False)  # the last one frees the graph
+    got = graph.hvp(vs, retain_graph=False)  # the last one frees the graph
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-        graph.product(vs)
+        graph.hvp(vs)
 
 
 class _Tagged(torch.Tensor):
@@ -99,11 +100,11 @@ class _Tagged(torch.Tensor):
 
 def test_pieces_that_override_torch_function_go_through_autograd_grad(device):
     model, x, y, loss_fn, _, _ = _problem(device)
-    graph = _operator._Graph(loss_fn((x, y)), list(model.parameters()))
+    graph = GradGraph(loss_fn((x, y)), list(model.parameters()))
     vs = [torch.randn_like(p) for p in model.parameters()]
-    ref = graph.product(vs)
+    ref = graph.hvp(vs)
     _Tagged.calls = 0
-    got = graph.product([v.as_subclass(_Tagged) for v in vs])
+    got = graph.hvp([v.as_subclass(_Tagged) for v in vs])
     assert _Tagged.calls > 0  # autograd.grad dispatched to the subclass
     assert all(torch.equal(torch.Tensor(a), b) for a, b in zip(got, ref))
 
