@@ -38,13 +38,6 @@ def flatten_one(tree: Any) -> tuple[list[Any], Any]:
     inline; anything else, a parameter dict included, by :func:`_walk`)."""
     if isinstance(tree, _Tensor):
         return [tree], _ONE_LEAF
-    if type(tree) is dict:  # a parameter dict (hvp's usual argument, on every call): inline
-        values = list(tree.values())
-        for x in values:
-            if not isinstance(x, _Tensor):
-                break
-        else:  # the spec _walk gives an all-tensor dict
-            return values, (tuple, 1, ((dict, tuple(tree), _same(len(values))),))
     leaves: list[Any] = []
     return leaves, (tuple, 1, (_walk(tree, leaves),))
 
@@ -56,12 +49,7 @@ def _same(n: int) -> tuple:
 
 def unflatten_one(leaves: Sequence[Any], spec: Any) -> Any:
     """``unflatten(leaves, spec)[0]``, for a ``spec`` of :func:`flatten_one`: the tree itself."""
-    sub = spec[2][0]
-    if sub is _LEAF:
-        return leaves[0]
-    if sub[0] is dict and sub[2].count(_LEAF) == len(sub[2]):  # an all-tensor dict
-        return dict(zip(sub[1], leaves))
-    return unflatten(leaves, sub)
+    return unflatten(leaves, spec[2][0])
 
 
 def _walk(tree: Any, leaves: list[Any]) -> Any:
