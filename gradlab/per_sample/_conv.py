@@ -199,6 +199,14 @@ def _unfold_cheaper(module: Any, out: torch.Tensor) -> bool:
     return math.prod(module.kernel_size) == 1 or positions <= 2 * (out.shape[1] // module.groups)
 
 
+def _chunk(b: int, sample_bytes: int) -> int:
+    """Samples per chunk of ``b``, each chunk at most :data:`CHUNK_BYTES` of ``sample_bytes``
+    per sample (at least one sample): ``b`` when they all fit, else as many chunks as that takes,
+    their sizes as even as they can be."""
+    n = max(1, CHUNK_BYTES // max(1, sample_bytes))
+    return b if n >= b else -(-b // -(-b // n))
+
+
 def _per_sample_weight(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """``(B, *weight.shape)`` per-sample weight gradients in one buffer of
     :func:`gradlab.per_sample._alloc.empty`. From unfolded patches where those are small
@@ -212,11 +220,10 @@ def _per_sample_weight(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.T
     b = a.shape[0]
     shape = module.weight.shape
     if _unfold_cheaper(module, out):
-        per_sample = math.prod(out.shape[2:]) * inp.shape[1] * math.prod(module.kernel_size)
-        n = max(1, CHUNK_BYTES // max(1, per_sample * out.element_size()))
-        if n >= b:
+        patch = math.prod(out.shape[2:]) * inp.shape[1] * math.prod(module.kernel_size)
+        n = _chunk(b, patch * out.element_size())
+        if n == b:
             return seq_grad(*_patches_of(module, inp, out, padding)).view(b, *shape)
-        n = -(-b // -(-b // n))  # as many chunks, sizes as even as they can be
         g = module.groups
         result = _alloc.empty((b, *shape), dtype=out.dtype, device=out.device)
         for k in range(0, b, n):
@@ -230,10 +237,9 @@ def _per_sample_weight(module: Any, a: torch.Tensor, d: torch.Tensor) -> torch.T
         go = go.reshape(1, n * go.shape[1], *go.shape[2:])
         return _weight_grad(module, x, go, padding, n * module.groups).view(n, *shape)
 
-    n = max(1, CHUNK_BYTES // max(1, math.prod(shape) * out.element_size()))
-    if n >= b:
+    n = _chunk(b, math.prod(shape) * out.element_size())
+    if n == b:
         return by_groups(inp, out)
-    n = -(-b // -(-b // n))  # as many calls, sizes as even as they can be
     result = _alloc.empty((b, *shape), dtype=out.dtype, device=out.device)
     for k in range(0, b, n):
         result[k : k + n] = by_groups(inp[k : k + n], out[k : k + n])
