@@ -124,7 +124,7 @@ def patches(
 ) -> torch.Tensor:
     """``F.unfold(a, kernel_size, dilation, padding, stride)``, ``(N, C * kh * kw, positions)``:
     the per-sample rules' patches (:func:`gradlab.per_sample._conv.unfold`: sliding-window views
-    of the zero-padded input and one copy, about half the time of ``F.unfold`` on CPU)."""
+    of the zero-padded input and one copy, faster than ``F.unfold`` on CPU)."""
     pad = [p for p in reversed(padding) for _ in range(2)]  # F.pad order: last dimension first
     return unfold(a, tuple(kernel_size), tuple(stride), tuple(dilation), pad, "zeros")
 
