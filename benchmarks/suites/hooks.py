@@ -13,6 +13,14 @@ forward, ``loss.backward()``) with a different kind of instrumentation:
 ``monitor_economy`` the monitor with the economy set of diagnostics (``noise_scale``, ``gsnr``,
                     ``norm_test``, ``inner_product_test``, ``orthogonality_test``,
                     ``update_size``, ``distance``) on every step;
+``economy_floor``   the default monitor plus only the products that the economy set cannot do
+                    without, in plain hooks: per layer the per-entry second moment
+                    ``sum_i g_i**2`` (for a Linear ``(d**2)^T (a**2)``, a GEMM the size of the
+                    weight gradient) and the products behind ``g_i . m`` (Gram matrices ``a a^T``
+                    and ``d d^T``, or ``m`` first, whichever takes fewer flops); for a
+                    convolution the per-sample weight gradients, formed by one grouped
+                    convolution (from which all three follow); no pass over the results, no
+                    norms, no update_size or distance: a lower bound for ``monitor_economy``;
 ``cockpit_economy`` (where ``cockpit-for-pytorch`` and ``backpack-for-pytorch`` are installed)
                     Cockpit's ``"economy"`` configuration (Alpha, Distance, GradHist1d,
                     GradNorm, InnerTest, Loss, NormTest, OrthoTest, UpdateSize) on its own
@@ -87,6 +95,45 @@ def _leaves(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if next(m.children(), None) is None]
 
 
+def _economy_floor(model: nn.Module) -> None:
+    """Hooks on ``model`` that compute the products the economy set cannot do without, and
+    nothing else (see the module docstring)."""
+
+    def linear(m: nn.Linear, a: torch.Tensor, d: torch.Tensor) -> None:
+        b, i, o = a.shape[0], a.shape[1], d.shape[1]
+        _ = d.square().t() @ a.square()  # sum_i g_i**2 of the weight
+        if b * (i + o) <= 2 * i * o:  # g_i . m by Gram matrices
+            _ = (a @ a.t()) * (d @ d.t())
+        else:  # or m first
+            _ = (d @ (d.t() @ a)) * a
+
+    def conv(m: nn.Conv2d, a: torch.Tensor, d: torch.Tensor) -> None:
+        b, c = a.shape[:2]
+        o = d.shape[1]
+        _ = torch.ops.aten.convolution_backward(  # the per-sample weight gradients
+            d.reshape(1, b * o, *d.shape[2:]),
+            a.reshape(1, b * c, *a.shape[2:]),
+            m.weight.repeat(b, 1, 1, 1),
+            None, m.stride, m.padding, m.dilation, False, [0, 0], b, [False, True, False],
+        )  # fmt: skip
+
+    rules: dict[type, Callable[..., None]] = {nn.Linear: linear, nn.Conv2d: conv}
+
+    def forward(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        a, rule = args[0].detach(), rules[type(module)]
+
+        def on_grad(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+            if grad_outputs[0] is not None:
+                rule(module, a, grad_outputs[0])
+
+        if out.grad_fn is not None:
+            out.grad_fn.register_prehook(on_grad)
+
+    for m in model.modules():
+        if type(m) in rules:
+            m.register_forward_hook(forward)
+
+
 def _cockpit_step(model: nn.Module, inp: torch.Tensor) -> Callable[[], None] | None:
     """Cockpit's economy configuration on its own copy of ``model``; None where not installed."""
     try:
@@ -145,8 +192,8 @@ def make_steps(
         with capture_grads(model):
             step()
 
-    def monitored(**kw: object) -> Callable[[], None]:
-        net = copy.deepcopy(model)
+    def monitored(net: nn.Module | None = None, **kw: object) -> Callable[[], None]:
+        net = copy.deepcopy(model) if net is None else net
         monitor = GradientMonitor(net, **kw)  # type: ignore[arg-type]
         net_step = make_step(net)
 
@@ -158,6 +205,11 @@ def make_steps(
             _ = monitor.first_nonfinite  # reads the step: pays its synchronisation
 
         return run
+
+    def economy_floor() -> Callable[[], None]:
+        net = copy.deepcopy(model)
+        _economy_floor(net)  # hooks that stay on this copy
+        return monitored(net)
 
     def floor(keep: bool) -> Callable[[], None]:
         def run() -> None:
@@ -224,6 +276,7 @@ def make_steps(
         "monitor": monitored(),
         "nan_trace": monitored(params=False),
         "monitor_economy": monitored(diagnostics=ECONOMY),
+        "economy_floor": economy_floor(),
         "retain_grad": retain_grad,
         "full_backward": full_backward,
         "anomaly": anomaly,
