@@ -70,23 +70,27 @@ def _steps(rank: int, turns: int, out: str) -> None:
             f()
     times: dict[str, list[float]] = {n: [] for n in fns}
     turn_medians: dict[str, list[float]] = {n: [] for n in fns}
+    cpu_medians: dict[str, list[float]] = {n: [] for n in fns}
     shuffle = random.Random(0)  # the same order on both ranks
     for _ in range(turns):
         order = list(fns)
         shuffle.shuffle(order)
         for name in order:
-            run = []
+            run, cpu = [], []
             for k in range(BLOCK):
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 fns[name]()
                 if k >= SKIP:
                     run.append(time.perf_counter() - t0)
+                    cpu.append(time.process_time() - c0)
             times[name].extend(run)
             run.sort()
+            cpu.sort()
             turn_medians[name].append(run[len(run) // 2])
+            cpu_medians[name].append(cpu[len(cpu) // 2])
     dist.barrier()
     if rank == 0:
-        torch.save({"times": times, "turns": turn_medians}, out)
+        torch.save({"times": times, "turns": turn_medians, "cpu_turns": cpu_medians}, out)
 
 
 def _worker(rank: int, turns: int, tmp: str) -> None:
@@ -107,7 +111,8 @@ def _worker(rank: int, turns: int, tmp: str) -> None:
 
 
 def measure(turns: int = 20, seconds: int = 300) -> dict[str, Any]:
-    """Per-call times of rank 0 (``"times"``) and per-turn medians (``"turns"``) for
+    """Per-call times of rank 0 (``"times"``), per-turn medians (``"turns"``) and per-turn
+    medians of rank 0's CPU time (``"cpu_turns"``: its process, gloo's threads included) for
     ``"ddp_plain"`` and ``"ddp_noise_hook"``; raises if the processes fail or time out."""
     import torch.multiprocessing as mp
 
@@ -135,3 +140,6 @@ if __name__ == "__main__":
     for name, t in res["times"].items():
         print(f"{name}: median {statistics.median(t) * 1e3:.2f} ms")
     print(f"ratio (median over turns): {statistics.median(ratios):.3f}")
+    cpu = res["cpu_turns"]
+    cpu_ratios = [h / p for h, p in zip(cpu["ddp_noise_hook"], cpu["ddp_plain"])]
+    print(f"CPU-time ratio (median over turns): {statistics.median(cpu_ratios):.3f}")
