@@ -29,6 +29,7 @@ def test_every_variant_runs_and_cleans_up() -> None:
             "monitor",
             "nan_trace",
             "monitor_economy",
+            "economy_floor",
             "retain_grad",
             "full_backward",
             "anomaly",
