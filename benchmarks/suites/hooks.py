@@ -13,6 +13,12 @@ forward, ``loss.backward()``) with a different kind of instrumentation:
 ``monitor_economy`` the monitor with the economy set of diagnostics (``noise_scale``, ``gsnr``,
                     ``norm_test``, ``inner_product_test``, ``orthogonality_test``,
                     ``update_size``, ``distance``) on every step;
+``monitor_floor``   on every leaf module a forward hook that puts a gradient hook on its output,
+                    and on every parameter a post-accumulate hook, each computing the three
+                    statistics the monitor records (sum of squares, L1 norm, max |g|: three
+                    BLAS reads with SciPy, else three torch reductions) into a list, hooks
+                    kept from step to step: the monitor's mechanism and arithmetic without its
+                    bookkeeping (NaN tracing, buffers, history), the least it can cost;
 ``economy_floor``   the default monitor plus only the products that the economy set cannot do
                     without, in plain hooks: per layer the per-entry second moment
                     ``sum_i g_i**2`` (for a Linear ``(d**2)^T (a**2)``, a GEMM the size of the
@@ -93,6 +99,23 @@ def _cnn(depth: int, channels: int) -> nn.Module:
 
 def _leaves(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if next(m.children(), None) is None]
+
+
+def _stats_fn() -> Callable[[torch.Tensor], tuple[float, ...]]:
+    """(sum of squares, L1, max |g|) of a CPU float gradient: three BLAS level-1 reads (SciPy),
+    else three torch reductions."""
+    try:
+        from scipy.linalg import blas
+    except ImportError:
+        blas = None
+
+    def stats(g: torch.Tensor) -> tuple[float, ...]:
+        if blas is not None and g.is_cpu and g.dtype == torch.float32 and g.is_contiguous():
+            a = g.detach().numpy().reshape(-1)
+            return float(blas.sdot(a, a)), float(blas.sasum(a)), float(a[blas.isamax(a)])
+        return (g.square().sum(), g.abs().sum(), g.abs().max())  # type: ignore[return-value]
+
+    return stats
 
 
 def _economy_floor(model: nn.Module) -> None:
@@ -211,6 +234,35 @@ def make_steps(
         _economy_floor(net)  # hooks that stay on this copy
         return monitored(net)
 
+    def monitor_floor() -> Callable[[], None]:
+        net = copy.deepcopy(model)
+        seen: list[tuple[float, ...]] = []
+        stats = _stats_fn()
+
+        def on_output(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+            if grad_outputs[0] is not None:
+                seen.append(stats(grad_outputs[0]))
+
+        def forward(module: nn.Module, args: object, out: torch.Tensor) -> None:
+            if out.grad_fn is not None:
+                out.grad_fn.register_prehook(on_output)
+
+        def on_param(p: torch.Tensor) -> None:
+            if p.grad is not None:
+                seen.append(stats(p.grad))
+
+        for m in _leaves(net):
+            m.register_forward_hook(forward)
+        for p in net.parameters():
+            p.register_post_accumulate_grad_hook(on_param)
+        net_step = make_step(net)
+
+        def run() -> None:
+            seen.clear()
+            net_step()
+
+        return run
+
     def floor(keep: bool) -> Callable[[], None]:
         def run() -> None:
             kept: list[torch.Tensor | None] = []
@@ -272,6 +324,7 @@ def make_steps(
         "plain": step,
         "hook_floor": floor(keep=False),
         "hold_floor": floor(keep=True),
+        "monitor_floor": monitor_floor(),
         "capture_all": capture_all,
         "monitor": monitored(),
         "nan_trace": monitored(params=False),

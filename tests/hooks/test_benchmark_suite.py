@@ -25,6 +25,7 @@ def test_every_variant_runs_and_cleans_up() -> None:
             "plain",
             "hook_floor",
             "hold_floor",
+            "monitor_floor",
             "capture_all",
             "monitor",
             "nan_trace",
