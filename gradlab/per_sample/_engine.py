@@ -50,7 +50,7 @@ class _Call:
     a: torch.Tensor | None
     names: dict[str, str]  # local parameter name -> model parameter name (trainable ones)
     b: int
-    d: torch.Tensor | None = None
+    d: torch.Tensor | None = None  # the output gradient as it came (kept for dot())
 
 
 def _check_args(model: Any, stats: Any, loss_reduction: Any, scaler: Any) -> tuple[str, ...]:
@@ -219,6 +219,7 @@ class PerSampleGradients(HookContext):
         self._dot_grads: dict[str, torch.Tensor] = {}
         self._dot_mean: dict[str, torch.Tensor] = {}
         self._got_grad: set[str] = set()
+        self._unscaled: list[str] = []  # parameters whose statistics _finalize scales
         self._backward = False
         self._final = False
         self._closed = False
@@ -406,28 +407,49 @@ class PerSampleGradients(HookContext):
         single = self._calls[id(call.module)] == 1 and all(
             len(self._owners[n]) == 1 for n in call.names.values()
         )
-        # Every rule is linear in d: scaling d (activation-sized) scales every per-sample
-        # quantity to that of g_i, without a pass over them; where only per-sample
-        # gradients are formed and they are smaller than d (early convolutions), those are
-        # scaled instead.
+        # Every rule is linear in d, so each result is that of g_i times a power of f (the
+        # same f for every call of the step): the smallest of d, the per-sample gradients
+        # formed or what the call stores is scaled. A call of its own (single) stores
+        # statistics unscaled where they are smaller than d (a convolution's: B numbers and
+        # a weight's worth against an activation), scaled all at once in _finalize.
         f = self._factor(call.b)
-        formed = "dot" not in self._stats and (not single or "grad" in self._stats)
-        if f != 1.0 and formed and self._grad_numel(call) < d.numel():
-            call.a = None
-            for ln, g in call.rule.grad(call.module, a, d, names).items():
-                (self._finish if single else self._add)(call.names[ln], g * f)
-            return
-        d = d * f
-        if "dot" in self._stats:
+        if "dot" in self._stats:  # unscaled: dot() scales its results
             call.a, call.d = a, d
             self._records.append(call)
         else:
             call.a = None
         if single:
+            if f != 1.0:
+                if self._stored_numel(call) < d.numel():
+                    self._unscaled.extend(call.names.values())
+                else:
+                    d = d * f
             self._single(call, a, d, names)
-        else:
+            return
+        if f != 1.0 and self._grad_numel(call) < d.numel():
             for ln, g in call.rule.grad(call.module, a, d, names).items():
-                self._add(call.names[ln], g)
+                self._add(call.names[ln], g * f)
+            return
+        if f != 1.0:
+            d = d * f
+        for ln, g in call.rule.grad(call.module, a, d, names).items():
+            self._add(call.names[ln], g)
+
+    def _stored_numel(self, call: _Call) -> int:
+        """How many numbers the statistics of a call of its own hold (:meth:`_single`):
+        ``B`` per parameter for the norms and for ``"dot_mean"``, the parameter's size for
+        ``"sum_sq"`` (thrice with ``"variance"``), ``B`` times it for ``"grad"``."""
+        stats, b = self._stats, call.b
+        per_b = 2 if "dot_mean" in stats else 1
+        per_p = 3 if "variance" in stats else 1 if "sum_sq" in stats else 0
+        n = 0
+        for ln in call.names:
+            p = call.module._parameters[ln]
+            if p is not None:
+                n += b * per_b + per_p * p.numel()
+                if "grad" in stats:
+                    n += b * p.numel()
+        return n
 
     @staticmethod
     def _grad_numel(call: _Call) -> int:
@@ -544,10 +566,32 @@ class PerSampleGradients(HookContext):
                     self._finish(name, g)
                 self._acc = {}
                 self._fill_unused()
+                if self._unscaled:
+                    self._scale_unscaled()
         finally:
             self._replaying = False
             REPLAY.depth -= 1
         self._final = True
+
+    def _scale_unscaled(self) -> None:
+        """Scale the statistics that calls of their own left unscaled (:meth:`_output_grad`)
+        to those of ``g_i``: by ``f`` the per-sample gradients and sums, ``f**2`` the rest.
+        Out of place: a rule may return a view of its input (a normalization's bias)."""
+        f = self._factor(self._b or 0)
+        names = self._unscaled
+        for store, power in (
+            (self._norm_sq, 2),
+            (self._sum_sq, 2),
+            (self._variance, 2),
+            (self._dot_mean, 2),
+            (self._sum, 1),
+            (self._grad, 1),
+        ):
+            keys = [n for n in names if n in store]
+            if keys:
+                scaled = torch._foreach_mul([store[n] for n in keys], f**power)
+                store.update(zip(keys, scaled))
+        self._unscaled = []
 
     def _fill_unused(self) -> None:
         b = self._b if self._b is not None else 0
@@ -729,16 +773,17 @@ class PerSampleGradients(HookContext):
             out[name] = part if prev is None else prev + part
 
         with torch.no_grad():
+            f = self._factor(b)  # the records hold the output gradients as they came
             for call in self._records:
                 a, d = call.a, call.d
                 assert a is not None and d is not None
                 for ln, n in call.names.items():
                     vv = {ln: v[n].detach()}
                     if call.rule.dot is not None:
-                        add(n, call.rule.dot(call.module, a, d, vv))
+                        add(n, call.rule.dot(call.module, a, d, vv) * f)
                     else:
                         g = call.rule.grad(call.module, a, d, (ln,))[ln]
-                        add(n, (g * vv[ln].to(g.dtype)).flatten(1).sum(1))
+                        add(n, (g * vv[ln].to(g.dtype)).flatten(1).sum(1) * f)
             for n, g in self._dot_grads.items():
                 add(n, (g * v[n].detach().to(g.dtype)).flatten(1).sum(1))
             for n, p in self._params.items():

@@ -203,6 +203,30 @@ def test_matches_vmap_grad_float64(name: str, stats, reduction: str, device) -> 
     _check(ps, ref, stats, TOL64)
 
 
+@pytest.mark.parametrize(
+    "stats",
+    [ALL, ("norm",), ("norm", "sum_sq", "variance"), ("norm", "sum_sq", "dot_mean", "dot")],
+    ids=["all", "norm", "moments", "economy"],
+)
+@pytest.mark.parametrize("name", ["mlp", "cnn", "group_norm_cnn", "transformer_tied", "lstm"])
+def test_mean_loss_under_a_scaler_every_statistic(name: str, stats, device) -> None:
+    """The engine brings each result to ``g_i`` (times ``B``, over the loss scale) by scaling
+    whichever is smallest: the output gradient, the per-sample gradients formed, or the
+    statistics a layer stores (scaled once after the backward: the convolutions here, whose
+    output gradients outweigh their weights); ``dot`` scales its results. Every statistic
+    against vmap(grad) of the unscaled per-sample loss."""
+    make, data, loop = CASES[name]
+    model = make().double().to(device)
+    x, y = data(5)
+    x, y = (x.double() if x.is_floating_point() else x).to(device), y.to(device)
+    loss_fn = _loss_for(name, "mean")
+    ref = reference_grads(model, loss_fn, x, y, loop=loop)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**7)
+    with PerSampleGradients(model, stats=stats, scaler=scaler) as ps:
+        scaler.scale(loss_fn(model(x), y)).backward()
+    _check(ps, ref, stats, TOL64)
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer_tied", "lstm"])
 def test_batch_of_one(name: str) -> None:
     make, data, loop = CASES[name]
