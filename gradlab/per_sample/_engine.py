@@ -38,6 +38,10 @@ STATS = ("norm", "grad", "sum_sq", "variance", "dot", "dot_mean")
 _REDUCTIONS = ("mean", "sum")
 _LOW = (torch.float16, torch.bfloat16)
 _FN = "PerSampleGradients"
+#: Per-sample gradients formed for statistics only wait, up to this many bytes, to be reduced
+#: together with those of other parameters of their size (a few operations per step rather than
+#: six per parameter: a CNN of small layers spends more on dispatching them than on the numbers).
+_PENDING_BYTES = 4 << 20
 
 
 @dataclass(eq=False)
@@ -220,6 +224,8 @@ class PerSampleGradients(HookContext):
         self._dot_mean: dict[str, torch.Tensor] = {}
         self._got_grad: set[str] = set()
         self._unscaled: list[str] = []  # parameters whose statistics _finalize scales
+        self._pending: list[tuple[str, torch.Tensor]] = []  # per-sample gradients for _flush
+        self._pending_bytes = 0
         self._backward = False
         self._final = False
         self._closed = False
@@ -503,20 +509,54 @@ class PerSampleGradients(HookContext):
     def _finish(self, name: str, g: torch.Tensor, *, norm_only: bool = False):
         """The statistics of one parameter from its per-sample gradients ``(B, *shape)``
         (``norm_only``: the norms, and the gradients if kept). The norms of kept gradients are
-        taken when read (:meth:`_norms_sq`): a step that only wants ``ps.grad`` never pays."""
-        moments = not norm_only
-        flat = g.flatten(1)
-        if "grad" in self._stats:
+        taken when read (:meth:`_norms_sq`): a step that only wants ``ps.grad`` never pays.
+        Otherwise the gradients wait (up to :data:`_PENDING_BYTES`) to be reduced with those of
+        other parameters of their size (:meth:`_flush`): a few operations per step rather than
+        six per parameter."""
+        keep = "grad" in self._stats
+        if keep:
             self._grad[name] = g
-        else:
-            self._norm_sq[name] = torch.linalg.vector_norm(flat, dim=1).square()
-        if moments and self._moments:
-            self._sum_sq[name] = g.square().sum(0)
-            if "variance" in self._stats:  # the sum: for gather()'s variance
-                self._sum[name] = g.sum(0)
-                self._variance[name] = g.var(0, unbiased=False)
-        if moments and "dot_mean" in self._stats:
-            self._dot_mean[name] = flat @ flat.mean(0)
+        if norm_only or (keep and not self._moments and "dot_mean" not in self._stats):
+            if not keep:
+                self._norm_sq[name] = torch.linalg.vector_norm(g.flatten(1), dim=1).square()
+            return
+        self._pending.append((name, g))
+        self._pending_bytes += g.numel() * g.element_size()
+        if self._pending_bytes > _PENDING_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        """The statistics of the waiting per-sample gradients (:meth:`_finish`): those of one
+        size, dtype and device stacked ``(k, B, P)`` and reduced together."""
+        if not self._pending:
+            return
+        groups: dict[tuple[Any, ...], list[tuple[str, torch.Tensor]]] = {}
+        for name, g in self._pending:
+            key = (g.shape[0], g[0].numel(), g.dtype, g.device)
+            groups.setdefault(key, []).append((name, g))
+        self._pending = []
+        self._pending_bytes = 0
+        for (b, _, _, _), items in groups.items():
+            names = [n for n, _ in items]
+            shapes = [g.shape[1:] for _, g in items]
+            if len(items) == 1:
+                x = items[0][1].reshape(1, b, -1)
+            else:
+                x = torch.stack([g.reshape(b, -1) for _, g in items])
+            sq = x.square()
+            if "grad" not in self._stats:  # else taken from the kept gradients when read
+                self._norm_sq.update(zip(names, sq.sum(2).unbind(0)))
+            if self._moments:
+                for n, shape, t in zip(names, shapes, sq.sum(1).unbind(0)):
+                    self._sum_sq[n] = t.view(shape)
+                if "variance" in self._stats:  # the sum: for gather()'s variance
+                    sums, var = x.sum(1), x.var(1, unbiased=False)
+                    for n, shape, t, v in zip(names, shapes, sums.unbind(0), var.unbind(0)):
+                        self._sum[n], self._variance[n] = t.view(shape), v.view(shape)
+            if "dot_mean" in self._stats:
+                # a product and a sum: bmm with one column is several times slower on CPU
+                dots = (x * x.mean(1, keepdim=True)).sum(2)  # (k, B)
+                self._dot_mean.update(zip(names, dots.unbind(0)))
 
     # -- finishing ----------------------------------------------------------------------------
     def _fallback_params(self, module: nn.Module) -> dict[str, nn.Parameter]:
@@ -565,7 +605,9 @@ class PerSampleGradients(HookContext):
                 for name, g in self._acc.items():
                     self._finish(name, g)
                 self._acc = {}
+                self._flush()
                 self._fill_unused()
+                self._flush()
                 if self._unscaled:
                     self._scale_unscaled()
         finally:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradlab.per_sample import PerSampleGradients
+from gradlab.per_sample import PerSampleGradients, _engine
 from tests.per_sample._reference import dot_mean_of, dot_of, reference_grads, stats_of
 
 ALL = ("norm", "grad", "sum_sq", "variance", "dot", "dot_mean")
@@ -225,6 +225,28 @@ def test_mean_loss_under_a_scaler_every_statistic(name: str, stats, device) -> N
     with PerSampleGradients(model, stats=stats, scaler=scaler) as ps:
         scaler.scale(loss_fn(model(x), y)).backward()
     _check(ps, ref, stats, TOL64)
+
+
+@pytest.mark.parametrize("pending", [0, 1 << 30], ids=["flushed_each", "flushed_once"])
+@pytest.mark.parametrize(
+    "stats",
+    [("norm", "sum_sq", "variance", "dot_mean"), ("grad", "sum_sq", "dot_mean")],
+    ids=["statistics", "with_grad"],
+)
+@pytest.mark.parametrize("name", ["cnn", "group_norm_cnn", "transformer_tied"])
+def test_formed_gradients_reduced_together_or_one_by_one(
+    name: str, stats, pending: int, monkeypatch
+) -> None:
+    """Per-sample gradients formed for statistics wait to be reduced with the others of their
+    size; the same numbers whether the budget flushes them one at a time or all at the end."""
+    monkeypatch.setattr(_engine, "_PENDING_BYTES", pending)
+    make, data, loop = CASES[name]
+    model = make().double()
+    x, y = data(5)
+    x = x.double() if x.is_floating_point() else x
+    loss_fn = _loss_for(name, "mean")
+    ref = reference_grads(model, loss_fn, x, y, loop=loop)
+    _check(_run(model, loss_fn, x, y, "mean", stats), ref, stats, TOL64)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer_tied", "lstm"])
