@@ -223,7 +223,7 @@ class PerSampleGradients(HookContext):
         self._dot_grads: dict[str, torch.Tensor] = {}
         self._dot_mean: dict[str, torch.Tensor] = {}
         self._got_grad: set[str] = set()
-        self._unscaled: list[str] = []  # parameters whose statistics _finalize scales
+        self._unscaled: set[str] = set()  # parameters whose statistics _finalize scales
         self._pending: list[tuple[str, torch.Tensor]] = []  # per-sample gradients for _flush
         self._pending_bytes = 0
         self._backward = False
@@ -427,7 +427,7 @@ class PerSampleGradients(HookContext):
         if single:
             if f != 1.0:
                 if self._stored_numel(call) < d.numel():
-                    self._unscaled.extend(call.names.values())
+                    self._unscaled.update(call.names.values())
                 else:
                     d = d * f
             self._single(call, a, d, names)
@@ -527,36 +527,43 @@ class PerSampleGradients(HookContext):
 
     def _flush(self) -> None:
         """The statistics of the waiting per-sample gradients (:meth:`_finish`): those of one
-        size, dtype and device stacked ``(k, B, P)`` and reduced together."""
+        shape, dtype and device stacked ``(k, B, P)`` and reduced together."""
         if not self._pending:
             return
+        # unscaled ones (calls of their own, _output_grad) are scaled here, on the reduced
+        # results, unless the gradients are kept as well (then _scale_unscaled does it all)
+        keep = "grad" in self._stats
+        unscaled = self._unscaled
         groups: dict[tuple[Any, ...], list[tuple[str, torch.Tensor]]] = {}
         for name, g in self._pending:
-            key = (g.shape[0], g[0].numel(), g.dtype, g.device)
+            key = (g.shape, g.dtype, g.device, not keep and name in unscaled)
             groups.setdefault(key, []).append((name, g))
         self._pending = []
         self._pending_bytes = 0
-        for (b, _, _, _), items in groups.items():
+        for (shape, _, _, scale), items in groups.items():
             names = [n for n, _ in items]
-            shapes = [g.shape[1:] for _, g in items]
-            if len(items) == 1:
-                x = items[0][1].reshape(1, b, -1)
-            else:
-                x = torch.stack([g.reshape(b, -1) for _, g in items])
+            k, b = len(items), shape[0]
+            f = self._factor(b) if scale else 1.0
+            f2 = f * f
+            stacked = items[0][1][None] if k == 1 else torch.stack([g for _, g in items])
+            x = stacked.reshape(k, b, -1)
             sq = x.square()
-            if "grad" not in self._stats:  # else taken from the kept gradients when read
-                self._norm_sq.update(zip(names, sq.sum(2).unbind(0)))
+            if not keep:  # else taken from the kept gradients when read
+                self._norm_sq.update(zip(names, _times(sq.sum(2), f2).unbind(0)))
             if self._moments:
-                for n, shape, t in zip(names, shapes, sq.sum(1).unbind(0)):
-                    self._sum_sq[n] = t.view(shape)
+                sum_sq = _times(sq.sum(1), f2).view(k, *shape[1:])
+                self._sum_sq.update(zip(names, sum_sq.unbind(0)))
                 if "variance" in self._stats:  # the sum: for gather()'s variance
-                    sums, var = x.sum(1), x.var(1, unbiased=False)
-                    for n, shape, t, v in zip(names, shapes, sums.unbind(0), var.unbind(0)):
-                        self._sum[n], self._variance[n] = t.view(shape), v.view(shape)
+                    sums = _times(x.sum(1), f).view(k, *shape[1:])
+                    var = _times(x.var(1, unbiased=False), f2).view(k, *shape[1:])
+                    self._sum.update(zip(names, sums.unbind(0)))
+                    self._variance.update(zip(names, var.unbind(0)))
             if "dot_mean" in self._stats:
                 # a product and a sum: bmm with one column is several times slower on CPU
-                dots = (x * x.mean(1, keepdim=True)).sum(2)  # (k, B)
+                dots = (x * _times(x.mean(1, keepdim=True), f2)).sum(2)  # (k, B)
                 self._dot_mean.update(zip(names, dots.unbind(0)))
+            if scale:
+                unscaled.difference_update(names)
 
     # -- finishing ----------------------------------------------------------------------------
     def _fallback_params(self, module: nn.Module) -> dict[str, nn.Parameter]:
@@ -633,7 +640,7 @@ class PerSampleGradients(HookContext):
             if keys:
                 scaled = torch._foreach_mul([store[n] for n in keys], f**power)
                 store.update(zip(keys, scaled))
-        self._unscaled = []
+        self._unscaled = set()
 
     def _fill_unused(self) -> None:
         b = self._b if self._b is not None else 0
@@ -833,6 +840,11 @@ class PerSampleGradients(HookContext):
                     dtype = p.dtype if p.dtype not in _LOW else torch.float32
                     out[n] = torch.zeros(b, dtype=dtype, device=p.device)
         return {n: out[n] for n in self._params}
+
+
+def _times(t: torch.Tensor, f: float) -> torch.Tensor:
+    """``t * f`` in place (``t`` is a fresh result); ``t`` itself for ``f == 1``."""
+    return t if f == 1.0 else t.mul_(f)
 
 
 def _forward_hook(ref: weakref.ref, method: str, owner: str, rule: Rule | None):
