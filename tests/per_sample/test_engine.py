@@ -221,7 +221,7 @@ def test_mean_loss_under_a_scaler_every_statistic(name: str, stats, device) -> N
     x, y = (x.double() if x.is_floating_point() else x).to(device), y.to(device)
     loss_fn = _loss_for(name, "mean")
     ref = reference_grads(model, loss_fn, x, y, loop=loop)
-    scaler = torch.amp.GradScaler(device, init_scale=2.0**7)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**7)
     with PerSampleGradients(model, stats=stats, scaler=scaler) as ps:
         scaler.scale(loss_fn(model(x), y)).backward()
     _check(ps, ref, stats, TOL64)
