@@ -547,10 +547,13 @@ class PerSampleGradients(HookContext):
             f2 = f * f
             stacked = items[0][1][None] if k == 1 else torch.stack([g for _, g in items])
             x = stacked.reshape(k, b, -1)
-            sq = x.square()
+            # squares kept only where sum_sq needs them (as _finish did): no temporary of a
+            # large parameter's per-sample gradients for its norms or dot products
+            sq = x.square() if self._moments else None
             if not keep:  # else taken from the kept gradients when read
-                self._norm_sq.update(zip(names, _times(sq.sum(2), f2).unbind(0)))
-            if self._moments:
+                ns = torch.linalg.vector_norm(x, dim=2).square_() if sq is None else sq.sum(2)
+                self._norm_sq.update(zip(names, _times(ns, f2).unbind(0)))
+            if sq is not None:
                 sum_sq = _times(sq.sum(1), f2).view(k, *shape[1:])
                 self._sum_sq.update(zip(names, sum_sq.unbind(0)))
                 if "variance" in self._stats:  # the sum: for gather()'s variance
@@ -559,8 +562,11 @@ class PerSampleGradients(HookContext):
                     self._sum.update(zip(names, sums.unbind(0)))
                     self._variance.update(zip(names, var.unbind(0)))
             if "dot_mean" in self._stats:
-                # a product and a sum: bmm with one column is several times slower on CPU
-                dots = (x * _times(x.mean(1, keepdim=True), f2)).sum(2)  # (k, B)
+                mean = _times(x.mean(1, keepdim=True), f2)  # (k, 1, P)
+                if k == 1:  # no temporary (a group of several is within _PENDING_BYTES)
+                    dots = (x[0] @ mean[0, 0])[None]
+                else:  # a product and a sum: bmm with one column is ~5x slower on CPU
+                    dots = (x * mean).sum(2)  # (k, B)
                 self._dot_mean.update(zip(names, dots.unbind(0)))
             if scale:
                 unscaled.difference_update(names)
