@@ -260,38 +260,39 @@ def _ghost_cheaper(module: Any, a: torch.Tensor, d: torch.Tensor) -> bool:
     per-sample gradient (``O(L I O)``): ``2 L^2 < I O`` per group."""
     inp, out, _ = _as_conv(module, a, d)
     g = module.groups
-    positions = out[0, 0].numel()
+    positions = math.prod(out.shape[2:])
     i = inp.shape[1] // g * math.prod(module.kernel_size)
     return 2 * positions * positions < i * (out.shape[1] // g)
+
+
+def _by_chunks(fn: Any, a: torch.Tensor, d: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``fn(a, d)`` of ``chunk`` samples at a time, concatenated (one call for one chunk)."""
+    b = a.shape[0]
+    if chunk >= b:
+        return fn(a, d)
+    return torch.cat([fn(a[k : k + chunk], d[k : k + chunk]) for k in range(0, b, chunk)])
 
 
 def _norm_sq(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
     out = {}
     if "weight" in names:
+        b = a.shape[0]
         if _ghost_cheaper(module, a, d):
             # the patches are prod(kernel) times the input: unfolded a few samples at a time
-            b = a.shape[0]
             chunk = max(1, b // max(1, math.prod(module.kernel_size)))
-            out["weight"] = torch.cat(
-                [
-                    seq_norm_sq(*_patches(module, a[k : k + chunk], d[k : k + chunk]))
-                    for k in range(0, b, chunk)
-                ]
+            out["weight"] = _by_chunks(
+                lambda a, d: seq_norm_sq(*_patches(module, a, d)), a, d, chunk
             )
         else:
             # formed a few samples at a time: each chunk's per-sample gradients are no larger
             # than the layer's input, which autograd holds anyway (the norms step's peak memory
             # stays that of a plain step)
-            b = a.shape[0]
-            chunk = max(1, min(b, a.numel() // max(1, module.weight.numel())))
-            out["weight"] = torch.cat(
-                [
-                    _per_sample_weight(module, a[k : k + chunk], d[k : k + chunk])
-                    .flatten(1)
-                    .square()
-                    .sum(1)
-                    for k in range(0, b, chunk)
-                ]
+            chunk = max(1, a.numel() // max(1, module.weight.numel()))
+            out["weight"] = _by_chunks(
+                lambda a, d: _per_sample_weight(module, a, d).flatten(1).square().sum(1),
+                a,
+                d,
+                chunk,
             )
     if "bias" in names:
         out["bias"] = _bias_grad(module, a, d).square().sum(1)
@@ -334,7 +335,8 @@ def _dot_mean(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> di
 def _moments(
     module: Any, a: torch.Tensor, d: torch.Tensor, names: Names, with_sum: bool
 ) -> dict | None:
-    if (d if not isinstance(module, nn.modules.conv._ConvTransposeNd) else a)[0, 0].numel() != 1:
+    out_grad = a if isinstance(module, nn.modules.conv._ConvTransposeNd) else d
+    if math.prod(out_grad.shape[2:]) != 1:  # shape arithmetic: indexing makes a view (~10 us)
         return None  # several positions: no cheaper closed form than the per-sample gradients
     cols, outs = _patches(module, a, d)
     m = seq_moments(cols, outs, with_sum)

@@ -38,6 +38,10 @@ STATS = ("norm", "grad", "sum_sq", "variance", "dot", "dot_mean")
 _REDUCTIONS = ("mean", "sum")
 _LOW = (torch.float16, torch.bfloat16)
 _FN = "PerSampleGradients"
+#: Per-sample gradients formed for statistics only wait, up to this many bytes, to be reduced
+#: together with those of other parameters of their size (a few operations per step rather than
+#: six per parameter: a CNN of small layers spends more on dispatching them than on the numbers).
+_PENDING_BYTES = 4 << 20
 
 
 @dataclass(eq=False)
@@ -50,7 +54,7 @@ class _Call:
     a: torch.Tensor | None
     names: dict[str, str]  # local parameter name -> model parameter name (trainable ones)
     b: int
-    d: torch.Tensor | None = None
+    d: torch.Tensor | None = None  # the output gradient as it came (kept for dot())
 
 
 def _check_args(model: Any, stats: Any, loss_reduction: Any, scaler: Any) -> tuple[str, ...]:
@@ -219,6 +223,9 @@ class PerSampleGradients(HookContext):
         self._dot_grads: dict[str, torch.Tensor] = {}
         self._dot_mean: dict[str, torch.Tensor] = {}
         self._got_grad: set[str] = set()
+        self._unscaled: set[str] = set()  # parameters whose statistics _finalize scales
+        self._pending: list[tuple[str, torch.Tensor]] = []  # per-sample gradients for _flush
+        self._pending_bytes = 0
         self._backward = False
         self._final = False
         self._closed = False
@@ -406,28 +413,49 @@ class PerSampleGradients(HookContext):
         single = self._calls[id(call.module)] == 1 and all(
             len(self._owners[n]) == 1 for n in call.names.values()
         )
-        # Every rule is linear in d: scaling d (activation-sized) scales every per-sample
-        # quantity to that of g_i, without a pass over them; where only per-sample
-        # gradients are formed and they are smaller than d (early convolutions), those are
-        # scaled instead.
+        # Every rule is linear in d, so each result is that of g_i times a power of f (the
+        # same f for every call of the step): the smallest of d, the per-sample gradients
+        # formed or what the call stores is scaled. A call of its own (single) stores
+        # statistics unscaled where they are smaller than d (a convolution's: B numbers and
+        # a weight's worth against an activation), scaled all at once in _finalize.
         f = self._factor(call.b)
-        formed = "dot" not in self._stats and (not single or "grad" in self._stats)
-        if f != 1.0 and formed and self._grad_numel(call) < d.numel():
-            call.a = None
-            for ln, g in call.rule.grad(call.module, a, d, names).items():
-                (self._finish if single else self._add)(call.names[ln], g * f)
-            return
-        d = d * f
-        if "dot" in self._stats:
+        if "dot" in self._stats:  # unscaled: dot() scales its results
             call.a, call.d = a, d
             self._records.append(call)
         else:
             call.a = None
         if single:
+            if f != 1.0:
+                if self._stored_numel(call) < d.numel():
+                    self._unscaled.update(call.names.values())
+                else:
+                    d = d * f
             self._single(call, a, d, names)
-        else:
+            return
+        if f != 1.0 and self._grad_numel(call) < d.numel():
             for ln, g in call.rule.grad(call.module, a, d, names).items():
-                self._add(call.names[ln], g)
+                self._add(call.names[ln], g * f)
+            return
+        if f != 1.0:
+            d = d * f
+        for ln, g in call.rule.grad(call.module, a, d, names).items():
+            self._add(call.names[ln], g)
+
+    def _stored_numel(self, call: _Call) -> int:
+        """How many numbers the statistics of a call of its own hold (:meth:`_single`):
+        ``B`` per parameter for the norms and for ``"dot_mean"``, the parameter's size for
+        ``"sum_sq"`` (thrice with ``"variance"``), ``B`` times it for ``"grad"``."""
+        stats, b = self._stats, call.b
+        per_b = 2 if "dot_mean" in stats else 1
+        per_p = 3 if "variance" in stats else 1 if "sum_sq" in stats else 0
+        n = 0
+        for ln in call.names:
+            p = call.module._parameters[ln]
+            if p is not None:
+                n += b * per_b + per_p * p.numel()
+                if "grad" in stats:
+                    n += b * p.numel()
+        return n
 
     @staticmethod
     def _grad_numel(call: _Call) -> int:
@@ -481,20 +509,67 @@ class PerSampleGradients(HookContext):
     def _finish(self, name: str, g: torch.Tensor, *, norm_only: bool = False):
         """The statistics of one parameter from its per-sample gradients ``(B, *shape)``
         (``norm_only``: the norms, and the gradients if kept). The norms of kept gradients are
-        taken when read (:meth:`_norms_sq`): a step that only wants ``ps.grad`` never pays."""
-        moments = not norm_only
-        flat = g.flatten(1)
-        if "grad" in self._stats:
+        taken when read (:meth:`_norms_sq`): a step that only wants ``ps.grad`` never pays.
+        Otherwise the gradients wait (up to :data:`_PENDING_BYTES`) to be reduced with those of
+        other parameters of their size (:meth:`_flush`): a few operations per step rather than
+        six per parameter."""
+        keep = "grad" in self._stats
+        if keep:
             self._grad[name] = g
-        else:
-            self._norm_sq[name] = torch.linalg.vector_norm(flat, dim=1).square()
-        if moments and self._moments:
-            self._sum_sq[name] = g.square().sum(0)
-            if "variance" in self._stats:  # the sum: for gather()'s variance
-                self._sum[name] = g.sum(0)
-                self._variance[name] = g.var(0, unbiased=False)
-        if moments and "dot_mean" in self._stats:
-            self._dot_mean[name] = flat @ flat.mean(0)
+        if norm_only or (keep and not self._moments and "dot_mean" not in self._stats):
+            if not keep:
+                self._norm_sq[name] = torch.linalg.vector_norm(g.flatten(1), dim=1).square()
+            return
+        self._pending.append((name, g))
+        self._pending_bytes += g.numel() * g.element_size()
+        if self._pending_bytes > _PENDING_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        """The statistics of the waiting per-sample gradients (:meth:`_finish`): those of one
+        shape, dtype and device stacked ``(k, B, P)`` and reduced together."""
+        if not self._pending:
+            return
+        # unscaled ones (calls of their own, _output_grad) are scaled here, on the reduced
+        # results, unless the gradients are kept as well (then _scale_unscaled does it all)
+        keep = "grad" in self._stats
+        unscaled = self._unscaled
+        groups: dict[tuple[Any, ...], list[tuple[str, torch.Tensor]]] = {}
+        for name, g in self._pending:
+            key = (g.shape, g.dtype, g.device, not keep and name in unscaled)
+            groups.setdefault(key, []).append((name, g))
+        self._pending = []
+        self._pending_bytes = 0
+        for (shape, _, _, scale), items in groups.items():
+            names = [n for n, _ in items]
+            k, b = len(items), shape[0]
+            f = self._factor(b) if scale else 1.0
+            f2 = f * f
+            stacked = items[0][1][None] if k == 1 else torch.stack([g for _, g in items])
+            x = stacked.reshape(k, b, -1)
+            # squares kept only where sum_sq needs them (as _finish did): no temporary of a
+            # large parameter's per-sample gradients for its norms or dot products
+            sq = x.square() if self._moments else None
+            if not keep:  # else taken from the kept gradients when read
+                ns = torch.linalg.vector_norm(x, dim=2).square_() if sq is None else sq.sum(2)
+                self._norm_sq.update(zip(names, _times(ns, f2).unbind(0)))
+            if sq is not None:
+                sum_sq = _times(sq.sum(1), f2).view(k, *shape[1:])
+                self._sum_sq.update(zip(names, sum_sq.unbind(0)))
+                if "variance" in self._stats:  # the sum: for gather()'s variance
+                    sums = _times(x.sum(1), f).view(k, *shape[1:])
+                    var = _times(x.var(1, unbiased=False), f2).view(k, *shape[1:])
+                    self._sum.update(zip(names, sums.unbind(0)))
+                    self._variance.update(zip(names, var.unbind(0)))
+            if "dot_mean" in self._stats:
+                mean = _times(x.mean(1, keepdim=True), f2)  # (k, 1, P)
+                if k == 1:  # no temporary (a group of several is within _PENDING_BYTES)
+                    dots = (x[0] @ mean[0, 0])[None]
+                else:  # a product and a sum: bmm with one column is ~5x slower on CPU
+                    dots = (x * mean).sum(2)  # (k, B)
+                self._dot_mean.update(zip(names, dots.unbind(0)))
+            if scale:
+                unscaled.difference_update(names)
 
     # -- finishing ----------------------------------------------------------------------------
     def _fallback_params(self, module: nn.Module) -> dict[str, nn.Parameter]:
@@ -543,11 +618,35 @@ class PerSampleGradients(HookContext):
                 for name, g in self._acc.items():
                     self._finish(name, g)
                 self._acc = {}
+                self._flush()
                 self._fill_unused()
+                self._flush()
+                if self._unscaled:
+                    self._scale_unscaled()
         finally:
             self._replaying = False
             REPLAY.depth -= 1
         self._final = True
+
+    def _scale_unscaled(self) -> None:
+        """Scale the statistics that calls of their own left unscaled (:meth:`_output_grad`)
+        to those of ``g_i``: by ``f`` the per-sample gradients and sums, ``f**2`` the rest.
+        Out of place: a rule may return a view of its input (a normalization's bias)."""
+        f = self._factor(self._b or 0)
+        names = self._unscaled
+        for store, power in (
+            (self._norm_sq, 2),
+            (self._sum_sq, 2),
+            (self._variance, 2),
+            (self._dot_mean, 2),
+            (self._sum, 1),
+            (self._grad, 1),
+        ):
+            keys = [n for n in names if n in store]
+            if keys:
+                scaled = torch._foreach_mul([store[n] for n in keys], f**power)
+                store.update(zip(keys, scaled))
+        self._unscaled = set()
 
     def _fill_unused(self) -> None:
         b = self._b if self._b is not None else 0
@@ -729,16 +828,17 @@ class PerSampleGradients(HookContext):
             out[name] = part if prev is None else prev + part
 
         with torch.no_grad():
+            f = self._factor(b)  # the records hold the output gradients as they came
             for call in self._records:
                 a, d = call.a, call.d
                 assert a is not None and d is not None
                 for ln, n in call.names.items():
                     vv = {ln: v[n].detach()}
                     if call.rule.dot is not None:
-                        add(n, call.rule.dot(call.module, a, d, vv))
+                        add(n, call.rule.dot(call.module, a, d, vv) * f)
                     else:
                         g = call.rule.grad(call.module, a, d, (ln,))[ln]
-                        add(n, (g * vv[ln].to(g.dtype)).flatten(1).sum(1))
+                        add(n, (g * vv[ln].to(g.dtype)).flatten(1).sum(1) * f)
             for n, g in self._dot_grads.items():
                 add(n, (g * v[n].detach().to(g.dtype)).flatten(1).sum(1))
             for n, p in self._params.items():
@@ -746,6 +846,11 @@ class PerSampleGradients(HookContext):
                     dtype = p.dtype if p.dtype not in _LOW else torch.float32
                     out[n] = torch.zeros(b, dtype=dtype, device=p.device)
         return {n: out[n] for n in self._params}
+
+
+def _times(t: torch.Tensor, f: float) -> torch.Tensor:
+    """``t * f`` in place (``t`` is a fresh result); ``t`` itself for ``f == 1``."""
+    return t if f == 1.0 else t.mul_(f)
 
 
 def _forward_hook(ref: weakref.ref, method: str, owner: str, rule: Rule | None):

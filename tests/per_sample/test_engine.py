@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradlab.per_sample import PerSampleGradients
+from gradlab.per_sample import PerSampleGradients, _engine
 from tests.per_sample._reference import dot_mean_of, dot_of, reference_grads, stats_of
 
 ALL = ("norm", "grad", "sum_sq", "variance", "dot", "dot_mean")
@@ -201,6 +201,52 @@ def test_matches_vmap_grad_float64(name: str, stats, reduction: str, device) -> 
     ref = reference_grads(model, loss_fn, x, y, loop=loop)
     ps = _run(model, loss_fn, x, y, reduction, stats)
     _check(ps, ref, stats, TOL64)
+
+
+@pytest.mark.parametrize(
+    "stats",
+    [ALL, ("norm",), ("norm", "sum_sq", "variance"), ("norm", "sum_sq", "dot_mean", "dot")],
+    ids=["all", "norm", "moments", "economy"],
+)
+@pytest.mark.parametrize("name", ["mlp", "cnn", "group_norm_cnn", "transformer_tied", "lstm"])
+def test_mean_loss_under_a_scaler_every_statistic(name: str, stats, device) -> None:
+    """The engine brings each result to ``g_i`` (times ``B``, over the loss scale) by scaling
+    whichever is smallest: the output gradient, the per-sample gradients formed, or the
+    statistics a layer stores (scaled once after the backward: the convolutions here, whose
+    output gradients outweigh their weights); ``dot`` scales its results. Every statistic
+    against vmap(grad) of the unscaled per-sample loss."""
+    make, data, loop = CASES[name]
+    model = make().double().to(device)
+    x, y = data(5)
+    x, y = (x.double() if x.is_floating_point() else x).to(device), y.to(device)
+    loss_fn = _loss_for(name, "mean")
+    ref = reference_grads(model, loss_fn, x, y, loop=loop)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**7)
+    with PerSampleGradients(model, stats=stats, scaler=scaler) as ps:
+        scaler.scale(loss_fn(model(x), y)).backward()
+    _check(ps, ref, stats, TOL64)
+
+
+@pytest.mark.parametrize("pending", [0, 1 << 30], ids=["flushed_each", "flushed_once"])
+@pytest.mark.parametrize(
+    "stats",
+    [("norm", "sum_sq", "variance", "dot_mean"), ("grad", "sum_sq", "dot_mean")],
+    ids=["statistics", "with_grad"],
+)
+@pytest.mark.parametrize("name", ["cnn", "group_norm_cnn", "transformer_tied"])
+def test_formed_gradients_reduced_together_or_one_by_one(
+    name: str, stats, pending: int, monkeypatch
+) -> None:
+    """Per-sample gradients formed for statistics wait to be reduced with the others of their
+    size; the same numbers whether the budget flushes them one at a time or all at the end."""
+    monkeypatch.setattr(_engine, "_PENDING_BYTES", pending)
+    make, data, loop = CASES[name]
+    model = make().double()
+    x, y = data(5)
+    x = x.double() if x.is_floating_point() else x
+    loss_fn = _loss_for(name, "mean")
+    ref = reference_grads(model, loss_fn, x, y, loop=loop)
+    _check(_run(model, loss_fn, x, y, "mean", stats), ref, stats, TOL64)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer_tied", "lstm"])
