@@ -112,6 +112,53 @@ class DistScratch:
         d = np.subtract(a, b, out=buf[: a.size])
         return float(fns[0](d, d))
 
+    def moved(
+        self,
+        p: torch.Tensor,
+        snap: torch.Tensor | None,
+        origin: torch.Tensor | None,
+        measure: bool,
+        copy: bool,
+    ) -> tuple[float | None, float | None] | None:
+        """``(||p - snap||^2 if measure, ||p - origin||^2 if origin is given)``, then ``snap``
+        overwritten with ``p`` if ``copy``: one loop over ``p`` while it is in cache (measured
+        and copied: the difference is formed in ``snap`` itself). None where BLAS cannot take
+        the tensors (nothing done then)."""
+        fns = _BLAS.get(p.dtype)
+        if fns is None:
+            return None
+        a = _flat_numpy(p)
+        if a is None:
+            return None
+        n = a.size
+        b = c = None
+        if snap is not None and (measure or copy):
+            b = _flat_numpy(snap) if snap.dtype == p.dtype else None
+            if b is None or b.size != n:
+                return None
+        if origin is not None:
+            c = _flat_numpy(origin) if origin.dtype == p.dtype else None
+            if c is None or c.size != n:
+                return None
+        dot = fns[0]
+        update = dist = None
+        if c is not None:
+            d = np.subtract(a, c, out=self._buffer(a))
+            dist = float(dot(d, d))
+        if b is not None:
+            if measure:
+                d = np.subtract(b, a, out=b) if copy else np.subtract(a, b, out=self._buffer(a))
+                update = float(dot(d, d))
+            if copy:
+                np.copyto(b, a)
+        return update, dist
+
+    def _buffer(self, a: Any) -> Any:
+        buf = self._buffers.get(a.dtype)
+        if buf is None or buf.size < a.size:
+            buf = self._buffers[a.dtype] = np.empty(a.size, dtype=a.dtype)
+        return buf[: a.size]
+
 
 class GsnrScratch:
     """One parameter's GSNR sum from its gradient and its per-sample second moment, in cache.
