@@ -178,15 +178,23 @@ def test_no_global_optimizer_hook_left_behind() -> None:
     assert dict(optim_module._global_optimizer_post_hooks) == before
 
 
+@pytest.mark.parametrize("blas", [True, False], ids=["blas", "torch"])
 @pytest.mark.parametrize("inside", ["none", "in_place", "data_swap"])
 @pytest.mark.parametrize("by_hand", ["no_grad", "data"])
-def test_steps_by_hand_and_changes_inside_the_pass(by_hand, inside, device) -> None:  # type: ignore[no-untyped-def]
+def test_steps_by_hand_and_changes_inside_the_pass(
+    monkeypatch, by_hand, inside, blas, device
+) -> None:  # type: ignore[no-untyped-def]
     """A loop that steps by hand (no optimizer hook): each backward's first hook measures the
     last update and refreshes the snapshot and the distance in the same loop, and the pass's end
     skips them if nothing changed since. The hand step through ``p.data`` (no version bump) and
     a parameter changed inside the pass after that refresh (in place, or its ``.data``
     replaced) must still give the formulas: update_t = ||theta_{t+1} - theta_t||, distance_t =
-    ||theta_t - theta_0||, theta_t the parameters at the end of backward t."""
+    ||theta_t - theta_0||, theta_t the parameters at the end of backward t. Without BLAS (no
+    SciPy, or CUDA): the same by torch ops."""
+    import gradlab.hooks._stats as stats
+
+    if not blas:
+        monkeypatch.setattr(stats, "_BLAS", {})
     model = mlp().to(device)
     x = input_for(model, device)
     ends, starts = [], []

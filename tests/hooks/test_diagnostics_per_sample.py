@@ -408,16 +408,25 @@ class _Shared(nn.Module):
         return self.head(torch.tanh(self.b(torch.tanh(self.a(h)))))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("blas", [True, False], ids=["blas", "torch"])
 @pytest.mark.parametrize("tic", [False, True], ids=["gsnr", "gsnr_tic"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_gsnr_in_the_leaf_hook_and_from_a_copy(monkeypatch, dtype, tic, device) -> None:  # type: ignore[no-untyped-def]
+def test_gsnr_in_the_leaf_hook_and_from_a_copy(
+    monkeypatch, dtype, tic, blas, reduction, device
+) -> None:  # type: ignore[no-untyped-def]
     """gsnr, each module's and the whole model's, against the formula, whichever way each
-    parameter's sum is taken. With TIC, which reads the engine's ``sum_i g_i^2`` after the leaf
-    hooks ran, those stay intact (compared with the reference's). float32: the monitor's
-    float32 sums against the float64 formula on the same parameters (relative error ~2e-7;
-    1e-5 leaves room)."""
+    parameter's sum is taken (in the leaf hook by numpy/BLAS, or by torch ops as without SciPy
+    or on CUDA). With TIC, which reads the engine's ``sum_i g_i^2`` after the leaf hooks ran,
+    those stay intact (compared with the reference's). float32: the monitor's float32 sums
+    against the float64 formula on the same parameters (relative error ~2e-7; 1e-5 leaves
+    room)."""
     import gradlab.hooks._persample as persample
+    import gradlab.hooks._stats as stats
     import gradlab.hooks._tic as tic_mod
+
+    if not blas:
+        monkeypatch.setattr(stats, "_BLAS", {})
 
     in_hook: set[str] = set()
     copied: set[str] = set()
@@ -450,12 +459,13 @@ def test_gsnr_in_the_leaf_hook_and_from_a_copy(monkeypatch, dtype, tic, device) 
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     refs = []
     names = ("gsnr", "tic") if tic else ("gsnr",)
-    with GradientMonitor(model, diagnostics=names) as monitor:
+    scale = 8.0 if reduction == "sum" else 1.0  # loss = sum_i l_i over the batch of 8
+    with GradientMonitor(model, diagnostics=names, loss_reduction=reduction) as monitor:
         for step in range(2):
             x, y = (t.to(device) for t in _data(_mlp(), step))
             refs.append(_ref(factory, model, x, y))
             opt.zero_grad()
-            _loss(model(x.to(dtype)), y.to(dtype)).backward()
+            (_loss(model(x.to(dtype)), y.to(dtype)) * scale).backward()
             opt.step()
     # a's bias too: the engine takes a call with a shared parameter as a whole by summing
     assert copied == {"twice.weight", "twice.bias", "a.weight", "a.bias"}
