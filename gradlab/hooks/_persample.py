@@ -8,9 +8,10 @@ the next (inactive in between) and come off for a step without diagnostics and a
 ``g_i`` the gradient of sample i's loss term (no 1/B) restricted to a group of parameters (one
 monitored module, or all of them) and ``m = (1/B) sum_i g_i`` (from the gradient this backward
 contributed, read by a leaf hook before it is accumulated into ``.grad`` and never held: its
-squared norm, and for ``gsnr`` a copy into a buffer kept between steps; the dots ``g_i . m``
-come from the engine's ``dot_mean``, whose ``m`` is the mean of its ``g_i``), the ingredients
-are, per group:
+squared norm, and for ``gsnr`` the parameter's GSNR sum taken there from the engine's
+``sum_i g_i^2`` where it is ready, else a copy into a buffer kept between steps; the dots
+``g_i . m`` come from the engine's ``dot_mean``, whose ``m`` is the mean of its ``g_i``), the
+ingredients are, per group:
 
 * ``ps_b``: ``B``;
 * ``ps_sum_norm_sq``: ``sum_i ||g_i||^2``; ``ps_mean_sq``: ``||m||^2``;
