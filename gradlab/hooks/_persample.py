@@ -154,9 +154,13 @@ class PerSampleSteps:
         if not self.open:
             return
         g = g.detach() if g.requires_grad else g  # a double backward's: no graph to record
+        if self._gsnr:
+            found = self._gsnr_term(name, g)
+            if found is not None:
+                self._grads[name] = (found[1], found[0], None)
+                return
         sq = blas_sum_sq(g)
-        term = self._gsnr_term(name, g) if self._gsnr else None
-        if self._gsnr and term is None:
+        if self._gsnr:
             buf = self._buffers.get(name)
             if buf is None or buf.shape != g.shape or buf.dtype != g.dtype:
                 buf = self._buffers[name] = torch.empty_like(g)
@@ -164,23 +168,24 @@ class PerSampleSteps:
             return
         if sq is None:
             sq = torch.linalg.vector_norm(g).square()
-        self._grads[name] = (sq, term, None)
+        self._grads[name] = (sq, None, None)
 
     def _gsnr_term(self, name: str, g: torch.Tensor) -> Any:
-        """``sum_j m_j^2 / ((1/B) v_j - m_j^2 + eps) / B`` of one parameter, from the engine's
-        ``v`` if it is there already (a float or a 0-dim tensor); else None. Overwrites ``v``
-        (recomputed every step) unless TIC reads it later."""
+        """``(sum_j m_j^2 / ((1/B) v_j - m_j^2 + eps) / B, ||g||^2)`` of one parameter (floats,
+        or 0-dim tensors), from the engine's ``v`` if it is there already; else None.
+        Overwrites ``v`` (recomputed every step) unless TIC reads it later."""
         engine = self._engine
         v = engine._sum_sq.get(name)
         b = engine._b
         if v is None or b is None or v.shape != g.shape or v.dtype != g.dtype or g.dtype in _LOW:
             return None
         u = engine._factor(b) / b  # m = u g: the loss scale and the reduction undone
-        term = self._scratch.term(g, v, b, u, GSNR_EPS, self._v_ours)
-        if term is None and v.device == g.device:  # CUDA, non-contiguous: no copy either
+        found = self._scratch.term(g, v, b, u, GSNR_EPS, self._v_ours)
+        if found is None and v.device == g.device:  # CUDA, non-contiguous: no copy either
             den = torch.addcmul(v, g, g, value=-b * u * u).add_(b * GSNR_EPS)
             term = torch.dot(g.reshape(-1), torch.div(g, den, out=den).reshape(-1)) * (u * u)
-        return term
+            found = (term, torch.linalg.vector_norm(g).square())
+        return found
 
     def backward_done(self, diag: StepDiagnostics | None, scale: Any) -> None:
         """The backward pass ended (an engine callback: nothing is computed here)."""

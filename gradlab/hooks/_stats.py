@@ -165,17 +165,18 @@ class GsnrScratch:
 
     With ``g`` this backward's gradient of a parameter, ``u`` the factor that makes it the batch
     mean ``m = u g`` (the loss scale and reduction undone), ``v_j = sum_i g_ij^2`` over the ``B``
-    samples and ``eps`` the GSNR's epsilon, :meth:`term` returns::
+    samples and ``eps`` the GSNR's epsilon, :meth:`term` returns ``(t, ||g||^2)`` with::
 
-        sum_j m_j^2 / ((1/B) v_j - m_j^2 + eps) / B
+        t = sum_j m_j^2 / ((1/B) v_j - m_j^2 + eps) / B
           = u^2 sum_j g_j (g_j / (v_j - B u^2 g_j^2 + B eps))
 
     meant for a leaf hook, while ``g`` is in cache. With ``overwrite``, four passes over ``v``,
     which ends up holding ``g_j / (...)``: ``addcmul_`` (the one fused multiply-add), then
     numpy's add and divide and a BLAS dot (inside autograd's hooks a torch op costs ~10 us of
     dispatch, a numpy call ~2 us); else six passes over one scratch buffer per dtype, kept for
-    every parameter (so it stays in cache). Accumulated in the tensors' precision (float32 for
-    float32). None where BLAS cannot take the pair (see :func:`blas_stats`; also tensors of
+    every parameter (so it stays in cache); ``||g||^2`` by one more BLAS dot on the same view.
+    Accumulated in the tensors' precision (float32 for float32). None where BLAS cannot take
+    the pair (see :func:`blas_stats`; also tensors of
     different dtypes or sizes).
     """
 
@@ -186,13 +187,15 @@ class GsnrScratch:
 
     def term(
         self, g: torch.Tensor, v: torch.Tensor, b: int, u: float, eps: float, overwrite: bool
-    ) -> float | None:
+    ) -> tuple[float, float] | None:
         fns = _BLAS.get(g.dtype)
         if fns is None or v.dtype != g.dtype or v.requires_grad:
             return None
         a, w = _flat_numpy(g), _flat_numpy(v)
         if a is None or w is None or a.size != w.size:
             return None
+        dot = fns[0]
+        sq = float(dot(a, a))
         if overwrite:
             v.addcmul_(g, g, value=-b * u * u)
             s = w
@@ -205,7 +208,7 @@ class GsnrScratch:
             s += w
         s += b * eps  # v_j - B m_j^2 + B eps
         np.divide(a, s, out=s)
-        return float(fns[0](a, s)) * (u * u)
+        return float(dot(a, s)) * (u * u), sq
 
 
 def _flat_numpy(g: torch.Tensor) -> Any:
