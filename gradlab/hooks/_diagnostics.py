@@ -30,6 +30,7 @@ import torch
 
 from gradlab.hooks._alpha import ALPHA_NEEDS, alpha_from_observations
 from gradlab.hooks._ddp import two_batch_noise_scale
+from gradlab.hooks._engine import _task_id
 from gradlab.hooks._stats import DistScratch
 
 __all__ = ["DIAGNOSTICS", "Diagnostic", "ParamTracker", "StepDiagnostics", "check_diagnostics"]
@@ -292,6 +293,15 @@ class ParamTracker:
     each call), ``owner`` the group index of each. A snapshot of the parameters is taken at the
     end of each diagnostic step's backward (``update_size``), and one at the first such step
     (``distance``).
+
+    Each parameter is read once per measurement, in one loop that does everything that needs
+    it while it is in cache (:meth:`DistScratch.moved`). A measurement at the start of a
+    backward pass (no optimizer hook fired, as in a loop that steps by hand) also refreshes
+    the snapshot and takes the distance: the pass's end then skips both if no parameter was
+    replaced or modified in place (versions, data pointers) within the same pass, so a step
+    reads the parameters once instead of three times. A refresh outside the pass (after the
+    optimizer's step) would not be exact: ``p.data`` can change without a version bump
+    between then and the next backward.
     """
 
     def __init__(self, owner: Sequence[int], groups: int, update: bool, origin: bool) -> None:
@@ -305,30 +315,101 @@ class ParamTracker:
         self._versions: list[int] = []  # parameter versions at the last update measurement
         self._buffer: list[torch.Tensor] | None = None  # the snapshot, kept from step to step
         self._scratch = DistScratch()
+        # a snapshot refreshed by the last measurement in a pass: (pass id, versions, data
+        # pointers, theta0 it was measured against, the distance); whether refreshing pays
+        # (the last diagnostic step's pass also had the final measurement: so with every=1,
+        # not with every=k), and the pass of the last final measurement
+        self._refresh: tuple[int, list[int], list[int], Any, torch.Tensor | None] | None = None
+        self._refresh_pays = True
+        self._final_task = -1
 
-    def _per_group(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    def _per_group(self, sq: list[Any], device: Any) -> torch.Tensor:
+        if all(isinstance(v, float) for v in sq):
+            values = torch.tensor(sq, dtype=torch.float64, device=device)
+        else:
+            values = torch.stack([torch.as_tensor(v, device=device) for v in sq])
+            values = values.to(torch.float64)
+        out = torch.zeros(self._groups, dtype=torch.float64, device=device)
+        return out.index_add_(0, self._owner.to(device), values)
+
+    def _moved(
+        self,
+        params: list[torch.Tensor],
+        snap: list[torch.Tensor] | None,
+        origin: list[torch.Tensor] | None,
+        measure: bool,
+        copy: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per group ``||p - snap||^2`` (if ``measure``) and ``||p - origin||^2`` (if given);
+        then ``snap`` holds the parameters if ``copy``. CPU float32/float64 (with SciPy): one
+        loop per tensor (:meth:`DistScratch.moved`); else torch ops per list."""
         with torch.no_grad():
-            device = a[0].device
-            # CPU float32/float64 (with SciPy): a subtraction into a kept buffer and a BLAS dot
-            # per tensor; else torch.dist (which allocates a - b)
-            found = [self._scratch.dist_sq(x, y) for x, y in zip(a, b)] if a[0].is_cpu else []
-            if found and all(v is not None for v in found):
-                sq = torch.tensor(found, dtype=torch.float64)
-            else:
-                norms = [torch.dist(x, y) for x, y in zip(a, b)]
-                sq = torch.stack(norms).to(torch.float64).square()
-            out = torch.zeros(self._groups, dtype=torch.float64, device=device)
-            return out.index_add_(0, self._owner.to(device), sq)
+            ps = [p.detach() for p in params]
+            device = ps[0].device
+            n = len(ps)
+            snaps: list[Any] = [None] * n if snap is None else snap
+            origins: list[Any] = [None] * n if origin is None else origin
+            moved = self._scratch.moved
+            # copied in the loop only after a measurement (the difference is formed in the
+            # snapshot itself); a copy alone is faster as one foreach op after it
+            fused = copy and measure
+            found = (
+                [moved(p, s, o, measure, fused) for p, s, o in zip(ps, snaps, origins)]
+                if device.type == "cpu"
+                else [None]
+            )
+            if all(f is not None for f in found):
+                update = [f[0] for f in found]  # type: ignore[index]
+                dist = [f[1] for f in found]  # type: ignore[index]
+                if copy and not fused:
+                    torch._foreach_copy_(snaps, ps)
+            else:  # not all by BLAS (nothing done for those): all by torch ops
+                sq = torch.Tensor.square
+                update = (
+                    [sq(torch.dist(p, s).double()) for p, s in zip(ps, snaps)] if measure else []
+                )
+                dist = (
+                    [sq(torch.dist(p, o).double()) for p, o in zip(ps, origins)] if origin else []
+                )
+                if copy:
+                    torch._foreach_copy_(snaps, ps)
+            return (
+                self._per_group(update, device) if measure else None,
+                None if origin is None else self._per_group(dist, device),
+            )
+
+    @staticmethod
+    def _state(params: list[torch.Tensor]) -> tuple[list[int], list[int]]:
+        return [p._version for p in params], [p.data_ptr() for p in params]
 
     def end_of_backward(self, params: list[torch.Tensor], diag: StepDiagnostics) -> None:
         """A diagnostic step's backward finished: distance now, snapshot for the update."""
         if not params:
             return
+        refresh, self._refresh = self._refresh, None
+        task = _task_id()
+        self._refresh_pays = self._final_task == task != -1
+        if refresh is not None:
+            fresh = (
+                refresh[0] == task != -1
+                and refresh[3] is self.theta0
+                and (refresh[1], refresh[2]) == self._state(params)
+            )
+            if fresh and self.update and self._buffer is not None:
+                dist = refresh[4]
+                if dist is not None:
+                    diag.set("origin_sq", dist)
+                self._snapshot = self._buffer
+                self._target = diag
+                self._versions = []
+                return
         with torch.no_grad():
+            origin = None
             if self.origin:
                 if self.theta0 is None:
                     self.theta0 = [p.detach().clone() for p in params]
-                diag.set("origin_sq", self._per_group([p.detach() for p in params], self.theta0))
+                origin = self.theta0
+            snap = None
             if self.update:
                 snap = self._buffer
                 if snap is None or any(
@@ -336,7 +417,12 @@ class ParamTracker:
                     for b, p in zip(snap, params)
                 ):
                     snap = self._buffer = [torch.empty_like(p) for p in params]
-                torch._foreach_copy_(snap, [p.detach() for p in params])
+            if snap is None and origin is None:
+                return
+            _, dist = self._moved(params, snap, origin, False, snap is not None)
+            if dist is not None:
+                diag.set("origin_sq", dist)
+            if snap is not None:
                 self._snapshot = snap
                 self._target = diag
                 self._versions = []
@@ -346,14 +432,26 @@ class ParamTracker:
 
         Measured again only if a parameter was modified since the last measurement (its
         in-place version counter moved): the usual final call after an optimizer hook is free.
+        A final measurement inside a backward pass also refreshes the snapshot for that pass's
+        end (see the class).
         """
+        task = _task_id()
+        if final:
+            self._final_task = task
         snap, target = self._snapshot, self._target
         if snap is None or target is None:
             return
         versions = [p._version for p in params]
         if versions != self._versions:
-            target.set("update_sq", self._per_group([p.detach() for p in params], snap))
+            refresh = final and task != -1 and self._refresh_pays
+            origin = self.theta0 if refresh and self.origin else None
+            update, dist = self._moved(params, snap, origin, True, refresh)
+            assert update is not None
+            target.set("update_sq", update)
             self._versions = versions
+            if refresh:
+                state = self._state(params)
+                self._refresh = (task, state[0], state[1], self.theta0, dist)
         if final:
             self._snapshot = self._target = None
             self._versions = []

@@ -8,9 +8,10 @@ the next (inactive in between) and come off for a step without diagnostics and a
 ``g_i`` the gradient of sample i's loss term (no 1/B) restricted to a group of parameters (one
 monitored module, or all of them) and ``m = (1/B) sum_i g_i`` (from the gradient this backward
 contributed, read by a leaf hook before it is accumulated into ``.grad`` and never held: its
-squared norm, and for ``gsnr`` a copy into a buffer kept between steps; the dots ``g_i . m``
-come from the engine's ``dot_mean``, whose ``m`` is the mean of its ``g_i``), the ingredients
-are, per group:
+squared norm, and for ``gsnr`` the parameter's GSNR sum taken there from the engine's
+``sum_i g_i^2`` where it is ready, else a copy into a buffer kept between steps; the dots
+``g_i . m`` come from the engine's ``dot_mean``, whose ``m`` is the mean of its ``g_i``), the
+ingredients are, per group:
 
 * ``ps_b``: ``B``;
 * ``ps_sum_norm_sq``: ``sum_i ||g_i||^2``; ``ps_mean_sq``: ``||m||^2``;
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from gradlab.hooks._diagnostics import StepDiagnostics
-from gradlab.hooks._stats import blas_sum_sq
+from gradlab.hooks._stats import GsnrScratch, blas_sum_sq
 
 __all__ = ["GSNR_EPS", "PER_SAMPLE", "PerSampleSteps"]
 
@@ -80,10 +81,14 @@ class PerSampleSteps:
         self._ps: Any = None  # the open context
         self._engine: Any = None
         self._done: tuple[Any, StepDiagnostics | None, dict[str, Any], Any] | None = None
-        # this backward's gradient of each parameter (gsnr), else its squared norm (a float or
-        # a 0-dim tensor)
-        self._grads: dict[str, Any] = {}
+        # per parameter of this backward: (||g||^2, its gsnr term, a copy of g): see grad()
+        self._grads: dict[str, tuple[Any, Any, torch.Tensor | None]] = {}
         self._buffers: dict[str, torch.Tensor] = {}  # gsnr: the gradients, kept between steps
+        self._gsnr = "gsnr" in diagnostics
+        # the engine's sum_sq is ours to overwrite in the leaf hooks unless TIC reads it later
+        self._v_ours = not {"tic", "tic_trace"} & set(diagnostics)
+        self._scratch = GsnrScratch()
+        self._numel: tuple[Any, torch.Tensor] | None = None  # gsnr_numel per group
         self._warned = False
         self._scaler = scaler
         # called with (context, loss scale) once a step's statistics are taken; returns True
@@ -133,10 +138,15 @@ class PerSampleSteps:
         """A parameter's gradient from this backward (a leaf tensor hook), while open.
 
         Never kept: holding it would make autograd copy it into ``.grad`` instead of moving
-        it (a fresh parameter-sized allocation per step). ``||g||^2`` is kept (a float from one
-        BLAS dot while ``g`` is in cache, where it can; else a 0-dim tensor, or for ``gsnr``
-        None: a norm of the copy later); ``gsnr`` also needs ``m`` entry by entry: copied into
-        a buffer kept from step to step.
+        it (a fresh parameter-sized allocation per step). Kept, as ``(||g||^2, gsnr term,
+        copy)``: ``||g||^2`` (a float from one BLAS dot while ``g`` is in cache, where it can;
+        else a 0-dim tensor, or None beside a copy: a norm of the copy later); for ``gsnr``,
+        where the engine already has this parameter's ``v_j = sum_i g_ij^2`` (one call of one
+        module with a closed form: its output-gradient hook ran before this one), the
+        parameter's GSNR sum, taken here while ``g`` is in cache
+        (:class:`~gradlab.hooks._stats.GsnrScratch`, or three torch ops); else (a parameter
+        used several times, a module replayed by the fallback, half precision) a copy of
+        ``g`` in a buffer kept from step to step, summed at :meth:`finish`.
         """
         engine = self._engine
         if engine is not None:  # in place of its own post-accumulate hook (_keep_installed)
@@ -144,17 +154,38 @@ class PerSampleSteps:
         if not self.open:
             return
         g = g.detach() if g.requires_grad else g  # a double backward's: no graph to record
-        if "sum_sq" in self.stats:
+        if self._gsnr:
+            found = self._gsnr_term(name, g)
+            if found is not None:
+                self._grads[name] = (found[1], found[0], None)
+                return
+        sq = blas_sum_sq(g)
+        if self._gsnr:
             buf = self._buffers.get(name)
             if buf is None or buf.shape != g.shape or buf.dtype != g.dtype:
                 buf = self._buffers[name] = torch.empty_like(g)
-            # (the copy, ||g||^2 by a BLAS dot while g is in cache where it can, else None)
-            self._grads[name] = (buf.copy_(g), blas_sum_sq(g))
-        else:
-            sq = blas_sum_sq(g)
-            self._grads[name] = (
-                torch.linalg.vector_norm(g).square() if sq is None else sq  # type: ignore[assignment]
-            )
+            self._grads[name] = (sq, None, buf.copy_(g))
+            return
+        if sq is None:
+            sq = torch.linalg.vector_norm(g).square()
+        self._grads[name] = (sq, None, None)
+
+    def _gsnr_term(self, name: str, g: torch.Tensor) -> Any:
+        """``(sum_j m_j^2 / ((1/B) v_j - m_j^2 + eps) / B, ||g||^2)`` of one parameter (floats,
+        or 0-dim tensors), from the engine's ``v`` if it is there already; else None.
+        Overwrites ``v`` (recomputed every step) unless TIC reads it later."""
+        engine = self._engine
+        v = engine._sum_sq.get(name)
+        b = engine._b
+        if v is None or b is None or v.shape != g.shape or v.dtype != g.dtype or g.dtype in _LOW:
+            return None
+        u = engine._factor(b) / b  # m = u g: the loss scale and the reduction undone
+        found = self._scratch.term(g, v, b, u, GSNR_EPS, self._v_ours)
+        if found is None and v.device == g.device:  # CUDA, non-contiguous: no copy either
+            den = torch.addcmul(v, g, g, value=-b * u * u).add_(b * GSNR_EPS)
+            term = torch.dot(g.reshape(-1), torch.div(g, den, out=den).reshape(-1)) * (u * u)
+            found = (term, torch.linalg.vector_norm(g).square())
+        return found
 
     def backward_done(self, diag: StepDiagnostics | None, scale: Any) -> None:
         """The backward pass ended (an engine callback: nothing is computed here)."""
@@ -266,32 +297,19 @@ class PerSampleSteps:
             sum_norm_sq = per_group(per_sample.sum(1, dtype=f64))
             diag.set_all("ps_b", torch.full_like(sum_norm_sq, float(b)))
             diag.set_all("ps_sum_norm_sq", sum_norm_sq)
-            if "sum_sq" in self.stats:
-                # m in the gradient's own dtype, in our buffers (overwritten here); float64 sums
-                m = [grads[n][0] for n in names]
-                sqs = [grads[n][1] for n in names]
-                if unscale != 1.0:
-                    torch._foreach_mul_(m, unscale)
-                if all(v is not None for v in sqs):  # from the leaf hooks: no pass over m
-                    mean_sq = per_group(sqs) * (unscale * unscale)
-                else:
-                    mean_sq = per_group(torch.stack(torch._foreach_norm(m)).to(f64).square())
-                # the engine's sum_sq tensors are recomputed every step: ours to overwrite
-                sum_sq = ps.sum_sq
-                gsnr_den = [sum_sq[n] for n in names]
-                # m_j^2 / ((1/B) v_j - m_j^2 + eps) = B m_j^2 / (v_j - B m_j^2 + B eps), v_j =
-                # sum_i g_ij^2: four passes (no division of v by B)
-                torch._foreach_mul_(m, m)  # m_j^2
-                torch._foreach_add_(gsnr_den, m, alpha=-float(b))  # v_j - B m_j^2
-                torch._foreach_add_(gsnr_den, b * GSNR_EPS)
-                torch._foreach_div_(m, gsnr_den)
-                # summed in the gradient's dtype (float32 for half precision), then float64: a
-                # float64 accumulation of float32 is ~6x slower on CPU
-                acc = [t.sum(dtype=torch.float32 if t.dtype in _LOW else None) for t in m]
-                diag.set_all("gsnr_sum", per_group(torch.stack(acc)) * b)
-                diag.set_all("gsnr_numel", per_group([float(t.numel()) for t in m]))
-            else:
-                mean_sq = per_group([grads[n] for n in names]) * (unscale * unscale)
+            sqs = [grads[n][0] for n in names]
+            if self._gsnr:
+                terms = [grads[n][1] for n in names]
+                copied = [i for i, n in enumerate(names) if grads[n][2] is not None]
+                if copied:
+                    self._copied_terms(ps, names, grads, copied, sqs, terms, b, unscale)
+                diag.set_all("gsnr_sum", per_group(terms) * b)
+                key = (tuple(names), device)  # read only (StepDiagnostics.values): shared
+                if self._numel is None or self._numel[0] != key:
+                    numel = [float(ps._params[n].numel()) for n in names]
+                    self._numel = (key, per_group(numel))
+                diag.set_all("gsnr_numel", self._numel[1])
+            mean_sq = per_group(sqs) * (unscale * unscale)
             diag.set_all("ps_mean_sq", mean_sq)
             if "dot_mean" in self.stats:
                 # g_i . m over a group is the sum of its parameters' terms (the engine's m is
@@ -324,3 +342,38 @@ class PerSampleSteps:
                 self._ema_state = (num, den)
             diag.set_all("ns_num", num)
             diag.set_all("ns_den", den)
+
+    def _copied_terms(
+        self,
+        ps: Any,
+        names: list[str],
+        grads: dict[str, Any],
+        copied: list[int],
+        sqs: list[Any],
+        terms: list[Any],
+        b: int,
+        unscale: float,
+    ) -> None:
+        """The gsnr terms (and missing ``||g||^2``) of the parameters whose gradients were
+        copied (see :meth:`grad`), written into ``terms`` and ``sqs`` at their positions."""
+        m = [grads[names[i]][2] for i in copied]  # our buffers: overwritten here
+        unnormed = [k for k, i in enumerate(copied) if sqs[i] is None]
+        if unnormed:
+            norms = torch._foreach_norm([m[k] for k in unnormed])
+            for k, t in zip(unnormed, norms):
+                sqs[copied[k]] = t.to(torch.float64).square()
+        if unscale != 1.0:
+            torch._foreach_mul_(m, unscale)
+        # the engine's sum_sq tensors are recomputed every step: ours to overwrite
+        sum_sq = ps.sum_sq
+        gsnr_den = [sum_sq[names[i]] for i in copied]
+        # m_j^2 / ((1/B) v_j - m_j^2 + eps) = B m_j^2 / (v_j - B m_j^2 + B eps), v_j =
+        # sum_i g_ij^2: four passes (no division of v by B); the B is the caller's
+        torch._foreach_mul_(m, m)  # m_j^2
+        torch._foreach_add_(gsnr_den, m, alpha=-float(b))  # v_j - B m_j^2
+        torch._foreach_add_(gsnr_den, b * GSNR_EPS)
+        torch._foreach_div_(m, gsnr_den)
+        # summed in the gradient's dtype (float32 for half precision), then float64: a float64
+        # accumulation of float32 is ~6x slower on CPU
+        for i, t in zip(copied, m):
+            terms[i] = t.sum(dtype=torch.float32 if t.dtype in _LOW else None)

@@ -21,7 +21,15 @@ try:  # optional (the ``fast`` extra): BLAS level 1 through SciPy for CPU gradie
 except ImportError:  # pragma: no cover - depends on the environment
     _blas = None
 
-__all__ = ["ROWS", "CpuArena", "DistScratch", "blas_stats", "blas_sum_sq", "stats_fused"]
+__all__ = [
+    "ROWS",
+    "CpuArena",
+    "DistScratch",
+    "GsnrScratch",
+    "blas_stats",
+    "blas_sum_sq",
+    "stats_fused",
+]
 
 ROWS = 3  # sum of squares, L1 norm, max |g|
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -103,6 +111,104 @@ class DistScratch:
             buf = self._buffers[x.dtype] = np.empty(a.size, dtype=a.dtype)
         d = np.subtract(a, b, out=buf[: a.size])
         return float(fns[0](d, d))
+
+    def moved(
+        self,
+        p: torch.Tensor,
+        snap: torch.Tensor | None,
+        origin: torch.Tensor | None,
+        measure: bool,
+        copy: bool,
+    ) -> tuple[float | None, float | None] | None:
+        """``(||p - snap||^2 if measure, ||p - origin||^2 if origin is given)``, then ``snap``
+        overwritten with ``p`` if ``copy``: one loop over ``p`` while it is in cache (measured
+        and copied: the difference is formed in ``snap`` itself). None where BLAS cannot take
+        the tensors (nothing done then)."""
+        fns = _BLAS.get(p.dtype)
+        if fns is None:
+            return None
+        a = _flat_numpy(p)
+        if a is None:
+            return None
+        n = a.size
+        b = c = None
+        if snap is not None and (measure or copy):
+            b = _flat_numpy(snap) if snap.dtype == p.dtype else None
+            if b is None or b.size != n:
+                return None
+        if origin is not None:
+            c = _flat_numpy(origin) if origin.dtype == p.dtype else None
+            if c is None or c.size != n:
+                return None
+        dot = fns[0]
+        update = dist = None
+        if c is not None:
+            d = np.subtract(a, c, out=self._buffer(a))
+            dist = float(dot(d, d))
+        if b is not None:
+            if measure:
+                d = np.subtract(b, a, out=b) if copy else np.subtract(a, b, out=self._buffer(a))
+                update = float(dot(d, d))
+            if copy:
+                np.copyto(b, a)
+        return update, dist
+
+    def _buffer(self, a: Any) -> Any:
+        buf = self._buffers.get(a.dtype)
+        if buf is None or buf.size < a.size:
+            buf = self._buffers[a.dtype] = np.empty(a.size, dtype=a.dtype)
+        return buf[: a.size]
+
+
+class GsnrScratch:
+    """One parameter's GSNR sum from its gradient and its per-sample second moment, in cache.
+
+    With ``g`` this backward's gradient of a parameter, ``u`` the factor that makes it the batch
+    mean ``m = u g`` (the loss scale and reduction undone), ``v_j = sum_i g_ij^2`` over the ``B``
+    samples and ``eps`` the GSNR's epsilon, :meth:`term` returns ``(t, ||g||^2)`` with::
+
+        t = sum_j m_j^2 / ((1/B) v_j - m_j^2 + eps) / B
+          = u^2 sum_j g_j (g_j / (v_j - B u^2 g_j^2 + B eps))
+
+    meant for a leaf hook, while ``g`` is in cache. With ``overwrite``, four passes over ``v``,
+    which ends up holding ``g_j / (...)``: ``addcmul_`` (the one fused multiply-add), then
+    numpy's add and divide and a BLAS dot (inside autograd's hooks a torch op costs ~10 us of
+    dispatch, a numpy call ~2 us); else six passes over one scratch buffer per dtype, kept for
+    every parameter (so it stays in cache); ``||g||^2`` by one more BLAS dot on the same view.
+    Accumulated in the tensors' precision (float32 for float32). None where BLAS cannot take
+    the pair (see :func:`blas_stats`; also tensors of
+    different dtypes or sizes).
+    """
+
+    __slots__ = ("_buffers",)
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, Any] = {}
+
+    def term(
+        self, g: torch.Tensor, v: torch.Tensor, b: int, u: float, eps: float, overwrite: bool
+    ) -> tuple[float, float] | None:
+        fns = _BLAS.get(g.dtype)
+        if fns is None or v.dtype != g.dtype or v.requires_grad:
+            return None
+        a, w = _flat_numpy(g), _flat_numpy(v)
+        if a is None or w is None or a.size != w.size:
+            return None
+        dot = fns[0]
+        sq = float(dot(a, a))
+        if overwrite:
+            v.addcmul_(g, g, value=-b * u * u)
+            s = w
+        else:
+            buf = self._buffers.get(g.dtype)
+            if buf is None or buf.size < a.size:
+                buf = self._buffers[g.dtype] = np.empty(a.size, dtype=a.dtype)
+            s = np.multiply(a, a, out=buf[: a.size])
+            s *= -b * u * u
+            s += w
+        s += b * eps  # v_j - B m_j^2 + B eps
+        np.divide(a, s, out=s)
+        return float(dot(a, s)) * (u * u), sq
 
 
 def _flat_numpy(g: torch.Tensor) -> Any:

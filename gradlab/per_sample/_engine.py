@@ -404,7 +404,8 @@ class PerSampleGradients(HookContext):
     def _output_grad(self, call: _Call, d: torch.Tensor) -> None:
         a = call.a
         assert a is not None
-        d = d.detach()
+        if d.requires_grad:  # a double backward's
+            d = d.detach()
         if d.dtype in _LOW:
             d = d.float()
         if a.is_floating_point() and a.dtype != d.dtype:

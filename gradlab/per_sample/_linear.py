@@ -108,9 +108,10 @@ def _grad(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
 def _norm_sq(module: Any, a: torch.Tensor, d: torch.Tensor, names: Names) -> dict:
     out = {}
     if a.dim() == 2:  # one position: ||g_i||^2 = ||a_i||^2 ||d_i||^2, ||d_i||^2 for the bias
-        nd = torch.linalg.vector_norm(d, dim=1).square()
+        # (vecdot: one op per squared norm where vector_norm and square are two)
+        nd = torch.linalg.vecdot(d, d)
         if "weight" in names:
-            out["weight"] = torch.linalg.vector_norm(a, dim=1).square_().mul_(nd)
+            out["weight"] = torch.linalg.vecdot(a, a).mul_(nd)
         if "bias" in names:
             out["bias"] = nd
         return out

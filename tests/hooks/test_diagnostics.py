@@ -176,3 +176,96 @@ def test_no_global_optimizer_hook_left_behind() -> None:
             opt.step()
             raise RuntimeError("boom")
     assert dict(optim_module._global_optimizer_post_hooks) == before
+
+
+@pytest.mark.parametrize("blas", [True, False], ids=["blas", "torch"])
+@pytest.mark.parametrize("inside", ["none", "in_place", "data_swap"])
+@pytest.mark.parametrize("by_hand", ["no_grad", "data"])
+def test_steps_by_hand_and_changes_inside_the_pass(
+    monkeypatch, by_hand, inside, blas, device
+) -> None:  # type: ignore[no-untyped-def]
+    """A loop that steps by hand (no optimizer hook): each backward's first hook measures the
+    last update and refreshes the snapshot and the distance in the same loop, and the pass's end
+    skips them if nothing changed since. The hand step through ``p.data`` (no version bump) and
+    a parameter changed inside the pass after that refresh (in place, or its ``.data``
+    replaced) must still give the formulas: update_t = ||theta_{t+1} - theta_t||, distance_t =
+    ||theta_t - theta_0||, theta_t the parameters at the end of backward t. Without BLAS (no
+    SciPy, or CUDA): the same by torch ops."""
+    import gradlab.hooks._stats as stats
+
+    if not blas:
+        monkeypatch.setattr(stats, "_BLAS", {})
+    model = mlp().to(device)
+    x = input_for(model, device)
+    ends, starts = [], []
+    with GradientMonitor(model, diagnostics=("update_size", "distance")) as monitor:
+        for step in range(5):
+            handle = None
+            if inside != "none" and step in (2, 3):
+                # on layer 0's output: reached after the monitor's first hook of the pass
+
+                def change(g: torch.Tensor) -> None:
+                    with torch.no_grad():
+                        w = model[-1].weight  # its backward has run: not needed any more
+                        if inside == "in_place":
+                            w.mul_(1.5)
+                        else:
+                            w.data = w.data * 1.5
+
+                def hook(module: nn.Module, args: object, h: torch.Tensor) -> None:
+                    h.register_hook(change)
+
+                handle = model[1].register_forward_hook(hook)
+            out = model(x)
+            if handle is not None:
+                handle.remove()
+            starts.append(_snap(model))
+            out.pow(2).mean().backward()
+            ends.append(_snap(model))
+            for p in model.parameters():
+                if by_hand == "data":
+                    p.data -= 0.1 * p.grad
+                else:
+                    with torch.no_grad():
+                        p -= 0.1 * p.grad
+            model.zero_grad()
+    history = monitor.history
+    for t, rec in enumerate(history):
+        nxt = starts[t + 1] if t + 1 < len(starts) else _snap(model)
+        for m in [*_owners(model), None]:
+            update = torch.linalg.vector_norm(nxt[m] - ends[t][m]).item()
+            dist = torch.linalg.vector_norm(ends[t][m] - ends[0][m]).item()
+            got = (
+                (rec.diagnostics["update_size"], rec.diagnostics["distance"])
+                if m is None
+                else (
+                    rec.diagnostics_by_module["update_size"][m],
+                    rec.diagnostics_by_module["distance"][m],
+                )
+            )
+            assert got[0] == pytest.approx(update, rel=_TOL, abs=_TOL), (t, m)
+            assert got[1] == pytest.approx(dist, rel=_TOL, abs=_TOL), (t, m)
+
+
+def test_a_clamp_through_data_after_the_optimizer_step() -> None:
+    """Weight clipping through ``p.data`` after ``opt.step()`` (no version bump): the update
+    measured at the optimizer's hook is the optimizer's; the distance and the next step's
+    snapshot see the clipped values (no refresh outside a backward pass)."""
+    model = mlp()
+    x = input_for(model, torch.device("cpu"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ends, stepped = [], []
+    with GradientMonitor(model, diagnostics=("update_size", "distance")) as monitor:
+        for _ in range(4):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            ends.append(_flat(model))
+            opt.step()
+            stepped.append(_flat(model))
+            for p in model.parameters():
+                p.data.clamp_(-0.2, 0.2)
+    for t, rec in enumerate(monitor.history):
+        update = torch.linalg.vector_norm(stepped[t] - ends[t]).item()
+        dist = torch.linalg.vector_norm(ends[t] - ends[0]).item()
+        assert rec.diagnostics["update_size"] == pytest.approx(update, rel=_TOL)
+        assert rec.diagnostics["distance"] == pytest.approx(dist, rel=_TOL, abs=_TOL)

@@ -385,3 +385,100 @@ def test_a_parameter_used_outside_its_module_is_the_engines_error() -> None:
         with GradientMonitor(model, diagnostics=("noise_scale",)) as monitor:
             model(torch.randn(4, 3)).sum().backward()
             _ = monitor.history
+
+
+class _Shared(nn.Module):
+    """gsnr summed two ways: in the leaf hook from the engine's moments (layers used once), or
+    from a copy at the step's end (a layer called twice and a weight tied between two layers:
+    their gradients arrive summed over the uses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(5, 6)
+        self.twice = nn.Linear(6, 6)
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6, bias=False)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(x))
+        h = torch.tanh(self.twice(torch.tanh(self.twice(h))))
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(h)))))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("blas", [True, False], ids=["blas", "torch"])
+@pytest.mark.parametrize("tic", [False, True], ids=["gsnr", "gsnr_tic"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_gsnr_in_the_leaf_hook_and_from_a_copy(
+    monkeypatch, dtype, tic, blas, reduction, device
+) -> None:  # type: ignore[no-untyped-def]
+    """gsnr, each module's and the whole model's, against the formula, whichever way each
+    parameter's sum is taken (in the leaf hook by numpy/BLAS, or by torch ops as without SciPy
+    or on CUDA). With TIC, which reads the engine's ``sum_i g_i^2`` after the leaf hooks ran,
+    those stay intact (compared with the reference's). float32: the monitor's float32 sums
+    against the float64 formula on the same parameters (relative error ~2e-7; 1e-5 leaves
+    room)."""
+    import gradlab.hooks._persample as persample
+    import gradlab.hooks._stats as stats
+    import gradlab.hooks._tic as tic_mod
+
+    if not blas:
+        monkeypatch.setattr(stats, "_BLAS", {})
+
+    in_hook: set[str] = set()
+    copied: set[str] = set()
+    seen_v: list[dict[str, torch.Tensor]] = []
+    cls = persample.PerSampleSteps
+    term, copy, moments = cls._gsnr_term, cls._copied_terms, tic_mod.TicSteps.moments
+
+    def spy_term(self, name, g):  # type: ignore[no-untyped-def]
+        out = term(self, name, g)
+        if out is not None:
+            in_hook.add(name)
+        return out
+
+    def spy_copy(self, ps, names, grads, idx, *args):  # type: ignore[no-untyped-def]
+        copied.update(names[i] for i in idx)
+        return copy(self, ps, names, grads, idx, *args)
+
+    def spy_moments(self, step, ps, *args):  # type: ignore[no-untyped-def]
+        seen_v.append({n: t.clone() for n, t in ps.sum_sq.items()})
+        return moments(self, step, ps, *args)
+
+    monkeypatch.setattr(cls, "_gsnr_term", spy_term)
+    monkeypatch.setattr(cls, "_copied_terms", spy_copy)
+    monkeypatch.setattr(tic_mod.TicSteps, "moments", spy_moments)
+
+    def factory() -> nn.Module:
+        return _Shared().double()
+
+    model = _Shared().to(device, dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    refs = []
+    names = ("gsnr", "tic") if tic else ("gsnr",)
+    scale = 8.0 if reduction == "sum" else 1.0  # loss = sum_i l_i over the batch of 8
+    with GradientMonitor(model, diagnostics=names, loss_reduction=reduction) as monitor:
+        for step in range(2):
+            x, y = (t.to(device) for t in _data(_mlp(), step))
+            refs.append(_ref(factory, model, x, y))
+            opt.zero_grad()
+            (_loss(model(x.to(dtype)), y.to(dtype)) * scale).backward()
+            opt.step()
+    # a's bias too: the engine takes a call with a shared parameter as a whole by summing
+    assert copied == {"twice.weight", "twice.bias", "a.weight", "a.bias"}
+    assert in_hook == {n for n, _ in model.named_parameters()} - copied
+    tol = _TOL if dtype == torch.float64 else 1e-5
+    for rec, grads in zip(monitor.history, refs):
+        assert rec.diagnostics["gsnr"] == pytest.approx(
+            _formulas(_flat(grads, None))["gsnr"], rel=tol
+        )
+        for module in ("first", "twice", "a", "head"):
+            expected = _formulas(_flat(grads, module))["gsnr"]
+            assert rec.diagnostics_by_module["gsnr"][module] == pytest.approx(expected, rel=tol)
+    assert len(seen_v) == (2 if tic else 0)
+    for v, grads in zip(seen_v, refs):
+        for n, t in grads.items():
+            torch.testing.assert_close(v[n].double(), t.square().sum(0), rtol=tol, atol=0)

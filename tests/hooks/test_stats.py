@@ -169,3 +169,36 @@ def test_dist_scratch_declines() -> None:
     assert scratch.dist_sq(x[:, 1], torch.randn(4)) is None  # strided
     assert scratch.dist_sq(x.half(), x.half()) is None  # no BLAS for float16
     assert scratch.dist_sq(torch.empty(0), torch.empty(0)) is None
+
+
+@needs_scipy
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("measure, copy", [(True, False), (True, True), (False, True)])
+def test_dist_scratch_moved(dtype: torch.dtype, measure: bool, copy: bool) -> None:
+    # (||p - snap||^2, ||p - origin||^2) against the float64 sums written out, measured before
+    # the copy; the snapshot then holds p exactly (or is untouched); p and origin never change
+    torch.manual_seed(0)
+    scratch = DistScratch()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for shape in [(7,), (300, 20), (3, 4)]:
+        p = torch.randn(shape, dtype=dtype)
+        snap = p + 1e-3 * torch.randn(shape, dtype=dtype)
+        origin = p + torch.randn(shape, dtype=dtype)
+        p0, snap0, origin0 = p.clone(), snap.clone(), origin.clone()
+        got = scratch.moved(p, snap, origin, measure, copy)
+        assert got is not None
+        update, dist = got
+        if measure:
+            want = (p0.double() - snap0.double()).square().sum().item()
+            assert update == pytest.approx(want, rel=tol)
+        else:
+            assert update is None
+        assert dist == pytest.approx(
+            (p0.double() - origin0.double()).square().sum().item(), rel=tol
+        )
+        assert torch.equal(snap, p0 if copy else snap0)
+        assert torch.equal(p, p0) and torch.equal(origin, origin0)
+        assert scratch.moved(p, None, origin, False, False) == (None, dist)
+    x = torch.randn(4, 4, dtype=dtype)
+    assert scratch.moved(x, x.clone(), x[:, 1], measure, copy) is None  # strided: nothing done
+    assert scratch.moved(x.half(), x.half(), None, measure, copy) is None  # no BLAS
