@@ -179,6 +179,8 @@ class PerSampleSteps:
         b = engine._b
         if v is None or b is None or v.shape != g.shape or v.dtype != g.dtype or g.dtype in _LOW:
             return None
+        if name in engine._unscaled:  # v is that of the output gradient as it came: scaled at
+            return None  # the engine's finish (a layer whose statistics are smaller than d)
         u = engine._factor(b) / b  # m = u g: the loss scale and the reduction undone
         found = self._scratch.term(g, v, b, u, GSNR_EPS, self._v_ours)
         if found is None and v.device == g.device:  # CUDA, non-contiguous: no copy either

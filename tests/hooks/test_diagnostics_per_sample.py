@@ -482,3 +482,17 @@ def test_gsnr_in_the_leaf_hook_and_from_a_copy(
     for v, grads in zip(seen_v, refs):
         for n, t in grads.items():
             torch.testing.assert_close(v[n].double(), t.square().sum(0), rtol=tol, atol=0)
+
+
+def test_layers_whose_statistics_are_scaled_at_the_end() -> None:
+    """At batch 64 a narrow Linear's statistics are smaller than its output gradient: the engine
+    keeps them unscaled until its finish, so gsnr cannot be taken in the leaf hook from them."""
+    model = _mlp()
+    refs = []
+    with GradientMonitor(model, diagnostics=_NAMES) as monitor:
+        for step in range(2):
+            x, y = _data(model, step, b=64)
+            refs.append(_ref(_mlp, model, x, y))
+            model.zero_grad()
+            _loss(model(x), y).backward()
+    _check_history(monitor, refs, model)
