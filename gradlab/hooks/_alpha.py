@@ -143,6 +143,11 @@ class AlphaSteps:
             return True
         return False
 
+    def skip(self) -> None:
+        """The finished context has no statistics (a second backward pass): the alpha that
+        needs them, as a start or an end point, stays NaN."""
+        self._step = None
+
     def params_moved(self, params: list[torch.Tensor] | None) -> None:
         """The model's next forward starts (or the monitor exits): the update is known."""
         if not self._start:

@@ -404,6 +404,10 @@ class GradientMonitor(HookContext):
     def _context_done(self, ps: Any, scale: Any) -> bool:
         """A per-sample context's statistics were taken; True: alpha keeps it open."""
         step, self._ps_step = self._ps_step, None
+        if ps._second is not None:  # a second backward pass: no statistics (NaN, warned)
+            if self._alpha is not None:
+                self._alpha.skip()
+            return False
         if self._tic is not None and step is not None:
             self._tic.moments(step, ps, scale, self._history.extras.get(step))
         return self._alpha is not None and self._alpha.context_done(ps, scale)

@@ -90,6 +90,7 @@ class PerSampleSteps:
         self._scratch = GsnrScratch()
         self._numel: tuple[Any, torch.Tensor] | None = None  # gsnr_numel per group
         self._warned = False
+        self._warned_second = False
         self._scaler = scaler
         # called with (context, loss scale) once a step's statistics are taken; returns True
         # to keep the context open (alpha projects it onto the update later, then closes it)
@@ -230,12 +231,29 @@ class PerSampleSteps:
             ps.__exit__(None, None, None)
             if self.on_finish is not None:  # first: _compute overwrites the engine's sum_sq
                 keep = self.on_finish(ps, scale)
-            if diag is not None:
+            if ps._second is not None:  # two backward passes: no per-sample statistics
+                self._warn_second(ps._second)
+            elif diag is not None:
                 self._compute(ps, diag, grads, scale)
         finally:
             if not keep:
                 ps.close()
         return diag is not None
+
+    def _warn_second(self, reached: str) -> None:
+        if self._warned_second:
+            return
+        self._warned_second = True
+        warnings.warn(
+            "GradientMonitor: a diagnostic step ran a second backward pass through its forward "
+            f"(it reached {reached}), as a gradient penalty does (autograd.grad(..., "
+            "create_graph=True), then backward: WGAN-GP, R1, path length). Per-sample "
+            "statistics exist for one backward pass of a per-sample loss, so the per-sample "
+            "diagnostics of such steps are NaN (warned once). Steps with one backward pass (a "
+            "lazy penalty's other steps) are not affected",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _group_sum(self, names: list[str], device: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         """A function of ``(P, ...)`` per-parameter values -> ``(G + 1, ...)``: each group's sum,

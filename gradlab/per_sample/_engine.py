@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from gradlab._errors import GradlabError
-from gradlab.hooks._engine import REPLAY, HandleBag, HookContext, on_grad
+from gradlab.hooks._engine import REPLAY, HandleBag, HookContext, _task_id, on_grad
 from gradlab.per_sample._fallback import Replay, dropout_in, replay_grads
 from gradlab.per_sample._gather import GatheredStats, gather
 from gradlab.per_sample._registry import Rule, rule_for
@@ -143,8 +143,11 @@ class PerSampleGradients(HookContext):
     Samples must be independent: BatchNorm using batch statistics is refused, and the loss must
     be a per-sample mean or sum as ``loss_reduction`` says (not checked: a wrong setting scales
     every statistic by ``B``). The batch is dimension 0 of every module's input
-    (``batch_first=False`` LSTMs and attention: dimension 1). Run the forward and the backward
-    inside the context (activation checkpointing is not supported).
+    (``batch_first=False`` LSTMs and attention: dimension 1). Run the forward and one backward
+    pass inside the context (activation checkpointing is not supported). A second backward pass
+    through the same graph, as a gradient penalty makes (``autograd.grad(..., create_graph=True)``
+    then ``backward()``: WGAN-GP, R1), reaches the parameters through the first pass's graph,
+    where no layer rule sees it: the statistics are refused at the first read, with the reason.
 
     Args:
         model: the model; every trainable parameter gets statistics.
@@ -158,7 +161,8 @@ class PerSampleGradients(HookContext):
         ValueError: unknown ``stats`` or ``loss_reduction``; BatchNorm with batch statistics;
             modules seeing different batch sizes; dropout inside a module replayed by the
             fallback.
-        GradlabError: a statistic read before a backward pass or not asked for in ``stats``.
+        GradlabError: a statistic read before a backward pass, not asked for in ``stats``, or
+            after a second backward pass through the step's graph.
 
     Example:
         >>> import torch
@@ -227,6 +231,8 @@ class PerSampleGradients(HookContext):
         self._pending: list[tuple[str, torch.Tensor]] = []  # per-sample gradients for _flush
         self._pending_bytes = 0
         self._backward = False
+        self._task: int | None = None  # the autograd graph task of this step's backward pass
+        self._second: str | None = None  # what a second backward pass reached (see _pass)
         self._final = False
         self._closed = False
         self._scale: float | None = None
@@ -292,8 +298,8 @@ class PerSampleGradients(HookContext):
         self._bag.remove_all()
         self._active = False
         try:
-            if exc_type is None and self._backward:
-                self._finalize()
+            if exc_type is None and self._backward and self._second is None:
+                self._finalize()  # (a second pass: the reads raise, not the exit)
         finally:
             self._replays = []
             self._acc = {}
@@ -376,15 +382,32 @@ class PerSampleGradients(HookContext):
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 self._bag.tensor(on_grad(t, self._ref, "_on_replay_grad", rep, k))
 
-    def _on_replay_grad(self, rep: Replay, k: int, g: torch.Tensor) -> None:
+    def _pass(self, what: str) -> bool:
+        """A gradient hook fired (``what`` it reached); False when this is a second backward
+        pass through the step's graph, which is recorded (:meth:`_finalize` then refuses).
+
+        A second pass is a new autograd graph task: ``autograd.grad(..., create_graph=True)``
+        then ``backward()`` (a gradient penalty: WGAN-GP, R1, path length), or two backward
+        calls. Its gradients w.r.t. the parameters flow through the first pass's graph too,
+        where no module output gradient shows them: no per-sample rule can see them.
+        """
         self._backward = True
-        rep.receive(k, g)
+        task = _task_id()
+        if self._task is None:
+            self._task = task
+        elif task != self._task and self._second is None:
+            self._second = what
+        return self._second is None
+
+    def _on_replay_grad(self, rep: Replay, k: int, g: torch.Tensor) -> None:
+        if self._pass(rep.owner or "the model"):
+            rep.receive(k, g)
 
     def _on_param_grad(self, name: str) -> None:
         """Parameter ``name`` received a gradient in this backward (a hook's call)."""
         if not self._active:
             return
-        self._backward = True
+        self._pass(f"parameter {name!r}")
         self._got_grad.add(name)
 
     def _factor(self, b: int) -> float:
@@ -394,7 +417,11 @@ class PerSampleGradients(HookContext):
         return (b if self._reduction == "mean" else 1.0) / self._scale
 
     def _on_output_grad(self, call: _Call, d: torch.Tensor) -> None:
-        self._backward = True
+        if not self._pass(call.owner or "the model"):
+            return
+        if call.a is None:  # its output gradient again, in the same graph task
+            self._second = call.owner or "the model"
+            return
         if torch.is_grad_enabled():  # a double backward's hooks run with grad mode on
             with torch.no_grad():
                 self._output_grad(call, d)
@@ -594,6 +621,16 @@ class PerSampleGradients(HookContext):
     def _finalize(self) -> None:
         if self._final:
             return
+        if self._second is not None:
+            raise GradlabError(
+                f"{_FN}: a second backward pass ran through the step's graph (it reached "
+                f"{self._second}): typically autograd.grad(..., create_graph=True) and then "
+                f"backward(), as a gradient penalty (WGAN-GP, R1, path length) does. Per-sample "
+                f"statistics are of one backward pass of a per-sample loss; a penalty's "
+                f"gradient reaches the parameters through the first pass's graph, where no "
+                f"layer rule sees it. Run the penalty's forward and backward outside the "
+                f"context, or use per_sample_grads on a function that includes the penalty"
+            )
         if not self._backward:
             raise GradlabError(
                 f"{_FN}: no backward pass has run inside the context yet; run the forward and "

@@ -496,3 +496,36 @@ def test_layers_whose_statistics_are_scaled_at_the_end() -> None:
             model.zero_grad()
             _loss(model(x), y).backward()
     _check_history(monitor, refs, model)
+
+
+def test_a_gradient_penalty_step_is_nan_with_one_warning() -> None:
+    """A lazy R1-style step (its own forward, autograd.grad with create_graph=True, then
+    backward) runs two backward passes: its per-sample diagnostics are NaN, with one warning,
+    and the plain steps around it still equal their formulas."""
+    model = _mlp()
+    refs = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with GradientMonitor(model, diagnostics=(*_NAMES, "alpha")) as monitor:
+            for step in range(5):
+                x, y = _data(model, step)
+                if step in (1, 3):
+                    x = x.clone().requires_grad_(True)
+                    (g,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+                    model.zero_grad()
+                    g.square().sum(1).mean().backward()
+                    continue
+                refs.append(_ref(_mlp, model, x, y))
+                model.zero_grad()
+                _loss(model(x), y).backward()
+            history = list(monitor.history)
+    second = [w for w in caught if "second backward pass" in str(w.message)]
+    assert len(second) == 1 and second[0].category is RuntimeWarning
+    assert len(history) == 7  # the penalty steps are two passes each
+    plain = [history[0], history[3], history[6]]
+    for rec in history[1:3] + history[4:6]:
+        assert all(math.isnan(rec.diagnostics[n]) for n in (*_NAMES, "alpha"))
+    for rec, grads in zip(plain, refs):
+        expected = _formulas(_flat(grads, None))
+        for name in _NAMES:
+            assert rec.diagnostics[name] == pytest.approx(expected[name], rel=_TOL), name
