@@ -1,11 +1,13 @@
 """The DDP noise scale's communication hook against a plain DDP step: 2 gloo processes.
 
-Each rank holds two DistributedDataParallel copies of the same MLP: one plain (DDP's own
-averaging all-reduce, no communication hook), one whose all-reduce goes through
+Each rank holds three DistributedDataParallel copies of the same MLP: one plain (DDP's own
+averaging all-reduce in C++, no communication hook), one with DDP's own averaging as a Python
+communication hook (``allreduce_hook``: the mechanism any such hook pays for, doing nothing
+else), one whose all-reduce goes through
 :mod:`gradlab.hooks._ddp`'s recorder (a norm of each bucket before and after the all-reduce, and
 a 2-number all-reduce of the local squared norm and the batch size), read every step as the
 monitor does. A step is ``zero_grad``, forward, ``backward`` (the all-reduce) and, for the
-hooked copy, the recorder's ingredients (which waits for its small all-reduce). The two run in
+hooked copy, the recorder's ingredients (which waits for its small all-reduce). They run in
 alternating runs of :data:`BLOCK` steps (the first :data:`SKIP` not recorded), in the same
 seeded order on both ranks (every collective must match); rank 0's times are returned.
 
@@ -41,6 +43,7 @@ def _mlp(depth: int, width: int) -> nn.Module:
 
 def _steps(rank: int, turns: int, out: str) -> None:
     import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     from gradlab.hooks._ddp import DDPNoiseRecorder, attach
 
@@ -52,6 +55,9 @@ def _steps(rank: int, turns: int, out: str) -> None:
     hooked.module.load_state_dict(net.state_dict())
     recorder = DDPNoiseRecorder(hooked.process_group)
     attach("benchmark", hooked, recorder)
+    floor = nn.parallel.DistributedDataParallel(_mlp(10, 256))
+    floor.module.load_state_dict(net.state_dict())
+    floor.register_comm_hook(None, allreduce_hook)  # DDP's own averaging, as a Python hook
     x = torch.randn(64, 256, generator=torch.Generator().manual_seed(rank))
 
     def plain_step() -> None:
@@ -64,7 +70,11 @@ def _steps(rank: int, turns: int, out: str) -> None:
         hooked(x).square().mean().backward()
         recorder.take().ingredients()  # what a monitor reads each step (waits for it)
 
-    fns = {"ddp_plain": plain_step, "ddp_noise_hook": hooked_step}
+    def floor_step() -> None:
+        floor.zero_grad(set_to_none=True)
+        floor(x).square().mean().backward()
+
+    fns = {"ddp_plain": plain_step, "ddp_hook_floor": floor_step, "ddp_noise_hook": hooked_step}
     for _ in range(3):
         for f in fns.values():
             f()
@@ -143,3 +153,7 @@ if __name__ == "__main__":
     cpu = res["cpu_turns"]
     cpu_ratios = [h / p for h, p in zip(cpu["ddp_noise_hook"], cpu["ddp_plain"])]
     print(f"CPU-time ratio (median over turns): {statistics.median(cpu_ratios):.3f}")
+    for name in ("ddp_hook_floor",):
+        r = [h / p for h, p in zip(res["turns"][name], res["turns"]["ddp_plain"])]
+        c = [h / p for h, p in zip(cpu[name], cpu["ddp_plain"])]
+        print(f"{name}: ratio {statistics.median(r):.3f}, CPU {statistics.median(c):.3f}")
