@@ -60,13 +60,10 @@ def blas_stats(g: torch.Tensor) -> tuple[float, float, float] | None:
     when ``g`` is not a contiguous, plain (no conjugate/negative bit) float32/float64 CPU tensor
     with 1 to 2**31 - 1 entries.
     """
-    fns = _BLAS.get(g.dtype)
-    if fns is None:
+    found = _blas_view(g)
+    if found is None:
         return None
-    a = _flat_numpy(g)
-    if a is None:
-        return None
-    dot, asum, iamax = fns
+    (dot, asum, iamax), a = found
     sq = float(dot(a, a))
     hi = abs(float(a[iamax(a)])) if sq == sq else math.nan
     return sq, float(asum(a)), hi
@@ -75,11 +72,8 @@ def blas_stats(g: torch.Tensor) -> tuple[float, float, float] | None:
 def blas_sum_sq(g: torch.Tensor) -> float | None:
     """``sum(g**2)`` of a CPU gradient by one BLAS dot (no torch op), or None where
     :func:`blas_stats` would return None."""
-    fns = _BLAS.get(g.dtype)
-    if fns is None:
-        return None
-    a = _flat_numpy(g)
-    return None if a is None else float(fns[0](a, a))
+    found = _blas_view(g)
+    return None if found is None else float(found[0][0](found[1], found[1]))
 
 
 class DistScratch:
@@ -124,12 +118,10 @@ class DistScratch:
         overwritten with ``p`` if ``copy``: one loop over ``p`` while it is in cache (measured
         and copied: the difference is formed in ``snap`` itself). None where BLAS cannot take
         the tensors (nothing done then)."""
-        fns = _BLAS.get(p.dtype)
-        if fns is None:
+        found = _blas_view(p)
+        if found is None:
             return None
-        a = _flat_numpy(p)
-        if a is None:
-            return None
+        fns, a = found
         n = a.size
         b = c = None
         if snap is not None and (measure or copy):
@@ -209,6 +201,16 @@ class GsnrScratch:
         s += b * eps  # v_j - B m_j^2 + B eps
         np.divide(a, s, out=s)
         return float(dot(a, s)) * (u * u), sq
+
+
+def _blas_view(t: torch.Tensor) -> tuple[tuple[Callable[..., Any], ...], Any] | None:
+    """(the BLAS level-1 functions for ``t``'s dtype, ``t`` as a flat numpy view), or None where
+    BLAS cannot take ``t`` (see :func:`blas_stats`)."""
+    fns = _BLAS.get(t.dtype)
+    if fns is None:
+        return None
+    a = _flat_numpy(t)
+    return None if a is None else (fns, a)
 
 
 def _flat_numpy(g: torch.Tensor) -> Any:
