@@ -50,31 +50,32 @@ def _steps(rank: int, turns: int, out: str) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     net = _mlp(10, 256)
-    plain = nn.parallel.DistributedDataParallel(net)
-    hooked = nn.parallel.DistributedDataParallel(_mlp(10, 256))
-    hooked.module.load_state_dict(net.state_dict())
+
+    def copy() -> nn.parallel.DistributedDataParallel:
+        ddp = nn.parallel.DistributedDataParallel(_mlp(10, 256))
+        ddp.module.load_state_dict(net.state_dict())
+        return ddp
+
+    plain, floor, hooked = nn.parallel.DistributedDataParallel(net), copy(), copy()
+    floor.register_comm_hook(None, allreduce_hook)  # DDP's own averaging, as a Python hook
     recorder = DDPNoiseRecorder(hooked.process_group)
     attach("benchmark", hooked, recorder)
-    floor = nn.parallel.DistributedDataParallel(_mlp(10, 256))
-    floor.module.load_state_dict(net.state_dict())
-    floor.register_comm_hook(None, allreduce_hook)  # DDP's own averaging, as a Python hook
     x = torch.randn(64, 256, generator=torch.Generator().manual_seed(rank))
 
-    def plain_step() -> None:
-        plain.zero_grad(set_to_none=True)
-        plain(x).square().mean().backward()
+    def step(ddp: nn.parallel.DistributedDataParallel) -> None:
+        ddp.zero_grad(set_to_none=True)
+        ddp(x).square().mean().backward()
 
     def hooked_step() -> None:
-        hooked.zero_grad(set_to_none=True)
         recorder.start_forward((x,), {})
-        hooked(x).square().mean().backward()
+        step(hooked)
         recorder.take().ingredients()  # what a monitor reads each step (waits for it)
 
-    def floor_step() -> None:
-        floor.zero_grad(set_to_none=True)
-        floor(x).square().mean().backward()
-
-    fns = {"ddp_plain": plain_step, "ddp_hook_floor": floor_step, "ddp_noise_hook": hooked_step}
+    fns = {
+        "ddp_plain": lambda: step(plain),
+        "ddp_hook_floor": lambda: step(floor),
+        "ddp_noise_hook": hooked_step,
+    }
     for _ in range(3):
         for f in fns.values():
             f()
@@ -146,14 +147,11 @@ if __name__ == "__main__":
     import statistics
 
     res = measure()
-    ratios = [h / p for h, p in zip(res["turns"]["ddp_noise_hook"], res["turns"]["ddp_plain"])]
     for name, t in res["times"].items():
         print(f"{name}: median {statistics.median(t) * 1e3:.2f} ms")
-    print(f"ratio (median over turns): {statistics.median(ratios):.3f}")
-    cpu = res["cpu_turns"]
-    cpu_ratios = [h / p for h, p in zip(cpu["ddp_noise_hook"], cpu["ddp_plain"])]
-    print(f"CPU-time ratio (median over turns): {statistics.median(cpu_ratios):.3f}")
-    for name in ("ddp_hook_floor",):
-        r = [h / p for h, p in zip(res["turns"][name], res["turns"]["ddp_plain"])]
-        c = [h / p for h, p in zip(cpu[name], cpu["ddp_plain"])]
-        print(f"{name}: ratio {statistics.median(r):.3f}, CPU {statistics.median(c):.3f}")
+    for name in ("ddp_hook_floor", "ddp_noise_hook"):  # medians over turns, to plain DDP
+        wall, cpu = (
+            statistics.median(h / p for h, p in zip(res[key][name], res[key]["ddp_plain"]))
+            for key in ("turns", "cpu_turns")
+        )
+        print(f"{name}: ratio {wall:.3f}, CPU-time ratio {cpu:.3f}")
