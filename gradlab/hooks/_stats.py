@@ -76,35 +76,34 @@ def blas_sum_sq(g: torch.Tensor) -> float | None:
     return None if found is None else float(found[0][0](found[1], found[1]))
 
 
-class DistScratch:
-    """``||x - y||^2`` of CPU tensors by a numpy subtraction into a kept buffer and a BLAS dot.
+class _Scratch:
+    """One numpy buffer per dtype, kept and reused for every tensor (so it stays in cache)."""
+
+    __slots__ = ("_buffers",)
+
+    def __init__(self) -> None:
+        self._buffers: dict[Any, Any] = {}
+
+    def _buffer(self, a: Any) -> Any:
+        """A scratch array of ``a``'s dtype and size (the start of a kept, grown buffer)."""
+        buf = self._buffers.get(a.dtype)
+        if buf is None or buf.size < a.size:
+            buf = self._buffers[a.dtype] = np.empty(a.size, dtype=a.dtype)
+        return buf[: a.size]
+
+
+class DistScratch(_Scratch):
+    """Squared distances of CPU tensors by numpy subtractions into a kept buffer and BLAS dots.
 
     ``torch.dist`` allocates ``x - y`` (``aten::sub``: a parameter-sized temporary, which the
     allocator may hand back to the OS and fault in again every step) and reduces it with a
     slower kernel than BLAS's dot; this writes the difference into one buffer per dtype, reused
     for every tensor (so it stays in cache), and sums its squares with ``dot``, accumulated in
-    the tensors' precision (float32 for float32). :meth:`dist_sq` returns None where BLAS
-    cannot take the pair (see :func:`blas_stats`; also for tensors of different dtypes or
-    sizes).
+    the tensors' precision (float32 for float32). :meth:`moved` returns None where BLAS cannot
+    take the tensors (see :func:`blas_stats`; also for tensors of different dtypes or sizes).
     """
 
-    __slots__ = ("_buffers",)
-
-    def __init__(self) -> None:
-        self._buffers: dict[torch.dtype, Any] = {}
-
-    def dist_sq(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
-        fns = _BLAS.get(x.dtype)
-        if fns is None or y.dtype != x.dtype:
-            return None
-        a, b = _flat_numpy(x), _flat_numpy(y)
-        if a is None or b is None or a.size != b.size:
-            return None
-        buf = self._buffers.get(x.dtype)
-        if buf is None or buf.size < a.size:
-            buf = self._buffers[x.dtype] = np.empty(a.size, dtype=a.dtype)
-        d = np.subtract(a, b, out=buf[: a.size])
-        return float(fns[0](d, d))
+    __slots__ = ()
 
     def moved(
         self,
@@ -145,14 +144,8 @@ class DistScratch:
                 np.copyto(b, a)
         return update, dist
 
-    def _buffer(self, a: Any) -> Any:
-        buf = self._buffers.get(a.dtype)
-        if buf is None or buf.size < a.size:
-            buf = self._buffers[a.dtype] = np.empty(a.size, dtype=a.dtype)
-        return buf[: a.size]
 
-
-class GsnrScratch:
+class GsnrScratch(_Scratch):
     """One parameter's GSNR sum from its gradient and its per-sample second moment, in cache.
 
     With ``g`` this backward's gradient of a parameter, ``u`` the factor that makes it the batch
@@ -172,30 +165,24 @@ class GsnrScratch:
     different dtypes or sizes).
     """
 
-    __slots__ = ("_buffers",)
-
-    def __init__(self) -> None:
-        self._buffers: dict[torch.dtype, Any] = {}
+    __slots__ = ()
 
     def term(
         self, g: torch.Tensor, v: torch.Tensor, b: int, u: float, eps: float, overwrite: bool
     ) -> tuple[float, float] | None:
-        fns = _BLAS.get(g.dtype)
-        if fns is None or v.dtype != g.dtype or v.requires_grad:
+        found = _blas_view(g)
+        if found is None or v.dtype != g.dtype or v.requires_grad:
             return None
-        a, w = _flat_numpy(g), _flat_numpy(v)
-        if a is None or w is None or a.size != w.size:
+        (dot, _, _), a = found
+        w = _flat_numpy(v)
+        if w is None or a.size != w.size:
             return None
-        dot = fns[0]
         sq = float(dot(a, a))
         if overwrite:
             v.addcmul_(g, g, value=-b * u * u)
             s = w
         else:
-            buf = self._buffers.get(g.dtype)
-            if buf is None or buf.size < a.size:
-                buf = self._buffers[g.dtype] = np.empty(a.size, dtype=a.dtype)
-            s = np.multiply(a, a, out=buf[: a.size])
+            s = np.multiply(a, a, out=self._buffer(a))
             s *= -b * u * u
             s += w
         s += b * eps  # v_j - B m_j^2 + B eps

@@ -144,6 +144,12 @@ def test_blas_statistics_decline() -> None:
     assert blas_stats(g) == pytest.approx(_reference(g.detach()), rel=1e-6)
 
 
+def _dist_sq(scratch: DistScratch, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """``||x - y||^2`` alone through :meth:`DistScratch.moved` (no snapshot)."""
+    found = scratch.moved(x, None, y, False, False)
+    return None if found is None else found[1]
+
+
 @needs_scipy
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_dist_scratch_is_the_squared_distance(dtype: torch.dtype) -> None:
@@ -155,20 +161,20 @@ def test_dist_scratch_is_the_squared_distance(dtype: torch.dtype) -> None:
         x = torch.randn(shape, dtype=dtype)
         y = x + 1e-3 * torch.randn(shape, dtype=dtype)
         want = (x.double() - y.double()).square().sum().item()
-        got = scratch.dist_sq(x, y)
+        got = _dist_sq(scratch, x, y)
         assert got == pytest.approx(want, rel=1e-12 if dtype == torch.float64 else 1e-5)
-    assert scratch.dist_sq(torch.zeros(3), torch.zeros(3)) == 0.0
+    assert _dist_sq(scratch, torch.zeros(3), torch.zeros(3)) == 0.0
 
 
 @needs_scipy
 def test_dist_scratch_declines() -> None:
     scratch = DistScratch()
     x = torch.randn(4, 4)
-    assert scratch.dist_sq(x, x.double()) is None  # mixed dtypes
-    assert scratch.dist_sq(x, torch.randn(5)) is None  # sizes differ
-    assert scratch.dist_sq(x[:, 1], torch.randn(4)) is None  # strided
-    assert scratch.dist_sq(x.half(), x.half()) is None  # no BLAS for float16
-    assert scratch.dist_sq(torch.empty(0), torch.empty(0)) is None
+    assert _dist_sq(scratch, x, x.double()) is None  # mixed dtypes
+    assert _dist_sq(scratch, x, torch.randn(5)) is None  # sizes differ
+    assert _dist_sq(scratch, x[:, 1], torch.randn(4)) is None  # strided
+    assert _dist_sq(scratch, x.half(), x.half()) is None  # no BLAS for float16
+    assert _dist_sq(scratch, torch.empty(0), torch.empty(0)) is None
 
 
 @needs_scipy
