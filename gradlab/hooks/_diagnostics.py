@@ -31,7 +31,7 @@ import torch
 from gradlab.hooks._alpha import ALPHA_NEEDS, alpha_from_observations
 from gradlab.hooks._ddp import two_batch_noise_scale
 from gradlab.hooks._engine import _task_id
-from gradlab.hooks._stats import DistScratch
+from gradlab.hooks._stats import DistScratch, as_float64
 
 __all__ = ["DIAGNOSTICS", "Diagnostic", "ParamTracker", "StepDiagnostics", "check_diagnostics"]
 
@@ -324,13 +324,8 @@ class ParamTracker:
         self._final_task = -1
 
     def _per_group(self, sq: list[Any], device: Any) -> torch.Tensor:
-        if all(isinstance(v, float) for v in sq):
-            values = torch.tensor(sq, dtype=torch.float64, device=device)
-        else:
-            values = torch.stack([torch.as_tensor(v, device=device) for v in sq])
-            values = values.to(torch.float64)
         out = torch.zeros(self._groups, dtype=torch.float64, device=device)
-        return out.index_add_(0, self._owner.to(device), values)
+        return out.index_add_(0, self._owner.to(device), as_float64(sq, device))
 
     def _moved(
         self,

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from gradlab.hooks._diagnostics import StepDiagnostics
-from gradlab.hooks._stats import GsnrScratch, blas_sum_sq
+from gradlab.hooks._stats import GsnrScratch, as_float64, blas_sum_sq
 
 __all__ = ["GSNR_EPS", "PER_SAMPLE", "PerSampleSteps"]
 
@@ -300,17 +300,7 @@ class PerSampleSteps:
 
             def per_group(values: list[Any] | torch.Tensor) -> torch.Tensor:
                 if isinstance(values, list):
-                    if all(isinstance(v, float) for v in values):
-                        values = torch.tensor(values, dtype=f64, device=device)
-                    else:
-                        values = torch.stack(
-                            [
-                                torch.tensor(v, dtype=f64, device=device)
-                                if isinstance(v, float)  # as_tensor: float32, rounded
-                                else v.to(device, f64)
-                                for v in values
-                            ]
-                        )
+                    values = as_float64(values, device)
                 return group_sum(values.to(f64))
 
             per_sample = torch.stack([norms_sq[n].to(device) for n in names])  # (P, B)

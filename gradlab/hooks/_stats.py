@@ -26,6 +26,7 @@ __all__ = [
     "CpuArena",
     "DistScratch",
     "GsnrScratch",
+    "as_float64",
     "blas_stats",
     "blas_sum_sq",
     "stats_fused",
@@ -74,6 +75,21 @@ def blas_sum_sq(g: torch.Tensor) -> float | None:
     :func:`blas_stats` would return None."""
     found = _blas_view(g)
     return None if found is None else float(found[0][0](found[1], found[1]))
+
+
+def as_float64(values: list[Any], device: Any) -> torch.Tensor:
+    """``(len(values),)`` float64 tensor on ``device`` of Python floats (one tensor, no op per
+    value, where all are floats) and 0-dim tensors; a float is never rounded through float32
+    (``torch.as_tensor`` of a float would)."""
+    f64 = torch.float64
+    if all(isinstance(v, float) for v in values):
+        return torch.tensor(values, dtype=f64, device=device)
+    return torch.stack(
+        [
+            torch.tensor(v, dtype=f64, device=device) if isinstance(v, float) else v.to(device, f64)
+            for v in values
+        ]
+    )
 
 
 class _Scratch:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradlab.hooks import _stats as _stats_module
-from gradlab.hooks._stats import ROWS, CpuArena, DistScratch, blas_stats, stats_fused
+from gradlab.hooks._stats import ROWS, CpuArena, DistScratch, as_float64, blas_stats, stats_fused
 
 
 def _grads(device: torch.device) -> list[torch.Tensor]:
@@ -208,3 +208,12 @@ def test_dist_scratch_moved(dtype: torch.dtype, measure: bool, copy: bool) -> No
     x = torch.randn(4, 4, dtype=dtype)
     assert scratch.moved(x, x.clone(), x[:, 1], measure, copy) is None  # strided: nothing done
     assert scratch.moved(x.half(), x.half(), None, measure, copy) is None  # no BLAS
+
+
+def test_as_float64_keeps_floats_exact(device: torch.device) -> None:
+    # 0.1 is not a float32: going through torch.as_tensor(0.1) would round it
+    floats = as_float64([0.1, 1e-300], device)
+    assert floats.dtype == torch.float64 and floats.tolist() == [0.1, 1e-300]
+    mixed = as_float64([0.1, torch.tensor(2.5, dtype=torch.float32, device=device)], device)
+    assert mixed.dtype == torch.float64 and mixed.device.type == torch.device(device).type
+    assert mixed.tolist() == [0.1, 2.5]
