@@ -476,23 +476,13 @@ class PerSampleGradients(HookContext):
         stats, b = self._stats, call.b
         per_b = 2 if "dot_mean" in stats else 1
         per_p = 3 if "variance" in stats else 1 if "sum_sq" in stats else 0
-        n = 0
-        for ln in call.names:
-            p = call.module._parameters[ln]
-            if p is not None:
-                n += b * per_b + per_p * p.numel()
-                if "grad" in stats:
-                    n += b * p.numel()
-        return n
+        count, numel = _sizes(call)
+        return b * per_b * count + per_p * numel + (b * numel if "grad" in stats else 0)
 
     @staticmethod
     def _grad_numel(call: _Call) -> int:
         """How many numbers the call's per-sample gradients hold: ``B`` times its parameters'."""
-        n = 0
-        for ln in call.names:
-            p = call.module._parameters[ln]
-            n += 0 if p is None else p.numel()
-        return call.b * n
+        return call.b * _sizes(call)[1]
 
     def _single(self, call: _Call, a: torch.Tensor, d: torch.Tensor, names: tuple[str, ...]):
         """Statistics of parameters used by this call alone: from the rule's closed forms
@@ -884,6 +874,13 @@ class PerSampleGradients(HookContext):
                     dtype = p.dtype if p.dtype not in _LOW else torch.float32
                     out[n] = torch.zeros(b, dtype=dtype, device=p.device)
         return {n: out[n] for n in self._params}
+
+
+def _sizes(call: _Call) -> tuple[int, int]:
+    """How many trainable parameters a call's module has, and their number of entries."""
+    params = [call.module._parameters[ln] for ln in call.names]
+    sizes = [p.numel() for p in params if p is not None]
+    return len(sizes), sum(sizes)
 
 
 def _times(t: torch.Tensor, f: float) -> torch.Tensor:
