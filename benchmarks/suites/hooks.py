@@ -64,6 +64,7 @@ from torch.utils.hooks import RemovableHandle
 
 from benchmarks._core import Context, Ratio, Suite, Table, Timing, judge, time_alternating
 from gradlab.hooks import GradientMonitor, capture_grads
+from gradlab.hooks._stats import blas_stats
 
 # The goals: overhead ratio at most this, on the MLP and CNN cases (not the tiny one).
 _GOALS = {"capture_all": 1.10, "monitor": 1.3, "monitor_economy": 1.5}
@@ -101,21 +102,11 @@ def _leaves(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if next(m.children(), None) is None]
 
 
-def _stats_fn() -> Callable[[torch.Tensor], tuple[float, ...]]:
-    """(sum of squares, L1, max |g|) of a CPU float gradient: three BLAS level-1 reads (SciPy),
-    else three torch reductions."""
-    try:
-        from scipy.linalg import blas
-    except ImportError:
-        blas = None
-
-    def stats(g: torch.Tensor) -> tuple[float, ...]:
-        if blas is not None and g.is_cpu and g.dtype == torch.float32 and g.is_contiguous():
-            a = g.detach().numpy().reshape(-1)
-            return float(blas.sdot(a, a)), float(blas.sasum(a)), float(a[blas.isamax(a)])
-        return (g.square().sum(), g.abs().sum(), g.abs().max())  # type: ignore[return-value]
-
-    return stats
+def _stats(g: torch.Tensor) -> tuple[float, ...] | tuple[torch.Tensor, ...]:
+    """(sum of squares, L1, max |g|): the monitor's own three BLAS reads where they apply
+    (:func:`gradlab.hooks._stats.blas_stats`), else three torch reductions."""
+    found = blas_stats(g)
+    return found if found is not None else (g.square().sum(), g.abs().sum(), g.abs().max())
 
 
 def _economy_floor(model: nn.Module) -> None:
@@ -236,12 +227,11 @@ def make_steps(
 
     def monitor_floor() -> Callable[[], None]:
         net = copy.deepcopy(model)
-        seen: list[tuple[float, ...]] = []
-        stats = _stats_fn()
+        seen: list[object] = []
 
         def on_output(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
             if grad_outputs[0] is not None:
-                seen.append(stats(grad_outputs[0]))
+                seen.append(_stats(grad_outputs[0]))
 
         def forward(module: nn.Module, args: object, out: torch.Tensor) -> None:
             if out.grad_fn is not None:
@@ -249,7 +239,7 @@ def make_steps(
 
         def on_param(p: torch.Tensor) -> None:
             if p.grad is not None:
-                seen.append(stats(p.grad))
+                seen.append(_stats(p.grad))
 
         for m in _leaves(net):
             m.register_forward_hook(forward)
